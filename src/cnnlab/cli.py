@@ -1,0 +1,295 @@
+"""The command line: argparse subcommands, each a thin call into the library."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from . import __version__
+from .errors import CnnlabError, ConfigError
+
+__all__ = ["main", "build_parser"]
+
+
+def _input_size(text: str) -> tuple[int, int, int]:
+    try:
+        c, h, w = (int(v) for v in text.split(","))
+        if min(c, h, w) < 1:
+            raise ValueError
+        return c, h, w
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected C,H,W such as 3,32,32") from None
+
+
+def _model_args(items: list[str] | None) -> dict:
+    from .engine.config import _flag_value
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--model-arg {item!r}: expected KEY=VALUE")
+        out[key] = _flag_value(value)
+    return out
+
+
+def cmd_train(args) -> int:
+    from .engine.config import TrainConfig, config_from_args, load_config
+    from .engine.trainer import fit, resume_config
+
+    if args.resume:
+        if args.config:
+            raise ConfigError("--resume takes the run's own config.yaml; leave out --config")
+        changed = [k for k, v in vars(args).items() if v is not None and k in TrainConfig.__dataclass_fields__]
+        overrides = config_from_args(args, load_config(Path(args.resume) / "config.yaml")) \
+            if (Path(args.resume) / "config.yaml").is_file() else None
+        cfg = resume_config(args.resume, overrides, changed)
+        summary = fit(cfg, resume=True)
+    else:
+        base = load_config(args.config) if args.config else TrainConfig()
+        summary = fit(config_from_args(args, base))
+    print(f"test accuracy: {summary['test_accuracy']:.4f} ({summary['test_accuracy'] * 100:.2f}%) after "
+          f"{summary['epochs']} epochs, {summary['train_seconds']:.1f} s of training")
+    print(f"run folder: {summary['run_dir']} (weights: model.safetensors, metrics.csv, summary.json)")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .data import InMemoryLoader, load_dataset
+    from .engine.checkpoint import save_atomic
+    from .engine.evaluate import evaluate, most_confused
+    from .engine.trainer import pick_device
+    from .engine.weights import load_weights
+    from .viz.plots import plot_confusion
+
+    device = pick_device(args.device)
+    loaded = load_weights(args.target, device)
+    dataset = args.dataset or loaded.meta.get("dataset")
+    data = load_dataset(dataset, args.data_dir, log=lambda m: print(m, file=sys.stderr))
+    if tuple(data.shape) != tuple(loaded.input_shape) or len(data.classes) != len(loaded.classes):
+        raise CnnlabError(f"{dataset} has {len(data.classes)} classes of {'x'.join(map(str, data.shape))} images, "
+                          f"but the model was trained on {len(loaded.classes)} classes of "
+                          f"{'x'.join(map(str, loaded.input_shape))}")
+    loader = InMemoryLoader(data.test_images, data.test_labels, 1024, mean=loaded.mean, std=loaded.std,
+                            device=device)
+    result = evaluate(loaded.model, loader, len(loaded.classes))
+    result["per_class"] = dict(zip(data.classes, result["per_class"]))
+    result["most_confused"] = most_confused(result["confusion"], data.classes)
+    result.update({"dataset": dataset, "weights": str(loaded.path), "classes": data.classes})
+    out_dir = Path(args.out) if args.out else loaded.path.parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_atomic(json.dumps(result, indent=2).encode(), out_dir / "eval.json")
+    plot_confusion(result["confusion"], data.classes, out_dir / "confusion.png",
+                   title=f"{loaded.meta['model']} on {dataset} test: accuracy {result['accuracy']:.2%}")
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"{dataset} test split, {result['n']:,} images: accuracy {result['accuracy']:.4f}, loss {result['loss']:.4f}"
+          + (f", top-5 {result['top5']:.4f}" if "top5" in result else ""))
+    width = max(map(len, data.classes))
+    for name, acc in result["per_class"].items():
+        print(f"  {name:<{width}}  {acc:.4f}")
+    print("most confused (true -> predicted: count):")
+    for pair in result["most_confused"]:
+        print(f"  {pair['true']} -> {pair['predicted']}: {pair['count']}")
+    print(f"written: {out_dir / 'eval.json'}, {out_dir / 'confusion.png'}")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from .engine.predict import expand_inputs, predict_files
+    from .engine.trainer import pick_device
+    from .engine.weights import load_weights
+
+    loaded = load_weights(args.target, pick_device(args.device))
+    paths = expand_inputs(args.inputs)
+    if not paths:
+        raise CnnlabError(f"no image files in {', '.join(args.inputs)}")
+
+    def show(result: dict) -> None:
+        if args.json:
+            return
+        best = ", ".join(f"{t['class']} {t['probability']:.3f}" for t in result["top"])
+        note = f"  (note: {'; '.join(result['notes'])})" if result["notes"] else ""
+        print(f"{result['file']}: {best}{note}")
+
+    results, bad = predict_files(loaded, paths, top_k=args.top_k, on_result=show)
+    if args.json:
+        print(json.dumps({"results": results, "skipped": bad}))
+    else:
+        for item in bad:
+            print(f"skipped: {item['error']}", file=sys.stderr)
+        print(f"{len(results)} image(s) classified, {len(bad)} skipped", file=sys.stderr)
+    return 0 if results else 1
+
+
+def _native_input(model) -> tuple[int, int, int]:
+    size = getattr(model, "input_size", (224, 224))
+    return getattr(model, "in_channels", 3), *size
+
+
+def cmd_summary(args) -> int:
+    from .models import create_model
+    from .models.registry import accepts
+    from .models.summary import format_summary, summarize
+
+    kwargs = _model_args(args.model_arg)
+    if args.num_classes:
+        kwargs["num_classes"] = args.num_classes
+    if args.input_size:
+        kwargs.setdefault("in_channels", args.input_size[0])
+        kwargs.setdefault("input_size", list(args.input_size[1:]))
+    # a model that adapts to any input size (global pooling) takes no input_size argument
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("in_channels", "input_size") or accepts(args.model, k)}
+    model = create_model(args.model, **kwargs)
+    info = summarize(model, args.input_size or _native_input(model))
+    print(json.dumps(info) if args.json else format_summary(info, title=args.model))
+    return 0
+
+
+def cmd_models(args) -> int:
+    from .models import create_model, list_models
+    from .models.registry import model_entrypoint
+    from .models.summary import summarize
+
+    rows = []
+    for name in list_models():
+        model = create_model(name)
+        size = _native_input(model)
+        info = summarize(model, size)
+        doc = (model_entrypoint(name).__doc__ or "").strip().splitlines()[0]
+        rows.append({"name": name, "params": info["params"], "macs": info["macs"], "input_size": list(size),
+                     "description": doc})
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    print(f"{'model':<16} {'params':>12} {'MACs':>14}  {'input':<9} description")
+    for r in rows:
+        print(f"{r['name']:<16} {r['params']:>12,} {r['macs']:>14,}  {'x'.join(map(str, r['input_size'])):<9} "
+              f"{r['description']}")
+    print("(MACs per image at the native input size; 1 MAC = 2 FLOPs)")
+    return 0
+
+
+def cmd_data(args) -> int:
+    from .data import CATALOG, fetch, get_spec, load_dataset, locate
+    from .errors import DatasetError
+
+    if args.action == "list":
+        for spec in CATALOG.values():
+            try:
+                _, folder, paths = locate(spec, args.data_dir) if spec.format != "imagefolder" else (None, None, [])
+                size = sum(p.stat().st_size for p in paths)
+                where = f"found in {folder} ({size / 2**20:.1f} MiB)" if folder else spec.how_to_get
+            except DatasetError:
+                where = f"not found; to get it: {spec.how_to_get}"
+            counts = " / ".join(f"{n:,} {s}" for s, n in spec.counts.items())
+            print(f"{spec.name:<14} {spec.description}{'; ' + counts if counts else ''}\n{'':<14} {where}")
+        return 0
+    if not args.name:
+        raise CnnlabError(f"'cnnlab data {args.action}' needs a dataset name: {', '.join(CATALOG)}")
+    if args.action == "fetch":
+        try:
+            _, folder, _ = locate(get_spec(args.name), args.data_dir)
+            print(f"{args.name} is already available in {folder}")
+        except DatasetError:
+            folder = fetch(args.name)
+            print(f"{args.name} downloaded and verified into {folder}")
+        print(load_dataset(args.name, args.data_dir).describe())
+        return 0
+    # info
+    from .data import channel_stats
+    from .viz.plots import plot_montage
+    import torch
+
+    data = load_dataset(args.name, args.data_dir, download=args.download)
+    print(data.describe())
+    mean, std = channel_stats(data.train_images)
+    print(f"train mean {[round(m, 4) for m in mean]}, std {[round(s, 4) for s in std]} (pixels scaled to [0, 1])")
+    train_counts = torch.bincount(data.train_labels, minlength=len(data.classes)).tolist()
+    test_counts = torch.bincount(data.test_labels, minlength=len(data.classes)).tolist()
+    width = max(map(len, data.classes))
+    print(f"{'class':<{width}}  {'train':>7}  {'test':>6}")
+    for name, a, b in zip(data.classes, train_counts, test_counts):
+        print(f"{name:<{width}}  {a:>7,}  {b:>6,}")
+    out = Path(args.out or f"{args.name}-samples.png")
+    plot_montage(data.train_images, data.train_labels, data.classes, out, title=f"{args.name}: training samples")
+    print(f"montage written to {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .data.augment import AUGMENT_HELP
+    from .engine.config import add_config_flags
+    from .models.convnet import SPEC_HELP
+
+    parser = argparse.ArgumentParser(prog="cnnlab", description="Train, evaluate and look inside the lecture's CNNs.")
+    parser.add_argument("--version", action="version", version=f"cnnlab {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a model (default: the lecture's convnet on Fashion-MNIST)",
+                       description="Train a model and evaluate it on the test split. Model spec for --model cnn "
+                                   f"--model-arg spec=...: {SPEC_HELP}. Augmentations: {AUGMENT_HELP}.")
+    p.add_argument("--config", help="YAML file of config keys (flags override it)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    add_config_flags(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate trained weights on a test split")
+    p.add_argument("target", metavar="RUN_DIR|WEIGHTS")
+    p.add_argument("--dataset", help="dataset (default: the one the model was trained on)")
+    p.add_argument("--data-dir")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", help="folder for eval.json and confusion.png (default: next to the weights)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("predict", help="classify image files or folders of images")
+    p.add_argument("target", metavar="RUN_DIR|WEIGHTS")
+    p.add_argument("inputs", nargs="+", metavar="IMAGE|DIR")
+    p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("summary", help="layers, output shapes, parameters and MACs of a model")
+    p.add_argument("model")
+    p.add_argument("--input-size", type=_input_size, metavar="C,H,W", help="default: the model's native size")
+    p.add_argument("--num-classes", type=int)
+    p.add_argument("--model-arg", action="append", metavar="KEY=VALUE")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_summary)
+
+    p = sub.add_parser("models", help="list the registered models with parameters and MACs")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("data", help="list, fetch or inspect datasets")
+    p.add_argument("action", choices=("list", "fetch", "info"))
+    p.add_argument("name", nargs="?")
+    p.add_argument("--data-dir")
+    p.add_argument("--download", action="store_true", help="info: download the dataset if it is missing")
+    p.add_argument("--out", help="info: where to write the montage PNG")
+    p.set_defaults(func=cmd_data)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .engine.trainer import TrainingInterrupted
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except TrainingInterrupted as exc:
+        print(str(exc), file=sys.stderr)
+        return exc.exit_code
+    except CnnlabError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""Augmentations on whole (N, C, H, W) batches, driven by a `torch.Generator`.
+
+Each augmentation draws its random parameters for the whole batch in `sample` and applies them in
+`apply`, so a test can replay the same draws through a per-image reference loop. They work on any
+dtype (uint8 in the loader, before normalisation) and on any device.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import ConfigError
+
+__all__ = ["RandomCrop", "HorizontalFlip", "Translate", "Cutout", "Compose", "parse_augment", "AUGMENT_HELP"]
+
+AUGMENT_HELP = ("comma-separated: crop:PAD[:zero|reflect] (random crop after padding), flip (horizontal, p=0.5), "
+                "translate:PIXELS (random shift, zero fill), cutout:SIZE (zero a random square); 'none' for none")
+
+
+def _randint(low: int, high: int, n: int, generator: torch.Generator) -> torch.Tensor:
+    """n integers in [low, high], drawn on the CPU so draws do not depend on the device."""
+    return torch.randint(low, high + 1, (n,), generator=generator)
+
+
+def shift_images(x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, mode: str = "zero") -> torch.Tensor:
+    """out[n, :, i, j] = x[n, :, i + dy[n], j + dx[n]], with zeros (or reflection) outside the image."""
+    n, c, h, w = x.shape
+    rows = torch.arange(h, device=x.device)[None] + dy.to(x.device)[:, None]  # (N, H) source rows
+    cols = torch.arange(w, device=x.device)[None] + dx.to(x.device)[:, None]  # (N, W) source columns
+    if mode == "reflect":  # mirror without repeating the edge, like torch's 'reflect' padding
+        rows = torch.where(rows < 0, -rows, torch.where(rows >= h, 2 * (h - 1) - rows, rows))
+        cols = torch.where(cols < 0, -cols, torch.where(cols >= w, 2 * (w - 1) - cols, cols))
+        valid = None
+    else:
+        valid = ((rows >= 0) & (rows < h))[:, None, :, None] & ((cols >= 0) & (cols < w))[:, None, None, :]
+        rows, cols = rows.clamp(0, h - 1), cols.clamp(0, w - 1)
+    out = x.gather(2, rows[:, None, :, None].expand(n, c, h, w))
+    out = out.gather(3, cols[:, None, None, :].expand(n, c, h, w))
+    return out if valid is None else out.masked_fill(~valid, 0)
+
+
+@dataclass
+class RandomCrop:
+    """Pad by `padding` on every side, then crop back to the input size at a random offset."""
+    padding: int
+    mode: str = "zero"
+
+    def sample(self, n: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        return {"dy": _randint(0, 2 * self.padding, n, generator), "dx": _randint(0, 2 * self.padding, n, generator)}
+
+    def apply(self, x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
+        return shift_images(x, p["dy"] - self.padding, p["dx"] - self.padding, self.mode)
+
+
+@dataclass
+class HorizontalFlip:
+    p: float = 0.5
+
+    def sample(self, n: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        return {"flip": torch.rand(n, generator=generator) < self.p}
+
+    def apply(self, x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.where(p["flip"].to(x.device)[:, None, None, None], x.flip(3), x)
+
+
+@dataclass
+class Translate:
+    """Shift by up to `max_shift` pixels in each direction, filling with zeros."""
+    max_shift: int
+
+    def sample(self, n: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        return {"dy": _randint(-self.max_shift, self.max_shift, n, generator),
+                "dx": _randint(-self.max_shift, self.max_shift, n, generator)}
+
+    def apply(self, x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
+        return shift_images(x, -p["dy"], -p["dx"])
+
+
+@dataclass
+class Cutout:
+    """Zero a `size` x `size` square centred at a random pixel, clipped at the borders (DeVries & Taylor 2017)."""
+    size: int
+
+    def sample(self, n: int, generator: torch.Generator, height: int = 0, width: int = 0) -> dict[str, torch.Tensor]:
+        return {"cy": torch.rand(n, generator=generator), "cx": torch.rand(n, generator=generator)}
+
+    def apply(self, x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
+        n, _, h, w = x.shape
+        cy = (p["cy"] * h).long().to(x.device)  # centre row in [0, H)
+        cx = (p["cx"] * w).long().to(x.device)
+        top, left = cy - self.size // 2, cx - self.size // 2
+        r = torch.arange(h, device=x.device)[None]
+        c = torch.arange(w, device=x.device)[None]
+        in_rows = (r >= top[:, None]) & (r < top[:, None] + self.size)
+        in_cols = (c >= left[:, None]) & (c < left[:, None] + self.size)
+        return x.masked_fill(in_rows[:, None, :, None] & in_cols[:, None, None, :], 0)
+
+
+class Compose:
+    def __init__(self, ops: list):
+        self.ops = ops
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        for op in self.ops:
+            x = op.apply(x, op.sample(x.shape[0], generator))
+        return x
+
+    def __bool__(self) -> bool:
+        return bool(self.ops)
+
+    def __repr__(self) -> str:
+        return f"Compose({self.ops})"
+
+
+def parse_augment(spec: str) -> Compose:
+    """Parse 'crop:4:reflect,flip,cutout:8' into a Compose; an unknown name lists the valid ones."""
+    ops = []
+    for token in (t.strip() for t in (spec or "").split(",")):
+        if not token or token == "none":
+            continue
+        name, *args = token.split(":")
+        try:
+            if name == "crop" and len(args) in (1, 2):
+                mode = args[1] if len(args) == 2 else "zero"
+                if mode not in ("zero", "reflect"):
+                    raise ValueError
+                ops.append(RandomCrop(int(args[0]), mode))
+            elif name == "flip" and len(args) <= 1:
+                ops.append(HorizontalFlip(float(args[0]) if args else 0.5))
+            elif name == "translate" and len(args) == 1:
+                ops.append(Translate(int(args[0])))
+            elif name == "cutout" and len(args) == 1:
+                ops.append(Cutout(int(args[0])))
+            else:
+                raise ValueError
+        except ValueError:
+            raise ConfigError(f"bad augmentation {token!r}; {AUGMENT_HELP}") from None
+    return Compose(ops)

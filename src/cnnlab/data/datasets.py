@@ -1,0 +1,273 @@
+"""Find, verify, decode and cache the named datasets as uint8 tensors (N, C, H, W).
+
+Look-up order: `data_dir`, `$CNNLAB_DATA`, the user cache, well-known system folders; a download
+into the cache happens only when asked for (`download=True` or `cnnlab data fetch`).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import platformdirs
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..errors import DatasetError
+from .catalog import CATALOG, DataFile, DatasetSpec, get_spec
+from .download import download, extract_archive, file_lock
+from .formats import parse_cifar_binary, parse_cifar_python, parse_idx, read_bytes
+from .imagefolder import decode_image_folder, image_folder_files
+
+__all__ = ["Dataset", "load_dataset", "locate", "cache_dir", "search_roots", "fetch", "channel_stats"]
+
+_CACHE_FORMAT = 1  # bump when the decoded cache layout changes
+
+
+@dataclass
+class Dataset:
+    """A dataset decoded into memory: uint8 images (N, C, H, W) and int64 labels per split."""
+    name: str
+    classes: list[str]
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+    source: str
+    verified: bool
+    files: list[dict] = field(default_factory=list)  # name, sha256, status per source file
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.train_images.shape[1:])  # type: ignore[return-value]
+
+    def describe(self) -> str:
+        state = "verified" if self.verified else "UNVERIFIED (bytes differ from the publisher's; structure checked)"
+        return (f"{self.name}: {len(self.train_labels):,} train / {len(self.test_labels):,} test images of "
+                f"{'x'.join(map(str, self.shape))}, {len(self.classes)} classes, from {self.source} [{state}]")
+
+
+def cache_dir() -> Path:
+    """Where downloads and decoded tensors go: $CNNLAB_CACHE, else the platform's user cache folder."""
+    return Path(os.environ.get("CNNLAB_CACHE") or platformdirs.user_cache_dir("cnnlab"))
+
+
+def search_roots(data_dir: str | os.PathLike | None = None) -> list[Path]:
+    roots = []
+    if data_dir:
+        roots.append(Path(data_dir))
+    if os.environ.get("CNNLAB_DATA"):
+        roots.append(Path(os.environ["CNNLAB_DATA"]))
+    roots.append(cache_dir() / "datasets")
+    return roots
+
+
+def _find_file(folder: Path, f: DataFile) -> Path | None:
+    for candidate in (folder / f.name, folder / (f.name + ".gz")):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def locate(spec: DatasetSpec, data_dir: str | os.PathLike | None = None) -> tuple[str, Path, list[Path]]:
+    """Return (layout, folder, files) of the first complete copy; raise naming every place searched."""
+    if spec.format == "imagefolder":
+        if data_dir is None:
+            raise DatasetError(f"imagefolder needs --data-dir ROOT; {spec.how_to_get}")
+        return "imagefolder", Path(data_dir), image_folder_files(Path(data_dir))
+    looked: list[str] = []
+    folders: list[tuple[str, Path]] = []
+    for root in search_roots(data_dir):
+        for layout in spec.files:
+            # <root>/<layout>/, torchvision's <root>/<Name>/raw/, and <root> itself
+            for folder in (root / layout, root / layout / "raw", root):
+                folders.append((layout, folder))
+    for system_dir in spec.system_dirs:
+        folders += [(layout, Path(system_dir)) for layout in spec.files]
+    for layout, folder in folders:
+        if not folder.is_dir():
+            if str(folder) not in looked:
+                looked.append(str(folder))
+            continue
+        paths = [_find_file(folder, f) for f in spec.files[layout]]
+        if all(paths):
+            return layout, folder, paths  # type: ignore[return-value]
+        if str(folder) not in looked:
+            looked.append(str(folder))
+    raise DatasetError(f"dataset {spec.name!r} not found; looked in: {', '.join(looked)}. "
+                       f"To get it: {spec.how_to_get}")
+
+
+def _checksum_matches(data: bytes, want: str | None) -> bool:
+    if want is None:
+        return False
+    algorithm, hexdigest = want.split(":", 1)
+    return hashlib.new(algorithm, data).hexdigest() == hexdigest
+
+
+def _decode(spec: DatasetSpec, layout: str, paths: list[Path]) -> tuple[dict[str, np.ndarray], list[dict], bool]:
+    """Parse every file, checking content checksums; returns arrays, per-file records, and all-verified."""
+    arrays: dict[str, list[np.ndarray]] = {"train_images": [], "train_labels": [], "test_images": [],
+                                          "test_labels": []}
+    records, all_verified = [], True
+    for f, path in zip(spec.files[layout], paths):
+        data = read_bytes(path)
+        if f.size is not None and len(data) != f.size:
+            raise DatasetError(f"{path}: {len(data):,} bytes (decompressed), expected {f.size:,}; the file is "
+                               f"truncated or corrupt: delete it and run 'cnnlab data fetch {spec.name}'")
+        verified = _checksum_matches(data, f.content)
+        all_verified &= verified
+        records.append({"file": str(path), "sha256": hashlib.sha256(data).hexdigest(),
+                        "status": "verified" if verified else "unverified"})
+        split = "test" if f.name.startswith(("t10k", "test")) else "train"
+        if spec.format == "idx":
+            array = parse_idx(data, path)
+            kind = "images" if "images" in f.name else "labels"
+            if kind == "images":
+                if array.ndim != 3:
+                    raise DatasetError(f"{path}: expected images of shape (N, H, W), got {array.shape}")
+                array = array[:, None]
+            arrays[f"{split}_{kind}"].append(array)
+        elif layout.endswith(("bin", "binary")):
+            images, labels = parse_cifar_binary(data, path, label_bytes=1 if spec.format == "cifar10" else 2)
+            arrays[f"{split}_images"].append(images)
+            arrays[f"{split}_labels"].append(labels)
+        else:
+            key = "labels" if spec.format == "cifar10" else "fine_labels"
+            images, labels = parse_cifar_python(data, path, key)
+            arrays[f"{split}_images"].append(images)
+            arrays[f"{split}_labels"].append(labels)
+    merged = {k: np.concatenate(v) for k, v in arrays.items()}
+    _check_structure(spec, merged, paths[0].parent)
+    return merged, records, all_verified
+
+
+def _check_structure(spec: DatasetSpec, arrays: dict[str, np.ndarray], folder: Path) -> None:
+    """What an unverified copy must still satisfy: counts per split, image shape, label range."""
+    n_classes = len(spec.classes)
+    for split, expected in spec.counts.items():
+        images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
+        if len(images) != expected or len(labels) != expected:
+            raise DatasetError(f"{folder}: {split} split has {len(images):,} images and {len(labels):,} labels, "
+                               f"expected {expected:,} of each; the copy is incomplete")
+        if tuple(images.shape[1:]) != spec.shape:
+            raise DatasetError(f"{folder}: {split} images have shape {images.shape[1:]}, expected {spec.shape}")
+        if labels.min() < 0 or labels.max() >= n_classes:
+            raise DatasetError(f"{folder}: {split} labels range over {labels.min()}..{labels.max()}, "
+                               f"expected 0..{n_classes - 1}")
+        if spec.format.startswith("cifar"):  # CIFAR is exactly balanced
+            counts = np.bincount(labels, minlength=n_classes)
+            if not (counts == expected // n_classes).all():
+                raise DatasetError(f"{folder}: {split} split is not balanced ({counts.min()}..{counts.max()} images "
+                                   f"per class, expected {expected // n_classes}); the copy is corrupt")
+
+
+def _class_names(spec: DatasetSpec, folder: Path) -> list[str]:
+    meta = folder / "batches.meta.txt"
+    if spec.format == "cifar10" and meta.is_file():
+        names = [line.strip() for line in meta.read_text(errors="replace").splitlines() if line.strip()]
+        if len(names) == len(spec.classes):
+            return names
+    return list(spec.classes)
+
+
+def _cache_key(name: str, paths: list[Path]) -> str:
+    stats = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in paths]
+    return hashlib.sha256(json.dumps([_CACHE_FORMAT, name, stats]).encode()).hexdigest()[:16]
+
+
+def _write_cache(path: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    """Complete or absent: a temp file in the same folder, then an atomic rename."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        os.close(fd)
+    except OSError as exc:  # a read-only cache is not fatal: we decode again next time
+        print(f"note: cannot write the dataset cache in {path.parent} ({exc.strerror}); set CNNLAB_CACHE")
+        return
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"cnnlab": json.dumps(meta)})
+        os.replace(tmp, path)
+    except OSError as exc:
+        os.unlink(tmp)
+        print(f"note: cannot write the dataset cache {path} ({exc.strerror}); set CNNLAB_CACHE")
+
+
+def load_dataset(name: str, data_dir: str | os.PathLike | None = None, download: bool = False,
+                 log: Callable[[str], None] = print) -> Dataset:
+    """Find (or, when `download`, fetch), verify, decode once and cache a named dataset."""
+    spec = get_spec(name)
+    try:
+        layout, folder, paths = locate(spec, data_dir)
+    except DatasetError:
+        if not download:
+            raise
+        fetch(name, log=log)
+        layout, folder, paths = locate(spec, data_dir)
+    cache_file = cache_dir() / "decoded" / f"{name}-{_cache_key(name, paths)}.safetensors"
+    if cache_file.is_file():
+        try:
+            tensors = load_file(cache_file)
+            from safetensors import safe_open
+            with safe_open(cache_file, "pt") as f:
+                meta = json.loads(f.metadata()["cnnlab"])
+            return Dataset(name, meta["classes"], tensors["train_images"], tensors["train_labels"],
+                           tensors["test_images"], tensors["test_labels"], str(folder), meta["verified"],
+                           meta["files"])
+        except Exception as exc:  # a damaged cache is rebuilt, never trusted
+            log(f"note: ignoring unreadable cache {cache_file} ({type(exc).__name__}); decoding again")
+    if spec.format == "imagefolder":
+        arrays, classes, records = decode_image_folder(folder, paths, log=log)
+        verified = False
+    else:
+        arrays, records, verified = _decode(spec, layout, paths)
+        classes = _class_names(spec, folder)
+    tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
+    for k in ("train_labels", "test_labels"):
+        tensors[k] = tensors[k].to(torch.int64)
+    _write_cache(cache_file, tensors, {"classes": classes, "verified": verified, "files": records})
+    return Dataset(name, classes, tensors["train_images"], tensors["train_labels"], tensors["test_images"],
+                   tensors["test_labels"], str(folder), verified, records)
+
+
+def fetch(name: str, *, log: Callable[[str], None] = print, spec: DatasetSpec | None = None) -> Path:
+    """Download a named dataset into the cache (once, even with several processes at it) and return its folder."""
+    spec = spec or get_spec(name)
+    if not spec.mirrors:
+        raise DatasetError(f"dataset {name!r} cannot be downloaded; {spec.how_to_get}")
+    root = cache_dir() / "datasets"
+    with file_lock(cache_dir() / "locks" / f"{name}.lock"):
+        if spec.archive is None:  # files one by one into <root>/<layout>/
+            layout = next(iter(spec.files))
+            for f in spec.files[layout]:
+                if f.download_md5 is None:
+                    raise DatasetError(f"{name}: no download checksum for {f.name}")
+                download(f.name + ".gz", spec.mirrors, root / layout, f.download_md5, log=log)
+            return root / layout
+        final = root / spec.archive.folder
+        if final.is_dir() and all(_find_file(final, f) for f in spec.files[spec.archive.folder]):
+            return final
+        archive = download(spec.archive.filename, spec.mirrors, root, spec.archive.md5, log=log)
+        folder = extract_archive(archive, root, spec.archive.folder)
+        archive.unlink()  # the extracted files are checked on every decode; the archive is no longer needed
+        return folder
+
+
+def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of uint8 images scaled to [0, 1], in float64 over chunks to bound memory."""
+    c = images.shape[1]
+    total = torch.zeros(c, dtype=torch.float64)
+    total_sq = torch.zeros(c, dtype=torch.float64)
+    for chunk in images.split(4096):
+        x = chunk.to(torch.float64) / 255
+        total += x.sum(dim=(0, 2, 3))
+        total_sq += (x * x).sum(dim=(0, 2, 3))
+    n = images.shape[0] * images.shape[2] * images.shape[3]
+    mean = total / n
+    std = (total_sq / n - mean * mean).clamp_min(0).sqrt()
+    return mean.tolist(), std.tolist()

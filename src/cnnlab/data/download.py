@@ -1,0 +1,144 @@
+"""Downloads: streamed to a temporary file, verified, then renamed; archives extracted safely."""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import shutil
+import tarfile
+import tempfile
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Callable, Iterator
+
+from ..errors import DatasetError
+
+__all__ = ["download", "extract_archive", "file_lock", "digest"]
+
+_CHUNK = 1 << 20
+
+
+def digest(path: Path, algorithm: str = "sha256") -> str:
+    """Hex digest of a file, read in 1 MiB chunks."""
+    h = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(_CHUNK), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock across processes, so two fetches of one dataset download it once."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _fetch_one(url: str, dest: Path, md5: str, timeout: float) -> None:
+    """Stream `url` into a temp file next to `dest`, check length and md5, then rename into place."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    try:
+        h = hashlib.md5()
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
+            expected = response.headers.get("Content-Length")
+            got = 0
+            for chunk in iter(lambda: response.read(_CHUNK), b""):
+                out.write(chunk)
+                h.update(chunk)
+                got += len(chunk)
+            if expected is not None and got != int(expected):
+                raise DatasetError(f"truncated transfer: {got} of {expected} bytes")
+            out.flush()
+            os.fsync(out.fileno())
+        if h.hexdigest() != md5:
+            raise DatasetError(f"md5 {h.hexdigest()} expected {md5}")
+        os.replace(tmp, dest)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def download(filename: str, mirrors: tuple[str, ...] | list[str], dest_dir: Path, md5: str, *,
+             log: Callable[[str], None] = print, timeout: float = 60.0) -> Path:
+    """Download `filename` from the first mirror that delivers the right bytes; one line per failed mirror."""
+    dest_dir = Path(dest_dir)
+    dest = dest_dir / filename
+    if dest.exists() and digest(dest, "md5") == md5:
+        return dest
+    try:
+        dest_dir.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=dest_dir, prefix=".write-test-")
+        probe.close()
+    except OSError as exc:
+        raise DatasetError(f"cannot write to {dest_dir} ({exc.strerror}); set CNNLAB_CACHE or --data-dir "
+                           "to a writable folder") from None
+    failures = []
+    for base in mirrors:
+        url = base.rstrip("/") + "/" + filename
+        try:
+            log(f"downloading {url}")
+            _fetch_one(url, dest, md5, timeout)
+            return dest
+        except (urllib.error.URLError, OSError, DatasetError, ValueError) as exc:
+            if isinstance(exc, urllib.error.HTTPError):
+                reason = f"HTTP {exc.code} {exc.reason}"
+            else:
+                reason = getattr(exc, "reason", None) or exc
+            if isinstance(exc, OSError) and getattr(exc, "errno", None) == 28:  # ENOSPC
+                raise DatasetError(f"no space left in {dest_dir} while downloading {filename}; "
+                                   "free some space or set CNNLAB_CACHE elsewhere") from None
+            failures.append(url)
+            log(f"  failed: {url}: {reason}")
+    raise DatasetError(f"could not download {filename}: all {len(failures)} mirror(s) failed "
+                       f"({', '.join(failures)}); check your connection, or place the file in {dest_dir} yourself")
+
+
+def _check_member(member: tarfile.TarInfo, target: Path) -> None:
+    name = member.name
+    resolved = (target / name).resolve()
+    if os.path.isabs(name) or ".." in Path(name).parts or not resolved.is_relative_to(target):
+        raise DatasetError(f"archive member {name!r} would land outside {target}; refusing the archive")
+    if member.issym() or member.islnk():
+        link_target = (resolved.parent / member.linkname).resolve() if member.issym() \
+            else (target / member.linkname).resolve()
+        if os.path.isabs(member.linkname) or not link_target.is_relative_to(target):
+            raise DatasetError(f"archive member {name!r} links to {member.linkname!r} outside {target}; "
+                               "refusing the archive")
+    if not (member.isfile() or member.isdir() or member.issym() or member.islnk()):
+        raise DatasetError(f"archive member {name!r} is a device or fifo; refusing the archive")
+
+
+def extract_archive(archive: Path, target: Path, folder: str) -> Path:
+    """Extract `archive` (tar, optionally compressed) so that `target/folder` appears complete or not at all.
+
+    Every member is checked first: none may be absolute, contain `..`, or link outside `target`.
+    """
+    target = Path(target).resolve()
+    target.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".extract-", dir=target))
+    try:
+        try:
+            with tarfile.open(archive) as tar:
+                members = tar.getmembers()
+                for member in members:
+                    _check_member(member, staging)
+                tar.extractall(staging, members=members, filter="data")
+        except (tarfile.TarError, EOFError) as exc:
+            raise DatasetError(f"{archive}: not a readable archive ({exc}); delete it and fetch again") from None
+        if not (staging / folder).is_dir():
+            raise DatasetError(f"{archive}: holds no folder {folder!r}; delete it and fetch again")
+        final = target / folder
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(staging / folder, final)
+        return final
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

@@ -1,0 +1,89 @@
+"""Your own images as a dataset: ROOT/<split>/<class>/*.png|jpg|..., decoded once into uint8 tensors."""
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from ..errors import DatasetError
+
+__all__ = ["IMAGE_EXTENSIONS", "image_folder_files", "decode_image_folder", "TEST_SPLITS"]
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+TEST_SPLITS = ("test", "val")
+
+
+def _split_dirs(root: Path) -> tuple[Path, Path]:
+    if not root.is_dir():
+        raise DatasetError(f"image folder {root} does not exist; expected ROOT/train/<class>/ and ROOT/test/<class>/")
+    train = root / "train"
+    test = next((root / s for s in TEST_SPLITS if (root / s).is_dir()), None)
+    if not train.is_dir() or test is None:
+        raise DatasetError(f"image folder {root} needs a 'train' and a 'test' (or 'val') sub-folder, each with one "
+                           f"folder per class; found: {sorted(p.name for p in root.iterdir()) or 'nothing'}")
+    return train, test
+
+
+def image_folder_files(root: Path) -> list[Path]:
+    """Every file under the train and test splits, sorted; errors for empty classes and non-image files."""
+    train, test = _split_dirs(root)
+    classes = sorted(p.name for p in train.iterdir() if p.is_dir())
+    if not classes:
+        raise DatasetError(f"{train} holds no class folders; put each class's images in {train}/<class>/")
+    files, empty, strays = [], [], []
+    for split in (train, test):
+        for d in sorted(p for p in split.iterdir() if p.is_dir()):
+            if d.name not in classes:
+                raise DatasetError(f"{d}: class {d.name!r} is not among the training classes {classes}")
+            members = sorted(p for p in d.rglob("*") if p.is_file() and not p.name.startswith("."))
+            images = [p for p in members if p.suffix.lower() in IMAGE_EXTENSIONS]
+            strays += [p for p in members if p.suffix.lower() not in IMAGE_EXTENSIONS]
+            if not images and split == train:
+                empty.append(str(d))
+            files += images
+    if empty:
+        raise DatasetError(f"empty class folder(s): {', '.join(empty)}; add images or remove the folder(s)")
+    if strays:
+        shown = ", ".join(str(p) for p in strays[:5]) + (f" and {len(strays) - 5} more" if len(strays) > 5 else "")
+        raise DatasetError(f"non-image file(s) in the image folder: {shown}; move them out "
+                           f"(images end in {', '.join(IMAGE_EXTENSIONS)})")
+    return files
+
+
+def decode_image_folder(root: Path, files: list[Path], log: Callable[[str], None] = print
+                        ) -> tuple[dict[str, np.ndarray], list[str], list[dict]]:
+    """Decode all images to one size (the most common) and one mode (L if all are grayscale, else RGB)."""
+    train, _ = _split_dirs(root)
+    classes = sorted(p.name for p in train.iterdir() if p.is_dir())
+    opened = []
+    for path in files:
+        try:
+            with Image.open(path) as im:
+                im.load()
+                opened.append((path, im.copy()))
+        except (UnidentifiedImageError, OSError, ValueError) as exc:
+            raise DatasetError(f"{path}: not a readable image ({exc}); remove or replace it") from None
+    grayscale = all(im.mode in ("L", "1", "I;16", "I") for _, im in opened)
+    mode = "L" if grayscale else "RGB"
+    size = Counter(im.size for _, im in opened).most_common(1)[0][0]
+    resized = sum(im.size != size for _, im in opened)
+    if resized:
+        log(f"note: {resized} of {len(opened)} images resized to {size[0]}x{size[1]}, the most common size")
+    arrays: dict[str, list] = {"train_images": [], "train_labels": [], "test_images": [], "test_labels": []}
+    for path, im in opened:
+        im = im.convert(mode)
+        if im.size != size:
+            im = im.resize(size, Image.BILINEAR)
+        pixels = np.asarray(im, dtype=np.uint8)
+        pixels = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+        split = "train" if path.is_relative_to(train) else "test"
+        class_name = path.relative_to(root).parts[1]
+        arrays[f"{split}_images"].append(pixels)
+        arrays[f"{split}_labels"].append(classes.index(class_name))
+    if not arrays["test_images"]:
+        raise DatasetError(f"{root}: the test split holds no images")
+    out = {k: (np.stack(v) if "images" in k else np.asarray(v, dtype=np.int64)) for k, v in arrays.items()}
+    return out, classes, [{"file": str(root), "sha256": "", "status": "unverified"}]

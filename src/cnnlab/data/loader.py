@@ -1,0 +1,87 @@
+"""An in-memory batched loader: the whole dataset is one uint8 tensor, augmented a batch at a time."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .augment import Compose
+
+__all__ = ["InMemoryLoader", "split_validation"]
+
+
+def split_validation(images: torch.Tensor, labels: torch.Tensor, fraction: float, seed: int = 0):
+    """Carve a validation split off the training data with a fixed seed: (train_x, train_y, val_x, val_y)."""
+    n_val = int(round(len(labels) * fraction))
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    val, train = order[:n_val], order[n_val:]
+    return images[train], labels[train], images[val], labels[val]
+
+
+class InMemoryLoader:
+    """Yields normalised float batches (x, y) on `device`.
+
+    Shuffles each epoch from its own generator; `state_dict` records where in the epoch it stands, so a
+    resumed run replays exactly the batches and augmentations an uninterrupted run would have seen.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, *, mean, std,
+                 shuffle: bool = False, drop_last: bool = False, seed: int = 0, augment: Compose | None = None,
+                 device: torch.device | str = "cpu", channels_last: bool = False):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.device = torch.device(device)
+        # The whole uint8 dataset goes to the device once: 60k 28x28 images are 47 MB, CIFAR-10 is 154 MB.
+        self.images = images.to(self.device, non_blocking=True)
+        self.labels = labels.to(self.device, non_blocking=True)
+        self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
+        self.augment = augment
+        self.channels_last = channels_last
+        c = images.shape[1]
+        std_t = torch.as_tensor(std, dtype=torch.float32).reshape(1, c, 1, 1)
+        mean_t = torch.as_tensor(mean, dtype=torch.float32).reshape(1, c, 1, 1)
+        # (x / 255 - mean) / std as one multiply-add
+        self._scale = (1.0 / (255.0 * std_t)).to(self.device)
+        self._shift = (-mean_t / std_t).to(self.device)
+        self.generator = torch.Generator().manual_seed(seed)  # order of examples
+        self.aug_generator = torch.Generator().manual_seed(seed + 1)  # augmentation draws
+        self.epoch = 0  # epochs completed
+        self.position = 0  # batches of the current epoch already handed out
+        self._epoch_start_state = self.generator.get_state()
+
+    def __len__(self) -> int:
+        n = len(self.labels)
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float().mul_(self._scale).add_(self._shift)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def __iter__(self):
+        if self.position == 0:
+            self._epoch_start_state = self.generator.get_state()
+        else:  # resuming mid-epoch: replay this epoch's permutation from its starting state
+            self.generator.set_state(self._epoch_start_state)
+        n = len(self.labels)
+        order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
+        order = order.to(self.device)
+        for i in range(self.position, len(self)):
+            idx = order[i * self.batch_size: (i + 1) * self.batch_size]
+            x = self.images[idx]
+            if self.augment:
+                x = self.augment(x, self.aug_generator)
+            self.position = i + 1
+            yield self.normalize(x), self.labels[idx]
+        self.epoch += 1
+        self.position = 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position,
+                "generator": self._epoch_start_state if self.position else self.generator.get_state(),
+                "aug_generator": self.aug_generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self.generator.set_state(state["generator"])
+        self._epoch_start_state = state["generator"]
+        self.aug_generator.set_state(state["aug_generator"])

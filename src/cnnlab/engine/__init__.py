@@ -1,0 +1,8 @@
+"""Training engine: config, fit/evaluate, checkpoints, optimisers and schedules."""
+from .config import TrainConfig, config_from_dict, load_config
+from .evaluate import evaluate, most_confused
+from .trainer import RunState, TrainingError, TrainingInterrupted, fit, resume_config
+from .weights import load_weights, save_weights
+
+__all__ = ["TrainConfig", "config_from_dict", "load_config", "evaluate", "most_confused", "RunState",
+           "TrainingError", "TrainingInterrupted", "fit", "resume_config", "load_weights", "save_weights"]

@@ -1,0 +1,132 @@
+"""Checkpoints that are complete or absent, carry a checksum, and never execute code when loaded.
+
+File layout: 8 magic bytes, the sha256 of the payload (32 bytes), then the payload as written by
+`torch.save`. The payload holds only tensors, numbers, strings and plain containers, so it loads
+with `weights_only=True`; there is no fallback to unrestricted unpickling.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import pickle
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ..errors import CheckpointError
+
+__all__ = ["save_atomic", "read_checkpoint", "CheckpointManager"]
+
+MAGIC = b"CNNLABC1"
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_atomic(data: bytes, path: Path) -> None:
+    """Write `data` to a temp file in the same folder, fsync it, then rename it over `path`."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def _encode(state: dict) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    payload = buffer.getvalue()
+    return MAGIC + hashlib.sha256(payload).digest() + payload
+
+
+def read_checkpoint(path: Path) -> dict:
+    """Load and verify one checkpoint file; raise CheckpointError saying what is wrong with it."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read ({exc.strerror})") from None
+    if raw[:8] != MAGIC or len(raw) < 40:
+        raise CheckpointError(f"{path}: not a cnnlab checkpoint (bad header, {len(raw)} bytes)")
+    payload = raw[40:]
+    if hashlib.sha256(payload).digest() != raw[8:40]:
+        raise CheckpointError(f"{path}: checksum mismatch: the file is truncated or corrupt")
+    try:
+        return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
+        raise CheckpointError(f"{path}: refused to load: {str(exc).splitlines()[0]}") from None
+
+
+class CheckpointManager:
+    """Keeps `last.ckpt` and `previous.ckpt` in a run folder; the only good checkpoint is never overwritten."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = Path(run_dir)
+        self.last = self.run_dir / "last.ckpt"
+        self.previous = self.run_dir / "previous.ckpt"
+        self._last_is_good = False  # only a checkpoint we wrote or verified may be rotated into `previous`
+
+    def save(self, state: dict) -> None:
+        data = _encode(state)
+        fd, tmp = tempfile.mkstemp(prefix=".last.ckpt.", suffix=".tmp", dir=self.run_dir)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            if self.last.exists() and self._last_is_good:
+                os.replace(self.last, self.previous)
+            os.replace(tmp, self.last)
+            _fsync_dir(self.run_dir)
+        except OSError as exc:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            raise CheckpointError(f"cannot write a checkpoint in {self.run_dir} ({exc.strerror}); the previous "
+                                  "checkpoint is intact: free some space and resume with --resume") from None
+        self._last_is_good = True
+
+    def load_latest(self, log=print) -> dict:
+        """The newest checkpoint that verifies; a damaged `last` is reported and `previous` used instead."""
+        errors = []
+        for path in (self.last, self.previous):
+            if not path.exists():
+                continue
+            try:
+                state = read_checkpoint(path)
+            except CheckpointError as exc:
+                errors.append(str(exc))
+                log(f"warning: {exc}; trying the previous checkpoint")
+                continue
+            if path == self.previous and self.last.exists():
+                # keep the damaged file for inspection, out of the rotation
+                os.replace(self.last, self.run_dir / "last.ckpt.damaged")
+                os.replace(self.previous, self.last)
+            self._last_is_good = True
+            return state
+        if errors:
+            raise CheckpointError("no usable checkpoint: " + "; ".join(errors))
+        raise CheckpointError(f"{self.run_dir}: no checkpoint to resume from (expected {self.last.name})")

@@ -1,0 +1,212 @@
+"""Typed training configuration: defaults, then a YAML file, then command-line flags.
+
+An unknown key or a value of the wrong type fails here, before any work starts, and the message
+lists the valid keys or choices.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..errors import ConfigError
+
+__all__ = ["TrainConfig", "load_config", "config_from_dict", "add_config_flags", "config_from_args", "save_config"]
+
+
+def _opt(default, help: str, choices: tuple | None = None, **kw):
+    return field(default=default, metadata={"help": help, "choices": choices}, **kw)
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs; `cnnlab train --help` lists each field as a flag."""
+    # what to train
+    model: str = _opt("convnet", "registered model name (see 'cnnlab models')")
+    model_args: dict = field(default_factory=dict, metadata={
+        "help": "extra model keyword arguments, e.g. {spec: 'c16x2,p,f64'} (flag: --model-arg KEY=VALUE)"})
+    dataset: str = _opt("fashion-mnist", "dataset name (see 'cnnlab data list')")
+    data_dir: str | None = _opt(None, "folder searched first for the dataset")
+    download: bool = _opt(False, "download the dataset into the cache if it is not found")
+    val_split: float = _opt(0.0, "fraction of the training split held out for validation (fixed seed)")
+    train_subset: int = _opt(0, "use only the first N training images (0: all); for quick experiments")
+    augment: str = _opt("auto", "batched augmentations, e.g. 'crop:4:reflect,flip'; 'auto' picks per dataset")
+    # optimisation
+    epochs: int = _opt(8, "passes over the training data")
+    batch_size: int = _opt(128, "images per step")
+    optimizer: str = _opt("adamw", "optimiser", ("sgd", "adamw"))
+    lr: float = _opt(3e-3, "peak learning rate")
+    momentum: float = _opt(0.9, "SGD momentum (AdamW: beta1)")
+    nesterov: bool = _opt(True, "Nesterov momentum for SGD")
+    weight_decay: float = _opt(5e-4, "weight decay (L2 for SGD, decoupled for AdamW); never applied to biases or normalisation parameters")
+    schedule: str = _opt("onecycle", "learning-rate schedule", ("onecycle", "cosine", "multistep", "constant"))
+    warmup_epochs: float = _opt(0.0, "linear warm-up length for 'cosine', 'multistep' and 'constant'")
+    warmup_lr: float = _opt(0.0, "learning rate at the start of warm-up (0: start from 0)")
+    milestones: list = field(default_factory=list, metadata={
+        "help": "multistep: where the learning rate is divided, in milestone_unit (e.g. 32000,48000)"})
+    milestone_unit: str = _opt("epoch", "unit of milestones", ("epoch", "iteration"))
+    gamma: float = _opt(0.1, "multistep: factor at each milestone")
+    max_steps: int = _opt(0, "stop after this many optimiser steps (0: run all epochs)")
+    label_smoothing: float = _opt(0.0, "cross-entropy label smoothing")
+    grad_clip: float = _opt(0.0, "clip the gradients' global L2 norm to this value (0: off)")
+    # how to run
+    precision: str = _opt("auto", "'auto' takes bf16 on CUDA and on CPUs with native bf16, else fp32",
+                          ("auto", "fp32", "bf16"))
+    channels_last: str = _opt("auto", "memory format; 'auto' takes channels_last where it is faster",
+                              ("auto", "on", "off"))
+    compile: bool = _opt(False, "torch.compile the model (slower start, sometimes faster steps)")
+    device: str = _opt("auto", "'auto' takes CUDA when present, e.g. cpu, cuda, cuda:1")
+    seed: int = _opt(0, "seed for initialisation, data order and augmentation")
+    deterministic: bool = _opt(False, "deterministic algorithms only, no autotuning")
+    threads: int = _opt(0, "CPU threads for PyTorch (0: PyTorch's default)")
+    # outputs
+    run_dir: str | None = _opt(None, "run folder (default runs/<model>-<dataset>-<time>)")
+    runs_root: str = _opt("runs", "parent folder of the default run folders")
+    checkpoint_every: int = _opt(0, "also checkpoint every N steps (0: at the end of each epoch only)")
+    progress: str = _opt("auto", "progress display: a bar on a terminal, plain lines elsewhere",
+                         ("auto", "bar", "plain", "none"))
+    log_every: int = _opt(100, "plain progress: one line every N steps")
+    on_nan: str = _opt("stop", "what a NaN or infinite loss does", ("stop",))
+
+    def validate(self) -> "TrainConfig":
+        from ..data.augment import parse_augment
+        from ..data.catalog import CATALOG
+        from ..models.registry import model_entrypoint
+
+        model_entrypoint(self.model)  # unknown model: lists the valid ones
+        if self.dataset not in CATALOG:
+            raise ConfigError(f"unknown dataset {self.dataset!r}; valid datasets: {', '.join(CATALOG)}")
+        checks = [
+            (self.epochs >= 1, "epochs", self.epochs, "at least 1"),
+            (self.batch_size >= 1, "batch_size", self.batch_size, "at least 1"),
+            (self.lr > 0, "lr", self.lr, "a positive number, e.g. 0.003"),
+            (self.weight_decay >= 0, "weight_decay", self.weight_decay, "0 or more"),
+            (0 <= self.momentum < 1, "momentum", self.momentum, "in [0, 1)"),
+            (0 <= self.val_split < 1, "val_split", self.val_split, "in [0, 1)"),
+            (0 <= self.label_smoothing < 1, "label_smoothing", self.label_smoothing, "in [0, 1)"),
+            (self.grad_clip >= 0, "grad_clip", self.grad_clip, "0 (off) or more"),
+            (self.warmup_epochs >= 0, "warmup_epochs", self.warmup_epochs, "0 or more"),
+            (self.train_subset >= 0, "train_subset", self.train_subset, "0 (all) or more"),
+            (self.max_steps >= 0, "max_steps", self.max_steps, "0 (no limit) or more"),
+            (self.log_every >= 1, "log_every", self.log_every, "at least 1"),
+            (self.checkpoint_every >= 0, "checkpoint_every", self.checkpoint_every, "0 (epoch ends) or more"),
+            (self.threads >= 0, "threads", self.threads, "0 (default) or more"),
+        ]
+        for ok, name, value, want in checks:
+            if not ok:
+                raise ConfigError(f"{name} = {value!r} is invalid: it must be {want}")
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise ConfigError(f"{f.name} = {getattr(self, f.name)!r} is invalid; choices: {', '.join(choices)}")
+        if self.schedule == "multistep" and not self.milestones:
+            raise ConfigError("schedule 'multistep' needs milestones, e.g. --milestones 30,60")
+        if self.device not in ("auto", "cpu") and not self.device.startswith(("cuda", "mps")):
+            raise ConfigError(f"device = {self.device!r} is invalid; use auto, cpu, cuda or cuda:N")
+        parse_augment("" if self.augment == "auto" else self.augment)
+        return self
+
+
+_FIELDS = {f.name: f for f in fields(TrainConfig)}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Check a YAML or flag value against the field's declared type; ints are accepted for floats."""
+    hint = typing.get_type_hints(TrainConfig)[name]
+    allowed = typing.get_args(hint) or (hint,)
+    if value is None and type(None) in allowed:
+        return None
+    for t in allowed:
+        if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if t is float and isinstance(value, str):  # YAML 1.1 reads '3e-3' (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if t is bool and isinstance(value, bool):
+            return value
+        if t in (int, str, dict, list) and isinstance(value, t) and not (t is int and isinstance(value, bool)):
+            return value
+    names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
+    raise ConfigError(f"{name}: expected {names}, got {type(value).__name__} {value!r}")
+
+
+def config_from_dict(values: dict, base: TrainConfig | None = None, source: str = "config") -> TrainConfig:
+    unknown = [k for k in values if k not in _FIELDS]
+    if unknown:
+        hints = [f"{k!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, _FIELDS, 1)) else repr(k)
+                 for k in unknown]
+        raise ConfigError(f"{source}: unknown key(s) {', '.join(hints)}; valid keys: {', '.join(_FIELDS)}")
+    cfg = dataclasses.replace(base or TrainConfig(), **{k: _coerce(k, v) for k, v in values.items()})
+    return cfg
+
+
+def load_config(path: str | Path, base: TrainConfig | None = None) -> TrainConfig:
+    path = Path(path)
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config file ({exc.strerror})") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys to values, got {type(values).__name__}")
+    return config_from_dict(values, base, source=str(path))
+
+
+def save_config(cfg: TrainConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+
+
+def _flag_value(text: str) -> Any:
+    """Parse a flag's text as YAML, so '3e-3' is a float, 'true' a bool and '[1, 2]' a list."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per config field; a flag left unset does not override the YAML file or the defaults."""
+    group = parser.add_argument_group("training configuration (defaults, then --config FILE, then these flags)")
+    for f in fields(TrainConfig):
+        if f.name == "model_args":
+            group.add_argument("--model-arg", dest="model_args", action="append", metavar="KEY=VALUE",
+                               help=f.metadata["help"])
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        choices = f.metadata.get("choices")
+        help_text = f"{f.metadata['help']} (default: {default})"
+        if choices:
+            help_text += f"; choices: {', '.join(choices)}"
+        group.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None, metavar=f.name.upper(),
+                           help=help_text.replace("%", "%%"))
+
+
+def config_from_args(args: argparse.Namespace, base: TrainConfig | None = None) -> TrainConfig:
+    values: dict[str, Any] = {}
+    for f in fields(TrainConfig):
+        raw = getattr(args, f.name, None)
+        if raw is None:
+            continue
+        if f.name == "model_args":
+            pairs = {}
+            for item in raw:
+                key, sep, text = item.partition("=")
+                if not sep or not key:
+                    raise ConfigError(f"--model-arg {item!r}: expected KEY=VALUE, e.g. --model-arg spec=c16x2,p,f64")
+                pairs[key] = _flag_value(text)
+            values["model_args"] = {**(base.model_args if base else {}), **pairs}
+        elif f.name == "milestones":
+            values[f.name] = [_flag_value(t) for t in str(raw).split(",") if t.strip()]
+        else:
+            hint = typing.get_type_hints(TrainConfig)[f.name]
+            values[f.name] = raw if hint in (str, str | None) else _flag_value(raw)
+    return config_from_dict(values, base, source="command line")

@@ -1,0 +1,71 @@
+"""Optimisers and learning-rate schedules.
+
+A schedule is a pure function of the step number, so the scheduler's whole state is the step
+count: nothing to pickle, and a resumed run computes exactly the same learning rates.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+__all__ = ["param_groups", "build_optimizer", "build_schedule"]
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay only on weight matrices and conv kernels (dim >= 2), never on biases or norm scales."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, name: str, lr: float, *, momentum: float = 0.9, nesterov: bool = False,
+                    weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    groups = param_groups(model, weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0)
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=(momentum, 0.999))
+    raise ValueError(f"unknown optimizer {name!r}; choices: sgd, adamw")
+
+
+def build_schedule(name: str, lr: float, total_steps: int, *, steps_per_epoch: int, warmup_epochs: float = 0.0,
+                   warmup_lr: float = 0.0, milestones: list | tuple = (), milestone_unit: str = "epoch",
+                   gamma: float = 0.1) -> Callable[[int], float]:
+    """Return lr_at(step) for step = 0 .. total_steps - 1."""
+    total_steps = max(total_steps, 1)
+    warmup = int(round(warmup_epochs * steps_per_epoch))
+
+    def warmed(step: int, after: Callable[[int], float]) -> float:
+        if step < warmup:  # linear from warmup_lr to the schedule's own value
+            return warmup_lr + (after(warmup) - warmup_lr) * step / warmup
+        return after(step)
+
+    if name == "onecycle":
+        # Linear up from lr/25 over the first 25% of steps, then linearly down to 0 (Smith & Topin 2017).
+        peak = max(int(0.25 * total_steps), 1)
+
+        def onecycle(step: int) -> float:
+            if step < peak:
+                return lr * (0.04 + 0.96 * step / peak)
+            return lr * max(0.0, (total_steps - step) / (total_steps - peak))
+        return onecycle
+    if name == "cosine":
+        def cosine(step: int) -> float:
+            progress = (step - warmup) / max(total_steps - warmup, 1)
+            return 0.5 * lr * (1 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
+        return lambda step: warmed(step, cosine)
+    if name == "multistep":
+        scale = steps_per_epoch if milestone_unit == "epoch" else 1
+        boundaries = sorted(int(round(m * scale)) for m in milestones)
+
+        def multistep(step: int) -> float:
+            return lr * gamma ** sum(step >= b for b in boundaries)
+        return lambda step: warmed(step, multistep)
+    if name == "constant":
+        return lambda step: warmed(step, lambda _: lr)
+    raise ValueError(f"unknown schedule {name!r}; choices: onecycle, cosine, multistep, constant")

@@ -1,0 +1,55 @@
+"""Model registry: the key is the builder function's name, as in timm."""
+from __future__ import annotations
+
+import inspect
+from typing import Callable
+
+import torch.nn as nn
+
+from ..errors import ModelError
+
+__all__ = ["register_model", "create_model", "list_models", "model_entrypoint", "accepts"]
+
+_MODELS: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    name = fn.__name__
+    if name in _MODELS:
+        raise ValueError(f"model {name!r} registered twice")
+    _MODELS[name] = fn
+    return fn
+
+
+def list_models() -> list[str]:
+    return sorted(_MODELS)
+
+
+def model_entrypoint(name: str) -> Callable[..., nn.Module]:
+    try:
+        return _MODELS[name]
+    except KeyError:
+        raise ModelError(f"unknown model {name!r}; valid models: {', '.join(list_models())}") from None
+
+
+def create_model(name: str, **kwargs) -> nn.Module:
+    """Build a registered model, e.g. ``create_model("convnet", in_channels=1, input_size=28)``."""
+    builder = model_entrypoint(name)
+    params = inspect.signature(builder).parameters
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    if not takes_any:
+        unknown = sorted(set(kwargs) - set(params))
+        if unknown:
+            raise ModelError(
+                f"model {name!r} takes no argument(s) {', '.join(unknown)}; valid: {', '.join(params) or 'none'}"
+            )
+    try:
+        return builder(**kwargs)
+    except TypeError as exc:  # a keyword the underlying class does not take
+        raise ModelError(f"model {name!r}: {exc}") from None
+
+
+def accepts(name: str, keyword: str) -> bool:
+    """Whether model `name`'s builder takes `keyword` (or any keyword)."""
+    params = inspect.signature(model_entrypoint(name)).parameters
+    return keyword in params or any(p.kind is p.VAR_KEYWORD for p in params.values())

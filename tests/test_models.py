@@ -1,0 +1,92 @@
+import pytest
+import torch
+
+import cnnlab
+from cnnlab.errors import ModelError
+from cnnlab.models import ConvNet, TraditionalCNN, create_model, list_models
+from cnnlab.models.convnet import sequential_to_convnet_state
+from cnnlab.models.summary import summarize
+
+
+def test_convnet_has_the_lecture_layers_and_parameter_count():
+    model = create_model("convnet")
+    kinds = [type(m).__name__ for m in model]
+    assert kinds == ["Conv2d", "ReLU", "Conv2d", "ReLU", "MaxPool2d", "Conv2d", "ReLU", "Conv2d", "ReLU",
+                     "Flatten", "Linear", "ReLU", "Linear"]
+    assert sum(p.numel() for p in model.parameters()) == 264_884
+    assert model[10].in_features == 16 * 16 * 8
+
+
+def test_convnet_follows_the_input_size_and_channels():
+    model = create_model("convnet", in_channels=1, input_size=28, num_classes=7)
+    assert model[0].in_channels == 1
+    assert model[10].in_features == 14 * 14 * 8
+    assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 7)
+
+
+def test_sequential_weights_loaded_into_the_module_class_give_identical_outputs():
+    torch.manual_seed(0)
+    sequential = create_model("convnet")
+    module = ConvNet()
+    module.load_state_dict(sequential_to_convnet_state(sequential.state_dict()))
+    x = torch.randn(4, 3, 32, 32)
+    assert torch.equal(sequential(x), module(x))
+
+
+def test_spec_builds_custom_networks():
+    model = create_model("cnn", spec="c16k5s2b,p,c32x2,g,d0.2,f64", in_channels=3, input_size=32, num_classes=5)
+    assert isinstance(model, TraditionalCNN)
+    assert isinstance(model[1], torch.nn.BatchNorm2d) and model[0].bias is None
+    assert model(torch.zeros(3, 3, 32, 32)).shape == (3, 5)
+    assert model.forward_head(model.forward_features(torch.zeros(1, 3, 32, 32))).shape == (1, 5)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("c5x2,q", "bad token 'q'"),
+    ("", "empty model spec"),
+    ("f10,c5", "cannot follow a dense layer"),
+    ("p,p,p,p,p,p", "shrinks"),
+])
+def test_bad_specs_are_named(spec, message):
+    with pytest.raises(ModelError, match=message):
+        create_model("cnn", spec=spec)
+
+
+def test_unknown_model_lists_the_valid_ones():
+    with pytest.raises(ModelError) as info:
+        create_model("resnet9000")
+    assert "convnet" in str(info.value) and "resnet9000" in str(info.value)
+
+
+def test_unknown_keyword_is_refused_with_the_valid_ones():
+    with pytest.raises(ModelError, match="takes no argument.*width"):
+        create_model("convnet", width=3)
+
+
+def test_public_api():
+    assert "convnet" in cnnlab.list_models()
+    assert isinstance(cnnlab.create_model("convnet"), torch.nn.Module)
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_every_registered_model_trains(name):
+    """Registry-driven: output shape, a gradient for every parameter, train and eval modes."""
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=10)
+    size = (getattr(model, "in_channels", 3), *getattr(model, "input_size", (32, 32)))
+    x = torch.randn(2, *size)
+    out = model.train()(x)
+    assert out.shape == (2, 10)
+    out.square().mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    with torch.no_grad():
+        assert model.eval()(x).shape == (2, 10)
+    assert summarize(model, size)["params"] == sum(p.numel() for p in model.parameters())
+
+
+def test_summary_of_convnet_counts_parameters_and_macs():
+    info = summarize(create_model("convnet"), (3, 32, 32))
+    assert info["params"] == 264_884
+    # conv: 32*32*5*27 + 32*32*5*45 + 16*16*8*45 + 16*16*8*72; dense: 2048*128 + 128*10 (no bias additions)
+    assert info["macs"] == 138_240 + 230_400 + 92_160 + 147_456 + 262_144 + 1_280 == 871_680
+    assert [layer["output_shape"] for layer in info["layers"]][4] == [1, 5, 16, 16]

@@ -1,0 +1,43 @@
+import pytest
+import torch
+
+from cnnlab.engine.optim import build_optimizer, build_schedule, param_groups
+from cnnlab.models import create_model
+
+
+def test_no_weight_decay_on_biases_and_norms():
+    model = create_model("cnn", spec="c8b,p,f16")
+    decay, no_decay = param_groups(model, 5e-4)
+    assert decay["weight_decay"] == 5e-4 and no_decay["weight_decay"] == 0
+    assert all(p.dim() >= 2 for p in decay["params"])
+    assert {id(p) for p in no_decay["params"]} == {id(model[1].weight), id(model[1].bias), id(model[5].bias),
+                                                    id(model[7].bias)}
+
+
+def test_optimizers():
+    model = create_model("convnet")
+    sgd = build_optimizer(model, "sgd", 0.1, momentum=0.9, nesterov=True, weight_decay=1e-4)
+    assert isinstance(sgd, torch.optim.SGD) and sgd.defaults["nesterov"]
+    assert isinstance(build_optimizer(model, "adamw", 1e-3), torch.optim.AdamW)
+
+
+def test_onecycle_rises_then_falls_to_zero():
+    lr_at = build_schedule("onecycle", 1.0, 100, steps_per_epoch=10)
+    assert lr_at(0) == pytest.approx(0.04)
+    assert lr_at(25) == pytest.approx(1.0)
+    assert lr_at(99) == pytest.approx(1 / 75)
+    assert max(lr_at(s) for s in range(100)) == pytest.approx(1.0)
+
+
+def test_cosine_with_warmup():
+    lr_at = build_schedule("cosine", 1.0, 100, steps_per_epoch=10, warmup_epochs=1)
+    assert lr_at(0) == 0 and lr_at(5) == pytest.approx(0.5) and lr_at(10) == pytest.approx(1.0)
+    assert lr_at(55) == pytest.approx(0.5) and lr_at(100) == pytest.approx(0.0)
+
+
+def test_multistep_by_epochs_and_by_iterations():
+    by_epoch = build_schedule("multistep", 0.1, 1000, steps_per_epoch=100, milestones=[5, 8])
+    assert [by_epoch(s) for s in (499, 500, 800)] == pytest.approx([0.1, 0.01, 0.001])
+    by_iter = build_schedule("multistep", 0.1, 1000, steps_per_epoch=100, milestones=[320, 480],
+                             milestone_unit="iteration")
+    assert [by_iter(s) for s in (319, 320, 480)] == pytest.approx([0.1, 0.01, 0.001])
