@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from ..errors import ConfigError
 
@@ -42,15 +43,37 @@ def shift_images(x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, mode: str 
 
 @dataclass
 class RandomCrop:
-    """Pad by `padding` on every side, then crop back to the input size at a random offset."""
+    """Pad by `padding` on every side, then crop back to the input size at a random offset.
+
+    `apply_padded` takes images padded beforehand, so a loader can pad its whole dataset once and
+    leave only the window selection in the step.
+    """
     padding: int
     mode: str = "zero"
 
     def sample(self, n: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
         return {"dy": _randint(0, 2 * self.padding, n, generator), "dx": _randint(0, 2 * self.padding, n, generator)}
 
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.padding
+        if self.mode == "zero":
+            return F.pad(x, (p, p, p, p))
+        h, w = x.shape[-2:]
+        # reflect without repeating the edge (torch's 'reflect'), by index so that it works for uint8 too
+        rows = torch.cat([torch.arange(p, 0, -1), torch.arange(h), torch.arange(h - 2, h - 2 - p, -1)]).to(x.device)
+        cols = torch.cat([torch.arange(p, 0, -1), torch.arange(w), torch.arange(w - 2, w - 2 - p, -1)]).to(x.device)
+        return x.index_select(-2, rows).index_select(-1, cols)
+
+    def apply_padded(self, padded: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
+        n, c, hp, wp = padded.shape
+        k = 2 * self.padding + 1
+        s = padded.stride()
+        # every crop position as a view (N, dy, dx, C, H, W), then one gather of each image's window
+        windows = padded.as_strided((n, k, k, c, hp - k + 1, wp - k + 1), (s[0], s[2], s[3], s[1], s[2], s[3]))
+        return windows[torch.arange(n, device=padded.device), p["dy"].to(padded.device), p["dx"].to(padded.device)]
+
     def apply(self, x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
-        return shift_images(x, p["dy"] - self.padding, p["dx"] - self.padding, self.mode)
+        return self.apply_padded(self.pad(x), p)
 
 
 @dataclass
@@ -61,7 +84,10 @@ class HorizontalFlip:
         return {"flip": torch.rand(n, generator=generator) < self.p}
 
     def apply(self, x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
-        return torch.where(p["flip"].to(x.device)[:, None, None, None], x.flip(3), x)
+        chosen = p["flip"].nonzero().flatten().to(x.device)
+        out = x.clone()
+        out[chosen] = x.index_select(0, chosen).flip(3)  # only the flipped half is copied twice
+        return out
 
 
 @dataclass

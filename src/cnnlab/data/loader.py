@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from .augment import Compose
+from .augment import Compose, RandomCrop
 
 __all__ = ["InMemoryLoader", "split_validation"]
 
@@ -36,6 +36,15 @@ class InMemoryLoader:
         self.labels = labels.to(self.device, non_blocking=True)
         self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
         self.augment = augment
+        # A leading random crop pads the whole dataset once, so each step only selects windows.
+        self._crop = augment.ops[0] if augment and isinstance(augment.ops[0], RandomCrop) else None
+        if self._crop is not None:
+            self.images = torch.cat([self._crop.pad(chunk) for chunk in self.images.split(8192)])
+            self.augment = Compose(augment.ops[1:])
+        if channels_last:
+            # Stored as (N, H, W, C) so that picking a batch is one contiguous copy per image; the batch is then
+            # a channels_last view of shape (N, C, H, W). Converting each batch instead costs more than the rest.
+            self.images = self.images.permute(0, 2, 3, 1).contiguous()
         self.channels_last = channels_last
         c = images.shape[1]
         std_t = torch.as_tensor(std, dtype=torch.float32).reshape(1, c, 1, 1)
@@ -43,6 +52,11 @@ class InMemoryLoader:
         # (x / 255 - mean) / std as one multiply-add
         self._scale = (1.0 / (255.0 * std_t)).to(self.device)
         self._shift = (-mean_t / std_t).to(self.device)
+        # channels_last batches are normalised as flat (N, H*W*C) rows: broadcasting over an innermost
+        # dimension of 3 channels does not vectorise and was 4x slower.
+        h, w = images.shape[2:]
+        self._scale_hwc = self._scale.reshape(1, 1, c).expand(h, w, c).reshape(1, -1).contiguous()
+        self._shift_hwc = self._shift.reshape(1, 1, c).expand(h, w, c).reshape(1, -1).contiguous()
         self.generator = torch.Generator().manual_seed(seed)  # order of examples
         self.aug_generator = torch.Generator().manual_seed(seed + 1)  # augmentation draws
         self.epoch = 0  # epochs completed
@@ -54,8 +68,13 @@ class InMemoryLoader:
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.float().mul_(self._scale).add_(self._shift)
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+        if not self.channels_last:
+            return x.float().mul_(self._scale).add_(self._shift)
+        n, c, h, w = x.shape
+        x = x.contiguous(memory_format=torch.channels_last)  # a no-op unless an augmentation changed the layout
+        rows = x.permute(0, 2, 3, 1).reshape(n, h * w * c)  # a view of the same memory
+        rows = rows.float().mul_(self._scale_hwc).add_(self._shift_hwc)
+        return rows.view(n, h, w, c).permute(0, 3, 1, 2)
 
     def __iter__(self):
         if self.position == 0:
@@ -67,11 +86,15 @@ class InMemoryLoader:
         order = order.to(self.device)
         for i in range(self.position, len(self)):
             idx = order[i * self.batch_size: (i + 1) * self.batch_size]
-            x = self.images[idx]
+            x = self.images.index_select(0, idx)  # much faster than images[idx] on CPU
+            if self.channels_last:
+                x = x.permute(0, 3, 1, 2)
+            if self._crop is not None:
+                x = self._crop.apply_padded(x, self._crop.sample(len(idx), self.aug_generator))
             if self.augment:
                 x = self.augment(x, self.aug_generator)
             self.position = i + 1
-            yield self.normalize(x), self.labels[idx]
+            yield self.normalize(x), self.labels.index_select(0, idx)
         self.epoch += 1
         self.position = 0
 

@@ -1,0 +1,42 @@
+# Two commands on a fresh machine: `make demo` (set up, then train the lecture's convnet on Fashion-MNIST)
+# and `make test` (set up, then the whole test suite). Everything else is a step they share.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The pinned release takes the CPU build where this machine keeps one on disk, and PyPI's build elsewhere.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: demo test test-fast bench venv data clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/pip install --quiet -e ".[test]"
+	touch $@
+
+venv: $(BIN)/.installed
+
+# The default dataset: found where it lies, else Debian's package (as root, with apt), else the publisher's files.
+data: venv
+	@if ! $(BIN)/python -c "from cnnlab.data import get_spec, locate; locate(get_spec('fashion-mnist'))" 2>/dev/null; then \
+	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || \
+	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; } || true; \
+	  fi; \
+	fi
+	$(BIN)/cnnlab data fetch fashion-mnist
+
+demo: data
+	$(BIN)/cnnlab train
+
+test: data
+	$(BIN)/python -m pytest
+
+test-fast: venv
+	$(BIN)/python -m pytest -m "not integration and not slow"
+
+bench: data
+	$(BIN)/python bench/run.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
