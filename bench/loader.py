@@ -1,6 +1,7 @@
 """Loader throughput: augmented 3x32x32 batches (random crop with reflect padding, flip, normalise)."""
 from __future__ import annotations
 
+import statistics
 import time
 
 import torch
@@ -21,15 +22,12 @@ def main(repeats: int = 5) -> bool:
         start = time.perf_counter()
         n = sum(len(y) for _, y in loader)
         rates.append(n / (time.perf_counter() - start))
-    ok = statistics_median(rates) >= TARGET
+    ok = statistics.median(rates) >= TARGET
     print(f"loader: {stats(rates)} img/s (target >= {TARGET:,}) [{'PASS' if ok else 'FAIL'}]")
     print(f"  conditions: {conditions(batch=512, images=50_000, augment='crop:4:reflect,flip + normalise')}")
     return ok
 
 
-def statistics_median(values):
-    import statistics
-    return statistics.median(values)
 
 
 if __name__ == "__main__":

@@ -132,3 +132,26 @@ def test_data_list_and_info(trained_run, tmp_path):
 def test_version_and_help():
     assert cnnlab("--version").stdout.startswith("cnnlab ")
     assert "--batch-size" in cnnlab("train", "--help").stdout
+
+
+@pytest.mark.parametrize("sig, code", [("SIGTERM", 143), ("SIGINT", 130)])
+def test_a_signal_stops_at_a_step_boundary_with_a_checkpoint_and_a_hint(trained_run, tmp_path, sig, code):
+    import signal
+    _, root, _, env = trained_run
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "cnnlab", "train", "--dataset", "imagefolder", "--data-dir",
+                             str(root), "--model", "cnn", "--model-arg", "spec=c8,p,f16", "--batch-size", "16",
+                             "--epochs", "5000", "--run-dir", str(run), "--progress", "plain", "--log-every", "1"],
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, **env})
+    try:
+        for line in proc.stderr:
+            if line.startswith("step 3/"):
+                break
+        proc.send_signal(getattr(signal, sig))
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == code
+    assert f"cnnlab train --resume {run}" in err
+    result = cnnlab("train", "--resume", run, "--epochs", "2", "--progress", "none", env_extra=env)
+    assert "test accuracy:" in result.stdout

@@ -38,10 +38,10 @@ class TrainConfig:
     train_subset: int = _opt(0, "use only the first N training images (0: all); for quick experiments")
     augment: str = _opt("auto", "batched augmentations, e.g. 'crop:4:reflect,flip'; 'auto' picks per dataset")
     # optimisation
-    epochs: int = _opt(8, "passes over the training data")
+    epochs: int = _opt(6, "passes over the training data")
     batch_size: int = _opt(128, "images per step")
-    optimizer: str = _opt("adamw", "optimiser", ("sgd", "adamw"))
-    lr: float = _opt(3e-3, "peak learning rate")
+    optimizer: str = _opt("sgd", "optimiser", ("sgd", "adamw"))
+    lr: float = _opt(0.05, "peak learning rate")
     momentum: float = _opt(0.9, "SGD momentum (AdamW: beta1)")
     nesterov: bool = _opt(True, "Nesterov momentum for SGD")
     weight_decay: float = _opt(5e-4, "weight decay (L2 for SGD, decoupled for AdamW); never applied to biases or normalisation parameters")
@@ -53,7 +53,7 @@ class TrainConfig:
     milestone_unit: str = _opt("epoch", "unit of milestones", ("epoch", "iteration"))
     gamma: float = _opt(0.1, "multistep: factor at each milestone")
     max_steps: int = _opt(0, "stop after this many optimiser steps (0: run all epochs)")
-    label_smoothing: float = _opt(0.0, "cross-entropy label smoothing")
+    label_smoothing: float = _opt(0.1, "cross-entropy label smoothing")
     grad_clip: float = _opt(0.0, "clip the gradients' global L2 norm to this value (0: off)")
     # how to run
     precision: str = _opt("auto", "'auto' takes bf16 on CUDA and on CPUs with native bf16, else fp32",

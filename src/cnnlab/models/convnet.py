@@ -106,7 +106,7 @@ class TraditionalCNN(nn.Sequential):
                                          bias=not layer.batchnorm))
                 if layer.batchnorm:
                     modules.append(nn.BatchNorm2d(layer.size))
-                modules.append(nn.ReLU())
+                modules.append(nn.ReLU(inplace=True))
                 if layer.stride > 1:
                     h = (h + 2 * (layer.kernel // 2) - layer.kernel) // layer.stride + 1
                     w = (w + 2 * (layer.kernel // 2) - layer.kernel) // layer.stride + 1
@@ -124,7 +124,7 @@ class TraditionalCNN(nn.Sequential):
                 if flat is None:
                     modules.append(nn.Flatten())
                     flat = c * h * w
-                modules += [nn.Linear(flat, layer.size), nn.ReLU()]
+                modules += [nn.Linear(flat, layer.size), nn.ReLU(inplace=True)]
                 flat = layer.size
             if h < 1 or w < 1:
                 raise ModelError(f"model spec {spec!r} shrinks a {_pair(input_size)} input to nothing; "

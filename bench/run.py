@@ -1,0 +1,16 @@
+"""`make bench`: every benchmark, each printing its conditions and whether it met its target."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import cifar_convnet  # noqa: E402
+import default_train  # noqa: E402
+import loader  # noqa: E402
+import throughput  # noqa: E402
+
+if __name__ == "__main__":
+    results = [loader.main(), throughput.main(), default_train.main(), cifar_convnet.main()]
+    raise SystemExit(0 if all(results) else 1)

@@ -1,0 +1,126 @@
+"""Training throughput of convnet at 3x32x32 (CIFAR-10): cnnlab's engine against two baselines run here.
+
+- conventional: torch.utils.data.DataLoader, per-sample PIL transforms (random crop with 4-pixel zero
+  padding, flip, to-tensor, normalise), 2 workers, fp32, NCHW;
+- plain loop: hand-written, over pre-loaded normalised float tensors, fp32, NCHW, no augmentation;
+- cnnlab: `cnnlab.fit` with its automatic settings and augment crop:4:reflect,flip, img/s of its second epoch.
+"""
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from common import conditions, shared_cifar10, stats
+from PIL import Image
+
+from cnnlab import TrainConfig, create_model, fit
+from cnnlab.data import load_dataset
+from cnnlab.engine.trainer import pick_precision
+
+BATCH = 128
+IMAGES = 10_240  # per measured pass
+
+
+class PILDataset(torch.utils.data.Dataset):
+    def __init__(self, images: np.ndarray, labels: np.ndarray, mean, std):
+        self.images, self.labels = images, labels
+        self.mean = np.asarray(mean, dtype=np.float32)[:, None, None]
+        self.std = np.asarray(std, dtype=np.float32)[:, None, None]
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        img = Image.fromarray(self.images[i])
+        padded = Image.new(img.mode, (40, 40))
+        padded.paste(img, (4, 4))
+        x, y = np.random.randint(0, 9, 2)
+        img = padded.crop((x, y, x + 32, y + 32))
+        if np.random.rand() < 0.5:
+            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        t = np.asarray(img, dtype=np.float32).transpose(2, 0, 1) / 255
+        return torch.from_numpy((t - self.mean) / self.std), int(self.labels[i])
+
+
+def train_steps(model, batches) -> int:
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    n = 0
+    for x, y in batches:
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        n += len(y)
+    return n
+
+
+def conventional(data, mean, std) -> float:
+    ds = PILDataset(data.train_images[:IMAGES].permute(0, 2, 3, 1).numpy(), data.train_labels[:IMAGES].numpy(),
+                    mean, std)
+    loader = torch.utils.data.DataLoader(ds, batch_size=BATCH, shuffle=True, num_workers=2, drop_last=True,
+                                         persistent_workers=True)
+    model = create_model("convnet")
+    train_steps(model, loader)  # warm-up pass (workers start, allocator settles)
+    start = time.perf_counter()
+    n = train_steps(model, loader)
+    return n / (time.perf_counter() - start)
+
+
+def plain_loop(data, mean, std) -> float:
+    x_all = (data.train_images[:IMAGES].float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / \
+        torch.tensor(std).view(1, 3, 1, 1)
+    y_all = data.train_labels[:IMAGES]
+
+    def batches():
+        order = torch.randperm(IMAGES)
+        for i in range(IMAGES // BATCH):
+            idx = order[i * BATCH:(i + 1) * BATCH]
+            yield x_all[idx], y_all[idx]
+    model = create_model("convnet")
+    train_steps(model, batches())
+    start = time.perf_counter()
+    n = train_steps(model, batches())
+    return n / (time.perf_counter() - start)
+
+
+def cnnlab_engine(data_dir) -> float:
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = TrainConfig(model="convnet", dataset="cifar10", data_dir=str(data_dir), train_subset=IMAGES, epochs=2,
+                          batch_size=BATCH, optimizer="sgd", lr=0.01, progress="none", run_dir=f"{tmp}/run")
+        fit(cfg, log=lambda m: None)
+        import csv
+        rows = list(csv.DictReader(open(f"{tmp}/run/metrics.csv")))
+        return float(rows[-1]["img_per_s"])
+
+
+def main(repeats: int = 3) -> bool:
+    data_dir = shared_cifar10()
+    if data_dir is None:
+        print("throughput: skipped (no shared CIFAR-10 copy; set CNNLAB_CIFAR10_DIR)")
+        return True
+    data = load_dataset("cifar10", data_dir, log=lambda m: None)
+    from cnnlab.data import channel_stats
+    mean, std = channel_stats(data.train_images)
+    results = {"conventional": [], "plain": [], "cnnlab": []}
+    for _ in range(repeats):  # interleaved, so drifts in machine load hit every variant alike
+        results["conventional"].append(conventional(data, mean, std))
+        results["plain"].append(plain_loop(data, mean, std))
+        results["cnnlab"].append(cnnlab_engine(data_dir))
+    med = {k: statistics.median(v) for k, v in results.items()}
+    for name, values in results.items():
+        print(f"throughput {name:>12}: {stats(values)} img/s")
+    vs_conv, vs_plain = med["cnnlab"] / med["conventional"], med["cnnlab"] / med["plain"]
+    ok = vs_conv >= 3.0 and vs_plain >= 1.0
+    print(f"  cnnlab / conventional = {vs_conv:.2f}x (target >= 3), cnnlab / plain loop = {vs_plain:.2f}x "
+          f"(target >= 1) [{'PASS' if ok else 'FAIL'}]")
+    print(f"  conditions: {conditions(model='convnet 3x32x32', batch=BATCH, images_per_pass=IMAGES)}, cnnlab "
+          f"precision {pick_precision('auto', torch.device('cpu'))}, channels_last")
+    return ok
+
+
+if __name__ == "__main__":
+    raise SystemExit(0 if main() else 1)
