@@ -15,7 +15,7 @@ from cnnlab.errors import CheckpointError, ConfigError
 
 def quick(image_folder, run_dir, **kw) -> TrainConfig:
     base = dict(dataset="imagefolder", data_dir=str(image_folder), run_dir=str(run_dir), epochs=3, batch_size=16,
-                lr=3e-3, progress="none", model="cnn", model_args={"spec": "c8x2,p,f32"}, augment="none")
+                optimizer="adamw", lr=3e-3, progress="none", model="cnn", model_args={"spec": "c8x2,p,f32"}, augment="none")
     base.update(kw)
     return TrainConfig(**base)
 
