@@ -68,12 +68,31 @@ def test_public_api():
     assert isinstance(cnnlab.create_model("convnet"), torch.nn.Module)
 
 
+# Parameter counts as published (torchvision's model cards for the ImageNet nets at 1000 classes; He et al.
+# 2016, Table 6, for the CIFAR nets at 10 classes with option-A shortcuts; the lecture for convnet).
+PUBLISHED_PARAMS = {
+    "convnet": 264_884, "convnet_module": 264_884,
+    "resnet18": 11_689_512, "resnet34": 21_797_672, "resnet50": 25_557_032, "resnet101": 44_549_160,
+    "resnet152": 60_192_808, "wide_resnet50_2": 68_883_240, "resnext50_32x4d": 25_028_904,
+    "resnet20": 269_722, "resnet32": 464_154, "resnet44": 658_586, "resnet56": 853_018, "resnet110": 1_727_962,
+    "resnet1202": 19_421_274, "plain20": 269_722, "plain32": 464_154, "plain44": 658_586, "plain56": 853_018,
+    "plain110": 1_727_962, "resnet18_small_stem": 11_173_962,  # the latter as in kuangliu's pytorch-cifar
+}
+IMAGENET_CLASSES = 1000
+TEST_SIDE_CAP = 64  # ImageNet nets pool globally, so a smaller input keeps the registry tests fast
+
+
+def _test_input(model) -> tuple[int, int, int]:
+    h, w = getattr(model, "input_size", (32, 32))
+    return getattr(model, "in_channels", 3), min(h, TEST_SIDE_CAP), min(w, TEST_SIDE_CAP)
+
+
 @pytest.mark.parametrize("name", list_models())
 def test_every_registered_model_trains(name):
     """Registry-driven: output shape, a gradient for every parameter, train and eval modes."""
     torch.manual_seed(0)
     model = create_model(name, num_classes=10)
-    size = (getattr(model, "in_channels", 3), *getattr(model, "input_size", (32, 32)))
+    size = _test_input(model)
     x = torch.randn(2, *size)
     out = model.train()(x)
     assert out.shape == (2, 10)
@@ -81,7 +100,34 @@ def test_every_registered_model_trains(name):
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
     with torch.no_grad():
         assert model.eval()(x).shape == (2, 10)
-    assert summarize(model, size)["params"] == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_parameter_count_matches_the_published_figure(name):
+    if name == "cnn":
+        pytest.skip("user-defined by its spec")
+    model = create_model(name)
+    assert sum(p.numel() for p in model.parameters()) == PUBLISHED_PARAMS[name]
+    expected_classes = IMAGENET_CLASSES if getattr(model, "input_size", None) == (224, 224) else 10
+    assert model.num_classes == expected_classes
+
+
+# bf16 keeps 8 bits of mantissa: relative error per op about 0.4%, growing with depth
+BF16_TOLERANCE = 0.1  # max |bf16 - fp32| relative to the fp32 logits' spread
+
+
+@pytest.mark.parametrize("name", [n for n in list_models() if n != "resnet1202"])
+def test_bf16_autocast_with_channels_last_agrees_with_fp32(name):
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=10).eval()
+    x = torch.randn(2, *_test_input(model))
+    with torch.no_grad():
+        reference = model(x)
+        model = model.to(memory_format=torch.channels_last)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model(x.contiguous(memory_format=torch.channels_last)).float()
+    assert torch.isfinite(low).all()
+    assert (low - reference).abs().max() <= BF16_TOLERANCE * reference.std() + 1e-3
 
 
 def test_summary_of_convnet_counts_parameters_and_macs():

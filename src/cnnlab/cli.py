@@ -101,7 +101,7 @@ def cmd_predict(args) -> int:
     from .engine.trainer import pick_device
     from .engine.weights import load_weights
 
-    loaded = load_weights(args.target, pick_device(args.device))
+    loaded = load_weights(args.target, pick_device(args.device), model_name=args.model, classes_file=args.classes)
     paths = expand_inputs(args.inputs)
     if not paths:
         raise CnnlabError(f"no image files in {', '.join(args.inputs)}")
@@ -248,6 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target", metavar="RUN_DIR|WEIGHTS")
     p.add_argument("inputs", nargs="+", metavar="IMAGE|DIR")
     p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--model", help="model name for a plain state-dict file without a sidecar (e.g. torchvision's "
+                                   "resnet50 .pth; preprocessing is then ImageNet's resize 256, centre crop 224)")
+    p.add_argument("--classes", help="text file of class names, one per line, in output order")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_predict)

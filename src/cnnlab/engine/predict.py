@@ -28,8 +28,12 @@ def expand_inputs(inputs: Iterable[str | Path]) -> list[Path]:
     return paths
 
 
-def load_image(path: Path, shape: tuple[int, int, int]) -> tuple[np.ndarray, list[str]]:
-    """Read `path` as uint8 (C, H, W) in the model's mode and size; returns the array and notes on conversions."""
+def load_image(path: Path, shape: tuple[int, int, int], resize: int | None = None) -> tuple[np.ndarray, list[str]]:
+    """Read `path` as uint8 (C, H, W) in the model's mode and size; returns the array and notes on conversions.
+
+    With `resize`, the shorter side is scaled to `resize` and the centre cropped to H x W (ImageNet's
+    evaluation transform); without, the image is resized to H x W directly.
+    """
     c, h, w = shape
     notes = []
     try:
@@ -42,7 +46,13 @@ def load_image(path: Path, shape: tuple[int, int, int]) -> tuple[np.ndarray, lis
             if im.mode != mode_wanted:
                 notes.append(f"converted {im.mode} to {mode_wanted}")
                 im = im.convert(mode_wanted)
-            if im.size != (w, h):
+            if resize is not None:
+                scale = resize / min(im.size)
+                im = im.resize((max(round(im.size[0] * scale), w), max(round(im.size[1] * scale), h)),
+                               Image.BILINEAR)
+                left, top = (im.size[0] - w) // 2, (im.size[1] - h) // 2
+                im = im.crop((left, top, left + w, top + h))
+            elif im.size != (w, h):
                 notes.append(f"resized {im.size[0]}x{im.size[1]} to {w}x{h}")
                 im = im.resize((w, h), Image.BILINEAR)
             pixels = np.asarray(im, dtype=np.uint8)
@@ -54,12 +64,13 @@ def load_image(path: Path, shape: tuple[int, int, int]) -> tuple[np.ndarray, lis
     return pixels, notes
 
 
-def _batches(paths: list[Path], shape, batch_size: int, bad: list[dict]) -> Iterator[tuple[list, np.ndarray, list]]:
+def _batches(paths: list[Path], shape, batch_size: int, bad: list[dict], resize: int | None = None
+             ) -> Iterator[tuple[list, np.ndarray, list]]:
     """Stream images in batches so memory stays bounded however many files there are."""
     batch, names, notes = [], [], []
     for path in paths:
         try:
-            pixels, note = load_image(path, shape)
+            pixels, note = load_image(path, shape, resize)
         except ImageError as exc:
             bad.append({"file": str(path), "error": str(exc)})
             continue
@@ -84,7 +95,7 @@ def predict_files(loaded: LoadedModel, paths: list[Path], top_k: int = 5, batch_
     std = torch.tensor(loaded.std, device=device).view(1, c, 1, 1)
     k = min(top_k, len(loaded.classes))
     results, bad = [], []
-    for names, pixels, notes in _batches(paths, loaded.input_shape, batch_size, bad):
+    for names, pixels, notes in _batches(paths, loaded.input_shape, batch_size, bad, loaded.meta.get("resize")):
         x = (torch.from_numpy(pixels).to(device).float() / 255 - mean) / std
         probs = model(x).float().softmax(1)
         top = probs.topk(k, dim=1)

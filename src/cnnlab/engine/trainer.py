@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from .. import __version__
 from ..data import InMemoryLoader, channel_stats, load_dataset, parse_augment, split_validation
 from ..errors import CheckpointError, CnnlabError, ConfigError
-from ..models import create_model
+from ..models import accepts, create_model
 from .checkpoint import CheckpointManager, save_atomic
 from .config import TrainConfig, load_config, save_config
 from .evaluate import autocast_for, evaluate
@@ -211,7 +211,9 @@ def fit(cfg: TrainConfig, *, resume: bool = False, callbacks: Sequence[Callable[
 
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    model_args = {"num_classes": num_classes, "in_channels": c, "input_size": [h, w], **cfg.model_args}
+    model_args = {"num_classes": num_classes, "in_channels": c, **cfg.model_args}
+    if accepts(cfg.model, "input_size"):  # nets with a flatten layer; pooled nets take any size
+        model_args = {"input_size": [h, w], **model_args}
     model = create_model(cfg.model, **model_args)
     model = model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,

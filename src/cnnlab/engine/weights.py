@@ -6,11 +6,11 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from ..errors import CheckpointError
 from ..models import create_model
+from ..models.pretrained import load_pretrained, read_state_dict
 from .checkpoint import save_atomic
 
 __all__ = ["save_weights", "load_weights", "resolve_weights", "LoadedModel"]
@@ -47,9 +47,40 @@ def resolve_weights(target: str | Path) -> Path:
     return path
 
 
-def load_weights(target: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
+
+def _read_classes(path: str | Path | None, n: int) -> list[str]:
+    if path is None:
+        return [str(i) for i in range(n)]
+    try:
+        names = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read the class names ({exc.strerror})") from None
+    if len(names) != n:
+        raise CheckpointError(f"{path}: {len(names)} class names, but the model has {n} outputs")
+    return names
+
+
+def load_weights(target: str | Path, device: str | torch.device = "cpu", model_name: str | None = None,
+                 classes_file: str | Path | None = None) -> LoadedModel:
+    """A run folder, a cnnlab weights file with its sidecar, or a plain state dict (`.pth`, e.g. torchvision's)
+    given with `model_name`: then preprocessing is ImageNet's (resize 256, centre crop 224, ImageNet mean/std)."""
     path = resolve_weights(target)
     sidecar = path.with_suffix(".json")
+    if model_name is not None or not sidecar.is_file():
+        if model_name is None:
+            raise CheckpointError(f"{path}: no sidecar {sidecar.name} says which model this is; name it with --model "
+                                  "(e.g. --model resnet50 for a torchvision checkpoint)")
+        state = read_state_dict(path)
+        head = state.get("fc.weight", state.get("classifier.6.weight"))
+        num_classes = int(head.shape[0]) if head is not None else 1000
+        model = create_model(model_name, num_classes=num_classes)
+        load_pretrained(model, path, name=repr(model_name))
+        meta = {"model": model_name, "model_args": {"num_classes": num_classes},
+                "classes": _read_classes(classes_file, num_classes), "mean": IMAGENET_MEAN, "std": IMAGENET_STD,
+                "input_shape": [3, 224, 224], "resize": 256}
+        return LoadedModel(model.to(device).eval(), meta, path)
     try:
         meta = json.loads(sidecar.read_text())
         if not isinstance(meta, dict):
@@ -57,26 +88,12 @@ def load_weights(target: str | Path, device: str | torch.device = "cpu") -> Load
         for key in ("model", "model_args", "classes", "mean", "std", "input_shape"):
             if key not in meta:
                 raise ValueError(f"missing key {key!r}")
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: its sidecar {sidecar.name} is missing; it says which model the weights "
-                              "belong to") from None
     except ValueError as exc:
         raise CheckpointError(f"{sidecar}: not a valid cnnlab weights sidecar ({exc})") from None
-    try:
-        state = load_file(path)
-    except (SafetensorError, OSError) as exc:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
     model = create_model(meta["model"], **meta["model_args"])
-    missing, unexpected = _mismatch(model, state)
-    if missing or unexpected:
-        raise CheckpointError(f"{path}: weights do not fit model {meta['model']!r}: missing keys {missing or 'none'}, "
-                              f"unexpected or mis-shaped keys {unexpected or 'none'}")
-    model.load_state_dict(state)
+    load_pretrained(model, path, name=repr(meta["model"]))
+    if classes_file is not None:
+        meta["classes"] = _read_classes(classes_file, len(meta["classes"]))
     return LoadedModel(model.to(device).eval(), meta, path)
 
 
-def _mismatch(model: nn.Module, state: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(k for k in state if k not in own or own[k].shape != state[k].shape)
-    return missing, unexpected

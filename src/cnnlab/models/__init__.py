@@ -1,7 +1,11 @@
 """Models: a registry of builders, one file per family."""
-from .registry import create_model, list_models, model_entrypoint, register_model
+from .registry import accepts, create_model, list_models, model_entrypoint, register_model
 from . import convnet as _convnet  # noqa: F401  (registers the lecture's nets)
+from . import resnet as _resnet  # noqa: F401
+from . import cifar_resnet as _cifar_resnet  # noqa: F401
+from .cifar_resnet import CifarResNet
 from .convnet import ConvNet, TraditionalCNN, parse_spec
+from .resnet import BasicBlock, Bottleneck, ResNet
 
-__all__ = ["create_model", "list_models", "model_entrypoint", "register_model", "ConvNet", "TraditionalCNN",
-           "parse_spec"]
+__all__ = ["accepts", "create_model", "list_models", "model_entrypoint", "register_model", "ConvNet",
+           "TraditionalCNN", "parse_spec", "ResNet", "BasicBlock", "Bottleneck", "CifarResNet"]

@@ -32,8 +32,11 @@ def model_entrypoint(name: str) -> Callable[..., nn.Module]:
         raise ModelError(f"unknown model {name!r}; valid models: {', '.join(list_models())}") from None
 
 
-def create_model(name: str, **kwargs) -> nn.Module:
-    """Build a registered model, e.g. ``create_model("convnet", in_channels=1, input_size=28)``."""
+def create_model(name: str, weights: str | None = None, **kwargs) -> nn.Module:
+    """Build a registered model, e.g. ``create_model("convnet", in_channels=1, input_size=28)``.
+
+    `weights`: a state-dict file (`.pth` as torchvision saves them, or `.safetensors`) loaded with strict checks.
+    """
     builder = model_entrypoint(name)
     params = inspect.signature(builder).parameters
     takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
@@ -44,12 +47,20 @@ def create_model(name: str, **kwargs) -> nn.Module:
                 f"model {name!r} takes no argument(s) {', '.join(unknown)}; valid: {', '.join(params) or 'none'}"
             )
     try:
-        return builder(**kwargs)
+        model = builder(**kwargs)
     except TypeError as exc:  # a keyword the underlying class does not take
         raise ModelError(f"model {name!r}: {exc}") from None
+    if weights is not None:
+        from .pretrained import load_pretrained
+        load_pretrained(model, weights, name=repr(name))
+    return model
 
 
 def accepts(name: str, keyword: str) -> bool:
-    """Whether model `name`'s builder takes `keyword` (or any keyword)."""
-    params = inspect.signature(model_entrypoint(name)).parameters
-    return keyword in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+    """Whether model `name`'s builder or the class it builds names `keyword` as a parameter."""
+    builder = model_entrypoint(name)
+    if keyword in inspect.signature(builder).parameters:
+        return True
+    returns = inspect.signature(builder).return_annotation
+    cls = getattr(inspect.getmodule(builder), returns, None) if isinstance(returns, str) else returns
+    return inspect.isclass(cls) and keyword in inspect.signature(cls.__init__).parameters
