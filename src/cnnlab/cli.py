@@ -38,15 +38,21 @@ def cmd_train(args) -> int:
     from .engine.trainer import fit, resume_config
 
     if args.resume:
-        if args.config:
-            raise ConfigError("--resume takes the run's own config.yaml; leave out --config")
+        if args.config or args.recipe:
+            raise ConfigError("--resume takes the run's own config.yaml; leave out --config and --recipe")
         changed = [k for k, v in vars(args).items() if v is not None and k in TrainConfig.__dataclass_fields__]
         overrides = config_from_args(args, load_config(Path(args.resume) / "config.yaml")) \
             if (Path(args.resume) / "config.yaml").is_file() else None
         cfg = resume_config(args.resume, overrides, changed)
         summary = fit(cfg, resume=True)
     else:
-        base = load_config(args.config) if args.config else TrainConfig()
+        base = TrainConfig()
+        if args.recipe:  # defaults, then the recipe, then the YAML file, then flags
+            from .engine.recipes import apply_recipe
+            model = args.model or (load_config(args.config).model if args.config else base.model)
+            base = apply_recipe(base, args.recipe, model)
+        if args.config:
+            base = load_config(args.config, base)
         summary = fit(config_from_args(args, base))
     print(f"test accuracy: {summary['test_accuracy']:.4f} ({summary['test_accuracy'] * 100:.2f}%) after "
           f"{summary['epochs']} epochs, {summary['train_seconds']:.1f} s of training")
@@ -232,6 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    f"--model-arg spec=...: {SPEC_HELP}. Augmentations: {AUGMENT_HELP}.")
     p.add_argument("--config", help="YAML file of config keys (flags override it)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    p.add_argument("--recipe", choices=("he2016",), help="a published recipe (he2016: He et al. 2016's CIFAR "
+                   "schedule; --epochs N shortens it, scaling the milestones)")
     add_config_flags(p)
     p.set_defaults(func=cmd_train)
 

@@ -48,11 +48,14 @@ class TrainConfig:
     schedule: str = _opt("onecycle", "learning-rate schedule", ("onecycle", "cosine", "multistep", "constant"))
     warmup_epochs: float = _opt(0.0, "linear warm-up length for 'cosine', 'multistep' and 'constant'")
     warmup_lr: float = _opt(0.0, "learning rate at the start of warm-up (0: start from 0)")
+    warmup: str = _opt("linear", "warm-up shape: 'linear' from warmup_lr to lr, or 'constant' at warmup_lr",
+                       ("linear", "constant"))
     milestones: list = field(default_factory=list, metadata={
-        "help": "multistep: where the learning rate is divided, in milestone_unit (e.g. 32000,48000)"})
-    milestone_unit: str = _opt("epoch", "unit of milestones", ("epoch", "iteration"))
+        "help": "multistep: where the learning rate is divided, in milestone_unit (e.g. 30,60)"})
+    milestone_unit: str = _opt("epoch", "unit of milestones ('fraction': of the run's total steps)",
+                               ("epoch", "iteration", "fraction"))
     gamma: float = _opt(0.1, "multistep: factor at each milestone")
-    max_steps: int = _opt(0, "stop after this many optimiser steps (0: run all epochs)")
+    max_steps: int = _opt(0, "stop after this many optimiser steps (0: run all epochs); schedules span the steps run")
     label_smoothing: float = _opt(0.1, "cross-entropy label smoothing")
     grad_clip: float = _opt(0.0, "clip the gradients' global L2 norm to this value (0: off)")
     # how to run

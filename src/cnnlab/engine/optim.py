@@ -34,15 +34,18 @@ def build_optimizer(model: nn.Module, name: str, lr: float, *, momentum: float =
 
 
 def build_schedule(name: str, lr: float, total_steps: int, *, steps_per_epoch: int, warmup_epochs: float = 0.0,
-                   warmup_lr: float = 0.0, milestones: list | tuple = (), milestone_unit: str = "epoch",
-                   gamma: float = 0.1) -> Callable[[int], float]:
+                   warmup_lr: float = 0.0, warmup: str = "linear", milestones: list | tuple = (),
+                   milestone_unit: str = "epoch", gamma: float = 0.1) -> Callable[[int], float]:
     """Return lr_at(step) for step = 0 .. total_steps - 1."""
     total_steps = max(total_steps, 1)
-    warmup = int(round(warmup_epochs * steps_per_epoch))
+
+    warmup_mode, warmup = warmup, int(round(warmup_epochs * steps_per_epoch))
 
     def warmed(step: int, after: Callable[[int], float]) -> float:
-        if step < warmup:  # linear from warmup_lr to the schedule's own value
-            return warmup_lr + (after(warmup) - warmup_lr) * step / warmup
+        if step < warmup:
+            if warmup_mode == "constant":  # He et al. 2016 warm ResNet-110 up at 0.01 for about 400 iterations
+                return warmup_lr
+            return warmup_lr + (after(warmup) - warmup_lr) * step / warmup  # linear to the schedule's value
         return after(step)
 
     if name == "onecycle":
@@ -60,7 +63,7 @@ def build_schedule(name: str, lr: float, total_steps: int, *, steps_per_epoch: i
             return 0.5 * lr * (1 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
         return lambda step: warmed(step, cosine)
     if name == "multistep":
-        scale = steps_per_epoch if milestone_unit == "epoch" else 1
+        scale = {"epoch": steps_per_epoch, "iteration": 1, "fraction": total_steps}[milestone_unit]
         boundaries = sorted(int(round(m * scale)) for m in milestones)
 
         def multistep(step: int) -> float:

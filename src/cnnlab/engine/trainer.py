@@ -233,9 +233,9 @@ def fit(cfg: TrainConfig, *, resume: bool = False, callbacks: Sequence[Callable[
     total_steps = cfg.epochs * steps_per_epoch
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
-    lr_at = build_schedule(cfg.schedule, cfg.lr, cfg.epochs * steps_per_epoch, steps_per_epoch=steps_per_epoch,
-                           warmup_epochs=cfg.warmup_epochs, warmup_lr=cfg.warmup_lr, milestones=cfg.milestones,
-                           milestone_unit=cfg.milestone_unit, gamma=cfg.gamma)
+    lr_at = build_schedule(cfg.schedule, cfg.lr, total_steps, steps_per_epoch=steps_per_epoch,
+                           warmup_epochs=cfg.warmup_epochs, warmup_lr=cfg.warmup_lr, warmup=cfg.warmup,
+                           milestones=cfg.milestones, milestone_unit=cfg.milestone_unit, gamma=cfg.gamma)
 
     run_dir = Path(cfg.run_dir) if cfg.run_dir else _default_run_dir(cfg)
     if not resume and (run_dir / "config.yaml").exists():

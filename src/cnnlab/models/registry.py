@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import inspect
+import re
 from typing import Callable
 
 import torch.nn as nn
@@ -22,7 +23,8 @@ def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
 
 
 def list_models() -> list[str]:
-    return sorted(_MODELS)
+    """Names in natural order: resnet18 before resnet101, plain20 before plain110."""
+    return sorted(_MODELS, key=lambda n: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", n)])
 
 
 def model_entrypoint(name: str) -> Callable[..., nn.Module]:

@@ -1,0 +1,34 @@
+"""Published training recipes as configuration values: defaults, then a recipe, then YAML, then flags."""
+from __future__ import annotations
+
+import dataclasses
+
+from ..errors import ConfigError
+from .config import TrainConfig
+
+__all__ = ["RECIPES", "apply_recipe"]
+
+# He et al. 2016, Sec. 4.2: batch 128, SGD momentum 0.9, weight decay 1e-4, lr 0.1 divided by 10 at 32k and
+# 48k iterations, stop at 64k (164 epochs of 390 steps, capped at 64k); 4-pixel zero padding, random 32x32
+# crop, horizontal flip. Milestones are fractions of the steps run, so `--epochs N` scales them along.
+RECIPES: dict[str, dict] = {
+    "he2016": {
+        "batch_size": 128, "optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": False,
+        "weight_decay": 1e-4, "schedule": "multistep", "milestones": [0.5, 0.75], "milestone_unit": "fraction",
+        "gamma": 0.1, "epochs": 165, "max_steps": 64_000, "augment": "crop:4:zero,flip", "label_smoothing": 0.0,
+        "warmup_epochs": 0.0,
+    },
+}
+
+# "we use 0.01 to warm up the training until the training error is below 80% (about 400 iterations)"
+_WARMUP = {"warmup_epochs": 1.0, "warmup_lr": 0.01, "warmup": "constant"}
+_NEEDS_WARMUP = {"he2016": ("resnet110", "resnet1202", "plain110")}
+
+
+def apply_recipe(cfg: TrainConfig, name: str, model: str | None = None) -> TrainConfig:
+    if name not in RECIPES:
+        raise ConfigError(f"unknown recipe {name!r}; recipes: {', '.join(RECIPES)}")
+    values = dict(RECIPES[name])
+    if (model or cfg.model) in _NEEDS_WARMUP.get(name, ()):
+        values.update(_WARMUP)
+    return dataclasses.replace(cfg, **values)
