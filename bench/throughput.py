@@ -1,4 +1,4 @@
-"""Training throughput of convnet at 3x32x32 (CIFAR-10): cnnlab's engine against two baselines run here.
+"""Training throughput at 3x32x32 (CIFAR-10): cnnlab's engine against two baselines run here.
 
 - conventional: torch.utils.data.DataLoader, per-sample PIL transforms (random crop with 4-pixel zero
   padding, flip, to-tensor, normalise), 2 workers, fp32, NCHW;
@@ -58,61 +58,70 @@ def train_steps(model, batches) -> int:
     return n
 
 
-def conventional(data, mean, std) -> float:
-    ds = PILDataset(data.train_images[:IMAGES].permute(0, 2, 3, 1).numpy(), data.train_labels[:IMAGES].numpy(),
+def conventional(data, mean, std, model_name: str = "convnet", images: int = IMAGES) -> float:
+    ds = PILDataset(data.train_images[:images].permute(0, 2, 3, 1).numpy(), data.train_labels[:images].numpy(),
                     mean, std)
     loader = torch.utils.data.DataLoader(ds, batch_size=BATCH, shuffle=True, num_workers=2, drop_last=True,
                                          persistent_workers=True)
-    model = create_model("convnet")
+    model = create_model(model_name)
     train_steps(model, loader)  # warm-up pass (workers start, allocator settles)
     start = time.perf_counter()
     n = train_steps(model, loader)
     return n / (time.perf_counter() - start)
 
 
-def plain_loop(data, mean, std) -> float:
-    x_all = (data.train_images[:IMAGES].float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / \
+def plain_loop(data, mean, std, model_name: str = "convnet", images: int = IMAGES) -> float:
+    x_all = (data.train_images[:images].float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / \
         torch.tensor(std).view(1, 3, 1, 1)
-    y_all = data.train_labels[:IMAGES]
+    y_all = data.train_labels[:images]
 
     def batches():
-        order = torch.randperm(IMAGES)
-        for i in range(IMAGES // BATCH):
+        order = torch.randperm(images)
+        for i in range(images // BATCH):
             idx = order[i * BATCH:(i + 1) * BATCH]
             yield x_all[idx], y_all[idx]
-    model = create_model("convnet")
+    model = create_model(model_name)
     train_steps(model, batches())
     start = time.perf_counter()
     n = train_steps(model, batches())
     return n / (time.perf_counter() - start)
 
 
-def cnnlab_engine(data_dir) -> float:
+def cnnlab_engine(data_dir, model_name: str = "convnet", images: int = IMAGES) -> float:
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = TrainConfig(model="convnet", dataset="cifar10", data_dir=str(data_dir), train_subset=IMAGES, epochs=2,
-                          batch_size=BATCH, optimizer="sgd", lr=0.01, progress="none", run_dir=f"{tmp}/run")
+        cfg = TrainConfig(model=model_name, dataset="cifar10", data_dir=str(data_dir), train_subset=images, epochs=2,
+                          batch_size=BATCH, optimizer="sgd", lr=0.01, progress="none", run_dir=f"{tmp}/run",
+                          eval_every=0)
         fit(cfg, log=lambda m: None)
         import csv
         rows = list(csv.DictReader(open(f"{tmp}/run/metrics.csv")))
         return float(rows[-1]["img_per_s"])
 
 
-def main(repeats: int = 3) -> bool:
+def compare(model_name: str, images: int, repeats: int) -> dict[str, list[float]] | None:
+    """img/s of the three pipelines, interleaved so that drifts in machine load hit every variant alike."""
     data_dir = shared_cifar10()
     if data_dir is None:
-        print("throughput: skipped (no shared CIFAR-10 copy; set CNNLAB_CIFAR10_DIR)")
-        return True
+        print(f"throughput {model_name}: skipped (no shared CIFAR-10 copy; set CNNLAB_CIFAR10_DIR)")
+        return None
     data = load_dataset("cifar10", data_dir, log=lambda m: None)
     from cnnlab.data import channel_stats
     mean, std = channel_stats(data.train_images)
-    results = {"conventional": [], "plain": [], "cnnlab": []}
-    for _ in range(repeats):  # interleaved, so drifts in machine load hit every variant alike
-        results["conventional"].append(conventional(data, mean, std))
-        results["plain"].append(plain_loop(data, mean, std))
-        results["cnnlab"].append(cnnlab_engine(data_dir))
-    med = {k: statistics.median(v) for k, v in results.items()}
+    results: dict[str, list[float]] = {"conventional": [], "plain": [], "cnnlab": []}
+    for _ in range(repeats):
+        results["conventional"].append(conventional(data, mean, std, model_name, images))
+        results["plain"].append(plain_loop(data, mean, std, model_name, images))
+        results["cnnlab"].append(cnnlab_engine(data_dir, model_name, images))
     for name, values in results.items():
-        print(f"throughput {name:>12}: {stats(values)} img/s")
+        print(f"throughput {model_name} {name:>12}: {stats(values)} img/s")
+    return results
+
+
+def main(repeats: int = 3) -> bool:
+    results = compare("convnet", IMAGES, repeats)
+    if results is None:
+        return True
+    med = {k: statistics.median(v) for k, v in results.items()}
     vs_conv, vs_plain = med["cnnlab"] / med["conventional"], med["cnnlab"] / med["plain"]
     ok = vs_conv >= 3.0 and vs_plain >= 1.0
     print(f"  cnnlab / conventional = {vs_conv:.2f}x (target >= 3), cnnlab / plain loop = {vs_plain:.2f}x "

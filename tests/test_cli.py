@@ -155,3 +155,29 @@ def test_a_signal_stops_at_a_step_boundary_with_a_checkpoint_and_a_hint(trained_
     assert f"cnnlab train --resume {run}" in err
     result = cnnlab("train", "--resume", run, "--epochs", "2", "--progress", "none", env_extra=env)
     assert "test accuracy:" in result.stdout
+
+
+def test_recipe_then_flags(tmp_path, trained_run):
+    _, root, _, env = trained_run
+    run = tmp_path / "run"
+    cnnlab("train", "--recipe", "he2016", "--model", "resnet20", "--dataset", "imagefolder", "--data-dir", root,
+           "--epochs", "1", "--batch-size", "32", "--run-dir", run, "--progress", "none", env_extra=env)
+    import yaml
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    assert cfg["lr"] == 0.1 and cfg["weight_decay"] == 1e-4 and cfg["batch_size"] == 32 and cfg["epochs"] == 1
+    assert cfg["milestone_unit"] == "fraction"
+
+
+def test_predict_with_a_torchvision_style_checkpoint_uses_imagenet_preprocessing(tmp_path):
+    import torch
+    from cnnlab.models import create_model
+    torch.manual_seed(0)
+    torch.save(create_model("resnet18", num_classes=3).state_dict(), tmp_path / "r18.pth")
+    (tmp_path / "classes.txt").write_text("cat\ndog\nfish\n")
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 400, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    out = json.loads(cnnlab("predict", tmp_path / "r18.pth", tmp_path / "a.png", "--model", "resnet18",
+                            "--classes", tmp_path / "classes.txt", "--json").stdout)
+    top = out["results"][0]["top"]
+    assert {t["class"] for t in top} == {"cat", "dog", "fish"} and abs(sum(t["probability"] for t in top) - 1) < 1e-5
+    result = cnnlab("predict", tmp_path / "r18.pth", tmp_path / "a.png", check=False)
+    assert result.returncode == 2 and "name it with --model" in result.stderr

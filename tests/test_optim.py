@@ -41,3 +41,23 @@ def test_multistep_by_epochs_and_by_iterations():
     by_iter = build_schedule("multistep", 0.1, 1000, steps_per_epoch=100, milestones=[320, 480],
                              milestone_unit="iteration")
     assert [by_iter(s) for s in (319, 320, 480)] == pytest.approx([0.1, 0.01, 0.001])
+
+
+def test_fraction_milestones_scale_with_the_run_and_constant_warmup():
+    full = build_schedule("multistep", 0.1, 64_000, steps_per_epoch=390, milestones=[0.5, 0.75],
+                          milestone_unit="fraction", warmup_epochs=1.0, warmup_lr=0.01, warmup="constant")
+    assert [full(s) for s in (0, 389, 390, 31_999, 32_000, 48_000)] == \
+        pytest.approx([0.01, 0.01, 0.1, 0.1, 0.01, 0.001])
+    short = build_schedule("multistep", 0.1, 7_800, steps_per_epoch=390, milestones=[0.5, 0.75],
+                           milestone_unit="fraction")
+    assert [short(s) for s in (3_899, 3_900, 5_850)] == pytest.approx([0.1, 0.01, 0.001])
+
+
+def test_he2016_recipe():
+    from cnnlab.engine import TrainConfig
+    from cnnlab.engine.recipes import apply_recipe
+    cfg = apply_recipe(TrainConfig(model="resnet20"), "he2016")
+    assert (cfg.batch_size, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.max_steps) == (128, 0.1, 0.9, 1e-4, 64_000)
+    assert cfg.augment == "crop:4:zero,flip" and cfg.warmup_epochs == 0
+    warm = apply_recipe(TrainConfig(), "he2016", model="resnet110")
+    assert (warm.warmup, warm.warmup_lr, warm.warmup_epochs) == ("constant", 0.01, 1.0)

@@ -71,6 +71,7 @@ class TrainConfig:
     # outputs
     run_dir: str | None = _opt(None, "run folder (default runs/<model>-<dataset>-<time>)")
     runs_root: str = _opt("runs", "parent folder of the default run folders")
+    eval_every: int = _opt(1, "evaluate on the test split every N epochs (0: only at the end)")
     checkpoint_every: int = _opt(0, "also checkpoint every N steps (0: at the end of each epoch only)")
     progress: str = _opt("auto", "progress display: a bar on a terminal, plain lines elsewhere",
                          ("auto", "bar", "plain", "none"))
@@ -98,6 +99,7 @@ class TrainConfig:
             (self.train_subset >= 0, "train_subset", self.train_subset, "0 (all) or more"),
             (self.max_steps >= 0, "max_steps", self.max_steps, "0 (no limit) or more"),
             (self.log_every >= 1, "log_every", self.log_every, "at least 1"),
+            (self.eval_every >= 0, "eval_every", self.eval_every, "0 (only at the end) or more"),
             (self.checkpoint_every >= 0, "checkpoint_every", self.checkpoint_every, "0 (epoch ends) or more"),
             (self.threads >= 0, "threads", self.threads, "0 (default) or more"),
         ]

@@ -7,13 +7,20 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["evaluate", "most_confused", "autocast_for"]
+__all__ = ["evaluate", "most_confused", "autocast_for", "prepare_for_inference"]
 
 
 def autocast_for(device: torch.device, bf16: bool):
     if not bf16:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def prepare_for_inference(model: nn.Module, device: torch.device, precision: str = "auto") -> tuple[nn.Module, bool]:
+    """What cnnlab picks for inference: eval mode, channels_last, bf16 autocast where it is native; (model, bf16)."""
+    from .trainer import pick_precision  # the same rule as training
+    model = model.eval().to(device, memory_format=torch.channels_last)
+    return model, pick_precision(precision, device) == "bf16"
 
 
 @torch.no_grad()

@@ -10,6 +10,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ..data.imagefolder import IMAGE_EXTENSIONS
 from ..errors import ImageError
+from .evaluate import autocast_for, prepare_for_inference
 from .weights import LoadedModel
 
 __all__ = ["predict_files", "expand_inputs", "load_image", "MIN_IMAGE_SIDE"]
@@ -84,12 +85,12 @@ def _batches(paths: list[Path], shape, batch_size: int, bad: list[dict], resize:
         yield names, np.stack(batch), notes
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def predict_files(loaded: LoadedModel, paths: list[Path], top_k: int = 5, batch_size: int = 256,
                   on_result: Callable[[dict], None] | None = None) -> tuple[list[dict], list[dict]]:
     """Top-k classes with probabilities for each readable image; returns (results, bad files)."""
-    model = loaded.model
-    device = next(model.parameters()).device
+    device = next(loaded.model.parameters()).device
+    model, bf16 = prepare_for_inference(loaded.model, device)
     c = loaded.input_shape[0]
     mean = torch.tensor(loaded.mean, device=device).view(1, c, 1, 1)
     std = torch.tensor(loaded.std, device=device).view(1, c, 1, 1)
@@ -97,7 +98,8 @@ def predict_files(loaded: LoadedModel, paths: list[Path], top_k: int = 5, batch_
     results, bad = [], []
     for names, pixels, notes in _batches(paths, loaded.input_shape, batch_size, bad, loaded.meta.get("resize")):
         x = (torch.from_numpy(pixels).to(device).float() / 255 - mean) / std
-        probs = model(x).float().softmax(1)
+        with autocast_for(device, bf16):
+            probs = model(x.contiguous(memory_format=torch.channels_last)).float().softmax(1)
         top = probs.topk(k, dim=1)
         for name, p, i, note in zip(names, top.values.tolist(), top.indices.tolist(), notes):
             result = {"file": name, "top": [{"class": loaded.classes[j], "index": j, "probability": q}

@@ -337,15 +337,16 @@ def fit(cfg: TrainConfig, *, resume: bool = False, callbacks: Sequence[Callable[
                 code = 128 + stop_reason if isinstance(stop_reason, int) else 130
                 raise TrainingInterrupted(f"stopped at step {step}; checkpoint saved. Resume with: "
                                           f"cnnlab train --resume {run_dir}", code)
+            evaluate_now = cfg.eval_every and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs)
             row = _epoch_row(epoch, lr_at(max(step - 1, 0)), epoch_sums, model, test_loader, val_loader,
-                             num_classes, bf16)
+                             num_classes, bf16, bool(evaluate_now))
             history.append(row)
             epoch_sums = {"loss": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
             _write_metrics(run_dir / "metrics.csv", history)
             save_checkpoint()
+            tested = f" | test loss {row['test_loss']:.4f} acc {row['test_acc']:.4f}" if evaluate_now else ""
             progress.end_epoch(f"epoch {epoch + 1}/{cfg.epochs}: train loss {row['train_loss']:.4f} acc "
-                               f"{row['train_acc']:.4f} | test loss {row['test_loss']:.4f} acc {row['test_acc']:.4f}"
-                               f" | {row['seconds']:.1f}s, {row['img_per_s']:,.0f} img/s")
+                               f"{row['train_acc']:.4f}{tested} | {row['seconds']:.1f}s, {row['img_per_s']:,.0f} img/s")
     progress.close()
 
     final = evaluate(model, test_loader, num_classes, bf16=bf16)
@@ -372,13 +373,16 @@ def _accumulate(sums: dict, loss_sum: torch.Tensor, correct: torch.Tensor, seen:
     sums["seconds"] += time.perf_counter() - tic
 
 
-def _epoch_row(epoch, lr, sums, model, test_loader, val_loader, num_classes, bf16) -> dict:
-    test = evaluate(model, test_loader, num_classes, bf16=bf16)
+def _epoch_row(epoch, lr, sums, model, test_loader, val_loader, num_classes, bf16, evaluate_now: bool) -> dict:
+    """One metrics.csv row; test (and val) columns stay empty in epochs without an evaluation."""
+    def scores(loader) -> dict:
+        return evaluate(model, loader, num_classes, bf16=bf16) if evaluate_now else {"loss": "", "accuracy": ""}
+    test = scores(test_loader)
     row = {"epoch": epoch + 1, "lr": lr, "train_loss": sums["loss"] / max(sums["seen"], 1),
            "train_acc": sums["correct"] / max(sums["seen"], 1), "test_loss": test["loss"],
            "test_acc": test["accuracy"], "seconds": sums["seconds"],
            "img_per_s": sums["seen"] / max(sums["seconds"], 1e-9)}
     if val_loader is not None:
-        val = evaluate(model, val_loader, num_classes, bf16=bf16)
+        val = scores(val_loader)
         row["val_loss"], row["val_acc"] = val["loss"], val["accuracy"]
     return row
