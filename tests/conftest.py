@@ -78,6 +78,16 @@ def write_image_folder(root: Path, classes=("circle", "square", "stripe"), per_c
     return root
 
 
+class CodeRunningPickle:
+    """Unpickling this object would create `marker`: a stand-in for a hostile file's payload."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
 @pytest.fixture
 def image_folder(tmp_path) -> Path:
     return write_image_folder(tmp_path / "shapes")

@@ -91,14 +91,31 @@ def test_loader_drop_last_and_reproducible_shuffle():
     assert epoch2  # two passes work
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_loader_crop_path_equals_the_batched_reference(batch, channels_last):
+    """The loader pads its dataset once and selects windows; the result equals RandomCrop.apply per batch."""
+    labels = torch.arange(len(batch))
+    loader = InMemoryLoader(batch, labels, 5, mean=[0.0] * 3, std=[1 / 255] * 3, shuffle=True, seed=7,
+                            augment=parse_augment("crop:3:reflect,flip"), channels_last=channels_last)
+    order_gen, aug_gen = torch.Generator().manual_seed(7), torch.Generator().manual_seed(8)
+    order = torch.randperm(len(batch), generator=order_gen)
+    crop, flip = RandomCrop(3, "reflect"), HorizontalFlip()
+    for i, (x, y) in enumerate(loader):
+        idx = order[i * 5:(i + 1) * 5]
+        expected = crop.apply(batch[idx], crop.sample(len(idx), aug_gen))
+        expected = flip.apply(expected, flip.sample(len(idx), aug_gen))
+        assert torch.equal(y, labels[idx]) and torch.equal(x, expected.float())
+        assert x.is_contiguous(memory_format=torch.channels_last) == channels_last
+
+
 def test_loader_state_dict_resumes_mid_epoch_with_the_same_batches_and_augmentations():
-    reference = _loader(shuffle=True, seed=5, augment=parse_augment("translate:1,flip"))
+    reference = _loader(shuffle=True, seed=5, augment=parse_augment("crop:1:reflect,translate:1,flip"))
     seen = [x for _ in range(2) for x, _ in reference]
-    interrupted = _loader(shuffle=True, seed=5, augment=parse_augment("translate:1,flip"))
+    interrupted = _loader(shuffle=True, seed=5, augment=parse_augment("crop:1:reflect,translate:1,flip"))
     it = iter(interrupted)
     first = [next(it)[0] for _ in range(3)]
     state = interrupted.state_dict()
-    resumed = _loader(shuffle=True, seed=5, augment=parse_augment("translate:1,flip"))
+    resumed = _loader(shuffle=True, seed=5, augment=parse_augment("crop:1:reflect,translate:1,flip"))
     resumed.load_state_dict(state)
     rest = [x for x, _ in resumed] + [x for x, _ in resumed]
     assert resumed.epoch == 2

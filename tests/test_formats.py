@@ -8,7 +8,7 @@ import pytest
 from cnnlab.data.formats import parse_cifar_binary, parse_cifar_python, parse_idx, read_bytes
 from cnnlab.errors import DatasetError
 
-from conftest import cifar_python_batch, cifar_records, idx_bytes
+from conftest import CodeRunningPickle, cifar_python_batch, cifar_records, idx_bytes
 
 
 def test_idx_round_trip():
@@ -58,17 +58,9 @@ def test_cifar_python_batch_through_the_restricted_unpickler():
     assert np.array_equal(x.reshape(6, -1), data) and y.tolist() == labels
 
 
-class _Evil:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
-
-
 def test_a_pickle_that_would_run_code_is_refused(tmp_path):
     marker = tmp_path / "pwned"
-    blob = pickle.dumps({"data": _Evil(str(marker)), "labels": []}, protocol=2)
+    blob = pickle.dumps({"data": CodeRunningPickle(marker), "labels": []}, protocol=2)
     with pytest.raises(DatasetError, match="refused: global 'io.open' is not allowed|refused: global 'builtins"):
         parse_cifar_python(blob, "data_batch_1", "labels")
     assert not marker.exists()

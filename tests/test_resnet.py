@@ -7,6 +7,8 @@ from cnnlab.models import create_model
 from cnnlab.models.resnet import PadShortcut
 from cnnlab.models.summary import summarize
 
+from conftest import CodeRunningPickle
+
 
 def torchvision_keys(layers: list[int], bottleneck: bool) -> set[str]:
     """torchvision's state-dict names for a ResNet, written out from its naming scheme."""
@@ -88,17 +90,9 @@ def test_a_file_that_is_not_a_state_dict(tmp_path):
         create_model("resnet18", weights=str(tmp_path / "junk.pth"))
 
 
-class _Evil:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
-
-
 def test_a_weights_file_that_would_run_code_is_refused(tmp_path):
     marker = tmp_path / "pwned"
-    torch.save({"fc.weight": torch.zeros(1), "x": _Evil(str(marker))}, tmp_path / "evil.pth")
+    torch.save({"fc.weight": torch.zeros(1), "x": CodeRunningPickle(marker)}, tmp_path / "evil.pth")
     with pytest.raises(CheckpointError, match="refused"):
         create_model("resnet18", weights=str(tmp_path / "evil.pth"))
     assert not marker.exists()

@@ -119,23 +119,18 @@ def test_corrupt_last_checkpoint_falls_back_to_the_previous(image_folder, tmp_pa
 def test_checkpoint_refuses_code_execution(tmp_path):
     import hashlib
     import io
-    import pickle
 
     from cnnlab.engine.checkpoint import MAGIC
+    from conftest import CodeRunningPickle
 
     marker = tmp_path / "pwned"
-
-    class Evil:
-        def __reduce__(self):
-            return (open, (str(marker), "w"))
     buffer = io.BytesIO()
-    torch.save({"x": Evil()}, buffer, pickle_protocol=2)
+    torch.save({"x": CodeRunningPickle(marker)}, buffer, pickle_protocol=2)
     payload = buffer.getvalue()
     (tmp_path / "last.ckpt").write_bytes(MAGIC + hashlib.sha256(payload).digest() + payload)
     with pytest.raises(CheckpointError, match="refused to load"):
         read_checkpoint(tmp_path / "last.ckpt")
     assert not marker.exists()
-    del pickle
 
 
 def test_config_errors_come_before_any_work(tmp_path):
