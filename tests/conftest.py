@@ -14,6 +14,10 @@ import pytest
 from PIL import Image
 
 
+# Read before any fixture clears them: where this machine keeps its data.
+_USER_DATA, _USER_CACHE = os.environ.get("CNNLAB_DATA"), os.environ.get("CNNLAB_CACHE")
+
+
 @pytest.fixture(autouse=True)
 def private_cache(tmp_path_factory, monkeypatch):
     """Every test gets its own cache folder and no $CNNLAB_DATA, so nothing leaks between tests."""
@@ -137,7 +141,10 @@ def http_server():
 @pytest.fixture
 def fashion_mnist_dir() -> Path:
     """The real Fashion-MNIST where this machine has it; CI installs Debian's package, so there it must exist."""
-    for candidate in (os.environ.get("CNNLAB_DATA"), "/usr/share/datasets/fashion-mnist"):
+    import platformdirs
+    cache = Path(_USER_CACHE or platformdirs.user_cache_dir("cnnlab")) / "datasets" / "fashion-mnist"
+    for candidate in (_USER_DATA and Path(_USER_DATA) / "fashion-mnist", _USER_DATA, cache,
+                      "/usr/share/datasets/fashion-mnist"):
         if candidate and (Path(candidate) / "train-images-idx3-ubyte.gz").exists():
             return Path(candidate)
     if os.environ.get("CI"):

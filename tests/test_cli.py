@@ -181,3 +181,10 @@ def test_predict_with_a_torchvision_style_checkpoint_uses_imagenet_preprocessing
     assert {t["class"] for t in top} == {"cat", "dog", "fish"} and abs(sum(t["probability"] for t in top) - 1) < 1e-5
     result = cnnlab("predict", tmp_path / "r18.pth", tmp_path / "a.png", check=False)
     assert result.returncode == 2 and "name it with --model" in result.stderr
+
+
+def test_predict_model_flag_must_agree_with_the_sidecar(trained_run):
+    run, root, _, env = trained_run
+    image = next((root / "test" / "circle").iterdir())
+    result = cnnlab("predict", run, image, "--model", "resnet20", check=False, env_extra=env)
+    assert result.returncode == 2 and "its sidecar says it is 'cnn', not 'resnet20'" in result.stderr

@@ -1,6 +1,5 @@
 """Downloads against a local HTTP server on 127.0.0.1: no test reaches the internet."""
 import dataclasses
-import gzip
 import hashlib
 import io
 import tarfile
@@ -125,7 +124,3 @@ def test_unwritable_cache_gets_a_clear_message(http_server, tmp_path):
     blocker.write_text("")
     with pytest.raises(DatasetError, match=r"cannot write to .*not-a-folder/cache.*set CNNLAB_CACHE"):
         download("a.bin", [f"{http_server.base}/ok/"], blocker / "cache", "0" * 32, log=lambda m: None)
-
-
-def test_gzip_fixture_sanity():
-    assert gzip.decompress(gzip.compress(b"abc")) == b"abc"

@@ -152,3 +152,45 @@ def test_fashion_mnist_subset_is_clearly_above_chance(fashion_mnist_dir, tmp_pat
     summary = fit(cfg, log=silent)
     assert summary["test_accuracy"] > 0.70  # chance is 0.10
     assert summary["dataset"]["verified"]
+
+
+def test_resume_of_a_run_stopped_before_its_first_checkpoint_starts_over(image_folder, tmp_path):
+    run = tmp_path / "run"
+    with pytest.raises(TrainingInterrupted):
+        fit(quick(image_folder, run, epochs=1), callbacks=[_stop_at(2)], log=silent)
+    (run / "last.ckpt").unlink()  # as if killed before any checkpoint was written
+    messages = []
+    summary = fit(resume_config(run), resume=True, log=messages.append)
+    assert "no checkpoint yet; starting it from the beginning" in messages[0] and summary["steps"] == 7
+
+
+def test_weights_that_turn_non_finite_are_never_saved(image_folder, tmp_path):
+    run = tmp_path / "run"
+    fit(quick(image_folder, run, epochs=1), log=silent)
+    import cnnlab.engine.trainer as trainer_module
+    params = []
+    original = trainer_module.build_optimizer
+
+    def spy(model, *args, **kwargs):
+        params.extend(model.parameters())
+        return original(model, *args, **kwargs)
+
+    def poison_after_last_step(state):  # the loss of step 14 was finite; the weights after it are not
+        if state.step == 14:
+            params[0].data.fill_(float("inf"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(trainer_module, "build_optimizer", spy)
+        with pytest.raises(TrainingError, match="step 14: the weights hold NaN or infinite values"):
+            fit(resume_config(run, TrainConfig(epochs=2), changed=["epochs"]), resume=True,
+                callbacks=[poison_after_last_step], log=silent)
+    assert read_checkpoint(run / "last.ckpt")["step"] == 7
+
+
+def test_resume_on_other_data_is_refused(image_folder, tmp_path):
+    from PIL import Image
+    run = tmp_path / "run"
+    fit(quick(image_folder, run, epochs=1), log=silent)
+    first = sorted((image_folder / "train" / "circle").iterdir())[0]
+    Image.new("RGB", (16, 16), "white").save(first)
+    with pytest.raises(CheckpointError, match="is not the one the run was trained on"):
+        fit(resume_config(run, TrainConfig(epochs=2), changed=["epochs"]), resume=True, log=silent)

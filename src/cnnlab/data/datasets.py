@@ -16,6 +16,7 @@ from typing import Callable
 import numpy as np
 import platformdirs
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..errors import DatasetError
@@ -193,9 +194,11 @@ def _write_cache(path: Path, tensors: dict[str, torch.Tensor], meta: dict) -> No
     try:
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"cnnlab": json.dumps(meta)})
         os.replace(tmp, path)
-    except OSError as exc:
-        os.unlink(tmp)
-        print(f"note: cannot write the dataset cache {path} ({exc.strerror}); set CNNLAB_CACHE")
+    except (OSError, SafetensorError) as exc:  # a full disk, say: decode again next time
+        print(f"note: cannot write the dataset cache {path} ({exc}); set CNNLAB_CACHE to a folder with space")
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def load_dataset(name: str, data_dir: str | os.PathLike | None = None, download: bool = False,

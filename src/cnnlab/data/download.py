@@ -130,7 +130,9 @@ def extract_archive(archive: Path, target: Path, folder: str) -> Path:
                 members = tar.getmembers()
                 for member in members:
                     _check_member(member, staging)
-                tar.extractall(staging, members=members, filter="data")
+                # the stdlib's own "data" filter, where this Python has it (3.10.12+), as a second line of defence
+                extra = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+                tar.extractall(staging, members=members, **extra)
         except (tarfile.TarError, EOFError) as exc:
             raise DatasetError(f"{archive}: not a readable archive ({exc}); delete it and fetch again") from None
         if not (staging / folder).is_dir():

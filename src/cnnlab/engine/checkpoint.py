@@ -88,10 +88,14 @@ class CheckpointManager:
         self.previous = self.run_dir / "previous.ckpt"
         self._last_is_good = False  # only a checkpoint we wrote or verified may be rotated into `previous`
 
+    def exists(self) -> bool:
+        return self.last.exists() or self.previous.exists()
+
     def save(self, state: dict) -> None:
         data = _encode(state)
-        fd, tmp = tempfile.mkstemp(prefix=".last.ckpt.", suffix=".tmp", dir=self.run_dir)
+        tmp = None
         try:
+            fd, tmp = tempfile.mkstemp(prefix=".last.ckpt.", suffix=".tmp", dir=self.run_dir)
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
                 f.flush()
@@ -99,14 +103,14 @@ class CheckpointManager:
             if self.last.exists() and self._last_is_good:
                 os.replace(self.last, self.previous)
             os.replace(tmp, self.last)
+            tmp = None
             _fsync_dir(self.run_dir)
         except OSError as exc:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
             raise CheckpointError(f"cannot write a checkpoint in {self.run_dir} ({exc.strerror}); the previous "
                                   "checkpoint is intact: free some space and resume with --resume") from None
+        finally:  # also on KeyboardInterrupt: no half-written file stays behind
+            if tmp is not None and os.path.exists(tmp):
+                os.unlink(tmp)
         self._last_is_good = True
 
     def load_latest(self, log=print) -> dict:

@@ -17,7 +17,7 @@ import yaml
 
 from ..errors import ConfigError
 
-__all__ = ["TrainConfig", "load_config", "config_from_dict", "add_config_flags", "config_from_args", "save_config"]
+__all__ = ["TrainConfig", "load_config", "config_from_dict", "add_config_flags", "config_from_args", "yaml_dump"]
 
 
 def _opt(default, help: str, choices: tuple | None = None, **kw):
@@ -125,6 +125,9 @@ def _coerce(name: str, value: Any) -> Any:
     """Check a YAML or flag value against the field's declared type; ints are accepted for floats."""
     hint = typing.get_type_hints(TrainConfig)[name]
     allowed = typing.get_args(hint) or (hint,)
+    choices = _FIELDS[name].metadata.get("choices") or ()
+    if isinstance(value, bool) and "on" in choices:  # YAML 1.1 reads a bare on/off as a boolean
+        value = "on" if value else "off"
     if value is None and type(None) in allowed:
         return None
     for t in allowed:
@@ -166,8 +169,8 @@ def load_config(path: str | Path, base: TrainConfig | None = None) -> TrainConfi
     return config_from_dict(values, base, source=str(path))
 
 
-def save_config(cfg: TrainConfig, path: Path) -> None:
-    path.write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+def yaml_dump(cfg: TrainConfig) -> bytes:
+    return yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False).encode()
 
 
 def _flag_value(text: str) -> Any:
@@ -191,8 +194,9 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         help_text = f"{f.metadata['help']} (default: {default})"
         if choices:
             help_text += f"; choices: {', '.join(choices)}"
+        is_bool = typing.get_type_hints(TrainConfig)[f.name] is bool
         group.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None, metavar=f.name.upper(),
-                           help=help_text.replace("%", "%%"))
+                           help=help_text.replace("%", "%%"), **({"nargs": "?", "const": "true"} if is_bool else {}))
 
 
 def config_from_args(args: argparse.Namespace, base: TrainConfig | None = None) -> TrainConfig:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import io
 import json
 import os
@@ -24,7 +25,7 @@ from ..data import InMemoryLoader, channel_stats, load_dataset, parse_augment, s
 from ..errors import CheckpointError, CnnlabError, ConfigError
 from ..models import accepts, create_model
 from .checkpoint import CheckpointManager, save_atomic
-from .config import TrainConfig, load_config, save_config
+from .config import TrainConfig, load_config, yaml_dump
 from .evaluate import autocast_for, evaluate
 from .optim import build_optimizer, build_schedule
 from .progress import Progress
@@ -137,10 +138,34 @@ def _default_run_dir(cfg: TrainConfig) -> Path:
 
 
 def _rng_state(loader: InMemoryLoader) -> dict:
-    state = {"torch": torch.get_rng_state(), "python": repr(random.getstate()), "loader": loader.state_dict()}
+    """Every generator's state, as tensors and plain numbers so that the checkpoint loads with weights_only."""
+    version, mt, gauss = random.getstate()
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": [version, list(mt), gauss],
+             "numpy": [torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+             "loader": loader.state_dict()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
+
+
+def _set_host_rng(state: dict) -> None:
+    version, mt, gauss = state["python"]
+    random.setstate((version, tuple(mt), gauss))
+    keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+
+
+def _data_fingerprint(data, train_labels: torch.Tensor, val_labels: torch.Tensor | None) -> str:
+    """Identifies the exact training data: the source files' sha256 (or, for an image folder, the decoded
+    pixels) and the labels after subsetting and the validation split."""
+    h = hashlib.sha256(json.dumps([f["sha256"] for f in data.files]).encode())  # not the paths: copies may move
+    if data.name == "imagefolder":
+        h.update(data.train_images.numpy().tobytes())
+    h.update(train_labels.numpy().tobytes())
+    if val_labels is not None:
+        h.update(val_labels.numpy().tobytes())
+    return h.hexdigest()
 
 
 def _write_metrics(path: Path, rows: list[dict]) -> None:
@@ -238,14 +263,17 @@ def fit(cfg: TrainConfig, *, resume: bool = False, callbacks: Sequence[Callable[
                            milestones=cfg.milestones, milestone_unit=cfg.milestone_unit, gamma=cfg.gamma)
 
     run_dir = Path(cfg.run_dir) if cfg.run_dir else _default_run_dir(cfg)
-    if not resume and (run_dir / "config.yaml").exists():
+    checkpoints = CheckpointManager(run_dir)
+    if not resume and checkpoints.exists():
         raise ConfigError(f"{run_dir} already holds a run; resume it with 'cnnlab train --resume {run_dir}' "
                           "or choose another --run-dir")
+    if resume and not checkpoints.exists():  # stopped before its first checkpoint: nothing to lose
+        log(f"{run_dir} has no checkpoint yet; starting it from the beginning")
+        resume = False
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg = dataclasses.replace(cfg, run_dir=str(run_dir))
-    save_config(cfg, run_dir / "config.yaml")
-    checkpoints = CheckpointManager(run_dir)
     arch = {"model": cfg.model, "model_args": model_args}
+    fingerprint = _data_fingerprint(data, train_y, val_y)
 
     step, history = 0, []
     epoch_sums = {"loss": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
@@ -254,6 +282,10 @@ def fit(cfg: TrainConfig, *, resume: bool = False, callbacks: Sequence[Callable[
         if state["arch"] != json.loads(json.dumps(arch)):
             raise CheckpointError(f"{run_dir}: the checkpoint holds {state['arch']}, not {arch}; "
                                   "start a new run instead of resuming")
+        if state.get("data") != fingerprint:
+            raise CheckpointError(f"{run_dir}: the dataset found now ({data.source}) is not the one the run was "
+                                  "trained on, so the resumed run could not match; point --data-dir at the "
+                                  "original copy")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         step, history, epoch_sums = state["step"], state["history"], state["epoch_sums"]
@@ -261,13 +293,20 @@ def fit(cfg: TrainConfig, *, resume: bool = False, callbacks: Sequence[Callable[
         if "cuda" in state["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         loader.load_state_dict(state["rng"]["loader"])
+        _set_host_rng(state["rng"])
         log(f"resuming {run_dir} at epoch {loader.epoch + 1}, step {step}")
+    save_atomic(yaml_dump(cfg), run_dir / "config.yaml")
 
     def save_checkpoint() -> None:
-        checkpoints.save({"arch": arch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                          "scheduler": {"step": step}, "scaler": {}, "step": step, "epoch": loader.epoch,
-                          "history": history, "epoch_sums": dict(epoch_sums), "rng": _rng_state(loader),
-                          "config": dataclasses.asdict(cfg)})
+        # An optimiser step can turn weights non-finite while its own loss was finite: never save those.
+        if not all(torch.isfinite(p).all() for p in model.parameters()):
+            raise TrainingError(f"step {step}: the weights hold NaN or infinite values; training stopped without "
+                                f"overwriting the last good checkpoint in {run_dir}. Try a lower --lr or "
+                                "--grad-clip 1.0")
+        checkpoints.save({"arch": arch, "data": fingerprint, "model": model.state_dict(),
+                          "optimizer": optimizer.state_dict(), "scheduler": {"step": step}, "scaler": {},
+                          "step": step, "epoch": loader.epoch, "history": history, "epoch_sums": dict(epoch_sums),
+                          "rng": _rng_state(loader), "config": dataclasses.asdict(cfg)})
 
     step_model = torch.compile(model) if cfg.compile else model
     progress = Progress(cfg.progress, total_steps, steps_per_epoch, cfg.log_every)
@@ -298,9 +337,10 @@ def fit(cfg: TrainConfig, *, resume: bool = False, callbacks: Sequence[Callable[
                     logits = step_model(x)
                     loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
                 if not torch.isfinite(loss):
-                    raise TrainingError(
-                        f"step {step} (epoch {epoch + 1}): the loss is {loss.item()}; training stopped. The last good "
-                        f"checkpoint is kept in {run_dir}. Try a lower --lr or --grad-clip 1.0")
+                    kept = f"the last good checkpoint is kept in {run_dir}" if checkpoints.exists() else \
+                        "no checkpoint had been written yet"
+                    raise TrainingError(f"step {step} (epoch {epoch + 1}): the loss is {loss.item()}; training "
+                                        f"stopped, {kept}. Try a lower --lr or --grad-clip 1.0")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg.grad_clip:

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors.torch import save_file
+from safetensors import SafetensorError
+from safetensors.torch import save
 
 from ..errors import CheckpointError
 from ..models import create_model
@@ -30,11 +31,16 @@ def save_weights(model: nn.Module, path: Path, meta: dict) -> None:
     """Write weights and sidecar, each complete or absent."""
     path = Path(path)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, tmp, metadata={"format": "pt"})
-    save_atomic(tmp.read_bytes(), path)
-    tmp.unlink()
-    save_atomic(json.dumps(meta, indent=2).encode(), path.with_suffix(".json"))
+    try:
+        data = save(tensors, metadata={"format": "pt"})  # bytes in memory, then one atomic write
+    except SafetensorError as exc:
+        raise CheckpointError(f"cannot serialise the weights for {path}: {exc}") from None
+    try:
+        save_atomic(data, path)
+        save_atomic(json.dumps(meta, indent=2).encode(), path.with_suffix(".json"))
+    except OSError as exc:
+        raise CheckpointError(f"cannot write {path} ({exc.strerror}); the checkpoints in {path.parent} are "
+                              "intact: free some space and resume with --resume") from None
 
 
 def resolve_weights(target: str | Path) -> Path:
@@ -68,10 +74,11 @@ def load_weights(target: str | Path, device: str | torch.device = "cpu", model_n
     given with `model_name`: then preprocessing is ImageNet's (resize 256, centre crop 224, ImageNet mean/std)."""
     path = resolve_weights(target)
     sidecar = path.with_suffix(".json")
-    if model_name is not None or not sidecar.is_file():
+    if not sidecar.is_file():
         if model_name is None:
-            raise CheckpointError(f"{path}: no sidecar {sidecar.name} says which model this is; name it with --model "
-                                  "(e.g. --model resnet50 for a torchvision checkpoint)")
+            raise CheckpointError(f"{path}: it has no sidecar {sidecar.name} saying which model it is; "
+                                  "'cnnlab predict' takes --model NAME for such files (e.g. --model resnet50 for a "
+                                  "torchvision checkpoint)")
         state = read_state_dict(path)
         head = state.get("fc.weight", state.get("classifier.6.weight"))
         num_classes = int(head.shape[0]) if head is not None else 1000
@@ -90,6 +97,8 @@ def load_weights(target: str | Path, device: str | torch.device = "cpu", model_n
                 raise ValueError(f"missing key {key!r}")
     except ValueError as exc:
         raise CheckpointError(f"{sidecar}: not a valid cnnlab weights sidecar ({exc})") from None
+    if model_name is not None and model_name != meta["model"]:
+        raise CheckpointError(f"{path}: its sidecar says it is {meta['model']!r}, not {model_name!r}; leave out --model")
     model = create_model(meta["model"], **meta["model_args"])
     load_pretrained(model, path, name=repr(meta["model"]))
     if classes_file is not None:

@@ -70,9 +70,10 @@ def load_pretrained(model: nn.Module, path: str | Path, name: str = "the model")
         hint = ""
         head = [k for k in ("fc.weight", "classifier.6.weight") if k in state and k in dict(model.state_dict())]
         if head and shapes and not missing and not unexpected and all(k.split(".")[0] == head[0].split(".")[0] for k in (s.split(":")[0] for s in shapes)):
-            hint = (f"; the file's classifier has {state[head[0]].shape[0]} classes: pass --num-classes "
-                    f"{state[head[0]].shape[0]} (num_classes={state[head[0]].shape[0]}), or load it and replace the "
-                    "head for your classes")
+            n = state[head[0]].shape[0]
+            hint = (f"; the file's classifier has {n} classes: build the model with num_classes={n} (on the command "
+                    f"line --model-arg num_classes={n}, or --num-classes {n} for 'cnnlab summary'), or load it that way "
+                    "and replace the head for your classes")
         raise CheckpointError(f"{path}: weights do not fit {name}: " + "; ".join(parts) + hint)
     model.load_state_dict(state, strict=True)
     return model
