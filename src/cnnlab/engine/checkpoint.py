@@ -35,11 +35,18 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _umask_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def save_atomic(data: bytes, path: Path) -> None:
     """Write `data` to a temp file in the same folder, fsync it, then rename it over `path`."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, _umask_mode())  # mkstemp makes files private (0600); results should be as readable as any file
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
