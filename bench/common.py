@@ -21,7 +21,9 @@ def conditions(**extra) -> str:
 
 
 def stats(values: list[float]) -> str:
-    return f"min {min(values):,.0f} / median {statistics.median(values):,.0f} over {len(values)} repeats"
+    fmt = "{:,.1f}" if max(values) < 100 else "{:,.0f}"  # small rates (resnet50 on 2 cores) need a decimal
+    return (f"min {fmt.format(min(values))} / median {fmt.format(statistics.median(values))} "
+            f"over {len(values)} repeats")
 
 
 def shared_cifar10() -> Path | None:
