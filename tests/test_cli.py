@@ -180,7 +180,7 @@ def test_predict_with_a_torchvision_style_checkpoint_uses_imagenet_preprocessing
     top = out["results"][0]["top"]
     assert {t["class"] for t in top} == {"cat", "dog", "fish"} and abs(sum(t["probability"] for t in top) - 1) < 1e-5
     result = cnnlab("predict", tmp_path / "r18.pth", tmp_path / "a.png", check=False)
-    assert result.returncode == 2 and "name it with --model" in result.stderr
+    assert result.returncode == 2 and "takes --model NAME for such files" in result.stderr
 
 
 def test_predict_model_flag_must_agree_with_the_sidecar(trained_run):
