@@ -355,9 +355,10 @@ def fit(cfg: TrainConfig, *, resume: bool = False, callbacks: Sequence[Callable[
                     total_seen = epoch_sums["seen"] + seen
                     progress.update(step, (epoch_sums["loss"] + loss_sum.item()) / total_seen,
                                     (epoch_sums["correct"] + correct.item()) / total_seen, total_seen / elapsed)
-                run_state.epoch, run_state.step, run_state.loss = epoch, step, loss.item()
-                for callback in callbacks:
-                    callback(run_state)
+                if callbacks:  # .item() waits for the GPU: only pay for it when someone looks
+                    run_state.epoch, run_state.step, run_state.loss = epoch, step, loss.item()
+                    for callback in callbacks:
+                        callback(run_state)
                 if stopper.signum is not None or run_state.stop_requested:
                     stop_reason = stopper.signum or "callback"
                     break
