@@ -108,7 +108,7 @@ class Cutout:
     """Zero a `size` x `size` square centred at a random pixel, clipped at the borders (DeVries & Taylor 2017)."""
     size: int
 
-    def sample(self, n: int, generator: torch.Generator, height: int = 0, width: int = 0) -> dict[str, torch.Tensor]:
+    def sample(self, n: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
         return {"cy": torch.rand(n, generator=generator), "cx": torch.rand(n, generator=generator)}
 
     def apply(self, x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:

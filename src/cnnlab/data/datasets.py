@@ -16,8 +16,8 @@ from typing import Callable
 import numpy as np
 import platformdirs
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from ..errors import DatasetError
 from .catalog import CATALOG, DataFile, DatasetSpec, get_spec
@@ -215,10 +215,9 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, download:
     cache_file = cache_dir() / "decoded" / f"{name}-{_cache_key(name, paths)}.safetensors"
     if cache_file.is_file():
         try:
-            tensors = load_file(cache_file)
-            from safetensors import safe_open
-            with safe_open(cache_file, "pt") as f:
+            with safe_open(cache_file, "pt") as f:  # one open for the tensors and their metadata
                 meta = json.loads(f.metadata()["cnnlab"])
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
             return Dataset(name, meta["classes"], tensors["train_images"], tensors["train_labels"],
                            tensors["test_images"], tensors["test_labels"], str(folder), meta["verified"],
                            meta["files"])
