@@ -1,4 +1,9 @@
-"""SIGKILL at random moments, then `--resume`: the weights end bitwise identical to an uninterrupted run."""
+"""SIGKILL at random moments (inside a step, while a checkpoint is written, during evaluation), then
+`cnnlab train --resume`: the weights end bitwise identical to an uninterrupted run with the same seed.
+
+The run prints phase changes with CNNLAB_TRACE=1, so each kill can be aimed at a phase and then
+checked to have landed there (a partial checkpoint file left behind; an epoch's metrics row missing).
+"""
 import os
 import random
 import signal
@@ -11,48 +16,89 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-KILL_POINTS = 3
+EPOCHS, STEPS_PER_EPOCH, CHECKPOINT_EVERY = 12, 15, 5
+PHASES = ("step", "checkpoint", "evaluate")
+# Three kills in the default suite (one per phase), twelve more in the slow suite: 15 in all.
+DEFAULT_POINTS = [(phase, 0) for phase in PHASES]
+SLOW_POINTS = [(phase, seed) for seed in range(1, 5) for phase in PHASES]
 
 
 def train_args(root, run, *extra):
+    # 120 training images in batches of 8: 15 steps an epoch. A wide dense layer makes the checkpoint
+    # about 8 MB, so that its write lasts long enough to be hit; 900 test images do the same for evaluation.
     return [sys.executable, "-m", "cnnlab", "train", "--dataset", "imagefolder", "--data-dir", str(root),
-            "--model", "cnn", "--model-arg", "spec=c8x2,p,f32", "--batch-size", "8", "--epochs", "60",
-            "--checkpoint-every", "5", "--augment", "crop:2:reflect,flip", "--run-dir", str(run), *extra]
+            "--model", "cnn", "--model-arg", "spec=c16x2,p,f1024", "--batch-size", "8", "--epochs", str(EPOCHS),
+            "--checkpoint-every", str(CHECKPOINT_EVERY), "--augment", "crop:2:reflect,flip",
+            "--run-dir", str(run), *extra]
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     from conftest import write_image_folder
     tmp = tmp_path_factory.mktemp("kill")
-    root = write_image_folder(tmp / "shapes")
-    env = {**os.environ, "CNNLAB_CACHE": str(tmp / "cache")}
+    root = write_image_folder(tmp / "shapes", per_class=(40, 300))
+    env = {**os.environ, "CNNLAB_CACHE": str(tmp / "cache"), "CNNLAB_TRACE": "1"}
     subprocess.run(train_args(root, tmp / "reference", "--progress", "none"), env=env, check=True,
-                   capture_output=True, timeout=300)
+                   capture_output=True, timeout=600)
     return root, load_file(tmp / "reference" / "model.safetensors"), env
 
 
-@pytest.mark.parametrize("seed", range(KILL_POINTS))
-def test_sigkill_at_a_random_moment_then_resume_gives_identical_weights(reference, tmp_path, seed):
+def _kill_in_phase(proc, phase: str, rng: random.Random) -> str:
+    """Read the run's stderr until the chosen occurrence of `phase`, SIGKILL it, return the trigger line."""
+    total = {"step": EPOCHS * STEPS_PER_EPOCH, "evaluate": EPOCHS,
+             "checkpoint": EPOCHS * -(-STEPS_PER_EPOCH // CHECKPOINT_EVERY)}[phase]
+    target = rng.randrange(1, total - 1)  # never the last one: the kill must land before the run ends
+    marker = {"step": "step ", "checkpoint": "trace: checkpoint-write", "evaluate": "trace: evaluate"}[phase]
+    seen = 0
+    for line in proc.stderr:
+        if line.startswith(marker):
+            seen += 1
+            if seen == target:
+                if phase == "step":  # anywhere inside the next step
+                    time.sleep(rng.uniform(0.0, 0.02))
+                proc.send_signal(signal.SIGKILL)
+                # keep draining the pipe, so that nothing blocks on a full buffer
+                threading.Thread(target=proc.stderr.read, daemon=True).start()
+                return line.strip()
+    raise AssertionError(f"the run ended before {phase} number {target}")
+
+
+def _kill_and_resume(reference, tmp_path, phase: str, seed: int):
     root, expected, env = reference
     run = tmp_path / "run"
-    rng = random.Random(seed)
+    rng = random.Random(f"{phase}-{seed}")
     proc = subprocess.Popen(train_args(root, run, "--progress", "plain", "--log-every", "1"), env=env,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     try:
-        for line in proc.stderr:  # wait until training runs, then kill after a random delay
-            if line.startswith("step "):
-                break
-        # keep draining the pipe, so that the run never blocks on a full stderr buffer
-        threading.Thread(target=proc.stderr.read, daemon=True).start()
-        time.sleep(rng.uniform(0.0, 1.0))
-        proc.send_signal(signal.SIGKILL)
+        trigger = _kill_in_phase(proc, phase, rng)
         proc.wait(timeout=60)
     finally:
         proc.kill()
     assert proc.returncode == -signal.SIGKILL
     assert not (run / "model.safetensors").exists(), "the kill came after the run had finished"
+    if phase == "checkpoint":  # the kill landed mid-write: the partial file is there, `last.ckpt` untouched
+        partial = trigger.split(" ", 2)[2]
+        assert os.path.exists(partial), f"the checkpoint write had already finished: {trigger}"
+    if phase == "evaluate":  # the kill landed before that epoch's evaluation was done and logged
+        epoch = int(trigger.rsplit(" ", 1)[1])
+        rows = (run / "metrics.csv").read_text().splitlines()[1:] if (run / "metrics.csv").exists() else []
+        assert len(rows) == epoch - 1, f"the evaluation of epoch {epoch} had already finished"
+
     resumed = subprocess.run([sys.executable, "-m", "cnnlab", "train", "--resume", str(run), "--progress", "none"],
-                             env=env, capture_output=True, text=True, timeout=300)
+                             env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr
     got = load_file(run / "model.safetensors")
     assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in expected)
+    assert not list(run.glob(".*.tmp")), "partial files from the killed run were left behind"
+    assert len((run / "metrics.csv").read_text().splitlines()) == EPOCHS + 1
+
+
+@pytest.mark.parametrize("phase, seed", DEFAULT_POINTS)
+def test_sigkill_then_resume_gives_identical_weights(reference, tmp_path, phase, seed):
+    _kill_and_resume(reference, tmp_path, phase, seed)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("phase, seed", SLOW_POINTS)
+def test_sigkill_at_more_moments_then_resume_gives_identical_weights(reference, tmp_path, phase, seed):
+    _kill_and_resume(reference, tmp_path, phase, seed)

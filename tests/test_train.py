@@ -98,7 +98,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(image_f
     cfg = resume_config(run, TrainConfig(epochs=2), changed=["epochs"])
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(trainer_module, "build_optimizer", spy)
-        with pytest.raises(TrainingError, match=r"step 9 \(epoch 2\): the loss is nan"):
+        with pytest.raises(TrainingError, match=r"step 10 \(epoch 2\): the loss is nan"):
             fit(cfg, resume=True, callbacks=[poison], log=silent)
     assert read_checkpoint(run / "last.ckpt")["step"] == good["step"] == 7
 

@@ -16,10 +16,13 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError
+from .progress import trace
 
 __all__ = ["save_atomic", "read_checkpoint", "CheckpointManager"]
 
 MAGIC = b"CNNLABC1"
+_CHUNK = 1 << 20
+_TMP_PREFIX = ".last.ckpt."
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -41,16 +44,25 @@ def _umask_mode() -> int:
     return 0o666 & ~mask
 
 
+def _write_durably(fd: int, data: bytes, on_first_chunk=None) -> None:
+    """Write all of `data` to the open file `fd` in 1 MiB chunks, then fsync; closes `fd`."""
+    with os.fdopen(fd, "wb") as f:
+        view = memoryview(data)
+        for offset in range(0, max(len(view), 1), _CHUNK):
+            f.write(view[offset:offset + _CHUNK])
+            if offset == 0 and on_first_chunk is not None:
+                on_first_chunk()
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def save_atomic(data: bytes, path: Path) -> None:
     """Write `data` to a temp file in the same folder, fsync it, then rename it over `path`."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, _umask_mode())  # mkstemp makes files private (0600); results should be as readable as any file
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        _write_durably(fd, data)
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except BaseException:
@@ -102,27 +114,34 @@ class CheckpointManager:
         data = _encode(state)
         tmp = None
         try:
-            fd, tmp = tempfile.mkstemp(prefix=".last.ckpt.", suffix=".tmp", dir=self.run_dir)
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+            fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, suffix=".tmp", dir=self.run_dir)
+            _write_durably(fd, data, on_first_chunk=lambda: trace(f"checkpoint-write {tmp}"))
             if self.last.exists() and self._last_is_good:
                 os.replace(self.last, self.previous)
             os.replace(tmp, self.last)
             tmp = None
             _fsync_dir(self.run_dir)
         except OSError as exc:
-            raise CheckpointError(f"cannot write a checkpoint in {self.run_dir} ({exc.strerror}); the previous "
-                                  "checkpoint is intact: free some space and resume with --resume") from None
+            raise CheckpointError(f"cannot write a checkpoint in {self.run_dir} ({exc.strerror or exc}); the "
+                                  "last good checkpoint there is intact: free some space and resume with "
+                                  f"'cnnlab train --resume {self.run_dir}'") from None
         finally:  # also on KeyboardInterrupt: no half-written file stays behind
             if tmp is not None and os.path.exists(tmp):
                 os.unlink(tmp)
         self._last_is_good = True
 
+    def remove_stale_temp_files(self) -> list[Path]:
+        """Delete the partial files of writes cut short by a kill (only the resuming process writes here)."""
+        stale = sorted(self.run_dir.glob(f"{_TMP_PREFIX}*.tmp"))
+        for path in stale:
+            path.unlink(missing_ok=True)
+        return stale
+
     def load_latest(self, log=print) -> dict:
         """The newest checkpoint that verifies; a damaged `last` is reported and `previous` used instead."""
         errors = []
+        for path in self.remove_stale_temp_files():
+            log(f"removed {path.name}, left by a checkpoint write that was cut short")
         for path in (self.last, self.previous):
             if not path.exists():
                 continue

@@ -76,7 +76,9 @@ class TrainConfig:
     progress: str = _opt("auto", "progress display: a bar on a terminal, plain lines elsewhere",
                          ("auto", "bar", "plain", "none"))
     log_every: int = _opt(100, "plain progress: one line every N steps")
-    on_nan: str = _opt("stop", "what a NaN or infinite loss does", ("stop",))
+    on_nan: str = _opt("stop", "what a NaN or infinite loss or gradient does: 'stop' the run (the last good "
+                       "checkpoint stays), or 'skip' that step's update, up to max_nan_skips times", ("stop", "skip"))
+    max_nan_skips: int = _opt(10, "with on_nan 'skip': the run stops at the next non-finite step after this many")
 
     def validate(self) -> "TrainConfig":
         from ..data.augment import parse_augment
@@ -102,6 +104,7 @@ class TrainConfig:
             (self.eval_every >= 0, "eval_every", self.eval_every, "0 (only at the end) or more"),
             (self.checkpoint_every >= 0, "checkpoint_every", self.checkpoint_every, "0 (epoch ends) or more"),
             (self.threads >= 0, "threads", self.threads, "0 (default) or more"),
+            (self.max_nan_skips >= 0, "max_nan_skips", self.max_nan_skips, "0 or more"),
         ]
         for ok, name, value, want in checks:
             if not ok:

@@ -1,10 +1,11 @@
 """Progress display: a bar on a terminal, one plain line every N steps elsewhere, so CI logs stay small."""
 from __future__ import annotations
 
+import os
 import sys
 import time
 
-__all__ = ["Progress"]
+__all__ = ["Progress", "trace"]
 
 
 class Progress:
@@ -48,3 +49,12 @@ class Progress:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+
+def trace(event: str) -> None:
+    """With CNNLAB_TRACE=1, one line per phase change on stderr ("trace: checkpoint-write", ...).
+
+    For debugging a hung or killed run, and for the tests that SIGKILL a run inside a given phase.
+    """
+    if os.environ.get("CNNLAB_TRACE"):
+        print(f"trace: {event}", file=sys.stderr, flush=True)

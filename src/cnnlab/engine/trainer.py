@@ -28,7 +28,7 @@ from .checkpoint import CheckpointManager, save_atomic
 from .config import TrainConfig, load_config, yaml_dump
 from .evaluate import autocast_for, evaluate
 from .optim import build_optimizer, build_schedule
-from .progress import Progress
+from .progress import Progress, trace
 from .weights import save_weights
 
 __all__ = ["fit", "resume_config", "TrainingError", "TrainingInterrupted", "pick_device", "pick_precision",
@@ -217,10 +217,11 @@ def fit(cfg: TrainConfig, *, resume: bool = False, callbacks: Sequence[Callable[
     channels_last = cfg.channels_last != "off"
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    if cfg.deterministic:
+    if cfg.deterministic:  # every switch PyTorch's reproducibility notes list; seeds are set below
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts: set it first
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.deterministic = True
 
     data = load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download, log=log)
     train_x, train_y = data.train_images, data.train_labels
@@ -234,8 +235,9 @@ def fit(cfg: TrainConfig, *, resume: bool = False, callbacks: Sequence[Callable[
     c, h, w = data.shape
     num_classes = len(data.classes)
 
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # also seeds every CUDA device
     random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
     model_args = {"num_classes": num_classes, "in_channels": c, **cfg.model_args}
     if accepts(cfg.model, "input_size"):  # nets with a flatten layer; pooled nets take any size
         model_args = {"input_size": [h, w], **model_args}
@@ -275,7 +277,7 @@ def fit(cfg: TrainConfig, *, resume: bool = False, callbacks: Sequence[Callable[
     arch = {"model": cfg.model, "model_args": model_args}
     fingerprint = _data_fingerprint(data, train_y, val_y)
 
-    step, history = 0, []
+    step, history, nan_skipped = 0, [], 0
     epoch_sums = {"loss": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
     if resume:
         state = checkpoints.load_latest(log=log)
@@ -289,6 +291,7 @@ def fit(cfg: TrainConfig, *, resume: bool = False, callbacks: Sequence[Callable[
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         step, history, epoch_sums = state["step"], state["history"], state["epoch_sums"]
+        nan_skipped = state.get("nan_skipped", 0)
         torch.set_rng_state(state["rng"]["torch"])
         if "cuda" in state["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
@@ -306,7 +309,7 @@ def fit(cfg: TrainConfig, *, resume: bool = False, callbacks: Sequence[Callable[
         checkpoints.save({"arch": arch, "data": fingerprint, "model": model.state_dict(),
                           "optimizer": optimizer.state_dict(), "scheduler": {"step": step}, "scaler": {},
                           "step": step, "epoch": loader.epoch, "history": history, "epoch_sums": dict(epoch_sums),
-                          "rng": _rng_state(loader), "config": dataclasses.asdict(cfg)})
+                          "nan_skipped": nan_skipped, "rng": _rng_state(loader), "config": dataclasses.asdict(cfg)})
 
     step_model = torch.compile(model) if cfg.compile else model
     progress = Progress(cfg.progress, total_steps, steps_per_epoch, cfg.log_every)
@@ -336,20 +339,35 @@ def fit(cfg: TrainConfig, *, resume: bool = False, callbacks: Sequence[Callable[
                 with autocast_for(device, bf16):
                     logits = step_model(x)
                     loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
-                if not torch.isfinite(loss):
-                    kept = f"the last good checkpoint is kept in {run_dir}" if checkpoints.exists() else \
-                        "no checkpoint had been written yet"
-                    raise TrainingError(f"step {step} (epoch {epoch + 1}): the loss is {loss.item()}; training "
-                                        f"stopped, {kept}. Try a lower --lr or --grad-clip 1.0")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                grads = [p.grad for p in model.parameters() if p.grad is not None]
                 if cfg.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                optimizer.step()
+                    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                else:
+                    grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+                # One host sync per step covers both the loss and every gradient.
+                if not bool(torch.isfinite(loss) & torch.isfinite(grad_norm)):
+                    what = f"the loss is {loss.item()}" if not torch.isfinite(loss) else \
+                        f"the loss is {loss.item():.4g} but a gradient is NaN or infinite"
+                    where = f"step {step + 1} (epoch {epoch + 1})"
+                    if cfg.on_nan == "skip" and nan_skipped < cfg.max_nan_skips:
+                        nan_skipped += 1
+                        optimizer.zero_grad(set_to_none=True)
+                        log(f"{where}: {what}; update skipped ({nan_skipped} of {cfg.max_nan_skips} allowed "
+                            "by --max-nan-skips)")
+                    else:
+                        kept = f"the last good checkpoint is kept in {run_dir}" if checkpoints.exists() else \
+                            "no checkpoint had been written yet"
+                        skipped = f" after {nan_skipped} skipped steps" if cfg.on_nan == "skip" else ""
+                        raise TrainingError(f"{where}: {what}; training stopped{skipped}, {kept}. Try a lower "
+                                            "--lr, --grad-clip 1.0 or --on-nan skip")
+                else:
+                    optimizer.step()
+                    loss_sum += loss.detach().double() * len(y)
+                    correct += (logits.detach().argmax(1) == y).sum()
+                    seen += len(y)
                 step += 1
-                loss_sum += loss.detach().double() * len(y)
-                correct += (logits.detach().argmax(1) == y).sum()
-                seen += len(y)
                 elapsed = epoch_sums["seconds"] + time.perf_counter() - tic
                 if progress.mode != "none" and (progress.mode == "bar" or step % cfg.log_every == 0):
                     total_seen = epoch_sums["seen"] + seen
@@ -378,6 +396,7 @@ def fit(cfg: TrainConfig, *, resume: bool = False, callbacks: Sequence[Callable[
                 code = 128 + stop_reason if isinstance(stop_reason, int) else 130
                 raise TrainingInterrupted(f"stopped at step {step}; checkpoint saved. Resume with: "
                                           f"cnnlab train --resume {run_dir}", code)
+            trace(f"evaluate epoch {epoch + 1}")
             evaluate_now = cfg.eval_every and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs)
             row = _epoch_row(epoch, lr_at(max(step - 1, 0)), epoch_sums, model, test_loader, val_loader,
                              num_classes, bf16, bool(evaluate_now))
@@ -401,7 +420,14 @@ def fit(cfg: TrainConfig, *, resume: bool = False, callbacks: Sequence[Callable[
         "device": _device_name(device), "precision": precision, "channels_last": channels_last,
         "threads": torch.get_num_threads(), "augment": augment_spec, "versions": _versions(),
         "dataset": {"name": data.name, "source": data.source, "verified": data.verified, "files": data.files},
-        "seed": cfg.seed, "run_dir": str(run_dir),
+        "seed": cfg.seed, "run_dir": str(run_dir), "nan_skipped": nan_skipped,
+        # every generator's seed, so that a result can be traced and replayed
+        "seeds": {"model_init": cfg.seed, "python_random": cfg.seed, "numpy_random": cfg.seed, "data_order": cfg.seed + 1,
+                  "augmentation": cfg.seed + 2, "validation_split": cfg.seed if cfg.val_split else None},
+        "deterministic": {"requested": cfg.deterministic,
+                          "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+                          "cudnn_benchmark": torch.backends.cudnn.benchmark,
+                          "cudnn_deterministic": torch.backends.cudnn.deterministic},
     }
     save_atomic(json.dumps(summary, indent=2).encode(), run_dir / "summary.json")
     return summary
