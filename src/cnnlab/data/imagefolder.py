@@ -6,9 +6,10 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from ..errors import DatasetError
+from ..errors import DatasetError, ImageError
+from .images import open_image
 
 __all__ = ["IMAGE_EXTENSIONS", "image_folder_files", "decode_image_folder", "TEST_SPLITS"]
 
@@ -61,11 +62,9 @@ def decode_image_folder(root: Path, files: list[Path], log: Callable[[str], None
     opened = []
     for path in files:
         try:
-            with Image.open(path) as im:
-                im.load()
-                opened.append((path, im.copy()))
-        except (UnidentifiedImageError, OSError, ValueError) as exc:
-            raise DatasetError(f"{path}: not a readable image ({exc}); remove or replace it") from None
+            opened.append((path, open_image(path)))
+        except ImageError as exc:
+            raise DatasetError(f"{exc}; remove or replace it") from None
     grayscale = all(im.mode in ("L", "1", "I;16", "I") for _, im in opened)
     mode = "L" if grayscale else "RGB"
     size = Counter(im.size for _, im in opened).most_common(1)[0][0]

@@ -6,9 +6,10 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from ..data.imagefolder import IMAGE_EXTENSIONS
+from ..data.images import open_image
 from ..errors import ImageError
 from .evaluate import autocast_for, prepare_for_inference
 from .weights import LoadedModel
@@ -37,30 +38,27 @@ def load_image(path: Path, shape: tuple[int, int, int], resize: int | None = Non
     """
     c, h, w = shape
     notes = []
+    im = open_image(path)
     try:
-        with Image.open(path) as im:
-            im.load()
-            mode_wanted = "L" if c == 1 else "RGB"
-            if min(im.size) < MIN_IMAGE_SIDE:
-                raise ImageError(f"{path}: {im.size[0]}x{im.size[1]} pixels is too small to classify "
-                                 f"(at least {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE}; the model expects {w}x{h})")
-            if im.mode != mode_wanted:
-                notes.append(f"converted {im.mode} to {mode_wanted}")
-                im = im.convert(mode_wanted)
-            if resize is not None:
-                scale = resize / min(im.size)
-                im = im.resize((max(round(im.size[0] * scale), w), max(round(im.size[1] * scale), h)),
-                               Image.BILINEAR)
-                left, top = (im.size[0] - w) // 2, (im.size[1] - h) // 2
-                im = im.crop((left, top, left + w, top + h))
-            elif im.size != (w, h):
-                notes.append(f"resized {im.size[0]}x{im.size[1]} to {w}x{h}")
-                im = im.resize((w, h), Image.BILINEAR)
-            pixels = np.asarray(im, dtype=np.uint8)
-    except FileNotFoundError:
-        raise ImageError(f"{path}: no such file") from None
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise ImageError(f"{path}: not a readable image ({type(exc).__name__}: {exc})") from None
+        mode_wanted = "L" if c == 1 else "RGB"
+        if min(im.size) < MIN_IMAGE_SIDE:
+            raise ImageError(f"{path}: {im.size[0]}x{im.size[1]} pixels is too small to classify "
+                             f"(at least {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE}; the model expects {w}x{h})")
+        if im.mode != mode_wanted:
+            notes.append(f"converted {im.mode} to {mode_wanted}")
+            im = im.convert(mode_wanted)
+        if resize is not None:
+            scale = resize / min(im.size)
+            im = im.resize((max(round(im.size[0] * scale), w), max(round(im.size[1] * scale), h)),
+                           Image.BILINEAR)
+            left, top = (im.size[0] - w) // 2, (im.size[1] - h) // 2
+            im = im.crop((left, top, left + w, top + h))
+        elif im.size != (w, h):
+            notes.append(f"resized {im.size[0]}x{im.size[1]} to {w}x{h}")
+            im = im.resize((w, h), Image.BILINEAR)
+        pixels = np.asarray(im, dtype=np.uint8)
+    except (OSError, ValueError) as exc:  # a decoded image that still fails to convert or resize
+        raise ImageError(f"{path}: cannot be converted ({type(exc).__name__}: {exc})") from None
     pixels = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
     return pixels, notes
 

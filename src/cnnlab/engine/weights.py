@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -9,12 +10,12 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import save
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, CnnlabError
 from ..models import create_model
 from ..models.pretrained import load_pretrained, read_state_dict
 from .checkpoint import save_atomic
 
-__all__ = ["save_weights", "load_weights", "resolve_weights", "LoadedModel"]
+__all__ = ["save_weights", "load_weights", "resolve_weights", "read_sidecar", "LoadedModel"]
 
 
 class LoadedModel:
@@ -68,6 +69,90 @@ def _read_classes(path: str | Path | None, n: int) -> list[str]:
     return names
 
 
+_MAX_SIDECAR_BYTES = 16 << 20  # ImageNet-21k's class names take about 0.5 MB
+_MAX_SIDE = 8192
+
+
+def read_sidecar(sidecar: Path) -> dict:
+    """Parse and check a weights sidecar (model.json); every flaw is a CheckpointError naming the file."""
+    def invalid(reason: str) -> CheckpointError:
+        return CheckpointError(f"{sidecar}: not a valid cnnlab weights sidecar ({reason}); it is written by "
+                               "'cnnlab train' next to model.safetensors")
+    try:
+        if sidecar.stat().st_size > _MAX_SIDECAR_BYTES:
+            raise invalid(f"{sidecar.stat().st_size:,} bytes, more than a sidecar ever needs")
+        meta = json.loads(sidecar.read_bytes())
+    except OSError as exc:
+        raise CheckpointError(f"{sidecar}: cannot read ({exc.strerror})") from None
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, bad UTF-8, absurd nesting
+        raise invalid(f"not JSON: {str(exc)[:120]}") from None
+
+    def number(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    if not isinstance(meta, dict):
+        raise invalid("not a JSON object")
+    for key in ("model", "model_args", "classes", "mean", "std", "input_shape"):
+        if key not in meta:
+            raise invalid(f"missing key {key!r}")
+    shape = meta["input_shape"]
+    checks = [
+        (isinstance(meta["model"], str) and meta["model"], "'model' must be a model name"),
+        (isinstance(meta["model_args"], dict), "'model_args' must be an object"),
+        (isinstance(shape, list) and len(shape) == 3 and all(isinstance(v, int) and not isinstance(v, bool)
+                                                             and 1 <= v <= _MAX_SIDE for v in shape),
+         f"'input_shape' must be [C, H, W] with each in 1..{_MAX_SIDE}"),
+        (isinstance(meta["classes"], list) and meta["classes"] and all(isinstance(c, str) for c in meta["classes"]),
+         "'classes' must be a non-empty list of names"),
+    ]
+    for ok, reason in checks:
+        if not ok:
+            raise invalid(reason)
+    for key in ("mean", "std"):
+        values = meta[key]
+        if not (isinstance(values, list) and len(values) == shape[0] and all(number(v) for v in values)):
+            raise invalid(f"{key!r} must be {shape[0]} numbers, one per input channel")
+    if not all(v > 0 for v in meta["std"]):
+        raise invalid("'std' must be positive")
+    resize = meta.get("resize")
+    if resize is not None and not (isinstance(resize, int) and not isinstance(resize, bool)
+                                   and 1 <= resize <= _MAX_SIDE):
+        raise invalid(f"'resize' must be a side length in 1..{_MAX_SIDE}")
+    return meta
+
+
+def _build(name: str, model_args: dict, sidecar: Path) -> nn.Module:
+    try:
+        return create_model(name, **model_args)
+    except CnnlabError as exc:
+        raise CheckpointError(f"{sidecar}: {exc}") from None
+    except (TypeError, ValueError, RuntimeError, OverflowError, KeyError, IndexError, ZeroDivisionError) as exc:
+        raise CheckpointError(f"{sidecar}: cannot build {name!r} with model_args {model_args!r} "
+                              f"({type(exc).__name__}: {str(exc)[:120]})") from None
+
+
+def _check_size_against_file(meta: dict, path: Path, sidecar: Path) -> None:
+    """Build the described model without memory (on the meta device) and compare its size with what the
+    weights file holds, so that a sidecar claiming, say, a billion classes allocates nothing."""
+    with torch.device("meta"):
+        shell = _build(meta["model"], meta["model_args"], sidecar)
+    wanted = sum(t.numel() for t in shell.state_dict().values())
+    held = _numel_in_file(path)
+    if wanted != held:
+        raise CheckpointError(f"{path}: holds {held:,} weights but its sidecar {sidecar.name} describes a "
+                              f"{meta['model']!r} with {wanted:,}; the two files do not belong together")
+
+
+def _numel_in_file(path: Path) -> int:
+    """Number of values in a safetensors file, from its header alone (which safe_open checks against the size)."""
+    from safetensors import safe_open
+    try:
+        with safe_open(path, framework="pt") as f:
+            return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
+
+
 def load_weights(target: str | Path, device: str | torch.device = "cpu", model_name: str | None = None,
                  classes_file: str | Path | None = None) -> LoadedModel:
     """A run folder, a cnnlab weights file with its sidecar, or a plain state dict (`.pth`, e.g. torchvision's)
@@ -88,18 +173,11 @@ def load_weights(target: str | Path, device: str | torch.device = "cpu", model_n
                 "classes": _read_classes(classes_file, num_classes), "mean": IMAGENET_MEAN, "std": IMAGENET_STD,
                 "input_shape": [3, 224, 224], "resize": 256}
         return LoadedModel(model.to(device).eval(), meta, path)
-    try:
-        meta = json.loads(sidecar.read_text())
-        if not isinstance(meta, dict):
-            raise ValueError("not an object")
-        for key in ("model", "model_args", "classes", "mean", "std", "input_shape"):
-            if key not in meta:
-                raise ValueError(f"missing key {key!r}")
-    except ValueError as exc:
-        raise CheckpointError(f"{sidecar}: not a valid cnnlab weights sidecar ({exc})") from None
+    meta = read_sidecar(sidecar)
     if model_name is not None and model_name != meta["model"]:
         raise CheckpointError(f"{path}: its sidecar says it is {meta['model']!r}, not {model_name!r}; leave out --model")
-    model = create_model(meta["model"], **meta["model_args"])
+    _check_size_against_file(meta, path, sidecar)
+    model = _build(meta["model"], meta["model_args"], sidecar)
     load_pretrained(model, path, name=repr(meta["model"]))
     if classes_file is not None:
         meta["classes"] = _read_classes(classes_file, len(meta["classes"]))
