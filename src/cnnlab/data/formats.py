@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import gzip
 import io
+import math
 import pickle
+import pickletools
+import warnings
 import zlib
 from pathlib import Path
 
@@ -76,12 +79,20 @@ class ForbiddenGlobal(pickle.UnpicklingError):
 
 
 class RestrictedUnpickler(pickle.Unpickler):
-    """Admits only what CIFAR's python batches contain: dicts, lists, strings, numbers and numpy arrays."""
+    """Admits only what CIFAR's python batches contain: dicts, lists, strings, numbers and numpy arrays.
+
+    Arrays are checked as they are built: no object dtype (it could hold anything) and no shape
+    larger than the pickle itself, so a lying shape allocates nothing.
+    """
 
     _ALLOWED = {
         ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
         ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
     }
+
+    def __init__(self, file, *, size_limit: int, **kwargs):
+        super().__init__(file, **kwargs)
+        self.size_limit = size_limit
 
     def find_class(self, module: str, name: str):
         if (module, name) not in self._ALLOWED:
@@ -90,14 +101,45 @@ class RestrictedUnpickler(pickle.Unpickler):
             import _codecs
             return _codecs.encode
         if module.endswith("multiarray"):
-            core = getattr(np, "_core", None) or np.core  # numpy 2 renamed numpy.core to numpy._core
-            return core.multiarray._reconstruct
-        return getattr(np, name)
+            return self._reconstruct
+        if name == "dtype":
+            return self._dtype
+        return np.ndarray
+
+    @staticmethod
+    def _dtype(*args):
+        with warnings.catch_warnings():  # numpy 2 deprecates old aliases such as 'a': noise here
+            warnings.simplefilter("ignore", DeprecationWarning)
+            dtype = np.dtype(*args)
+        if dtype.hasobject:
+            raise ForbiddenGlobal(f"arrays of Python objects ({dtype}) are not allowed in a CIFAR batch")
+        return dtype
+
+    def _reconstruct(self, subtype, shape, dtype):
+        core = getattr(np, "_core", None) or np.core  # numpy 2 renamed numpy.core to numpy._core
+        if subtype is not np.ndarray:
+            raise ForbiddenGlobal(f"array subclass {subtype!r} is not allowed in a CIFAR batch")
+        dims = shape if isinstance(shape, tuple) else (shape,)
+        if not all(isinstance(d, int) and d >= 0 for d in dims) or \
+                math.prod(dims) * self._dtype(dtype).itemsize > self.size_limit:
+            raise pickle.UnpicklingError(f"an array of shape {dims} cannot come from {self.size_limit} bytes")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return core.multiarray._reconstruct(subtype, shape, dtype)
+
+
+def _check_opcodes(data: bytes) -> None:
+    """Walk the pickle's opcodes without building anything. pickletools reads each length-prefixed
+    argument and fails when fewer bytes remain than claimed, whereas the C unpickler would first
+    allocate the claimed length (a 5-byte header can claim 4 GiB)."""
+    for _ in pickletools.genops(io.BytesIO(data)):
+        pass
 
 
 def _unpickle(data: bytes, path: Path | str) -> dict:
     try:
-        obj = RestrictedUnpickler(io.BytesIO(data), encoding="latin1").load()
+        _check_opcodes(data)
+        obj = RestrictedUnpickler(io.BytesIO(data), encoding="latin1", size_limit=len(data)).load()
     except ForbiddenGlobal as exc:
         raise DatasetError(f"{path}: refused: {exc}; this is not a genuine CIFAR python batch") from None
     except Exception as exc:  # malformed pickle streams raise many types

@@ -25,7 +25,7 @@ def open_image(path: str | Path) -> Image.Image:
                 width, height = im.size
                 if width * height > MAX_IMAGE_PIXELS:
                     raise ImageError(f"{path}: claims {width}x{height} pixels, more than cnnlab opens "
-                                     f"({MAX_IMAGE_PIXELS:,}); shrink it first")
+                                     f"({MAX_IMAGE_PIXELS:,}): shrink it first")
                 im.load()
                 return im.copy()
     except ImageError:
@@ -34,6 +34,9 @@ def open_image(path: str | Path) -> Image.Image:
         raise ImageError(f"{path}: no such file") from None
     except IsADirectoryError:
         raise ImageError(f"{path}: is a folder, not an image") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:  # PIL's own, larger limit
+        raise ImageError(f"{path}: too many pixels ({exc}); cnnlab opens at most {MAX_IMAGE_PIXELS:,}: "
+                         "shrink it first") from None
     except MemoryError:
         raise ImageError(f"{path}: too large to decode") from None
     except Exception as exc:  # decoders raise many types on malformed data (OSError, SyntaxError, struct.error...)

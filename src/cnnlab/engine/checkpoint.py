@@ -140,8 +140,6 @@ class CheckpointManager:
     def load_latest(self, log=print) -> dict:
         """The newest checkpoint that verifies; a damaged `last` is reported and `previous` used instead."""
         errors = []
-        for path in self.remove_stale_temp_files():
-            log(f"removed {path.name}, left by a checkpoint write that was cut short")
         for path in (self.last, self.previous):
             if not path.exists():
                 continue

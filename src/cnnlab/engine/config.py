@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from ..errors import ConfigError
+from ..errors import ConfigError, ModelError
 
 __all__ = ["TrainConfig", "load_config", "config_from_dict", "add_config_flags", "config_from_args", "yaml_dump"]
 
@@ -85,7 +85,10 @@ class TrainConfig:
         from ..data.catalog import CATALOG
         from ..models.registry import model_entrypoint
 
-        model_entrypoint(self.model)  # unknown model: lists the valid ones
+        try:
+            model_entrypoint(self.model)  # unknown model: lists the valid ones
+        except ModelError as exc:
+            raise ConfigError(str(exc)) from None
         if self.dataset not in CATALOG:
             raise ConfigError(f"unknown dataset {self.dataset!r}; valid datasets: {', '.join(CATALOG)}")
         checks = [
@@ -150,6 +153,10 @@ def _coerce(name: str, value: Any) -> Any:
 
 
 def config_from_dict(values: dict, base: TrainConfig | None = None, source: str = "config") -> TrainConfig:
+    not_names = [k for k in values if not isinstance(k, str)]
+    if not_names:
+        raise ConfigError(f"{source}: keys must be names, not {', '.join(repr(k) for k in not_names[:5])}; "
+                          f"valid keys: {', '.join(_FIELDS)}")
     unknown = [k for k in values if k not in _FIELDS]
     if unknown:
         hints = [f"{k!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, _FIELDS, 1)) else repr(k)
@@ -159,14 +166,37 @@ def config_from_dict(values: dict, base: TrainConfig | None = None, source: str 
     return cfg
 
 
+_MAX_CONFIG_BYTES = 1 << 20
+
+
+class _PlainLoader(yaml.SafeLoader):
+    """safe_load without aliases: a config never needs them, and nested aliases can expand a few
+    hundred bytes into gigabytes (the "billion laughs")."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed in a cnnlab config",
+                                              event.start_mark)
+        return super().compose_node(parent, index)
+
+
 def load_config(path: str | Path, base: TrainConfig | None = None) -> TrainConfig:
     path = Path(path)
     try:
-        values = yaml.safe_load(path.read_text()) or {}
+        if path.stat().st_size > _MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path}: {path.stat().st_size:,} bytes is far more than a config file holds; "
+                              "is this the right file?")
+        text = path.read_bytes().decode("utf-8")
+        values = yaml.load(text, Loader=_PlainLoader) or {}
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read the config file ({exc.strerror})") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a text file (byte {exc.start} is not UTF-8)") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to be a config file") from None
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: expected a mapping of keys to values, got {type(values).__name__}")
     return config_from_dict(values, base, source=str(path))

@@ -269,6 +269,9 @@ def fit(cfg: TrainConfig, *, resume: bool = False, callbacks: Sequence[Callable[
     if not resume and checkpoints.exists():
         raise ConfigError(f"{run_dir} already holds a run; resume it with 'cnnlab train --resume {run_dir}' "
                           "or choose another --run-dir")
+    if resume:
+        for path in checkpoints.remove_stale_temp_files():
+            log(f"removed {path.name}, left by a checkpoint write that was cut short")
     if resume and not checkpoints.exists():  # stopped before its first checkpoint: nothing to lose
         log(f"{run_dir} has no checkpoint yet; starting it from the beginning")
         resume = False

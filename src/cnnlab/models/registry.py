@@ -50,8 +50,13 @@ def create_model(name: str, weights: str | None = None, **kwargs) -> nn.Module:
             )
     try:
         model = builder(**kwargs)
-    except TypeError as exc:  # a keyword the underlying class does not take
-        raise ModelError(f"model {name!r}: {exc}") from None
+    except ModelError:
+        raise
+    except (TypeError, ValueError, AttributeError, KeyError, IndexError, OverflowError, ZeroDivisionError,
+            RuntimeError) as exc:  # an argument of the wrong type or range, e.g. num_classes=-1 or spec=None
+        shown = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())[:300]
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+        raise ModelError(f"model {name!r} cannot be built with {shown}: {reason}") from None
     if weights is not None:
         from .pretrained import load_pretrained
         load_pretrained(model, weights, name=repr(name))
