@@ -7,6 +7,7 @@ import os
 import pickle
 import struct
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -114,6 +115,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.send_response(200)
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
+        if self.path.startswith("/slow/"):  # eight pieces over 0.4 s, so that transfers overlap or can be cut
+            step = max(len(data) // 8, 1)
+            for i in range(0, len(data), step):
+                self.wfile.write(data[i:i + step])
+                self.wfile.flush()
+                time.sleep(0.05)
+            return
         self.wfile.write(data[: len(data) // 2] if truncated else data)
         if truncated:
             self.close_connection = True
@@ -124,8 +132,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def http_server():
-    """Serves `server.files[name]` at http://127.0.0.1:PORT/<prefix>/<name>; /broken/ answers 503 and
-    /truncated/ sends half of the announced bytes."""
+    """Serves `server.files[name]` at http://127.0.0.1:PORT/<prefix>/<name>; /broken/ answers 503,
+    /truncated/ sends half of the announced bytes and /slow/ sends them in pieces over 0.4 s."""
     handler = type("Handler", (_Handler,), {"files": {}, "hits": {}})
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)

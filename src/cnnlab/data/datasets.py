@@ -243,7 +243,14 @@ def fetch(name: str, *, log: Callable[[str], None] = print, spec: DatasetSpec | 
     if not spec.mirrors:
         raise DatasetError(f"dataset {name!r} cannot be downloaded; {spec.how_to_get}")
     root = cache_dir() / "datasets"
-    with file_lock(cache_dir() / "locks" / f"{name}.lock"):
+    lock = cache_dir() / "locks" / f"{name}.lock"
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        lock.touch()
+    except OSError as exc:
+        raise DatasetError(f"cannot write to the cache {cache_dir()} ({exc.strerror}); set CNNLAB_CACHE to a "
+                           "writable folder, or place the dataset's files yourself and pass --data-dir") from None
+    with file_lock(lock):
         if spec.archive is None:  # files one by one into <root>/<layout>/
             layout = next(iter(spec.files))
             for f in spec.files[layout]:

@@ -80,6 +80,10 @@ def download(filename: str, mirrors: tuple[str, ...] | list[str], dest_dir: Path
     except OSError as exc:
         raise DatasetError(f"cannot write to {dest_dir} ({exc.strerror}); set CNNLAB_CACHE or --data-dir "
                            "to a writable folder") from None
+    # The callers hold the dataset's lock, so a partial file here was left by a download that was killed.
+    for partial in dest_dir.glob(f".{filename}.*.part"):
+        partial.unlink(missing_ok=True)
+        log(f"removed {partial.name}, a partial download cut short earlier; starting {filename} again")
     failures = []
     for base in mirrors:
         url = base.rstrip("/") + "/" + filename

@@ -1,0 +1,94 @@
+"""The cnnlab command line with one fault injected, for tests that need a failure no real machine gives on cue.
+
+    CNNLAB_FAULT=checkpoint-enospc:N  python tests/faults.py train ...
+        the N-th checkpoint write fails with "No space left on device" after its first chunk
+    CNNLAB_FAULT=nan-loss:S1,S2,...   python tests/faults.py train ...
+        the training loss is NaN at these steps (counted from 1)
+    CNNLAB_FAULT=readonly-cache       python tests/faults.py data fetch ...
+        every write under $CNNLAB_CACHE fails with "Read-only file system"
+"""
+from __future__ import annotations
+
+import builtins
+import errno
+import os
+import sys
+from pathlib import Path
+
+
+def checkpoint_enospc(n: int) -> None:
+    from cnnlab.engine import checkpoint
+    original, calls = checkpoint._write_durably, [0]
+
+    def failing(fd, data, on_first_chunk=None):
+        if on_first_chunk is not None:  # a checkpoint, not some other file
+            calls[0] += 1
+            if calls[0] == n:
+                os.write(fd, data[: len(data) // 2])
+                os.close(fd)
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return original(fd, data, on_first_chunk)
+    checkpoint._write_durably = failing
+
+
+def nan_loss(steps: set[int]) -> None:
+    import torch
+    import torch.nn.functional as F
+    from cnnlab.engine import trainer
+    calls = [0]
+
+    class Shim:
+        def __getattr__(self, name):
+            return getattr(F, name)
+
+        @staticmethod
+        def cross_entropy(*args, **kwargs):
+            calls[0] += 1
+            loss = F.cross_entropy(*args, **kwargs)
+            return loss * torch.nan if calls[0] in steps else loss
+    trainer.F = Shim()
+
+
+def readonly_cache() -> None:
+    cache = Path(os.environ["CNNLAB_CACHE"]).resolve()
+
+    def inside(path) -> bool:
+        try:
+            return Path(os.fsdecode(path)).resolve().is_relative_to(cache)
+        except (TypeError, ValueError):
+            return False
+
+    def refuse(path):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), os.fsdecode(path))
+
+    real_open, real_os_open, real_mkdir = builtins.open, os.open, os.mkdir
+
+    def guarded_open(file, mode="r", *args, **kwargs):
+        if isinstance(file, (str, bytes, os.PathLike)) and set(mode) & set("wax+") and inside(file):
+            refuse(file)
+        return real_open(file, mode, *args, **kwargs)
+
+    def guarded_os_open(path, flags, *args, **kwargs):
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT) and inside(path):
+            refuse(path)
+        return real_os_open(path, flags, *args, **kwargs)
+
+    def guarded_mkdir(path, *args, **kwargs):
+        if inside(path) and not os.path.isdir(path):
+            refuse(path)
+        return real_mkdir(path, *args, **kwargs)
+    builtins.open, os.open, os.mkdir = guarded_open, guarded_os_open, guarded_mkdir
+
+
+if __name__ == "__main__":
+    kind, _, arg = os.environ["CNNLAB_FAULT"].partition(":")
+    if kind == "checkpoint-enospc":
+        checkpoint_enospc(int(arg))
+    elif kind == "nan-loss":
+        nan_loss({int(s) for s in arg.split(",")})
+    elif kind == "readonly-cache":
+        readonly_cache()
+    else:
+        raise SystemExit(f"unknown fault {kind!r}")
+    from cnnlab.cli import main
+    sys.exit(main(sys.argv[1:]))
