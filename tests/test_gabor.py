@@ -236,3 +236,20 @@ def test_plot_gabor_fits_checks_the_number_of_fits(tmp_path):
     with pytest.raises(ModelError, match="2 filters but 1 fits"):
         plot_gabor_fits(planes, fits[:1], tmp_path / "fits.png")
     assert isinstance(fits[0], GaborFit)
+
+
+def test_offset_is_fitted_and_can_be_switched_off():
+    plane = 2.0 * gabor(9, 4, 4, 100, 0.25, 45, 1.5, 2.0) + 0.7
+    with_offset = fit_gabor(plane)
+    assert with_offset.offset == pytest.approx(0.7, abs=1e-3) and with_offset.amplitude == pytest.approx(2.0, rel=1e-3)
+    assert with_offset.r2 > 0.9999
+    assert fit_gabor(plane, offset=False).r2 < 0.9  # the Gabor alone cannot carry a uniform 0.7
+
+
+def test_more_than_one_chunk_of_filters_keeps_their_order():
+    # 130 filters run in chunks of 64; one explicit start each, 10 degrees off, keeps this fast
+    thetas = np.linspace(0, 179, 130)
+    planes = np.stack([gabor(7, 3, 3, t, 0.25, 0, 1.5, 1.8) for t in thetas])
+    fits = fit_gabors(planes, starts=[[[3, 3, math.radians(t + 10), 0.25, 1.5, 1.5]] for t in thetas])
+    assert len(fits) == 130
+    assert max(angle_error(f.theta_deg, t) for f, t in zip(fits, thetas)) < 0.5
