@@ -90,7 +90,8 @@ def test_colour_filters_are_reduced_to_their_gabor_plane(colour):
     assert np.corrcoef(plane.ravel(), g.ravel())[0, 1] > 0.99
     lum = filter_to_2d(weight, mode="luminance")
     assert lum == pytest.approx(0.299 * weight[0] + 0.587 * weight[1] + 0.114 * weight[2])
-    fit = fit_gabor(plane)
+    fit, = fit_gabors(weight[None])  # (K, C, k, k) weights go through the same principal component
+    assert fit == fit_gabor(filter_to_2d(weight))
     assert angle_error(fit.theta_deg, 60) < 5
     assert fit.frequency == pytest.approx(0.18, rel=0.05)
     assert fit.nx == pytest.approx(2.2 * 0.18, rel=0.10) and fit.ny == pytest.approx(3.0 * 0.18, rel=0.10)

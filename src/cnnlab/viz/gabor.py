@@ -34,7 +34,7 @@ __all__ = [
     "compare_with_v1", "analyze_filters", "format_gabor_summary", "plot_v1_comparison", "plot_gabor_fits",
 ]
 
-# Ringach (2002) Fig. 4: 79 simple cells binned on log-spaced (nx, ny), as digitised for the lecture.
+# Ringach (2002): 79 simple cells binned on log-spaced (nx, ny), as digitised for the lecture.
 # Rows are nx bins (low -> high), columns ny bins (low -> high); both use the same edges.
 V1_SIMPLE_CELLS = {
     "citation": "Ringach DL (2002) Spatial structure and symmetry of simple-cell receptive fields in macaque "
@@ -52,8 +52,11 @@ assert sum(map(sum, V1_SIMPLE_CELLS["counts"])) == V1_SIMPLE_CELLS["n_cells"], "
 # R^2 for a filter to count as Gabor-like. White-noise filters reach a median R^2 of ~0.16 at 11x11 but ~0.31
 # at 7x7 (up to ~0.48 among 64): at 7x7, 0.5 is only just above chance, hence the shuffle control in analyze_filters.
 DEFAULT_THRESHOLD = 0.5
-F_MIN = 0.01  # cycles/pixel: the lower bound of f; below it the carrier is indistinguishable from the envelope
-V1_REGION_DEFINITION = "union of the 5x5 (nx, ny) bins holding at least one of Ringach's 79 cells (12 of 25 bins)"
+# cycles/pixel: keeps f > 0 and the fit well-conditioned; an 11-pixel patch holds a tenth of a cycle at this f,
+# so a lower f could not be told from a plain envelope anyway
+F_MIN = 0.01
+V1_REGION_DEFINITION = ("union of the 5x5 (nx, ny) bins holding at least one of Ringach's 79 cells "
+                        f"({sum(c > 0 for row in V1_SIMPLE_CELLS['counts'] for c in row)} of 25 bins)")
 V1_MEDIAN_METHOD = ("grouped median: cells spread uniformly in log10 within their bin, interpolated at the "
                     "N/2-th cell of the marginal counts")
 STATISTIC_DEFINITION = (
@@ -71,7 +74,7 @@ class GaborFit:
 
     x0: float
     y0: float
-    theta_deg: float  # in [0, 180): the carrier's direction (across the bars), counter-clockwise from +x
+    theta_deg: float  # in [0, 180): the carrier's direction (across the bars), from +x towards +y (down the rows)
     frequency: float
     phase_deg: float  # in (-180, 180]
     sigma_x: float
@@ -270,17 +273,22 @@ def _to_fits(p: np.ndarray, cost: np.ndarray, z_sstot: np.ndarray, scale: np.nda
     return fits
 
 
-def fit_gabors(planes, starts: np.ndarray | None = None, offset: bool = True, keep: int = 4,
+def fit_gabors(weights, starts: np.ndarray | None = None, offset: bool = True, mode: str = "pca", keep: int = 4,
                iterations: int = 200) -> list[GaborFit]:
-    """Least-squares Gabor fits of K 2D filters (K, h, w) at once, each from several starting points.
+    """Least-squares Gabor fits of K filters at once, each from several starting points.
 
-    `starts` (S, 6) or (K, S, 6) gives x0, y0, theta (rad), f, sigma_x, sigma_y to start from (default: an
-    FFT-seeded grid of 48); amplitude, phase and offset start at their linear least-squares values. All starts
-    run 25 iterations, the `keep` best per filter run to convergence. Deterministic: no random numbers.
+    `weights` are first-layer weights (K, C, kh, kw), made 2D by `filter_to_2d(..., mode)`, or 2D planes
+    (K, kh, kw). `starts` (S, 6) or (K, S, 6) gives x0, y0, theta (rad), f, sigma_x, sigma_y to start from
+    (default: an FFT-seeded grid of 48); amplitude, phase and offset enter linearly and start at their
+    least-squares values, so phases need no grid. All starts run 25 iterations, the `keep` best per filter
+    run to convergence. Deterministic: no random numbers.
     """
-    planes = _as_numpy(planes)
+    planes = _as_numpy(weights)
+    if planes.ndim == 4:
+        planes = np.stack([filter_to_2d(f, mode=mode) for f in planes])
     if planes.ndim != 3:
-        raise ModelError(f"fit_gabors expects 2D filters stacked as (K, h, w), got shape {tuple(planes.shape)}")
+        raise ModelError(f"fit_gabors expects filters (K, C, kh, kw) or 2D planes (K, kh, kw), "
+                         f"got shape {tuple(planes.shape)}")
     n, h, w = planes.shape
     # fit in units of each filter's standard deviation, so damping and tolerances do not depend on the scale;
     # without an offset parameter the mean stays in the data, for the Gabor alone to explain
