@@ -1,0 +1,256 @@
+"""Gabor fits of first-layer filters and the comparison with Ringach's (2002) V1 simple cells."""
+from __future__ import annotations
+
+import itertools
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from cnnlab.errors import ModelError
+from cnnlab.models import create_model
+from cnnlab.viz.gabor import (
+    V1_SIMPLE_CELLS, GaborFit, analyze_filters, compare_with_v1, filter_to_2d, first_conv_weight, fit_gabor,
+    fit_gabors, format_gabor_summary, gabor_image, plot_gabor_fits, plot_v1_comparison,
+)
+
+
+def gabor(size, x0, y0, theta_deg, f, phase_deg, sx, sy):
+    """Ringach's Gabor written out independently of the module: x' across the bars, y' along them."""
+    y, x = np.mgrid[0:size, 0:size].astype(np.float64)
+    t = math.radians(theta_deg)
+    xp = (x - x0) * math.cos(t) + (y - y0) * math.sin(t)
+    yp = -(x - x0) * math.sin(t) + (y - y0) * math.cos(t)
+    return np.exp(-xp ** 2 / (2 * sx ** 2) - yp ** 2 / (2 * sy ** 2)) * np.cos(2 * math.pi * f * xp
+                                                                               + math.radians(phase_deg))
+
+
+def angle_error(a_deg, b_deg):
+    """Orientation difference mod 180 degrees."""
+    return abs((a_deg - b_deg + 90) % 180 - 90)
+
+
+# (f, sigma_x, sigma_y) per size: envelopes that fit in the patch and at least ~0.3 carrier periods per sigma
+# (nx >= 0.3); below that a Gabor is a blob or an edge and f trades off against sigma_x, whatever the fitter.
+SHAPES = {7: [(0.22, 1.5, 2.0), (0.30, 1.2, 1.6), (0.25, 1.8, 1.2), (0.30, 1.0, 1.3)],
+          11: [(0.12, 2.8, 3.5), (0.20, 2.0, 2.6), (0.30, 1.5, 2.8), (0.16, 3.0, 2.0)]}
+
+
+def known_gabors(size, noise, seed=0):
+    rng = np.random.default_rng(seed)
+    truth, planes = [], []
+    c = (size - 1) / 2
+    for theta, (f, sx, sy), phase in itertools.product((0, 30, 75, 120, 165), SHAPES[size], (0, 90, -135)):
+        truth.append((theta, f, sx, sy))
+        planes.append(gabor(size, c + 0.3, c - 0.4, theta, f, phase, sx, sy)
+                      + noise * rng.standard_normal((size, size)))
+    return np.stack(planes), truth
+
+
+@pytest.mark.parametrize("size", [7, 11])
+def test_fits_recover_orientation_frequency_and_shape(size):
+    # noise sd 2% of the peak: at that level the fit's own statistical error in nx is ~5% at 7x7 (measured
+    # over seeds), so the tolerances check the optimiser, not the noise
+    planes, truth = known_gabors(size, noise=0.02)
+    fits = fit_gabors(planes)
+    for fit, (theta, f, sx, sy) in zip(fits, truth):
+        assert angle_error(fit.theta_deg, theta) < 5, (fit, theta)
+        assert fit.frequency == pytest.approx(f, rel=0.05)
+        assert fit.nx == pytest.approx(sx * f, rel=0.10)
+        assert fit.ny == pytest.approx(sy * f, rel=0.10)
+        assert fit.r2 > 0.95
+
+
+def test_sigma_x_runs_across_the_bars():
+    # vertical bars (carrier along x): theta = 0, the narrow envelope across them is sigma_x
+    plane = gabor(11, 5, 5, 0, 0.2, 0, sx=1.6, sy=3.2)
+    fit = fit_gabor(torch.tensor(plane))
+    assert angle_error(fit.theta_deg, 0) < 1
+    assert fit.sigma_x == pytest.approx(1.6, rel=0.02)
+    assert fit.sigma_y == pytest.approx(3.2, rel=0.02)
+    assert abs(fit.phase_deg) < 2 and fit.amplitude == pytest.approx(1, rel=0.02)
+    assert np.abs(gabor_image(fit, plane.shape) - plane).max() < 0.01
+
+
+def test_fit_gabor_takes_explicit_starting_points():
+    plane = gabor(9, 4.2, 3.6, 40, 0.25, 60, 1.5, 2.0)
+    fit = fit_gabor(plane, starts=[[4, 4, math.radians(40), 0.25, 2, 2]])
+    assert angle_error(fit.theta_deg, 40) < 0.5 and fit.r2 > 0.999
+
+
+@pytest.mark.parametrize("colour", [(0.8, 0.5, 0.3), (0.7, -0.6, -0.1)])  # luminance-like and red-green opponent
+def test_colour_filters_are_reduced_to_their_gabor_plane(colour):
+    rng = np.random.default_rng(1)
+    g = gabor(11, 5.2, 4.7, 60, 0.18, 30, 2.2, 3.0)
+    weight = np.asarray(colour)[:, None, None] * g + 0.02 * rng.standard_normal((3, 11, 11))
+    plane = filter_to_2d(torch.tensor(weight, dtype=torch.float32), mode="pca")
+    # the principal colour component is the colour vector, signed towards luminance (or its largest entry)
+    assert np.corrcoef(plane.ravel(), g.ravel())[0, 1] > 0.99
+    lum = filter_to_2d(weight, mode="luminance")
+    assert lum == pytest.approx(0.299 * weight[0] + 0.587 * weight[1] + 0.114 * weight[2])
+    fit, = fit_gabors(weight[None])  # (K, C, k, k) weights go through the same principal component
+    assert fit == fit_gabor(filter_to_2d(weight))
+    assert angle_error(fit.theta_deg, 60) < 5
+    assert fit.frequency == pytest.approx(0.18, rel=0.05)
+    assert fit.nx == pytest.approx(2.2 * 0.18, rel=0.10) and fit.ny == pytest.approx(3.0 * 0.18, rel=0.10)
+
+
+def test_single_channel_filters_pass_through_and_bad_modes_fail():
+    w = np.arange(25.0).reshape(1, 5, 5)
+    assert filter_to_2d(w) == pytest.approx(w[0])
+    with pytest.raises(ModelError, match="mode must be 'pca' or 'luminance'"):
+        filter_to_2d(np.zeros((3, 5, 5)), mode="red")
+    with pytest.raises(ModelError, match="needs an RGB filter"):
+        filter_to_2d(np.zeros((2, 5, 5)), mode="luminance")
+
+
+@pytest.mark.parametrize("size,median_below,max_below", [(7, 0.40, 0.50), (11, 0.20, 0.30)])
+def test_pure_noise_gets_low_r2(size, median_below, max_below):
+    rng = np.random.default_rng(2)
+    r2 = np.array([f.r2 for f in fit_gabors(rng.standard_normal((32, size, size)))])
+    assert np.median(r2) < median_below and r2.max() < max_below
+
+
+def test_a_constant_filter_explains_nothing():
+    fit = fit_gabors(np.stack([np.zeros((7, 7)), np.full((7, 7), 3.0)]))
+    assert [f.r2 for f in fit] == [0.0, 0.0]
+    assert all(math.isfinite(v) for f in fit for v in f.to_dict().values())
+
+
+def test_fits_are_deterministic():
+    planes, _ = known_gabors(7, noise=0.1, seed=3)
+    assert fit_gabors(planes[:12]) == fit_gabors(planes[:12])
+
+
+def test_v1_data_is_ringachs_79_cells_on_log_spaced_bins():
+    counts = np.asarray(V1_SIMPLE_CELLS["counts"])
+    edges = np.asarray(V1_SIMPLE_CELLS["edges"])
+    assert counts.shape == (5, 5) and counts.sum() == 79 == V1_SIMPLE_CELLS["n_cells"]
+    assert counts.sum(1).tolist() == [3, 22, 42, 12, 0]  # nx marginal
+    assert counts.sum(0).tolist() == [11, 11, 25, 25, 7]  # ny marginal
+    assert edges.tolist() == [0.100, 0.174, 0.302, 0.525, 0.912, 1.585]
+    assert np.diff(np.log10(edges)) == pytest.approx(np.full(5, 0.24), abs=0.002)  # 0.24 decades per bin
+    assert "J Neurophysiol 88:455-463" in V1_SIMPLE_CELLS["citation"]
+
+
+def draw_from_v1(n, seed):
+    """(nx, ny) drawn from V1's own histogram, uniform in log10 within each bin."""
+    rng = np.random.default_rng(seed)
+    counts = np.asarray(V1_SIMPLE_CELLS["counts"]).ravel()
+    logs = np.log10(V1_SIMPLE_CELLS["edges"])
+    i, j = np.divmod(rng.choice(25, size=n, p=counts / counts.sum()), 5)
+    return 10 ** rng.uniform(logs[i], logs[i + 1]), 10 ** rng.uniform(logs[j], logs[j + 1])
+
+
+def test_v1_medians_interpolate_in_log_space_within_the_median_bin():
+    cmp = compare_with_v1([], [])
+    # nx: 3 + 22 cells lie below 0.302, the 39.5th cell is 14.5 of the 42 in [0.302, 0.525)
+    assert cmp["v1_median_nx"] == pytest.approx(10 ** (math.log10(0.302) + 14.5 / 42 * math.log10(0.525 / 0.302)))
+    # ny: 11 + 11 below, 17.5 of the 25 in [0.302, 0.525)
+    assert cmp["v1_median_ny"] == pytest.approx(10 ** (math.log10(0.302) + 17.5 / 25 * math.log10(0.525 / 0.302)))
+    assert cmp["n"] == 0 and cmp["median_nx"] is None and cmp["tv_distance"] is None
+    json.dumps(cmp, allow_nan=False)
+
+
+def test_a_sample_from_v1_itself_scores_as_similar():
+    cmp = compare_with_v1(*draw_from_v1(64, seed=0))
+    assert cmp["share_in_v1_region"] == 1.0  # every draw lies in a bin that holds cells
+    assert cmp["outside_bins"] == 0 and sum(map(sum, cmp["binned_counts"])) == 64
+    assert cmp["tv_distance"] < 0.3
+    assert cmp["tv_permutation_p"] > 0.05
+    assert cmp["median_nx"] == pytest.approx(cmp["v1_median_nx"], rel=0.25)
+    assert cmp["median_ny"] == pytest.approx(cmp["v1_median_ny"], rel=0.25)
+
+
+def test_a_far_away_sample_scores_as_different():
+    rng = np.random.default_rng(0)
+    nx, ny = 10 ** rng.uniform(-0.3, 0.1, 40), 10 ** rng.uniform(-0.9, -0.6, 40)  # wide but short: few V1 cells
+    cmp = compare_with_v1(nx, ny)
+    assert cmp["share_in_v1_region"] < 0.2
+    assert cmp["tv_distance"] > 0.9
+    assert cmp["tv_permutation_p"] < 0.001
+    beyond = compare_with_v1([3.0, 0.05, 0.4], [0.4, 0.4, 2.0])  # all beyond the bin range
+    assert beyond["outside_bins"] == 3 and beyond["tv_distance"] == 1.0 and beyond["share_in_v1_region"] == 0.0
+
+
+def test_bin_edges_are_half_open_except_the_last():
+    cmp = compare_with_v1([0.100, 0.174, 1.585, 0.0999], [0.100, 0.100, 1.585, 0.2])
+    counts = np.asarray(cmp["binned_counts"])
+    assert counts[0, 0] == 1 and counts[1, 0] == 1 and counts[4, 4] == 1 and cmp["outside_bins"] == 1
+
+
+def test_small_filters_are_refused_with_advice():
+    with pytest.raises(ModelError) as info:
+        analyze_filters(create_model("convnet"))
+    message = str(info.value)
+    assert message.startswith("first-layer filters are 3x3: Gabor fits need about 5x5 filters or larger")
+    assert "convnet has 3x3 filters, too small" in message
+    assert "--model resnet18 (7x7 stem)" in message and "11x11 first layer" in message
+    with pytest.raises(ModelError, match="4x4: Gabor fits need about 5x5"):
+        analyze_filters(torch.zeros(8, 3, 4, 4))
+
+
+def test_the_suggested_large_first_layer_model_builds():
+    assert first_conv_weight(create_model("cnn", spec="c64k11s2,p,c128,p,f256")).shape == (64, 3, 11, 11)
+    assert first_conv_weight(create_model("resnet18")).shape == (64, 3, 7, 7)
+
+
+def test_analyze_filters_writes_json_and_figures(tmp_path):
+    rng = np.random.default_rng(4)
+    planes, _ = known_gabors(7, noise=0.02)
+    colours = rng.normal(size=(12, 3))
+    weight = np.concatenate([colours[:, :, None, None] * planes[::4, None][:12],  # 12 Gabors in colour
+                             rng.standard_normal((4, 3, 7, 7))])  # and 4 noise filters
+    result = analyze_filters(torch.tensor(weight, dtype=torch.float32), out_dir=tmp_path / "gabor")
+    assert result["n_filters"] == 16 and result["filter_shape"] == [3, 7, 7]
+    assert result["n_well_fit"] == 12
+    assert [f["well_fit"] for f in result["fits"]] == [True] * 12 + [False] * 4
+    assert result["comparison"]["n"] == 12
+    assert result["shuffle_control"]["n_above_threshold"] <= 1
+    files = sorted(p.name for p in (tmp_path / "gabor").iterdir())
+    assert files == ["gabor.json", "gabor_fits.png", "v1_comparison.png"]  # no temp files left behind
+    for name in ("gabor_fits.png", "v1_comparison.png"):
+        assert (tmp_path / "gabor" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    saved = json.loads((tmp_path / "gabor" / "gabor.json").read_text())
+    assert saved == json.loads(json.dumps(result, allow_nan=False))
+    summary = format_gabor_summary(result)
+    assert "12 with R^2 >= 0.5" in summary and "gabor.json" in summary
+
+
+def test_analyze_filters_takes_a_model_and_json_survives_no_well_fit_filter(tmp_path):
+    torch.manual_seed(0)
+    model = create_model("cnn", spec="c6k7,p,f16", in_channels=1, input_size=28)
+    result = analyze_filters(model, threshold=0.99, shuffle_control=False)
+    assert result["n_filters"] == 6 and result["filter_shape"] == [1, 7, 7] and result["n_well_fit"] == 0
+    json.dumps(result, allow_nan=False)
+    plot_v1_comparison(result, tmp_path / "v1.png")  # nothing to scatter: V1 alone
+    assert (tmp_path / "v1.png").stat().st_size > 0
+
+
+def test_plot_gabor_fits_checks_the_number_of_fits(tmp_path):
+    planes = np.stack([gabor(7, 3, 3, 0, 0.25, 0, 1.5, 1.5)] * 2)
+    fits = fit_gabors(planes)
+    plot_gabor_fits(planes, [f.to_dict() for f in fits], tmp_path / "fits.png")
+    assert (tmp_path / "fits.png").stat().st_size > 0
+    with pytest.raises(ModelError, match="2 filters but 1 fits"):
+        plot_gabor_fits(planes, fits[:1], tmp_path / "fits.png")
+    assert isinstance(fits[0], GaborFit)
+
+
+def test_offset_is_fitted_and_can_be_switched_off():
+    plane = 2.0 * gabor(9, 4, 4, 100, 0.25, 45, 1.5, 2.0) + 0.7
+    with_offset = fit_gabor(plane)
+    assert with_offset.offset == pytest.approx(0.7, abs=1e-3) and with_offset.amplitude == pytest.approx(2.0, rel=1e-3)
+    assert with_offset.r2 > 0.9999
+    assert fit_gabor(plane, offset=False).r2 < 0.9  # the Gabor alone cannot carry a uniform 0.7
+
+
+def test_more_than_one_chunk_of_filters_keeps_their_order():
+    # 130 filters run in chunks of 64; one explicit start each, 10 degrees off, keeps this fast
+    thetas = np.linspace(0, 179, 130)
+    planes = np.stack([gabor(7, 3, 3, t, 0.25, 0, 1.5, 1.8) for t in thetas])
+    fits = fit_gabors(planes, starts=[[[3, 3, math.radians(t + 10), 0.25, 1.5, 1.5]] for t in thetas])
+    assert len(fits) == 130
+    assert max(angle_error(f.theta_deg, t) for f, t in zip(fits, thetas)) < 0.5
