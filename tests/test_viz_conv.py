@@ -8,6 +8,7 @@ from cnnlab.errors import ConfigError, ImageError
 from cnnlab.viz import conv
 from cnnlab.viz.conv import (COLOR_FILTER_NAMES, VERTICAL_EDGE, color_filters, conv2d_by_hand, edge_feature_map,
                              load_image, numeric_example, render_conv)
+from cnnlab.viz.pool import conv_macs, max_pool_by_hand, render_pool
 
 GIF_LIMIT = 2 * 1024 * 1024  # bytes: the slides embed these GIFs
 
@@ -123,7 +124,42 @@ def test_unreadable_images_are_named(tmp_path):
     assert not (tmp_path / "slides").exists()
 
 
+@pytest.mark.parametrize("kernel, stride, shape", [(2, 2, (3, 8, 8)), (2, 2, (2, 7, 9)), (3, 2, (2, 9, 9)),
+                                                   (2, 1, (1, 5, 6)), (3, 3, (1, 9, 9))])
+def test_max_pool_by_hand_equals_torch_with_indices(kernel, stride, shape):
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(sum(shape)), dtype=torch.float64)
+    want, want_idx = F.max_pool2d(x[None], kernel, stride, return_indices=True)
+    got, idx = max_pool_by_hand(x.numpy(), kernel, stride)
+    assert np.array_equal(got, want[0].numpy()) and np.array_equal(idx, want_idx[0].numpy())
+
+
+def test_max_pool_by_hand_breaks_ties_as_torch_does_on_a_relu_map():
+    fmap = edge_feature_map()  # vertical-edge conv of the default image, then ReLU: many windows all zero
+    assert fmap.shape == (1, 16, 16) and (fmap == 0).mean() > 0.5
+    want, want_idx = F.max_pool2d(torch.from_numpy(fmap)[None].double(), 2, 2, return_indices=True)
+    got, idx = max_pool_by_hand(fmap)
+    assert np.array_equal(got, want[0].numpy()) and np.array_equal(idx, want_idx[0].numpy())
+
+
 def test_edge_feature_map_is_relu_of_the_vertical_edge_conv():
     gray = torch.from_numpy(conv.to_levels(conv.to_gray(conv.default_image()))).double()
     want = F.relu(F.conv2d(gray[None, None], torch.from_numpy(VERTICAL_EDGE).double()[None, None], padding=1))[0]
     assert np.array_equal(edge_feature_map(), want.numpy())
+
+
+def test_render_pool_reports_shapes_and_the_next_layers_macs(tmp_path):
+    info = render_pool(tmp_path)
+    assert info["shape_before"] == (1, 16, 16) and info["shape_after"] == (1, 8, 8)
+    assert info["macs_before"] == 16 * 16 * 1 * 64 * 9 == 147_456
+    assert info["macs_after"] == 8 * 8 * 1 * 64 * 9 and info["mac_ratio"] == 4.0
+    assert "147,456 MACs" in info["caption"] and "36,864" in info["caption"] and "4.00x fewer" in info["caption"]
+    with Image.open(info["path"]) as im:
+        assert im.format == "PNG" and info["path"] == tmp_path / "pool.png"
+
+
+def test_render_pool_on_an_odd_sized_map_drops_the_last_row_and_column(tmp_path):
+    fmap = np.random.default_rng(0).random((2, 15, 15))
+    info = render_pool(tmp_path, fmap, c_in=32, c_out=64)
+    assert info["shape_before"] == (2, 15, 15) and info["shape_after"] == (2, 7, 7)
+    assert info["macs_before"] == conv_macs(15, 15, 32, 64) == 15 * 15 * 32 * 64 * 9
+    assert info["mac_ratio"] == pytest.approx(225 / 49)
