@@ -3,7 +3,7 @@ import torch
 
 import cnnlab
 from cnnlab.errors import ModelError
-from cnnlab.models import ConvNet, TraditionalCNN, accepts, create_model, list_models
+from cnnlab.models import AlexNet, ConvNet, TraditionalCNN, accepts, create_model, list_models
 from cnnlab.models.convnet import sequential_to_convnet_state
 from cnnlab.models.summary import summarize
 
@@ -68,6 +68,50 @@ def test_public_api():
     assert isinstance(cnnlab.create_model("convnet"), torch.nn.Module)
 
 
+# torchvision's alexnet state dict, key by key: a file saved from torchvision loads with strict=True.
+ALEXNET_STATE = [
+    ("features.0.weight", (64, 3, 11, 11)), ("features.0.bias", (64,)),
+    ("features.3.weight", (192, 64, 5, 5)), ("features.3.bias", (192,)),
+    ("features.6.weight", (384, 192, 3, 3)), ("features.6.bias", (384,)),
+    ("features.8.weight", (256, 384, 3, 3)), ("features.8.bias", (256,)),
+    ("features.10.weight", (256, 256, 3, 3)), ("features.10.bias", (256,)),
+    ("classifier.1.weight", (4096, 9216)), ("classifier.1.bias", (4096,)),
+    ("classifier.4.weight", (4096, 4096)), ("classifier.4.bias", (4096,)),
+    ("classifier.6.weight", (1000, 4096)), ("classifier.6.bias", (1000,)),
+]
+
+
+def test_alexnet_has_torchvisions_keys_shapes_and_parameter_count():
+    model = create_model("alexnet")
+    assert isinstance(model, AlexNet)
+    assert [(k, tuple(v.shape)) for k, v in model.state_dict().items()] == ALEXNET_STATE
+    assert sum(p.numel() for p in model.parameters()) == 61_100_840
+    conv1 = model.features[0]
+    assert (conv1.stride, conv1.padding) == ((4, 4), (2, 2))
+    assert [m.p for m in model.classifier if isinstance(m, torch.nn.Dropout)] == [0.5, 0.5]
+
+
+def test_alexnet_keywords_and_the_smallest_input_it_takes():
+    model = create_model("alexnet", num_classes=7, in_channels=1, dropout=0.2).eval()
+    assert model.features[0].in_channels == 1 and model.classifier[6].out_features == 7
+    assert [m.p for m in model.classifier if isinstance(m, torch.nn.Dropout)] == [0.2, 0.2]
+    with torch.no_grad():
+        # 63x63 is the smallest side that survives conv1 and three 3x3/2 max-pools (15 -> 7 -> 3 -> 1)
+        assert model.forward_features(torch.zeros(1, 1, 63, 63)).shape == (1, 256, 1, 1)
+        assert model(torch.zeros(1, 1, 63, 63)).shape == (1, 7)
+        with pytest.raises(RuntimeError):
+            model(torch.zeros(1, 1, 62, 62))
+    with pytest.raises(ModelError, match="dropout"):
+        create_model("alexnet", dropout=1.0)
+
+
+def test_alexnet_maps_224_pixels_to_6x6_features_and_its_published_macs():
+    info = summarize(create_model("alexnet"), (3, 224, 224))
+    assert [layer["output_shape"] for layer in info["layers"] if layer["type"] == "MaxPool2d"] == [
+        [1, 64, 27, 27], [1, 192, 13, 13], [1, 256, 6, 6]]
+    assert info["macs"] == 714_188_480  # torchvision's model card: 0.71 GFLOPS (counted as MACs there)
+
+
 # Parameter counts as published (torchvision's model cards for the ImageNet nets at 1000 classes; He et al.
 # 2016, Table 6, for the CIFAR nets at 10 classes with option-A shortcuts; the lecture for convnet).
 PUBLISHED_PARAMS = {
@@ -77,6 +121,7 @@ PUBLISHED_PARAMS = {
     "resnet20": 269_722, "resnet32": 464_154, "resnet44": 658_586, "resnet56": 853_018, "resnet110": 1_727_962,
     "resnet1202": 19_421_274, "plain20": 269_722, "plain32": 464_154, "plain44": 658_586, "plain56": 853_018,
     "plain110": 1_727_962, "resnet18_small_stem": 11_173_962,  # the latter as in kuangliu's pytorch-cifar
+    "alexnet": 61_100_840,
 }
 IMAGENET_CLASSES = 1000
 TEST_SIDE_CAP = 64  # ImageNet nets pool globally, so a smaller input keeps the registry tests fast

@@ -3,9 +3,12 @@ from .registry import accepts, create_model, list_models, model_entrypoint, regi
 from . import convnet as _convnet  # noqa: F401  (registers the lecture's nets)
 from . import resnet as _resnet  # noqa: F401
 from . import cifar_resnet as _cifar_resnet  # noqa: F401
+from . import alexnet as _alexnet  # noqa: F401
+from .alexnet import AlexNet
 from .cifar_resnet import CifarResNet
 from .convnet import ConvNet, TraditionalCNN, parse_spec
 from .resnet import BasicBlock, Bottleneck, ResNet
 
 __all__ = ["accepts", "create_model", "list_models", "model_entrypoint", "register_model", "ConvNet",
-           "TraditionalCNN", "parse_spec", "ResNet", "BasicBlock", "Bottleneck", "CifarResNet"]
+           "TraditionalCNN", "parse_spec", "ResNet", "BasicBlock", "Bottleneck", "CifarResNet",
+           "AlexNet"]

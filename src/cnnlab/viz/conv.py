@@ -1,0 +1,564 @@
+"""Convolution, shown: a by-hand convolution, the classic worked example, and animations for the slides.
+
+Slide (a): a grey image and one 3x3 filter, the window sliding and the output map filling in.
+Slide (b): a colour image and a bank of 3x3x3 filters, one output map per filter.
+The worked example follows CS231n's convolution demo (Karpathy et al., cs231n.github.io/convolutional-networks).
+
+Images are shrunk to about 16x16 and their values rounded to the levels 0..9, so that every number on a slide
+is exact and a student can check any output cell by hand.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import numpy as np  # noqa: E402
+from matplotlib import colormaps  # noqa: E402
+from matplotlib.colors import Normalize  # noqa: E402
+from matplotlib.patches import Rectangle  # noqa: E402
+from PIL import Image, UnidentifiedImageError  # noqa: E402
+
+from ..errors import ConfigError, ImageError  # noqa: E402
+from . import _grid  # noqa: E402
+
+__all__ = ["conv2d_by_hand", "NumericExample", "numeric_example", "plot_numeric_example", "animate_conv_gray",
+           "animate_conv_color", "default_image", "load_image", "to_gray", "to_levels", "VERTICAL_EDGE",
+           "color_filters", "COLOR_FILTER_NAMES", "edge_feature_map", "render_conv"]
+
+# Sobel's vertical-edge filter: positive where brightness rises from left to right, negative where it falls,
+# zero on flat regions. The 2s weight the centre row, a little smoothing along the edge.
+VERTICAL_EDGE = np.array([[-1, 0, 1],
+                          [-2, 0, 2],
+                          [-1, 0, 1]])
+
+LEVELS = 10  # grey levels 0..9: one digit per cell keeps a 16x16 grid of numbers readable
+DEFAULT_SIZE = 16
+MAX_COLOR_FILTERS = 8
+
+
+def conv2d_by_hand(x, weight, bias=None, stride: int = 1, padding: int = 0) -> np.ndarray:
+    """(C, H, W) input, (K, C, kh, kw) filters -> (K, Ho, Wo), one nested sum per output number:
+
+        out[k, i, j] = bias[k] + sum over c, u, v of  x_padded[c, i*stride + u, j*stride + v] * weight[k, c, u, v]
+
+    As in every deep-learning library (and `torch.nn.functional.conv2d`) the filter is not flipped: strictly a
+    cross-correlation. Written as plain loops to be read, not run on large inputs (K*Ho*Wo*C*kh*kw Python steps).
+    """
+    x, weight = _grid.as_array(x), _grid.as_array(weight)
+    if x.ndim != 3 or weight.ndim != 4:
+        raise ConfigError(f"expected x as (C, H, W) and weight as (K, C, kh, kw); got {x.shape} and {weight.shape}")
+    C, H, W = x.shape
+    K, C_w, kh, kw = weight.shape
+    if C_w != C:
+        raise ConfigError(f"each filter must span all {C} input channels; weight has {C_w} (shape {weight.shape})")
+    if stride < 1 or padding < 0:
+        raise ConfigError(f"stride must be >= 1 and padding >= 0; got stride={stride}, padding={padding}")
+    bias = np.zeros(K, dtype=weight.dtype) if bias is None else _grid.as_array(bias)
+    if bias.shape != (K,):
+        raise ConfigError(f"bias must hold one number per filter ({K}); got shape {bias.shape}")
+
+    # Zero padding: `padding` rows and columns of zeros on every side, so border pixels get full windows too
+    # and a 3x3 filter with padding 1 keeps the size (H x W in, H x W out at stride 1).
+    xp = np.pad(x, ((0, 0), (padding, padding), (padding, padding)))
+    # The last window must fit inside the padded input: (H + 2p - kh) // stride further steps after the first.
+    Ho = (H + 2 * padding - kh) // stride + 1
+    Wo = (W + 2 * padding - kw) // stride + 1
+    if Ho < 1 or Wo < 1:
+        raise ConfigError(f"a {kh}x{kw} filter does not fit a {H}x{W} input with padding {padding}")
+
+    # Integers stay integers (the worked example's answers are exact); int64 so no product can overflow.
+    out = np.zeros((K, Ho, Wo), dtype=np.result_type(x.dtype, weight.dtype, bias.dtype, np.int64))
+    for k in range(K):                      # one output map per filter
+        for i in range(Ho):                 # output row i: its window starts at padded input row i*stride
+            for j in range(Wo):             # output column j: window starts at padded column j*stride
+                total = bias[k]
+                for c in range(C):          # a filter is as deep as the input: it sums over every channel
+                    for u in range(kh):     # and over every row and column of its window
+                        for v in range(kw):
+                            total += xp[c, i * stride + u, j * stride + v] * weight[k, c, u, v]
+                out[k, i, j] = total
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- worked example
+
+@dataclass(frozen=True)
+class NumericExample:
+    """Input (C, H, W), filters (K, C, kh, kw), biases (K,), and the output (K, Ho, Wo) they give."""
+    x: np.ndarray
+    weight: np.ndarray
+    bias: np.ndarray
+    stride: int
+    padding: int
+    out: np.ndarray
+
+
+def numeric_example(seed: int = 0) -> NumericExample:
+    """CS231n's demo: a 5x5x3 input of 0..2, zero padding 1, two 3x3x3 filters of -1..1, biases 1 and 0, stride 2.
+
+    The output is 3x3x2 ((5 + 2 - 3) / 2 + 1 = 3); arrays here are channel-first, so `out.shape == (2, 3, 3)`.
+    """
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 3, size=(3, 5, 5))
+    weight = rng.integers(-1, 2, size=(2, 3, 3, 3))
+    bias = np.array([1, 0])
+    out = conv2d_by_hand(x, weight, bias, stride=2, padding=1)
+    return NumericExample(x, weight, bias, 2, 1, out)
+
+
+def plot_numeric_example(path: Path, example: NumericExample | None = None, seed: int = 0,
+                         position: tuple[int, int] = (0, 0), filter_index: int = 0) -> Path:
+    """The worked example as grids of numbers: padded input slices, both filters, biases, output slices.
+
+    One output cell (`position` of map `filter_index`) is worked through: its window, filter and result are
+    outlined and the sum is written out below.
+    """
+    ex = example or numeric_example(seed)
+    C, K = ex.x.shape[0], ex.weight.shape[0]
+    if K > C:
+        raise ConfigError(f"the figure has one row per input channel, so at most {C} filters fit; got {K}")
+    p, s = ex.padding, ex.stride
+    kh, kw = ex.weight.shape[2:]
+    i, j = position
+    xp = np.pad(ex.x, ((0, 0), (p, p), (p, p))).astype(float)
+    pad_mask = np.ones(xp.shape[1:], dtype=bool)
+    pad_mask[p:p + ex.x.shape[1], p:p + ex.x.shape[2]] = False
+
+    cmap_in = colormaps["cividis"].with_extremes(bad=_grid.PAD_COLOUR)
+    cmap_signed = colormaps["RdBu_r"]
+    norm_in = Normalize(0, max(int(ex.x.max()), 1))
+    norm_w = _grid.symmetric_norm(ex.weight)
+    norm_out = _grid.symmetric_norm(ex.out)
+
+    fig = _grid.new_figure(2.9 * (2 + K) + 1.6, 2.9 * C + 1.0, dpi=100)
+    # every panel is square and as tall as its row, so the grids get equal widths (bias cells: smaller squares)
+    gs = fig.add_gridspec(C, 2 + 2 * K, width_ratios=[1.0] * (1 + K) + [0.45] * K + [1.0])
+    for c in range(C):
+        ax = fig.add_subplot(gs[c, 0])
+        shown = np.where(pad_mask, np.nan, xp[c])  # padding cells blank and hatched, their zeros written in grey
+        labels = np.vectorize(_grid.fmt_number)(xp[c])
+        _grid.draw_grid(ax, shown, cmap_in, norm_in, 10, origin=(-p, -p), labels=labels)
+        _grid.hatch_padding(ax, ex.x.shape[1], ex.x.shape[2], p)
+        _grid.outline(ax, i * s - p, j * s - p, kh, kw)
+        ax.set_title(f"input x[:, :, {c}] (padded)", fontsize=10)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if c == C - 1:
+            ax.set_xlabel(f"{ex.x.shape[1]}x{ex.x.shape[2]}x{C} input, zero padding {p} (hatched)", fontsize=9)
+        for k in range(K):
+            ax = fig.add_subplot(gs[c, 1 + k])
+            _grid.draw_grid(ax, ex.weight[k, c].astype(float), cmap_signed, norm_w, 11)
+            if k == filter_index:
+                _grid.outline(ax, 0, 0, kh, kw)
+            ax.set_title(f"filter w{k}[:, :, {c}]", fontsize=10)
+            ax.set_xticks([])
+            ax.set_yticks([])
+    for k in range(K):
+        ax = fig.add_subplot(gs[0, 1 + K + k])
+        _grid.draw_grid(ax, np.array([[float(ex.bias[k])]]), cmap_signed, _grid.symmetric_norm(ex.bias), 11)
+        ax.set_title(f"bias b{k}", fontsize=10)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax = fig.add_subplot(gs[k, 1 + 2 * K])
+        _grid.draw_grid(ax, ex.out[k].astype(float), cmap_signed, norm_out, 11)
+        if k == filter_index:
+            _grid.outline(ax, i, j, 1, 1)
+        ax.set_title(f"output o[:, :, {k}]", fontsize=10)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    for r in range(1, C):  # empty bias cells below the biases
+        for k in range(K):
+            fig.add_subplot(gs[r, 1 + K + k]).axis("off")
+
+    k = filter_index
+    per_channel = [int((xp[c, i * s:i * s + kh, j * s:j * s + kw] * ex.weight[k, c]).sum()) for c in range(C)]
+    sums = " + ".join(f"({v})" for v in per_channel)
+    fig.suptitle(f"Convolution by hand: {ex.x.shape[1]}x{ex.x.shape[2]}x{C} input, {K} filters "
+                 f"{kh}x{kw}x{C}, stride {s}, zero padding {p} -> {ex.out.shape[1]}x{ex.out.shape[2]}x{K} output",
+                 fontsize=12)
+    fig.text(0.5, -0.01, f"o[{i},{j},{k}] = sum over the {C} channels of (window * w{k}) + b{k} = {sums} "
+             f"+ ({ex.bias[k]}) = {ex.out[k, i, j]}    (outlined in orange)", ha="center", va="top", fontsize=11,
+             family="monospace")
+    return _grid.save_figure(fig, path)
+
+
+# ---------------------------------------------------------------------------------------------- images
+
+def default_image(size: int = DEFAULT_SIZE) -> np.ndarray:
+    """A synthetic scene, (size, size, 3) floats in [0, 1]: sky, sun, a red house with a door, grass.
+
+    Drawn at 8x the size and averaged down, so edges are soft as in a photo. It has vertical edges (walls, door),
+    a horizontal one (the horizon), a diagonal roof and colour contrast (red house on green), one for each filter.
+    """
+    n = 8 * size
+    v, u = (np.mgrid[0:n, 0:n] + 0.5) / n  # v: down, u: right, both in [0, 1]
+    sky_top, sky_low = np.array([0.30, 0.55, 0.90]), np.array([0.75, 0.87, 1.00])
+    img = sky_top + (sky_low - sky_top) * (v / 0.68)[..., None]
+    img[v > 0.68] = (0.20, 0.58, 0.20)  # grass
+    img[(u - 0.80) ** 2 + (v - 0.20) ** 2 < 0.11 ** 2] = (1.00, 0.85, 0.20)  # sun
+    img[(u > 0.14) & (u < 0.52) & (v > 0.42) & (v < 0.82)] = (0.80, 0.15, 0.10)  # walls
+    roof = (v > 0.20) & (v <= 0.42) & (np.abs(u - 0.33) < (v - 0.20) / 0.22 * 0.24)
+    img[roof] = (0.30, 0.22, 0.20)
+    img[(u > 0.27) & (u < 0.38) & (v > 0.60) & (v < 0.82)] = (0.20, 0.12, 0.05)  # door
+    img[(u > 0.42) & (u < 0.48) & (v > 0.50) & (v < 0.58)] = (0.95, 0.95, 0.80)  # window
+    # average each 8x8 block: the same box filter PIL uses to shrink photos in load_image
+    return img.reshape(size, 8, size, 8, 3).mean(axis=(1, 3))
+
+
+def to_gray(rgb: np.ndarray) -> np.ndarray:
+    """ITU-R 601 luma, the weights PIL's convert('L') uses: green counts most, as it does for the eye."""
+    return np.asarray(rgb, dtype=float) @ np.array([0.299, 0.587, 0.114])
+
+
+def to_levels(image: np.ndarray, levels: int = LEVELS) -> np.ndarray:
+    """[0, 1] floats -> integers 0..levels-1, so every number on a slide is short and exact."""
+    return np.round(np.clip(image, 0.0, 1.0) * (levels - 1)).astype(np.int64)
+
+
+def load_image(path: str | Path, size: int = DEFAULT_SIZE, gray: bool = True) -> np.ndarray:
+    """An image file as floats in [0, 1]: (size, size) grey or (size, size, 3) RGB, centre-cropped square, then
+    shrunk by area averaging (PIL's BOX filter), which keeps thin edges visible at 16x16."""
+    if size < 1:
+        raise ConfigError(f"image size must be at least 1 pixel; got {size}")
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            im.load()  # decode now: a truncated file fails here, inside the try, and is named below
+            im = im.convert("L" if gray else "RGB")
+    except FileNotFoundError:
+        raise ImageError(f"{path}: no such file") from None
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise ImageError(f"{path}: not a readable image ({type(exc).__name__}: {exc}); "
+                         "give a PNG, JPEG or other file Pillow can open") from None
+    side = min(im.size)
+    left, top = (im.size[0] - side) // 2, (im.size[1] - side) // 2
+    im = im.crop((left, top, left + side, top + side)).resize((size, size), Image.BOX)
+    return np.asarray(im, dtype=float) / 255.0
+
+
+def _prepare_rgb(image, size: int) -> np.ndarray:
+    """None (the default scene), a file path, or an array ((H, W) or (H, W, 3); uint8 or [0, 1] floats) ->
+    (size, size, 3) floats in [0, 1]."""
+    if image is None:
+        return default_image(size)
+    if isinstance(image, (str, Path)):
+        return load_image(image, size, gray=False)
+    a = _grid.as_array(image)
+    if a.ndim == 2:
+        a = np.repeat(a[..., None], 3, axis=2)
+    if a.ndim != 3 or a.shape[2] != 3:
+        raise ImageError(f"an image array must be (H, W) or (H, W, 3); got shape {a.shape}")
+    a = a.astype(float) / 255.0 if a.dtype == np.uint8 else np.clip(a.astype(float), 0.0, 1.0)
+    if a.shape[:2] != (size, size):
+        pil = Image.fromarray((a * 255).round().astype(np.uint8))
+        a = np.asarray(pil.resize((size, size), Image.BOX), dtype=float) / 255.0
+    return a
+
+
+# ---------------------------------------------------------------------------------------------- filters
+
+def _per_channel(k: np.ndarray) -> np.ndarray:
+    return np.stack([k, k, k])
+
+
+def _opponent(plus: tuple[float, float, float]) -> np.ndarray:
+    return np.stack([np.full((3, 3), w) for w in plus])
+
+
+# Filters for slide (b), (3, 3, 3) each = (R, G, B) planes, in the order shown. Each has integer weights times
+# one scale, so the slide can print whole numbers and "x 1/d". The first five are the default bank.
+_COLOR_BANK: list[tuple[str, np.ndarray]] = [
+    # Sobel on brightness (the channels' mean): light-to-dark changes across columns, i.e. vertical edges
+    ("vertical edge", _per_channel(VERTICAL_EDGE) / 3),
+    # the same turned by 90 degrees: horizontal edges such as the horizon
+    ("horizontal edge", _per_channel(VERTICAL_EDGE.T) / 3),
+    # box blur: the mean of all 27 numbers, local brightness with detail removed
+    ("blur", np.ones((3, 3, 3)) / 27),
+    # colour-opponent, like the retina's red-green channel: positive on red, negative on green, blind to blue
+    ("red - green", _opponent((1, -1, 0)) / 9),
+    # sharpen: 5x the centre minus its 4 neighbours, brightness with its edges amplified
+    ("sharpen", _per_channel(np.array([[0, -1, 0], [-1, 5, -1], [0, -1, 0]])) / 3),
+    # the other opponent pair: blue against yellow (red + green)
+    ("blue - yellow", _opponent((-1, -1, 2)) / 18),
+    # Sobel at 45 degrees: diagonal edges such as a roof line
+    ("diagonal edge", _per_channel(np.array([[0, 1, 2], [-1, 0, 1], [-2, -1, 0]])) / 3),
+    # centre minus surround (a Laplacian): small spots and blobs, zero on flat and on linear ramps
+    ("centre - surround", _per_channel(np.array([[-1, -1, -1], [-1, 8, -1], [-1, -1, -1]])) / 3),
+]
+COLOR_FILTER_NAMES = [name for name, _ in _COLOR_BANK]
+
+
+def color_filters(n: int = 5) -> tuple[list[str], np.ndarray]:
+    """The first `n` (1..8) filters of the colour bank: names and weights (n, 3, 3, 3)."""
+    if not 1 <= n <= MAX_COLOR_FILTERS:
+        raise ConfigError(f"filters must be 1..{MAX_COLOR_FILTERS}; got {n} (the bank: {', '.join(COLOR_FILTER_NAMES)})")
+    bank = _COLOR_BANK[:n]
+    return [name for name, _ in bank], np.stack([w for _, w in bank])
+
+
+def edge_feature_map(image=None, size: int = DEFAULT_SIZE) -> np.ndarray:
+    """A real feature map, (1, size, size) integers: slide (a)'s vertical-edge conv (padding 1) on the grey
+    levels 0..9, then ReLU, which keeps the dark-to-bright (left to right) edges and zeroes the rest."""
+    gray = to_levels(to_gray(_prepare_rgb(image, size)))
+    return np.maximum(conv2d_by_hand(gray[None], VERTICAL_EDGE[None, None], padding=1), 0)
+
+
+# ---------------------------------------------------------------------------------------------- animations
+
+def _frame_positions(Ho: int, Wo: int, max_frames: int) -> list[int]:
+    """Flat output indices shown, in raster order: the first row one step at a time, so the slide is visible,
+    then evenly spaced jumps to the last position, so the GIF stays within `max_frames`."""
+    if max_frames < 2:
+        raise ConfigError(f"max_frames must be at least 2; got {max_frames}")
+    total = Ho * Wo
+    if total <= max_frames:
+        return list(range(total))
+    first = list(range(min(Wo, max_frames // 2)))
+    rest = np.linspace(first[-1] + 1, total - 1, max_frames - len(first))
+    return first + sorted(set(np.round(rest).astype(int).tolist()))
+
+
+def _filled(out: np.ndarray, upto: int) -> np.ndarray:
+    """`out` with every position after flat index `upto` (raster order) not computed yet: NaN, drawn blank."""
+    shown = np.full(out.shape, np.nan)
+    flat = out.reshape(out.shape[0], -1) if out.ndim == 3 else out.reshape(1, -1)
+    shown.reshape(flat.shape)[:, :upto + 1] = flat[:, :upto + 1]
+    return shown
+
+
+def _term(w: float, x: float) -> str:
+    ws = _grid.fmt_number(w)
+    return f"({ws})·{_grid.fmt_number(x)}" if w < 0 else f"{ws}·{_grid.fmt_number(x)}"
+
+
+def _check_plane(a: np.ndarray, what: str, ndim: int, shape_hint: str) -> np.ndarray:
+    if a.ndim != ndim:
+        raise ConfigError(f"{what} must be {shape_hint}; got shape {a.shape}")
+    return a
+
+
+def animate_conv_gray(image, kernel, gif_path: Path, png_path: Path, max_frames: int = 40, padding: int = 1,
+                      stride: int = 1, filter_name: str = "vertical edge") -> np.ndarray:
+    """Slide (a): a grey image (H, W) and one filter (kh, kw); each frame outlines the current window on the
+    (padded) input, and the output map fills in. Writes the GIF and a still PNG (window at the map's centre,
+    half the map computed). Returns the output map (Ho, Wo)."""
+    image = _check_plane(_grid.as_array(image), "a grey image", 2, "(H, W)")
+    kernel = _check_plane(_grid.as_array(kernel), "the filter", 2, "(kh, kw)")
+    out = conv2d_by_hand(image[None], kernel[None, None], stride=stride, padding=padding)[0]
+    H, W = image.shape
+    kh, kw = kernel.shape
+    Ho, Wo = out.shape
+    p, s = padding, stride
+    xp = np.pad(image.astype(float), p)
+
+    gray_cmap = colormaps["gray"].with_extremes(bad=_grid.PAD_COLOUR)
+    signed = colormaps["RdBu_r"].with_extremes(bad="white")
+    norm_in = Normalize(float(min(image.min(), 0)), float(max(image.max(), 1)))
+    norm_k, norm_out = _grid.symmetric_norm(kernel), _grid.symmetric_norm(out)
+    cell = 0.3  # inches per cell, the same in every panel so the filter is visibly the window's size
+    fig = _grid.new_figure(cell * (W + 2 * p + kw + Wo) + 3.4, cell * (H + 2 * p) + 0.9)
+    gs = fig.add_gridspec(1, 3, width_ratios=[W + 2 * p, kw + 2, Wo])
+
+    ax_in = fig.add_subplot(gs[0])
+    shown = xp.copy()
+    if p:
+        shown[:p], shown[-p:], shown[:, :p], shown[:, -p:] = np.nan, np.nan, np.nan, np.nan
+    _grid.draw_grid(ax_in, shown, gray_cmap, norm_in, 7, origin=(-p, -p),
+                    labels=np.vectorize(_grid.fmt_number)(xp))
+    _grid.hatch_padding(ax_in, H, W, p)
+    window = _grid.outline(ax_in, -p, -p, kh, kw, lw=3, animated=True)
+    _grid.grid_ticks(ax_in, H + 2 * p, W + 2 * p, origin=(-p, -p))
+    ax_in.set(xlabel="column", ylabel="row")
+    ax_in.set_title(f"input {H}x{W}, grey levels, zero padding {p} (hatched)", fontsize=10)
+
+    ax_k = fig.add_subplot(gs[1])
+    _grid.draw_grid(ax_k, kernel.astype(float), signed, norm_k, 9)
+    _grid.outline(ax_k, 0, 0, kh, kw, lw=3)
+    ax_k.set_xticks([])
+    ax_k.set_yticks([])
+    ax_k.set_title(f"{kh}x{kw} filter\n({filter_name})", fontsize=10)
+
+    ax_out = fig.add_subplot(gs[2])
+    im_out = ax_out.imshow(np.full(out.shape, np.nan), cmap=signed, norm=norm_out)  # blank: the map's frame
+    # every output cell as its own patch and number, drawn only once it is computed
+    cells = np.empty(out.shape, dtype=object)
+    for (r, c), v in np.ndenumerate(out):
+        cells[r, c] = (Rectangle((c - 0.5, r - 0.5), 1, 1, facecolor=signed(norm_out(v)), animated=True),
+                       ax_out.text(c, r, _grid.fmt_number(v), ha="center", va="center", fontsize=7, animated=True,
+                                   color=_grid.text_colour(signed, norm_out, v)))
+        ax_out.add_patch(cells[r, c][0])
+    current = _grid.outline(ax_out, 0, 0, 1, 1, lw=2.5, animated=True)
+    _grid.grid_ticks(ax_out, Ho, Wo)
+    ax_out.set(xlabel="column", ylabel="row")
+    fig.colorbar(im_out, ax=ax_out, fraction=0.046, label="output value (blank: not computed yet)")
+    title_out = ax_out.set_title(f"output {Ho}x{Wo}: {out.size} of {out.size} computed", fontsize=10)
+    equation = fig.text(0.5, 0.005, "", ha="center", va="bottom", fontsize=9, family="monospace", animated=True)
+    fig.suptitle(f"Convolution, one window at a time: {kh}x{kw} filter, stride {s}, zero padding {p}: "
+                 f"{H}x{W} in -> {Ho}x{Wo} out", fontsize=12)
+    fig.get_layout_engine().set(h_pad=0.25)  # room for the equation line below the panels
+    _grid.freeze_layout(fig)  # with the longest title in place; then panels stay put as titles change
+    title_out.set_animated(True)
+    blit = _grid.Blitter(fig)
+    blank = blit.copy(ax_out.bbox)
+    state = {"upto": -1, "region": blank}  # output cells drawn so far, and the output panel with them
+
+    def show(flat: int) -> np.ndarray:
+        i, j = divmod(flat, Wo)
+        blit.restore()
+        if flat < state["upto"]:  # going back: start the output panel from blank again
+            state.update(upto=-1, region=blank)
+        blit.restore(state["region"])
+        for q in range(state["upto"] + 1, flat + 1):  # only the newly computed cells are drawn
+            blit.draw(*cells[divmod(q, Wo)])
+        state.update(upto=flat, region=blit.copy(ax_out.bbox))
+        window.set_xy((j * s - p - 0.5, i * s - p - 0.5))
+        current.set_xy((j - 0.5, i - 0.5))
+        title_out.set_text(f"output {Ho}x{Wo}: {flat + 1} of {out.size} computed")
+        patch = xp[i * s:i * s + kh, j * s:j * s + kw]
+        if kh * kw <= 9:
+            terms = " + ".join(_term(w, x) for w, x in zip(kernel.ravel(), patch.ravel()))
+            equation.set_text(f"out[{i},{j}] = {terms} = {_grid.fmt_number(out[i, j])}")
+        else:  # 25 products would not fit on one line
+            equation.set_text(f"out[{i},{j}] = sum of window * filter = {_grid.fmt_number(out[i, j])}")
+        blit.draw(window, current, title_out, equation)
+        return blit.rgb()
+
+    frames = [show(f) for f in _frame_positions(Ho, Wo, max_frames)]
+    _grid.write_gif(frames, gif_path)
+    _grid.write_png(show((Ho // 2) * Wo + Wo // 2), png_path)
+    return out
+
+
+def _channel_strip(planes: np.ndarray) -> np.ndarray:
+    """(3, kh, kw) -> (kh, 3*kw + 2): the channels side by side with a blank (NaN) column between them."""
+    gap = np.full((planes.shape[1], 1), np.nan)
+    return np.concatenate([planes[0], gap, planes[1], gap, planes[2]], axis=1).astype(float)
+
+
+def animate_conv_color(image_rgb, filters, gif_path: Path, png_path: Path, max_frames: int = 40, padding: int = 1,
+                       stride: int = 1, names: list[str] | None = None) -> np.ndarray:
+    """Slide (b): a colour image (H, W, 3) and N filters (N, 3, kh, kw); each frame outlines the window on the
+    input, prints its 3 x kh x kw numbers, and the N output maps fill in. Returns the maps (N, Ho, Wo)."""
+    image = _check_plane(_grid.as_array(image_rgb), "a colour image", 3, "(H, W, 3)")
+    filters = _check_plane(_grid.as_array(filters), "the filters", 4, "(N, 3, kh, kw)")
+    if image.shape[2] != 3 or filters.shape[1] != 3:
+        raise ConfigError(f"slide (b) needs an (H, W, 3) image and (N, 3, kh, kw) filters; "
+                          f"got {image.shape} and {filters.shape}")
+    N, _, kh, kw = filters.shape
+    names = list(names) if names is not None else [f"filter {k + 1}" for k in range(N)]
+    x = np.moveaxis(image, 2, 0)  # (H, W, 3) -> (3, H, W): channels first, as conv layers take them
+    out = conv2d_by_hand(x, filters, stride=stride, padding=padding)
+    H, W = image.shape[:2]
+    Ho, Wo = out.shape[1:]
+    p, s = padding, stride
+    xp = np.pad(x.astype(float), ((0, 0), (p, p), (p, p)))
+
+    lo, hi = float(image.min()), float(image.max())
+    rgb = np.ones((H + 2 * p, W + 2 * p, 3))  # padding shown white and hatched
+    rgb[p:p + H, p:p + W] = (image - lo) / ((hi - lo) or 1.0)
+    signed = colormaps["RdBu_r"].with_extremes(bad="white")
+    gray = colormaps["gray"].with_extremes(bad="white")
+    cols = max(N, 4)
+    fig = _grid.new_figure(2.1 * cols + 0.6, 7.6)
+    gs = fig.add_gridspec(3, cols, height_ratios=[3.0, 1.0, 2.2])
+    spare = 1.05 * (cols - 4) + 0.01  # with more than 4 filters, centre the input and window, not stretch them
+    top = gs[0, :].subgridspec(1, 4, width_ratios=[spare, 4.2, 4.2, spare])
+    fig.add_subplot(top[0]).axis("off")
+    fig.add_subplot(top[3]).axis("off")
+
+    ax_in = fig.add_subplot(top[1])
+    ax_in.imshow(rgb, interpolation="nearest", extent=(-p - 0.5, W + p - 0.5, H + p - 0.5, -p - 0.5))
+    _grid.hatch_padding(ax_in, H, W, p)
+    window = _grid.outline(ax_in, -p, -p, kh, kw, lw=3, animated=True)
+    _grid.grid_ticks(ax_in, H + 2 * p, W + 2 * p, origin=(-p, -p))
+    ax_in.set(xlabel="column", ylabel="row")
+    ax_in.set_title(f"input {H}x{W}x3, zero padding {p} (hatched)", fontsize=10)
+
+    ax_win = fig.add_subplot(top[2])
+    strip = _channel_strip(xp[:, :kh, :kw])
+    win_norm = Normalize(min(lo, 0.0), max(hi, 1.0))
+    im_win, win_texts = _grid.draw_grid(ax_win, strip, gray, win_norm, 10, animated=True)
+    for c in range(3):  # frame each channel's block: white (level 9) cells would otherwise merge with the gaps
+        _grid.outline(ax_win, 0, c * (kw + 1), kh, kw, colour="#555555", lw=1)
+    ax_win.set_xticks([(kw - 1) / 2 + c * (kw + 1) for c in range(3)], ["red", "green", "blue"])
+    ax_win.set_yticks([])
+    ax_win.set_title(f"the window: {3 * kh * kw} numbers ({kh}x{kw} in each of 3 channels)", fontsize=10)
+    ax_win.set_xlabel(f"each output number = sum of these {3 * kh * kw} numbers\ntimes one filter's "
+                      f"{3 * kh * kw} weights", fontsize=9)
+
+    out_images, currents, out_titles = [], [], []
+    for k in range(N):
+        ax = fig.add_subplot(gs[1, k])
+        d = _grid.integer_scale(filters[k])
+        weights = filters[k] * d if d else filters[k]
+        _grid.draw_grid(ax, _channel_strip(weights), signed, _grid.symmetric_norm(weights), 6.5)
+        ax.set_xticks([(kw - 1) / 2 + c * (kw + 1) for c in range(3)], ["R", "G", "B"], fontsize=7)
+        ax.set_yticks([])
+        ax.set_title(f"{k + 1}. {names[k]}" + (f"  (x 1/{d})" if d > 1 else ""), fontsize=9)
+
+        ax = fig.add_subplot(gs[2, k])
+        out_images.append(ax.imshow(np.full((Ho, Wo), np.nan), cmap=signed, norm=_grid.symmetric_norm(out[k]),
+                                    interpolation="nearest", animated=True))
+        currents.append(_grid.outline(ax, 0, 0, 1, 1, lw=2, animated=True))
+        out_titles.append(ax.set_title(f"{names[k]}: -00.0", fontsize=9))
+        _grid.grid_ticks(ax, Ho, Wo)
+        ax.set_xlabel(f"output map {k + 1} ({Ho}x{Wo})", fontsize=8)
+    for k in range(N, cols):  # fewer than 4 filters: keep the panels their usual size
+        fig.add_subplot(gs[1, k]).axis("off")
+        fig.add_subplot(gs[2, k]).axis("off")
+    fig.suptitle(f"{N} filter{'s' if N > 1 else ''} of {kh}x{kw}x3 on a colour image, stride {s}: "
+                 f"one output map per filter\n(maps: red > 0 > blue, each on its own scale)", fontsize=12)
+    _grid.freeze_layout(fig)
+    for t in out_titles:
+        t.set_animated(True)
+    blit = _grid.Blitter(fig)
+
+    def show(flat: int) -> np.ndarray:
+        i, j = divmod(flat, Wo)
+        blit.restore()
+        window.set_xy((j * s - p - 0.5, i * s - p - 0.5))
+        patch = _channel_strip(xp[:, i * s:i * s + kh, j * s:j * s + kw])
+        im_win.set_data(patch)
+        blit.draw(window, im_win)
+        for (r, c), t in np.ndenumerate(win_texts):
+            t.set_text(_grid.fmt_number(patch[r, c]))
+            t.set_color(_grid.text_colour(gray, win_norm, patch[r, c]))
+            blit.draw(t)
+        filled = _filled(out, flat)
+        for k in range(N):
+            out_images[k].set_data(filled[k])
+            currents[k].set_xy((j - 0.5, i - 0.5))
+            out_titles[k].set_text(f"{names[k]}: {_grid.fmt_number(out[k, i, j])}")
+            blit.draw(out_images[k], currents[k], out_titles[k])
+        return blit.rgb()
+
+    frames = [show(f) for f in _frame_positions(Ho, Wo, max_frames)]
+    _grid.write_gif(frames, gif_path)
+    _grid.write_png(show((Ho // 2) * Wo + Wo // 2), png_path)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- entry point
+
+def render_conv(out_dir: str | Path, image=None, filters: int = 5, size: int = DEFAULT_SIZE,
+                max_frames: int = 40) -> list[Path]:
+    """The convolution slides, into `out_dir`: conv_gray.gif/.png (a), conv_color.gif/.png (b), conv_numeric.png.
+
+    `image`: None (a synthetic scene), an image file, or an array; shrunk to `size` x `size` and rounded to the
+    levels 0..9. `filters`: how many of the colour bank's filters slide (b) shows (1..8).
+    """
+    names, bank = color_filters(filters)  # a bad count fails before any work starts
+    if not 3 <= size <= 32:
+        raise ConfigError(f"size must be 3..32 pixels so the numbers stay readable; got {size}")
+    rgb = _prepare_rgb(image, size)  # an unreadable image fails before anything is written
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / n for n in ("conv_gray.gif", "conv_gray.png", "conv_color.gif", "conv_color.png",
+                                   "conv_numeric.png")]
+    animate_conv_gray(to_levels(to_gray(rgb)), VERTICAL_EDGE, paths[0], paths[1], max_frames=max_frames)
+    animate_conv_color(to_levels(rgb), bank, paths[2], paths[3], max_frames=max_frames, names=names)
+    plot_numeric_example(paths[4])
+    return paths
