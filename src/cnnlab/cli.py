@@ -53,10 +53,17 @@ def cmd_train(args) -> int:
             base = apply_recipe(base, args.recipe, model)
         if args.config:
             base = load_config(args.config, base)
-        summary = fit(config_from_args(args, base))
+        cfg = config_from_args(args, base)
+        summary = fit(cfg)
     print(f"test accuracy: {summary['test_accuracy']:.4f} ({summary['test_accuracy'] * 100:.2f}%) after "
           f"{summary['epochs']} epochs, {summary['train_seconds']:.1f} s of training")
     print(f"run folder: {summary['run_dir']} (weights: model.safetensors, metrics.csv, summary.json)")
+    if cfg.report:
+        from .viz.report import build_report
+        try:
+            print(f"report: {build_report(summary['run_dir'], log=lambda m: None)}")
+        except (CnnlabError, OSError) as exc:  # the run itself succeeded: say so, and how to retry
+            print(f"warning: no report written ({exc}); run 'cnnlab report {summary['run_dir']}'", file=sys.stderr)
     return 0
 
 
@@ -224,6 +231,83 @@ def cmd_data(args) -> int:
     return 0
 
 
+def _out_dir(args, target: str | None = None) -> Path:
+    """--out, else RUN_DIR/viz for a run folder, else ./viz."""
+    out = Path(args.out) if args.out else Path(target) / "viz" if target and Path(target).is_dir() else Path("viz")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _load_for_viz(args):
+    from .engine.weights import load_weights
+    return load_weights(args.target, "cpu", model_name=getattr(args, "model", None))
+
+
+def cmd_viz(args) -> int:
+    if args.what == "conv":
+        from .viz.conv import render_conv
+        paths = render_conv(_out_dir(args), image=args.image, filters=args.filters)
+        print("\n".join(map(str, paths)))
+    elif args.what == "pool":
+        from .viz.conv import edge_feature_map, load_image
+        from .viz.pool import render_pool
+        image = load_image(args.image, gray=False) if args.image else None
+        result = render_pool(_out_dir(args), feature_map=edge_feature_map(image))
+        print(result["caption"])
+        print(result["path"])
+    elif args.what == "filters":
+        from .viz.filters import conv_layers, layer_weight, plot_filters
+        loaded = _load_for_viz(args)
+        name, weight = layer_weight(loaded.model, args.layer)
+        first = name == next(iter(conv_layers(loaded.model)))
+        out = _out_dir(args, args.target)
+        path = plot_filters(weight, out / f"filters-{name.replace('.', '_')}.png", layer=name, first_layer=first)
+        print(f"{name}: {weight.shape[0]} filters of {'x'.join(map(str, weight.shape[1:]))} -> {path}")
+    elif args.what == "features":
+        from .engine.predict import load_image
+        from .viz.filters import default_feature_layers, feature_maps, plot_feature_maps
+        if not args.image:
+            raise ConfigError("'cnnlab viz features RUN_DIR IMAGE': give the image to look at")
+        loaded = _load_for_viz(args)
+        pixels, _ = load_image(Path(args.image), loaded.input_shape, loaded.meta.get("resize"))
+        import torch
+        c = loaded.input_shape[0]
+        x = (torch.tensor(pixels)[None].float() / 255 - torch.tensor(loaded.mean).view(1, c, 1, 1)) \
+            / torch.tensor(loaded.std).view(1, c, 1, 1)
+        layers = args.layers.split(",") if args.layers else default_feature_layers(loaded.model)
+        maps = feature_maps(loaded.model, x, layers)
+        path = plot_feature_maps(maps, pixels.transpose(1, 2, 0), _out_dir(args, args.target) / "features.png",
+                                 title=f"Feature maps of {Path(args.image).name}")
+        for name, act in maps.items():
+            print(f"{name}: {tuple(act.shape)}")
+        print(path)
+    elif args.what == "gabor":
+        from .viz.filters import layer_weight
+        from .viz.gabor import analyze_filters, format_gabor_summary
+        loaded = _load_for_viz(args)
+        _, weight = layer_weight(loaded.model)
+        result = analyze_filters(weight, _out_dir(args, args.target), threshold=args.threshold)
+        print(format_gabor_summary(result))
+        print("\n".join(result.get("files", [])))
+    return 0
+
+
+def _viz_entry(args) -> int:
+    if args.what in ("filters", "features", "gabor") and not args.target:
+        raise ConfigError(f"'cnnlab viz {args.what}' needs RUN_DIR or a weights file")
+    if args.what in ("conv", "pool"):
+        if args.target:
+            raise ConfigError(f"'cnnlab viz {args.what}' takes no RUN_DIR; give your image with --image PATH")
+        args.image = args.image_flag
+    return cmd_viz(args)
+
+
+def cmd_report(args) -> int:
+    from .viz.report import build_report
+    print(build_report(args.run_dir, data_dir=args.data_dir, log=lambda m: print(m, file=sys.stderr)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .data.augment import AUGMENT_HELP
     from .engine.config import add_config_flags
@@ -241,6 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", choices=("he2016",), help="a published recipe (he2016: He et al. 2016's CIFAR "
                    "schedule; --epochs N shortens it, scaling the milestones)")
     add_config_flags(p)
+    p.add_argument("--no-report", dest="report", action="store_const", const="false",
+                   help="do not write report.html at the end")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="evaluate trained weights on a test split")
@@ -274,6 +360,28 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="list the registered models with parameters and MACs")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("viz", help="pictures: convolution and pooling, filters, feature maps, the V1 comparison",
+                       description="conv: the lecture's convolution slides (GIFs and PNGs); pool: max pooling on a "
+                                   "feature map; filters RUN_DIR|WEIGHTS: a layer's filters; features RUN_DIR IMAGE: "
+                                   "activation maps; gabor RUN_DIR|WEIGHTS: Gabor fits of the first layer against "
+                                   "macaque V1 (Ringach 2002)")
+    p.add_argument("what", choices=("conv", "pool", "filters", "features", "gabor"))
+    p.add_argument("target", nargs="?", metavar="RUN_DIR|WEIGHTS", help="for filters, features and gabor")
+    p.add_argument("image", nargs="?", metavar="IMAGE", help="for features")
+    p.add_argument("--image", dest="image_flag", metavar="PATH", help="conv and pool: your own image")
+    p.add_argument("--filters", type=int, default=5, help="conv: filters on the colour slide (1-8)")
+    p.add_argument("--layer", help="filters: a conv layer by dotted name (default: the first)")
+    p.add_argument("--layers", help="features: comma-separated layer names (default: the first 3 conv layers)")
+    p.add_argument("--threshold", type=float, default=0.5, help="gabor: R^2 at which a fit counts as good")
+    p.add_argument("--model", help="model name for a plain state-dict file without a sidecar")
+    p.add_argument("--out", help="output folder (default RUN_DIR/viz, or ./viz)")
+    p.set_defaults(func=_viz_entry)
+
+    p = sub.add_parser("report", help="one self-contained HTML page on a run (also written by train)")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--data-dir", help="where the test split is, if not where the run found it")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("data", help="list, fetch or inspect datasets")
     p.add_argument("action", choices=("list", "fetch", "info"))

@@ -76,6 +76,7 @@ class TrainConfig:
     progress: str = _opt("auto", "progress display: a bar on a terminal, plain lines elsewhere",
                          ("auto", "bar", "plain", "none"))
     log_every: int = _opt(100, "plain progress: one line every N steps")
+    report: bool = _opt(True, "write report.html into the run folder at the end ('cnnlab report'); --no-report skips it")
     on_nan: str = _opt("stop", "what a NaN or infinite loss or gradient does: 'stop' the run (the last good "
                        "checkpoint stays), or 'skip' that step's update, up to max_nan_skips times", ("stop", "skip"))
     max_nan_skips: int = _opt(10, "with on_nan 'skip': the run stops at the next non-finite step after this many")

@@ -1,0 +1,214 @@
+"""`cnnlab report RUN_DIR`: one self-contained HTML page on how a run went and what the model learned.
+
+Every image is embedded as a data: URI and nothing is fetched from the network, so the page can be
+mailed, archived or opened offline. A small inline script records load errors and undecodable images
+in the page's <body> attributes, which the browser test reads.
+"""
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import json
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..engine.checkpoint import save_atomic
+from ..errors import CheckpointError
+from .plots import _save, plot_confusion, plt
+
+__all__ = ["build_report", "plot_curves", "hardest_examples"]
+
+
+def _read_metrics(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return [{k: (float(v) if v not in ("", None) else None) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def plot_curves(rows: list[dict], path: Path) -> Path:
+    """Loss, accuracy (train and test) and learning rate by epoch."""
+    epochs = [r["epoch"] for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    colours = {"train": "#0072B2", "test": "#D55E00"}  # Okabe-Ito: distinguishable with any colour vision
+    for ax, metric, label in ((axes[0], "loss", "cross-entropy loss"), (axes[1], "acc", "accuracy")):
+        for split in ("train", "test"):
+            points = [(e, r[f"{split}_{metric}"]) for e, r in zip(epochs, rows) if r.get(f"{split}_{metric}") is not None]
+            if points:
+                ax.plot(*zip(*points), marker="o", color=colours[split], label=split)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    axes[0].set_title("Loss")
+    axes[1].set_title("Accuracy (fraction correct)")
+    axes[2].plot(epochs, [r["lr"] for r in rows], marker="o", color="#009E73")
+    axes[2].set_title("Learning rate at the end of each epoch")
+    axes[2].set_xlabel("epoch")
+    axes[2].set_ylabel("learning rate")
+    axes[2].grid(alpha=0.3)
+    _save(fig, path)
+    return path
+
+
+@torch.inference_mode()
+def hardest_examples(model, images: torch.Tensor, labels: torch.Tensor, mean, std, k: int = 16,
+                     batch_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Indices, losses and predictions of the `k` test images with the highest loss."""
+    model.eval()
+    c = images.shape[1]
+    mean_t = torch.tensor(mean).view(1, c, 1, 1)
+    std_t = torch.tensor(std).view(1, c, 1, 1)
+    losses, preds = [], []
+    for start in range(0, len(images), batch_size):
+        x = (images[start:start + batch_size].float() / 255 - mean_t) / std_t
+        logits = model(x.contiguous(memory_format=torch.channels_last)).float()
+        losses.append(F.cross_entropy(logits, labels[start:start + batch_size], reduction="none"))
+        preds.append(logits.argmax(1))
+    losses_all, preds_all = torch.cat(losses), torch.cat(preds)
+    top = losses_all.topk(min(k, len(losses_all))).indices
+    return top, losses_all[top], preds_all[top]
+
+
+def _plot_hardest(images, labels, top, losses, preds, classes, path: Path) -> Path:
+    cols = 8
+    rows = int(np.ceil(len(top) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.6, rows * 1.9), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, i, loss, pred in zip(axes.flat, top.tolist(), losses.tolist(), preds.tolist()):
+        img = images[i].permute(1, 2, 0).numpy()
+        ax.imshow(img[..., 0] if img.shape[2] == 1 else img, cmap="gray" if img.shape[2] == 1 else None,
+                  vmin=0, vmax=255, interpolation="nearest")
+        ax.set_title(f"true {classes[labels[i]]}\npred {classes[pred]}\nloss {loss:.2f}", fontsize=7)
+    fig.suptitle("Test images with the highest loss")
+    _save(fig, path)
+    return path
+
+
+_CHECK_SCRIPT = """
+<script>
+// Records what went wrong while loading, for a reader with developer tools closed and for the browser test.
+var cnnlabErrors = [];
+window.addEventListener('error', function (e) {
+  cnnlabErrors.push(e.message || ('failed to load ' + (e.target && (e.target.src || e.target.href))));
+}, true);
+window.addEventListener('load', function () {
+  var images = document.images, decoded = 0;
+  for (var i = 0; i < images.length; i++) { if (images[i].complete && images[i].naturalWidth > 0) decoded++; }
+  document.body.setAttribute('data-images', decoded + '/' + images.length);
+  document.body.setAttribute('data-errors', String(cnnlabErrors.length));
+});
+</script>"""
+
+_STYLE = """<style>
+body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #222; }
+h1 { margin-bottom: 0.2em; } h2 { border-bottom: 1px solid #ccc; padding-bottom: 0.2em; margin-top: 2em; }
+table { border-collapse: collapse; font-size: 0.9em; } td, th { border: 1px solid #ddd; padding: 3px 8px; text-align: right; }
+th { background: #f3f3f3; } td:first-child, th:first-child { text-align: left; }
+img { max-width: 100%; } pre { background: #f6f6f6; padding: 0.8em; overflow-x: auto; font-size: 0.85em; }
+.note { color: #555; font-size: 0.9em; }
+</style>"""
+
+
+def _img(png: Path, alt: str) -> str:
+    data = base64.b64encode(Path(png).read_bytes()).decode()
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def build_report(run_dir: str | Path, data_dir: str | None = None, log: Callable[[str], None] = print) -> Path:
+    """Write RUN_DIR/report.html (and the figures it embeds, under RUN_DIR/report/); returns the page's path."""
+    from ..data import load_dataset
+    from ..engine.config import load_config
+    from ..engine.evaluate import evaluate, most_confused
+    from ..engine.weights import load_weights
+    from ..data import InMemoryLoader
+    from ..models.summary import summarize
+    from .filters import layer_weight, plot_filters
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise CheckpointError(f"{run_dir}: not a run folder (no config.yaml); give the folder 'cnnlab train' made")
+    cfg = load_config(run_dir / "config.yaml")
+    loaded = load_weights(run_dir)
+    summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
+    rows = _read_metrics(run_dir / "metrics.csv")
+    figures = run_dir / "report"
+    figures.mkdir(exist_ok=True)
+    classes, model = loaded.classes, loaded.model.eval()
+    sections = []
+
+    # configuration and environment
+    env_rows = [[k, v] for k, v in summary.get("versions", {}).items()]
+    env_rows += [[k, summary[k]] for k in ("device", "precision", "threads", "seed", "wall_seconds") if k in summary]
+    sections.append("<h2>Configuration and environment</h2>" + _table(["what", "value"], env_rows)
+                    + f"<pre>{html.escape((run_dir / 'config.yaml').read_text())}</pre>")
+
+    # model summary
+    info = summarize(model, tuple(loaded.input_shape))
+    layer_rows = [[layer["name"], layer["type"], "x".join(map(str, layer["output_shape"])), f"{layer['params']:,}",
+                   f"{layer['macs']:,}"] for layer in info["layers"]]
+    sections.append(f"<h2>Model: {html.escape(loaded.meta['model'])}</h2><p>{info['params']:,} parameters, "
+                    f"{info['macs']:,} multiply-accumulates per {'x'.join(map(str, loaded.input_shape))} image "
+                    f"<span class='note'>({html.escape(info['mac_note'])})</span></p>"
+                    + _table(["layer", "type", "output shape", "parameters", "MACs"], layer_rows))
+
+    # training curves
+    if rows:
+        plot_curves(rows, figures / "curves.png")
+        sections.append("<h2>Training curves</h2>" + _img(figures / "curves.png", "training curves"))
+
+    # evaluation on the test split
+    data = load_dataset(cfg.dataset, data_dir or cfg.data_dir, log=log)
+    loader = InMemoryLoader(data.test_images, data.test_labels, 1024, mean=loaded.mean, std=loaded.std)
+    result = evaluate(model, loader, len(classes))
+    plot_confusion(result["confusion"], classes, figures / "confusion.png",
+                   title=f"Test confusion matrix: accuracy {result['accuracy']:.2%}")
+    per_class = [[name, f"{acc:.2%}", sum(result["confusion"][i])] for i, (name, acc) in
+                 enumerate(zip(classes, result["per_class"]))]
+    confused = [[p["true"], p["predicted"], p["count"]] for p in most_confused(result["confusion"], classes)]
+    top, losses, preds = hardest_examples(model, data.test_images, data.test_labels, loaded.mean, loaded.std)
+    _plot_hardest(data.test_images, data.test_labels, top, losses, preds, classes, figures / "hardest.png")
+    sections.append(f"<h2>Test results</h2><p>{result['n']:,} test images: accuracy <b>{result['accuracy']:.2%}</b>, "
+                    f"loss {result['loss']:.4f}</p>" + _img(figures / "confusion.png", "confusion matrix")
+                    + "<h3>Per-class accuracy</h3>" + _table(["class", "accuracy", "images"], per_class)
+                    + "<h3>Most confused pairs</h3>" + _table(["true", "predicted", "count"], confused)
+                    + "<h3>Highest-loss test images</h3>" + _img(figures / "hardest.png", "highest-loss images"))
+
+    # what the first layer learned
+    name, weight = layer_weight(model)
+    plot_filters(weight, figures / "filters.png", layer=name)
+    learned = f"<h2>First-layer filters ({html.escape(name)})</h2>" + _img(figures / "filters.png", "filters")
+    kh, kw = weight.shape[2:]
+    if min(kh, kw) >= 5:
+        from .gabor import analyze_filters, format_gabor_summary
+        gabor = analyze_filters(weight, figures)
+        learned += ("<h3>Compared with macaque V1 simple cells (Ringach 2002)</h3>"
+                    f"<pre>{html.escape(format_gabor_summary(gabor))}</pre>"
+                    + _img(figures / "v1_comparison.png", "V1 comparison") + _img(figures / "gabor_fits.png", "fits"))
+    else:
+        learned += (f"<p class='note'>No V1 comparison: Gabor fits need filters of about 5x5 or larger, and these are "
+                    f"{kh}x{kw}. Train a model with a large first layer, e.g. <code>--model resnet18</code> (7x7) or "
+                    "<code>--model cnn --model-arg spec=c64k11s2,p,c128,p,f256</code> (11x11).</p>")
+    sections.append(learned)
+
+    title = f"{loaded.meta['model']} on {cfg.dataset}"
+    accuracy = summary.get("test_accuracy", result["accuracy"])
+    page = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>cnnlab: {html.escape(title)}</title>"
+            f"{_STYLE}{_CHECK_SCRIPT}</head><body><h1>{html.escape(title)}</h1>"
+            f"<p>Run folder <code>{html.escape(str(run_dir))}</code>: test accuracy {accuracy:.2%} after "
+            f"{summary.get('epochs', len(rows))} epochs.</p>" + "".join(sections) + "</body></html>")
+    path = run_dir / "report.html"
+    save_atomic(page.encode(), path)
+    return path
