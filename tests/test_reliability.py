@@ -341,3 +341,16 @@ def test_deterministic_runs_are_bitwise_equal_and_record_their_seeds_and_version
     assert summary["deterministic"] == {"requested": True, "deterministic_algorithms": True,
                                         "cudnn_benchmark": False, "cudnn_deterministic": True}
     assert summary["versions"]["torch"] == torch.__version__ and summary["versions"]["cnnlab"]
+
+
+def test_a_run_folder_in_use_is_not_resumed_by_a_second_process(shapes, tmp_path):
+    import fcntl
+    import shutil
+    root, reference, env = shapes
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    with open(run / ".lock", "a") as held:  # as a live training process holds it
+        fcntl.flock(held, fcntl.LOCK_EX)
+        result = cnnlab("train", "--resume", run, "--epochs", "3", "--progress", "none", env=env)
+    assert result.returncode == 2 and "is in use by another cnnlab process" in result.stderr
+    assert read_checkpoint(run / "last.ckpt")["step"] == read_checkpoint(reference / "last.ckpt")["step"]

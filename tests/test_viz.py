@@ -120,9 +120,9 @@ def test_viz_bad_input_gets_clear_messages(run, tmp_path):
 
 def test_gabor_refuses_3x3_filters_and_says_what_to_train(tmp_path):
     from cnnlab.engine.weights import save_weights
-    model = create_model("convnet")
+    model = create_model("convnet", in_channels=1, input_size=[28, 28])
     save_weights(model, tmp_path / "model.safetensors", {
-        "model": "convnet", "model_args": {}, "classes": [str(i) for i in range(10)], "mean": [0.5], "std": [0.5],
+        "model": "convnet", "model_args": {"in_channels": 1, "input_size": [28, 28]}, "classes": [str(i) for i in range(10)], "mean": [0.5], "std": [0.5],
         "input_shape": [1, 28, 28]})
     bad = cnnlab("viz", "gabor", tmp_path / "model.safetensors", check=False)
     assert bad.returncode == 2 and "3x3" in bad.stderr and "5x5" in bad.stderr and "resnet18" in bad.stderr
@@ -168,3 +168,21 @@ def test_report_in_a_real_headless_browser(run, tmp_path):
                    timeout=120, check=True)
     pixels = np.asarray(Image.open(shot).convert("L"), dtype=np.float32)
     assert pixels.std() > 10 and (pixels < 128).mean() > 0.01  # text and figures, not a blank page
+
+
+def test_filters_of_an_alexnet_checkpoint_as_torchvision_saves_it(tmp_path):
+    # a plain state dict with torchvision's key names: the very file a user downloads
+    torch.save(create_model("alexnet").state_dict(), tmp_path / "alexnet-owt.pth")
+    out = cnnlab("viz", "filters", tmp_path / "alexnet-owt.pth", "--model", "alexnet", "--out", tmp_path).stdout
+    assert "features.0: 64 filters of 3x11x11" in out and (tmp_path / "filters-features_0.png").is_file()
+
+
+def test_no_report_skips_the_page(run, tmp_path):
+    from conftest import write_image_folder
+    root = write_image_folder(tmp_path / "shapes")
+    result = cnnlab("train", "--dataset", "imagefolder", "--data-dir", root, "--model", "cnn", "--model-arg",
+                    "spec=c4,p,f8", "--epochs", "1", "--batch-size", "16", "--run-dir", tmp_path / "run",
+                    "--progress", "none",
+                    "--no-report", env=run[2])
+    assert "report:" not in result.stdout and not (tmp_path / "run" / "report.html").exists()
+    assert (tmp_path / "run" / "model.safetensors").is_file()

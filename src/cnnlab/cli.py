@@ -62,7 +62,7 @@ def cmd_train(args) -> int:
         from .viz.report import build_report
         try:
             print(f"report: {build_report(summary['run_dir'], log=lambda m: None)}")
-        except (CnnlabError, OSError) as exc:  # the run itself succeeded: say so, and how to retry
+        except Exception as exc:  # noqa: BLE001  the run itself succeeded: say so, and how to retry
             print(f"warning: no report written ({exc}); run 'cnnlab report {summary['run_dir']}'", file=sys.stderr)
     return 0
 
@@ -288,7 +288,6 @@ def cmd_viz(args) -> int:
         _, weight = layer_weight(loaded.model)
         result = analyze_filters(weight, _out_dir(args, args.target), threshold=args.threshold)
         print(format_gabor_summary(result))
-        print("\n".join(result.get("files", [])))
     return 0
 
 
@@ -408,6 +407,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:  # a folder we were told to write into is read-only, full or missing
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

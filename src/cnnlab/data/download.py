@@ -139,6 +139,9 @@ def extract_archive(archive: Path, target: Path, folder: str) -> Path:
                 tar.extractall(staging, members=members, **extra)
         except (tarfile.TarError, EOFError) as exc:
             raise DatasetError(f"{archive}: not a readable archive ({exc}); delete it and fetch again") from None
+        except OSError as exc:  # a full or read-only cache; the staging folder is removed below
+            raise DatasetError(f"cannot extract {archive.name} into {target} ({exc.strerror}); free some space or "
+                               "set CNNLAB_CACHE to another folder") from None
         if not (staging / folder).is_dir():
             raise DatasetError(f"{archive}: holds no folder {folder!r}; delete it and fetch again")
         final = target / folder

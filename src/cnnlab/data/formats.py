@@ -78,6 +78,15 @@ class ForbiddenGlobal(pickle.UnpicklingError):
     """The pickle names a global outside the allowed set: it could run code, so it is refused."""
 
 
+class _NdarrayToken:
+    """Stands for numpy.ndarray inside a pickle. numpy pickles name the class only to pass it to
+    `_reconstruct`; handing out the real class would let a pickle call `ndarray(shape)` directly and
+    allocate whatever shape it claims."""
+
+    def __new__(cls, *args, **kwargs):
+        raise ForbiddenGlobal("calling numpy.ndarray directly is not allowed in a CIFAR batch")
+
+
 class RestrictedUnpickler(pickle.Unpickler):
     """Admits only what CIFAR's python batches contain: dicts, lists, strings, numbers and numpy arrays.
 
@@ -104,7 +113,7 @@ class RestrictedUnpickler(pickle.Unpickler):
             return self._reconstruct
         if name == "dtype":
             return self._dtype
-        return np.ndarray
+        return _NdarrayToken  # only good as _reconstruct's first argument: calling it builds nothing
 
     @staticmethod
     def _dtype(*args):
@@ -117,7 +126,7 @@ class RestrictedUnpickler(pickle.Unpickler):
 
     def _reconstruct(self, subtype, shape, dtype):
         core = getattr(np, "_core", None) or np.core  # numpy 2 renamed numpy.core to numpy._core
-        if subtype is not np.ndarray:
+        if subtype is not _NdarrayToken:
             raise ForbiddenGlobal(f"array subclass {subtype!r} is not allowed in a CIFAR batch")
         dims = shape if isinstance(shape, tuple) else (shape,)
         if not all(isinstance(d, int) and d >= 0 for d in dims) or \
@@ -125,7 +134,7 @@ class RestrictedUnpickler(pickle.Unpickler):
             raise pickle.UnpicklingError(f"an array of shape {dims} cannot come from {self.size_limit} bytes")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
-            return core.multiarray._reconstruct(subtype, shape, dtype)
+            return core.multiarray._reconstruct(np.ndarray, shape, dtype)
 
 
 def _check_opcodes(data: bytes) -> None:
@@ -158,7 +167,7 @@ def parse_cifar_python(data: bytes, path: Path | str, label_key: str) -> tuple[n
         raise DatasetError(f"{path}: 'data' is not an (N, 3072) uint8 array")
     try:
         labels = np.asarray(labels, dtype=np.int64)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise DatasetError(f"{path}: {label_key!r} is not a list of integers") from None
     if labels.shape != (images.shape[0],):
         raise DatasetError(f"{path}: {images.shape[0]} images but {labels.size} labels under {label_key!r}")

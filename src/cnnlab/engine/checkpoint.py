@@ -6,6 +6,7 @@ with `weights_only=True`; there is no fallback to unrestricted unpickling.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import os
@@ -122,8 +123,9 @@ class CheckpointManager:
             tmp = None
             _fsync_dir(self.run_dir)
         except OSError as exc:
+            fix = "free some space" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "make the folder writable"
             raise CheckpointError(f"cannot write a checkpoint in {self.run_dir} ({exc.strerror or exc}); the "
-                                  "last good checkpoint there is intact: free some space and resume with "
+                                  f"last good checkpoint there is intact: {fix} and resume with "
                                   f"'cnnlab train --resume {self.run_dir}'") from None
         finally:  # also on KeyboardInterrupt: no half-written file stays behind
             if tmp is not None and os.path.exists(tmp):
@@ -131,8 +133,9 @@ class CheckpointManager:
         self._last_is_good = True
 
     def remove_stale_temp_files(self) -> list[Path]:
-        """Delete the partial files of writes cut short by a kill (only the resuming process writes here)."""
-        stale = sorted(self.run_dir.glob(f"{_TMP_PREFIX}*.tmp"))
+        """Delete the partial files of writes cut short by a kill: checkpoints, metrics, config. The caller
+        holds the run folder's lock, so no live write is among them."""
+        stale = sorted(self.run_dir.glob(".*.tmp"))
         for path in stale:
             path.unlink(missing_ok=True)
         return stale

@@ -1,8 +1,10 @@
 """`fit(config)`: the whole training run, from dataset to weights, resumable bit for bit on CPU."""
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
+import fcntl
 import hashlib
 import io
 import json
@@ -209,6 +211,34 @@ def threading_is_main() -> bool:
 def fit(cfg: TrainConfig, *, resume: bool = False, callbacks: Sequence[Callable[[RunState], None]] = (),
         log: Callable[[str], None] = print) -> dict:
     """Train `cfg.model` on `cfg.dataset`, evaluate on the test split, write the run folder; returns the summary."""
+    # --deterministic changes process-wide switches: put them back afterwards, for the next fit() in this process
+    previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+                torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
+    try:
+        with contextlib.ExitStack() as stack:
+            return _fit(cfg, resume, callbacks, log, stack)
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = previous[2], previous[3]
+
+
+@contextlib.contextmanager
+def _run_folder_lock(run_dir: Path):
+    """One process at a time per run folder: a second `--resume` of a live run would corrupt both."""
+    with open(run_dir / ".lock", "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(f"{run_dir} is in use by another cnnlab process; wait for it to finish or stop "
+                              "it first") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _fit(cfg: TrainConfig, resume: bool, callbacks: Sequence[Callable[[RunState], None]],
+         log: Callable[[str], None], stack: contextlib.ExitStack) -> dict:
     cfg.validate()
     wall_start = time.perf_counter()
     device = pick_device(cfg.device)
@@ -269,13 +299,14 @@ def fit(cfg: TrainConfig, *, resume: bool = False, callbacks: Sequence[Callable[
     if not resume and checkpoints.exists():
         raise ConfigError(f"{run_dir} already holds a run; resume it with 'cnnlab train --resume {run_dir}' "
                           "or choose another --run-dir")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    stack.enter_context(_run_folder_lock(run_dir))
     if resume:
         for path in checkpoints.remove_stale_temp_files():
-            log(f"removed {path.name}, left by a checkpoint write that was cut short")
+            log(f"removed {path.name}, left by a write that was cut short")
     if resume and not checkpoints.exists():  # stopped before its first checkpoint: nothing to lose
         log(f"{run_dir} has no checkpoint yet; starting it from the beginning")
         resume = False
-    run_dir.mkdir(parents=True, exist_ok=True)
     cfg = dataclasses.replace(cfg, run_dir=str(run_dir))
     arch = {"model": cfg.model, "model_args": model_args}
     fingerprint = _data_fingerprint(data, train_y, val_y)
@@ -284,6 +315,10 @@ def fit(cfg: TrainConfig, *, resume: bool = False, callbacks: Sequence[Callable[
     epoch_sums = {"loss": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
     if resume:
         state = checkpoints.load_latest(log=log)
+        lacking = [k for k in ("arch", "model", "optimizer", "step", "history", "epoch_sums", "rng") if k not in state]
+        if lacking:
+            raise CheckpointError(f"{run_dir}: the checkpoint lacks {', '.join(lacking)}; it was not written by this "
+                                  "version of cnnlab's trainer. Start a new run")
         if state["arch"] != json.loads(json.dumps(arch)):
             raise CheckpointError(f"{run_dir}: the checkpoint holds {state['arch']}, not {arch}; "
                                   "start a new run instead of resuming")
@@ -326,7 +361,7 @@ def fit(cfg: TrainConfig, *, resume: bool = False, callbacks: Sequence[Callable[
             "sha256 sums are recorded in summary.json")
 
     model.train()
-    with _SignalStop() as stopper:
+    with _SignalStop() as stopper, _explain_determinism_errors():
         while loader.epoch < cfg.epochs and step < total_steps:
             epoch = loader.epoch
             progress.start_epoch(epoch, cfg.epochs, step)
@@ -374,8 +409,9 @@ def fit(cfg: TrainConfig, *, resume: bool = False, callbacks: Sequence[Callable[
                 elapsed = epoch_sums["seconds"] + time.perf_counter() - tic
                 if progress.mode != "none" and (progress.mode == "bar" or step % cfg.log_every == 0):
                     total_seen = epoch_sums["seen"] + seen
-                    progress.update(step, (epoch_sums["loss"] + loss_sum.item()) / total_seen,
-                                    (epoch_sums["correct"] + correct.item()) / total_seen, total_seen / elapsed)
+                    progress.update(step, (epoch_sums["loss"] + loss_sum.item()) / max(total_seen, 1),
+                                    (epoch_sums["correct"] + correct.item()) / max(total_seen, 1),
+                                    total_seen / elapsed)
                 if callbacks:  # .item() waits for the GPU: only pay for it when someone looks
                     run_state.epoch, run_state.step, run_state.loss = epoch, step, loss.item()
                     for callback in callbacks:
@@ -434,6 +470,19 @@ def fit(cfg: TrainConfig, *, resume: bool = False, callbacks: Sequence[Callable[
     }
     save_atomic(json.dumps(summary, indent=2).encode(), run_dir / "summary.json")
     return summary
+
+
+@contextlib.contextmanager
+def _explain_determinism_errors():
+    """With --deterministic, PyTorch refuses ops that have no deterministic kernel on this device (e.g. some
+    CUDA backward passes); say which and what to do, instead of a traceback."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if "deterministic" not in str(exc) or not torch.are_deterministic_algorithms_enabled():
+            raise
+        raise TrainingError(f"--deterministic cannot be honoured here: {str(exc).splitlines()[0]} "
+                            "Leave out --deterministic, or train on CPU") from None
 
 
 def _accumulate(sums: dict, loss_sum: torch.Tensor, correct: torch.Tensor, seen: int, tic: float) -> None:

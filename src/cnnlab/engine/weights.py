@@ -141,6 +141,15 @@ def _check_size_against_file(meta: dict, path: Path, sidecar: Path) -> None:
     if wanted != held:
         raise CheckpointError(f"{path}: holds {held:,} weights but its sidecar {sidecar.name} describes a "
                               f"{meta['model']!r} with {wanted:,}; the two files do not belong together")
+    try:  # shapes only, on the meta device: does the model take input_shape, and give one output per class?
+        with torch.device("meta"):
+            out = shell.eval()(torch.empty(1, *meta["input_shape"]))
+    except Exception as exc:  # any layer may object to a shape: all of them mean the same thing here
+        raise CheckpointError(f"{sidecar}: the model does not take input_shape {meta['input_shape']} "
+                              f"({type(exc).__name__}: {str(exc)[:120]})") from None
+    if tuple(out.shape) != (1, len(meta["classes"])):
+        raise CheckpointError(f"{sidecar}: lists {len(meta['classes'])} classes but the model gives "
+                              f"{tuple(out.shape)[1:]} outputs; the sidecar does not belong to these weights")
 
 
 def _numel_in_file(path: Path) -> int:

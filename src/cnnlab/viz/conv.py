@@ -19,8 +19,9 @@ import numpy as np  # noqa: E402
 from matplotlib import colormaps  # noqa: E402
 from matplotlib.colors import Normalize  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
-from PIL import Image, UnidentifiedImageError  # noqa: E402
+from PIL import Image  # noqa: E402
 
+from ..data.images import open_image  # noqa: E402
 from ..errors import ConfigError, ImageError  # noqa: E402
 from . import _grid  # noqa: E402
 
@@ -223,16 +224,7 @@ def load_image(path: str | Path, size: int = DEFAULT_SIZE, gray: bool = True) ->
     shrunk by area averaging (PIL's BOX filter), which keeps thin edges visible at 16x16."""
     if size < 1:
         raise ConfigError(f"image size must be at least 1 pixel; got {size}")
-    path = Path(path)
-    try:
-        with Image.open(path) as im:
-            im.load()  # decode now: a truncated file fails here, inside the try, and is named below
-            im = im.convert("L" if gray else "RGB")
-    except FileNotFoundError:
-        raise ImageError(f"{path}: no such file") from None
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise ImageError(f"{path}: not a readable image ({type(exc).__name__}: {exc}); "
-                         "give a PNG, JPEG or other file Pillow can open") from None
+    im = open_image(path).convert("L" if gray else "RGB")  # refuses huge or malformed files, naming them
     side = min(im.size)
     left, top = (im.size[0] - side) // 2, (im.size[1] - side) // 2
     im = im.crop((left, top, left + side, top + side)).resize((size, size), Image.BOX)
