@@ -186,3 +186,20 @@ def test_no_report_skips_the_page(run, tmp_path):
                     "--no-report", env=run[2])
     assert "report:" not in result.stdout and not (tmp_path / "run" / "report.html").exists()
     assert (tmp_path / "run" / "model.safetensors").is_file()
+
+
+def test_report_scores_agree_with_evaluate():
+    from cnnlab.data import InMemoryLoader
+    from cnnlab.engine.evaluate import evaluate
+    from cnnlab.viz.report import hardest_examples, score_test_split
+    torch.manual_seed(0)
+    model = create_model("cnn", spec="c4,p,f8", in_channels=3, num_classes=3, input_size=[8, 8])
+    images = torch.randint(0, 256, (50, 3, 8, 8), dtype=torch.uint8)
+    labels = torch.arange(50) % 3
+    mean, std = [0.5] * 3, [0.25] * 3
+    ours = score_test_split(model, images, labels, mean, std, 3, batch_size=16)
+    reference = evaluate(model, InMemoryLoader(images, labels, 16, mean=mean, std=std), 3)
+    assert ours["confusion"] == reference["confusion"] and ours["accuracy"] == reference["accuracy"]
+    assert abs(ours["loss"] - reference["loss"]) < 1e-5
+    top, losses, _ = hardest_examples(ours, k=5)
+    assert losses.tolist() == sorted(ours["losses"].tolist(), reverse=True)[:5]

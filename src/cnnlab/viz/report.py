@@ -21,7 +21,7 @@ from ..engine.checkpoint import save_atomic
 from ..errors import CheckpointError
 from .plots import _save, plot_confusion, plt
 
-__all__ = ["build_report", "plot_curves", "hardest_examples"]
+__all__ = ["build_report", "plot_curves", "score_test_split", "hardest_examples"]
 
 
 def _read_metrics(path: Path) -> list[dict]:
@@ -57,9 +57,9 @@ def plot_curves(rows: list[dict], path: Path) -> Path:
 
 
 @torch.inference_mode()
-def hardest_examples(model, images: torch.Tensor, labels: torch.Tensor, mean, std, k: int = 16,
-                     batch_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Indices, losses and predictions of the `k` test images with the highest loss."""
+def score_test_split(model, images: torch.Tensor, labels: torch.Tensor, mean, std, num_classes: int,
+                     batch_size: int = 1024) -> dict:
+    """One pass over the test split: per-image losses and predictions, and from them the confusion matrix."""
     model.eval()
     c = images.shape[1]
     mean_t = torch.tensor(mean).view(1, c, 1, 1)
@@ -71,8 +71,17 @@ def hardest_examples(model, images: torch.Tensor, labels: torch.Tensor, mean, st
         losses.append(F.cross_entropy(logits, labels[start:start + batch_size], reduction="none"))
         preds.append(logits.argmax(1))
     losses_all, preds_all = torch.cat(losses), torch.cat(preds)
-    top = losses_all.topk(min(k, len(losses_all))).indices
-    return top, losses_all[top], preds_all[top]
+    confusion = torch.bincount(labels * num_classes + preds_all, minlength=num_classes ** 2).view(num_classes, -1)
+    per_class = confusion.diag() / confusion.sum(1).clamp_min(1)
+    return {"n": len(labels), "loss": losses_all.double().mean().item(),
+            "accuracy": confusion.diag().sum().item() / max(len(labels), 1),
+            "per_class": per_class.tolist(), "confusion": confusion.tolist(), "losses": losses_all, "preds": preds_all}
+
+
+def hardest_examples(result: dict, k: int = 16) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Indices, losses and predictions of the `k` test images with the highest loss."""
+    top = result["losses"].topk(min(k, len(result["losses"]))).indices
+    return top, result["losses"][top], result["preds"][top]
 
 
 def _plot_hardest(images, labels, top, losses, preds, classes, path: Path) -> Path:
@@ -131,9 +140,8 @@ def build_report(run_dir: str | Path, data_dir: str | None = None, log: Callable
     """Write RUN_DIR/report.html (and the figures it embeds, under RUN_DIR/report/); returns the page's path."""
     from ..data import load_dataset
     from ..engine.config import load_config
-    from ..engine.evaluate import evaluate, most_confused
+    from ..engine.evaluate import most_confused
     from ..engine.weights import load_weights
-    from ..data import InMemoryLoader
     from ..models.summary import summarize
     from .filters import layer_weight, plot_filters
 
@@ -171,14 +179,13 @@ def build_report(run_dir: str | Path, data_dir: str | None = None, log: Callable
 
     # evaluation on the test split
     data = load_dataset(cfg.dataset, data_dir or cfg.data_dir, log=log)
-    loader = InMemoryLoader(data.test_images, data.test_labels, 1024, mean=loaded.mean, std=loaded.std)
-    result = evaluate(model, loader, len(classes))
+    result = score_test_split(model, data.test_images, data.test_labels, loaded.mean, loaded.std, len(classes))
     plot_confusion(result["confusion"], classes, figures / "confusion.png",
                    title=f"Test confusion matrix: accuracy {result['accuracy']:.2%}")
     per_class = [[name, f"{acc:.2%}", sum(result["confusion"][i])] for i, (name, acc) in
                  enumerate(zip(classes, result["per_class"]))]
     confused = [[p["true"], p["predicted"], p["count"]] for p in most_confused(result["confusion"], classes)]
-    top, losses, preds = hardest_examples(model, data.test_images, data.test_labels, loaded.mean, loaded.std)
+    top, losses, preds = hardest_examples(result)
     _plot_hardest(data.test_images, data.test_labels, top, losses, preds, classes, figures / "hardest.png")
     sections.append(f"<h2>Test results</h2><p>{result['n']:,} test images: accuracy <b>{result['accuracy']:.2%}</b>, "
                     f"loss {result['loss']:.4f}</p>" + _img(figures / "confusion.png", "confusion matrix")
