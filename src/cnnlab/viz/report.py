@@ -34,7 +34,7 @@ def _read_metrics(path: Path) -> list[dict]:
 def plot_curves(rows: list[dict], path: Path) -> Path:
     """Loss, accuracy (train and test) and learning rate by epoch."""
     epochs = [r["epoch"] for r in rows]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), layout="constrained")
     colours = {"train": "#0072B2", "test": "#D55E00"}  # Okabe-Ito: distinguishable with any colour vision
     for ax, metric, label in ((axes[0], "loss", "cross-entropy loss"), (axes[1], "acc", "accuracy")):
         for split in ("train", "test"):
@@ -45,7 +45,7 @@ def plot_curves(rows: list[dict], path: Path) -> Path:
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax.legend()
-    axes[0].set_title("Loss")
+    axes[0].set_title("Loss (train: running mean with label smoothing)", fontsize=10)
     axes[1].set_title("Accuracy (fraction correct)")
     axes[2].plot(epochs, [r["lr"] for r in rows], marker="o", color="#009E73")
     axes[2].set_title("Learning rate at the end of each epoch")
@@ -95,7 +95,7 @@ def _plot_hardest(images, labels, top, losses, preds, classes, path: Path) -> Pa
         ax.imshow(img[..., 0] if img.shape[2] == 1 else img, cmap="gray" if img.shape[2] == 1 else None,
                   vmin=0, vmax=255, interpolation="nearest")
         ax.set_title(f"true {classes[labels[i]]}\npred {classes[pred]}\nloss {loss:.2f}", fontsize=7)
-    fig.suptitle("Test images with the highest loss")
+    fig.suptitle("Test images with the highest loss", y=1.04)  # above the first row's three-line titles
     _save(fig, path)
     return path
 
