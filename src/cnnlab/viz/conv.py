@@ -332,6 +332,16 @@ def _check_plane(a: np.ndarray, what: str, ndim: int, shape_hint: str) -> np.nda
     return a
 
 
+def _frame_input(ax, H: int, W: int, p: int, kh: int, kw: int, title: str):
+    """Hatch the padding, add the sliding-window outline (returned, to be moved per frame), ticks and labels."""
+    _grid.hatch_padding(ax, H, W, p)
+    window = _grid.outline(ax, -p, -p, kh, kw, lw=3, animated=True)
+    _grid.grid_ticks(ax, H + 2 * p, W + 2 * p, origin=(-p, -p))
+    ax.set(xlabel="column", ylabel="row")
+    ax.set_title(title, fontsize=10)
+    return window
+
+
 def animate_conv_gray(image, kernel, gif_path: Path, png_path: Path, max_frames: int = 40, padding: int = 1,
                       stride: int = 1, filter_name: str = "vertical edge") -> np.ndarray:
     """Slide (a): a grey image (H, W) and one filter (kh, kw); each frame outlines the current window on the
@@ -360,11 +370,7 @@ def animate_conv_gray(image, kernel, gif_path: Path, png_path: Path, max_frames:
         shown[:p], shown[-p:], shown[:, :p], shown[:, -p:] = np.nan, np.nan, np.nan, np.nan
     _grid.draw_grid(ax_in, shown, gray_cmap, norm_in, 7, origin=(-p, -p),
                     labels=np.vectorize(_grid.fmt_number)(xp))
-    _grid.hatch_padding(ax_in, H, W, p)
-    window = _grid.outline(ax_in, -p, -p, kh, kw, lw=3, animated=True)
-    _grid.grid_ticks(ax_in, H + 2 * p, W + 2 * p, origin=(-p, -p))
-    ax_in.set(xlabel="column", ylabel="row")
-    ax_in.set_title(f"input {H}x{W}, grey levels, zero padding {p} (hatched)", fontsize=10)
+    window = _frame_input(ax_in, H, W, p, kh, kw, f"input {H}x{W}, grey levels, zero padding {p} (hatched)")
 
     ax_k = fig.add_subplot(gs[1])
     _grid.draw_grid(ax_k, kernel.astype(float), signed, norm_k, 9)
@@ -463,11 +469,7 @@ def animate_conv_color(image_rgb, filters, gif_path: Path, png_path: Path, max_f
 
     ax_in = fig.add_subplot(top[1])
     ax_in.imshow(rgb, interpolation="nearest", extent=(-p - 0.5, W + p - 0.5, H + p - 0.5, -p - 0.5))
-    _grid.hatch_padding(ax_in, H, W, p)
-    window = _grid.outline(ax_in, -p, -p, kh, kw, lw=3, animated=True)
-    _grid.grid_ticks(ax_in, H + 2 * p, W + 2 * p, origin=(-p, -p))
-    ax_in.set(xlabel="column", ylabel="row")
-    ax_in.set_title(f"input {H}x{W}x3, zero padding {p} (hatched)", fontsize=10)
+    window = _frame_input(ax_in, H, W, p, kh, kw, f"input {H}x{W}x3, zero padding {p} (hatched)")
 
     ax_win = fig.add_subplot(top[2])
     strip = _channel_strip(xp[:, :kh, :kw])
