@@ -4,6 +4,8 @@
         the N-th checkpoint write fails with "No space left on device" after its first chunk
     CNNLAB_FAULT=nan-loss:S1,S2,...   python tests/faults.py train ...
         the training loss is NaN at these steps (counted from 1)
+    CNNLAB_FAULT=nan-grad:S1,S2,...   python tests/faults.py train ...
+        the loss is finite but its gradient NaN at these steps
     CNNLAB_FAULT=readonly-cache       python tests/faults.py data fetch ...
         every write under $CNNLAB_CACHE fails with "Read-only file system"
 """
@@ -31,20 +33,33 @@ def checkpoint_enospc(n: int) -> None:
     checkpoint._write_durably = failing
 
 
-def nan_loss(steps: set[int]) -> None:
+def nan_loss(steps: set[int], in_gradient: bool = False) -> None:
     import torch
     import torch.nn.functional as F
     from cnnlab.engine import trainer
     calls = [0]
+
+    class NanGradient(torch.autograd.Function):
+        """The identity going forward; NaN coming back."""
+
+        @staticmethod
+        def forward(ctx, x):
+            return x.view_as(x)
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad * torch.nan
 
     class Shim:
         def __getattr__(self, name):
             return getattr(F, name)
 
         @staticmethod
-        def cross_entropy(*args, **kwargs):
+        def cross_entropy(logits, *args, **kwargs):
             calls[0] += 1
-            loss = F.cross_entropy(*args, **kwargs)
+            if calls[0] in steps and in_gradient:
+                return F.cross_entropy(NanGradient.apply(logits), *args, **kwargs)
+            loss = F.cross_entropy(logits, *args, **kwargs)
             return loss * torch.nan if calls[0] in steps else loss
     trainer.F = Shim()
 
@@ -86,6 +101,8 @@ if __name__ == "__main__":
         checkpoint_enospc(int(arg))
     elif kind == "nan-loss":
         nan_loss({int(s) for s in arg.split(",")})
+    elif kind == "nan-grad":
+        nan_loss({int(s) for s in arg.split(",")}, in_gradient=True)
     elif kind == "readonly-cache":
         readonly_cache()
     else:

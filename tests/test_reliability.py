@@ -91,6 +91,16 @@ def test_a_nan_loss_stops_the_run_with_its_step_by_default(shapes, tmp_path):
     assert read_checkpoint(run / "last.ckpt")["step"] == 10
 
 
+def test_a_nan_gradient_under_a_finite_loss_stops_the_run_too(shapes, tmp_path):
+    root, _, env = shapes
+    run = tmp_path / "run"
+    result = cnnlab(*train_args(root, run), env=env, fault="nan-grad:7")
+    assert result.returncode == 2
+    assert "step 7 (epoch 1): the loss is" in result.stderr and "but a gradient is NaN or infinite" in result.stderr
+    assert read_checkpoint(run / "last.ckpt")["step"] == 5
+    assert all(torch.isfinite(t).all() for t in read_checkpoint(run / "last.ckpt")["model"].values())
+
+
 def test_on_nan_skip_skips_up_to_n_steps_and_says_so(shapes, tmp_path):
     root, _, env = shapes
     run = tmp_path / "run"

@@ -379,13 +379,13 @@ def _fit(cfg: TrainConfig, resume: bool, callbacks: Sequence[Callable[[RunState]
                     loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                grads = [p.grad for p in model.parameters() if p.grad is not None]
                 if cfg.grad_clip:
-                    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                else:
-                    grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+                    grad_size = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                else:  # the L1 norms' sum is the cheapest quantity that is non-finite when any gradient is
+                    grads = [p.grad for p in model.parameters() if p.grad is not None]
+                    grad_size = torch.stack(torch._foreach_norm(grads, 1)).sum()
                 # One host sync per step covers both the loss and every gradient.
-                if not bool(torch.isfinite(loss) & torch.isfinite(grad_norm)):
+                if not bool(torch.isfinite(loss + grad_size)):
                     what = f"the loss is {loss.item()}" if not torch.isfinite(loss) else \
                         f"the loss is {loss.item():.4g} but a gradient is NaN or infinite"
                     where = f"step {step + 1} (epoch {epoch + 1})"
