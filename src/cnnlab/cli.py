@@ -271,9 +271,7 @@ def cmd_viz(args) -> int:
         loaded = _load_for_viz(args)
         pixels, _ = load_image(Path(args.image), loaded.input_shape, loaded.meta.get("resize"))
         import torch
-        c = loaded.input_shape[0]
-        x = (torch.tensor(pixels)[None].float() / 255 - torch.tensor(loaded.mean).view(1, c, 1, 1)) \
-            / torch.tensor(loaded.std).view(1, c, 1, 1)
+        x = loaded.normalise(torch.tensor(pixels)[None])
         layers = args.layers.split(",") if args.layers else default_feature_layers(loaded.model)
         maps = feature_maps(loaded.model, x, layers)
         path = plot_feature_maps(maps, pixels.transpose(1, 2, 0), _out_dir(args, args.target) / "features.png",

@@ -30,11 +30,12 @@ def digest(path: Path, algorithm: str = "sha256") -> str:
 
 
 @contextlib.contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """An exclusive lock across processes, so two fetches of one dataset download it once."""
+def file_lock(path: Path, wait: bool = True) -> Iterator[None]:
+    """An exclusive lock across processes (two fetches of one dataset download it once). With wait=False,
+    raises BlockingIOError at once if another process holds it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+        fcntl.flock(f, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
         try:
             yield
         finally:

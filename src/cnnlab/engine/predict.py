@@ -89,13 +89,10 @@ def predict_files(loaded: LoadedModel, paths: list[Path], top_k: int = 5, batch_
     """Top-k classes with probabilities for each readable image; returns (results, bad files)."""
     device = next(loaded.model.parameters()).device
     model, bf16 = prepare_for_inference(loaded.model, device)
-    c = loaded.input_shape[0]
-    mean = torch.tensor(loaded.mean, device=device).view(1, c, 1, 1)
-    std = torch.tensor(loaded.std, device=device).view(1, c, 1, 1)
     k = min(top_k, len(loaded.classes))
     results, bad = [], []
     for names, pixels, notes in _batches(paths, loaded.input_shape, batch_size, bad, loaded.meta.get("resize")):
-        x = (torch.from_numpy(pixels).to(device).float() / 255 - mean) / std
+        x = loaded.normalise(torch.from_numpy(pixels).to(device))
         with autocast_for(device, bf16):
             probs = model(x.contiguous(memory_format=torch.channels_last)).float().softmax(1)
         top = probs.topk(k, dim=1)

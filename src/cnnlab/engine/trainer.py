@@ -4,7 +4,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
-import fcntl
 import hashlib
 import io
 import json
@@ -24,6 +23,7 @@ import torch.nn.functional as F
 
 from .. import __version__
 from ..data import InMemoryLoader, channel_stats, load_dataset, parse_augment, split_validation
+from ..data.download import file_lock
 from ..errors import CheckpointError, CnnlabError, ConfigError
 from ..models import accepts, create_model
 from .checkpoint import CheckpointManager, save_atomic
@@ -225,16 +225,12 @@ def fit(cfg: TrainConfig, *, resume: bool = False, callbacks: Sequence[Callable[
 @contextlib.contextmanager
 def _run_folder_lock(run_dir: Path):
     """One process at a time per run folder: a second `--resume` of a live run would corrupt both."""
-    with open(run_dir / ".lock", "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ConfigError(f"{run_dir} is in use by another cnnlab process; wait for it to finish or stop "
-                              "it first") from None
-        try:
+    try:
+        with file_lock(run_dir / ".lock", wait=False):
             yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    except BlockingIOError:
+        raise ConfigError(f"{run_dir} is in use by another cnnlab process; wait for it to finish or stop "
+                          "it first") from None
 
 
 def _fit(cfg: TrainConfig, resume: bool, callbacks: Sequence[Callable[[RunState], None]],

@@ -15,7 +15,7 @@ from ..models import create_model
 from ..models.pretrained import load_pretrained, read_state_dict
 from .checkpoint import save_atomic
 
-__all__ = ["save_weights", "load_weights", "resolve_weights", "read_sidecar", "LoadedModel"]
+__all__ = ["save_weights", "load_weights", "resolve_weights", "read_sidecar", "LoadedModel", "normalise"]
 
 
 class LoadedModel:
@@ -26,6 +26,18 @@ class LoadedModel:
         self.classes: list[str] = meta["classes"]
         self.mean, self.std = meta["mean"], meta["std"]
         self.input_shape: tuple[int, int, int] = tuple(meta["input_shape"])  # type: ignore[assignment]
+
+    def normalise(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 images (N, C, H, W) -> the float input the model was trained on, on the images' device."""
+        return normalise(images, self.mean, self.std)
+
+
+def normalise(images: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
+    """uint8 (N, C, H, W) -> (x / 255 - mean) / std per channel, as the trainer's loader feeds the model."""
+    shape = (1, images.shape[1], 1, 1)
+    mean_t = torch.tensor(mean, device=images.device).view(shape)
+    std_t = torch.tensor(std, device=images.device).view(shape)
+    return (images.float() / 255 - mean_t) / std_t
 
 
 def save_weights(model: nn.Module, path: Path, meta: dict) -> None:

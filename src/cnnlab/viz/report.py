@@ -60,13 +60,11 @@ def plot_curves(rows: list[dict], path: Path) -> Path:
 def score_test_split(model, images: torch.Tensor, labels: torch.Tensor, mean, std, num_classes: int,
                      batch_size: int = 1024) -> dict:
     """One pass over the test split: per-image losses and predictions, and from them the confusion matrix."""
+    from ..engine.weights import normalise
     model.eval()
-    c = images.shape[1]
-    mean_t = torch.tensor(mean).view(1, c, 1, 1)
-    std_t = torch.tensor(std).view(1, c, 1, 1)
     losses, preds = [], []
     for start in range(0, len(images), batch_size):
-        x = (images[start:start + batch_size].float() / 255 - mean_t) / std_t
+        x = normalise(images[start:start + batch_size], mean, std)
         logits = model(x.contiguous(memory_format=torch.channels_last)).float()
         losses.append(F.cross_entropy(logits, labels[start:start + batch_size], reduction="none"))
         preds.append(logits.argmax(1))
