@@ -20,7 +20,7 @@ from pathlib import Path
 
 def checkpoint_enospc(n: int) -> None:
     from cnnlab.engine import checkpoint
-    original, calls = checkpoint._write_durably, [0]
+    original, calls = checkpoint.write_durably, [0]
 
     def failing(fd, data, on_first_chunk=None):
         if on_first_chunk is not None:  # a checkpoint, not some other file
@@ -30,7 +30,7 @@ def checkpoint_enospc(n: int) -> None:
                 os.close(fd)
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return original(fd, data, on_first_chunk)
-    checkpoint._write_durably = failing
+    checkpoint.write_durably = failing
 
 
 def nan_loss(steps: set[int], in_gradient: bool = False) -> None:

@@ -252,7 +252,7 @@ def test_a_download_killed_midway_restarts_cleanly(http_server, tmp_path):
     child.join()
     assert list(folder.glob(".*.part")), "the kill should land mid-transfer"
     os.environ["CNNLAB_CACHE"] = str(cache)
-    from cnnlab.data.datasets import fetch, load_dataset
+    from cnnlab.data.datasets import fetch
     messages = []
     assert fetch("mnist", spec=spec, log=messages.append) == folder
     assert not list(folder.glob(".*.part")), "the partial download was left behind"

@@ -69,7 +69,7 @@ def cmd_train(args) -> int:
 
 def cmd_eval(args) -> int:
     from .data import InMemoryLoader, load_dataset
-    from .engine.checkpoint import save_atomic
+    from .files import save_atomic
     from .engine.evaluate import evaluate, most_confused
     from .engine.trainer import pick_device
     from .engine.weights import load_weights

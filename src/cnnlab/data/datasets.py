@@ -20,8 +20,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..errors import DatasetError
-from .catalog import CATALOG, DataFile, DatasetSpec, get_spec
-from .download import download, extract_archive, file_lock
+from .catalog import DataFile, DatasetSpec, get_spec
+from ..files import file_lock
+from .download import download, extract_archive
 from .formats import parse_cifar_binary, parse_cifar_python, parse_idx, read_bytes
 from .imagefolder import decode_image_folder, image_folder_files
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import os
 import shutil
@@ -11,11 +10,11 @@ import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 from ..errors import DatasetError
 
-__all__ = ["download", "extract_archive", "file_lock", "digest"]
+__all__ = ["download", "extract_archive", "digest"]
 
 _CHUNK = 1 << 20
 
@@ -27,19 +26,6 @@ def digest(path: Path, algorithm: str = "sha256") -> str:
         for chunk in iter(lambda: f.read(_CHUNK), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-@contextlib.contextmanager
-def file_lock(path: Path, wait: bool = True) -> Iterator[None]:
-    """An exclusive lock across processes (two fetches of one dataset download it once). With wait=False,
-    raises BlockingIOError at once if another process holds it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _fetch_one(url: str, dest: Path, md5: str, timeout: float) -> None:

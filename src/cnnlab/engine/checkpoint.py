@@ -17,61 +17,13 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError
+from ..files import fsync_dir, save_atomic, write_durably
 from .progress import trace
 
-__all__ = ["save_atomic", "read_checkpoint", "CheckpointManager"]
+__all__ = ["read_checkpoint", "CheckpointManager", "save_atomic"]
 
 MAGIC = b"CNNLABC1"
-_CHUNK = 1 << 20
 _TMP_PREFIX = ".last.ckpt."
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _umask_mode() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-def _write_durably(fd: int, data: bytes, on_first_chunk=None) -> None:
-    """Write all of `data` to the open file `fd` in 1 MiB chunks, then fsync; closes `fd`."""
-    with os.fdopen(fd, "wb") as f:
-        view = memoryview(data)
-        for offset in range(0, max(len(view), 1), _CHUNK):
-            f.write(view[offset:offset + _CHUNK])
-            if offset == 0 and on_first_chunk is not None:
-                on_first_chunk()
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def save_atomic(data: bytes, path: Path) -> None:
-    """Write `data` to a temp file in the same folder, fsync it, then rename it over `path`."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, _umask_mode())  # mkstemp makes files private (0600); results should be as readable as any file
-        _write_durably(fd, data)
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 def _encode(state: dict) -> bytes:
@@ -116,12 +68,12 @@ class CheckpointManager:
         tmp = None
         try:
             fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, suffix=".tmp", dir=self.run_dir)
-            _write_durably(fd, data, on_first_chunk=lambda: trace(f"checkpoint-write {tmp}"))
+            write_durably(fd, data, on_first_chunk=lambda: trace(f"checkpoint-write {tmp}"))
             if self.last.exists() and self._last_is_good:
                 os.replace(self.last, self.previous)
             os.replace(tmp, self.last)
             tmp = None
-            _fsync_dir(self.run_dir)
+            fsync_dir(self.run_dir)
         except OSError as exc:
             fix = "free some space" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "make the folder writable"
             raise CheckpointError(f"cannot write a checkpoint in {self.run_dir} ({exc.strerror or exc}); the "

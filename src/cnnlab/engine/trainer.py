@@ -11,7 +11,6 @@ import os
 import platform
 import random
 import signal
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,10 +22,10 @@ import torch.nn.functional as F
 
 from .. import __version__
 from ..data import InMemoryLoader, channel_stats, load_dataset, parse_augment, split_validation
-from ..data.download import file_lock
 from ..errors import CheckpointError, CnnlabError, ConfigError
 from ..models import accepts, create_model
-from .checkpoint import CheckpointManager, save_atomic
+from ..files import file_lock, save_atomic
+from .checkpoint import CheckpointManager
 from .config import TrainConfig, load_config, yaml_dump
 from .evaluate import autocast_for, evaluate
 from .optim import build_optimizer, build_schedule

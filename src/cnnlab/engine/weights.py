@@ -13,7 +13,7 @@ from safetensors.torch import save
 from ..errors import CheckpointError, CnnlabError
 from ..models import create_model
 from ..models.pretrained import load_pretrained, read_state_dict
-from .checkpoint import save_atomic
+from ..files import save_atomic
 
 __all__ = ["save_weights", "load_weights", "resolve_weights", "read_sidecar", "LoadedModel", "normalise"]
 

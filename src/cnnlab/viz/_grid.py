@@ -18,7 +18,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from ..engine.checkpoint import save_atomic  # noqa: E402
+from ..files import save_atomic  # noqa: E402
 
 HIGHLIGHT = "#E69F00"  # Okabe-Ito orange: stands out on grey, viridis and RdBu alike, for colour-blind readers too
 SECOND = "#009E73"  # Okabe-Ito bluish green, for a second kind of highlight

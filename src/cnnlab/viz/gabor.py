@@ -26,7 +26,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
-from ..engine.checkpoint import save_atomic  # noqa: E402
+from ..files import save_atomic  # noqa: E402
 from ..errors import ModelError  # noqa: E402
 
 __all__ = [

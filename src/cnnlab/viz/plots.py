@@ -10,7 +10,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from ..engine.checkpoint import save_atomic  # noqa: E402
+from ..files import save_atomic  # noqa: E402
 
 __all__ = ["plot_confusion", "plot_montage"]
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..engine.checkpoint import save_atomic
+from ..files import save_atomic
 from ..errors import CheckpointError
 from .plots import _save, plot_confusion, plt
 
