@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import tempfile
 
-from common import conditions, shared_cifar10
+from common import conditions, no_data, shared_cifar10
 
 from cnnlab import TrainConfig, fit
 
@@ -11,8 +11,7 @@ from cnnlab import TrainConfig, fit
 def main(epochs: int = 10) -> bool:
     data_dir = shared_cifar10()
     if data_dir is None:
-        print("cifar10 convnet: skipped (no shared CIFAR-10 copy; set CNNLAB_CIFAR10_DIR)")
-        return True
+        return no_data("cifar10 convnet")
     with tempfile.TemporaryDirectory() as tmp:
         cfg = TrainConfig(dataset="cifar10", data_dir=str(data_dir), epochs=epochs, run_dir=f"{tmp}/run",
                           progress="none")

@@ -5,17 +5,19 @@ import os
 import platform
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from cnnlab.engine.trainer import _device_name  # noqa: E402
+from cnnlab.engine.runtime import cpu_flags, device_name  # noqa: E402
 
 
 def conditions(**extra) -> str:
-    parts = {"cpu": _device_name(torch.device("cpu")), "threads": torch.get_num_threads(),
+    parts = {"cpu": device_name(torch.device("cpu")), "flags": "+".join(cpu_flags()) or "none",
+             "threads": torch.get_num_threads(),
              "torch": torch.__version__, "python": platform.python_version(), **extra}
     return ", ".join(f"{k} {v}" for k, v in parts.items())
 
@@ -32,3 +34,22 @@ def shared_cifar10() -> Path | None:
         if candidate and (Path(candidate) / "cifar-10-batches-bin").is_dir():
             return Path(candidate)
     return None
+
+
+def no_data(what: str) -> bool:
+    """A benchmark whose data is missing has measured nothing: it fails, saying how to give it the data."""
+    print(f"{what}: FAILED, nothing measured: no shared CIFAR-10 copy next to the checkout (../shared/datasets); "
+          "set CNNLAB_CIFAR10_DIR to a folder holding cifar-10-batches-bin/")
+    return False
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
+    """GFLOP/s of an n x n x n matmul, the best of `repeats`."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    best = 0.0
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = max(best, 2 * n ** 3 / (time.perf_counter() - start) / 1e9)
+    return best

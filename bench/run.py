@@ -8,12 +8,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import cifar_convnet  # noqa: E402
 import default_train  # noqa: E402
+import formats  # noqa: E402
 import loader  # noqa: E402
 import nan_check  # noqa: E402
 import resnet  # noqa: E402
 import throughput  # noqa: E402
 
 if __name__ == "__main__":
-    results = [loader.main(), throughput.main(), default_train.main(), cifar_convnet.main(), resnet.main(),
+    results = [formats.main(), loader.main(), throughput.main(), default_train.main(), cifar_convnet.main(), resnet.main(),
                nan_check.main()]
     raise SystemExit(0 if all(results) else 1)

@@ -14,12 +14,12 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
-from common import conditions, shared_cifar10, stats
+from common import conditions, no_data, shared_cifar10, stats
 from PIL import Image
 
 from cnnlab import TrainConfig, create_model, fit
 from cnnlab.data import load_dataset
-from cnnlab.engine.trainer import pick_precision
+from cnnlab.engine.evaluate import inference_runtime
 
 BATCH = 128
 IMAGES = 10_240  # per measured pass
@@ -102,7 +102,6 @@ def compare(model_name: str, images: int, repeats: int) -> dict[str, list[float]
     """img/s of the three pipelines, interleaved so that drifts in machine load hit every variant alike."""
     data_dir = shared_cifar10()
     if data_dir is None:
-        print(f"throughput {model_name}: skipped (no shared CIFAR-10 copy; set CNNLAB_CIFAR10_DIR)")
         return None
     data = load_dataset("cifar10", data_dir, log=lambda m: None)
     from cnnlab.data import channel_stats
@@ -120,14 +119,14 @@ def compare(model_name: str, images: int, repeats: int) -> dict[str, list[float]
 def main(repeats: int = 3) -> bool:
     results = compare("convnet", IMAGES, repeats)
     if results is None:
-        return True
+        return no_data("throughput convnet")
     med = {k: statistics.median(v) for k, v in results.items()}
     vs_conv, vs_plain = med["cnnlab"] / med["conventional"], med["cnnlab"] / med["plain"]
     ok = vs_conv >= 3.0 and vs_plain >= 1.0
     print(f"  cnnlab / conventional = {vs_conv:.2f}x (target >= 3), cnnlab / plain loop = {vs_plain:.2f}x "
           f"(target >= 1) [{'PASS' if ok else 'FAIL'}]")
     print(f"  conditions: {conditions(model='convnet 3x32x32', batch=BATCH, images_per_pass=IMAGES)}, cnnlab "
-          f"precision {pick_precision('auto', torch.device('cpu'))}, channels_last")
+          f"precision {inference_runtime('cpu').precision} ({inference_runtime('cpu').precision_reason}), channels_last {inference_runtime('cpu').channels_last}")
     return ok
 
 

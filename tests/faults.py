@@ -3,7 +3,7 @@
     CNNLAB_FAULT=checkpoint-enospc:N  python tests/faults.py train ...
         the N-th checkpoint write fails with "No space left on device" after its first chunk
     CNNLAB_FAULT=nan-loss:S1,S2,...   python tests/faults.py train ...
-        the training loss is NaN at these steps (counted from 1)
+        the training loss is NaN at these steps (counted from 1), through fit's loss_fn argument
     CNNLAB_FAULT=nan-grad:S1,S2,...   python tests/faults.py train ...
         the loss is finite but its gradient NaN at these steps
     CNNLAB_FAULT=readonly-cache       python tests/faults.py data fetch ...
@@ -33,11 +33,11 @@ def checkpoint_enospc(n: int) -> None:
     checkpoint.write_durably = failing
 
 
-def nan_loss(steps: set[int], in_gradient: bool = False) -> None:
+def nan_loss(steps: set[int], in_gradient: bool = False):
+    """A loss function for `cnnlab.fit(loss_fn=...)`: the usual loss, NaN (or with a NaN gradient) at `steps`."""
     import torch
-    import torch.nn.functional as F
-    from cnnlab.engine import trainer
-    calls = [0]
+    from cnnlab.engine.trainer import cross_entropy
+    usual, calls = cross_entropy(0.1), [0]
 
     class NanGradient(torch.autograd.Function):
         """The identity going forward; NaN coming back."""
@@ -50,18 +50,13 @@ def nan_loss(steps: set[int], in_gradient: bool = False) -> None:
         def backward(ctx, grad):
             return grad * torch.nan
 
-    class Shim:
-        def __getattr__(self, name):
-            return getattr(F, name)
-
-        @staticmethod
-        def cross_entropy(logits, *args, **kwargs):
-            calls[0] += 1
-            if calls[0] in steps and in_gradient:
-                return F.cross_entropy(NanGradient.apply(logits), *args, **kwargs)
-            loss = F.cross_entropy(logits, *args, **kwargs)
-            return loss * torch.nan if calls[0] in steps else loss
-    trainer.F = Shim()
+    def loss(logits, labels):
+        calls[0] += 1
+        if calls[0] in steps and in_gradient:
+            return usual(NanGradient.apply(logits), labels)
+        value = usual(logits, labels)
+        return value * torch.nan if calls[0] in steps else value
+    return loss
 
 
 def readonly_cache() -> None:
@@ -97,15 +92,16 @@ def readonly_cache() -> None:
 
 if __name__ == "__main__":
     kind, _, arg = os.environ["CNNLAB_FAULT"].partition(":")
+    fit_options = {}
     if kind == "checkpoint-enospc":
         checkpoint_enospc(int(arg))
     elif kind == "nan-loss":
-        nan_loss({int(s) for s in arg.split(",")})
+        fit_options["loss_fn"] = nan_loss({int(s) for s in arg.split(",")})
     elif kind == "nan-grad":
-        nan_loss({int(s) for s in arg.split(",")}, in_gradient=True)
+        fit_options["loss_fn"] = nan_loss({int(s) for s in arg.split(",")}, in_gradient=True)
     elif kind == "readonly-cache":
         readonly_cache()
     else:
         raise SystemExit(f"unknown fault {kind!r}")
     from cnnlab.cli import main
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main(sys.argv[1:], fit_options=fit_options))

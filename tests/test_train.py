@@ -74,32 +74,51 @@ def test_resume_with_another_architecture_is_refused(image_folder, tmp_path):
         resume_config(tmp_path / "run", other, changed=["model"])
 
 
-def test_resume_can_extend_the_epochs(image_folder, tmp_path):
-    fit(quick(image_folder, tmp_path / "run", epochs=1), log=silent)
+def test_resume_can_extend_a_schedule_that_does_not_depend_on_the_run_length(image_folder, tmp_path):
+    fit(quick(image_folder, tmp_path / "run", epochs=1, schedule="constant"), log=silent)
     cfg = resume_config(tmp_path / "run", TrainConfig(epochs=2), changed=["epochs"])
     assert fit(cfg, resume=True, log=silent)["epochs"] == 2
 
 
+def test_resume_refuses_to_redraw_a_finished_one_cycle_schedule_and_gives_the_choices(image_folder, tmp_path):
+    fit(quick(image_folder, tmp_path / "run", epochs=1), log=silent)
+    cfg = resume_config(tmp_path / "run", TrainConfig(epochs=2), changed=["epochs"])
+    with pytest.raises(ConfigError, match=r"onecycle schedule was laid out over 7 steps.*step 2: .* then, .* now\)"
+                                          r".*--epochs 1.*--init-from"):
+        fit(cfg, resume=True, log=silent)
+
+
+def test_resume_of_a_finished_run_says_it_is_finished(image_folder, tmp_path):
+    first = fit(quick(image_folder, tmp_path / "run", epochs=1), log=silent)
+    messages = []
+    again = fit(resume_config(tmp_path / "run"), resume=True, log=messages.append)
+    assert (again["test_accuracy"], again["steps"]) == (first["test_accuracy"], first["steps"])
+    assert "is finished (1 epochs" in messages[-1] and "--init-from" in messages[-1]
+
+
+def test_init_from_starts_a_new_run_from_trained_weights(image_folder, tmp_path):
+    fit(quick(image_folder, tmp_path / "a", epochs=1), log=silent)
+    # one step at a vanishing learning rate: run b's weights are run a's
+    fit(quick(image_folder, tmp_path / "b", epochs=1, max_steps=1, lr=1e-12, init_from=str(tmp_path / "a")),
+        log=silent)
+    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-8) for k in a)
+    with pytest.raises(ConfigError, match="--init-from .* holds a 'cnn'.*not 'convnet'"):
+        fit(quick(image_folder, tmp_path / "c", epochs=1, model="convnet", model_args={},
+                  init_from=str(tmp_path / "a")), log=silent)
+
+
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(image_folder, tmp_path):
     run = tmp_path / "run"
-    fit(quick(image_folder, run, epochs=1), log=silent)
+    fit(quick(image_folder, run, epochs=1, schedule="constant"), log=silent)
     good = read_checkpoint(run / "last.ckpt")
 
     def poison(state):  # corrupt the weights after step 9, so step 10's loss is NaN
         if state.step == 9:
-            model_params[0].data.fill_(float("nan"))
-    import cnnlab.engine.trainer as trainer_module
-    original = trainer_module.build_optimizer
-    model_params = []
-
-    def spy(model, *args, **kwargs):
-        model_params.extend(model.parameters())
-        return original(model, *args, **kwargs)
+            next(state.model.parameters()).data.fill_(float("nan"))
     cfg = resume_config(run, TrainConfig(epochs=2), changed=["epochs"])
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(trainer_module, "build_optimizer", spy)
-        with pytest.raises(TrainingError, match=r"step 10 \(epoch 2\): the loss is nan"):
-            fit(cfg, resume=True, callbacks=[poison], log=silent)
+    with pytest.raises(TrainingError, match=r"step 10 \(epoch 2\): the loss is nan"):
+        fit(cfg, resume=True, callbacks=[poison], log=silent)
     assert read_checkpoint(run / "last.ckpt")["step"] == good["step"] == 7
 
 
@@ -166,23 +185,14 @@ def test_resume_of_a_run_stopped_before_its_first_checkpoint_starts_over(image_f
 
 def test_weights_that_turn_non_finite_are_never_saved(image_folder, tmp_path):
     run = tmp_path / "run"
-    fit(quick(image_folder, run, epochs=1), log=silent)
-    import cnnlab.engine.trainer as trainer_module
-    params = []
-    original = trainer_module.build_optimizer
-
-    def spy(model, *args, **kwargs):
-        params.extend(model.parameters())
-        return original(model, *args, **kwargs)
+    fit(quick(image_folder, run, epochs=1, schedule="constant"), log=silent)
 
     def poison_after_last_step(state):  # the loss of step 14 was finite; the weights after it are not
         if state.step == 14:
-            params[0].data.fill_(float("inf"))
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(trainer_module, "build_optimizer", spy)
-        with pytest.raises(TrainingError, match="step 14: the weights hold NaN or infinite values"):
-            fit(resume_config(run, TrainConfig(epochs=2), changed=["epochs"]), resume=True,
-                callbacks=[poison_after_last_step], log=silent)
+            next(state.model.parameters()).data.fill_(float("inf"))
+    with pytest.raises(TrainingError, match="step 14: the weights hold NaN or infinite values"):
+        fit(resume_config(run, TrainConfig(epochs=2), changed=["epochs"]), resume=True,
+            callbacks=[poison_after_last_step], log=silent)
     assert read_checkpoint(run / "last.ckpt")["step"] == 7
 
 

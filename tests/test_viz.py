@@ -187,18 +187,28 @@ def test_no_report_skips_the_page(run, tmp_path):
     assert (tmp_path / "run" / "model.safetensors").is_file()
 
 
-def test_report_scores_agree_with_evaluate():
-    from cnnlab.data import InMemoryLoader
-    from cnnlab.engine.evaluate import evaluate
-    from cnnlab.viz.report import hardest_examples, score_test_split
-    torch.manual_seed(0)
-    model = create_model("cnn", spec="c4,p,f8", in_channels=3, num_classes=3, input_size=[8, 8])
-    images = torch.randint(0, 256, (50, 3, 8, 8), dtype=torch.uint8)
-    labels = torch.arange(50) % 3
-    mean, std = [0.5] * 3, [0.25] * 3
-    ours = score_test_split(model, images, labels, mean, std, 3, batch_size=16)
-    reference = evaluate(model, InMemoryLoader(images, labels, 16, mean=mean, std=std), 3)
-    assert ours["confusion"] == reference["confusion"] and ours["accuracy"] == reference["accuracy"]
-    assert abs(ours["loss"] - reference["loss"]) < 1e-5
-    top, losses, _ = hardest_examples(ours, k=5)
-    assert losses.tolist() == sorted(ours["losses"].tolist(), reverse=True)[:5]
+def test_the_report_shows_the_runs_own_evaluation_and_rescores_identically_without_it(run):
+    from cnnlab.data import load_dataset
+    from cnnlab.engine.weights import load_weights
+    from cnnlab.viz.report import hardest_examples, run_evaluation
+    run_dir, _, env = run
+    summary = json.loads((run_dir / "summary.json").read_text())
+    loaded = load_weights(run_dir)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CNNLAB_CACHE", env["CNNLAB_CACHE"])
+        data = load_dataset("imagefolder", yaml_data_dir(run_dir))
+    own = run_evaluation(run_dir, loaded, data, summary)
+    assert own["source"] == "the run's own evaluation" and own["accuracy"] == summary["test_accuracy"]
+    again = run_evaluation(run_dir, loaded, data, {"precision": summary["precision"]})  # as if nothing was saved
+    assert again["source"].startswith("scored again")
+    assert again["confusion"] == own["confusion"] and again["accuracy"] == own["accuracy"]
+    assert torch.equal(again["preds"], own["preds"]) and torch.allclose(again["losses"], own["losses"], atol=1e-5)
+    top, losses, _ = hardest_examples(own, k=5)
+    assert losses.tolist() == sorted(own["losses"].tolist(), reverse=True)[:5]
+    assert "the run&#x27;s own evaluation" in (run_dir / "report.html").read_text() or \
+        "the run's own evaluation" in (run_dir / "report.html").read_text()
+
+
+def yaml_data_dir(run_dir):
+    import yaml
+    return yaml.safe_load((run_dir / "config.yaml").read_text())["data_dir"]

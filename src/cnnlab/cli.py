@@ -12,6 +12,36 @@ from .errors import CnnlabError, ConfigError
 __all__ = ["main", "build_parser"]
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+        if value < 0:
+            raise ValueError
+        return value
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number, 0 or more") from None
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but an unknown flag names the nearest known ones of the same command."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        unknown = [a.split("=", 1)[0] for a in extras if a.startswith("-")]
+        if unknown and self.prog == "cnnlab":
+            import difflib
+            command = getattr(namespace, "command", None)
+            sub = self._subparsers._group_actions[0].choices.get(command) if command and self._subparsers else None
+            options = [o for a in (sub or self)._actions for o in a.option_strings if o.startswith("--")]
+            hints = []
+            for flag in unknown:
+                close = difflib.get_close_matches(flag, options, n=3, cutoff=0.6)
+                hints.append(f"{flag} (did you mean {' or '.join(close)}?)" if close else flag)
+            (sub or self).error(f"unknown option(s): {', '.join(hints)}; "
+                                f"'cnnlab {command or ''} --help' lists them all".replace("  ", " "))
+        return namespace, extras
+
+
 def _input_size(text: str) -> tuple[int, int, int]:
     try:
         c, h, w = (int(v) for v in text.split(","))
@@ -33,30 +63,59 @@ def _model_args(items: list[str] | None) -> dict:
     return out
 
 
-def cmd_train(args) -> int:
+def _train_config(args):
+    """defaults, then the recipe, then the YAML file, then flags."""
+    from .engine.config import TrainConfig, config_from_args, load_config
+
+    base = TrainConfig()
+    if args.recipe:
+        from .engine.recipes import apply_recipe
+        model = args.model or (load_config(args.config).model if args.config else base.model)
+        base = apply_recipe(base, args.recipe, model)
+    if args.config:
+        base = load_config(args.config, base)
+    return config_from_args(args, base)
+
+
+def _resume_target(args):
+    """(run folder to resume, resume mode) from --resume RUN_DIR or --resume auto (with --run-dir)."""
+    if args.resume == "auto":
+        if not args.run_dir:
+            raise ConfigError("--resume auto needs --run-dir DIR: the run to continue if it has a checkpoint, "
+                              "or to start if it has none")
+        return Path(args.run_dir), "auto"
+    return Path(args.resume), True
+
+
+def cmd_train(args, fit_options: dict | None = None) -> int:
     from .engine.config import TrainConfig, config_from_args, load_config
     from .engine.trainer import fit, resume_config
 
+    if args.nproc_per_node:
+        return _hand_over_to_torchrun(args)
     if args.resume:
+        run_dir, mode = _resume_target(args)
         if args.config or args.recipe:
             raise ConfigError("--resume takes the run's own config.yaml; leave out --config and --recipe")
-        changed = [k for k, v in vars(args).items() if v is not None and k in TrainConfig.__dataclass_fields__]
-        overrides = config_from_args(args, load_config(Path(args.resume) / "config.yaml")) \
-            if (Path(args.resume) / "config.yaml").is_file() else None
-        cfg = resume_config(args.resume, overrides, changed)
-        summary = fit(cfg, resume=True)
+        if mode == "auto" and not (run_dir / "config.yaml").is_file():
+            cfg = _train_config(args)  # nothing to continue yet: start it
+        else:
+            changed = [k for k, v in vars(args).items() if v is not None and k in TrainConfig.__dataclass_fields__
+                       and k != "run_dir"]
+            overrides = config_from_args(args, load_config(run_dir / "config.yaml")) \
+                if (run_dir / "config.yaml").is_file() else None
+            cfg = resume_config(run_dir, overrides, changed)
+        summary = fit(cfg, resume=mode, **(fit_options or {}))
     else:
-        base = TrainConfig()
-        if args.recipe:  # defaults, then the recipe, then the YAML file, then flags
-            from .engine.recipes import apply_recipe
-            model = args.model or (load_config(args.config).model if args.config else base.model)
-            base = apply_recipe(base, args.recipe, model)
-        if args.config:
-            base = load_config(args.config, base)
-        cfg = config_from_args(args, base)
-        summary = fit(cfg)
+        cfg = _train_config(args)
+        summary = fit(cfg, **(fit_options or {}))
+    from .engine.runtime import distributed_env
+    if distributed_env()["rank"] != 0:  # rank 0 reports and writes the report; the others stay silent
+        return 0
+    epochs = summary["epochs"]
+    done = f"{epochs:g} epochs" if float(epochs).is_integer() else f"{summary['steps']:,} steps ({epochs:.2f} epochs)"
     print(f"test accuracy: {summary['test_accuracy']:.4f} ({summary['test_accuracy'] * 100:.2f}%) after "
-          f"{summary['epochs']} epochs, {summary['train_seconds']:.1f} s of training")
+          f"{done}, {summary['train_seconds']:.1f} s of training")
     print(f"run folder: {summary['run_dir']} (weights: model.safetensors, metrics.csv, summary.json)")
     if cfg.report:
         from .viz.report import build_report
@@ -67,28 +126,71 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _hand_over_to_torchrun(args) -> int:
+    """`cnnlab train --nproc-per-node N ...` is `torchrun --standalone --nproc-per-node N -m cnnlab train ...`,
+    with the run folder chosen here so that workers restarted after a failure find it."""
+    from torch.distributed.run import main as torchrun
+
+    from .engine.run_folder import default_run_dir
+
+    argv = list(args.argv)
+    drop = {"--nproc-per-node", "--max-restarts"}
+    rest, i = [], 0
+    while i < len(argv):
+        flag = argv[i].split("=", 1)[0]
+        if flag in drop:
+            i += 1 if "=" in argv[i] else 2
+            continue
+        rest.append(argv[i])
+        i += 1
+    if not args.resume and not args.run_dir:
+        rest += ["--run-dir", str(default_run_dir(_train_config(args)))]
+    launcher = ["--standalone", f"--nproc-per-node={args.nproc_per_node}", f"--max-restarts={args.max_restarts}",
+                "-m", "cnnlab", *rest]
+    print(f"torchrun {' '.join(launcher)}", file=sys.stderr)
+    try:
+        torchrun(launcher)
+    except Exception as exc:  # torchrun's ChildFailedError lists each failed rank and its exit code
+        failures = getattr(exc, "failures", {})
+        codes = sorted({f.exitcode for f in failures.values()}) if failures else [1]
+        print(f"error: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}",
+              file=sys.stderr)
+        return next((c for c in codes if c in (130, 143)), 1)
+    return 0
+
+
 def cmd_eval(args) -> int:
     from .data import InMemoryLoader, load_dataset
-    from .files import save_atomic
-    from .engine.evaluate import evaluate, most_confused
-    from .engine.trainer import pick_device
+    from .engine.config import load_config
+    from .engine.evaluate import evaluate, inference_runtime, most_confused
     from .engine.weights import load_weights
+    from .files import save_atomic
     from .viz.plots import plot_confusion
 
-    device = pick_device(args.device)
-    loaded = load_weights(args.target, device)
+    # a run folder's own config says where its data is and how it was trained; flags override it
+    run_cfg = load_config(Path(args.target) / "config.yaml") if (Path(args.target) / "config.yaml").is_file() else None
+    trained = {}
+    if run_cfg is not None and (Path(args.target) / "summary.json").is_file():
+        trained = json.loads((Path(args.target) / "summary.json").read_text())
+    precision = args.precision or trained.get("precision") or "auto"
+    runtime = inference_runtime(args.device, precision)
+    loaded = load_weights(args.target, runtime.device)
     dataset = args.dataset or loaded.meta.get("dataset")
-    data = load_dataset(dataset, args.data_dir, log=lambda m: print(m, file=sys.stderr))
-    if tuple(data.shape) != tuple(loaded.input_shape) or len(data.classes) != len(loaded.classes):
+    data_dir = args.data_dir or (run_cfg.data_dir if run_cfg is not None and dataset == run_cfg.dataset else None)
+    data = load_dataset(dataset, data_dir, log=lambda m: print(m, file=sys.stderr))
+    c, h, w = loaded.input_shape
+    if data.shape[0] != c or len(data.classes) != len(loaded.classes):
         raise CnnlabError(f"{dataset} has {len(data.classes)} classes of {'x'.join(map(str, data.shape))} images, "
-                          f"but the model was trained on {len(loaded.classes)} classes of "
-                          f"{'x'.join(map(str, loaded.input_shape))}")
+                          f"but the model was trained on {len(loaded.classes)} classes of {c}x{h}x{w}")
     loader = InMemoryLoader(data.test_images, data.test_labels, 1024, mean=loaded.mean, std=loaded.std,
-                            device=device)
-    result = evaluate(loaded.model, loader, len(loaded.classes))
+                            device=runtime.device, channels_last=runtime.channels_last,
+                            resize=(h, w) if (h, w) != tuple(data.shape[1:]) else None)
+    model = loaded.model.to(runtime.device, memory_format=runtime.memory_format)
+    result = evaluate(model, loader, len(loaded.classes), runtime=runtime)
     result["per_class"] = dict(zip(data.classes, result["per_class"]))
     result["most_confused"] = most_confused(result["confusion"], data.classes)
-    result.update({"dataset": dataset, "weights": str(loaded.path), "classes": data.classes})
+    result.update({"dataset": dataset, "weights": str(loaded.path), "classes": data.classes,
+                   "precision": runtime.precision})
     out_dir = Path(args.out) if args.out else loaded.path.parent
     out_dir.mkdir(parents=True, exist_ok=True)
     save_atomic(json.dumps(result, indent=2).encode(), out_dir / "eval.json")
@@ -98,7 +200,13 @@ def cmd_eval(args) -> int:
         print(json.dumps(result))
         return 0
     print(f"{dataset} test split, {result['n']:,} images: accuracy {result['accuracy']:.4f}, loss {result['loss']:.4f}"
-          + (f", top-5 {result['top5']:.4f}" if "top5" in result else ""))
+          + (f", top-5 {result['top5']:.4f}" if "top5" in result else "") + f" ({runtime.precision})")
+    if trained.get("test_accuracy") is not None and dataset == (run_cfg.dataset if run_cfg else None):
+        same = abs(trained["test_accuracy"] - result["accuracy"]) < 0.5 / max(result["n"], 1)
+        why = "" if same else (f"; training evaluated in {trained.get('precision')}, this in {runtime.precision}: "
+                               "rounding differs, so a few images near the decision boundary can flip"
+                               if trained.get("precision") != runtime.precision else "")
+        print(f"training reported {trained['test_accuracy']:.4f} for these weights{why}")
     width = max(map(len, data.classes))
     for name, acc in result["per_class"].items():
         print(f"  {name:<{width}}  {acc:.4f}")
@@ -111,9 +219,11 @@ def cmd_eval(args) -> int:
 
 def cmd_predict(args) -> int:
     from .engine.predict import expand_inputs, predict_files
-    from .engine.trainer import pick_device
+    from .engine.runtime import pick_device
     from .engine.weights import load_weights
 
+    if args.top_k < 1:
+        raise ConfigError(f"--top-k {args.top_k}: give 1 or more classes to show")
     loaded = load_weights(args.target, pick_device(args.device), model_name=args.model, classes_file=args.classes)
     paths = expand_inputs(args.inputs)
     if not paths:
@@ -154,6 +264,9 @@ def cmd_summary(args) -> int:
         kwargs.setdefault("input_size", list(args.input_size[1:]))
     # a model that adapts to any input size (global pooling) takes no input_size argument
     kwargs = {k: v for k, v in kwargs.items() if k not in ("in_channels", "input_size") or accepts(args.model, k)}
+    if args.input_size:
+        from .models.summary import check_input_size
+        check_input_size(args.model, kwargs, args.input_size, what="--input-size")
     model = create_model(args.model, **kwargs)
     info = summarize(model, args.input_size or _native_input(model))
     print(json.dumps(info) if args.json else format_summary(info, title=args.model))
@@ -176,9 +289,10 @@ def cmd_models(args) -> int:
     if args.json:
         print(json.dumps(rows))
         return 0
-    print(f"{'model':<16} {'params':>12} {'MACs':>14}  {'input':<9} description")
+    width = max(len(r["name"]) for r in rows)
+    print(f"{'model':<{width}} {'params':>12} {'MACs':>14}  {'input':<9} description")
     for r in rows:
-        print(f"{r['name']:<16} {r['params']:>12,} {r['macs']:>14,}  {'x'.join(map(str, r['input_size'])):<9} "
+        print(f"{r['name']:<{width}} {r['params']:>12,} {r['macs']:>14,}  {'x'.join(map(str, r['input_size'])):<9} "
               f"{r['description']}")
     print("(MACs per image at the native input size; 1 MAC = 2 FLOPs)")
     return 0
@@ -225,9 +339,12 @@ def cmd_data(args) -> int:
     print(f"{'class':<{width}}  {'train':>7}  {'test':>6}")
     for name, a, b in zip(data.classes, train_counts, test_counts):
         print(f"{name:<{width}}  {a:>7,}  {b:>6,}")
-    out = Path(args.out or f"{args.name}-samples.png")
-    plot_montage(data.train_images, data.train_labels, data.classes, out, title=f"{args.name}: training samples")
-    print(f"montage written to {out}")
+    if not args.out:
+        print("(add --out FILE.png for a montage of training samples per class)")
+        return 0
+    plot_montage(data.train_images, data.train_labels, data.classes, Path(args.out),
+                 title=f"{args.name}: training samples")
+    print(f"montage written to {args.out}")
     return 0
 
 
@@ -310,7 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .engine.config import add_config_flags
     from .models.convnet import SPEC_HELP
 
-    parser = argparse.ArgumentParser(prog="cnnlab", description="Train, evaluate and look inside the lecture's CNNs.")
+    parser = _Parser(prog="cnnlab", description="Train, evaluate and look inside the lecture's CNNs.")
     parser.add_argument("--version", action="version", version=f"cnnlab {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -318,7 +435,13 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train a model and evaluate it on the test split. Model spec for --model cnn "
                                    f"--model-arg spec=...: {SPEC_HELP}. Augmentations: {AUGMENT_HELP}.")
     p.add_argument("--config", help="YAML file of config keys (flags override it)")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    p.add_argument("--resume", metavar="RUN_DIR|auto", help="continue the run in RUN_DIR from its last checkpoint; "
+                   "'auto' (with --run-dir) continues it if it has a checkpoint and starts it otherwise")
+    p.add_argument("--nproc-per-node", type=_positive_int, metavar="N", help="train with N processes on this machine "
+                   "(hands over to torchrun: --standalone; gloo on CPU, NCCL on GPUs); --batch-size stays global")
+    p.add_argument("--max-restarts", type=_positive_int, default=0, metavar="R",
+                   help="with --nproc-per-node: restart all workers up to R times after one fails; they resume from "
+                        "the last checkpoint")
     p.add_argument("--recipe", choices=("he2016",), help="a published recipe (he2016: He et al. 2016's CIFAR "
                    "schedule; --epochs N shortens it, scaling the milestones)")
     add_config_flags(p)
@@ -332,6 +455,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", help="folder for eval.json and confusion.png (default: next to the weights)")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"),
+                   help="default: the precision the run was trained in (auto for a weights file)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_eval)
 
@@ -390,11 +515,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, fit_options: dict | None = None) -> int:
+    """The `cnnlab` command. `fit_options` go to `cnnlab.fit` for `train` (tests inject a loss function there)."""
     from .engine.trainer import TrainingInterrupted
 
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
+        if args.func is cmd_train:
+            return cmd_train(args, fit_options)
         return args.func(args)
     except TrainingInterrupted as exc:
         print(str(exc), file=sys.stderr)

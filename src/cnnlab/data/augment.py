@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 
-__all__ = ["RandomCrop", "HorizontalFlip", "Translate", "Cutout", "Compose", "parse_augment", "AUGMENT_HELP"]
+__all__ = ["RandomCrop", "HorizontalFlip", "Translate", "Cutout", "Compose", "parse_augment", "AUGMENT_HELP",
+           "sample_part"]
 
 AUGMENT_HELP = ("comma-separated: crop:PAD[:zero|reflect] (random crop after padding), flip (horizontal, p=0.5), "
                 "translate:PIXELS (random shift, zero fill), cutout:SIZE (zero a random square); 'none' for none")
@@ -123,13 +124,23 @@ class Cutout:
         return x.masked_fill(in_rows[:, None, :, None] & in_cols[:, None, None, :], 0)
 
 
+def sample_part(op, n: int, generator: torch.Generator, part: slice | None = None, total: int | None = None) -> dict:
+    """`op`'s draws for a global batch of `total` images, sliced to this rank's `part` (all of them by default)."""
+    if part is None:
+        return op.sample(n, generator)
+    return {k: v[part] for k, v in op.sample(total, generator).items()}
+
+
 class Compose:
     def __init__(self, ops: list):
         self.ops = ops
 
-    def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, generator: torch.Generator, part: slice | None = None,
+                 total: int | None = None) -> torch.Tensor:
+        """Augment `x`. In a distributed run `x` is one rank's `part` of a global batch of `total` images:
+        draws are made for the whole global batch and sliced, so every rank sees what one process would."""
         for op in self.ops:
-            x = op.apply(x, op.sample(x.shape[0], generator))
+            x = op.apply(x, sample_part(op, x.shape[0], generator, part, total))
         return x
 
     def __bool__(self) -> bool:

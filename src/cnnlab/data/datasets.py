@@ -41,7 +41,7 @@ class Dataset:
     test_images: torch.Tensor
     test_labels: torch.Tensor
     source: str
-    verified: bool
+    verified: bool | None  # None: the user's own files, which no publisher's checksum covers
     files: list[dict] = field(default_factory=list)  # name, sha256, status per source file
 
     @property
@@ -49,7 +49,8 @@ class Dataset:
         return tuple(self.train_images.shape[1:])  # type: ignore[return-value]
 
     def describe(self) -> str:
-        state = "verified" if self.verified else "UNVERIFIED (bytes differ from the publisher's; structure checked)"
+        state = {True: "verified", None: "your own files: no publisher checksum to verify against",
+                 False: "UNVERIFIED (bytes differ from the publisher's; structure checked)"}[self.verified]
         return (f"{self.name}: {len(self.train_labels):,} train / {len(self.test_labels):,} test images of "
                 f"{'x'.join(map(str, self.shape))}, {len(self.classes)} classes, from {self.source} [{state}]")
 
@@ -203,8 +204,9 @@ def _write_cache(path: Path, tensors: dict[str, torch.Tensor], meta: dict) -> No
 
 
 def load_dataset(name: str, data_dir: str | os.PathLike | None = None, download: bool = False,
-                 log: Callable[[str], None] = print) -> Dataset:
-    """Find (or, when `download`, fetch), verify, decode once and cache a named dataset."""
+                 log: Callable[[str], None] = print, write_cache: bool = True) -> Dataset:
+    """Find (or, when `download`, fetch), verify, decode once and cache a named dataset. With
+    `write_cache=False` nothing is written (the other ranks of a distributed run write no files)."""
     spec = get_spec(name)
     try:
         layout, folder, paths = locate(spec, data_dir)
@@ -226,14 +228,15 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, download:
             log(f"note: ignoring unreadable cache {cache_file} ({type(exc).__name__}); decoding again")
     if spec.format == "imagefolder":
         arrays, classes, records = decode_image_folder(folder, paths, log=log)
-        verified = False
+        verified = None
     else:
         arrays, records, verified = _decode(spec, layout, paths)
         classes = _class_names(spec, folder)
     tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
     for k in ("train_labels", "test_labels"):
         tensors[k] = tensors[k].to(torch.int64)
-    _write_cache(cache_file, tensors, {"classes": classes, "verified": verified, "files": records})
+    if write_cache:
+        _write_cache(cache_file, tensors, {"classes": classes, "verified": verified, "files": records})
     return Dataset(name, classes, tensors["train_images"], tensors["train_labels"], tensors["test_images"],
                    tensors["test_labels"], str(folder), verified, records)
 

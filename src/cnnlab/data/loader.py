@@ -4,8 +4,10 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
-from .augment import Compose, RandomCrop
+from ..errors import ConfigError
+from .augment import Compose, RandomCrop, sample_part
 
 __all__ = ["InMemoryLoader", "split_validation"]
 
@@ -23,13 +25,27 @@ class InMemoryLoader:
 
     Shuffles each epoch from its own generator; `state_dict` records where in the epoch it stands, so a
     resumed run replays exactly the batches and augmentations an uninterrupted run would have seen.
+
+    In a distributed run (`world_size` > 1) `batch_size` is the global batch: every rank walks the same
+    shuffled order and takes its own slice of each global batch, so W ranks together see exactly what one
+    process would. Without shuffling (evaluation) each rank takes a consecutive share of the split.
+    `resize` scales every batch to (H, W) on the device, for models that need larger input than the data's.
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, *, mean, std,
                  shuffle: bool = False, drop_last: bool = False, seed: int = 0, augment: Compose | None = None,
-                 device: torch.device | str = "cpu", channels_last: bool = False):
+                 device: torch.device | str = "cpu", channels_last: bool = False, rank: int = 0,
+                 world_size: int = 1, resize: tuple[int, int] | None = None):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if shuffle and batch_size % world_size:
+            raise ConfigError(f"batch_size {batch_size} cannot be split over {world_size} processes; --batch-size is "
+                              f"the global batch: choose a multiple of {world_size}, e.g. "
+                              f"{max(world_size, batch_size // world_size * world_size)}")
+        self.rank, self.world_size, self.resize = rank, world_size, tuple(resize) if resize else None
+        if not shuffle and world_size > 1:  # evaluation: this rank's consecutive share of the split
+            share = slice(len(labels) * rank // world_size, len(labels) * (rank + 1) // world_size)
+            images, labels = images[share], labels[share]
         self.device = torch.device(device)
         # The whole uint8 dataset goes to the device once: 60k 28x28 images are 47 MB, CIFAR-10 is 154 MB.
         self.images = images.to(self.device, non_blocking=True)
@@ -67,6 +83,11 @@ class InMemoryLoader:
         n = len(self.labels)
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
+    @property
+    def local_batch_size(self) -> int:
+        """Images per batch on this rank (training); the global batch split W ways."""
+        return self.batch_size // self.world_size if self.shuffle else self.batch_size
+
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         if not self.channels_last:
             return x.float().mul_(self._scale).add_(self._shift)
@@ -84,17 +105,28 @@ class InMemoryLoader:
         n = len(self.labels)
         order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
         order = order.to(self.device)
+        part = None
+        if self.shuffle and self.world_size > 1:
+            local = self.batch_size // self.world_size
+            part = slice(self.rank * local, (self.rank + 1) * local)
         for i in range(self.position, len(self)):
-            idx = order[i * self.batch_size: (i + 1) * self.batch_size]
+            global_idx = order[i * self.batch_size: (i + 1) * self.batch_size]
+            idx = global_idx if part is None else global_idx[part]
             x = self.images.index_select(0, idx)  # much faster than images[idx] on CPU
             if self.channels_last:
                 x = x.permute(0, 3, 1, 2)
             if self._crop is not None:
-                x = self._crop.apply_padded(x, self._crop.sample(len(idx), self.aug_generator))
+                x = self._crop.apply_padded(x, sample_part(self._crop, len(idx), self.aug_generator, part,
+                                                           len(global_idx)))
             if self.augment:
-                x = self.augment(x, self.aug_generator)
+                x = self.augment(x, self.aug_generator, part, len(global_idx))
             self.position = i + 1
-            yield self.normalize(x), self.labels.index_select(0, idx)
+            x = self.normalize(x)
+            if self.resize and tuple(x.shape[-2:]) != self.resize:
+                x = F.interpolate(x, size=self.resize, mode="bilinear", align_corners=False,
+                                  antialias=self.resize[0] < x.shape[-2])
+                x = x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
+            yield x, self.labels.index_select(0, idx)
         self.epoch += 1
         self.position = 0
 

@@ -1,7 +1,8 @@
-"""Training engine: config, fit/evaluate, checkpoints, optimisers and schedules."""
+"""Training engine: config, runtime (device, precision, processes), fit and its loop, the scorer, checkpoints."""
 from .config import TrainConfig, config_from_dict, load_config
 from .evaluate import evaluate, most_confused
-from .trainer import RunState, TrainingError, TrainingInterrupted, fit, resume_config
+from .loop import RunState
+from .trainer import TrainingError, TrainingInterrupted, fit, resume_config
 from .weights import load_weights, save_weights
 
 __all__ = ["TrainConfig", "config_from_dict", "load_config", "evaluate", "most_confused", "RunState",

@@ -37,6 +37,10 @@ class TrainConfig:
     val_split: float = _opt(0.0, "fraction of the training split held out for validation (fixed seed)")
     train_subset: int = _opt(0, "use only the first N training images (0: all); for quick experiments")
     augment: str = _opt("auto", "batched augmentations, e.g. 'crop:4:reflect,flip'; 'auto' picks per dataset")
+    image_size: int = _opt(0, "side length the model sees: images are resized to it batch by batch (e.g. 64 to "
+                           "feed CIFAR to alexnet); 0 keeps the data's size")
+    init_from: str | None = _opt(None, "start from the weights of this run folder or weights file (same model; "
+                                 "a fresh schedule and optimiser)")
     # optimisation
     epochs: int = _opt(6, "passes over the training data")
     batch_size: int = _opt(128, "images per step")
@@ -59,15 +63,18 @@ class TrainConfig:
     label_smoothing: float = _opt(0.1, "cross-entropy label smoothing")
     grad_clip: float = _opt(0.0, "clip the gradients' global L2 norm to this value (0: off)")
     # how to run
-    precision: str = _opt("auto", "'auto' takes bf16 on CUDA and on CPUs with native bf16, else fp32",
+    precision: str = _opt("auto", "'auto' takes bf16 on CUDA GPUs that have it, and on CPUs where a probe "
+                          "measures bf16 autocast clearly faster than fp32; else fp32",
                           ("auto", "fp32", "bf16"))
-    channels_last: str = _opt("auto", "memory format; 'auto' takes channels_last where it is faster",
-                              ("auto", "on", "off"))
+    channels_last: str = _opt("auto", "memory format; 'auto' takes channels_last where a probe measures it faster "
+                              "(always on CUDA)", ("auto", "on", "off"))
     compile: bool = _opt(False, "torch.compile the model (slower start, sometimes faster steps)")
     device: str = _opt("auto", "'auto' takes CUDA when present, e.g. cpu, cuda, cuda:1")
     seed: int = _opt(0, "seed for initialisation, data order and augmentation")
     deterministic: bool = _opt(False, "deterministic algorithms only, no autotuning")
-    threads: int = _opt(0, "CPU threads for PyTorch (0: PyTorch's default)")
+    threads: int = _opt(0, "CPU threads for PyTorch (0: PyTorch's default; under torchrun: cores / local ranks)")
+    sync_bn: bool = _opt(False, "distributed runs on GPUs: synchronise batch-norm statistics across ranks "
+                         "(SyncBatchNorm)")
     # outputs
     run_dir: str | None = _opt(None, "run folder (default runs/<model>-<dataset>-<time>)")
     runs_root: str = _opt("runs", "parent folder of the default run folders")
@@ -109,6 +116,7 @@ class TrainConfig:
             (self.checkpoint_every >= 0, "checkpoint_every", self.checkpoint_every, "0 (epoch ends) or more"),
             (self.threads >= 0, "threads", self.threads, "0 (default) or more"),
             (self.max_nan_skips >= 0, "max_nan_skips", self.max_nan_skips, "0 or more"),
+            (self.image_size >= 0, "image_size", self.image_size, "0 (the data's size) or a side length"),
         ]
         for ok, name, value, want in checks:
             if not ok:

@@ -1,62 +1,83 @@
-"""Evaluation: accuracy, top-5, per-class accuracy, confusion matrix and the most-confused pairs."""
-from __future__ import annotations
+"""The one scorer of a test split, used by training, `cnnlab eval` and the report: loss, accuracy, top-5,
+per-class accuracy, the confusion matrix and, when asked, each image's loss and prediction.
 
-import contextlib
+In a distributed run each rank scores its own contiguous share of the split and the counts are summed,
+so the accuracy equals the one-process figure for the same weights.
+"""
+from __future__ import annotations
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["evaluate", "most_confused", "autocast_for", "prepare_for_inference"]
+from .runtime import Runtime, pick_channels_last, pick_device, pick_precision
+
+__all__ = ["evaluate", "most_confused", "prepare_for_inference", "inference_runtime"]
 
 
-def autocast_for(device: torch.device, bf16: bool):
-    if not bf16:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
+def inference_runtime(device: str | torch.device = "auto", precision: str = "auto") -> Runtime:
+    """The settings cnnlab picks for inference by the same rules as training (one process)."""
+    dev = device if isinstance(device, torch.device) else pick_device(device)
+    prec, prec_why = pick_precision(precision, dev)
+    cl, cl_why = pick_channels_last("auto", dev, prec)
+    return Runtime(dev, prec, prec_why, cl, cl_why, torch.get_num_threads())
 
 
-def prepare_for_inference(model: nn.Module, device: torch.device, precision: str = "auto") -> tuple[nn.Module, bool]:
-    """What cnnlab picks for inference: eval mode, channels_last, bf16 autocast where it is native; (model, bf16)."""
-    from .trainer import pick_precision  # the same rule as training
-    model = model.eval().to(device, memory_format=torch.channels_last)
-    return model, pick_precision(precision, device) == "bf16"
+def prepare_for_inference(model: nn.Module, runtime: Runtime) -> nn.Module:
+    """Eval mode, on the runtime's device and memory format."""
+    return model.eval().to(runtime.device, memory_format=runtime.memory_format)
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, num_classes: int, *, bf16: bool = False) -> dict:
-    """Run `model` over every batch of `loader`; returns loss, accuracy, top5 (if > 5 classes) and confusion."""
+def evaluate(model: nn.Module, loader, num_classes: int, *, runtime: Runtime | None = None,
+             per_image: bool = False) -> dict:
+    """Run `model` over every batch of `loader` (this rank's share in a distributed run).
+
+    Returns n, loss, accuracy, top5 (with more than 5 classes), per_class and confusion (true class by row);
+    with `per_image`, also `losses` and `preds`: one value per image of the whole split, in its order.
+    """
+    runtime = runtime or Runtime(loader.device)
     was_training = model.training
     model.eval()
     device = loader.device
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    top5 = torch.zeros((), dtype=torch.int64, device=device)
-    n = 0
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, top-5 hits
+    losses, preds = [], []
     try:
         for x, y in loader:
-            with autocast_for(device, bf16):
+            with runtime.autocast():
                 logits = model(x)
             logits = logits.float()
-            loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
+            loss = F.cross_entropy(logits, y, reduction="none")
             pred = logits.argmax(1)
+            sums[0] += loss.double().sum()
             confusion += torch.bincount(y * num_classes + pred, minlength=num_classes ** 2).view(num_classes, -1)
             if num_classes > 5:
-                top5 += (logits.topk(5, dim=1).indices == y[:, None]).any(1).sum()
-            n += len(y)
+                sums[1] += (logits.topk(5, dim=1).indices == y[:, None]).any(1).sum()
+            if per_image:
+                losses.append(loss.cpu())
+                preds.append(pred.cpu())
     finally:
         model.train(was_training)
+    runtime.all_reduce(confusion)
+    runtime.all_reduce(sums)
     confusion = confusion.cpu()
+    n = int(confusion.sum())
     per_class_total = confusion.sum(1).clamp_min(1)
     result = {
         "n": n,
-        "loss": loss_sum.item() / max(n, 1),
+        "loss": sums[0].item() / max(n, 1),
         "accuracy": confusion.diag().sum().item() / max(n, 1),
         "per_class": (confusion.diag() / per_class_total).tolist(),
         "confusion": confusion.tolist(),
     }
     if num_classes > 5:
-        result["top5"] = top5.item() / max(n, 1)
+        result["top5"] = sums[1].item() / max(n, 1)
+    if per_image:  # ranks hold consecutive shares, so rank order is the split's order
+        shares = runtime.gather((torch.cat(losses) if losses else torch.empty(0),
+                                 torch.cat(preds) if preds else torch.empty(0, dtype=torch.int64)))
+        result["losses"] = torch.cat([s[0] for s in shares])
+        result["preds"] = torch.cat([s[1] for s in shares])
     return result
 
 

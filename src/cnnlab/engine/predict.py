@@ -11,7 +11,7 @@ from PIL import Image
 from ..data.imagefolder import IMAGE_EXTENSIONS
 from ..data.images import open_image
 from ..errors import ImageError
-from .evaluate import autocast_for, prepare_for_inference
+from .evaluate import inference_runtime, prepare_for_inference
 from .weights import LoadedModel
 
 __all__ = ["predict_files", "expand_inputs", "load_image", "MIN_IMAGE_SIDE"]
@@ -87,14 +87,15 @@ def _batches(paths: list[Path], shape, batch_size: int, bad: list[dict], resize:
 def predict_files(loaded: LoadedModel, paths: list[Path], top_k: int = 5, batch_size: int = 256,
                   on_result: Callable[[dict], None] | None = None) -> tuple[list[dict], list[dict]]:
     """Top-k classes with probabilities for each readable image; returns (results, bad files)."""
-    device = next(loaded.model.parameters()).device
-    model, bf16 = prepare_for_inference(loaded.model, device)
+    runtime = inference_runtime(next(loaded.model.parameters()).device)
+    model = prepare_for_inference(loaded.model, runtime)
+    device = runtime.device
     k = min(top_k, len(loaded.classes))
     results, bad = [], []
     for names, pixels, notes in _batches(paths, loaded.input_shape, batch_size, bad, loaded.meta.get("resize")):
         x = loaded.normalise(torch.from_numpy(pixels).to(device))
-        with autocast_for(device, bf16):
-            probs = model(x.contiguous(memory_format=torch.channels_last)).float().softmax(1)
+        with runtime.autocast():
+            probs = model(x.contiguous(memory_format=runtime.memory_format)).float().softmax(1)
         top = probs.topk(k, dim=1)
         for name, p, i, note in zip(names, top.values.tolist(), top.indices.tolist(), notes):
             result = {"file": name, "top": [{"class": loaded.classes[j], "index": j, "probability": q}

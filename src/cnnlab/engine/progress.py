@@ -27,6 +27,10 @@ class Progress:
                              desc=f"epoch {epoch + 1}/{epochs}", unit="step", leave=True, file=self.stream,
                              dynamic_ncols=True)
 
+    def wants(self, step: int) -> bool:
+        """Whether `update` would show anything at this step (so the caller can skip reading the loss)."""
+        return self.mode == "bar" or (self.mode == "plain" and step % self.log_every == 0)
+
     def update(self, step: int, loss: float, acc: float, img_per_s: float) -> None:
         if self.mode == "bar" and self._bar is not None:
             done = step - (self._done_at_start or 0)

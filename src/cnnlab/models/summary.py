@@ -8,7 +8,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-__all__ = ["summarize", "format_summary", "count_params"]
+from ..errors import ConfigError
+
+__all__ = ["summarize", "format_summary", "count_params", "check_input_size", "smallest_input"]
 
 MAC_NOTE = "1 MAC = 2 FLOPs; convolutions and dense layers only, bias additions not counted"
 
@@ -87,3 +89,43 @@ def format_summary(info: dict, title: str = "") -> str:
             f"Total MACs per image: {info['macs']:,} ({_si(info['macs'])}MACs = {_si(2 * info['macs'])}FLOPs; "
             f"{info['mac_note']})"]
     return "\n".join(out)
+
+
+def _runs_on(model: nn.Module, shape: tuple[int, int, int]) -> bool:
+    """Whether `model` (on the meta device: no memory, no arithmetic) accepts a (1, *shape) input."""
+    try:
+        with torch.device("meta"):
+            model.eval()(torch.empty(1, *shape))
+        return True
+    except Exception:  # any layer may object to a shape, each with its own error type
+        return False
+
+
+def smallest_input(model: nn.Module, channels: int, limit: int = 1024) -> int | None:
+    """The smallest square side (pixels) that `model` accepts, or None if none up to `limit` does."""
+    hi = 1
+    while not _runs_on(model, (channels, hi, hi)):
+        hi *= 2
+        if hi > limit:
+            return None
+    lo = hi // 2  # fails (or 0); hi works
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if _runs_on(model, (channels, mid, mid)) else (mid, hi)
+    return hi
+
+
+def check_input_size(name: str, model_args: dict, shape: tuple[int, int, int], what: str = "the data") -> None:
+    """Refuse, before any work, a model that cannot take `shape` images, naming its minimum and the fix."""
+    from .registry import create_model
+    with torch.device("meta"):
+        model = create_model(name, **model_args)
+    if _runs_on(model, tuple(shape)):
+        return
+    c, h, w = shape
+    side = smallest_input(model, c)
+    if side is None:
+        raise ConfigError(f"model {name!r} with {model_args} does not accept {c}x{h}x{w} input from {what}")
+    raise ConfigError(f"model {name!r} needs input of at least {side}x{side} pixels, but {what} gives {h}x{w}: "
+                      f"upsample with --image-size {side} or more (images are resized batch by batch), or choose "
+                      "a model made for small images (e.g. convnet, resnet20)")

@@ -7,7 +7,6 @@ in the page's <body> attributes, which the browser test reads.
 from __future__ import annotations
 
 import base64
-import csv
 import html
 import json
 from pathlib import Path
@@ -15,20 +14,13 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from ..engine.run_folder import read_metrics
 from ..files import save_atomic
 from ..errors import CheckpointError
 from .plots import _save, plot_confusion, plt
 
-__all__ = ["build_report", "plot_curves", "score_test_split", "hardest_examples"]
-
-
-def _read_metrics(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    with open(path, newline="") as f:
-        return [{k: (float(v) if v not in ("", None) else None) for k, v in row.items()} for row in csv.DictReader(f)]
+__all__ = ["build_report", "plot_curves", "run_evaluation", "hardest_examples"]
 
 
 def plot_curves(rows: list[dict], path: Path) -> Path:
@@ -56,24 +48,29 @@ def plot_curves(rows: list[dict], path: Path) -> Path:
     return path
 
 
-@torch.inference_mode()
-def score_test_split(model, images: torch.Tensor, labels: torch.Tensor, mean, std, num_classes: int,
-                     batch_size: int = 1024) -> dict:
-    """One pass over the test split: per-image losses and predictions, and from them the confusion matrix."""
-    from ..engine.weights import normalise
-    model.eval()
-    losses, preds = [], []
-    for start in range(0, len(images), batch_size):
-        x = normalise(images[start:start + batch_size], mean, std)
-        logits = model(x.contiguous(memory_format=torch.channels_last)).float()
-        losses.append(F.cross_entropy(logits, labels[start:start + batch_size], reduction="none"))
-        preds.append(logits.argmax(1))
-    losses_all, preds_all = torch.cat(losses), torch.cat(preds)
-    confusion = torch.bincount(labels * num_classes + preds_all, minlength=num_classes ** 2).view(num_classes, -1)
-    per_class = confusion.diag() / confusion.sum(1).clamp_min(1)
-    return {"n": len(labels), "loss": losses_all.double().mean().item(),
-            "accuracy": confusion.diag().sum().item() / max(len(labels), 1),
-            "per_class": per_class.tolist(), "confusion": confusion.tolist(), "losses": losses_all, "preds": preds_all}
+def run_evaluation(run_dir: Path, loaded, data, summary: dict) -> dict:
+    """The run's own final evaluation (summary.json and predictions.safetensors, written by training), so the
+    page shows the very figures training reported; scored again with the same scorer only when they are
+    missing (a run made by an older cnnlab) or belong to other data."""
+    from safetensors.torch import load_file
+
+    predictions = run_dir / "predictions.safetensors"
+    if predictions.is_file() and "test_confusion" in summary:
+        saved = load_file(predictions)
+        if torch.equal(saved["labels"], data.test_labels):
+            return {"n": len(saved["labels"]), "loss": summary["test_loss"], "accuracy": summary["test_accuracy"],
+                    "per_class": summary["test_per_class"], "confusion": summary["test_confusion"],
+                    "losses": saved["losses"], "preds": saved["preds"], "source": "the run's own evaluation"}
+    from ..data import InMemoryLoader
+    from ..engine.evaluate import evaluate, inference_runtime
+    runtime = inference_runtime("cpu", summary.get("precision", "auto"))
+    c, h, w = loaded.input_shape
+    loader = InMemoryLoader(data.test_images, data.test_labels, 1024, mean=loaded.mean, std=loaded.std,
+                            channels_last=runtime.channels_last,
+                            resize=(h, w) if (h, w) != tuple(data.test_images.shape[2:]) else None)
+    model = loaded.model.to(memory_format=runtime.memory_format)
+    return {**evaluate(model, loader, len(loaded.classes), runtime=runtime, per_image=True),
+            "source": f"scored again ({runtime.precision})"}
 
 
 def hardest_examples(result: dict, k: int = 16) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -149,7 +146,7 @@ def build_report(run_dir: str | Path, data_dir: str | None = None, log: Callable
     cfg = load_config(run_dir / "config.yaml")
     loaded = load_weights(run_dir)
     summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
-    rows = _read_metrics(run_dir / "metrics.csv")
+    rows = read_metrics(run_dir / "metrics.csv")
     figures = run_dir / "report"
     figures.mkdir(exist_ok=True)
     classes, model = loaded.classes, loaded.model.eval()
@@ -177,7 +174,7 @@ def build_report(run_dir: str | Path, data_dir: str | None = None, log: Callable
 
     # evaluation on the test split
     data = load_dataset(cfg.dataset, data_dir or cfg.data_dir, log=log)
-    result = score_test_split(model, data.test_images, data.test_labels, loaded.mean, loaded.std, len(classes))
+    result = run_evaluation(run_dir, loaded, data, summary)
     plot_confusion(result["confusion"], classes, figures / "confusion.png",
                    title=f"Test confusion matrix: accuracy {result['accuracy']:.2%}")
     per_class = [[name, f"{acc:.2%}", sum(result["confusion"][i])] for i, (name, acc) in
@@ -186,7 +183,7 @@ def build_report(run_dir: str | Path, data_dir: str | None = None, log: Callable
     top, losses, preds = hardest_examples(result)
     _plot_hardest(data.test_images, data.test_labels, top, losses, preds, classes, figures / "hardest.png")
     sections.append(f"<h2>Test results</h2><p>{result['n']:,} test images: accuracy <b>{result['accuracy']:.2%}</b>, "
-                    f"loss {result['loss']:.4f}</p>" + _img(figures / "confusion.png", "confusion matrix")
+                    f"loss {result['loss']:.4f} <span class='note'>({result['source']})</span></p>" + _img(figures / "confusion.png", "confusion matrix")
                     + "<h3>Per-class accuracy</h3>" + _table(["class", "accuracy", "images"], per_class)
                     + "<h3>Most confused pairs</h3>" + _table(["true", "predicted", "count"], confused)
                     + "<h3>Highest-loss test images</h3>" + _img(figures / "hardest.png", "highest-loss images"))

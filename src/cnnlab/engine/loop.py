@@ -1,0 +1,172 @@
+"""One epoch of training steps: forward, loss, backward, the finiteness check, the update, and the step
+boundary where signals, callbacks, periodic checkpoints and `max_steps` are honoured."""
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.nn as nn
+
+from .progress import Progress
+from .runtime import Runtime
+from .state import EpochSums, TrainState
+
+__all__ = ["StepRules", "RunState", "NonFiniteStep", "SignalStop", "train_one_epoch", "accumulate"]
+
+
+@dataclass
+class RunState:
+    """What callbacks see after each step; set `stop_requested` to stop at this step boundary."""
+    run_dir: object
+    model: nn.Module | None = None  # the model being trained (not a distributed wrapper)
+    epoch: int = 0
+    step: int = 0
+    loss: float = float("nan")
+    stop_requested: bool = False
+
+
+@dataclass(frozen=True)
+class StepRules:
+    """How steps are taken and when the epoch stops early."""
+    total_steps: int
+    grad_clip: float = 0.0
+    on_nan: str = "stop"
+    max_nan_skips: int = 10
+    checkpoint_every: int = 0
+    log_every: int = 100
+
+
+class NonFiniteStep(Exception):
+    """A step whose loss or gradients are NaN or infinite, beyond what the rules allow to skip."""
+
+    def __init__(self, where: str, what: str, skipped: int):
+        super().__init__(f"{where}: {what}")
+        self.where, self.what, self.skipped = where, what, skipped
+
+
+class SignalStop:
+    """SIGINT/SIGTERM set a flag; the loop checkpoints at the next step boundary and the run exits 130/143."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def accumulate(sums: EpochSums, local: torch.Tensor, seconds: float, runtime: Runtime) -> None:
+    """Fold this stretch's (loss sum, correct, seen) into the epoch's sums, over all ranks."""
+    totals = runtime.all_reduce(local.clone()).tolist()
+    sums.loss += totals[0]
+    sums.correct += int(totals[1])
+    sums.seen += int(totals[2])
+    sums.seconds += seconds
+    local.zero_()
+
+
+def _grad_size(model: nn.Module, grad_clip: float) -> torch.Tensor:
+    if grad_clip:
+        return torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    # the L1 norms' sum is the cheapest quantity that is non-finite when any gradient is
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    return torch.stack(torch._foreach_norm(grads, 1)).sum() if grads else torch.zeros(())
+
+
+def train_one_epoch(state: TrainState, step_model: nn.Module, loss_fn: Callable, lr_at: Callable[[int], float],
+                    runtime: Runtime, rules: StepRules, *, stopper: SignalStop, progress: Progress,
+                    callbacks: Sequence[Callable[[RunState], None]] = (), run_state: RunState | None = None,
+                    save_checkpoint: Callable[[], None], log: Callable[[str], None] = print,
+                    on_step: Callable[[int, float, float], None] | None = None) -> int | str | None:
+    """Train until the loader's epoch ends, `rules.total_steps` is reached, or a stop is requested.
+
+    Returns why it stopped early: a signal number, "callback", or None (the epoch ended or max_steps was
+    reached). Raises NonFiniteStep when a non-finite step may not be skipped. `on_step(step, loss, lr)`
+    is for loggers; it costs one host sync per step, like the callbacks.
+    """
+    model, optimizer, loader = state.model, state.optimizer, state.loader
+    device = runtime.device
+    steps_per_epoch = len(loader)
+    epoch = loader.epoch
+    local = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, seen since the last fold
+    tic = time.perf_counter()
+    def wanted():
+        return stopper.signum or ("callback" if run_state is not None and run_state.stop_requested else None)
+
+    stop = None  # why this epoch ends early
+    requested = wanted()  # a stop this rank wants; in a distributed run all ranks agree on it at the next check
+    for x, y in loader:
+        lr = lr_at(state.step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+        with runtime.autocast():
+            logits = step_model(x)
+        loss = loss_fn(logits.float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        # One host sync per step covers the loss, every gradient and, across ranks, a requested stop.
+        flags = torch.stack([(~torch.isfinite(loss.detach() + _grad_size(model, rules.grad_clip))).to(torch.float32),
+                             torch.tensor(float(requested is not None), device=device)])
+        bad, stop_agreed = (runtime.all_reduce(flags, "max") > 0).tolist()
+        if bad:
+            where = f"step {state.step + 1} (epoch {epoch + 1})"
+            what = f"the loss is {loss.item()}" if not torch.isfinite(loss) else \
+                f"the loss is {loss.item():.4g} but a gradient is NaN or infinite"
+            if rules.on_nan == "skip" and state.nan_skipped < rules.max_nan_skips:
+                state.nan_skipped += 1
+                optimizer.zero_grad(set_to_none=True)
+                log(f"{where}: {what}; update skipped ({state.nan_skipped} of {rules.max_nan_skips} allowed by "
+                    "--max-nan-skips)")
+            else:
+                raise NonFiniteStep(where, what, state.nan_skipped)
+        else:
+            optimizer.step()
+            local += torch.stack([loss.detach().double() * len(y), (logits.detach().argmax(1) == y).sum().double(),
+                                  torch.tensor(float(len(y)), dtype=torch.float64, device=device)])
+        state.step += 1
+        if progress.wants(state.step) or callbacks or on_step:  # .item() waits for the GPU: only when someone looks
+            loss_value = loss.item()
+            if on_step:
+                on_step(state.step, loss_value, lr)
+            if progress.wants(state.step):
+                seen = state.sums.seen + local[2].item() * runtime.world_size  # ranks see equal shares
+                elapsed = state.sums.seconds + time.perf_counter() - tic
+                progress.update(state.step, (state.sums.loss + local[0].item() * runtime.world_size) / max(seen, 1),
+                                (state.sums.correct + local[1].item() * runtime.world_size) / max(seen, 1),
+                                seen / max(elapsed, 1e-9))
+            if callbacks:
+                run_state.epoch, run_state.step, run_state.loss = epoch, state.step, loss_value
+                for callback in callbacks:
+                    callback(run_state)
+        if runtime.distributed:
+            if stop_agreed:  # every rank saw the same flags: all stop at this boundary
+                stop = requested or wanted() or signal.SIGTERM
+                break
+            requested = wanted()
+        elif wanted() is not None:
+            stop = wanted()
+            break
+        if rules.checkpoint_every and state.step % rules.checkpoint_every == 0 and loader.position < steps_per_epoch:
+            accumulate(state.sums, local, time.perf_counter() - tic, runtime)
+            tic = time.perf_counter()
+            save_checkpoint()
+        if state.step >= rules.total_steps and loader.position < steps_per_epoch:
+            break  # max_steps reached mid-epoch
+    accumulate(state.sums, local, time.perf_counter() - tic, runtime)
+    return stop

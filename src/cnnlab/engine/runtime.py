@@ -1,0 +1,308 @@
+"""Where and how a run computes: the device, the precision, the memory format, CPU threads, and the processes
+of a distributed run (torchrun: gloo on CPU, NCCL on CUDA).
+
+`precision auto` and `channels_last auto` are decided on the CPU by a measured probe: a few milliseconds
+of one small conv training step in each setting, cached per machine. CPU flags alone do not tell: some
+CPUs with AVX512-BF16 (and no AMX) run bf16 convolutions slower than fp32, and PyTorch's own
+`_is_mkldnn_bf16_supported()` is true on CPUs that only emulate bf16.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import hashlib
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+
+from ..errors import ConfigError
+from ..files import save_atomic
+
+__all__ = ["Runtime", "start_runtime", "pick_device", "pick_precision", "pick_channels_last", "decide_precision",
+           "decide_channels_last", "probe_cpu", "cpu_flags", "device_name", "distributed_env"]
+
+# bf16 must win clearly: it also costs accuracy. channels_last only needs to be faster.
+BF16_MIN_SPEEDUP = 1.2
+CHANNELS_LAST_MIN_SPEEDUP = 1.05
+_PROBE_VERSION = 1
+_FLAGS_OF_INTEREST = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile", "amx_int8")
+
+
+def cpu_flags() -> list[str]:
+    """The CPU flags that decide how fast convolutions run here (Linux; empty elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                present = set(line.split(":", 1)[1].split())
+                return [f for f in _FLAGS_OF_INTEREST if f in present]
+    except OSError:
+        pass
+    return []
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return f"{platform.processor() or 'CPU'} ({os.cpu_count()} cores)"
+
+
+def pick_device(name: str, local_rank: int = 0) -> torch.device:
+    """'auto' takes CUDA when present; in a distributed run on CUDA each local rank takes its own GPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {name!r} asked for, but PyTorch sees no CUDA GPU; use --device cpu or auto")
+        if device.index is None:
+            device = torch.device("cuda", local_rank % torch.cuda.device_count())
+    return device
+
+
+# ---------------------------------------------------------------------------------------------- the CPU probe
+
+def _probe_step_ms(precision: str, channels_last: bool, repeats: int = 3) -> float:
+    """Milliseconds of one training step of a small conv net (batch 32, 3x32x32): the best of `repeats`."""
+    # a step needs autograd, also when inference code (inside inference_mode) asks for the decision
+    with torch.inference_mode(False), torch.enable_grad(), torch.random.fork_rng(devices=[]):
+        return _probe_steps(precision, channels_last, repeats)
+
+
+def _probe_steps(precision: str, channels_last: bool, repeats: int) -> float:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(32, 64, 3, padding=1),
+        torch.nn.ReLU(), torch.nn.MaxPool2d(2), torch.nn.Conv2d(64, 64, 3, padding=1), torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    x, y = torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,))
+    if channels_last:
+        model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    best = float("inf")
+    for i in range(repeats + 1):  # the first step warms up oneDNN's kernels
+        tic = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss = torch.nn.functional.cross_entropy(model(x).float(), y)
+        loss.backward()
+        if i:
+            best = min(best, time.perf_counter() - tic)
+    return best * 1000
+
+
+def _probe_cache() -> Path:
+    from ..data.datasets import cache_dir
+    return cache_dir() / "probe.json"
+
+
+def probe_cpu(log=None) -> dict:
+    """Step times (ms) of fp32/bf16 x NCHW/channels_last on this CPU at the current thread count; measured
+    once per CPU model, flag set, torch version and thread count, then read from the cache."""
+    key_parts = [_PROBE_VERSION, device_name(torch.device("cpu")), cpu_flags(), torch.__version__,
+                 torch.get_num_threads()]
+    key = hashlib.sha256(json.dumps(key_parts).encode()).hexdigest()[:16]
+    path = _probe_cache()
+    try:
+        cached = json.loads(path.read_text())
+        if isinstance(cached, dict) and isinstance(cached.get(key), dict):
+            return cached[key]
+    except (OSError, ValueError):
+        cached = {}
+    result = {"fp32_nchw_ms": _probe_step_ms("fp32", False), "fp32_channels_last_ms": _probe_step_ms("fp32", True),
+              "bf16_channels_last_ms": _probe_step_ms("bf16", True), "threads": torch.get_num_threads(),
+              "cpu": device_name(torch.device("cpu")), "flags": cpu_flags(), "torch": torch.__version__}
+    if log:
+        log(f"measured this CPU once (cached in {path}): fp32 {result['fp32_nchw_ms']:.1f} ms NCHW, "
+            f"{result['fp32_channels_last_ms']:.1f} ms channels_last; bf16 {result['bf16_channels_last_ms']:.1f} ms")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_atomic(json.dumps({**(cached if isinstance(cached, dict) else {}), key: result}, indent=1).encode(), path)
+    except OSError:
+        pass  # a read-only cache: measure again next time
+    return result
+
+
+def decide_precision(probe: dict) -> tuple[str, str]:
+    """(precision, why) from probe timings: bf16 only where it is clearly faster than fp32."""
+    fp32, bf16 = probe["fp32_channels_last_ms"], probe["bf16_channels_last_ms"]
+    speedup = fp32 / bf16
+    if speedup >= BF16_MIN_SPEEDUP:
+        return "bf16", f"bf16 autocast measured {speedup:.2f}x faster than fp32 on this CPU"
+    return "fp32", (f"bf16 autocast measured {speedup:.2f}x the speed of fp32 on this CPU (bf16 needs "
+                    f">= {BF16_MIN_SPEEDUP}x; flags: {', '.join(probe.get('flags') or ['none'])})")
+
+
+def decide_channels_last(probe: dict, precision: str) -> tuple[bool, str]:
+    nchw, nhwc = probe["fp32_nchw_ms"], probe["fp32_channels_last_ms"]
+    if precision == "bf16":
+        return True, "bf16 kernels of oneDNN work in channels_last"
+    speedup = nchw / nhwc
+    if speedup >= CHANNELS_LAST_MIN_SPEEDUP:
+        return True, f"channels_last measured {speedup:.2f}x faster than NCHW on this CPU"
+    return False, f"channels_last measured {speedup:.2f}x the speed of NCHW on this CPU"
+
+
+def pick_precision(name: str, device: torch.device, log=None) -> tuple[str, str]:
+    """(precision, why) for 'auto', 'fp32' or 'bf16'."""
+    if name != "auto":
+        return name, "asked for"
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return "bf16", f"{device_name(device)} computes bf16 natively"
+        return "fp32", f"{device_name(device)} has no bf16"
+    if device.type != "cpu":
+        return "fp32", f"auto takes fp32 on {device.type}"
+    return decide_precision(probe_cpu(log))
+
+
+def pick_channels_last(name: str, device: torch.device, precision: str, log=None) -> tuple[bool, str]:
+    if name != "auto":
+        return name == "on", "asked for"
+    if device.type == "cuda":
+        return True, "CUDA convolutions in channels_last use tensor cores"
+    if device.type != "cpu":
+        return False, f"auto keeps NCHW on {device.type}"
+    return decide_channels_last(probe_cpu(log), precision)
+
+
+# ---------------------------------------------------------------------------------------------- distributed
+
+def distributed_env() -> dict[str, Any]:
+    """What torchrun tells its workers (all zeros/ones in a plain process)."""
+    env = os.environ
+    return {"rank": int(env.get("RANK", 0)), "world_size": int(env.get("WORLD_SIZE", 1)),
+            "local_rank": int(env.get("LOCAL_RANK", 0)), "local_world_size": int(env.get("LOCAL_WORLD_SIZE", 1)),
+            "restart_count": int(env.get("TORCHELASTIC_RESTART_COUNT", 0)),
+            "run_id": env.get("TORCHELASTIC_RUN_ID"), "elastic": "TORCHELASTIC_RUN_ID" in env}
+
+
+@dataclass
+class Runtime:
+    """The decisions of one process of a run, and the collectives it shares with its peers."""
+    device: torch.device
+    precision: str = "fp32"
+    precision_reason: str = ""
+    channels_last: bool = False
+    channels_last_reason: str = ""
+    threads: int = 1
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+    restart_count: int = 0
+    elastic_run_id: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.channels_last else torch.contiguous_format
+
+    def autocast(self):
+        if self.precision != "bf16":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+    def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """In place across ranks (a no-op in one process); returns the tensor."""
+        if self.distributed:
+            dist.all_reduce(tensor, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
+        return tensor
+
+    def gather(self, obj) -> list:
+        """Every rank's `obj`, in rank order, on every rank (plain data only: it travels pickled between our
+        own processes, never from a file)."""
+        if not self.distributed:
+            return [obj]
+        out: list = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def broadcast(self, obj):
+        """Rank 0's `obj` on every rank."""
+        if not self.distributed:
+            return obj
+        box = [obj if self.is_main else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def describe(self) -> str:
+        where = device_name(self.device)
+        ranks = f", {self.world_size} processes ({dist.get_backend()})" if self.distributed else ""
+        return (f"{where}{ranks}, {self.precision}, {'channels_last' if self.channels_last else 'NCHW'}, "
+                f"{self.threads} threads")
+
+    def as_dict(self) -> dict:
+        return {"device": device_name(self.device), "precision": self.precision,
+                "precision_reason": self.precision_reason, "channels_last": self.channels_last,
+                "channels_last_reason": self.channels_last_reason, "threads": self.threads,
+                "world_size": self.world_size, "backend": dist.get_backend() if self.distributed else None}
+
+
+@contextlib.contextmanager
+def start_runtime(device: str = "auto", precision: str = "auto", channels_last: str = "auto", threads: int = 0,
+                  deterministic: bool = False, log=None) -> Iterator[Runtime]:
+    """Set up this process for a run (threads, determinism switches, the process group under torchrun) and
+    put every process-wide switch back afterwards."""
+    env = distributed_env()
+    previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+                torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic, torch.get_num_threads())
+    started_group = False
+    try:
+        dev = pick_device(device, env["local_rank"])
+        if threads:
+            torch.set_num_threads(threads)
+        elif env["local_world_size"] > 1 and dev.type == "cpu":
+            # ranks on one machine share its cores; oversubscribing them makes every rank slower
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // env["local_world_size"]))
+        if deterministic:  # every switch PyTorch's reproducibility notes list; seeds are set by the caller
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts: set it first
+            torch.use_deterministic_algorithms(True)
+            torch.backends.cudnn.benchmark = False
+            torch.backends.cudnn.deterministic = True
+        if env["world_size"] > 1 and not dist.is_initialized():
+            if dev.type == "cuda":
+                torch.cuda.set_device(dev)
+            backend = "nccl" if dev.type == "cuda" else "gloo"
+            # a peer that dies is noticed at once by its sockets; the timeout only bounds a rank that hangs
+            dist.init_process_group(backend, timeout=datetime.timedelta(minutes=10),
+                                    **({"device_id": dev} if dev.type == "cuda" else {}))
+            started_group = True
+        # rank 0 decides (and alone may write the probe's cache); the others follow, so every rank computes alike
+        decision = [None]
+        if env["rank"] == 0:
+            prec, prec_why = pick_precision(precision, dev, log)
+            decision = [(prec, prec_why, *pick_channels_last(channels_last, dev, prec))]
+        if started_group or dist.is_initialized():
+            dist.broadcast_object_list(decision, src=0)
+        prec, prec_why, cl, cl_why = decision[0]
+        yield Runtime(dev, prec, prec_why, cl, cl_why, torch.get_num_threads(), env["rank"], env["world_size"],
+                      env["local_rank"], env["local_world_size"], env["restart_count"], env["run_id"])
+    finally:
+        if started_group and dist.is_initialized():
+            dist.destroy_process_group()
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = previous[2], previous[3]
+        torch.set_num_threads(previous[4])
