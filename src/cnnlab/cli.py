@@ -151,6 +151,8 @@ def _hand_over_to_torchrun(args) -> int:
     try:
         torchrun(launcher)
     except Exception as exc:  # torchrun's ChildFailedError lists each failed rank and its exit code
+        if hasattr(exc, "sigval"):  # the agent itself was signalled: the workers checkpointed and stopped
+            return 128 + int(exc.sigval)
         failures = getattr(exc, "failures", {})
         codes = sorted({f.exitcode for f in failures.values()}) if failures else [1]
         print(f"error: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}",
