@@ -91,7 +91,6 @@ def read_bytes(path: Path, size: int | None = None, *, implied_size: Callable[[b
         raise DatasetError(f"{path}: decompresses to more than the {stop:,} bytes it should hold; the file is "
                            "corrupt: delete it and fetch it again")
     data = b"".join(chunks)
-    del chunks
     if size is not None and len(data) != size:
         raise _wrong_size(path, len(data), size)
     return data
