@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # The pinned release takes the CPU build where this machine keeps one on disk, and PyPI's build elsewhere.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test test-fast bench venv data clean
+.PHONY: demo test test-fast fuzz bench venv data clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,12 @@ test: data
 
 test-fast: venv
 	$(BIN)/python -m pytest -m "not integration and not slow"
+
+# The test suite replays fixed seeds; this explores every parser with fresh random seeds and FUZZ_EXAMPLES
+# inputs each. Whatever it finds becomes a fixed regression example in tests/test_fuzz.py.
+FUZZ_EXAMPLES ?= 5000
+fuzz: venv
+	HYPOTHESIS_PROFILE=fuzz FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest tests/test_fuzz.py -m slow -k under_fuzzing
 
 bench: data
 	$(BIN)/python bench/run.py

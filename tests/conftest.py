@@ -12,7 +12,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, settings
 from PIL import Image
+
+# Property-based tests: `make test` and CI replay one fixed seed ("ci"), so that a run passes or fails the same
+# way on every machine; `make fuzz` ("fuzz") draws fresh seeds and many more examples. Neither has a wall-clock
+# deadline or speed health check, which a shared machine trips: tests/test_fuzz.py bounds CPU time instead.
+_NOT_WALL_CLOCK = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow], print_blob=True)
+settings.register_profile("ci", derandomize=True, database=None, **_NOT_WALL_CLOCK)
+settings.register_profile("fuzz", derandomize=False, database=None,
+                          max_examples=int(os.environ.get("FUZZ_EXAMPLES", "5000")), **_NOT_WALL_CLOCK)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 # Read before any fixture clears them: where this machine keeps its data.

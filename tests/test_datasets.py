@@ -1,6 +1,7 @@
 import dataclasses
 import gzip
 import hashlib
+import os
 import time
 
 import pytest
@@ -165,3 +166,49 @@ def test_shared_cifar10_is_unverified_with_its_sha256_and_reloads_in_under_a_sec
     assert torch.equal(again.train_images[:100], data.train_images[:100])
     mean, _ = channel_stats(data.train_images)
     assert mean == pytest.approx([0.4914, 0.4822, 0.4465], abs=1e-4)
+
+
+def _edit_keeping_size_and_mtime(path, offset: int = -1) -> bytes:
+    """Flip one byte of `path` in place, then restore its mtime: what a size-and-mtime check cannot see."""
+    before = path.stat()
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(data)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = path.stat()
+    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    return bytes(data)
+
+
+def test_a_source_edited_with_size_and_mtime_kept_is_decoded_again(tmp_path, monkeypatch):
+    write_idx_dataset(tmp_path / "mnist", 20, 10, gz=False)
+    tiny_mnist(monkeypatch, None)
+    first = load_dataset("mnist", tmp_path)
+    edited = _edit_keeping_size_and_mtime(tmp_path / "mnist" / "t10k-images-idx3-ubyte")  # the last pixel
+    logged = []
+    second = load_dataset("mnist", tmp_path, log=logged.append)
+    assert second.test_images[-1, 0, -1, -1].item() == edited[-1] != first.test_images[-1, 0, -1, -1].item()
+    assert torch.equal(second.train_images, first.train_images)
+    assert any("changed since they were cached" in line for line in logged)
+    monkeypatch.setattr(datasets_module, "parse_idx", lambda *a: pytest.fail("decoded a third time"))
+    assert torch.equal(load_dataset("mnist", tmp_path).test_images, second.test_images)  # the new entry serves
+
+
+def test_the_cache_entry_holds_the_hash_of_the_bytes_it_decoded(tmp_path, monkeypatch):
+    """A file edited while it is being decoded (size and mtime kept) is decoded again on the next load:
+    the entry records the hash of the bytes read, not of the file as it is after decoding."""
+    write_idx_dataset(tmp_path / "mnist", 20, 10, gz=False)
+    tiny_mnist(monkeypatch, None)
+    path = tmp_path / "mnist" / "train-images-idx3-ubyte"
+    real_read = datasets_module.read_bytes
+    edited = []
+
+    def read_then_edit(p, *args, **kwargs):
+        data = real_read(p, *args, **kwargs)
+        if p == path and not edited:
+            edited.append(_edit_keeping_size_and_mtime(path))
+        return data
+    monkeypatch.setattr(datasets_module, "read_bytes", read_then_edit)
+    first = load_dataset("mnist", tmp_path)
+    second = load_dataset("mnist", tmp_path)
+    assert second.train_images[-1, 0, -1, -1].item() == edited[0][-1] != first.train_images[-1, 0, -1, -1].item()

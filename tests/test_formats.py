@@ -1,11 +1,14 @@
 import gzip
+import hashlib
+import os
 import pickle
 import struct
+import zlib
 
 import numpy as np
 import pytest
 
-from cnnlab.data.formats import parse_cifar_binary, parse_cifar_python, parse_idx, read_bytes
+from cnnlab.data.formats import idx_length, parse_cifar_binary, parse_cifar_python, parse_idx, read_bytes
 from cnnlab.errors import DatasetError
 
 from conftest import CodeRunningPickle, cifar_python_batch, cifar_records, idx_bytes
@@ -71,3 +74,84 @@ def test_cifar_python_wrong_content():
         parse_cifar_python(pickle.dumps({"data": [1, 2], "labels": [0]}, protocol=2), "b", "labels")
     with pytest.raises(DatasetError, match="not a readable CIFAR python batch"):
         parse_cifar_python(b"garbage", "b", "labels")
+
+
+def test_idx_header_with_an_empty_dimension_beside_huge_ones_is_refused():
+    """Found by fuzzing: 0 x 4 x 2^30 x 2^31 holds 0 bytes, so the size check passed and numpy refused the shape."""
+    data = bytes.fromhex("00000804" "00000000" "00000004" "40000000" "80000000")
+    with pytest.raises(DatasetError, match=r"x\.idx: its header \[0, 4, 1073741824, 2147483648\] has a dimension "
+                                           r"of 0; an IDX dataset file is never empty"):
+        parse_idx(data, "x.idx")
+
+
+def test_idx_length_from_the_header_alone():
+    head = idx_bytes(np.zeros((3, 28, 28)))[:20]
+    assert idx_length(head, "x") == 16 + 3 * 28 * 28
+    with pytest.raises(DatasetError, match="truncated IDX header"):
+        idx_length(head[:10], "x")
+
+
+def _gzip_of(header: bytes, zeros: int) -> bytes:
+    stream = zlib.compressobj(9, zlib.DEFLATED, 31)
+    body = [stream.compress(header)] + [stream.compress(bytes(min(1 << 20, zeros - i))) for i in range(0, zeros, 1 << 20)]
+    return b"".join(body) + stream.flush()
+
+
+def test_a_header_claiming_more_than_the_gzip_can_hold_is_refused_before_decompressing(tmp_path, monkeypatch):
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    path.write_bytes(_gzip_of(struct.pack(">IIII", 0x803, 10**7, 28, 28), 4 << 20))  # 4 KB claiming 7.8 GB
+    asked = []
+    real_read = gzip.GzipFile.read
+    monkeypatch.setattr(gzip.GzipFile, "read", lambda self, n=-1: asked.append(n) or real_read(self, n))
+    with pytest.raises(DatasetError, match=r"train-images-idx3-ubyte\.gz: its header claims 7,840,000,016 bytes of "
+                                           r"content, but [\d,]+ gzip bytes can hold at most [\d,]+; the file is corrupt"):
+        read_bytes(path, implied_size=lambda head: idx_length(head, path))
+    assert asked == [64]  # the header's bytes, nothing more
+    # large enough to hold MNIST's 47 MB, yet its header claims 10 million images, not 60,000
+    path.write_bytes(_gzip_of(struct.pack(">IIII", 0x803, 10**7, 28, 28) + os.urandom(1 << 16), 0))
+    asked.clear()
+    with pytest.raises(DatasetError, match=r"its header claims 7,840,000,016 bytes of content, but this file has "
+                                           r"47,040,016"):
+        read_bytes(path, 47_040_016, implied_size=lambda head: idx_length(head, path))
+    assert asked == [64]
+
+
+def test_decompression_stops_just_past_the_size_the_file_should_have(tmp_path, monkeypatch):
+    path = tmp_path / "labels.gz"
+    path.write_bytes(_gzip_of(b"", 3 << 20))
+    asked = []
+    real_read = gzip.GzipFile.read
+    monkeypatch.setattr(gzip.GzipFile, "read", lambda self, n=-1: asked.append(n) or real_read(self, n))
+    with pytest.raises(DatasetError, match=r"labels\.gz: decompresses to more than the 10,008 bytes it should hold"):
+        read_bytes(path, 10_008)
+    assert sum(asked) == 10_009
+    asked.clear()
+    with pytest.raises(DatasetError, match=r"labels\.gz: decompresses to more than 1,048,576 bytes; not a dataset file"):
+        read_bytes(path, limit=1 << 20)
+    assert sum(asked) == (1 << 20) + 1 and max(asked) <= 1 << 20
+
+
+def test_a_known_file_of_the_wrong_size_is_refused_before_reading(tmp_path):
+    path = tmp_path / "data_batch_1.bin"
+    path.write_bytes(b"\0" * 3073)
+    with pytest.raises(DatasetError, match=r"data_batch_1\.bin: 3,073 bytes \(decompressed\), expected 30,730,000; "
+                                           "the file is truncated or corrupt"):
+        read_bytes(path, 30_730_000)
+    path.write_bytes(gzip.compress(b"\0" * 3073))
+    with pytest.raises(DatasetError, match=r"3,073 bytes \(decompressed\), expected 6,146"):
+        read_bytes(path, 6146)
+    assert read_bytes(path, 3073) == b"\0" * 3073
+
+
+def test_the_digest_sees_the_bytes_on_disk(tmp_path):
+    path = tmp_path / "a.gz"
+    path.write_bytes(gzip.compress(b"hello" * 100))
+    digest = hashlib.sha256()
+    assert read_bytes(path, 500, digest=digest) == b"hello" * 100
+    assert digest.hexdigest() == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_several_gzip_members_are_read_whole(tmp_path):
+    path = tmp_path / "a.gz"
+    path.write_bytes(gzip.compress(b"first ") + gzip.compress(b"second") + b"\0" * 8)  # zero padding, as some tools add
+    assert read_bytes(path, 12) == b"first second"

@@ -5,8 +5,10 @@ into the cache happens only when asked for (`download=True` or `cnnlab data fetc
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import math
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -23,12 +25,15 @@ from ..errors import DatasetError
 from .catalog import DataFile, DatasetSpec, get_spec
 from ..files import file_lock
 from .download import download, extract_archive
-from .formats import parse_cifar_binary, parse_cifar_python, parse_idx, read_bytes
+from .formats import idx_length, parse_cifar_binary, parse_cifar_python, parse_idx, read_bytes
 from .imagefolder import decode_image_folder, image_folder_files
 
 __all__ = ["Dataset", "load_dataset", "locate", "cache_dir", "search_roots", "fetch", "channel_stats"]
 
-_CACHE_FORMAT = 1  # bump when the decoded cache layout changes
+_CACHE_FORMAT = 2  # bump when the decoded cache layout changes (2: entries hold their sources' sha256)
+# Bytes a file may hold per image beyond its pixels: a CIFAR python batch stores labels and a file name
+# (about 50 bytes); the rest is slack. Bounds the files the catalog gives no size for.
+_OVERHEAD_PER_IMAGE = 256
 
 
 @dataclass
@@ -113,16 +118,20 @@ def _checksum_matches(data: bytes, want: str | None) -> bool:
     return hashlib.new(algorithm, data).hexdigest() == hexdigest
 
 
-def _decode(spec: DatasetSpec, layout: str, paths: list[Path]) -> tuple[dict[str, np.ndarray], list[dict], bool]:
-    """Parse every file, checking content checksums; returns arrays, per-file records, and all-verified."""
+def _decode(spec: DatasetSpec, layout: str, paths: list[Path]) -> tuple[dict[str, np.ndarray], list[dict], bool,
+                                                                        list[str]]:
+    """Parse every file, checking content checksums; returns arrays, per-file records, all-verified, and the
+    sha256 of each file as it lay on disk when it was read (what the cache entry is checked against)."""
     arrays: dict[str, list[np.ndarray]] = {"train_images": [], "train_labels": [], "test_images": [],
                                           "test_labels": []}
-    records, all_verified = [], True
+    records, all_verified, sources = [], True, []
+    # No file of a dataset holds more than the whole dataset: the bound for files the catalog gives no size
+    max_content = sum(spec.counts.values()) * (math.prod(spec.shape) + _OVERHEAD_PER_IMAGE) + (1 << 20)
     for f, path in zip(spec.files[layout], paths):
-        data = read_bytes(path)
-        if f.size is not None and len(data) != f.size:
-            raise DatasetError(f"{path}: {len(data):,} bytes (decompressed), expected {f.size:,}; the file is "
-                               f"truncated or corrupt: delete it and run 'cnnlab data fetch {spec.name}'")
+        source = hashlib.sha256()
+        header = functools.partial(idx_length, path=path) if spec.format == "idx" else None
+        data = read_bytes(path, f.size, implied_size=header, limit=max(max_content, f.size or 0), digest=source)
+        sources.append(source.hexdigest())
         verified = _checksum_matches(data, f.content)
         all_verified &= verified
         records.append({"file": str(path), "sha256": hashlib.sha256(data).hexdigest(),
@@ -147,7 +156,7 @@ def _decode(spec: DatasetSpec, layout: str, paths: list[Path]) -> tuple[dict[str
             arrays[f"{split}_labels"].append(labels)
     merged = {k: np.concatenate(v) for k, v in arrays.items()}
     _check_structure(spec, merged, paths[0].parent)
-    return merged, records, all_verified
+    return merged, records, all_verified, sources
 
 
 def _check_structure(spec: DatasetSpec, arrays: dict[str, np.ndarray], folder: Path) -> None:
@@ -177,6 +186,18 @@ def _class_names(spec: DatasetSpec, folder: Path) -> list[str]:
         if len(names) == len(spec.classes):
             return names
     return list(spec.classes)
+
+
+def _sha256_of_files(paths: list[Path]) -> list[str]:
+    """sha256 of each file as it lies on disk, read in 1 MiB pieces."""
+    digests, buffer = [], bytearray(1 << 20)
+    for path in paths:
+        h = hashlib.sha256()
+        with open(path, "rb", buffering=0) as f:
+            while n := f.readinto(buffer):
+                h.update(memoryview(buffer)[:n])
+        digests.append(h.hexdigest())
+    return digests
 
 
 def _cache_key(name: str, paths: list[Path]) -> str:
@@ -215,28 +236,35 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, download:
             raise
         fetch(name, log=log)
         layout, folder, paths = locate(spec, data_dir)
+    # The key (path, size, mtime) picks the entry; the entry holds the sha256 of every source file as it
+    # was decoded, and the files are hashed again on every read, so an edit that keeps size and mtime
+    # (a restored mtime, a coarse clock) is decoded again, never served stale.
     cache_file = cache_dir() / "decoded" / f"{name}-{_cache_key(name, paths)}.safetensors"
     if cache_file.is_file():
         try:
             with safe_open(cache_file, "pt") as f:  # one open for the tensors and their metadata
                 meta = json.loads(f.metadata()["cnnlab"])
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-            return Dataset(name, meta["classes"], tensors["train_images"], tensors["train_labels"],
-                           tensors["test_images"], tensors["test_labels"], str(folder), meta["verified"],
-                           meta["files"])
+                if meta["sources"] == _sha256_of_files(paths):
+                    tensors = {k: f.get_tensor(k) for k in f.keys()}
+                    return Dataset(name, meta["classes"], tensors["train_images"], tensors["train_labels"],
+                                   tensors["test_images"], tensors["test_labels"], str(folder), meta["verified"],
+                                   meta["files"])
+            log(f"note: the files of {name} in {folder} changed since they were cached; decoding again")
         except Exception as exc:  # a damaged cache is rebuilt, never trusted
             log(f"note: ignoring unreadable cache {cache_file} ({type(exc).__name__}); decoding again")
     if spec.format == "imagefolder":
+        sources = _sha256_of_files(paths)  # before decoding: a file changed meanwhile mismatches next time
         arrays, classes, records = decode_image_folder(folder, paths, log=log)
         verified = None
     else:
-        arrays, records, verified = _decode(spec, layout, paths)
+        arrays, records, verified, sources = _decode(spec, layout, paths)
         classes = _class_names(spec, folder)
     tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
     for k in ("train_labels", "test_labels"):
         tensors[k] = tensors[k].to(torch.int64)
     if write_cache:
-        _write_cache(cache_file, tensors, {"classes": classes, "verified": verified, "files": records})
+        _write_cache(cache_file, tensors, {"classes": classes, "verified": verified, "files": records,
+                                           "sources": sources})
     return Dataset(name, classes, tensors["train_images"], tensors["train_labels"], tensors["test_images"],
                    tensors["test_labels"], str(folder), verified, records)
 

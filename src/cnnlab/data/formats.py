@@ -8,44 +8,101 @@ from __future__ import annotations
 import gzip
 import io
 import math
+import os
 import pickle
 import pickletools
 import warnings
 import zlib
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 from ..errors import DatasetError
 
-__all__ = ["read_bytes", "parse_idx", "parse_cifar_binary", "parse_cifar_python", "RestrictedUnpickler",
+__all__ = ["read_bytes", "idx_length", "parse_idx", "parse_cifar_binary", "parse_cifar_python", "RestrictedUnpickler",
            "ForbiddenGlobal"]
 
-# Decompressing more than this from one file means the file is not what it claims (a gzip bomb).
+# Decompressing more than this from one file means the file is not what it claims (a gzip bomb); callers
+# that know the file (the catalog's sizes, a header) pass a tighter bound.
 _MAX_DECOMPRESSED = 512 << 20
+# Deflate expands at most 1032:1 (a 258-byte match coded in 2 bits; zlib's FAQ), so a gzip file of n bytes
+# holds at most 1032 n bytes: a header claiming more is refused before anything is decompressed.
+_DEFLATE_MAX_RATIO = 1032
+_CHUNK = 1 << 20  # decompressed bytes per step
+_HEAD = 64  # enough decompressed bytes for any header a caller checks (IDX: at most 20)
 
 
-def read_bytes(path: Path) -> bytes:
-    """The file's content, gunzipped if it is gzip (by its magic bytes, not its name)."""
+def read_bytes(path: Path, size: int | None = None, *, implied_size: Callable[[bytes], int] | None = None,
+               limit: int = _MAX_DECOMPRESSED, digest=None) -> bytes:
+    """The file's content, gunzipped if it is gzip (by its magic bytes, not its name).
+
+    `size` is the exact length a known file's content has; `implied_size(head)` returns the length its
+    first bytes (a header) claim. Both are checked against what the file can hold before the body is
+    decompressed, decompression stops one byte past them, and `digest` (a hashlib object) is fed the
+    bytes as they lie on disk.
+    """
     path = Path(path)
     try:
-        raw = path.read_bytes()
+        with open(path, "rb") as f:
+            on_disk = os.fstat(f.fileno()).st_size
+            gz = f.read(2) == b"\x1f\x8b"
+            if not gz and size is not None and on_disk != size:
+                raise _wrong_size(path, on_disk, size)
+            if on_disk > limit:
+                raise DatasetError(f"{path}: {on_disk:,} bytes, more than {limit:,}; not a dataset file")
+            f.seek(0)
+            raw = f.read(limit + 1)  # bounded even if the file grows meanwhile
     except OSError as exc:
         raise DatasetError(f"{path}: cannot read ({exc.strerror})") from None
-    if raw[:2] != b"\x1f\x8b":
+    if len(raw) > limit:
+        raise DatasetError(f"{path}: more than {limit:,} bytes; not a dataset file")
+    if digest is not None:
+        digest.update(raw)
+    if not gz:
+        if size is not None and len(raw) != size:
+            raise _wrong_size(path, len(raw), size)
         return raw
+    ceiling = min(limit, _DEFLATE_MAX_RATIO * len(raw))
+    if size is not None and size > ceiling:
+        raise DatasetError(f"{path}: {len(raw):,} gzip bytes cannot hold the {size:,} bytes this file has; the file "
+                           "is truncated or corrupt: delete it and fetch it again")
     try:
-        with gzip.GzipFile(fileobj=io.BytesIO(raw)) as f:
-            data = f.read(_MAX_DECOMPRESSED + 1)
+        with gzip.GzipFile(fileobj=io.BytesIO(raw)) as stream:
+            head = stream.read(_HEAD)
+            stop = size if size is not None else ceiling
+            if implied_size is not None:
+                claimed = implied_size(head)
+                if claimed > ceiling or (size is not None and claimed != size):
+                    expected = f"this file has {size:,}" if size is not None else \
+                        f"{len(raw):,} gzip bytes can hold at most {ceiling:,}"
+                    raise DatasetError(f"{path}: its header claims {claimed:,} bytes of content, but {expected}; "
+                                       "the file is corrupt: delete it and fetch it again")
+                stop = claimed
+            chunks, produced = [head], len(head)
+            while produced <= stop and len(chunks[-1]):  # one byte past `stop` tells a longer stream
+                chunks.append(stream.read(min(_CHUNK, stop + 1 - produced)))
+                produced += len(chunks[-1])
     except (OSError, EOFError, zlib.error) as exc:
         raise DatasetError(f"{path}: corrupt or truncated gzip data ({exc}); delete it and fetch it again") from None
-    if len(data) > _MAX_DECOMPRESSED:
-        raise DatasetError(f"{path}: decompresses to more than {_MAX_DECOMPRESSED >> 20} MiB; not a dataset file")
+    if produced > stop:
+        if size is None and implied_size is None:
+            raise DatasetError(f"{path}: decompresses to more than {stop:,} bytes; not a dataset file")
+        raise DatasetError(f"{path}: decompresses to more than the {stop:,} bytes it should hold; the file is "
+                           "corrupt: delete it and fetch it again")
+    data = b"".join(chunks)
+    if size is not None and len(data) != size:
+        raise _wrong_size(path, len(data), size)
     return data
 
 
-def parse_idx(data: bytes, path: Path | str) -> np.ndarray:
-    """Decode an IDX file of unsigned bytes (magic 0x0000 08 nd), as used by MNIST and Fashion-MNIST."""
+def _wrong_size(path: Path, got: int, want: int) -> DatasetError:
+    return DatasetError(f"{path}: {got:,} bytes (decompressed), expected {want:,}; the file is truncated or "
+                        "corrupt: delete it and fetch it again")
+
+
+def _idx_header(data: bytes, path: Path | str) -> tuple[int, list[int]]:
+    """Header length and dimensions of an IDX file of unsigned bytes (magic 0x0000 08 nd)."""
     if len(data) < 4:
         raise DatasetError(f"{path}: {len(data)} bytes, too short for an IDX header")
     zero, dtype, ndim = int.from_bytes(data[:2], "big"), data[2], data[3]
@@ -56,8 +113,25 @@ def parse_idx(data: bytes, path: Path | str) -> np.ndarray:
     if len(data) < header:
         raise DatasetError(f"{path}: truncated IDX header ({len(data)} of {header} bytes)")
     dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    expected = header + int(np.prod(dims, dtype=object))  # exact integer: a lying header cannot overflow
-    if len(data) != expected:
+    # An empty dimension makes the product 0 whatever the others claim (2^31 say), so the size check would
+    # pass and numpy would refuse the shape; no dataset file is empty.
+    if 0 in dims:
+        raise DatasetError(f"{path}: its header {dims} has a dimension of 0; an IDX dataset file is never "
+                           "empty: the file is corrupt")
+    return header, dims
+
+
+def idx_length(head: bytes, path: Path | str) -> int:
+    """Total length in bytes of the IDX file whose first bytes are `head`, from its header alone."""
+    header, dims = _idx_header(head, path)
+    return header + math.prod(dims)  # exact integer: a lying header cannot overflow
+
+
+def parse_idx(data: bytes, path: Path | str) -> np.ndarray:
+    """Decode an IDX file of unsigned bytes (magic 0x0000 08 nd), as used by MNIST and Fashion-MNIST."""
+    header, dims = _idx_header(data, path)
+    expected = header + math.prod(dims)
+    if len(data) != expected:  # with no dimension 0, each dimension is then at most the file's size
         raise DatasetError(f"{path}: size {len(data)} bytes but its header {dims} implies {expected}; "
                            "the file is truncated or corrupt: delete it and fetch it again")
     return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)
