@@ -165,6 +165,25 @@ def test_an_exception_leaving_the_group_marks_the_run(error, status):
     assert recorder.status == status and len(recorder.batches[0]) == 3
 
 
+class Broken(Recorder):
+    def log_points(self, points):
+        raise OSError(28, "No space left on device")
+
+
+def test_a_logger_failing_mid_run_is_switched_off_and_the_others_go_on():
+    recorder, broken = Recorder(), Broken()
+    group = LoggerGroup([broken, recorder], flush_steps=5)
+    with pytest.warns(RuntimeWarning) as caught:
+        train(group, 1, 20)
+        group.log_summary(SUMMARY)
+        group.close()
+    assert [str(w.message) for w in caught] == [
+        "Broken failed and is switched off for the rest of this run (OSError: [Errno 28] No space left on device); "
+        "metrics.csv still gets every epoch"]
+    assert broken.status is None and recorder.status == "FINISHED"
+    assert sum(len(batch) for batch in recorder.batches) == 20 + 2 + 1  # steps, epoch rows, summary
+
+
 # ---------------------------------------------------------------- TensorBoard
 
 def scalars(log_dir) -> dict[str, list[tuple[int, float]]]:

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 from urllib.parse import unquote
@@ -165,19 +166,14 @@ class LoggerGroup:
     def flush(self) -> None:
         """Hand the waiting points to the loggers and have them write their files (at epoch end, before a checkpoint)."""
         self._hand_over()
-        for logger in self.loggers:
-            logger.flush()
+        self._each("flush")
 
     def close(self, status: str | None = None) -> None:
         """Flush and close every logger. MLflow records `status`; by default FINISHED once the summary was logged,
         else KILLED (stopped early: a resume continues the same run)."""
-        status = status or ("FINISHED" if self._summary_logged else "KILLED")
-        try:
-            self._hand_over()
-        finally:
-            for logger in self.loggers:
-                logger.close(status)
-            self.loggers = []
+        self._hand_over()
+        self._each("close", status or ("FINISHED" if self._summary_logged else "KILLED"))
+        self.loggers = []
 
     def __enter__(self) -> LoggerGroup:
         return self
@@ -196,8 +192,19 @@ class LoggerGroup:
             return
         points, self._pending = self._pending, []
         _read_tensors(points)
-        for logger in self.loggers:
-            logger.log_points(points)
+        self._each("log_points", points)
+
+    def _each(self, method: str, *args) -> None:
+        # Hours of training are worth more than a dashboard: a logger that fails mid-run (a full disk, a tracking
+        # server gone) is reported and switched off, and the run goes on with metrics.csv and the other loggers.
+        for logger in list(self.loggers):
+            try:
+                getattr(logger, method)(*args)
+            except Exception as exc:
+                self.loggers.remove(logger)
+                warnings.warn(f"{type(logger).__name__} failed and is switched off for the rest of this run "
+                              f"({type(exc).__name__}: {exc}); metrics.csv still gets every epoch",
+                              RuntimeWarning, stacklevel=3)
 
 
 class TensorBoardLogger:
