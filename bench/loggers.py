@@ -73,11 +73,13 @@ def main() -> bool:
         warm = Path(tmp) / "warm"
         warm.mkdir()
         # creating the SQLite store's tables takes seconds, once per store: not part of a step
-        build_loggers("mlflow", warm, config={}, resume=False, start_step=0, mlflow_uri=f"sqlite:///{tmp}/mlflow.db").close()
+        build_loggers("mlflow", warm, config={}, resume=False, start_step=0,
+                      mlflow_uri=f"sqlite:///{tmp}/mlflow.db").close()
         for names in ("csv", "tensorboard", "mlflow", "tensorboard,mlflow"):
             median, epoch, per_step, close = logging_seconds(names, Path(tmp))
             print(f"{names:>18}: log_step median {median * 1e6:5.2f} us; log_epoch median {epoch * 1e3:7.2f} ms; "
-                  f"all per step {per_step * 1e6:7.2f} us = {per_step / step:.3%} of a step; close {close * 1e3:.1f} ms")
+                  f"all per step {per_step * 1e6:7.2f} us = {per_step / step:.3%} of a step; "
+                  f"close {close * 1e3:.1f} ms")
     return True
 
 

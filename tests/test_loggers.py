@@ -178,8 +178,8 @@ def test_a_logger_failing_mid_run_is_switched_off_and_the_others_go_on():
         group.log_summary(SUMMARY)
         group.close()
     assert [str(w.message) for w in caught] == [
-        "Broken failed and is switched off for the rest of this run (OSError: [Errno 28] No space left on device); "
-        "metrics.csv still gets every epoch"]
+        ("Broken failed and is switched off for the rest of this run (OSError: [Errno 28] No space left on "
+         "device); metrics.csv still gets every epoch")]
     assert broken.status is None and recorder.status == "FINISHED"
     assert sum(len(batch) for batch in recorder.batches) == 20 + 2 + 1  # steps, epoch rows, summary
 
@@ -261,7 +261,8 @@ def history(client, run_id, key) -> list[tuple[int, float]]:
 def test_mlflow_client_finds_the_run_its_config_and_its_metrics(tmp_path, mlflow_uri):
     run_dir = tmp_path / "convnet-run"
     run_dir.mkdir()
-    with build_loggers(["mlflow"], run_dir, config=config(), resume=False, start_step=0, mlflow_uri=mlflow_uri) as group:
+    with build_loggers(["mlflow"], run_dir, config=config(), resume=False, start_step=0,
+                       mlflow_uri=mlflow_uri) as group:
         train(group, 1, 20)
         group.log_summary(SUMMARY)
     client, run, record = mlflow_run(run_dir, mlflow_uri)
@@ -337,6 +338,9 @@ def test_a_resume_whose_mlflow_run_is_gone_says_what_to_do(tmp_path, mlflow_uri)
                                                       "run_id": "0123456789abcdef0123456789abcdef"}))
     with pytest.raises(ConfigError) as info:
         build_loggers("mlflow", tmp_path, config=config(), resume=True, start_step=10)
-    assert str(info.value) == (f"{tmp_path / 'mlflow.json'}: MLflow run 0123456789abcdef0123456789abcdef is not in "
-                               f"{mlflow_uri}; point $MLFLOW_TRACKING_URI at the store that holds it, or delete the "
-                               "file to start a new MLflow run")
+    assert str(info.value) == (f"{tmp_path / 'mlflow.json'}: MLflow run 0123456789abcdef0123456789abcdef is not "
+                               f"in {mlflow_uri}; correct tracking_uri there, or delete the file to start a new "
+                               "MLflow run")
+    (tmp_path / "mlflow.json").write_text("{")
+    with pytest.raises(ConfigError, match=r"mlflow.json: not the MLflow record cnnlab writes .*delete it"):
+        build_loggers("mlflow", tmp_path, config=config(), resume=True, start_step=10)

@@ -41,7 +41,6 @@ _REQUIRES = {"tensorboard": (("tensorboard",), "tensorboard"),
 STEP, EPOCH, SUMMARY = "step/", "epoch/", "summary/"
 # The TensorBoard hparams dashboard shows these beside the config; log_summary logs their values.
 _HPARAM_METRICS = (SUMMARY + "test_accuracy", SUMMARY + "test_loss")
-_DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
 
 Point = tuple[int, float, dict]  # (step, wall-clock seconds since the epoch, {name: value})
 
@@ -164,7 +163,8 @@ class LoggerGroup:
         self.flush()
 
     def flush(self) -> None:
-        """Hand the waiting points to the loggers and have them write their files (at epoch end, before a checkpoint)."""
+        """Hand the waiting points to the loggers and have them write their files (each epoch end; the trainer
+        may also call it before a checkpoint, so that a killed run loses no point it will not log again)."""
         self._hand_over()
         self._each("flush")
 
@@ -252,7 +252,7 @@ class MlflowLogger:
         self._Metric = Metric
         run_dir = Path(run_dir)
         self.record = run_dir / "mlflow.json"
-        saved = json.loads(self.record.read_text()) if resume and self.record.exists() else None
+        saved = _read_record(self.record) if resume and self.record.exists() else None
         # A resumed run goes back to the store that holds it, wherever it is started from.
         self.tracking_uri = saved["tracking_uri"] if saved else absolute_uri(tracking_uri or mlflow.get_tracking_uri())
         params = {k: str(v) for k, v in params.items()}
@@ -288,9 +288,8 @@ class MlflowLogger:
         try:
             return self.client.get_run(run_id)
         except MlflowException:
-            raise ConfigError(f"{self.record}: MLflow run {run_id} is not in {self.tracking_uri}; point "
-                              "$MLFLOW_TRACKING_URI at the store that holds it, or delete the file to "
-                              "start a new MLflow run") from None
+            raise ConfigError(f"{self.record}: MLflow run {run_id} is not in {self.tracking_uri}; correct "
+                              "tracking_uri there, or delete the file to start a new MLflow run") from None
 
     def _experiment(self, name: str) -> str:
         from mlflow.exceptions import MlflowException
@@ -332,6 +331,17 @@ def absolute_uri(uri: str) -> str:
     return uri
 
 
+def _read_record(path: Path) -> dict:
+    try:
+        record = json.loads(path.read_text())
+        if isinstance(record, dict) and isinstance(record.get("tracking_uri"), str) and record.get("run_id"):
+            return record
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        pass
+    raise ConfigError(f"{path}: not the MLflow record cnnlab writes ({{'tracking_uri': ..., 'run_id': ...}}); "
+                      "delete it to start a new MLflow run")
+
+
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -343,7 +353,7 @@ def _read_tensors(points: list[Point]) -> None:
         for name, value in values.items():
             if isinstance(value, torch.Tensor):
                 slots.setdefault(value.device, []).append((values, name))
-    for device, where in slots.items():
+    for where in slots.values():
         floats = torch.stack([values[name].float().reshape(()) for values, name in where]).tolist()
         for (values, name), number in zip(where, floats):
             values[name] = number
