@@ -91,8 +91,8 @@ class InMemoryLoader:
                 x = x.permute(0, 3, 1, 2)
             if self._crop is not None:
                 x = self._crop.apply_padded(x, self._crop.sample(len(idx), self.aug_generator))
-            if self.augment:
-                x = self.augment(x, self.aug_generator)
+            if self.augment:  # the indices and the epoch reach only ops that use them (AlternatingFlip)
+                x = self.augment(x, self.aug_generator, index=idx, epoch=self.epoch)
             self.position = i + 1
             yield self.normalize(x), self.labels.index_select(0, idx)
         self.epoch += 1
