@@ -122,6 +122,11 @@ PUBLISHED_PARAMS = {
     "resnet1202": 19_421_274, "plain20": 269_722, "plain32": 464_154, "plain44": 658_586, "plain56": 853_018,
     "plain110": 1_727_962, "resnet18_small_stem": 11_173_962,  # the latter as in kuangliu's pytorch-cifar
     "alexnet": 61_100_840,
+    "lenet5": 61_706,  # the modern LeNet-5 (full C3, linear output): 156 + 2,416 + 48,120 + 10,164 + 850
+    # airbench94 counted by hand from airbench94.py's layers (trained tensors only; the frozen whitening filters
+    # and BN scales are buffers): whitening bias 24, convs 24*64*9 + 64*64*9 + 64*256*9 + 3*256*256*9 =
+    # 1,967,616, BN shifts 2*(64 + 256 + 256) = 1,152, linear 256*10 = 2,560
+    "airbench94": 1_971_352,
 }
 IMAGENET_CLASSES = 1000
 TEST_SIDE_CAP = 64  # ImageNet nets pool globally, so a smaller input keeps the registry tests fast

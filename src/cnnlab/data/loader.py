@@ -118,8 +118,8 @@ class InMemoryLoader:
             if self._crop is not None:
                 x = self._crop.apply_padded(x, sample_part(self._crop, len(idx), self.aug_generator, part,
                                                            len(global_idx)))
-            if self.augment:
-                x = self.augment(x, self.aug_generator, part, len(global_idx))
+            if self.augment:  # the indices and the epoch reach only ops that use them (AlternatingFlip)
+                x = self.augment(x, self.aug_generator, part, len(global_idx), index=idx, epoch=self.epoch)
             self.position = i + 1
             x = self.normalize(x)
             if self.resize and tuple(x.shape[-2:]) != self.resize:

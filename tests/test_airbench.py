@@ -1,0 +1,220 @@
+"""airbench94 (Jordan 2024, arXiv 2404.00498): the net, its whitening init, the alternating flip, a short run."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cnnlab.data import InMemoryLoader
+from cnnlab.data.augment import AlternatingFlip, Compose, RandomCrop, parse_augment
+from cnnlab.engine import TrainConfig, fit
+from cnnlab.errors import ConfigError, ModelError
+from cnnlab.models import AIRBENCH94_RECIPE, Airbench, create_model, init_whitening
+from cnnlab.models.airbench import ShiftOnlyBatchNorm, airbench94_param_groups
+from cnnlab.models.summary import summarize
+
+
+def test_layers_parameters_and_macs_at_32x32():
+    model = create_model("airbench94")
+    assert isinstance(model, Airbench)
+    info = summarize(model, (3, 32, 32))
+    shapes = {layer["name"]: layer["output_shape"] for layer in info["layers"]}
+    assert shapes["whiten"] == [1, 24, 31, 31]  # 2 * 3 * 2 * 2 filters, no padding
+    assert [shapes[f"layer{i}.norm2"] for i in (1, 2, 3)] == [[1, 64, 15, 15], [1, 256, 7, 7], [1, 256, 3, 3]]
+    assert info["params"] == 24 + (24 * 64 + 64 * 64 + 64 * 256 + 3 * 256 * 256) * 9 + 2 * (64 + 256 + 256) + 2560 \
+        == 1_971_352
+    # each group's first conv runs before its pool: at 31, 15 and 7 pixels; the second at 15, 7 and 3
+    assert info["macs"] == (24 * 31 * 31 * 3 * 4
+                            + 64 * 31 * 31 * 24 * 9 + 64 * 15 * 15 * 64 * 9
+                            + 256 * 15 * 15 * 64 * 9 + 256 * 7 * 7 * 256 * 9
+                            + 256 * 7 * 7 * 256 * 9 + 256 * 3 * 3 * 256 * 9
+                            + 256 * 10) == 118_147_360
+
+
+def test_frozen_tensors_are_buffers_and_the_keys_are_torchs():
+    model = create_model("airbench94")
+    names = dict(model.named_parameters())
+    assert "whiten.weight" not in names and "whiten.bias" in names
+    assert not any(name.endswith(("norm1.weight", "norm2.weight")) for name in names)
+    state = model.state_dict()
+    assert torch.equal(state["layer2.norm1.weight"], torch.ones(256))  # the BN scale: fixed at 1, still saved
+    assert state["whiten.weight"].shape == (24, 3, 2, 2) and "fc.bias" not in state
+    bn = model.layer1.norm1
+    assert isinstance(bn, ShiftOnlyBatchNorm) and bn.momentum == 0.4 and bn.eps == 1e-12  # paper: 0.6 in its sense
+    assert torch.equal(model.layer1.conv2.weight[:, :, 1, 1], torch.eye(64))  # partial identity init
+
+
+def test_global_max_pool_is_the_papers_3x3_pool_and_small_inputs_work():
+    torch.manual_seed(0)
+    model = create_model("airbench94").eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        features = model.forward_features(x)
+        paper_head = model.fc(torch.flatten(F.max_pool2d(features, 3), 1)) * (1 / 9)
+        assert torch.equal(model(x), paper_head)
+        assert model(torch.randn(2, 3, 9, 9)).shape == (2, 10)  # 8 -> 4 -> 2 -> 1
+        with pytest.raises(RuntimeError):
+            model(torch.randn(2, 3, 8, 8))
+
+
+def _smooth_images(n, seed, size=16):
+    """Images whose neighbouring pixels and channels are strongly correlated, as in photographs."""
+    g = torch.Generator().manual_seed(seed)
+    low = torch.rand(n, 1, size // 4, size // 4, generator=g)
+    colour = torch.rand(n, 3, 1, 1, generator=g) * 0.5 + 0.5
+    x = F.interpolate(low, size=size, mode="bilinear", align_corners=False) * colour
+    x = x + 0.05 * torch.rand(n, 3, size, size, generator=g)
+    return (x.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def _patch_moment(model, images, mean, std):
+    """The second-moment matrix of the whitening conv's first 12 outputs (without bias) over all positions."""
+    x = (images.float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    out = F.conv2d(x, model.whiten.weight[:12])
+    rows = out.permute(0, 2, 3, 1).reshape(-1, 12).double()
+    return rows.T @ rows / len(rows)
+
+
+def test_whitening_makes_the_patch_covariance_the_identity():
+    images = _smooth_images(400, seed=0)
+    mean = (images.float() / 255).mean((0, 2, 3)).tolist()
+    std = (images.float() / 255).std((0, 2, 3)).tolist()
+    model = create_model("airbench94")
+    eye = torch.eye(12, dtype=torch.float64)
+    # before: the raw 2x2 patches are far from white
+    raw = (images.float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    patches = raw.unfold(2, 2, 1).unfold(3, 2, 1).permute(0, 2, 3, 1, 4, 5).reshape(-1, 12).double()
+    assert ((patches.T @ patches / len(patches)) - eye).abs().max() > 0.5
+    eigenvalues = init_whitening(model, images, mean, std, eps=0.0)
+    assert torch.all(eigenvalues[:-1] >= eigenvalues[1:])  # largest first, as the paper orders its filters
+    assert torch.allclose(_patch_moment(model, images, mean, std), eye, atol=1e-3)
+    assert torch.equal(model.whiten.weight[12:], -model.whiten.weight[:12])
+    # with the paper's eps, component k is scaled by sqrt(l_k / (l_k + eps)): white up to that factor
+    init_whitening(model, images, mean, std)
+    expected = torch.diag((eigenvalues / (eigenvalues + 5e-4)).double())
+    assert torch.allclose(_patch_moment(model, images, mean, std), expected, atol=1e-3)
+    # and on images it did not see, close to white
+    held_out = _patch_moment(model, _smooth_images(400, seed=1), mean, std)
+    assert (held_out - eye).abs().max() < 0.2
+
+
+def test_whitening_uses_the_first_num_images_and_refuses_bad_input():
+    images = _smooth_images(30, seed=2)
+    a, b = create_model("airbench94"), create_model("airbench94")
+    init_whitening(a, images, [0.5] * 3, [0.25] * 3, num_images=10)
+    init_whitening(b, images[:10], [0.5] * 3, [0.25] * 3)
+    assert torch.equal(a.whiten.weight, b.whiten.weight)
+    with pytest.raises(ModelError, match="uint8 images of shape"):
+        init_whitening(a, images.float(), [0.5] * 3, [0.25] * 3)
+    with pytest.raises(ModelError, match="airbench model or a WhiteningConv"):
+        init_whitening(create_model("convnet"), images, [0.5] * 3, [0.25] * 3)
+
+
+def test_param_groups_give_the_papers_step_with_a_mean_loss():
+    """The paper sums the per-example losses; a batch-mean loss with the rescaled groups takes the same step."""
+    torch.manual_seed(0)
+    batch = 8
+    reference = Airbench(num_classes=3, widths=(8, 16, 16))  # narrow: the same groups, a faster test
+    model = Airbench(num_classes=3, widths=(8, 16, 16))
+    model.load_state_dict(reference.state_dict())
+    x, y = torch.randn(batch, 3, 16, 16), torch.randint(0, 3, (batch,))
+    steps = []
+    for net, reduction in ((reference, "sum"), (model, "mean")):
+        groups = airbench94_param_groups(net, batch_size=batch, loss_reduction=reduction)
+        optimizer = torch.optim.SGD(groups, momentum=0.85, nesterov=True)
+        for _ in range(3):
+            loss = F.cross_entropy(net(x), y, label_smoothing=0.2, reduction=reduction)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        steps.append(groups)
+    for a, b in zip(reference.parameters(), model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    shifts, rest = steps[1]
+    assert shifts["name"] == "norm_biases" and len(shifts["params"]) == 6 and len(rest["params"]) == 8
+    # at the paper's batch of 1024 and a mean loss: lr 1.5 (96 for BN shifts), decay per step 0.0153 / 7.667
+    groups = airbench94_param_groups(create_model("airbench94"), batch_size=1024)
+    assert groups[1]["lr"] == pytest.approx(1.5) and groups[0]["lr"] == pytest.approx(96.0)
+    for group in groups:
+        assert group["lr"] * group["weight_decay"] == pytest.approx(0.0153 / (1 + 1 / 0.15))
+
+
+def _identified_images(n):
+    """Image i holds i in its left column and 255 - i in its right, so that a flip shows, and which image it was."""
+    images = torch.zeros(n, 1, 3, 4, dtype=torch.uint8)
+    images[:, 0, :, 0] = torch.arange(n, dtype=torch.uint8)[:, None]
+    images[:, 0, :, 3] = 255 - torch.arange(n, dtype=torch.uint8)[:, None]
+    return images
+
+
+def _flips_by_epoch(loader, epochs):
+    """{epoch: {image index: flipped?}} read back from the batches."""
+    seen = {}
+    for _ in range(epochs):
+        epoch = loader.epoch
+        for x, _ in loader:
+            left, right = x[:, 0, 0, 0].round().long(), x[:, 0, 0, 3].round().long()
+            flipped = left > right
+            image = torch.where(flipped, right, left)
+            seen.setdefault(epoch, {}).update(zip(image.tolist(), flipped.tolist()))
+    return seen
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_alternating_flip_flips_each_image_in_every_other_epoch(channels_last):
+    n = 100
+    loader = InMemoryLoader(_identified_images(n), torch.arange(n), 16, mean=[0.0], std=[1 / 255], shuffle=True,
+                            seed=3, augment=parse_augment("altflip"), channels_last=channels_last)
+    seen = _flips_by_epoch(loader, 5)
+    assert all(len(seen[e]) == n for e in range(5))  # every image once per epoch
+    first = torch.tensor([seen[0][i] for i in range(n)])
+    assert 35 <= int(first.sum()) <= 65  # epoch 0: each image at random with p = 1/2
+    for e in range(1, 5):
+        assert all(seen[e][i] != seen[e - 1][i] for i in range(n))  # flipped exactly when it was not before
+    other_seed = InMemoryLoader(_identified_images(n), torch.arange(n), 16, mean=[0.0], std=[1 / 255], shuffle=True,
+                                seed=4, augment=parse_augment("altflip"))
+    assert _flips_by_epoch(other_seed, 1)[0] != seen[0]  # a run's seed picks epoch 0's flips
+
+
+@pytest.mark.parametrize("spec", ["altflip", "crop:1:reflect,altflip"])
+def test_alternating_flip_replays_exactly_after_a_resume(spec):
+    def make():
+        return InMemoryLoader(_identified_images(60), torch.arange(60), 8, mean=[0.0], std=[1 / 255], shuffle=True,
+                              drop_last=True, seed=5, augment=parse_augment(spec))
+    reference = make()
+    seen = [x for _ in range(4) for x, _ in reference]
+    interrupted = make()
+    batches = [x for x, _ in interrupted]  # epoch 0 whole
+    it = iter(interrupted)
+    batches += [next(it)[0] for _ in range(3)]  # stopped after 3 batches of epoch 1
+    resumed = make()
+    resumed.load_state_dict(interrupted.state_dict())
+    batches += [x for _ in range(3) for x, _ in resumed][: len(seen) - len(batches)]
+    assert len(batches) == len(seen) and all(torch.equal(a, b) for a, b in zip(seen, batches))
+
+
+def test_alternating_flip_needs_indices_and_the_epoch():
+    x = torch.zeros(4, 1, 2, 2)
+    with pytest.raises(ConfigError, match="altflip needs each image's dataset index"):
+        Compose([AlternatingFlip()])(x, torch.Generator())
+    out = Compose([AlternatingFlip()])(x, torch.Generator(), index=torch.arange(4), epoch=0)
+    assert out.shape == x.shape
+    assert parse_augment("crop:2:reflect,altflip").ops == [RandomCrop(2, "reflect"), AlternatingFlip()]
+    with pytest.raises(ConfigError, match="bad augmentation 'altflip:2'"):
+        parse_augment("altflip:2")
+
+
+def test_the_recipe_names_what_the_engine_needs():
+    assert AIRBENCH94_RECIPE["batch_size"] == 1024 and AIRBENCH94_RECIPE["epochs"] == 9.9
+    assert AIRBENCH94_RECIPE["augment"] == "crop:2:reflect,altflip"
+    parse_augment(AIRBENCH94_RECIPE["augment"])
+
+
+def test_airbench94_trains_through_fit(image_folder, tmp_path):
+    cfg = TrainConfig(model="airbench94", dataset="imagefolder", data_dir=str(image_folder), run_dir=str(tmp_path / "run"),
+                      epochs=2, batch_size=16, augment="crop:2:reflect,altflip", progress="none", report=False,
+                      threads=1)  # one thread: several times faster than two on a loaded 2-core machine
+    threads = torch.get_num_threads()
+    try:
+        summary = fit(cfg, log=lambda message: None)
+    finally:
+        torch.set_num_threads(threads)  # fit leaves its thread count set
+    assert summary["test_accuracy"] >= 0.8  # three classes: chance is 1/3
