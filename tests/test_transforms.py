@@ -85,14 +85,14 @@ def test_train_crop_equals_crop_resize_flip_by_hand():
 
 
 def test_large_jpeg_is_decoded_in_draft_mode_only_when_the_crop_keeps_full_resolution(monkeypatch):
-    data = jpeg_bytes(textured(2000, 1500, 3))
+    data = jpeg_bytes(np.tile(textured(250, 188, 3), (8, 8, 1)))  # 2000 x 1504
     calls = []
     original = JpegImagePlugin.JpegImageFile.draft
     monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft",
                         lambda self, mode, size: calls.append(size) or original(self, mode, size))
     fast = decode_crop(data, "big.jpg", 224, "RGB")
-    # the eval box is 1312 pixels wide in the original: 1/4 scale still gives 328 >= 224 pixels
-    assert calls == [(500, 375)]
+    # the eval box is 1316 pixels wide in the original: 1/4 scale still gives 329 >= 224 pixels
+    assert calls == [(500, 376)]
     full = decode_crop(data, "big.jpg", 224, "RGB", draft=False)
     assert np.abs(fast.astype(int) - full).mean() < 3
     calls.clear()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -295,6 +296,12 @@ class StreamingLoader:
         return torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=None, num_workers=self.workers,
                                            collate_fn=_identity, pin_memory=self.device.type == "cuda", **kwargs)
 
+    def close(self) -> None:
+        """Stop the worker processes now (they also stop when the loader is deleted)."""
+        iterator = getattr(getattr(self, "_loader", None), "_iterator", None)
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+
     def _base_state(self) -> dict:
         return {"epoch": self.epoch, "position": self.position, "batch_size": self.batch_size,
                 "world_size": self.world_size, "bad_images": [[f, e] for f, e in self._bad.items()]}
@@ -337,13 +344,15 @@ class _FolderBatches(torch.utils.data.Dataset):
 
 
 class _EpochPlan:
-    """The sampler: iterated by the DataLoader in the main process each time an epoch (re)starts."""
+    """The sampler: iterated by the DataLoader in the main process each time an epoch (re)starts. It holds
+    its loader weakly: a reference cycle would leave the workers to the garbage collector, whose teardown
+    order makes each worker's shutdown wait out a 5 s timeout."""
 
     def __init__(self, loader: "FolderStreamLoader"):
-        self.loader = loader
+        self.loader = weakref.ref(loader)
 
     def __iter__(self):
-        return self.loader._plan()
+        return self.loader()._plan()
 
 
 class FolderStreamLoader(StreamingLoader):
