@@ -11,9 +11,10 @@ import default_train  # noqa: E402
 import loader  # noqa: E402
 import nan_check  # noqa: E402
 import resnet  # noqa: E402
+import stream  # noqa: E402
 import throughput  # noqa: E402
 
 if __name__ == "__main__":
     results = [loader.main(), throughput.main(), default_train.main(), cifar_convnet.main(), resnet.main(),
-               nan_check.main()]
+               nan_check.main(), stream.main()]
     raise SystemExit(0 if all(results) else 1)

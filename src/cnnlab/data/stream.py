@@ -378,17 +378,19 @@ class FolderStreamLoader(StreamingLoader):
         self._loader = self._dataloader(self._dataset, _EpochPlan(self))
 
     def __len__(self) -> int:
-        n = len(self.indices)
-        if self.train:
-            return n // self.batch_size
-        return sum(1 for i in range(math.ceil(n / self.batch_size)) if self._rank_slice(i, n).stop >
-                   self._rank_slice(i, n).start)
+        return len(self._slices())
 
-    def _rank_slice(self, i: int, n: int) -> slice:
-        """This rank's contiguous part of global batch i (the last evaluation batch may be short)."""
-        size = min(self.batch_size, n - i * self.batch_size)
-        start = i * self.batch_size
-        return slice(start + self.rank * size // self.world_size, start + (self.rank + 1) * size // self.world_size)
+    def _slices(self) -> list[slice]:
+        """This rank's contiguous part of each global batch of the epoch order (drop_last when training; the
+        last evaluation batch may be short, and a rank's part of it empty)."""
+        n, size = len(self.indices), self.batch_size
+        out = []
+        for start in range(0, n - size + 1 if self.train else n, size):
+            m = min(size, n - start)
+            part = slice(start + self.rank * m // self.world_size, start + (self.rank + 1) * m // self.world_size)
+            if part.stop > part.start:
+                out.append(part)
+        return out
 
     def _order(self, epoch: int) -> np.ndarray:
         if not self.train:
@@ -396,12 +398,9 @@ class FolderStreamLoader(StreamingLoader):
         return self.indices[np.random.default_rng([self.seed, epoch]).permutation(len(self.indices))]
 
     def _plan(self):
-        epoch, order, n = self.epoch, self._order(self.epoch), len(self.indices)
-        batches = [self._rank_slice(i, n) for i in range(n // self.batch_size if self.train
-                                                           else math.ceil(n / self.batch_size))]
-        batches = [b for b in batches if b.stop > b.start]
-        for b in batches[self.position:]:
-            yield epoch, order[b]
+        epoch, order = self.epoch, self._order(self.epoch)
+        for part in self._slices()[self.position:]:
+            yield epoch, order[part]
 
     def _items(self):
         return iter(self._loader)

@@ -89,6 +89,8 @@ def to_model_mode(im: Image.Image, mode: str) -> Image.Image:
     if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         im = im.convert("RGBA")
         im = Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im)
+    if im.mode not in ("RGB", "L", "1"):  # CMYK, YCbCr, LAB, HSV, RGBA: through RGB, which Pillow converts all
+        im = im.convert("RGB")
     return im.convert(mode) if im.mode != mode else im
 
 
