@@ -85,6 +85,7 @@ def test_train_crop_equals_crop_resize_flip_by_hand():
 
 
 def test_large_jpeg_is_decoded_in_draft_mode_only_when_the_crop_keeps_full_resolution(monkeypatch):
+    monkeypatch.setattr(transforms, "_simplejpeg", None)  # Pillow's decoder
     data = jpeg_bytes(np.tile(textured(250, 188, 3), (8, 8, 1)))  # 2000 x 1504
     calls = []
     original = JpegImagePlugin.JpegImageFile.draft
@@ -131,3 +132,21 @@ def test_undecodable_and_oversized_images_raise_image_error(monkeypatch):
     monkeypatch.setattr(transforms, "MAX_IMAGE_PIXELS", 100)
     with pytest.raises(ImageError, match=r"big\.png: claims 20x20 pixels, more than cnnlab opens \(100\)"):
         decode_crop(png_bytes(np.zeros((20, 20, 3), np.uint8)), "big.png", 8, "RGB")
+
+
+def test_simplejpeg_gives_pillows_pixels_at_every_scale(monkeypatch, tmp_path):
+    pytest.importorskip("simplejpeg")
+    files = write_mixed_folder(tmp_path, bad=True)
+    images = [jpeg_bytes(np.tile(textured(250, 188, 3), (8, 8, 1))), jpeg_bytes(textured(300, 240, 4)),
+              jpeg_bytes(textured(160, 120, 5)[:, :, 0]), files["rotated"].read_bytes(), files["cmyk"].read_bytes()]
+    for data in images:
+        for key in (None, 0, 1, 2):
+            def draws():
+                return None if key is None else sample_rng(0, 0, key)
+            fast = decode_crop(data, "x.jpg", 64, "RGB", rng=draws())
+            with monkeypatch.context() as m:
+                m.setattr(transforms, "_simplejpeg", None)
+                assert np.array_equal(fast, decode_crop(data, "x.jpg", 64, "RGB", rng=draws()))
+    for name in ("corrupt", "truncated"):  # broken files fail with simplejpeg as with Pillow
+        with pytest.raises(ImageError, match="not a readable image"):
+            decode_crop(files[name].read_bytes(), name, 32, "RGB")
