@@ -2,13 +2,14 @@ import hashlib
 import json
 import tarfile
 
+import numpy as np
 import pytest
 import torch
 
 from cnnlab.cli import main
 from cnnlab.data.imagefolder import image_folder_files
 from cnnlab.data.shards import ShardLoader, open_shards, pack_image_folder
-from cnnlab.data.stream import TooManyBadImages
+from cnnlab.data.stream import TooManyBadImages, sample_channel_stats
 from cnnlab.errors import DatasetError
 
 from mixed_images import sample_numbers, write_mixed_folder, write_numbered_folder
@@ -160,3 +161,11 @@ def test_too_few_samples_for_every_rank_is_refused(tmp_path):
     pack_image_folder(root, tmp_path / "out", log=lambda m: None)
     with pytest.raises(DatasetError, match="12 training samples cannot give each of 2 process"):
         train_loader(open_shards(tmp_path / "out"), 8, world_size=2, workers=2)
+
+
+def test_channel_stats_from_shards(tmp_path):
+    root = write_numbered_folder(tmp_path / "n", 20, 2)
+    pack_image_folder(root, tmp_path / "out", log=lambda m: None)
+    mean, std = sample_channel_stats(open_shards(tmp_path / "out"), 8, n=20)
+    red = np.arange(20) / 255
+    assert np.allclose(mean, [red.mean(), 0, 7 / 255], atol=1e-6) and np.allclose(std[0], red.std(), atol=1e-6)

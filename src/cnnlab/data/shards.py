@@ -162,6 +162,16 @@ class ShardSource:
     def shards(self, split: str) -> list[dict]:
         return self.manifest["splits"][split]["shards"]
 
+    def encoded_samples(self, split: str, n: int) -> Iterator[tuple[str, bytes | None, int]]:
+        """(member name, bytes, index) of the first `n` samples of the split (checking each shard read)."""
+        index = 0
+        for entry in self.shards(split):
+            for _, name, data, _ in read_shard(self.root / entry["name"], entry):
+                if index >= n:
+                    return
+                yield name, data, index
+                index += 1
+
 
 def open_shards(root: str | Path) -> ShardSource:
     """Read OUT/manifest.json and check that every shard it names is there with its recorded size."""

@@ -97,6 +97,17 @@ class ImageFolderSource:
     def labels(self, split: str) -> np.ndarray:
         return self.splits[split].labels
 
+    def encoded_samples(self, split: str, n: int) -> Iterator[tuple[str, bytes | None, int]]:
+        """(file, bytes or None if unreadable, index) of `n` files spread evenly over the split."""
+        names = self.splits[split].names
+        for i in np.unique(np.linspace(0, len(names) - 1, min(n, len(names))).round().astype(int)):
+            name = str(self.root / names[i])
+            try:
+                with open(name, "rb") as f:
+                    yield name, f.read(), int(i)
+            except OSError:
+                yield name, None, int(i)
+
 
 def _header(path: Path) -> tuple[tuple[int, int], str] | None:
     """(size, mode) from the file header without decoding pixels; None when the header is unreadable."""
@@ -414,27 +425,27 @@ class FolderStreamLoader(StreamingLoader):
             raise DatasetError(f"the run was started with seed {state['seed']}, not {self.seed}")
 
 
-def sample_channel_stats(source: ImageFolderSource, image_size: int, n: int = 256) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std (pixels scaled to [0, 1]) of `n` training images spread evenly over the split,
-    each with the evaluation crop: an estimate for data too large to scan (unreadable files are skipped)."""
-    split = source.splits["train"]
-    picks = np.unique(np.linspace(0, len(split) - 1, min(n, len(split))).round().astype(int))
+def sample_channel_stats(source, image_size: int, n: int = 256) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std (pixels scaled to [0, 1]) of `n` training images of an ImageFolderSource
+    (spread evenly) or a ShardSource (the first n, packed in random order), each with the evaluation crop:
+    an estimate for data too large to scan. Unreadable images are skipped."""
     transform = ImageTransform(image_size, source.mode, train=False)
     total = np.zeros(source.channels)
     total_sq = np.zeros(source.channels)
-    count = 0
-    for i in picks:
-        name = str(source.root / split.names[i])
+    count = tried = 0
+    for name, data, index in source.encoded_samples("train", n):
+        tried += 1
         try:
-            with open(name, "rb") as f:
-                x = transform(f.read(), name, 0, int(i)).reshape(-1, source.channels) / 255.0
-        except (ImageError, OSError):
+            if data is None:
+                continue
+            x = transform(data, name, 0, index).reshape(-1, source.channels) / 255.0
+        except ImageError:
             continue
         total += x.sum(0)
         total_sq += (x * x).sum(0)
         count += len(x)
     if not count:
-        raise DatasetError(f"{source.root}: none of {len(picks)} sampled training images could be decoded")
+        raise DatasetError(f"{source.root}: none of {tried} sampled training images could be decoded")
     mean = total / count
     std = np.sqrt(np.maximum(total_sq / count - mean * mean, 0))
     return mean.tolist(), std.tolist()
