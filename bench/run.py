@@ -12,9 +12,15 @@ import formats  # noqa: E402
 import loader  # noqa: E402
 import nan_check  # noqa: E402
 import resnet  # noqa: E402
+import stream  # noqa: E402
 import throughput  # noqa: E402
 
 if __name__ == "__main__":
+<<<<<<< HEAD
     results = [formats.main(), loader.main(), throughput.main(), default_train.main(), cifar_convnet.main(), resnet.main(),
                nan_check.main()]
+=======
+    results = [loader.main(), throughput.main(), default_train.main(), cifar_convnet.main(), resnet.main(),
+               nan_check.main(), stream.main()]
+>>>>>>> stream
     raise SystemExit(0 if all(results) else 1)

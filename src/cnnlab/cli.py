@@ -315,6 +315,14 @@ def cmd_data(args) -> int:
             counts = " / ".join(f"{n:,} {s}" for s, n in spec.counts.items())
             print(f"{spec.name:<14} {spec.description}{'; ' + counts if counts else ''}\n{'':<14} {where}")
         return 0
+    if args.action == "pack":
+        from .data.shards import pack_image_folder
+        if not args.name or not args.dest:
+            raise ConfigError("'cnnlab data pack ROOT OUT': give the image folder and the folder for the shards")
+        manifest = pack_image_folder(args.name, args.dest, args.shard_size)
+        print(f"{sum(manifest['counts'].values()):,} images of {len(manifest['classes'])} classes packed into "
+              f"{args.dest}; train from them with --dataset shards --data-dir {args.dest}")
+        return 0
     if not args.name:
         raise CnnlabError(f"'cnnlab data {args.action}' needs a dataset name: {', '.join(CATALOG)}")
     if args.action == "fetch":
@@ -507,9 +515,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="where the test split is, if not where the run found it")
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("data", help="list, fetch or inspect datasets")
-    p.add_argument("action", choices=("list", "fetch", "info"))
-    p.add_argument("name", nargs="?")
+    p = sub.add_parser("data", help="list, fetch, inspect or pack datasets",
+                       description="pack ROOT OUT: an image folder (ROOT/train|test/<class>/*) into WebDataset tar "
+                                   "shards (the files' own bytes, KEY.<ext> + KEY.cls) and OUT/manifest.json")
+    p.add_argument("action", choices=("list", "fetch", "info", "pack"))
+    p.add_argument("name", nargs="?", metavar="NAME|ROOT")
+    p.add_argument("dest", nargs="?", metavar="OUT", help="pack: the folder for the shards and the manifest")
+    p.add_argument("--shard-size", default="256MB", help="pack: bytes per shard, e.g. 256MB or 1GiB")
     p.add_argument("--data-dir")
     p.add_argument("--download", action="store_true", help="info: download the dataset if it is missing")
     p.add_argument("--out", help="info: where to write the montage PNG")

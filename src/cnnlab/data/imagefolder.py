@@ -1,4 +1,5 @@
-"""Your own images as a dataset: ROOT/<split>/<class>/*.png|jpg|..., decoded once into uint8 tensors."""
+"""Your own images as a dataset: ROOT/<split>/<class>/*.png|jpg|..., decoded once into uint8 tensors
+(memory mode) or listed for per-sample decoding (stream mode, see stream.py)."""
 from __future__ import annotations
 
 from collections import Counter
@@ -6,12 +7,14 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from ..errors import DatasetError, ImageError
 from .images import open_image
+from .transforms import GRAY_MODES, to_model_mode
 
-__all__ = ["IMAGE_EXTENSIONS", "image_folder_files", "decode_image_folder", "TEST_SPLITS"]
+__all__ = ["IMAGE_EXTENSIONS", "image_folder_files", "decode_image_folder", "TEST_SPLITS", "image_folder_classes",
+           "split_of"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 TEST_SPLITS = ("test", "val")
@@ -26,6 +29,18 @@ def _split_dirs(root: Path) -> tuple[Path, Path]:
         raise DatasetError(f"image folder {root} needs a 'train' and a 'test' (or 'val') sub-folder, each with one "
                            f"folder per class; found: {sorted(p.name for p in root.iterdir()) or 'nothing'}")
     return train, test
+
+
+def image_folder_classes(root: Path) -> list[str]:
+    """The class names: the sub-folders of ROOT/train, sorted (index = label)."""
+    train, _ = _split_dirs(root)
+    return sorted(p.name for p in train.iterdir() if p.is_dir())
+
+
+def split_of(root: Path, path: Path) -> tuple[str, str]:
+    """("train" or "test", class name) of a file listed by image_folder_files."""
+    split, class_name = path.relative_to(root).parts[:2]
+    return ("train" if split == "train" else "test"), class_name
 
 
 def image_folder_files(root: Path) -> list[Path]:
@@ -54,32 +69,40 @@ def image_folder_files(root: Path) -> list[Path]:
     return files
 
 
-def decode_image_folder(root: Path, files: list[Path], log: Callable[[str], None] = print
-                        ) -> tuple[dict[str, np.ndarray], list[str], list[dict]]:
-    """Decode all images to one size (the most common) and one mode (L if all are grayscale, else RGB)."""
-    train, _ = _split_dirs(root)
-    classes = sorted(p.name for p in train.iterdir() if p.is_dir())
+def decode_image_folder(root: Path, files: list[Path], log: Callable[[str], None] = print,
+                        image_size: int | None = None) -> tuple[dict[str, np.ndarray], list[str], list[dict]]:
+    """Decode all images to one mode (L if all are greyscale, else RGB) and one size: with `image_size`, the
+    shorter side resized to it and the centre square kept; without, the most common size (others resized)."""
+    classes = image_folder_classes(root)
     opened = []
     for path in files:
         try:
-            opened.append((path, open_image(path)))
+            opened.append((path, ImageOps.exif_transpose(open_image(path))))
         except ImageError as exc:
             raise DatasetError(f"{exc}; remove or replace it") from None
-    grayscale = all(im.mode in ("L", "1", "I;16", "I") for _, im in opened)
+    grayscale = all(im.mode in GRAY_MODES for _, im in opened)
     mode = "L" if grayscale else "RGB"
-    size = Counter(im.size for _, im in opened).most_common(1)[0][0]
-    resized = sum(im.size != size for _, im in opened)
-    if resized:
-        log(f"note: {resized} of {len(opened)} images resized to {size[0]}x{size[1]}, the most common size")
+    if image_size is None:
+        size = Counter(im.size for _, im in opened).most_common(1)[0][0]
+        resized = sum(im.size != size for _, im in opened)
+        if resized:
+            log(f"note: {resized} of {len(opened)} images resized to {size[0]}x{size[1]}, the most common size; "
+                "choose the size with --image-size")
+    else:
+        size = (image_size, image_size)
     arrays: dict[str, list] = {"train_images": [], "train_labels": [], "test_images": [], "test_labels": []}
     for path, im in opened:
-        im = im.convert(mode)
-        if im.size != size:
+        im = to_model_mode(im, mode)
+        if image_size is not None and im.size != size:
+            scale = image_size / min(im.size)  # shorter side to image_size, then the centre square
+            w, h = max(round(im.size[0] * scale), image_size), max(round(im.size[1] * scale), image_size)
+            left, top = (w - image_size) // 2, (h - image_size) // 2
+            im = im.resize((w, h), Image.BILINEAR).crop((left, top, left + image_size, top + image_size))
+        elif im.size != size:
             im = im.resize(size, Image.BILINEAR)
         pixels = np.asarray(im, dtype=np.uint8)
         pixels = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
-        split = "train" if path.is_relative_to(train) else "test"
-        class_name = path.relative_to(root).parts[1]
+        split, class_name = split_of(root, path)
         arrays[f"{split}_images"].append(pixels)
         arrays[f"{split}_labels"].append(classes.index(class_name))
     if not arrays["test_images"]:

@@ -1,0 +1,278 @@
+"""Streaming an ImageNet-like JPEG folder: cnnlab's stream loader against the conventional per-sample pipeline,
+JPEG decoders side by side, and the memory of the whole process tree as the dataset grows tenfold.
+
+- speed: 500x375 textured JPEGs to 224x224 RandomResizedCrop + flip, through SGD steps of a tiny convnet so
+  that the data path is what is timed; 2 workers each. Conventional: torch DataLoader, PIL open,
+  convert("RGB"), crop, resize, flip, to float tensor and normalise per sample in the worker, float batches.
+  cnnlab: FolderStreamLoader (uint8 batches, normalised in the batch). Target: >= 1.5x.
+- decode: ms per image for Pillow (full decode, crop, resize), cnnlab's decode_crop (draft mode where it
+  applies) and simplejpeg (libjpeg-turbo bindings) if it is installed, on 500x375 and 2000x1500 JPEGs.
+- memory: peak RSS summed over the process tree (main + workers: sampled every 20 ms, and VmHWM at the end)
+  for one epoch over N and 10 N files. Target: within 25% + 64 MB.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from common import conditions, stats
+from PIL import Image
+
+from cnnlab.data.stream import FolderStreamLoader, open_image_folder
+from cnnlab.data.transforms import decode_crop, random_resized_crop_box, sample_rng
+
+SIZE, BATCH, WORKERS = 224, 32, 2
+MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
+
+def textured(width: int, height: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([np.sin(x / (5 + seed % 7) + y / 13) * 60, np.cos(x / 11 - y / (3 + seed % 5)) * 60,
+                     ((x * y + seed) % 255) * 0.3], axis=-1) + 128
+    return (base + rng.normal(0, 20, base.shape)).clip(0, 255).astype(np.uint8)
+
+
+def jpeg(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def write_folder(root: Path, n: int, pool: list[bytes], classes: int = 10) -> Path:
+    """n training files (copies from a pool of distinct JPEGs) and a small test split."""
+    for split, count in (("train", n), ("test", classes)):
+        for i in range(count):
+            d = root / split / f"c{i % classes}"
+            d.mkdir(parents=True, exist_ok=True)
+            (d / f"{i:06d}.jpg").write_bytes(pool[i % len(pool)])
+    return root
+
+
+class Conventional(torch.utils.data.Dataset):
+    """The usual per-sample pipeline (torchvision's ImageFolder + transforms, written out with PIL)."""
+
+    def __init__(self, root: Path):
+        self.files = sorted((root / "train").glob("*/*.jpg"))
+        self.labels = [int(p.parent.name[1:]) for p in self.files]
+        self.mean = torch.tensor(MEAN).view(3, 1, 1)
+        self.std = torch.tensor(STD).view(3, 1, 1)
+        self.rng = np.random.default_rng()
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        with open(self.files[i], "rb") as f:
+            img = Image.open(f).convert("RGB")
+        box = random_resized_crop_box(*img.size, self.rng)
+        img = img.crop(box).resize((SIZE, SIZE), Image.BILINEAR)
+        if self.rng.random() < 0.5:
+            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        x = torch.from_numpy(np.array(img, copy=True)).permute(2, 0, 1).contiguous().float().div(255)
+        return x.sub_(self.mean).div_(self.std), self.labels[i]
+
+
+def tiny_model() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 8, 8, stride=8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(8, 10))
+
+
+def train_epoch(model, opt, batches) -> int:
+    n = 0
+    for x, y in batches:
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        n += len(y)
+    return n
+
+
+def bench_speed(root: Path, repeats: int) -> tuple[list[float], list[float]]:
+    source = open_image_folder(root)
+    ours = FolderStreamLoader(source, "train", BATCH, image_size=SIZE, mean=MEAN, std=STD, workers=WORKERS)
+    theirs = torch.utils.data.DataLoader(Conventional(root), batch_size=BATCH, shuffle=True, drop_last=True,
+                                         num_workers=WORKERS, persistent_workers=True)
+    rates = {"ours": [], "theirs": []}
+    model = tiny_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    train_epoch(model, opt, ours)  # start the workers of both, once
+    train_epoch(model, opt, theirs)
+    for _ in range(repeats):  # alternate, so that load from other users of the machine hits both alike
+        for name, batches in (("theirs", theirs), ("ours", ours)):
+            start = time.perf_counter()
+            n = train_epoch(model, opt, batches)
+            rates[name].append(n / (time.perf_counter() - start))
+    ours.close()
+    return rates["ours"], rates["theirs"]
+
+
+def bench_decode(repeats: int) -> dict[str, dict[str, list[float]]]:
+    try:
+        import simplejpeg
+    except ImportError:
+        simplejpeg = None
+    out = {}
+    for label, (w, h) in (("500x375", (500, 375)), ("2000x1500", (2000, 1500))):
+        data = [jpeg(textured(w, h, s)) for s in range(4)]
+
+        def pillow(d, i):
+            img = Image.open(io.BytesIO(d)).convert("RGB")
+            box = random_resized_crop_box(*img.size, sample_rng(0, 0, i))
+            return img.crop(box).resize((SIZE, SIZE), Image.BILINEAR)
+
+        def cnnlab_eval(d, i):
+            return decode_crop(d, "x.jpg", SIZE, "RGB")
+
+        def cnnlab_train(d, i):
+            return decode_crop(d, "x.jpg", SIZE, "RGB", rng=sample_rng(0, 0, i))
+
+        def turbo(d, i):
+            pixels = simplejpeg.decode_jpeg(d, colorspace="RGB")
+            box = random_resized_crop_box(pixels.shape[1], pixels.shape[0], sample_rng(0, 0, i))
+            return Image.fromarray(pixels).crop(box).resize((SIZE, SIZE), Image.BILINEAR)
+
+        def decode_only(d, i):
+            img = Image.open(io.BytesIO(d))
+            img.load()
+            return img
+
+        decoded = decode_only(data[0], 0)
+        box = random_resized_crop_box(*decoded.size, sample_rng(0, 0, 0))
+        small = np.asarray(decoded.crop(box).resize((SIZE, SIZE), Image.BILINEAR))
+        mean, std = torch.tensor(MEAN).view(3, 1, 1), torch.tensor(STD).view(3, 1, 1)
+
+        def stage_resize(d, i):
+            return decoded.crop(box).resize((SIZE, SIZE), Image.BILINEAR)
+
+        def stage_float(d, i):
+            x = torch.from_numpy(small.copy()).permute(2, 0, 1).contiguous().float().div(255)
+            return x.sub_(mean).div_(std)
+
+        methods = {"stage: decode only": decode_only, "stage: crop+resize": stage_resize,
+                   "stage: to float + normalise": stage_float,
+                   "pillow decode+crop+resize": pillow, "cnnlab decode_crop (train)": cnnlab_train,
+                   "cnnlab decode_crop (eval)": cnnlab_eval}
+        if simplejpeg is not None:
+            methods["simplejpeg decode+crop+resize"] = turbo
+        n = 40 if w == 500 else 8
+        times = {k: [] for k in methods}
+        for _ in range(repeats):
+            for name, fn in methods.items():
+                start = time.perf_counter()
+                for i in range(n):
+                    fn(data[i % len(data)], i)
+                times[name].append((time.perf_counter() - start) / n * 1e3)
+        out[label] = times
+    return out
+
+
+def _tree(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                ppid = int(open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += children.get(p, [])
+    return out
+
+
+def _status_kb(pid: int, field: str) -> int:
+    try:
+        for line in open(f"/proc/{pid}/status"):
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def memory_child(root: str) -> None:
+    """One epoch of training over ROOT in this fresh process; prints the tree's peak memory as JSON."""
+    peak = [0]
+    done = threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], sum(_status_kb(p, "VmRSS") for p in _tree(os.getpid())))
+            time.sleep(0.02)
+
+    threading.Thread(target=sample, daemon=True).start()
+    source = open_image_folder(root)
+    loader = FolderStreamLoader(source, "train", BATCH, image_size=SIZE, mean=MEAN, std=STD, workers=WORKERS)
+    model = tiny_model()
+    train_epoch(model, torch.optim.SGD(model.parameters(), lr=0.01), loader)
+    hwm = sum(_status_kb(p, "VmHWM") for p in _tree(os.getpid()))  # the workers are still alive (persistent)
+    done.set()
+    print(json.dumps({"sampled_rss_kb": peak[0], "vmhwm_kb": hwm, "files": source.count("train")}))
+
+
+def bench_memory(tmp: Path, pool: list[bytes], n: int) -> dict[int, dict]:
+    out = {}
+    for count in (n, 10 * n):
+        root = write_folder(tmp / f"mem{count}", count, pool)
+        result = subprocess.run([sys.executable, __file__, "--memory-child", str(root)], capture_output=True,
+                                text=True, check=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+        out[count] = json.loads(result.stdout.strip().splitlines()[-1])
+    return out
+
+
+def main(repeats: int = 3, files: int = 384, memory_files: int = 200) -> bool:
+    torch.set_num_threads(1)  # the two workers take the other cores
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        pool = [jpeg(textured(500, 375, s)) for s in range(48)]
+        root = write_folder(tmp / "speed", files, pool)
+        ours, theirs = bench_speed(root, repeats)
+        ratio = statistics.median(ours) / statistics.median(theirs)
+        speed_ok = ratio >= 1.5
+        print(f"stream loader: {stats(ours)} img/s; conventional DataLoader: {stats(theirs)} img/s; "
+              f"ratio {ratio:.2f}x (target >= 1.5x) [{'PASS' if speed_ok else 'FAIL'}]")
+        print(f"  conditions: {conditions(workers=WORKERS, batch=BATCH, images=files, jpeg='500x375 q90', crop=SIZE, model='conv8x8/8 + linear, SGD', main_threads=1)}"
+              "; shared machine: timings are noisy")
+        for label, times in bench_decode(repeats).items():
+            parts = "; ".join(f"{k} {min(v):.2f} / {statistics.median(v):.2f}" for k, v in times.items())
+            print(f"decode {label} -> {SIZE}x{SIZE}, ms per image min / median over {repeats} repeats: {parts}")
+        memory = bench_memory(tmp, pool, memory_files)
+        small, large = memory[memory_files], memory[10 * memory_files]
+        mb = {k: {m: v[m] / 1024 for m in ("sampled_rss_kb", "vmhwm_kb")} for k, v in memory.items()}
+        limit = 1.25 * mb[memory_files]["sampled_rss_kb"] + 64
+        memory_ok = mb[10 * memory_files]["sampled_rss_kb"] <= limit
+        print(f"memory: peak RSS of main + {WORKERS} workers over one epoch: {small['files']:,} files "
+              f"{mb[memory_files]['sampled_rss_kb']:.0f} MB (sum of VmHWM {mb[memory_files]['vmhwm_kb']:.0f} MB), "
+              f"{large['files']:,} files {mb[10 * memory_files]['sampled_rss_kb']:.0f} MB (sum of VmHWM "
+              f"{mb[10 * memory_files]['vmhwm_kb']:.0f} MB); limit {limit:.0f} MB (25% + 64 MB) "
+              f"[{'PASS' if memory_ok else 'FAIL'}]")
+    return speed_ok and memory_ok
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--memory-child")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    if args.memory_child:
+        memory_child(args.memory_child)
+    else:
+        raise SystemExit(0 if main(args.repeats) else 1)

@@ -1,0 +1,451 @@
+"""Data beyond memory: image folders decoded per sample in DataLoader workers.
+
+The loaders here have InMemoryLoader's interface (global batch size split over `world_size` ranks, `epoch`,
+`position`, `state_dict`), but the file list is all they hold: workers decode, crop and flip each image
+(transforms.py), batches travel as uint8 (N, H, W, C), and normalisation happens on the device.
+"""
+from __future__ import annotations
+
+import math
+import re
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..errors import ConfigError, DatasetError, ImageError
+from .imagefolder import image_folder_classes, image_folder_files, split_of
+from .transforms import GRAY_MODES, ImageTransform
+
+__all__ = ["DEFAULT_MEMORY_BUDGET", "BAD_IMAGE_FRACTION", "TooManyBadImages", "ImageFolderSource",
+           "open_image_folder", "choose_data_mode", "parse_bytes", "StreamingLoader", "FolderStreamLoader",
+           "sample_channel_stats"]
+
+DEFAULT_MEMORY_BUDGET = 2 * 2**30  # bytes of decoded uint8 pixels (train + test) that auto keeps in RAM
+BAD_IMAGE_FRACTION = 0.001  # default max_bad_images: 0.1% of the split, at least 1
+
+
+class TooManyBadImages(DatasetError):
+    """More unreadable images than max_bad_images: raised by the loader before it yields the next batch."""
+
+
+def parse_bytes(text: str | int) -> int:
+    """'256MB', '1.5GiB', '512k' or a plain number of bytes (decimal units are powers of 1000, *iB of 1024)."""
+    if isinstance(text, int):
+        return text
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?)b?\s*", str(text).lower())
+    if not match:
+        raise ConfigError(f"{text!r} is not a size; write e.g. 256MB, 1.5GiB or 4000000")
+    number, unit, binary = match.groups()
+    power = " kmgt".index(unit or " ")
+    return int(float(number) * (1024 if binary else 1000) ** power)
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return ""
+
+
+class _StringTable:
+    """Many strings as one byte buffer + offsets: workers read them without touching a Python object per
+    file, so copy-on-write pages stay shared (a list of 1.3M str grows every worker's memory as it is read)."""
+
+    def __init__(self, strings: Sequence[str]):
+        encoded = [s.encode() for s in strings]
+        self._offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+        np.cumsum([len(e) for e in encoded], out=self._offsets[1:])
+        self._data = np.frombuffer(b"".join(encoded), dtype=np.uint8) if encoded else np.zeros(0, np.uint8)
+
+    def __len__(self) -> int:
+        return len(self._offsets) - 1
+
+    def __getitem__(self, i: int) -> str:
+        return self._data[self._offsets[i]:self._offsets[i + 1]].tobytes().decode()
+
+
+@dataclass
+class _FolderSplit:
+    names: _StringTable  # paths relative to the root
+    labels: np.ndarray  # int64
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass
+class ImageFolderSource:
+    """An image folder listed, not decoded: classes, per-split file lists and labels, and the colour mode."""
+    root: Path
+    classes: list[str]
+    splits: dict[str, _FolderSplit]  # "train", "test"
+    mode: str  # "RGB", or "L" when every sampled image is greyscale
+
+    @property
+    def channels(self) -> int:
+        return 1 if self.mode == "L" else 3
+
+    def count(self, split: str) -> int:
+        return len(self.splits[split])
+
+    def labels(self, split: str) -> np.ndarray:
+        return self.splits[split].labels
+
+    def encoded_samples(self, split: str, n: int) -> Iterator[tuple[str, bytes | None, int]]:
+        """(file, bytes or None if unreadable, index) of `n` files spread evenly over the split."""
+        names = self.splits[split].names
+        for i in np.unique(np.linspace(0, len(names) - 1, min(n, len(names))).round().astype(int)):
+            name = str(self.root / names[i])
+            try:
+                with open(name, "rb") as f:
+                    yield name, f.read(), int(i)
+            except OSError:
+                yield name, None, int(i)
+
+
+def _header(path: Path) -> tuple[tuple[int, int], str] | None:
+    """(size, mode) from the file header without decoding pixels; None when the header is unreadable."""
+    try:
+        with Image.open(path) as im:
+            return im.size, im.mode
+    except Exception:
+        return None
+
+
+def open_image_folder(root: str | Path, mode: str | None = None, sample: int = 256) -> ImageFolderSource:
+    """List ROOT/train/<class>/* and ROOT/test|val/<class>/*. The colour mode is `mode`, else "L" when the
+    headers of `sample` files spread evenly over the training split are all greyscale, else "RGB"."""
+    root = Path(root)
+    classes = image_folder_classes(root)
+    names: dict[str, list[str]] = {"train": [], "test": []}
+    labels: dict[str, list[int]] = {"train": [], "test": []}
+    index = {c: i for i, c in enumerate(classes)}
+    for path in image_folder_files(root):
+        split, class_name = split_of(root, path)
+        names[split].append(str(path.relative_to(root)))
+        labels[split].append(index[class_name])
+    if not names["test"]:
+        raise DatasetError(f"{root}: the test split holds no images")
+    if mode is None:
+        train = names["train"]
+        picks = np.unique(np.linspace(0, len(train) - 1, min(sample, len(train))).round().astype(int))
+        headers = [h for h in (_header(root / train[i]) for i in picks) if h is not None]
+        mode = "L" if headers and all(m in GRAY_MODES for _, m in headers) else "RGB"
+    splits = {s: _FolderSplit(_StringTable(names[s]), np.asarray(labels[s], dtype=np.int64)) for s in names}
+    return ImageFolderSource(root, classes, splits, mode)
+
+
+def choose_data_mode(root: str | Path, requested: str = "auto", image_size: int | None = None,
+                     budget: int = DEFAULT_MEMORY_BUDGET) -> tuple[str, str]:
+    """Decide between "memory" (decode everything once) and "stream" (decode per sample); returns the choice
+    and a one-line reason to print. auto keeps memory mode when all images share one size, every header is
+    readable and the decoded train + test pixels fit in `budget` bytes (default 2 GiB, --memory-budget)."""
+    if requested not in ("auto", "memory", "stream"):
+        raise ConfigError(f"data mode {requested!r}: choose auto, memory or stream")
+    if requested != "auto":
+        how = ("every image decoded into RAM once" if requested == "memory"
+               else "images decoded per sample in the loader's workers")
+        return requested, f"data mode {requested} (as asked): {how}"
+    root = Path(root)
+    files = image_folder_files(root)
+    n = len(files)
+    sizes: set[tuple[int, int]] = set()
+    gray = True
+    for path in files:
+        header = _header(path)
+        if header is None:
+            return "stream", (f"data mode stream: {path} has no readable header; stream mode skips bad images "
+                              "(up to --max-bad-images), memory mode refuses them")
+        size, mode = header
+        sizes.add(size)
+        gray &= mode in GRAY_MODES
+        if image_size is None and len(sizes) > 1:
+            shown = ", ".join(f"{w}x{h}" for w, h in sorted(sizes))
+            return "stream", f"data mode stream: the images differ in size ({shown}, ...); memory mode needs one size"
+        w, h = (image_size, image_size) if image_size else next(iter(sizes))
+        if n * w * h > budget:  # even at one channel the decoded split would not fit
+            return "stream", (f"data mode stream: {n:,} decoded images of {w}x{h} need at least {_human(n * w * h)}, "
+                              f"over the {_human(budget)} memory budget (--memory-budget)")
+    if image_size is not None and len(sizes) > 1:
+        return "stream", (f"data mode stream: the images differ in size ({len(sizes)} sizes); streaming crops "
+                          f"them to {image_size}x{image_size} per sample")
+    c = 1 if gray else 3
+    w, h = (image_size, image_size) if image_size else next(iter(sizes))
+    need = n * c * w * h
+    if need > budget:
+        return "stream", (f"data mode stream: {n:,} decoded images of {c}x{h}x{w} need {_human(need)}, over the "
+                          f"{_human(budget)} memory budget (--memory-budget)")
+    return "memory", (f"data mode memory: {n:,} images of {c}x{h}x{w} decode to {_human(need)}, within the "
+                      f"{_human(budget)} memory budget (--memory-budget)")
+
+
+# What a worker hands the main process for one batch: uint8 pixels (n, H, W, C) or None when every image of
+# the batch failed, int64 labels, [(name, error)] for unreadable images, and a fatal error message or None.
+_Item = tuple  # (torch.Tensor | None, torch.Tensor, list[tuple[str, str]], str | None)
+
+
+def assemble_batch(pixels: list[np.ndarray | None], labels: Sequence[int], fill: bool) -> tuple:
+    """Stack decoded samples into (n, H, W, C) uint8 and int64 labels. A failed sample (None) is replaced by
+    a copy of the nearest readable sample of the batch, previous first (fill: training batches keep their
+    shape), or dropped (evaluation counts each readable image once). None when no sample is readable."""
+    good = [i for i, p in enumerate(pixels) if p is not None]
+    if not good:
+        return None, torch.zeros(0, dtype=torch.int64)
+    if fill:
+        keep = [max((g for g in good if g <= i), default=good[0]) for i in range(len(pixels))]
+    else:
+        keep = good
+    x = torch.from_numpy(np.stack([pixels[i] for i in keep]))
+    y = torch.as_tensor([labels[i] for i in keep], dtype=torch.int64)
+    return x, y
+
+
+def _identity(item):
+    return item
+
+
+class StreamingLoader:
+    """What the folder and shard loaders share: the global batch split over ranks, the transfer of uint8
+    batches and their normalisation on the device, the record of bad images and its threshold."""
+
+    def __init__(self, batch_size: int, *, mean, std, channels: int, image_size: int, split_size: int,
+                 rank: int = 0, world_size: int = 1, workers: int = 0, device: torch.device | str = "cpu",
+                 channels_last: bool = False, max_bad_images: int | None = None):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in 0..world_size-1 (world_size {world_size})")
+        if batch_size % world_size:
+            raise ConfigError(f"batch size {batch_size} cannot be split evenly over {world_size} processes; "
+                              f"choose a multiple of {world_size} (e.g. {batch_size - batch_size % world_size or world_size})")
+        if workers < 0:
+            raise ValueError(f"workers must be >= 0, got {workers}")
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.local_batch = batch_size // world_size
+        self.workers = workers
+        self.device = torch.device(device)
+        self.channels_last = channels_last
+        self.image_size = image_size
+        self.max_bad_images = (max(1, math.ceil(BAD_IMAGE_FRACTION * split_size)) if max_bad_images is None
+                               else int(max_bad_images))
+        self.epoch = 0  # epochs completed
+        self.position = 0  # batches of the current epoch already handed out
+        self._bad: dict[str, str] = {}
+        c = channels
+        std_t = torch.as_tensor(std, dtype=torch.float32).reshape(1, c, 1, 1)
+        mean_t = torch.as_tensor(mean, dtype=torch.float32).reshape(1, c, 1, 1)
+        self._scale = (1.0 / (255.0 * std_t)).to(self.device)  # (x / 255 - mean) / std as one multiply-add
+        self._shift = (-mean_t / std_t).to(self.device)
+        hw = image_size * image_size
+        # channels_last batches are normalised as flat (N, H*W*C) rows (see InMemoryLoader for why)
+        self._scale_hwc = self._scale.reshape(1, c).repeat(1, hw).contiguous()
+        self._shift_hwc = self._shift.reshape(1, c).repeat(1, hw).contiguous()
+
+    # -- bad images -------------------------------------------------------------------------------------
+    @property
+    def bad_images(self) -> list[dict]:
+        """Every image that failed to decode so far, once each: [{"file", "error"}] (for summary.json)."""
+        return [{"file": f, "error": e} for f, e in self._bad.items()]
+
+    @property
+    def bad_count(self) -> int:
+        return len(self._bad)
+
+    def check_bad_images(self, total: int | None = None) -> None:
+        """Raise TooManyBadImages if `total` (default: this rank's count; under DDP pass the sum over ranks)
+        exceeds max_bad_images."""
+        total = self.bad_count if total is None else total
+        if total > self.max_bad_images:
+            shown = "; ".join(f"{f}: {e}" for f, e in list(self._bad.items())[:3])
+            raise TooManyBadImages(
+                f"{total} unreadable images, more than the {self.max_bad_images} allowed (max_bad_images; the "
+                f"default is {BAD_IMAGE_FRACTION:.1%} of the split). First: {shown}. Remove or replace them, "
+                "or raise --max-bad-images")
+
+    def _record_bad(self, bad: list) -> None:
+        for name, error in bad:
+            self._bad.setdefault(name, error)
+        if bad:
+            self.check_bad_images()
+
+    # -- batches ----------------------------------------------------------------------------------------
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, H, W, C) on the device -> normalised float32 (N, C, H, W), channels_last if asked."""
+        n, h, w, c = x.shape
+        if self.channels_last and h * w == self.image_size ** 2:
+            rows = x.reshape(n, h * w * c).float().mul_(self._scale_hwc).add_(self._shift_hwc)
+            return rows.view(n, h, w, c).permute(0, 3, 1, 2)
+        x = x.permute(0, 3, 1, 2).contiguous().float().mul_(self._scale).add_(self._shift)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def _items(self) -> Iterator[_Item]:
+        raise NotImplementedError
+
+    def __iter__(self):
+        for pixels, labels, bad, fatal in self._items():
+            if fatal:
+                raise DatasetError(fatal)
+            self._record_bad(bad)
+            if pixels is None:
+                raise DatasetError(f"every image of a batch failed to decode ({bad[0][0]}: {bad[0][1]}, ...); "
+                                   "check the dataset")
+            x = pixels.to(self.device, non_blocking=True)
+            y = labels.to(self.device, non_blocking=True)
+            self.position += 1
+            yield self.normalize(x), y
+        self.epoch += 1
+        self.position = 0
+
+    def _dataloader(self, dataset, sampler=None, persistent: bool = True) -> torch.utils.data.DataLoader:
+        kwargs = {"prefetch_factor": 2, "persistent_workers": persistent} if self.workers else {}
+        return torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=None, num_workers=self.workers,
+                                           collate_fn=_identity, pin_memory=self.device.type == "cuda", **kwargs)
+
+    def close(self) -> None:
+        """Stop the worker processes now (they also stop when the loader is deleted)."""
+        iterator = getattr(getattr(self, "_loader", None), "_iterator", None)
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+
+    def _base_state(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "batch_size": self.batch_size,
+                "world_size": self.world_size, "bad_images": [[f, e] for f, e in self._bad.items()]}
+
+    def _load_base_state(self, state: dict, kind: str) -> None:
+        if state.get("kind") != kind:
+            raise DatasetError(f"the checkpoint's loader state is for {state.get('kind', 'an in-memory')} data, "
+                               f"not {kind}; resume with the data mode the run started with")
+        for key in ("batch_size", "world_size"):
+            if int(state[key]) != getattr(self, key):
+                raise DatasetError(f"the run was started with {key} {state[key]}, not {getattr(self, key)}: "
+                                   f"resume with the same {key} to replay the same batches")
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self._bad = {str(f): str(e) for f, e in state["bad_images"]}
+
+
+class _FolderBatches(torch.utils.data.Dataset):
+    """Decodes one rank's slice of a batch, keyed (epoch, split indices); runs in a DataLoader worker."""
+
+    def __init__(self, root: Path, split: _FolderSplit, transform: ImageTransform, fill: bool):
+        self.root, self.split, self.transform, self.fill = root, split, transform, fill
+
+    def __getitem__(self, key: tuple[int, np.ndarray]) -> _Item:
+        epoch, indices = key
+        pixels, bad = [], []
+        for i in indices:
+            name = str(self.root / self.split.names[i])
+            try:
+                with open(name, "rb") as f:
+                    data = f.read()
+                pixels.append(self.transform(data, name, epoch, int(i)))
+            except ImageError as exc:
+                pixels.append(None)
+                bad.append((name, str(exc)))
+            except OSError as exc:  # vanished, unreadable, a disk error
+                pixels.append(None)
+                bad.append((name, f"{name}: cannot be read ({exc.strerror or exc})"))
+        x, y = assemble_batch(pixels, self.split.labels[indices].tolist(), self.fill)
+        return x, y, bad, None
+
+
+class _EpochPlan:
+    """The sampler: iterated by the DataLoader in the main process each time an epoch (re)starts. It holds
+    its loader weakly: a reference cycle would leave the workers to the garbage collector, whose teardown
+    order makes each worker's shutdown wait out a 5 s timeout."""
+
+    def __init__(self, loader: "FolderStreamLoader"):
+        self.loader = weakref.ref(loader)
+
+    def __iter__(self):
+        return self.loader()._plan()
+
+
+class FolderStreamLoader(StreamingLoader):
+    """Streams one split of an image folder: training batches (shuffled, RandomResizedCrop + flip, drop_last)
+    when `train`, else evaluation batches (in order, resize + centre crop, every image once)."""
+
+    def __init__(self, source: ImageFolderSource, split: str, batch_size: int, *, image_size: int, mean, std,
+                 train: bool | None = None, seed: int = 0, workers: int = 0, rank: int = 0, world_size: int = 1,
+                 device: torch.device | str = "cpu", channels_last: bool = False,
+                 max_bad_images: int | None = None, indices: Sequence[int] | None = None, draft: bool = True):
+        if split not in source.splits:
+            raise ValueError(f"split must be one of {list(source.splits)}, got {split!r}")
+        self.source, self.split = source, split
+        self.train = split == "train" if train is None else train
+        self.seed = seed
+        self.indices = (np.arange(source.count(split)) if indices is None
+                        else np.asarray(indices, dtype=np.int64))
+        super().__init__(batch_size, mean=mean, std=std, channels=source.channels, image_size=image_size,
+                         split_size=len(self.indices), rank=rank, world_size=world_size, workers=workers,
+                         device=device, channels_last=channels_last, max_bad_images=max_bad_images)
+        transform = ImageTransform(image_size, source.mode, train=self.train, seed=seed, draft=draft)
+        self._dataset = _FolderBatches(source.root, source.splits[split], transform, fill=self.train)
+        self._loader = self._dataloader(self._dataset, _EpochPlan(self))
+
+    def __len__(self) -> int:
+        return len(self._slices())
+
+    def _slices(self) -> list[slice]:
+        """This rank's contiguous part of each global batch of the epoch order (drop_last when training; the
+        last evaluation batch may be short, and a rank's part of it empty)."""
+        n, size = len(self.indices), self.batch_size
+        out = []
+        for start in range(0, n - size + 1 if self.train else n, size):
+            m = min(size, n - start)
+            part = slice(start + self.rank * m // self.world_size, start + (self.rank + 1) * m // self.world_size)
+            if part.stop > part.start:
+                out.append(part)
+        return out
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if not self.train:
+            return self.indices
+        return self.indices[np.random.default_rng([self.seed, epoch]).permutation(len(self.indices))]
+
+    def _plan(self):
+        epoch, order = self.epoch, self._order(self.epoch)
+        for part in self._slices()[self.position:]:
+            yield epoch, order[part]
+
+    def _items(self):
+        return iter(self._loader)
+
+    def state_dict(self) -> dict:
+        return {"kind": "stream", "seed": self.seed, **self._base_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._load_base_state(state, "stream")
+        if int(state["seed"]) != self.seed:
+            raise DatasetError(f"the run was started with seed {state['seed']}, not {self.seed}")
+
+
+def sample_channel_stats(source, image_size: int, n: int = 256) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std (pixels scaled to [0, 1]) of `n` training images of an ImageFolderSource
+    (spread evenly) or a ShardSource (the first n, packed in random order), each with the evaluation crop:
+    an estimate for data too large to scan. Unreadable images are skipped."""
+    transform = ImageTransform(image_size, source.mode, train=False)
+    total = np.zeros(source.channels)
+    total_sq = np.zeros(source.channels)
+    count = tried = 0
+    for name, data, index in source.encoded_samples("train", n):
+        tried += 1
+        try:
+            if data is None:
+                continue
+            x = transform(data, name, 0, index).reshape(-1, source.channels) / 255.0
+        except ImageError:
+            continue
+        total += x.sum(0)
+        total_sq += (x * x).sum(0)
+        count += len(x)
+    if not count:
+        raise DatasetError(f"{source.root}: none of {tried} sampled training images could be decoded")
+    mean = total / count
+    std = np.sqrt(np.maximum(total_sq / count - mean * mean, 0))
+    return mean.tolist(), std.tolist()
