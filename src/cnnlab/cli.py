@@ -245,7 +245,7 @@ def _load_for_viz(args):
 
 def cmd_viz(args) -> int:
     if args.what == "conv":
-        from .viz.conv import render_conv
+        from .viz.slides import render_conv
         paths = render_conv(_out_dir(args), image=args.image, filters=args.filters)
         print("\n".join(map(str, paths)))
     elif args.what == "pool":

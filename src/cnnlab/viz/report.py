@@ -13,13 +13,14 @@ import json
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
+from matplotlib.figure import Figure
 
-from ..files import save_atomic
 from ..errors import CheckpointError
-from .plots import _save, plot_confusion, plt
+from ..files import save_atomic
+from .figure import OKABE_ITO, finish, image_grid, subplots
+from .plots import as_image, plot_confusion
 
 __all__ = ["build_report", "plot_curves", "score_test_split", "hardest_examples"]
 
@@ -31,11 +32,11 @@ def _read_metrics(path: Path) -> list[dict]:
         return [{k: (float(v) if v not in ("", None) else None) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
-def plot_curves(rows: list[dict], path: Path) -> Path:
+def plot_curves(rows: list[dict], path: str | Path | None = None) -> Figure:
     """Loss, accuracy (train and test) and learning rate by epoch."""
     epochs = [r["epoch"] for r in rows]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), layout="constrained")
-    colours = {"train": "#0072B2", "test": "#D55E00"}  # Okabe-Ito: distinguishable with any colour vision
+    fig, axes = subplots(1, 3, figsize=(13, 3.8), layout="constrained")
+    colours = {"train": OKABE_ITO["blue"], "test": OKABE_ITO["vermillion"]}  # told apart with any colour vision
     for ax, metric, label in ((axes[0], "loss", "cross-entropy loss"), (axes[1], "acc", "accuracy")):
         for split in ("train", "test"):
             points = [(e, r[f"{split}_{metric}"]) for e, r in zip(epochs, rows) if r.get(f"{split}_{metric}") is not None]
@@ -47,13 +48,12 @@ def plot_curves(rows: list[dict], path: Path) -> Path:
         ax.legend()
     axes[0].set_title("Loss (train: running mean with label smoothing)", fontsize=10)
     axes[1].set_title("Accuracy (fraction correct)")
-    axes[2].plot(epochs, [r["lr"] for r in rows], marker="o", color="#009E73")
+    axes[2].plot(epochs, [r["lr"] for r in rows], marker="o", color=OKABE_ITO["bluish green"])
     axes[2].set_title("Learning rate at the end of each epoch")
     axes[2].set_xlabel("epoch")
     axes[2].set_ylabel("learning rate")
     axes[2].grid(alpha=0.3)
-    _save(fig, path)
-    return path
+    return finish(fig, path)
 
 
 @torch.inference_mode()
@@ -82,20 +82,11 @@ def hardest_examples(result: dict, k: int = 16) -> tuple[torch.Tensor, torch.Ten
     return top, result["losses"][top], result["preds"][top]
 
 
-def _plot_hardest(images, labels, top, losses, preds, classes, path: Path) -> Path:
-    cols = 8
-    rows = int(np.ceil(len(top) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.6, rows * 1.9), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, i, loss, pred in zip(axes.flat, top.tolist(), losses.tolist(), preds.tolist()):
-        img = images[i].permute(1, 2, 0).numpy()
-        ax.imshow(img[..., 0] if img.shape[2] == 1 else img, cmap="gray" if img.shape[2] == 1 else None,
-                  vmin=0, vmax=255, interpolation="nearest")
-        ax.set_title(f"true {classes[labels[i]]}\npred {classes[pred]}\nloss {loss:.2f}", fontsize=7)
-    fig.suptitle("Test images with the highest loss", y=1.04)  # above the first row's three-line titles
-    _save(fig, path)
-    return path
+def _plot_hardest(images, labels, top, losses, preds, classes, path: Path) -> Figure:
+    cells = [as_image(images[i]) for i in top.tolist()]
+    titles = [f"true {classes[labels[i]]}\npred {classes[pred]}\nloss {loss:.2f}"
+              for i, loss, pred in zip(top.tolist(), losses.tolist(), preds.tolist())]
+    return image_grid(cells, 8, titles=titles, cell_inches=1.4, title="Test images with the highest loss", path=path)
 
 
 _CHECK_SCRIPT = """
