@@ -232,10 +232,8 @@ def cmd_data(args) -> int:
 
 
 def _out_dir(args, target: str | None = None) -> Path:
-    """--out, else RUN_DIR/viz for a run folder, else ./viz."""
-    out = Path(args.out) if args.out else Path(target) / "viz" if target and Path(target).is_dir() else Path("viz")
-    out.mkdir(parents=True, exist_ok=True)
-    return out
+    """--out, else RUN_DIR/viz for a run folder, else ./viz; made only when the first file is written."""
+    return Path(args.out) if args.out else Path(target) / "viz" if target and Path(target).is_dir() else Path("viz")
 
 
 def _load_for_viz(args):
@@ -244,15 +242,16 @@ def _load_for_viz(args):
 
 
 def cmd_viz(args) -> int:
+    out = _out_dir(args, args.target)
     if args.what == "conv":
         from .viz.slides import render_conv
-        paths = render_conv(_out_dir(args), image=args.image, filters=args.filters)
+        paths = render_conv(out, image=args.image, filters=args.filters)
         print("\n".join(map(str, paths)))
     elif args.what == "pool":
         from .viz.conv import edge_feature_map, load_image
         from .viz.pool import render_pool
         image = load_image(args.image, gray=False) if args.image else None
-        result = render_pool(_out_dir(args), feature_map=edge_feature_map(image))
+        result = render_pool(out, feature_map=edge_feature_map(image))
         print(result["caption"])
         print(result["path"])
     elif args.what == "filters":
@@ -260,12 +259,12 @@ def cmd_viz(args) -> int:
         loaded = _load_for_viz(args)
         name, weight = layer_weight(loaded.model, args.layer)
         first = name == next(iter(conv_layers(loaded.model)))
-        out = _out_dir(args, args.target)
-        path = plot_filters(weight, out / f"filters-{name.replace('.', '_')}.png", layer=name, first_layer=first)
+        path = out / f"filters-{name.replace('.', '_')}.png"
+        plot_filters(weight, path, layer=name, first_layer=first)
         print(f"{name}: {weight.shape[0]} filters of {'x'.join(map(str, weight.shape[1:]))} -> {path}")
     elif args.what == "features":
         from .engine.predict import load_image
-        from .viz.filters import default_feature_layers, feature_maps, plot_feature_maps
+        from .viz.filters import default_feature_layers, feature_maps, layer_kinds, plot_feature_maps
         if not args.image:
             raise ConfigError("'cnnlab viz features RUN_DIR IMAGE': give the image to look at")
         loaded = _load_for_viz(args)
@@ -274,17 +273,19 @@ def cmd_viz(args) -> int:
         x = loaded.normalise(torch.tensor(pixels)[None])
         layers = args.layers.split(",") if args.layers else default_feature_layers(loaded.model)
         maps = feature_maps(loaded.model, x, layers)
-        path = plot_feature_maps(maps, pixels.transpose(1, 2, 0), _out_dir(args, args.target) / "features.png",
-                                 title=f"Feature maps of {Path(args.image).name}")
+        kinds = layer_kinds(loaded.model, list(maps))
+        path = out / f"features-{Path(args.image).stem}.png"  # one file per image: a second image keeps the first
+        plot_feature_maps(maps, pixels.transpose(1, 2, 0), path, title=f"Feature maps of {Path(args.image).name}",
+                          kinds=kinds)
         for name, act in maps.items():
-            print(f"{name}: {tuple(act.shape)}")
+            print(f"{name}: {tuple(act.shape)} {kinds[name]}")
         print(path)
     elif args.what == "gabor":
         from .viz.filters import layer_weight
         from .viz.gabor import analyze_filters, format_gabor_summary
         loaded = _load_for_viz(args)
         _, weight = layer_weight(loaded.model)
-        result = analyze_filters(weight, _out_dir(args, args.target), threshold=args.threshold)
+        result = analyze_filters(weight, out, threshold=args.threshold)
         print(format_gabor_summary(result))
     return 0
 
@@ -296,7 +297,18 @@ def _viz_entry(args) -> int:
         if args.target:
             raise ConfigError(f"'cnnlab viz {args.what}' takes no RUN_DIR; give your image with --image PATH")
         args.image = args.image_flag
-    return cmd_viz(args)
+    # folders that do not exist yet: if the command fails, those it made and left empty are removed again
+    out = _out_dir(args, args.target).absolute()
+    new = [folder for folder in (out, *out.parents) if not folder.exists()]
+    try:
+        return cmd_viz(args)
+    except BaseException:
+        for folder in new:
+            try:
+                folder.rmdir()  # only ever removes an empty folder
+            except OSError:
+                break
+        raise
 
 
 def cmd_report(args) -> int:
@@ -369,7 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", dest="image_flag", metavar="PATH", help="conv and pool: your own image")
     p.add_argument("--filters", type=int, default=5, help="conv: filters on the colour slide (1-8)")
     p.add_argument("--layer", help="filters: a conv layer by dotted name (default: the first)")
-    p.add_argument("--layers", help="features: comma-separated layer names (default: the first 3 conv layers)")
+    p.add_argument("--layers", help="features: comma-separated layer names (default: the first 3 conv layers "
+                   "and the last)")
     p.add_argument("--threshold", type=float, default=0.5, help="gabor: R^2 at which a fit counts as good")
     p.add_argument("--model", help="model name for a plain state-dict file without a sidecar")
     p.add_argument("--out", help="output folder (default RUN_DIR/viz, or ./viz)")

@@ -12,7 +12,7 @@ from ..errors import ModelError
 from .figure import image_grid
 
 __all__ = ["conv_layers", "layer_weight", "filter_images", "plot_filters", "feature_maps", "default_feature_layers",
-           "plot_feature_maps"]
+           "layer_kinds", "plot_feature_maps"]
 
 
 def conv_layers(model: nn.Module) -> dict[str, nn.Conv2d]:
@@ -95,17 +95,24 @@ def feature_maps(model: nn.Module, x: torch.Tensor, layers: list[str]) -> dict[s
 
 
 def default_feature_layers(model: nn.Module, count: int = 3) -> list[str]:
-    """The first `count` conv layers: where the maps still look like the image."""
+    """The first `count` conv layers, where the maps still look like the image, and the last, where they no
+    longer do."""
     names = list(conv_layers(model))
     if not names:
         raise ModelError(f"{type(model).__name__} has no convolution layer; name layers with --layers")
-    return names[:count]
+    return names[:count] + names[-1:] if len(names) > count else names
+
+
+def layer_kinds(model: nn.Module, names: list[str]) -> dict[str, str]:
+    """Each named layer's class name ('Conv2d', 'BasicBlock'), to label the layers that are only numbers."""
+    return {name: type(model.get_submodule(name)).__name__ for name in names}
 
 
 def plot_feature_maps(maps: dict[str, torch.Tensor], image: np.ndarray, path: str | Path | None = None,
-                      max_channels: int = 16, title: str = "") -> Figure:
+                      max_channels: int = 16, title: str = "", kinds: dict[str, str] | None = None) -> Figure:
     """The input image (H, W, C), then one row per layer with up to `max_channels` activation maps of the first
-    image, each on its own scale; a dense layer's units as one square block."""
+    image, each on its own scale; a dense layer's units as one square block. Rows are labelled with the layer's
+    name, its kind from `kinds` (e.g. `layer_kinds`: "3 (Conv2d)") and its output shape."""
     pixels = np.asarray(image)
     cells = [pixels[..., 0] if pixels.ndim == 3 and pixels.shape[2] == 1 else pixels] + [None] * (max_channels - 1)
     row_labels = ["input"]
@@ -117,6 +124,7 @@ def plot_feature_maps(maps: dict[str, torch.Tensor], image: np.ndarray, path: st
             side = int(np.ceil(np.sqrt(units.size)))
             shown = [np.append(units, np.full(side * side - units.size, np.nan)).reshape(side, side)]
         cells += shown + [None] * (max_channels - len(shown))
-        row_labels.append(f"{name}\n{tuple(act.shape)}")
+        kind = (kinds or {}).get(name)
+        row_labels.append(f"{name} ({kind})\n{tuple(act.shape)}" if kind else f"{name}\n{tuple(act.shape)}")
     return image_grid(cells, max_channels, cmap="viridis", row_labels=row_labels, fontsize=7, path=path,
                       title=title or "Feature maps (each map on its own colour scale, viridis: dark low, yellow high)")

@@ -10,6 +10,7 @@ import base64
 import csv
 import html
 import json
+import math
 from pathlib import Path
 from typing import Callable
 
@@ -119,9 +120,17 @@ def _img(png: Path, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
 
 
+def _cell(value) -> str:
+    """A table cell's text: floats to 4 significant digits (11.962228814 s -> 11.96; 0.000123456 -> 0.0001235),
+    without an exponent up to 10,000 and with thousands separators above."""
+    if isinstance(value, float) and math.isfinite(value):
+        return f"{value:,.0f}" if abs(value) >= 1e4 else f"{value:.4g}"
+    return str(value)
+
+
 def _table(header: list[str], rows: list[list]) -> str:
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in row) + "</tr>" for row in rows)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_cell(v))}</td>" for v in row) + "</tr>" for row in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
