@@ -1,5 +1,5 @@
 """Convolution and pooling by hand, as numbers: the loops, the classic worked example, the filters and the images
-the slides and the interactive page show. No drawing here (the slides are in `slides.py`, the page in `page.py`).
+the slides and the interactive page show. No drawing here (the slides are in `slides.py`, the page in `conv_page.py`).
 
 The worked example follows CS231n's convolution demo (Karpathy et al., cs231n.github.io/convolutional-networks).
 Images are shrunk to about 16x16 and their values rounded to the levels 0..9, so that every number on a slide
