@@ -241,11 +241,19 @@ def _load_for_viz(args):
     return load_weights(args.target, "cpu", model_name=getattr(args, "model", None))
 
 
+def _default(value, default):
+    return default if value is None else value
+
+
 def cmd_viz(args) -> int:
     out = _out_dir(args, args.target)
-    if args.what == "conv":
+    if args.what == "conv" and args.html:
+        from .viz.conv_page import write_conv_page
+        print(write_conv_page(out / "conv.html", image=args.image, filters=_default(args.filters, 2),
+                              size=_default(args.size, 7)))
+    elif args.what == "conv":
         from .viz.slides import render_conv
-        paths = render_conv(out, image=args.image, filters=args.filters)
+        paths = render_conv(out, image=args.image, filters=_default(args.filters, 5), size=_default(args.size, 16))
         print("\n".join(map(str, paths)))
     elif args.what == "pool":
         from .viz.conv import edge_feature_map, load_image
@@ -297,6 +305,8 @@ def _viz_entry(args) -> int:
         if args.target:
             raise ConfigError(f"'cnnlab viz {args.what}' takes no RUN_DIR; give your image with --image PATH")
         args.image = args.image_flag
+    if args.html and args.what != "conv":
+        raise ConfigError(f"--html is for 'cnnlab viz conv'; 'cnnlab viz {args.what}' writes PNG files")
     # folders that do not exist yet: if the command fails, those it made and left empty are removed again
     out = _out_dir(args, args.target).absolute()
     new = [folder for folder in (out, *out.parents) if not folder.exists()]
@@ -371,7 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("viz", help="pictures: convolution and pooling, filters, feature maps, the V1 comparison",
-                       description="conv: the lecture's convolution slides (GIFs and PNGs); pool: max pooling on a "
+                       description="conv: the lecture's convolution slides (GIFs and PNGs), or with --html an "
+                                   "interactive page; pool: max pooling on a "
                                    "feature map; filters RUN_DIR|WEIGHTS: a layer's filters; features RUN_DIR IMAGE: "
                                    "activation maps; gabor RUN_DIR|WEIGHTS: Gabor fits of the first layer against "
                                    "macaque V1 (Ringach 2002)")
@@ -379,7 +390,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target", nargs="?", metavar="RUN_DIR|WEIGHTS", help="for filters, features and gabor")
     p.add_argument("image", nargs="?", metavar="IMAGE", help="for features")
     p.add_argument("--image", dest="image_flag", metavar="PATH", help="conv and pool: your own image")
-    p.add_argument("--filters", type=int, default=5, help="conv: filters on the colour slide (1-8)")
+    p.add_argument("--html", action="store_true", help="conv: write conv.html, an interactive page (window "
+                   "stepping, stride, padding, max pooling) instead of the slides")
+    p.add_argument("--filters", type=int, help="conv: filters on the colour slide (1-8; default 5) or on the page "
+                   "(default 2)")
+    p.add_argument("--size", type=int, help="conv: image side in pixels (default 16 on the slides, 3-32; 7 on the "
+                   "page, 4-12)")
     p.add_argument("--layer", help="filters: a conv layer by dotted name (default: the first)")
     p.add_argument("--layers", help="features: comma-separated layer names (default: the first 3 conv layers "
                    "and the last)")
