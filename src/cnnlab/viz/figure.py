@@ -14,6 +14,7 @@ import numpy as np
 from matplotlib import colormaps
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import Colormap
 from matplotlib.figure import Figure
 from PIL import Image
 
@@ -63,7 +64,7 @@ def finish(fig: Figure, path: str | Path | None = None) -> Figure:
     return fig
 
 
-def _to_rgb(cell: np.ndarray, cmap: str, vmin: float | None, vmax: float | None) -> np.ndarray:
+def _to_rgb(cell: np.ndarray, cmap: Colormap, vmin: float | None, vmax: float | None) -> np.ndarray:
     """One cell as (h, w, 3) uint8. uint8 cells are pixels, shown as they are (grey or colour); others are scaled
     to vmin..vmax (None: the cell's own min..max, a constant cell mid-scale), (h, w, 3) as colour and (h, w)
     through `cmap`, NaN drawn white."""
@@ -79,7 +80,7 @@ def _to_rgb(cell: np.ndarray, cmap: str, vmin: float | None, vmax: float | None)
     if a.ndim == 3:
         rgb = np.clip(np.nan_to_num(unit, nan=1.0), 0.0, 1.0)
     else:
-        rgb = colormaps[cmap].with_extremes(bad="white")(np.ma.masked_invalid(np.clip(unit, 0.0, 1.0)))[..., :3]
+        rgb = cmap(np.ma.masked_invalid(np.clip(unit, 0.0, 1.0)))[..., :3]
     return np.round(rgb * 255).astype(np.uint8)
 
 
@@ -119,10 +120,11 @@ def image_grid(cells: Sequence[np.ndarray | None], cols: int, *, cmap: str = "gr
     band = int(np.ceil(lines * fontsize * 1.3 / 72 / inch_per_px)) if lines else 0  # room for the titles, in pixels
     pitch_h, pitch_w = slot[0] + gap + band, slot[1] + gap
     mosaic = np.full((rows * pitch_h - gap, cols * pitch_w - gap, 3), 255, dtype=np.uint8)
+    colours = colormaps[cmap].with_extremes(bad="white")
     for i, cell in enumerate(cells):
         if cell is None:
             continue
-        img = _fit(_to_rgb(cell, cmap, vmin, vmax), slot)
+        img = _fit(_to_rgb(cell, colours, vmin, vmax), slot)
         r, c = divmod(i, cols)
         top = r * pitch_h + band + (slot[0] - img.shape[0]) // 2
         left = c * pitch_w + (slot[1] - img.shape[1]) // 2

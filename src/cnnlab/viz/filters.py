@@ -32,10 +32,12 @@ def layer_weight(model: nn.Module, layer: str | None = None) -> tuple[str, torch
     return layer, convs[layer].weight.detach().float().cpu()
 
 
-def _unit(x: np.ndarray) -> np.ndarray:
-    """Scale to [0, 1] (a constant filter becomes mid-grey): each filter gets its own range, as in AlexNet's figure."""
-    lo, hi = x.min(), x.max()
-    return np.full_like(x, 0.5) if hi - lo < 1e-12 else (x - lo) / (hi - lo)
+def _unit(x: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
+    """Scale each slice over `axes` to [0, 1] (a constant one becomes mid-grey): each filter gets its own range,
+    as in AlexNet's figure. Vectorised: a deep layer holds millions of kernels."""
+    lo, hi = x.min(axis=axes, keepdims=True), x.max(axis=axes, keepdims=True)
+    flat = hi - lo < 1e-12
+    return np.where(flat, 0.5, (x - lo) / np.where(flat, 1.0, hi - lo))
 
 
 def filter_images(weight: torch.Tensor, first_layer: bool = True) -> np.ndarray:
@@ -43,10 +45,10 @@ def filter_images(weight: torch.Tensor, first_layer: bool = True) -> np.ndarray:
     Deeper layers: (K, C, kh, kw), one grey kernel per input channel, each scaled on its own."""
     w = weight.numpy()
     if first_layer and w.shape[1] == 3:
-        return np.stack([_unit(f.transpose(1, 2, 0)) for f in w])
+        return _unit(w.transpose(0, 2, 3, 1), (1, 2, 3))
     if first_layer and w.shape[1] == 1:
-        return np.stack([_unit(f[0]) for f in w])
-    return np.stack([np.stack([_unit(k) for k in f]) for f in w])
+        return _unit(w[:, 0], (1, 2))
+    return _unit(w, (2, 3))
 
 
 def plot_filters(weight: torch.Tensor, path: str | Path | None = None, layer: str = "", first_layer: bool = True,
