@@ -16,11 +16,6 @@ import stream  # noqa: E402
 import throughput  # noqa: E402
 
 if __name__ == "__main__":
-<<<<<<< HEAD
-    results = [formats.main(), loader.main(), throughput.main(), default_train.main(), cifar_convnet.main(), resnet.main(),
-               nan_check.main()]
-=======
-    results = [loader.main(), throughput.main(), default_train.main(), cifar_convnet.main(), resnet.main(),
-               nan_check.main(), stream.main()]
->>>>>>> stream
+    results = [formats.main(), loader.main(), throughput.main(), default_train.main(), cifar_convnet.main(),
+               resnet.main(), nan_check.main(), stream.main()]
     raise SystemExit(0 if all(results) else 1)

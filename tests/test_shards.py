@@ -73,7 +73,7 @@ def test_every_sample_once_per_epoch_across_two_ranks_of_two_workers(tmp_path):
     pack_image_folder(root, tmp_path / "out", shard_size="3KB", log=lambda m: None)
     source = open_shards(tmp_path / "out")
     assert len(source.shards("train")) >= 8
-    seen, orders = [], []
+    seen = []
     for epoch in range(2):
         ranks = [train_loader(source, 8, rank=r, world_size=2, workers=2, shuffle_buffer=5, seed=1)
                  for r in range(2)]

@@ -1,6 +1,7 @@
 """Filters, feature maps, the run report and the viz commands, on a model trained by `cnnlab train`."""
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -13,7 +14,13 @@ from PIL import Image
 
 from cnnlab.errors import ModelError
 from cnnlab.models import create_model
-from cnnlab.viz.filters import feature_maps, filter_images, layer_weight, plot_filters
+from cnnlab.viz.filters import (default_feature_layers, feature_maps, filter_images, layer_kinds, layer_weight,
+                                plot_feature_maps, plot_filters)
+
+
+@pytest.fixture(autouse=True)
+def _in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # commands that write to ./viz by default write here, never into the repository
 
 
 def cnnlab(*args, env=None, check=True):
@@ -117,6 +124,43 @@ def test_viz_bad_input_gets_clear_messages(run, tmp_path):
     assert "9: (1, 3)" in cnnlab("viz", "features", run_dir, image, "--layers", "3,9", env=env).stdout  # dense
 
 
+def test_viz_features_names_the_file_after_the_image_and_each_layer_with_its_kind(run, tmp_path):
+    run_dir, image, env = run
+    other = tmp_path / "two.png"
+    shutil.copy(image, other)
+    for picture in (image, other):
+        out = cnnlab("viz", "features", run_dir, picture, "--out", tmp_path / "maps", env=env).stdout
+        assert "0: (1, 16, 24, 24) Conv2d" in out and "3: (1, 16, 12, 12) Conv2d" in out
+    assert sorted(p.name for p in (tmp_path / "maps").iterdir()) == ["features-one.png", "features-two.png"]
+
+
+def test_default_feature_layers_reach_the_last_conv_layer_and_rows_name_the_layer_kind():
+    model = create_model("resnet18")
+    layers = default_feature_layers(model)
+    assert layers == ["conv1", "layer1.0.conv1", "layer1.0.conv2", "layer4.1.conv2"]  # first three and the last
+    small = create_model("cnn", spec="c4,p,c8,f8", in_channels=3, num_classes=2, input_size=[8, 8])
+    assert default_feature_layers(small) == ["0", "3"]  # two conv layers: each once
+    maps = feature_maps(small, torch.randn(1, 3, 8, 8), ["0", "3", "6"])
+    fig = plot_feature_maps(maps, np.zeros((8, 8, 3), dtype=np.uint8), kinds=layer_kinds(small, list(maps)))
+    labels = [t.get_text() for t in fig.axes[0].texts]
+    assert labels == ["input", "0 (Conv2d)\n(1, 4, 8, 8)", "3 (Conv2d)\n(1, 8, 4, 4)", "6 (Linear)\n(1, 8)"]
+
+
+def test_a_failed_viz_command_leaves_no_folder_behind(tmp_path):
+    from cnnlab.engine.weights import save_weights
+    model = create_model("convnet", in_channels=1, input_size=[28, 28])
+    save_weights(model, tmp_path / "model.safetensors", {
+        "model": "convnet", "model_args": {"in_channels": 1, "input_size": [28, 28]},
+        "classes": [str(i) for i in range(10)], "mean": [0.5], "std": [0.5], "input_shape": [1, 28, 28]})
+    assert cnnlab("viz", "gabor", tmp_path / "model.safetensors", check=False).returncode == 2  # 3x3 filters
+    assert cnnlab("viz", "conv", "--filters", "9", check=False).returncode == 2
+    assert cnnlab("viz", "conv", "--image", tmp_path / "missing.png", "--out", tmp_path / "a" / "b",
+                  check=False).returncode == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.json", "model.safetensors"]  # no ./viz, no a/b
+    out = cnnlab("viz", "filters", tmp_path / "model.safetensors").stdout  # the default folder, once there is a file
+    assert out.endswith("-> viz/filters-0.png\n") and (tmp_path / "viz" / "filters-0.png").is_file()
+
+
 def test_gabor_refuses_3x3_filters_and_says_what_to_train(tmp_path):
     from cnnlab.engine.weights import save_weights
     model = create_model("convnet", in_channels=1, input_size=[28, 28])
@@ -136,6 +180,12 @@ def test_report_holds_every_section_with_embedded_images_only(run):
         assert section in page, section
     assert page.count("<img ") == page.count('src="data:image/png;base64,') >= 6
     assert "http://" not in page and "https://" not in page  # nothing fetched from the network
+    cells = re.findall(r"<td>([^<]*)</td>", page)
+    assert "wall_seconds" in cells and "threads" in cells
+    # a float is rounded when it shows at most 2 decimals (93.33%) or at most 4 significant digits (0.0001235)
+    too_precise = [n for cell in cells for n in re.findall(r"\d+\.\d+", cell)
+                   if len(n.split(".")[1]) > 2 and len(n.replace(".", "").lstrip("0")) > 4]
+    assert not too_precise, too_precise  # e.g. wall_seconds 11.96, not 11.962228814000127
 
 
 def _chromium() -> str | None:

@@ -6,9 +6,10 @@ from PIL import Image
 
 from cnnlab.errors import ConfigError, ImageError
 from cnnlab.viz import conv
-from cnnlab.viz.conv import (COLOR_FILTER_NAMES, VERTICAL_EDGE, color_filters, conv2d_by_hand, edge_feature_map,
-                             load_image, numeric_example, render_conv)
-from cnnlab.viz.pool import conv_macs, max_pool_by_hand, render_pool
+from cnnlab.viz.conv import (COLOR_FILTER_NAMES, VERTICAL_EDGE, color_filters, conv2d_by_hand, conv_macs,
+                             edge_feature_map, load_image, max_pool_by_hand, numeric_example)
+from cnnlab.viz.pool import render_pool
+from cnnlab.viz.slides import render_conv
 
 GIF_LIMIT = 2 * 1024 * 1024  # bytes: the slides embed these GIFs
 

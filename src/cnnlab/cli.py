@@ -359,10 +359,8 @@ def cmd_data(args) -> int:
 
 
 def _out_dir(args, target: str | None = None) -> Path:
-    """--out, else RUN_DIR/viz for a run folder, else ./viz."""
-    out = Path(args.out) if args.out else Path(target) / "viz" if target and Path(target).is_dir() else Path("viz")
-    out.mkdir(parents=True, exist_ok=True)
-    return out
+    """--out, else RUN_DIR/viz for a run folder, else ./viz; made only when the first file is written."""
+    return Path(args.out) if args.out else Path(target) / "viz" if target and Path(target).is_dir() else Path("viz")
 
 
 def _load_for_viz(args):
@@ -370,16 +368,25 @@ def _load_for_viz(args):
     return load_weights(args.target, "cpu", model_name=getattr(args, "model", None))
 
 
+def _default(value, default):
+    return default if value is None else value
+
+
 def cmd_viz(args) -> int:
-    if args.what == "conv":
-        from .viz.conv import render_conv
-        paths = render_conv(_out_dir(args), image=args.image, filters=args.filters)
+    out = _out_dir(args, args.target)
+    if args.what == "conv" and args.html:
+        from .viz.conv_page import write_conv_page
+        print(write_conv_page(out / "conv.html", image=args.image, filters=_default(args.filters, 2),
+                              size=_default(args.size, 7)))
+    elif args.what == "conv":
+        from .viz.slides import render_conv
+        paths = render_conv(out, image=args.image, filters=_default(args.filters, 5), size=_default(args.size, 16))
         print("\n".join(map(str, paths)))
     elif args.what == "pool":
         from .viz.conv import edge_feature_map, load_image
         from .viz.pool import render_pool
         image = load_image(args.image, gray=False) if args.image else None
-        result = render_pool(_out_dir(args), feature_map=edge_feature_map(image))
+        result = render_pool(out, feature_map=edge_feature_map(image))
         print(result["caption"])
         print(result["path"])
     elif args.what == "filters":
@@ -387,12 +394,12 @@ def cmd_viz(args) -> int:
         loaded = _load_for_viz(args)
         name, weight = layer_weight(loaded.model, args.layer)
         first = name == next(iter(conv_layers(loaded.model)))
-        out = _out_dir(args, args.target)
-        path = plot_filters(weight, out / f"filters-{name.replace('.', '_')}.png", layer=name, first_layer=first)
+        path = out / f"filters-{name.replace('.', '_')}.png"
+        plot_filters(weight, path, layer=name, first_layer=first)
         print(f"{name}: {weight.shape[0]} filters of {'x'.join(map(str, weight.shape[1:]))} -> {path}")
     elif args.what == "features":
         from .engine.predict import load_image
-        from .viz.filters import default_feature_layers, feature_maps, plot_feature_maps
+        from .viz.filters import default_feature_layers, feature_maps, layer_kinds, plot_feature_maps
         if not args.image:
             raise ConfigError("'cnnlab viz features RUN_DIR IMAGE': give the image to look at")
         loaded = _load_for_viz(args)
@@ -401,17 +408,19 @@ def cmd_viz(args) -> int:
         x = loaded.normalise(torch.tensor(pixels)[None])
         layers = args.layers.split(",") if args.layers else default_feature_layers(loaded.model)
         maps = feature_maps(loaded.model, x, layers)
-        path = plot_feature_maps(maps, pixels.transpose(1, 2, 0), _out_dir(args, args.target) / "features.png",
-                                 title=f"Feature maps of {Path(args.image).name}")
+        kinds = layer_kinds(loaded.model, list(maps))
+        path = out / f"features-{Path(args.image).stem}.png"  # one file per image: a second image keeps the first
+        plot_feature_maps(maps, pixels.transpose(1, 2, 0), path, title=f"Feature maps of {Path(args.image).name}",
+                          kinds=kinds)
         for name, act in maps.items():
-            print(f"{name}: {tuple(act.shape)}")
+            print(f"{name}: {tuple(act.shape)} {kinds[name]}")
         print(path)
     elif args.what == "gabor":
         from .viz.filters import layer_weight
         from .viz.gabor import analyze_filters, format_gabor_summary
         loaded = _load_for_viz(args)
         _, weight = layer_weight(loaded.model)
-        result = analyze_filters(weight, _out_dir(args, args.target), threshold=args.threshold)
+        result = analyze_filters(weight, out, threshold=args.threshold)
         print(format_gabor_summary(result))
     return 0
 
@@ -423,7 +432,20 @@ def _viz_entry(args) -> int:
         if args.target:
             raise ConfigError(f"'cnnlab viz {args.what}' takes no RUN_DIR; give your image with --image PATH")
         args.image = args.image_flag
-    return cmd_viz(args)
+    if args.html and args.what != "conv":
+        raise ConfigError(f"--html is for 'cnnlab viz conv'; 'cnnlab viz {args.what}' writes PNG files")
+    # folders that do not exist yet: if the command fails, those it made and left empty are removed again
+    out = _out_dir(args, args.target).absolute()
+    new = [folder for folder in (out, *out.parents) if not folder.exists()]
+    try:
+        return cmd_viz(args)
+    except BaseException:
+        for folder in new:
+            try:
+                folder.rmdir()  # only ever removes an empty folder
+            except OSError:
+                break
+        raise
 
 
 def cmd_report(args) -> int:
@@ -494,7 +516,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("viz", help="pictures: convolution and pooling, filters, feature maps, the V1 comparison",
-                       description="conv: the lecture's convolution slides (GIFs and PNGs); pool: max pooling on a "
+                       description="conv: the lecture's convolution slides (GIFs and PNGs), or with --html an "
+                                   "interactive page; pool: max pooling on a "
                                    "feature map; filters RUN_DIR|WEIGHTS: a layer's filters; features RUN_DIR IMAGE: "
                                    "activation maps; gabor RUN_DIR|WEIGHTS: Gabor fits of the first layer against "
                                    "macaque V1 (Ringach 2002)")
@@ -502,9 +525,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target", nargs="?", metavar="RUN_DIR|WEIGHTS", help="for filters, features and gabor")
     p.add_argument("image", nargs="?", metavar="IMAGE", help="for features")
     p.add_argument("--image", dest="image_flag", metavar="PATH", help="conv and pool: your own image")
-    p.add_argument("--filters", type=int, default=5, help="conv: filters on the colour slide (1-8)")
+    p.add_argument("--html", action="store_true", help="conv: write conv.html, an interactive page (window "
+                   "stepping, stride, padding, max pooling) instead of the slides")
+    p.add_argument("--filters", type=int, help="conv: filters on the colour slide (1-8; default 5) or on the page "
+                   "(default 2)")
+    p.add_argument("--size", type=int, help="conv: image side in pixels (default 16 on the slides, 3-32; 7 on the "
+                   "page, 4-12)")
     p.add_argument("--layer", help="filters: a conv layer by dotted name (default: the first)")
-    p.add_argument("--layers", help="features: comma-separated layer names (default: the first 3 conv layers)")
+    p.add_argument("--layers", help="features: comma-separated layer names (default: the first 3 conv layers "
+                   "and the last)")
     p.add_argument("--threshold", type=float, default=0.5, help="gabor: R^2 at which a fit counts as good")
     p.add_argument("--model", help="model name for a plain state-dict file without a sidecar")
     p.add_argument("--out", help="output folder (default RUN_DIR/viz, or ./viz)")

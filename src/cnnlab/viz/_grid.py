@@ -1,41 +1,25 @@
-"""Shared drawing for the convolution and pooling figures: arrays as grids of numbered cells, frames to GIF/PNG.
+"""The slides' drawing: arrays as grids of numbered cells, window outlines, and frames to GIF/PNG.
 
-Figures are built on `matplotlib.figure.Figure` with an Agg canvas rather than pyplot, so rendering many
-animation frames keeps no global figure state and needs no `plt.close`.
+Figures come from `figure.new_figure` (an Agg canvas, no pyplot), so rendering many animation frames keeps no
+global figure state and needs no `plt.close`.
 """
 from __future__ import annotations
 
 import io
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+from matplotlib.colors import Colormap, Normalize, TwoSlopeNorm
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+from PIL import Image
 
-matplotlib.use("Agg")
-import numpy as np  # noqa: E402
-from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
-from matplotlib.colors import Colormap, Normalize, TwoSlopeNorm  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.patches import Rectangle  # noqa: E402
-from PIL import Image  # noqa: E402
+from ..files import save_atomic
+from .figure import OKABE_ITO
 
-from ..files import save_atomic  # noqa: E402
-
-HIGHLIGHT = "#E69F00"  # Okabe-Ito orange: stands out on grey, viridis and RdBu alike, for colour-blind readers too
-SECOND = "#009E73"  # Okabe-Ito bluish green, for a second kind of highlight
+HIGHLIGHT = OKABE_ITO["orange"]  # stands out on grey, viridis and RdBu alike, for colour-blind readers too
+SECOND = OKABE_ITO["bluish green"]  # a second kind of highlight
 PAD_COLOUR = "white"  # zero-padding cells, hatched: grey would read as image data on a grey image
-
-
-def as_array(a) -> np.ndarray:
-    """numpy arrays, nested lists and torch tensors (detached, on the CPU) alike."""
-    if hasattr(a, "detach"):
-        a = a.detach().cpu().numpy()
-    return np.asarray(a)
-
-
-def new_figure(width: float, height: float, dpi: int = 80) -> Figure:
-    fig = Figure(figsize=(width, height), dpi=dpi, layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
 
 
 def freeze_layout(fig: Figure) -> None:
@@ -51,15 +35,6 @@ def fmt_number(value: float) -> str:
     if abs(value - round(value)) < 1e-9:
         return str(int(round(value)))
     return f"{value:.1f}" if abs(value) >= 0.95 else f"{value:.2f}"
-
-
-def integer_scale(weights: np.ndarray, largest: int = 64) -> int:
-    """Smallest d <= `largest` with d * weights all integers (1/27 box blur -> 27); 0 when there is none."""
-    for d in range(1, largest + 1):
-        scaled = weights * d
-        if np.allclose(scaled, np.round(scaled), atol=1e-6):
-            return d
-    return 0
 
 
 def symmetric_norm(values: np.ndarray) -> Normalize:
@@ -128,14 +103,6 @@ def grid_ticks(ax, rows: int, cols: int, origin: tuple[int, int] = (0, 0), step:
     ax.set_xticks([c for c in range(c0, c0 + cols) if c % step == 0])
     ax.set_yticks([r for r in range(r0, r0 + rows) if r % step == 0])
     ax.tick_params(labelsize=7, length=2)
-
-
-def save_figure(fig: Figure, path: Path) -> Path:
-    """A still figure as PNG, cropped to its content, written atomically (as `plots._save`)."""
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", bbox_inches="tight")
-    save_atomic(buffer.getvalue(), Path(path))
-    return Path(path)
 
 
 def write_png(frame: np.ndarray, path: Path) -> Path:

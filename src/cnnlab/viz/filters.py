@@ -6,12 +6,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
+from matplotlib.figure import Figure
 
 from ..errors import ModelError
-from .plots import _save, plt
+from .figure import image_grid
 
 __all__ = ["conv_layers", "layer_weight", "filter_images", "plot_filters", "feature_maps", "default_feature_layers",
-           "plot_feature_maps"]
+           "layer_kinds", "plot_feature_maps"]
 
 
 def conv_layers(model: nn.Module) -> dict[str, nn.Conv2d]:
@@ -31,10 +32,12 @@ def layer_weight(model: nn.Module, layer: str | None = None) -> tuple[str, torch
     return layer, convs[layer].weight.detach().float().cpu()
 
 
-def _unit(x: np.ndarray) -> np.ndarray:
-    """Scale to [0, 1] (a constant filter becomes mid-grey): each filter gets its own range, as in AlexNet's figure."""
-    lo, hi = x.min(), x.max()
-    return np.full_like(x, 0.5) if hi - lo < 1e-12 else (x - lo) / (hi - lo)
+def _unit(x: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
+    """Scale each slice over `axes` to [0, 1] (a constant one becomes mid-grey): each filter gets its own range,
+    as in AlexNet's figure. Vectorised: a deep layer holds millions of kernels."""
+    lo, hi = x.min(axis=axes, keepdims=True), x.max(axis=axes, keepdims=True)
+    flat = hi - lo < 1e-12
+    return np.where(flat, 0.5, (x - lo) / np.where(flat, 1.0, hi - lo))
 
 
 def filter_images(weight: torch.Tensor, first_layer: bool = True) -> np.ndarray:
@@ -42,46 +45,28 @@ def filter_images(weight: torch.Tensor, first_layer: bool = True) -> np.ndarray:
     Deeper layers: (K, C, kh, kw), one grey kernel per input channel, each scaled on its own."""
     w = weight.numpy()
     if first_layer and w.shape[1] == 3:
-        return np.stack([_unit(f.transpose(1, 2, 0)) for f in w])
+        return _unit(w.transpose(0, 2, 3, 1), (1, 2, 3))
     if first_layer and w.shape[1] == 1:
-        return np.stack([_unit(f[0]) for f in w])
-    return np.stack([np.stack([_unit(k) for k in f]) for f in w])
+        return _unit(w[:, 0], (1, 2))
+    return _unit(w, (2, 3))
 
 
-def plot_filters(weight: torch.Tensor, path: Path, layer: str = "", first_layer: bool = True, title: str = "",
-                 max_rows: int = 64, max_cols: int = 64) -> Path:
+def plot_filters(weight: torch.Tensor, path: str | Path | None = None, layer: str = "", first_layer: bool = True,
+                 title: str = "", max_rows: int = 64, max_cols: int = 64) -> Figure:
     """A grid of filters: first layer as in the AlexNet figure; deeper layers one row per output channel."""
     images = filter_images(weight, first_layer)
     k, c, kh, kw = weight.shape
+    shown = f"{k} filters of {c}x{kh}x{kw}"
+    title = title or f"{layer or 'conv'}: {shown}, each scaled to its own [0, 1]"
     if first_layer and c in (1, 3):
         cols = int(np.ceil(np.sqrt(k)))
-        rows = int(np.ceil(k / cols))
-        cells = [images[i] for i in range(k)]
-        grid_shape = (rows, cols)
-    else:
-        rows, cols = min(k, max_rows), min(c, max_cols)
-        cells = [images[r, j] for r in range(rows) for j in range(cols)]
-        grid_shape = (rows, cols)
-    # one mosaic image with a 1-pixel gap is far quicker to draw than hundreds of subplots
-    pad = 1
-    colour = cells[0].ndim == 3
-    mosaic = np.ones((grid_shape[0] * (kh + pad) - pad, grid_shape[1] * (kw + pad) - pad) + ((3,) if colour else ()))
-    for i, cell in enumerate(cells):
-        r, j = divmod(i, grid_shape[1])
-        mosaic[r * (kh + pad):r * (kh + pad) + kh, j * (kw + pad):j * (kw + pad) + kw] = cell
-    inches = min(max(mosaic.shape[1] / 18, 4.0), 14.0)
-    fig, ax = plt.subplots(figsize=(inches, inches * mosaic.shape[0] / mosaic.shape[1] + 0.8))
-    ax.imshow(mosaic, cmap=None if colour else "gray", vmin=0, vmax=1, interpolation="nearest")
-    ax.set_xticks([])
-    ax.set_yticks([])
-    if not (first_layer and c in (1, 3)):
-        ax.set_xlabel(f"input channel (first {cols} of {c})")
-        ax.set_ylabel(f"output channel (first {rows} of {k})")
-    shown = f"{k} filters of {c}x{kh}x{kw}"
-    ax.set_title(title or f"{layer or 'conv'}: {shown}, each scaled to its own [0, 1]")
-    path = Path(path)
-    _save(fig, path)
-    return path
+        return image_grid(list(images), cols, vmin=0, vmax=1, title=title, cell_inches=max(kh / 18, 4 / cols),
+                          path=path)
+    rows, cols = min(k, max_rows), min(c, max_cols)
+    cells = [images[r, j] for r in range(rows) for j in range(cols)]
+    return image_grid(cells, cols, vmin=0, vmax=1, title=title, cell_inches=max(kh / 18, 4 / cols),
+                      xlabel=f"input channel (first {cols} of {c})", ylabel=f"output channel (first {rows} of {k})",
+                      path=path)
 
 
 def feature_maps(model: nn.Module, x: torch.Tensor, layers: list[str]) -> dict[str, torch.Tensor]:
@@ -112,31 +97,36 @@ def feature_maps(model: nn.Module, x: torch.Tensor, layers: list[str]) -> dict[s
 
 
 def default_feature_layers(model: nn.Module, count: int = 3) -> list[str]:
-    """The first `count` conv layers: where the maps still look like the image."""
+    """The first `count` conv layers, where the maps still look like the image, and the last, where they no
+    longer do."""
     names = list(conv_layers(model))
     if not names:
         raise ModelError(f"{type(model).__name__} has no convolution layer; name layers with --layers")
-    return names[:count]
+    return names[:count] + names[-1:] if len(names) > count else names
 
 
-def plot_feature_maps(maps: dict[str, torch.Tensor], image: np.ndarray, path: Path, max_channels: int = 16,
-                      title: str = "") -> Path:
-    """The input image, then one row per layer with up to `max_channels` activation maps of the first image."""
-    rows = len(maps)
-    cols = max_channels
-    fig, axes = plt.subplots(rows + 1, cols, figsize=(cols * 0.9 + 1.5, (rows + 1) * 1.05 + 0.6), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    axes[0][0].imshow(image if image.ndim == 3 and image.shape[2] == 3 else image.squeeze(),
-                      cmap=None if image.ndim == 3 and image.shape[2] == 3 else "gray", interpolation="nearest")
-    axes[0][0].set_title("input", fontsize=8)
-    for r, (name, act) in enumerate(maps.items(), start=1):
-        act = act[0] if act.ndim == 4 else act[:1].reshape(1, 1, -1)  # a dense layer: one strip of units
-        shown = act[:max_channels]
-        for j, channel in enumerate(shown):
-            axes[r][j].imshow(channel.numpy(), cmap="viridis", interpolation="nearest")
-        axes[r][0].set_title(f"{name} {tuple(act.shape)}", fontsize=8, loc="left")
-    fig.suptitle(title or "Feature maps (each map on its own colour scale, viridis: dark low, yellow high)")
-    path = Path(path)
-    _save(fig, path)
-    return path
+def layer_kinds(model: nn.Module, names: list[str]) -> dict[str, str]:
+    """Each named layer's class name ('Conv2d', 'BasicBlock'), to label the layers that are only numbers."""
+    return {name: type(model.get_submodule(name)).__name__ for name in names}
+
+
+def plot_feature_maps(maps: dict[str, torch.Tensor], image: np.ndarray, path: str | Path | None = None,
+                      max_channels: int = 16, title: str = "", kinds: dict[str, str] | None = None) -> Figure:
+    """The input image (H, W, C), then one row per layer with up to `max_channels` activation maps of the first
+    image, each on its own scale; a dense layer's units as one square block. Rows are labelled with the layer's
+    name, its kind from `kinds` (e.g. `layer_kinds`: "3 (Conv2d)") and its output shape."""
+    pixels = np.asarray(image)
+    cells = [pixels[..., 0] if pixels.ndim == 3 and pixels.shape[2] == 1 else pixels] + [None] * (max_channels - 1)
+    row_labels = ["input"]
+    for name, act in maps.items():
+        if act.ndim == 4:
+            shown = [channel.numpy() for channel in act[0, :max_channels]]
+        else:  # a dense layer: its units wrapped into a square, NaN (white) past the last one
+            units = act[0].flatten().numpy().astype(np.float64)
+            side = int(np.ceil(np.sqrt(units.size)))
+            shown = [np.append(units, np.full(side * side - units.size, np.nan)).reshape(side, side)]
+        cells += shown + [None] * (max_channels - len(shown))
+        kind = (kinds or {}).get(name)
+        row_labels.append(f"{name} ({kind})\n{tuple(act.shape)}" if kind else f"{name}\n{tuple(act.shape)}")
+    return image_grid(cells, max_channels, cmap="viridis", row_labels=row_labels, fontsize=7, path=path,
+                      title=title or "Feature maps (each map on its own colour scale, viridis: dark low, yellow high)")

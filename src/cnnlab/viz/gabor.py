@@ -12,22 +12,21 @@ nx = sigma_x * f (envelope width across the bars, in carrier periods) and ny = s
 from __future__ import annotations
 
 import copy
-import io
 import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import torch
+from matplotlib import colormaps
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from matplotlib.patches import Patch  # noqa: E402
-
-from ..files import save_atomic  # noqa: E402
-from ..errors import ModelError  # noqa: E402
+from ..errors import ModelError
+from ..files import save_atomic
+from .figure import finish, subplots
 
 __all__ = [
     "GaborFit", "V1_SIMPLE_CELLS", "gabor_image", "filter_to_2d", "fit_gabor", "fit_gabors", "first_conv_weight",
@@ -553,20 +552,13 @@ def format_gabor_summary(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _save(fig, path: Path) -> None:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    save_atomic(buffer.getvalue(), Path(path))
-
-
-def plot_v1_comparison(result: dict, path: Path | str, title: str = "") -> None:
+def plot_v1_comparison(result: dict, path: Path | str | None = None, title: str = "") -> Figure:
     """The well-fit filters' (nx, ny) on log-log axes over Ringach's V1 histogram (counts in the cells)."""
     cmp = result.get("comparison", result)
     edges = np.asarray(V1_SIMPLE_CELLS["edges"])
     v1 = np.asarray(V1_SIMPLE_CELLS["counts"])
     nx, ny = np.asarray(cmp["nx"]), np.asarray(cmp["ny"])
-    fig, ax = plt.subplots(figsize=(6.4, 5.6))
+    fig, ax = subplots(figsize=(6.4, 5.6))
     # rows of the table are nx (x axis), so the mesh takes the transpose: C[y, x]
     mesh = ax.pcolormesh(edges, edges, v1.T, cmap="Blues", vmin=0, vmax=v1.max(), edgecolors="0.75",
                          linewidth=0.5)
@@ -590,11 +582,11 @@ def plot_v1_comparison(result: dict, path: Path | str, title: str = "") -> None:
     ax.set_ylabel("ny = sigma_y * f  (envelope length along the bars, in periods)")
     threshold = result.get("threshold_r2")
     handles = [
-        Patch(facecolor=plt.get_cmap("Blues")(0.6), edgecolor="0.75",
+        Patch(facecolor=colormaps["Blues"](0.6), edgecolor="0.75",
               label=f"V1 simple cells, Ringach 2002 (n={V1_SIMPLE_CELLS['n_cells']})"),
-        plt.Line2D([], [], marker="o", linestyle="", markerfacecolor="#E69F00", markeredgecolor="black",
+        Line2D([], [], marker="o", linestyle="", markerfacecolor="#E69F00", markeredgecolor="black",
                    label=f"learned filters{f', R^2 >= {threshold:g}' if threshold is not None else ''} (n={nx.size})"),
-        plt.Line2D([], [], color="0.5", linestyle=":", label="nx = ny"),
+        Line2D([], [], color="0.5", linestyle=":", label="nx = ny"),
     ]
     # legend and numbers below the axes, so that no V1 count is hidden
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(-0.02, -0.1), fontsize=8, frameon=False)
@@ -608,11 +600,11 @@ def plot_v1_comparison(result: dict, path: Path | str, title: str = "") -> None:
             f"(0 = same, 1 = disjoint), permutation p = {_fmt(cmp['tv_permutation_p'], '.3g')}",
             transform=ax.transAxes, ha="left", va="top", fontsize=7.5)
     ax.set_title(title or "First-layer filters vs macaque V1 simple cells (Ringach 2002)")
-    _save(fig, path)
+    return finish(fig, path)
 
 
-def plot_gabor_fits(weights, fits, path: Path | str, mode: str = "pca", threshold: float = DEFAULT_THRESHOLD,
-                    title: str = "") -> None:
+def plot_gabor_fits(weights, fits, path: Path | str | None = None, mode: str = "pca",
+                    threshold: float = DEFAULT_THRESHOLD, title: str = "") -> Figure:
     """A grid with, for each filter, its 2D plane next to the fitted Gabor, with R^2 above the pair.
 
     `weights` is (K, C, kh, kw) first-layer weights or (K, kh, kw) planes already made 2D; `fits` are
@@ -629,7 +621,7 @@ def plot_gabor_fits(weights, fits, path: Path | str, mode: str = "pca", threshol
     cell_w, cell_h = 2 * wd + gap + pair_gap, h + label
     mosaic = np.full((rows * cell_h, per_row * cell_w - pair_gap), np.nan)
     inches = 0.9 / (2 * wd + gap)  # about 0.45 inch per filter image
-    fig, ax = plt.subplots(figsize=(min(inches * mosaic.shape[1] + 0.4, 16), min(inches * mosaic.shape[0] + 0.6, 16)))
+    fig, ax = subplots(figsize=(min(inches * mosaic.shape[1] + 0.4, 16), min(inches * mosaic.shape[0] + 0.6, 16)))
     for i, (plane, fit) in enumerate(zip(planes, fits)):
         r, c = divmod(i, per_row)
         model = gabor_image(fit, plane.shape)
@@ -640,9 +632,9 @@ def plot_gabor_fits(weights, fits, path: Path | str, mode: str = "pca", threshol
         r2 = _field(fit, "r2")
         ax.text(left - 0.5, top - 0.9, f"{i}: R²={r2:.2f}", fontsize=6, va="bottom", ha="left",
                 color="black" if r2 >= threshold else "0.55")
-    cmap = plt.get_cmap("gray").with_extremes(bad="white")
+    cmap = colormaps["gray"].with_extremes(bad="white")
     ax.imshow(mosaic, cmap=cmap, vmin=-1, vmax=1, interpolation="nearest")
     ax.axis("off")
     ax.set_title(title or f"First-layer filters (left of each pair) and fitted Gabors (right); "
                           f"grey R² < {threshold:g}", fontsize=9)
-    _save(fig, path)
+    return finish(fig, path)

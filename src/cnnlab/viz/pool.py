@@ -1,67 +1,28 @@
 """Pooling, shown: 2x2 max pooling on a real feature map, each window's maximum outlined, and what the smaller
-map saves the next conv layer (in MACs; 1 MAC = 2 FLOPs)."""
+map saves the next conv layer (in MACs; 1 MAC = 2 FLOPs). The numbers come from `conv.max_pool_by_hand`."""
 from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+from matplotlib import colormaps
+from matplotlib.colors import Normalize
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import numpy as np  # noqa: E402
-from matplotlib import colormaps  # noqa: E402
-from matplotlib.colors import Normalize  # noqa: E402
+from ..errors import ConfigError
+from . import _grid
+from .conv import as_array, conv_macs, edge_feature_map, max_pool_by_hand
+from .figure import finish, new_figure
 
-from ..errors import ConfigError  # noqa: E402
-from . import _grid  # noqa: E402
-from .conv import edge_feature_map  # noqa: E402
-
-__all__ = ["max_pool_by_hand", "conv_macs", "render_pool"]
-
-
-def max_pool_by_hand(x, kernel: int = 2, stride: int = 2) -> tuple[np.ndarray, np.ndarray]:
-    """(C, H, W) -> the maximum of each kernel x kernel window, (C, Ho, Wo), and where it was: the flat index
-    row * W + column within its channel, as `torch.nn.functional.max_pool2d(..., return_indices=True)` gives.
-
-    On ties the first maximum in reading order wins, as in PyTorch's CPU kernel (ReLU maps have many zeros).
-    """
-    x = _grid.as_array(x)
-    if x.ndim != 3:
-        raise ConfigError(f"expected a feature map (C, H, W); got shape {x.shape}")
-    if kernel < 1 or stride < 1:
-        raise ConfigError(f"kernel and stride must be >= 1; got kernel={kernel}, stride={stride}")
-    C, H, W = x.shape
-    Ho, Wo = (H - kernel) // stride + 1, (W - kernel) // stride + 1  # no padding; a partial last window is dropped
-    if Ho < 1 or Wo < 1:
-        raise ConfigError(f"a {kernel}x{kernel} window does not fit a {H}x{W} map")
-    values = np.zeros((C, Ho, Wo), dtype=x.dtype)
-    indices = np.zeros((C, Ho, Wo), dtype=np.int64)
-    for c in range(C):  # pooling acts on each channel alone: the channel count never changes
-        for i in range(Ho):
-            for j in range(Wo):
-                r0, c0 = i * stride, j * stride
-                window = x[c, r0:r0 + kernel, c0:c0 + kernel]
-                u, v = divmod(int(np.argmax(window)), kernel)  # argmax: the first maximum in reading order
-                values[c, i, j] = window[u, v]
-                indices[c, i, j] = (r0 + u) * W + (c0 + v)
-    return values, indices
+__all__ = ["pool_numbers", "plot_pool", "render_pool"]
 
 
-def conv_macs(height: int, width: int, c_in: int, c_out: int, kernel: int = 3) -> int:
-    """Multiply-accumulates of a kernel x kernel conv with 'same' padding and stride 1 on a height x width input:
-    each of the height*width*c_out outputs sums kernel*kernel*c_in products."""
-    return height * width * c_out * c_in * kernel * kernel
-
-
-def render_pool(out_dir: str | Path, feature_map=None, kernel: int = 2, stride: int = 2, c_in: int | None = None,
-                c_out: int = 64, next_kernel: int = 3, channel: int = 0) -> dict:
-    """Draw `kernel` x `kernel` max pooling (stride `stride`) of `feature_map` into out_dir/pool.png.
-
-    `feature_map`: (C, H, W) or (H, W); default: slide (a)'s vertical-edge map of the default image after ReLU,
-    (1, 16, 16). The MACs are those of a following `next_kernel` x `next_kernel` conv from `c_in` (default: the
-    map's channels) to `c_out` channels, on the map before and after pooling. Returns the shapes, the MACs and
-    their ratio, the caption and the path.
-    """
-    fmap = edge_feature_map() if feature_map is None else _grid.as_array(feature_map)
+def pool_numbers(feature_map=None, kernel: int = 2, stride: int = 2, c_in: int | None = None, c_out: int = 64,
+                 next_kernel: int = 3, channel: int = 0) -> dict:
+    """Max pooling of `feature_map` ((C, H, W) or (H, W); default: slide (a)'s vertical-edge map of the default
+    image after ReLU, (1, 16, 16)) and the MACs of a following `next_kernel` x `next_kernel` conv from `c_in`
+    (default: the map's channels) to `c_out` channels, on the map before and after pooling."""
+    fmap = edge_feature_map() if feature_map is None else as_array(feature_map)
     if fmap.ndim == 2:
         fmap = fmap[None]
     pooled, indices = max_pool_by_hand(fmap, kernel, stride)
@@ -77,12 +38,24 @@ def render_pool(out_dir: str | Path, feature_map=None, kernel: int = 2, stride: 
     next_layer = f"{next_kernel}x{next_kernel} conv, {c_in} -> {c_out} channels, stride 1, 'same' padding"
     caption = (f"The next layer, a {next_layer}: {macs_before:,} MACs per image on {H}x{W}, {macs_after:,} on "
                f"{Ho}x{Wo}: {ratio:.2f}x fewer (1 MAC = 2 FLOPs)")
+    return {"feature_map": fmap, "pooled": pooled, "indices": indices, "kernel": kernel, "stride": stride,
+            "channel": channel, "shape_before": (C, H, W), "shape_after": (C, Ho, Wo), "next_layer": next_layer,
+            "macs_before": macs_before, "macs_after": macs_after, "mac_ratio": ratio, "caption": caption}
+
+
+def plot_pool(feature_map=None, kernel: int = 2, stride: int = 2, c_in: int | None = None, c_out: int = 64,
+              next_kernel: int = 3, channel: int = 0, path: str | Path | None = None) -> Figure:
+    """`kernel` x `kernel` max pooling (stride `stride`) of one channel of `feature_map`, beside the pooled map,
+    with the next layer's MACs below (arguments as `pool_numbers`)."""
+    info = pool_numbers(feature_map, kernel, stride, c_in, c_out, next_kernel, channel)
+    fmap, pooled, indices = info["feature_map"], info["pooled"], info["indices"]
+    (C, H, W), (_, Ho, Wo) = info["shape_before"], info["shape_after"]
 
     a = fmap[channel].astype(float)
     cmap = colormaps["viridis"]
     norm = Normalize(float(min(a.min(), 0)), float(max(a.max(), 1e-9)))
     cell = 0.3  # inches per cell in both panels, so the pooled map is visibly a quarter of the area
-    fig = _grid.new_figure(cell * (W + Wo) + 3.0, cell * H + 1.6, dpi=90)
+    fig = new_figure(cell * (W + Wo) + 3.0, cell * H + 1.6, dpi=90, layout="constrained")
     gs = fig.add_gridspec(1, 2, width_ratios=[W, Wo])
 
     ax = fig.add_subplot(gs[0])
@@ -112,9 +85,16 @@ def render_pool(out_dir: str | Path, feature_map=None, kernel: int = 2, stride: 
 
     fig.suptitle(f"Max pooling {kernel}x{kernel}, stride {stride}: {(C, H, W)} -> {(C, Ho, Wo)}, "
                  f"{H * W / (Ho * Wo):.2f}x fewer numbers per channel", fontsize=12)
-    fig.supxlabel(caption, fontsize=9)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = _grid.save_figure(fig, out_dir / "pool.png")
-    return {"path": path, "shape_before": (C, H, W), "shape_after": (C, Ho, Wo), "next_layer": next_layer,
-            "macs_before": macs_before, "macs_after": macs_after, "mac_ratio": ratio, "caption": caption}
+    fig.supxlabel(info["caption"], fontsize=9)
+    return finish(fig, path)
+
+
+def render_pool(out_dir: str | Path, feature_map=None, kernel: int = 2, stride: int = 2, c_in: int | None = None,
+                c_out: int = 64, next_kernel: int = 3, channel: int = 0) -> dict:
+    """Draw the pooling figure into out_dir/pool.png; returns the shapes, the MACs and their ratio, the caption
+    and the path (arguments as `pool_numbers`)."""
+    info = pool_numbers(feature_map, kernel, stride, c_in, c_out, next_kernel, channel)
+    path = Path(out_dir) / "pool.png"
+    plot_pool(info["feature_map"], kernel, stride, c_in, c_out, next_kernel, channel, path=path)
+    keys = ("shape_before", "shape_after", "next_layer", "macs_before", "macs_after", "mac_ratio", "caption")
+    return {"path": path, **{key: info[key] for key in keys}}

@@ -9,25 +9,27 @@ from __future__ import annotations
 import base64
 import html
 import json
+import math
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
+from matplotlib.figure import Figure
 
 from ..engine.run_folder import read_metrics
-from ..files import save_atomic
 from ..errors import CheckpointError
-from .plots import _save, plot_confusion, plt
+from ..files import save_atomic
+from .figure import OKABE_ITO, finish, image_grid, subplots
+from .plots import as_image, plot_confusion
 
 __all__ = ["build_report", "plot_curves", "run_evaluation", "hardest_examples"]
 
 
-def plot_curves(rows: list[dict], path: Path) -> Path:
+def plot_curves(rows: list[dict], path: str | Path | None = None) -> Figure:
     """Loss, accuracy (train and test) and learning rate by epoch."""
     epochs = [r["epoch"] for r in rows]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), layout="constrained")
-    colours = {"train": "#0072B2", "test": "#D55E00"}  # Okabe-Ito: distinguishable with any colour vision
+    fig, axes = subplots(1, 3, figsize=(13, 3.8), layout="constrained")
+    colours = {"train": OKABE_ITO["blue"], "test": OKABE_ITO["vermillion"]}  # told apart with any colour vision
     for ax, metric, label in ((axes[0], "loss", "cross-entropy loss"), (axes[1], "acc", "accuracy")):
         for split in ("train", "test"):
             points = [(e, r[f"{split}_{metric}"]) for e, r in zip(epochs, rows) if r.get(f"{split}_{metric}") is not None]
@@ -39,13 +41,12 @@ def plot_curves(rows: list[dict], path: Path) -> Path:
         ax.legend()
     axes[0].set_title("Loss (train: running mean with label smoothing)", fontsize=10)
     axes[1].set_title("Accuracy (fraction correct)")
-    axes[2].plot(epochs, [r["lr"] for r in rows], marker="o", color="#009E73")
+    axes[2].plot(epochs, [r["lr"] for r in rows], marker="o", color=OKABE_ITO["bluish green"])
     axes[2].set_title("Learning rate at the end of each epoch")
     axes[2].set_xlabel("epoch")
     axes[2].set_ylabel("learning rate")
     axes[2].grid(alpha=0.3)
-    _save(fig, path)
-    return path
+    return finish(fig, path)
 
 
 def run_evaluation(run_dir: Path, loaded, data, summary: dict) -> dict:
@@ -79,20 +80,11 @@ def hardest_examples(result: dict, k: int = 16) -> tuple[torch.Tensor, torch.Ten
     return top, result["losses"][top], result["preds"][top]
 
 
-def _plot_hardest(images, labels, top, losses, preds, classes, path: Path) -> Path:
-    cols = 8
-    rows = int(np.ceil(len(top) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.6, rows * 1.9), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, i, loss, pred in zip(axes.flat, top.tolist(), losses.tolist(), preds.tolist()):
-        img = images[i].permute(1, 2, 0).numpy()
-        ax.imshow(img[..., 0] if img.shape[2] == 1 else img, cmap="gray" if img.shape[2] == 1 else None,
-                  vmin=0, vmax=255, interpolation="nearest")
-        ax.set_title(f"true {classes[labels[i]]}\npred {classes[pred]}\nloss {loss:.2f}", fontsize=7)
-    fig.suptitle("Test images with the highest loss", y=1.04)  # above the first row's three-line titles
-    _save(fig, path)
-    return path
+def _plot_hardest(images, labels, top, losses, preds, classes, path: Path) -> Figure:
+    cells = [as_image(images[i]) for i in top.tolist()]
+    titles = [f"true {classes[labels[i]]}\npred {classes[pred]}\nloss {loss:.2f}"
+              for i, loss, pred in zip(top.tolist(), losses.tolist(), preds.tolist())]
+    return image_grid(cells, 8, titles=titles, cell_inches=1.4, title="Test images with the highest loss", path=path)
 
 
 _CHECK_SCRIPT = """
@@ -125,9 +117,17 @@ def _img(png: Path, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
 
 
+def _cell(value) -> str:
+    """A table cell's text: floats to 4 significant digits (11.962228814 s -> 11.96; 0.000123456 -> 0.0001235),
+    without an exponent up to 10,000 and with thousands separators above."""
+    if isinstance(value, float) and math.isfinite(value):
+        return f"{value:,.0f}" if abs(value) >= 1e4 else f"{value:.4g}"
+    return str(value)
+
+
 def _table(header: list[str], rows: list[list]) -> str:
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in row) + "</tr>" for row in rows)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_cell(v))}</td>" for v in row) + "</tr>" for row in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
