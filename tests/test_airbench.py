@@ -1,4 +1,6 @@
 """airbench94 (Jordan 2024, arXiv 2404.00498): the net, its whitening init, the alternating flip, a short run."""
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -208,13 +210,68 @@ def test_the_recipe_names_what_the_engine_needs():
     parse_augment(AIRBENCH94_RECIPE["augment"])
 
 
-def test_airbench94_trains_through_fit(image_folder, tmp_path):
-    cfg = TrainConfig(model="airbench94", dataset="imagefolder", data_dir=str(image_folder), run_dir=str(tmp_path / "run"),
-                      epochs=2, batch_size=16, augment="crop:2:reflect,altflip", progress="none", report=False,
-                      threads=1)  # one thread: several times faster than two on a loaded 2-core machine
-    threads = torch.get_num_threads()
-    try:
-        summary = fit(cfg, log=lambda message: None)
-    finally:
-        torch.set_num_threads(threads)  # fit leaves its thread count set
-    assert summary["test_accuracy"] >= 0.8  # three classes: chance is 1/3
+def recipe_run(image_folder, run, **changes) -> TrainConfig:
+    """The airbench94 recipe as `cnnlab train --recipe airbench94` sets it, shrunk to a 16x16 image folder."""
+    from cnnlab.engine.recipes import apply_recipe
+    cfg = apply_recipe(TrainConfig(), "airbench94", batch_size=32)
+    values = dict(dataset="imagefolder", data_dir=str(image_folder), run_dir=str(run), batch_size=32, epochs=4,
+                  lookahead_start_epoch=1, progress="none", report=False, threads=1)
+    values.update(changes)
+    import dataclasses
+    return dataclasses.replace(cfg, **values)
+
+
+def test_the_recipe_learns_on_a_small_subset_and_times_its_accuracy(image_folder, tmp_path, capsys):
+    summary = fit(recipe_run(image_folder, tmp_path / "run", eval_every_steps=2), log=lambda message: None)
+    assert summary["test_accuracy"] >= 0.8 and summary["test_tta"] == 2  # three classes: chance is 1/3
+    assert summary["steps"] == 4 * (120 // 32)
+    reached = summary["time_to_accuracy"]["0.90"]
+    assert 0 < reached["wall_seconds"] <= summary["wall_seconds"] and 1 <= reached["step"] <= summary["steps"]
+    evals = (tmp_path / "run" / "evals.csv").read_text().splitlines()
+    assert evals[0] == "step,epochs,wall_seconds,test_loss,test_acc"
+    # every 2 steps, except where an epoch ends (3 steps an epoch): that evaluation is the epoch's own
+    assert [int(line.split(",")[0]) for line in evals[1:]] == [2, 4, 8, 10]
+    # cnnlab eval takes the run's test-time augmentation and precision, so it repeats the run's figure
+    from cnnlab.cli import main
+    main(["eval", str(tmp_path / "run"), "--json"])
+    evaluated = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert evaluated["tta"] == 2 and evaluated["accuracy"] == summary["test_accuracy"]
+    main(["eval", str(tmp_path / "run"), "--tta", "0"])
+    assert "accuracy" in capsys.readouterr().out
+
+
+def test_the_recipe_with_its_lookahead_resumes_bit_for_bit(image_folder, tmp_path):
+    from safetensors.torch import load_file
+
+    from cnnlab.engine import resume_config
+    from cnnlab.engine.trainer import TrainingInterrupted
+    fit(recipe_run(image_folder, tmp_path / "a", checkpoint_every=2), log=lambda message: None)
+
+    def stop(state):
+        state.stop_requested = state.step == 7  # after the lookahead's snapshot (epoch 1, step 5)
+    with pytest.raises(TrainingInterrupted):
+        fit(recipe_run(image_folder, tmp_path / "b", checkpoint_every=2), callbacks=[stop], log=lambda message: None)
+    fit(resume_config(tmp_path / "b"), resume=True, log=lambda message: None)
+    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_lookahead_snapshots_then_pulls_the_weights_towards_a_slow_copy():
+    from cnnlab.engine.lookahead import Lookahead
+    model = torch.nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    ahead = Lookahead(model, every=5, start_epoch=1, total_steps=100)
+    ahead.after_step(5, epoch=0)  # before the start epoch: nothing
+    assert ahead.snapshot is None
+    ahead.after_step(10, epoch=1)  # the first step from the start epoch on: a snapshot, weights unchanged
+    assert torch.equal(ahead.snapshot["weight"], torch.ones(1, 2))
+    with torch.no_grad():
+        model.weight.fill_(3.0)
+    ahead.after_step(12, epoch=1)  # not a multiple of 5
+    assert model.weight.eq(3.0).all()
+    ahead.after_step(50, epoch=1)
+    decay = 0.95 ** 5 * 0.5 ** 3
+    expected = decay * 1.0 + (1 - decay) * 3.0
+    assert torch.allclose(model.weight, torch.full((1, 2), expected)) and torch.equal(ahead.snapshot["weight"],
+                                                                                      model.weight.detach())

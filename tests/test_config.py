@@ -29,8 +29,9 @@ def test_unknown_key_suggests_the_close_one():
 
 
 @pytest.mark.parametrize("values, message", [
-    ({"epochs": "ten"}, "epochs: expected int, got str 'ten'"),
-    ({"epochs": True}, "epochs: expected int, got bool True"),
+    ({"epochs": "ten"}, "epochs: expected float, got str 'ten'"),
+    ({"epochs": True}, "epochs: expected float, got bool True"),
+    ({"batch_size": 12.5}, "batch_size: expected int, got float 12.5"),
     ({"lr": [0.1]}, "lr: expected float, got list"),
     ({"model_args": "spec"}, "model_args: expected dict"),
 ])

@@ -344,3 +344,37 @@ def test_a_resume_whose_mlflow_run_is_gone_says_what_to_do(tmp_path, mlflow_uri)
     (tmp_path / "mlflow.json").write_text("{")
     with pytest.raises(ConfigError, match=r"mlflow.json: not the MLflow record cnnlab writes .*delete it"):
         build_loggers("mlflow", tmp_path, config=config(), resume=True, start_step=10)
+
+
+# ---------------------------------------------------------------- through a real training run
+
+def test_a_two_epoch_run_reaches_tensorboard_and_mlflow_through_the_cli(tmp_path, mlflow_uri):
+    require("tensorboard")
+    require("mlflow")
+    import subprocess
+
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from conftest import write_image_folder
+    root = write_image_folder(tmp_path / "shapes")
+    run = tmp_path / "run"
+    env = {**os.environ, "CNNLAB_CACHE": str(tmp_path / "cache"), "MLFLOW_TRACKING_URI": mlflow_uri}
+    result = subprocess.run([sys.executable, "-m", "cnnlab", "train", "--dataset", "imagefolder", "--data-dir", str(root),
+                             "--model", "cnn", "--model-arg", "spec=c8,p,f16", "--epochs", "2", "--batch-size", "16",
+                             "--run-dir", str(run), "--progress", "none", "--no-report", "--logger",
+                             "tensorboard,mlflow"], capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr
+    accumulator = EventAccumulator(str(run / "tensorboard"))
+    accumulator.Reload()
+    steps = [e.step for e in accumulator.Scalars("step/train_loss")]
+    assert steps == list(range(1, 15))  # 120 images in batches of 16: 7 steps an epoch
+    assert [e.step for e in accumulator.Scalars("epoch/test_acc")] == [7, 14]
+    assert "summary/test_accuracy" in accumulator.Tags()["scalars"]
+    record = json.loads((run / "mlflow.json").read_text())
+    client = MlflowClient(mlflow_uri)
+    mlflow_run = client.get_run(record["run_id"])
+    assert mlflow_run.data.params["model"] == "cnn" and mlflow_run.data.params["epochs"] == "2.0"
+    assert [m.step for m in client.get_metric_history(record["run_id"], "step/lr")] == list(range(1, 15))
+    summary = json.loads((run / "summary.json").read_text())
+    assert mlflow_run.data.metrics["summary/test_accuracy"] == pytest.approx(summary["test_accuracy"])

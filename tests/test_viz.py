@@ -238,7 +238,8 @@ def test_no_report_skips_the_page(run, tmp_path):
 
 
 def test_the_report_shows_the_runs_own_evaluation_and_rescores_identically_without_it(run):
-    from cnnlab.data import load_dataset
+    from cnnlab.engine.evaluate import inference_runtime
+    from cnnlab.engine.test_split import open_test_split
     from cnnlab.engine.weights import load_weights
     from cnnlab.viz.report import hardest_examples, run_evaluation
     run_dir, _, env = run
@@ -246,10 +247,11 @@ def test_the_report_shows_the_runs_own_evaluation_and_rescores_identically_witho
     loaded = load_weights(run_dir)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("CNNLAB_CACHE", env["CNNLAB_CACHE"])
-        data = load_dataset("imagefolder", yaml_data_dir(run_dir))
-    own = run_evaluation(run_dir, loaded, data, summary)
+        split = open_test_split("imagefolder", yaml_data_dir(run_dir), input_shape=loaded.input_shape,
+                                mean=loaded.mean, std=loaded.std, runtime=inference_runtime("cpu", summary["precision"]))
+    own = run_evaluation(run_dir, loaded, split, summary)
     assert own["source"] == "the run's own evaluation" and own["accuracy"] == summary["test_accuracy"]
-    again = run_evaluation(run_dir, loaded, data, {"precision": summary["precision"]})  # as if nothing was saved
+    again = run_evaluation(run_dir, loaded, split, {"precision": summary["precision"]})  # as if nothing was saved
     assert again["source"].startswith("scored again")
     assert again["confusion"] == own["confusion"] and again["accuracy"] == own["accuracy"]
     assert torch.equal(again["preds"], own["preds"]) and torch.allclose(again["losses"], own["losses"], atol=1e-5)

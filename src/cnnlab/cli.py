@@ -162,54 +162,58 @@ def _hand_over_to_torchrun(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .data import InMemoryLoader, load_dataset
     from .engine.config import load_config
     from .engine.evaluate import evaluate, inference_runtime, most_confused
+    from .engine.test_split import open_test_split
     from .engine.weights import load_weights
     from .files import save_atomic
     from .viz.plots import plot_confusion
 
     # a run folder's own config says where its data is and how it was trained; flags override it
-    run_cfg = load_config(Path(args.target) / "config.yaml") if (Path(args.target) / "config.yaml").is_file() else None
-    trained = {}
-    if run_cfg is not None and (Path(args.target) / "summary.json").is_file():
-        trained = json.loads((Path(args.target) / "summary.json").read_text())
+    target = Path(args.target)
+    run_cfg = load_config(target / "config.yaml") if (target / "config.yaml").is_file() else None
+    trained = json.loads((target / "summary.json").read_text()) if (target / "summary.json").is_file() else {}
     precision = args.precision or trained.get("precision") or "auto"
+    tta = args.tta if args.tta is not None else int(trained.get("test_tta") or 0)
     runtime = inference_runtime(args.device, precision)
     loaded = load_weights(args.target, runtime.device)
     dataset = args.dataset or loaded.meta.get("dataset")
-    data_dir = args.data_dir or (run_cfg.data_dir if run_cfg is not None and dataset == run_cfg.dataset else None)
-    data = load_dataset(dataset, data_dir, log=lambda m: print(m, file=sys.stderr))
-    c, h, w = loaded.input_shape
-    if data.shape[0] != c or len(data.classes) != len(loaded.classes):
-        raise CnnlabError(f"{dataset} has {len(data.classes)} classes of {'x'.join(map(str, data.shape))} images, "
-                          f"but the model was trained on {len(loaded.classes)} classes of {c}x{h}x{w}")
-    loader = InMemoryLoader(data.test_images, data.test_labels, 1024, mean=loaded.mean, std=loaded.std,
-                            device=runtime.device, channels_last=runtime.channels_last,
-                            resize=(h, w) if (h, w) != tuple(data.shape[1:]) else None)
+    same_data = run_cfg is not None and dataset == run_cfg.dataset
+    data_dir = args.data_dir or (run_cfg.data_dir if same_data else None)
+    split = open_test_split(dataset, data_dir, input_shape=loaded.input_shape, mean=loaded.mean, std=loaded.std,
+                            runtime=runtime, streamed=same_data and trained.get("data_mode") == "stream",
+                            workers=run_cfg.workers if run_cfg else 2, log=lambda m: print(m, file=sys.stderr))
+    if len(split.classes) != len(loaded.classes):
+        raise CnnlabError(f"{dataset} has {len(split.classes)} classes, but the model was trained on "
+                          f"{len(loaded.classes)}")
     model = loaded.model.to(runtime.device, memory_format=runtime.memory_format)
-    result = evaluate(model, loader, len(loaded.classes), runtime=runtime)
-    result["per_class"] = dict(zip(data.classes, result["per_class"]))
-    result["most_confused"] = most_confused(result["confusion"], data.classes)
-    result.update({"dataset": dataset, "weights": str(loaded.path), "classes": data.classes,
-                   "precision": runtime.precision})
+    result = evaluate(model, split.loader, len(loaded.classes), runtime=runtime, tta=tta)
+    result["per_class"] = dict(zip(split.classes, result["per_class"]))
+    result["most_confused"] = most_confused(result["confusion"], split.classes)
+    result.update({"dataset": dataset, "weights": str(loaded.path), "classes": split.classes,
+                   "precision": runtime.precision, "tta": tta})
     out_dir = Path(args.out) if args.out else loaded.path.parent
     out_dir.mkdir(parents=True, exist_ok=True)
     save_atomic(json.dumps(result, indent=2).encode(), out_dir / "eval.json")
-    plot_confusion(result["confusion"], data.classes, out_dir / "confusion.png",
+    plot_confusion(result["confusion"], split.classes, out_dir / "confusion.png",
                    title=f"{loaded.meta['model']} on {dataset} test: accuracy {result['accuracy']:.2%}")
     if args.json:
         print(json.dumps(result))
         return 0
     print(f"{dataset} test split, {result['n']:,} images: accuracy {result['accuracy']:.4f}, loss {result['loss']:.4f}"
-          + (f", top-5 {result['top5']:.4f}" if "top5" in result else "") + f" ({runtime.precision})")
-    if trained.get("test_accuracy") is not None and dataset == (run_cfg.dataset if run_cfg else None):
-        same = abs(trained["test_accuracy"] - result["accuracy"]) < 0.5 / max(result["n"], 1)
-        why = "" if same else (f"; training evaluated in {trained.get('precision')}, this in {runtime.precision}: "
-                               "rounding differs, so a few images near the decision boundary can flip"
-                               if trained.get("precision") != runtime.precision else "")
-        print(f"training reported {trained['test_accuracy']:.4f} for these weights{why}")
-    width = max(map(len, data.classes))
+          + (f", top-5 {result['top5']:.4f}" if "top5" in result else "")
+          + f" ({runtime.precision}{f', test-time augmentation level {tta}' if tta else ''})")
+    if trained.get("test_accuracy") is not None and same_data:
+        differs = abs(trained["test_accuracy"] - result["accuracy"]) >= 0.5 / max(result["n"], 1)
+        why = []
+        if trained.get("precision") != runtime.precision:
+            why.append(f"training evaluated in {trained.get('precision')}, this in {runtime.precision}: the "
+                       "rounding differs, so images near a decision boundary can flip")
+        if int(trained.get("test_tta") or 0) != tta:
+            why.append(f"training used test-time augmentation level {trained.get('test_tta') or 0}, this {tta}")
+        note = f" ({'; '.join(why)})" if differs and why else ""
+        print(f"training reported {trained['test_accuracy']:.4f} for these weights{note}")
+    width = max(map(len, split.classes))
     for name, acc in result["per_class"].items():
         print(f"  {name:<{width}}  {acc:.4f}")
     print("most confused (true -> predicted: count):")
@@ -307,7 +311,8 @@ def cmd_data(args) -> int:
     if args.action == "list":
         for spec in CATALOG.values():
             try:
-                _, folder, paths = locate(spec, args.data_dir) if spec.format != "imagefolder" else (None, None, [])
+                _, folder, paths = locate(spec, args.data_dir) if spec.format not in ("imagefolder", "shards") \
+                    else (None, None, [])
                 size = sum(p.stat().st_size for p in paths)
                 where = f"found in {folder} ({size / 2**20:.1f} MiB)" if folder else spec.how_to_get
             except DatasetError:
@@ -457,6 +462,7 @@ def cmd_report(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from .data.augment import AUGMENT_HELP
     from .engine.config import add_config_flags
+    from .engine.recipes import RECIPES
     from .models.convnet import SPEC_HELP
 
     parser = _Parser(prog="cnnlab", description="Train, evaluate and look inside the lecture's CNNs.")
@@ -474,8 +480,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-restarts", type=_positive_int, default=0, metavar="R",
                    help="with --nproc-per-node: restart all workers up to R times after one fails; they resume from "
                         "the last checkpoint")
-    p.add_argument("--recipe", choices=("he2016",), help="a published recipe (he2016: He et al. 2016's CIFAR "
-                   "schedule; --epochs N shortens it, scaling the milestones)")
+    p.add_argument("--recipe", choices=tuple(RECIPES), help="a published recipe: he2016 (He et al. 2016's CIFAR "
+                   "schedule), imagenet (torchvision's ResNet reference: lr 0.1 per 256 images, /10 every 30 of 90 "
+                   "epochs), airbench94 (Jordan 2024: CIFAR-10 to 94%% in under 10 epochs); --epochs N rescales the "
+                   "schedule")
     add_config_flags(p)
     p.add_argument("--no-report", dest="report", action="store_const", const="false",
                    help="do not write report.html at the end")
@@ -489,6 +497,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="folder for eval.json and confusion.png (default: next to the weights)")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"),
                    help="default: the precision the run was trained in (auto for a weights file)")
+    p.add_argument("--tta", type=int, choices=(0, 1, 2), help="test-time augmentation: 0 none, 1 mirror, 2 mirror and "
+                   "1-pixel shifts (default: what the run's final evaluation used)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_eval)
 

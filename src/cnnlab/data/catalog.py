@@ -142,6 +142,12 @@ CATALOG: dict[str, DatasetSpec] = {
             format="imagefolder", shape=(0, 0, 0), classes=(), counts={},
             how_to_get="--data-dir ROOT, with ROOT/train/<class>/ and ROOT/test/<class>/ folders of images",
         ),
+        DatasetSpec(
+            name="shards",
+            description="an image folder packed into tar shards by 'cnnlab data pack' (always streamed)",
+            format="shards", shape=(0, 0, 0), classes=(), counts={},
+            how_to_get="'cnnlab data pack ROOT OUT' writes OUT/manifest.json and the shards; then --data-dir OUT",
+        ),
     )
 }
 

@@ -30,7 +30,7 @@ from .imagefolder import decode_image_folder, image_folder_files
 
 __all__ = ["Dataset", "load_dataset", "locate", "cache_dir", "search_roots", "fetch", "channel_stats"]
 
-_CACHE_FORMAT = 2  # bump when the decoded cache layout changes (2: entries hold their sources' sha256)
+_CACHE_FORMAT = 3  # bump when the decoded cache layout changes (2: sources' sha256; 3: EXIF, modes, image_size)
 # Bytes a file may hold per image beyond its pixels: a CIFAR python batch stores labels and a file name
 # (about 50 bytes); the rest is slack. Bounds the files the catalog gives no size for.
 _OVERHEAD_PER_IMAGE = 256
@@ -200,9 +200,9 @@ def _sha256_of_files(paths: list[Path]) -> list[str]:
     return digests
 
 
-def _cache_key(name: str, paths: list[Path]) -> str:
+def _cache_key(name: str, paths: list[Path], image_size: int | None = None) -> str:
     stats = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in paths]
-    return hashlib.sha256(json.dumps([_CACHE_FORMAT, name, stats]).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps([_CACHE_FORMAT, name, stats, image_size]).encode()).hexdigest()[:16]
 
 
 def _write_cache(path: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
@@ -225,10 +225,15 @@ def _write_cache(path: Path, tensors: dict[str, torch.Tensor], meta: dict) -> No
 
 
 def load_dataset(name: str, data_dir: str | os.PathLike | None = None, download: bool = False,
-                 log: Callable[[str], None] = print, write_cache: bool = True) -> Dataset:
+                 log: Callable[[str], None] = print, write_cache: bool = True, image_size: int | None = None) -> Dataset:
     """Find (or, when `download`, fetch), verify, decode once and cache a named dataset. With
-    `write_cache=False` nothing is written (the other ranks of a distributed run write no files)."""
+    `write_cache=False` nothing is written (the other ranks of a distributed run write no files).
+    `image_size` (image folders): shorter side resized to it and the centre square kept, instead of the
+    most common size."""
     spec = get_spec(name)
+    if spec.format == "shards":
+        raise DatasetError("shards are streamed, never decoded into memory: train with --dataset shards "
+                           "--data-dir OUT (the folder 'cnnlab data pack' wrote)")
     try:
         layout, folder, paths = locate(spec, data_dir)
     except DatasetError:
@@ -239,7 +244,8 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, download:
     # The key (path, size, mtime) picks the entry; the entry holds the sha256 of every source file as it
     # was decoded, and the files are hashed again on every read, so an edit that keeps size and mtime
     # (a restored mtime, a coarse clock) is decoded again, never served stale.
-    cache_file = cache_dir() / "decoded" / f"{name}-{_cache_key(name, paths)}.safetensors"
+    image_size = image_size if spec.format == "imagefolder" else None
+    cache_file = cache_dir() / "decoded" / f"{name}-{_cache_key(name, paths, image_size)}.safetensors"
     if cache_file.is_file():
         try:
             with safe_open(cache_file, "pt") as f:  # one open for the tensors and their metadata
@@ -254,7 +260,7 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, download:
             log(f"note: ignoring unreadable cache {cache_file} ({type(exc).__name__}); decoding again")
     if spec.format == "imagefolder":
         sources = _sha256_of_files(paths)  # before decoding: a file changed meanwhile mismatches next time
-        arrays, classes, records = decode_image_folder(folder, paths, log=log)
+        arrays, classes, records = decode_image_folder(folder, paths, log=log, image_size=image_size)
         verified = None
     else:
         arrays, records, verified, sources = _decode(spec, layout, paths)

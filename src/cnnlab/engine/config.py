@@ -37,12 +37,19 @@ class TrainConfig:
     val_split: float = _opt(0.0, "fraction of the training split held out for validation (fixed seed)")
     train_subset: int = _opt(0, "use only the first N training images (0: all); for quick experiments")
     augment: str = _opt("auto", "batched augmentations, e.g. 'crop:4:reflect,flip'; 'auto' picks per dataset")
+    data_mode: str = _opt("auto", "image folders: 'memory' decodes every image once into RAM, 'stream' decodes "
+                          "per sample in loader workers; 'auto' streams when the images differ in size or exceed "
+                          "--memory-budget (shards always stream)", ("auto", "memory", "stream"))
+    memory_budget: str = _opt("2GiB", "data_mode auto: largest decoded image folder kept in RAM (e.g. 512MB, 8GiB)")
+    workers: int = _opt(2, "streaming: DataLoader worker processes that decode images (0: in the main process)")
+    max_bad_images: int = _opt(-1, "streaming: unreadable images skipped before the run stops (-1: 0.1% of the split)")
+    shuffle_buffer: int = _opt(1000, "shards: samples held in each stream's shuffle buffer")
     image_size: int = _opt(0, "side length the model sees: images are resized to it batch by batch (e.g. 64 to "
                            "feed CIFAR to alexnet); 0 keeps the data's size")
     init_from: str | None = _opt(None, "start from the weights of this run folder or weights file (same model; "
                                  "a fresh schedule and optimiser)")
     # optimisation
-    epochs: int = _opt(6, "passes over the training data")
+    epochs: float = _opt(6, "passes over the training data (fractional allowed: 9.9 stops inside the 10th)")
     batch_size: int = _opt(128, "images per step")
     optimizer: str = _opt("sgd", "optimiser", ("sgd", "adamw"))
     lr: float = _opt(0.05, "peak learning rate")
@@ -50,6 +57,15 @@ class TrainConfig:
     nesterov: bool = _opt(True, "Nesterov momentum for SGD")
     weight_decay: float = _opt(5e-4, "weight decay (L2 for SGD, decoupled for AdamW); never applied to biases or normalisation parameters")
     schedule: str = _opt("onecycle", "learning-rate schedule", ("onecycle", "cosine", "multistep", "constant"))
+    lr_start_factor: float = _opt(0.04, "onecycle: the learning rate starts at lr times this")
+    lr_peak_fraction: float = _opt(0.25, "onecycle: fraction of the steps at which it peaks at lr")
+    lr_end_factor: float = _opt(0.0, "onecycle: the learning rate ends at lr times this")
+    param_groups: str = _opt("default", "'default': weight decay on weight matrices and kernels only; 'model': the "
+                             "model's own groups (airbench94: the paper's 64x lr on batch-norm shifts)",
+                             ("default", "model"))
+    lookahead_every: int = _opt(0, "every N steps, pull the weights towards a slow copy and back (airbench94's "
+                                "lookahead; decay 0.95^N * (step/total)^3); 0: off")
+    lookahead_start_epoch: float = _opt(0.0, "epoch from which the lookahead runs")
     warmup_epochs: float = _opt(0.0, "linear warm-up length for 'cosine', 'multistep' and 'constant'")
     warmup_lr: float = _opt(0.0, "learning rate at the start of warm-up (0: start from 0)")
     warmup: str = _opt("linear", "warm-up shape: 'linear' from warmup_lr to lr, or 'constant' at warmup_lr",
@@ -79,6 +95,10 @@ class TrainConfig:
     run_dir: str | None = _opt(None, "run folder (default runs/<model>-<dataset>-<time>)")
     runs_root: str = _opt("runs", "parent folder of the default run folders")
     eval_every: int = _opt(1, "evaluate on the test split every N epochs (0: only at the end)")
+    eval_every_steps: int = _opt(0, "also evaluate every N steps, mid-epoch, into evals.csv (times to accuracy)")
+    tta: int = _opt(0, "test-time augmentation of the final evaluation: 0 none, 1 mirror, 2 mirror and 1-pixel "
+                    "shifts (airbench94)", (0, 1, 2))
+    logger: str = _opt("csv", "where metrics go: csv (metrics.csv, always), tensorboard, mlflow; comma-separated")
     checkpoint_every: int = _opt(0, "also checkpoint every N steps (0: at the end of each epoch only)")
     progress: str = _opt("auto", "progress display: a bar on a terminal, plain lines elsewhere",
                          ("auto", "bar", "plain", "none"))
@@ -100,7 +120,7 @@ class TrainConfig:
         if self.dataset not in CATALOG:
             raise ConfigError(f"unknown dataset {self.dataset!r}; valid datasets: {', '.join(CATALOG)}")
         checks = [
-            (self.epochs >= 1, "epochs", self.epochs, "at least 1"),
+            (self.epochs > 0, "epochs", self.epochs, "more than 0"),
             (self.batch_size >= 1, "batch_size", self.batch_size, "at least 1"),
             (self.lr > 0, "lr", self.lr, "a positive number, e.g. 0.003"),
             (self.weight_decay >= 0, "weight_decay", self.weight_decay, "0 or more"),
@@ -117,6 +137,14 @@ class TrainConfig:
             (self.threads >= 0, "threads", self.threads, "0 (default) or more"),
             (self.max_nan_skips >= 0, "max_nan_skips", self.max_nan_skips, "0 or more"),
             (self.image_size >= 0, "image_size", self.image_size, "0 (the data's size) or a side length"),
+            (self.workers >= 0, "workers", self.workers, "0 or more"),
+            (self.max_bad_images >= -1, "max_bad_images", self.max_bad_images, "-1 (0.1% of the split) or more"),
+            (self.shuffle_buffer >= 1, "shuffle_buffer", self.shuffle_buffer, "at least 1"),
+            (0 <= self.lr_start_factor <= 1, "lr_start_factor", self.lr_start_factor, "in [0, 1]"),
+            (0 < self.lr_peak_fraction < 1, "lr_peak_fraction", self.lr_peak_fraction, "in (0, 1)"),
+            (0 <= self.lr_end_factor <= 1, "lr_end_factor", self.lr_end_factor, "in [0, 1]"),
+            (self.lookahead_every >= 0, "lookahead_every", self.lookahead_every, "0 (off) or more"),
+            (self.eval_every_steps >= 0, "eval_every_steps", self.eval_every_steps, "0 (off) or more"),
         ]
         for ok, name, value, want in checks:
             if not ok:
@@ -124,12 +152,19 @@ class TrainConfig:
         for f in fields(self):
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
-                raise ConfigError(f"{f.name} = {getattr(self, f.name)!r} is invalid; choices: {', '.join(choices)}")
+                raise ConfigError(f"{f.name} = {getattr(self, f.name)!r} is invalid; choices: {', '.join(map(str, choices))}")
         if self.schedule == "multistep" and not self.milestones:
             raise ConfigError("schedule 'multistep' needs milestones, e.g. --milestones 30,60")
         if self.device not in ("auto", "cpu") and not self.device.startswith(("cuda", "mps")):
             raise ConfigError(f"device = {self.device!r} is invalid; use auto, cpu, cuda or cuda:N")
         parse_augment("" if self.augment == "auto" else self.augment)
+        from ..data.stream import parse_bytes
+        from .loggers import check_loggers
+        check_loggers(self.logger)
+        try:
+            parse_bytes(self.memory_budget)
+        except (ValueError, ConfigError) as exc:
+            raise ConfigError(f"memory_budget = {self.memory_budget!r} is invalid ({exc}); e.g. 512MB or 8GiB") from None
         return self
 
 
@@ -235,7 +270,7 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         choices = f.metadata.get("choices")
         help_text = f"{f.metadata['help']} (default: {default})"
         if choices:
-            help_text += f"; choices: {', '.join(choices)}"
+            help_text += f"; choices: {', '.join(map(str, choices))}"
         is_bool = typing.get_type_hints(TrainConfig)[f.name] is bool
         group.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None, metavar=f.name.upper(),
                            help=help_text.replace("%", "%%"), **({"nargs": "?", "const": "true"} if is_bool else {}))

@@ -30,12 +30,14 @@ def prepare_for_inference(model: nn.Module, runtime: Runtime) -> nn.Module:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, num_classes: int, *, runtime: Runtime | None = None,
-             per_image: bool = False) -> dict:
+             per_image: bool = False, tta: int = 0) -> dict:
     """Run `model` over every batch of `loader` (this rank's share in a distributed run).
 
     Returns n, loss, accuracy, top5 (with more than 5 classes), per_class and confusion (true class by row);
     with `per_image`, also `losses` and `preds`: one value per image of the whole split, in its order.
+    `tta` > 0 averages the logits over mirrored (and, at 2, shifted) views (engine/tta.py).
     """
+    from .tta import tta_logits
     runtime = runtime or Runtime(loader.device)
     was_training = model.training
     model.eval()
@@ -46,7 +48,7 @@ def evaluate(model: nn.Module, loader, num_classes: int, *, runtime: Runtime | N
     try:
         for x, y in loader:
             with runtime.autocast():
-                logits = model(x)
+                logits = tta_logits(model, x, tta) if tta else model(x)
             logits = logits.float()
             loss = F.cross_entropy(logits, y, reduction="none")
             pred = logits.argmax(1)

@@ -93,12 +93,14 @@ def train_one_epoch(state: TrainState, step_model: nn.Module, loss_fn: Callable,
                     runtime: Runtime, rules: StepRules, *, stopper: SignalStop, progress: Progress,
                     callbacks: Sequence[Callable[[RunState], None]] = (), run_state: RunState | None = None,
                     save_checkpoint: Callable[[], None], log: Callable[[str], None] = print,
-                    on_step: Callable[[int, float, float], None] | None = None) -> int | str | None:
+                    on_step: Callable[[int, torch.Tensor, float], None] | None = None,
+                    between_steps: Callable[[int], None] | None = None) -> int | str | None:
     """Train until the loader's epoch ends, `rules.total_steps` is reached, or a stop is requested.
 
     Returns why it stopped early: a signal number, "callback", or None (the epoch ended or max_steps was
     reached). Raises NonFiniteStep when a non-finite step may not be skipped. `on_step(step, loss, lr)`
-    is for loggers; it costs one host sync per step, like the callbacks.
+    gets the detached loss tensor (for loggers, which read it in bulk); `between_steps(step)` runs on every
+    rank after each step's boundary checks (mid-epoch evaluation).
     """
     model, optimizer, loader = state.model, state.optimizer, state.loader
     device = runtime.device
@@ -113,8 +115,8 @@ def train_one_epoch(state: TrainState, step_model: nn.Module, loss_fn: Callable,
     requested = wanted()  # a stop this rank wants; in a distributed run all ranks agree on it at the next check
     for x, y in loader:
         lr = lr_at(state.step)
-        for group in optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)
+        for group in optimizer.param_groups:  # a group may train for the first epochs only (until_epoch)
+            group["lr"] = lr * group.get("lr_scale", 1.0) * (epoch < group.get("until_epoch", float("inf")))
         with runtime.autocast():
             logits = step_model(x)
         loss = loss_fn(logits.float(), y)
@@ -137,13 +139,15 @@ def train_one_epoch(state: TrainState, step_model: nn.Module, loss_fn: Callable,
                 raise NonFiniteStep(where, what, state.nan_skipped)
         else:
             optimizer.step()
+            for extra in state.extras.values():  # e.g. the lookahead of the weights
+                extra.after_step(state.step + 1, epoch)
             local += torch.stack([loss.detach().double() * len(y), (logits.detach().argmax(1) == y).sum().double(),
                                   torch.tensor(float(len(y)), dtype=torch.float64, device=device)])
         state.step += 1
-        if progress.wants(state.step) or callbacks or on_step:  # .item() waits for the GPU: only when someone looks
+        if on_step:
+            on_step(state.step, loss.detach(), lr)
+        if progress.wants(state.step) or callbacks:  # .item() waits for the GPU: only when someone looks
             loss_value = loss.item()
-            if on_step:
-                on_step(state.step, loss_value, lr)
             if progress.wants(state.step):
                 seen = state.sums.seen + local[2].item() * runtime.world_size  # ranks see equal shares
                 elapsed = state.sums.seconds + time.perf_counter() - tic
@@ -166,6 +170,8 @@ def train_one_epoch(state: TrainState, step_model: nn.Module, loss_fn: Callable,
             accumulate(state.sums, local, time.perf_counter() - tic, runtime)
             tic = time.perf_counter()
             save_checkpoint()
+        if between_steps is not None:
+            between_steps(state.step)
         if state.step >= rules.total_steps and loader.position < steps_per_epoch:
             break  # max_steps reached mid-epoch
     accumulate(state.sums, local, time.perf_counter() - tic, runtime)

@@ -18,17 +18,42 @@ RECIPES: dict[str, dict] = {
         "gamma": 0.1, "epochs": 165, "max_steps": 64_000, "augment": "crop:4:zero,flip", "label_smoothing": 0.0,
         "warmup_epochs": 0.0,
     },
+    # torchvision's ImageNet reference (references/classification): SGD momentum 0.9, lr 0.1 per 256 images,
+    # weight decay 1e-4, 90 epochs, lr divided by 10 every 30; milestones as fractions, so --epochs N scales
+    # them; --batch-size B scales the lr linearly (Goyal et al. 2017). Augmentation: RandomResizedCrop and flip
+    # when streaming (their evaluation: shorter side to 256, centre 224), a flip for in-memory folders.
+    "imagenet": {
+        "batch_size": 256, "optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": False,
+        "weight_decay": 1e-4, "schedule": "multistep", "milestones": [1 / 3, 2 / 3], "milestone_unit": "fraction",
+        "gamma": 0.1, "epochs": 90, "label_smoothing": 0.0, "warmup_epochs": 0.0, "augment": "auto",
+    },
+    # Jordan 2024, "94% on CIFAR-10 in 3.29 Seconds on a Single GPU" (arXiv 2404.00498), airbench94.py: the
+    # values and their sources are in models/airbench.py AIRBENCH94_RECIPE. lr and weight_decay are the paper's
+    # per-1024-example values, which the model's own parameter groups turn into PyTorch's.
+    "airbench94": {
+        "model": "airbench94", "batch_size": 1024, "epochs": 9.9, "optimizer": "sgd", "nesterov": True,
+        "momentum": 0.85, "lr": 11.5, "weight_decay": 0.0153, "param_groups": "model", "schedule": "onecycle",
+        "lr_start_factor": 0.2, "lr_peak_fraction": 0.23, "lr_end_factor": 0.07, "label_smoothing": 0.2,
+        "augment": "crop:2:reflect,altflip", "lookahead_every": 5, "lookahead_start_epoch": 3, "tta": 2,
+        "max_steps": 0, "warmup_epochs": 0.0,
+    },
 }
+# Recipes whose learning rate is given per this many images: --batch-size B scales it by B / that.
+_LR_PER_IMAGES = {"imagenet": 256}
 
 # "we use 0.01 to warm up the training until the training error is below 80% (about 400 iterations)"
 _WARMUP = {"warmup_epochs": 1.0, "warmup_lr": 0.01, "warmup": "constant"}
 _NEEDS_WARMUP = {"he2016": ("resnet110", "resnet1202", "plain110")}
 
 
-def apply_recipe(cfg: TrainConfig, name: str, model: str | None = None) -> TrainConfig:
+def apply_recipe(cfg: TrainConfig, name: str, model: str | None = None, batch_size: int | None = None) -> TrainConfig:
+    """`cfg` with the recipe's values; `model` and `batch_size` are what the flags will set (for the warm-up
+    of the deepest nets and the linear learning-rate scaling)."""
     if name not in RECIPES:
         raise ConfigError(f"unknown recipe {name!r}; recipes: {', '.join(RECIPES)}")
     values = dict(RECIPES[name])
-    if (model or cfg.model) in _NEEDS_WARMUP.get(name, ()):
+    if (model or values.get("model") or cfg.model) in _NEEDS_WARMUP.get(name, ()):
         values.update(_WARMUP)
+    if name in _LR_PER_IMAGES and batch_size:
+        values["lr"] = values["lr"] * batch_size / _LR_PER_IMAGES[name]
     return dataclasses.replace(cfg, **values)

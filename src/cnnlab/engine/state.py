@@ -5,6 +5,7 @@ checkpoint loads with `torch.load(weights_only=True)`.
 """
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass, field
 
@@ -69,14 +70,15 @@ class TrainState:
     history: list = field(default_factory=list)  # metrics.csv rows so far
     sums: EpochSums = field(default_factory=EpochSums)
     nan_skipped: int = 0
-    extras: dict = field(default_factory=dict)  # more state a recipe adds (an EMA of the weights, say)
+    extras: dict = field(default_factory=dict)  # objects with after_step() and a state dict (the lookahead)
+    notes: dict = field(default_factory=dict)  # plain JSON values: wall clock, times to accuracy
 
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": {"step": self.step}, "step": self.step, "epoch": self.loader.epoch,
                 "loader": self.loader.state_dict(), "history": self.history, "epoch_sums": self.sums.state_dict(),
                 "nan_skipped": self.nan_skipped,
-                "extras": {k: v.state_dict() for k, v in self.extras.items()}}
+                "extras": {k: v.state_dict() for k, v in self.extras.items()}, "notes": json.dumps(self.notes)}
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
@@ -88,3 +90,4 @@ class TrainState:
         for name, extra in self.extras.items():
             if name in state.get("extras", {}):
                 extra.load_state_dict(state["extras"][name])
+        self.notes = json.loads(state.get("notes", "{}"))

@@ -145,6 +145,24 @@ class Airbench(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
+    # -- what cnnlab's trainer asks a model that needs more than its weights' initialisation -------------------
+    def prepare(self, train_images: torch.Tensor, mean, std) -> str:
+        """Before training: the whitening filters from the training images (the paper's first 5,000)."""
+        n = min(AIRBENCH94_RECIPE["whiten_images"], len(train_images))
+        init_whitening(self, train_images, mean, std, num_images=n, eps=AIRBENCH94_RECIPE["whiten_eps"])
+        return f"whitening filters computed from the 2x2 patches of {n:,} training images"
+
+    def param_groups(self, *, batch_size: int, lr: float, weight_decay: float, momentum: float) -> list[dict]:
+        """The paper's optimiser groups for a batch-mean loss, with `lr` and `weight_decay` in the paper's units
+        (per 1024 examples); the whitening bias in a group of its own that trains for the first epochs only."""
+        recipe = {**AIRBENCH94_RECIPE, "lr": lr, "weight_decay": weight_decay, "momentum": momentum}
+        shifts, rest = airbench94_param_groups(self, batch_size=batch_size, loss_reduction="mean", recipe=recipe)
+        bias = self.whiten.bias
+        rest = {**rest, "params": [q for q in rest["params"] if q is not bias]}
+        whiten = {**rest, "params": [bias], "name": "whitening_bias",
+                  "until_epoch": AIRBENCH94_RECIPE["whiten_bias_epochs"]}
+        return [shifts, rest, whiten]
+
 
 @torch.no_grad()
 def init_whitening(model: nn.Module, images: torch.Tensor, mean, std, *, num_images: int = 5000,

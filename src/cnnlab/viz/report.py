@@ -13,6 +13,7 @@ import math
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 from matplotlib.figure import Figure
 
@@ -49,29 +50,25 @@ def plot_curves(rows: list[dict], path: str | Path | None = None) -> Figure:
     return finish(fig, path)
 
 
-def run_evaluation(run_dir: Path, loaded, data, summary: dict) -> dict:
+def run_evaluation(run_dir: Path, loaded, split, summary: dict) -> dict:
     """The run's own final evaluation (summary.json and predictions.safetensors, written by training), so the
     page shows the very figures training reported; scored again with the same scorer only when they are
-    missing (a run made by an older cnnlab) or belong to other data."""
+    missing (a run made by an older cnnlab, or streamed shards) or belong to other data. `split`: a TestSplit."""
     from safetensors.torch import load_file
 
     predictions = run_dir / "predictions.safetensors"
-    if predictions.is_file() and "test_confusion" in summary:
+    if predictions.is_file() and "test_confusion" in summary and split.labels is not None:
         saved = load_file(predictions)
-        if torch.equal(saved["labels"], data.test_labels):
+        if torch.equal(saved["labels"], split.labels):
             return {"n": len(saved["labels"]), "loss": summary["test_loss"], "accuracy": summary["test_accuracy"],
                     "per_class": summary["test_per_class"], "confusion": summary["test_confusion"],
                     "losses": saved["losses"], "preds": saved["preds"], "source": "the run's own evaluation"}
-    from ..data import InMemoryLoader
-    from ..engine.evaluate import evaluate, inference_runtime
-    runtime = inference_runtime("cpu", summary.get("precision", "auto"))
-    c, h, w = loaded.input_shape
-    loader = InMemoryLoader(data.test_images, data.test_labels, 1024, mean=loaded.mean, std=loaded.std,
-                            channels_last=runtime.channels_last,
-                            resize=(h, w) if (h, w) != tuple(data.test_images.shape[2:]) else None)
-    model = loaded.model.to(memory_format=runtime.memory_format)
-    return {**evaluate(model, loader, len(loaded.classes), runtime=runtime, per_image=True),
-            "source": f"scored again ({runtime.precision})"}
+    from ..engine.evaluate import evaluate
+    model = loaded.model.to(split.loader.device, memory_format=torch.channels_last if split.loader.channels_last
+                            else torch.contiguous_format)
+    tta = int(summary.get("test_tta") or 0)
+    result = evaluate(model, split.loader, len(loaded.classes), runtime=split.runtime, per_image=True, tta=tta)
+    return {**result, "source": f"scored again ({split.runtime.precision}{', TTA %d' % tta if tta else ''})"}
 
 
 def hardest_examples(result: dict, k: int = 16) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -80,9 +77,9 @@ def hardest_examples(result: dict, k: int = 16) -> tuple[torch.Tensor, torch.Ten
     return top, result["losses"][top], result["preds"][top]
 
 
-def _plot_hardest(images, labels, top, losses, preds, classes, path: Path) -> Figure:
-    cells = [as_image(images[i]) for i in top.tolist()]
-    titles = [f"true {classes[labels[i]]}\npred {classes[pred]}\nloss {loss:.2f}"
+def _plot_hardest(split, top, losses, preds, classes, path: Path) -> Figure:
+    cells = [as_image(torch.from_numpy(np.ascontiguousarray(split.image(i))).permute(2, 0, 1)) for i in top.tolist()]
+    titles = [f"true {classes[split.labels[i]]}\npred {classes[pred]}\nloss {loss:.2f}"
               for i, loss, pred in zip(top.tolist(), losses.tolist(), preds.tolist())]
     return image_grid(cells, 8, titles=titles, cell_inches=1.4, title="Test images with the highest loss", path=path)
 
@@ -133,7 +130,6 @@ def _table(header: list[str], rows: list[list]) -> str:
 
 def build_report(run_dir: str | Path, data_dir: str | None = None, log: Callable[[str], None] = print) -> Path:
     """Write RUN_DIR/report.html (and the figures it embeds, under RUN_DIR/report/); returns the page's path."""
-    from ..data import load_dataset
     from ..engine.config import load_config
     from ..engine.evaluate import most_confused
     from ..engine.weights import load_weights
@@ -173,20 +169,27 @@ def build_report(run_dir: str | Path, data_dir: str | None = None, log: Callable
         sections.append("<h2>Training curves</h2>" + _img(figures / "curves.png", "training curves"))
 
     # evaluation on the test split
-    data = load_dataset(cfg.dataset, data_dir or cfg.data_dir, log=log)
-    result = run_evaluation(run_dir, loaded, data, summary)
+    from ..engine.evaluate import inference_runtime
+    from ..engine.test_split import open_test_split
+    runtime = inference_runtime("cpu", summary.get("precision", "auto"))
+    split = open_test_split(cfg.dataset, data_dir or cfg.data_dir, input_shape=loaded.input_shape, mean=loaded.mean,
+                            std=loaded.std, runtime=runtime, streamed=summary.get("data_mode") == "stream",
+                            workers=cfg.workers, log=log)
+    result = run_evaluation(run_dir, loaded, split, summary)
     plot_confusion(result["confusion"], classes, figures / "confusion.png",
                    title=f"Test confusion matrix: accuracy {result['accuracy']:.2%}")
     per_class = [[name, f"{acc:.2%}", sum(result["confusion"][i])] for i, (name, acc) in
                  enumerate(zip(classes, result["per_class"]))]
     confused = [[p["true"], p["predicted"], p["count"]] for p in most_confused(result["confusion"], classes)]
     top, losses, preds = hardest_examples(result)
-    _plot_hardest(data.test_images, data.test_labels, top, losses, preds, classes, figures / "hardest.png")
+    hardest = ""
+    if split.labels is not None and len(split.labels) == len(result["losses"]):
+        _plot_hardest(split, top, losses, preds, classes, figures / "hardest.png")
+        hardest = "<h3>Highest-loss test images</h3>" + _img(figures / "hardest.png", "highest-loss images")
     sections.append(f"<h2>Test results</h2><p>{result['n']:,} test images: accuracy <b>{result['accuracy']:.2%}</b>, "
                     f"loss {result['loss']:.4f} <span class='note'>({result['source']})</span></p>" + _img(figures / "confusion.png", "confusion matrix")
                     + "<h3>Per-class accuracy</h3>" + _table(["class", "accuracy", "images"], per_class)
-                    + "<h3>Most confused pairs</h3>" + _table(["true", "predicted", "count"], confused)
-                    + "<h3>Highest-loss test images</h3>" + _img(figures / "hardest.png", "highest-loss images"))
+                    + "<h3>Most confused pairs</h3>" + _table(["true", "predicted", "count"], confused) + hardest)
 
     # what the first layer learned
     name, weight = layer_weight(model)
