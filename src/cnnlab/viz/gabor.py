@@ -841,7 +841,7 @@ def plot_v1_comparison(result: dict, path: Path | str, title: str = "") -> None:
         tol = result["identifiability"]["tolerance"]
         handles.insert(2, plt.Line2D([], [], marker="o", linestyle="", markerfacecolor="none",
                                      markeredgecolor="#B35C00", label=f"learned filters{r2_label}, nx or ny not "
-                                     f"pinned down to x/{1 + tol:.2f} (n={int((~identifiable).sum())})"))
+                                     f"pinned down to a factor {1 + tol:.2f} (n={int((~identifiable).sum())})"))
         handles.insert(3, plt.Line2D([], [], color="0.35", linewidth=0.6, label="95% profile intervals"))
     # legend and numbers below the axes, so that no V1 count is hidden
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(-0.02, -0.1), fontsize=8, frameon=False)
