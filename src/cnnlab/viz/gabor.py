@@ -666,21 +666,22 @@ def analyze_filters(weight, out_dir: Path | str | None = None, threshold: float 
     planes = np.stack([filter_to_2d(w[i], mode=mode) for i in range(k)])
     fits = fit_gabors(planes)
     bounds = profile_intervals(planes, fits, level=INTERVAL_LEVEL)
-    rows = []
+    rows, reach = [], []  # reach: how far (as a factor) the wider of a fit's two intervals extends; inf when open
     for i, fit in enumerate(fits):
         row = {"index": i, **fit.to_dict(), "well_fit": fit.r2 >= threshold}
+        widest = 1.0
         for name, estimate in (("nx", fit.nx), ("ny", fit.ny)):
             low, high = float(bounds[f"{name}_low"][i]), float(bounds[f"{name}_high"][i])
-            row[f"{name}_interval"] = [low, high]
-            row[f"{name}_interval_open"] = bool(bounds[f"{name}_open"][i])
-            # the widest relative reach of the interval from the estimate; infinite when the data set no limit
-            row[f"{name}_reach"] = math.inf if row[f"{name}_interval_open"] else max(estimate / low, high / estimate)
-            row[f"{name}_pinned"] = row[f"{name}_reach"] <= 1 + tolerance
+            is_open = bool(bounds[f"{name}_open"][i])
+            factor = math.inf if is_open else max(estimate / low, high / estimate)
+            row.update({f"{name}_interval": [low, high], f"{name}_interval_open": is_open,
+                        f"{name}_pinned": factor <= 1 + tolerance})
+            widest = max(widest, factor)
         row["identifiable"] = row["nx_pinned"] and row["ny_pinned"]
         rows.append(row)
+        reach.append(widest)
     well = [r for r in rows if r["well_fit"]]
     pinned = [r for r in well if r["identifiable"]]
-    reach = [max(r.pop("nx_reach"), r.pop("ny_reach")) for r in rows]  # JSON has no infinity
     well_reach = [x for x, r in zip(reach, rows) if r["well_fit"]]
     result = {
         "n_filters": k,
