@@ -24,7 +24,7 @@ class Progress:
         if self.mode == "bar":
             from tqdm.auto import tqdm
             self._bar = tqdm(total=self.steps_per_epoch, initial=step % self.steps_per_epoch,
-                             desc=f"epoch {epoch + 1}/{epochs}", unit="step", leave=True, file=self.stream,
+                             desc=f"epoch {epoch + 1}/{epochs:g}", unit="step", leave=True, file=self.stream,
                              dynamic_ncols=True)
 
     def wants(self, step: int) -> bool:

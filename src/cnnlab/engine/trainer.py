@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import math
 import platform
 import random
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -20,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import __version__
-from ..data import InMemoryLoader, channel_stats, get_spec, load_dataset, parse_augment, split_validation
+from ..data import get_spec
 from ..errors import CheckpointError, CnnlabError, ConfigError
 from ..models import accepts, create_model
 from ..models.summary import check_input_size
@@ -34,14 +32,11 @@ from .progress import Progress, trace
 from .run_folder import RunFolder
 from .runtime import Runtime, start_runtime
 from .state import TrainState
+from .training_data import DEFAULT_AUGMENT, TrainingData, load_training_data
 from .weights import load_weights, save_weights
 
 __all__ = ["fit", "resume_config", "TrainingError", "TrainingInterrupted", "DEFAULT_AUGMENT", "RunState",
            "TrainingData", "load_training_data", "build_model", "cross_entropy"]
-
-# What `augment: auto` means: shifts and flips suit natural images and clothing; digits would change meaning.
-DEFAULT_AUGMENT = {"cifar10": "crop:4:reflect,flip", "cifar100": "crop:4:reflect,flip", "fashion-mnist": "none",
-                   "mnist": "none", "imagefolder": "flip"}
 
 # Keys that fix the architecture and data: a resumed run may not change them.
 _FROZEN_ON_RESUME = ("model", "model_args", "dataset", "batch_size", "seed", "train_subset", "val_split", "augment",
@@ -83,165 +78,6 @@ def cross_entropy(label_smoothing: float) -> Callable[[torch.Tensor, torch.Tenso
 
 
 # ---------------------------------------------------------------------------------------------- setup pieces
-
-@dataclass
-class TrainingData:
-    """The loaders of a run and what the model and the run folder need to know about its data."""
-    train: InMemoryLoader
-    test: InMemoryLoader
-    val: InMemoryLoader | None
-    classes: list[str]
-    shape: tuple[int, int, int]  # what the model sees: C, H, W (after --image-size)
-    mean: list[float]
-    std: list[float]
-    augment: str
-    fingerprint: str
-    dataset: object  # cnnlab.data.Dataset (or a streamed one): name, source, verified, files, test labels
-    mode: str = "memory"  # or "stream"
-    mode_reason: str = ""
-    train_images: torch.Tensor | None = None  # uint8, in memory mode (for models that prepare from data)
-
-    def describe(self) -> str:
-        return self.dataset.describe()
-
-    def bad_images(self) -> list[dict]:
-        return getattr(self.train, "bad_images", []) + getattr(self.test, "bad_images", [])
-
-
-@dataclass
-class StreamedDataset:
-    """What a run records of data it streams: never all in memory, so described by its file lists."""
-    name: str
-    source: str
-    classes: list[str]
-    counts: dict
-    image_size: int
-    files: list[dict]
-    test_labels: torch.Tensor | None
-    verified: None = None  # the user's own files: no publisher checksum
-
-    def describe(self) -> str:
-        return (f"{self.name}: {self.counts['train']:,} train / {self.counts['test']:,} test images from "
-                f"{self.source}, streamed at {self.image_size}x{self.image_size} [your own files: no publisher "
-                "checksum to verify against]")
-
-
-def _fingerprint(data, train_labels: torch.Tensor, val_labels: torch.Tensor | None) -> str:
-    """Identifies the exact training data: the source files' sha256 (or, for an image folder, the decoded
-    pixels) and the labels after subsetting and the validation split."""
-    h = hashlib.sha256(json.dumps([f["sha256"] for f in data.files]).encode())  # not the paths: copies may move
-    if data.name == "imagefolder":
-        h.update(data.train_images.numpy().tobytes())
-    h.update(train_labels.numpy().tobytes())
-    if val_labels is not None:
-        h.update(val_labels.numpy().tobytes())
-    return h.hexdigest()
-
-
-def choose_mode(cfg: TrainConfig) -> tuple[str, str]:
-    """("memory" | "stream", the reason to print) for the run's data."""
-    if cfg.dataset == "shards":
-        return "stream", "data mode stream: shards are always streamed"
-    if cfg.dataset != "imagefolder":
-        return "memory", f"data mode memory: {cfg.dataset} is decoded once into RAM"
-    from ..data.stream import choose_data_mode, parse_bytes
-    if cfg.data_dir is None:
-        raise ConfigError(f"imagefolder needs --data-dir ROOT; {get_spec('imagefolder').how_to_get}")
-    return choose_data_mode(cfg.data_dir, cfg.data_mode, cfg.image_size or None, parse_bytes(cfg.memory_budget))
-
-
-def load_training_data(cfg: TrainConfig, runtime: Runtime, log: Callable[[str], None] = print) -> TrainingData:
-    """Find and decode the dataset (or list it, to stream it), split it, compute the normalisation, and
-    build this rank's loaders."""
-    mode, reason = choose_mode(cfg)
-    if mode == "stream":
-        return _streamed_data(cfg, runtime, reason)
-    if cfg.download and runtime.distributed:  # one download, by rank 0, before the others look
-        if runtime.is_main:
-            load_dataset(cfg.dataset, cfg.data_dir, download=True, log=log)
-        runtime.barrier()
-    data = load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download, log=log, write_cache=runtime.is_main,
-                        image_size=cfg.image_size or None)
-    train_x, train_y = data.train_images, data.train_labels
-    if cfg.train_subset:
-        train_x, train_y = train_x[:cfg.train_subset], train_y[:cfg.train_subset]
-    val_x = val_y = None
-    if cfg.val_split:
-        train_x, train_y, val_x, val_y = split_validation(train_x, train_y, cfg.val_split, seed=cfg.seed)
-    mean, std = channel_stats(train_x)
-    augment = DEFAULT_AUGMENT.get(cfg.dataset, "none") if cfg.augment == "auto" else cfg.augment
-    c, h, w = data.shape
-    resize = (cfg.image_size, cfg.image_size) if cfg.image_size and (cfg.image_size, cfg.image_size) != (h, w) \
-        else None
-    common = dict(mean=mean, std=std, device=runtime.device, channels_last=runtime.channels_last, rank=runtime.rank,
-                  world_size=runtime.world_size, resize=resize)
-    train = InMemoryLoader(train_x, train_y, cfg.batch_size, shuffle=True, drop_last=True, seed=cfg.seed + 1,
-                           augment=parse_augment(augment), **common)
-    if len(train) == 0:
-        raise ConfigError(f"batch_size {cfg.batch_size} is larger than the {len(train_y)} training images; "
-                          "lower --batch-size")
-    eval_batch = max(cfg.batch_size // runtime.world_size, 1024)
-    test = InMemoryLoader(data.test_images, data.test_labels, eval_batch, **common)
-    val = None if val_x is None else InMemoryLoader(val_x, val_y, eval_batch, **common)
-    shape = (c, *(resize or (h, w)))
-    return TrainingData(train, test, val, list(data.classes), shape, mean, std, augment,
-                        _fingerprint(data, train_y, val_y), data, mode, reason, train_x)
-
-
-def _streamed_data(cfg: TrainConfig, runtime: Runtime, reason: str) -> TrainingData:
-    """Loaders that decode per sample in worker processes: an image folder listed, or packed shards."""
-    from ..data.shards import ShardLoader, open_shards
-    from ..data.stream import FolderStreamLoader, open_image_folder, sample_channel_stats
-    size = cfg.image_size or 224  # ImageNet's training crop
-    if cfg.data_dir is None:
-        raise ConfigError(f"{cfg.dataset} needs --data-dir; {get_spec(cfg.dataset).how_to_get}")
-    shards = cfg.dataset == "shards"
-    source = open_shards(cfg.data_dir) if shards else open_image_folder(cfg.data_dir)
-    if shards and (cfg.train_subset or cfg.val_split):
-        raise ConfigError("train_subset and val_split select images by index, which shards cannot; pack the "
-                          "subset you want with 'cnnlab data pack' instead")
-    if cfg.augment not in ("auto", "none"):
-        raise ConfigError(f"augment {cfg.augment!r}: streamed data is augmented per sample (RandomResizedCrop and "
-                          "flip); leave out --augment")
-    mean, std = sample_channel_stats(source, size)  # an estimate from 256 training images
-    common = dict(image_size=size, mean=mean, std=std, workers=cfg.workers, rank=runtime.rank,
-                  world_size=runtime.world_size, device=runtime.device, channels_last=runtime.channels_last,
-                  max_bad_images=None if cfg.max_bad_images < 0 else cfg.max_bad_images)
-    eval_batch = max(cfg.batch_size // runtime.world_size, 256) * runtime.world_size
-    if shards:
-        extra = {"shuffle_buffer": cfg.shuffle_buffer}
-        train = ShardLoader(source, "train", cfg.batch_size, train=True, seed=cfg.seed + 1, **common, **extra)
-        test = ShardLoader(source, "test", eval_batch, train=False, **common)
-        val = None
-        names = json.dumps([e["sha256"] for split in ("train", "test") for e in source.shards(split)])
-        files = [{"file": str(source.root / "manifest.json"), "sha256": hashlib.sha256(names.encode()).hexdigest(),
-                  "status": "own files"}]
-        test_labels, train_labels = None, torch.zeros(0)
-    else:
-        indices = np.arange(source.count("train"))[:cfg.train_subset or None]
-        val_idx = None
-        if cfg.val_split:
-            order = torch.randperm(len(indices), generator=torch.Generator().manual_seed(cfg.seed)).numpy()
-            n_val = int(round(len(indices) * cfg.val_split))
-            indices, val_idx = indices[order[n_val:]], indices[order[:n_val]]
-        train = FolderStreamLoader(source, "train", cfg.batch_size, train=True, seed=cfg.seed + 1, indices=indices,
-                                   **common)
-        test = FolderStreamLoader(source, "test", eval_batch, train=False, **common)
-        val = None if val_idx is None else FolderStreamLoader(source, "train", eval_batch, train=False,
-                                                              indices=val_idx, **common)
-        split = source.splits["train"]
-        names = "\n".join(split.names[i] for i in indices)
-        files = [{"file": str(source.root), "sha256": hashlib.sha256(names.encode()).hexdigest(),
-                  "status": "own files (sha256 of the training file list)"}]
-        test_labels, train_labels = torch.from_numpy(source.labels("test")), torch.from_numpy(split.labels[indices])
-    if len(train) == 0:
-        raise ConfigError(f"batch_size {cfg.batch_size} is larger than the training split; lower --batch-size")
-    dataset = StreamedDataset(cfg.dataset, str(source.root), list(source.classes),
-                              {"train": source.count("train"), "test": source.count("test")}, size, files, test_labels)
-    fingerprint = hashlib.sha256((files[0]["sha256"] + str(size)).encode() + train_labels.numpy().tobytes()).hexdigest()
-    return TrainingData(train, test, val, list(source.classes), (source.channels, size, size), mean, std,
-                        "RandomResizedCrop+flip", fingerprint, dataset, "stream", reason)
-
 
 def _model_args(cfg: TrainConfig, shape: tuple[int, int, int], num_classes: int) -> dict:
     args = {"num_classes": num_classes, "in_channels": shape[0], **cfg.model_args}
@@ -324,7 +160,7 @@ def _check_resumable(saved: dict, header: dict, folder: RunFolder, cfg: TrainCon
             f"cannot resume {folder.path} with {total_steps} steps: its {old_cfg.schedule} schedule was laid out over "
             f"{old_total} steps, and redrawing it would change the learning rate of steps already taken (step "
             f"{changed + 1}: {old_lr_at(changed):.3g} then, {lr_at(changed):.3g} now). Choices: resume with its "
-            f"original length (--epochs {old_cfg.epochs}{f' --max-steps {old_cfg.max_steps}' if old_cfg.max_steps else ''}"
+            f"original length (--epochs {old_cfg.epochs:g}{f' --max-steps {old_cfg.max_steps}' if old_cfg.max_steps else ''}"
             f"); or start a new run from its weights with a fresh schedule: cnnlab train --init-from {folder.path} "
             "--epochs N (other flags as before); schedules that do not depend on the run's length (constant, or "
             "multistep with milestones in epochs or iterations) can be extended with --resume")
@@ -376,21 +212,15 @@ def fit(cfg: TrainConfig, *, resume: bool | str = False, callbacks: Sequence[Cal
         runtime = stack.enter_context(start_runtime(cfg.device, cfg.precision, cfg.channels_last, cfg.threads,
                                                     cfg.deterministic, log))
         say = log if runtime.is_main else _quiet
-        spec = get_spec(cfg.dataset)
-        if spec.shape[0]:  # a named dataset's shape is known before loading it: check the model against it first
-            shape = (spec.shape[0], *((cfg.image_size,) * 2 if cfg.image_size else spec.shape[1:]))
-            check_input_size(cfg.model, _model_args(cfg, shape, len(spec.classes)), shape, what=cfg.dataset)
+        _check_model_fits_the_catalogue(cfg)
         _seed_everything(cfg.seed)
         data = load_training_data(cfg, runtime, say)
-        stack.callback(lambda: [getattr(loader, "close", lambda: None)() for loader in (data.train, data.test, data.val)
-                                if loader is not None])
+        stack.callback(data.close)
         check_input_size(cfg.model, _model_args(cfg, data.shape, len(data.classes)), data.shape, what=cfg.dataset)
         model, arch = build_model(cfg, data, runtime)
-        optimizer = build_training_optimizer(cfg, model)
-        state = TrainState(model, optimizer, data.train)
+        state = TrainState(model, build_training_optimizer(cfg, model), data.train)
         steps_per_epoch = len(data.train)
-        total_steps = math.ceil(cfg.epochs * steps_per_epoch)
-        total_steps = min(total_steps, cfg.max_steps or total_steps)
+        total_steps = min(math.ceil(cfg.epochs * steps_per_epoch), cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch))
         lr_at = build_schedule(cfg.schedule, cfg.lr, total_steps, steps_per_epoch=steps_per_epoch,
                                **_schedule_options(cfg))
         if cfg.lookahead_every:
@@ -398,26 +228,17 @@ def fit(cfg: TrainConfig, *, resume: bool | str = False, callbacks: Sequence[Cal
         folder = RunFolder.choose(cfg, runtime)
         resume = folder.open(resume or ("auto" if runtime.restart_count else False), stack, say)
         cfg = dataclasses.replace(cfg, run_dir=str(folder.path))
-        header = {"arch": arch, "data": data.fingerprint, "config": dataclasses.asdict(cfg),
-                  "total_steps": total_steps}
+        header = {"arch": arch, "data": data.fingerprint, "config": dataclasses.asdict(cfg), "total_steps": total_steps}
 
         # --- resume: weights, optimiser, data position and every generator, exactly where they were
         if resume:
-            saved = folder.load_checkpoint(say)
-            _check_resumable(saved, header, folder, cfg, lr_at, total_steps, data)
-            folder.restore(state, saved, say)
-            summary_file = folder.path / "summary.json"
-            if state.step >= total_steps and runtime.is_main and summary_file.is_file() and \
-                    (folder.path / "model.safetensors").is_file():
-                done = json.loads(summary_file.read_text())
-                say(f"{folder.path} is finished ({done.get('epochs', 0):g} epochs, test accuracy "
-                    f"{done.get('test_accuracy', float('nan')):.4f}); nothing to resume. To train longer, start a "
-                    f"new run from its weights: cnnlab train --init-from {folder.path} --epochs N")
-            if state.step >= total_steps and runtime.broadcast(summary_file.is_file()):
-                return runtime.broadcast(json.loads(summary_file.read_text()) if runtime.is_main else None)
-            say(f"resuming {folder.path} at epoch {data.train.epoch + 1}, step {state.step}")
+            finished = _resume(state, folder, header, cfg, lr_at, total_steps, data, say)
+            if finished is not None:
+                return finished
         folder.write_config(cfg)
         clock = _Clock(state.notes.get("wall_seconds", 0.0), wall_start)
+        loggers = stack.enter_context(build_loggers(cfg.logger, folder.path, config=cfg, resume=bool(resume),
+                                                    start_step=state.step) if runtime.is_main else LoggerGroup())
 
         def save_checkpoint() -> None:
             # An optimiser step can turn weights non-finite while its own loss was finite: never save those.
@@ -429,41 +250,25 @@ def fit(cfg: TrainConfig, *, resume: bool | str = False, callbacks: Sequence[Cal
             loggers.flush()
             folder.save_checkpoint(state, header)
 
-        step_model = model
-        if runtime.distributed:
-            step_model = nn.parallel.DistributedDataParallel(
-                model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
-        if cfg.compile:
-            step_model = torch.compile(step_model)
-        loss_fn = loss_fn or cross_entropy(cfg.label_smoothing)
-        rules = StepRules(total_steps, cfg.grad_clip, cfg.on_nan, cfg.max_nan_skips, cfg.checkpoint_every,
-                          cfg.log_every)
-        progress = Progress(cfg.progress if runtime.is_main else "none", total_steps, steps_per_epoch, cfg.log_every)
-        loggers = stack.enter_context(build_loggers(cfg.logger, folder.path, config=cfg, resume=bool(resume),
-                                                    start_step=state.step) if runtime.is_main else LoggerGroup())
-        reached = _Thresholds(state.notes.setdefault("time_to_accuracy", {}), clock)
-        run_state = RunState(folder.path, model=model)
-        say(data.describe())
-        say(f"  {data.mode_reason}")
-        say(f"training {cfg.model} ({sum(p.numel() for p in model.parameters()):,} parameters) on "
-            f"{runtime.describe()}; run folder {folder.path}")
-        say(f"  precision {runtime.precision}: {runtime.precision_reason}; "
-            f"{'channels_last' if runtime.channels_last else 'NCHW'}: {runtime.channels_last_reason}")
-        if data.dataset.verified is False:
-            say("note: the dataset's bytes differ from the publisher's; it passed the structural checks and its "
-                "sha256 sums are recorded in summary.json")
-
         def evaluate_now(per_image: bool = False, tta: int = 0) -> dict:
             if runtime.distributed:  # evaluate, and later save, rank 0's batch-norm statistics on every rank
                 for buffer in model.buffers():
                     torch.distributed.broadcast(buffer, 0)
             return evaluate(model, data.test, len(data.classes), runtime=runtime, per_image=per_image, tta=tta)
 
-        def evaluate_mid_epoch(step: int) -> None:
+        def evaluate_mid_epoch(step: int) -> None:  # --eval-every-steps, for the times to accuracy
             if cfg.eval_every_steps and step % cfg.eval_every_steps == 0 and data.train.position < steps_per_epoch:
                 result = evaluate_now()
                 reached.update(result["accuracy"], step, step / steps_per_epoch)
                 _append_eval(folder, step, step / steps_per_epoch, result, clock())
+
+        step_model = _wrap_for_training(model, cfg, runtime)
+        rules = StepRules(total_steps, cfg.grad_clip, cfg.on_nan, cfg.max_nan_skips, cfg.checkpoint_every,
+                          cfg.log_every)
+        progress = Progress(cfg.progress if runtime.is_main else "none", total_steps, steps_per_epoch, cfg.log_every)
+        reached = _Thresholds(state.notes.setdefault("time_to_accuracy", {}), clock)
+        run_state = RunState(folder.path, model=model)
+        _say_setup(say, cfg, data, model, runtime, folder)
 
         # --- the epoch loop: train, evaluate, write the row, checkpoint
         final = None
@@ -473,10 +278,10 @@ def fit(cfg: TrainConfig, *, resume: bool | str = False, callbacks: Sequence[Cal
                 epoch = data.train.epoch
                 progress.start_epoch(epoch, cfg.epochs, state.step)
                 try:
-                    stop = train_one_epoch(state, step_model, loss_fn, lr_at, runtime, rules, stopper=stopper,
-                                           progress=progress, callbacks=callbacks, run_state=run_state,
-                                           save_checkpoint=save_checkpoint, log=say, between_steps=evaluate_mid_epoch,
-                                           on_step=_step_logger(loggers))
+                    stop = train_one_epoch(state, step_model, loss_fn or cross_entropy(cfg.label_smoothing), lr_at,
+                                           runtime, rules, stopper=stopper, progress=progress, callbacks=callbacks,
+                                           run_state=run_state, save_checkpoint=save_checkpoint, log=say,
+                                           between_steps=evaluate_mid_epoch, on_step=_step_logger(loggers))
                 except NonFiniteStep as exc:
                     kept = f"the last good checkpoint is kept in {folder.path}" if folder.checkpoints.exists() else \
                         "no checkpoint had been written yet"
@@ -486,9 +291,9 @@ def fit(cfg: TrainConfig, *, resume: bool | str = False, callbacks: Sequence[Cal
                 if stop is not None:
                     save_checkpoint()
                     progress.close()
-                    code = 128 + stop if isinstance(stop, int) else 130
                     raise TrainingInterrupted(f"stopped at step {state.step}; checkpoint saved. Resume with: "
-                                              f"cnnlab train --resume {folder.path}", code)
+                                              f"cnnlab train --resume {folder.path}",
+                                              128 + stop if isinstance(stop, int) else 130)
                 if "lookahead" in state.extras:
                     state.extras["lookahead"].end_epoch()
                 partial = data.train.position > 0  # max_steps (or fractional epochs) reached mid-epoch
@@ -497,56 +302,114 @@ def fit(cfg: TrainConfig, *, resume: bool | str = False, callbacks: Sequence[Cal
                 wanted = last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0)
                 test = evaluate_now(per_image=last and not cfg.tta) if wanted else None
                 final = test if last and not cfg.tta else final
-                progress_epochs = epoch + data.train.position / steps_per_epoch if partial else epoch + 1
+                done_epochs = epoch + data.train.position / steps_per_epoch if partial else epoch + 1
                 if test:
-                    reached.update(test["accuracy"], state.step, progress_epochs)
-                row = _epoch_row(progress_epochs, lr_at(max(state.step - 1, 0)), state.sums, test,
-                                 evaluate(model, data.val, len(data.classes), runtime=runtime)
-                                 if data.val is not None and wanted else None, data.val is not None)
+                    reached.update(test["accuracy"], state.step, done_epochs)
+                val = evaluate(model, data.val, len(data.classes), runtime=runtime) if data.val and wanted else None
+                row = _epoch_row(done_epochs, lr_at(max(state.step - 1, 0)), state.sums, test, val, data.val is not None)
                 state.history.append(row)
                 state.sums = type(state.sums)()
                 folder.write_metrics(state.history)
                 loggers.log_epoch(epoch + 1, state.step, row)
                 save_checkpoint()
-                tested = f" | test loss {row['test_loss']:.4f} acc {row['test_acc']:.4f}" if test else ""
-                progress.end_epoch(f"epoch {row['epoch']:g}/{cfg.epochs:g}: train loss {row['train_loss']:.4f} acc "
-                                   f"{row['train_acc']:.4f}{tested} | {row['seconds']:.1f}s, {row['img_per_s']:,.0f} img/s")
+                progress.end_epoch(_epoch_line(row, cfg.epochs))
         progress.close()
 
         # --- the finish: the final evaluation (with test-time augmentation if asked), weights, summary
         if final is None:
             final = evaluate_now(per_image=True, tta=cfg.tta)
             reached.update(final["accuracy"], state.step, state.step / steps_per_epoch)
-        meta = {"model": cfg.model, "model_args": arch["model_args"], "classes": data.classes, "mean": data.mean,
-                "std": data.std, "input_shape": list(data.shape), "dataset": cfg.dataset, "cnnlab_version": __version__}
-        losses, preds = final.pop("losses"), final.pop("preds")
-        if runtime.is_main:
-            save_weights(model, folder.path / "model.safetensors", meta)
-            labels = data.dataset.test_labels
-            if labels is not None and len(labels) == len(preds):  # streaming may have skipped unreadable images
-                folder.write_predictions(losses, preds, labels)
-        bad = data.bad_images()
-        summary = {
-            "test_accuracy": final["accuracy"], "test_loss": final["loss"], "test_top5": final.get("top5"),
-            "test_tta": cfg.tta, "test_per_class": final["per_class"], "test_confusion": final["confusion"],
-            "time_to_accuracy": reached.table(), "epochs": round(state.step / steps_per_epoch, 4), "steps": state.step,
-            "train_seconds": sum(r["seconds"] for r in state.history), "wall_seconds": clock(),
-            **runtime.as_dict(), "augment": data.augment, "data_mode": data.mode, "data_mode_reason": data.mode_reason,
-            "bad_images": {"count": len(bad), "files": bad[:1000]}, "versions": _versions(),
-            "dataset": {"name": data.dataset.name, "source": data.dataset.source, "verified": data.dataset.verified,
-                        "files": data.dataset.files},
-            "seed": cfg.seed, "run_dir": str(folder.path), "nan_skipped": state.nan_skipped,
-            # every generator's seed, so that a result can be traced and replayed
-            "seeds": {"model_init": cfg.seed, "python_random": cfg.seed, "numpy_random": cfg.seed,
-                      "data_order": cfg.seed + 1, "augmentation": cfg.seed + 2,
-                      "validation_split": cfg.seed if cfg.val_split else None},
-            "deterministic": {"requested": cfg.deterministic,
-                              "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
-                              "cudnn_benchmark": torch.backends.cudnn.benchmark,
-                              "cudnn_deterministic": torch.backends.cudnn.deterministic},
-        }
-        folder.write_json("summary.json", summary)
+        summary = _finish(cfg, folder, runtime, data, model, arch, state, final, reached, clock(), steps_per_epoch)
         loggers.log_summary(summary)
+    return summary
+
+
+def _check_model_fits_the_catalogue(cfg: TrainConfig) -> None:
+    """A named dataset's shape is known before loading it: check the model against it before any work."""
+    spec = get_spec(cfg.dataset)
+    if spec.shape[0]:
+        shape = (spec.shape[0], *((cfg.image_size,) * 2 if cfg.image_size else spec.shape[1:]))
+        check_input_size(cfg.model, _model_args(cfg, shape, len(spec.classes)), shape, what=cfg.dataset)
+
+
+def _resume(state: TrainState, folder: RunFolder, header: dict, cfg: TrainConfig, lr_at, total_steps: int,
+            data: TrainingData, say) -> dict | None:
+    """Load the checkpoint into `state`; the run's summary if the run is already finished, else None."""
+    runtime = folder.runtime
+    saved = folder.load_checkpoint(say)
+    _check_resumable(saved, header, folder, cfg, lr_at, total_steps, data)
+    folder.restore(state, saved, say)
+    summary_file = folder.path / "summary.json"
+    if state.step >= total_steps and runtime.broadcast(summary_file.is_file()):
+        done = json.loads(summary_file.read_text()) if runtime.is_main else None
+        if done is not None and (folder.path / "model.safetensors").is_file():
+            say(f"{folder.path} is finished ({done.get('epochs', 0):g} epochs, test accuracy "
+                f"{done.get('test_accuracy', float('nan')):.4f}); nothing to resume. To train longer, start a new "
+                f"run from its weights: cnnlab train --init-from {folder.path} --epochs N")
+        return runtime.broadcast(done)
+    say(f"resuming {folder.path} at epoch {data.train.epoch + 1}, step {state.step}")
+    return None
+
+
+def _wrap_for_training(model: nn.Module, cfg: TrainConfig, runtime: Runtime) -> nn.Module:
+    """What the steps call: the model, in DistributedDataParallel across ranks, compiled if asked."""
+    step_model = model
+    if runtime.distributed:
+        step_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
+    return torch.compile(step_model) if cfg.compile else step_model
+
+
+def _say_setup(say, cfg: TrainConfig, data: TrainingData, model: nn.Module, runtime: Runtime, folder: RunFolder):
+    say(data.describe())
+    say(f"  {data.mode_reason}")
+    say(f"training {cfg.model} ({sum(p.numel() for p in model.parameters()):,} parameters) on {runtime.describe()}; "
+        f"run folder {folder.path}")
+    say(f"  precision {runtime.precision}: {runtime.precision_reason}; "
+        f"{'channels_last' if runtime.channels_last else 'NCHW'}: {runtime.channels_last_reason}")
+    if data.dataset.verified is False:
+        say("note: the dataset's bytes differ from the publisher's; it passed the structural checks and its sha256 "
+            "sums are recorded in summary.json")
+
+
+def _epoch_line(row: dict, epochs: float) -> str:
+    tested = f" | test loss {row['test_loss']:.4f} acc {row['test_acc']:.4f}" if row["test_acc"] != "" else ""
+    return (f"epoch {row['epoch']:g}/{epochs:g}: train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}{tested} | "
+            f"{row['seconds']:.1f}s, {row['img_per_s']:,.0f} img/s")
+
+
+def _finish(cfg: TrainConfig, folder: RunFolder, runtime: Runtime, data: TrainingData, model: nn.Module, arch: dict,
+            state: TrainState, final: dict, reached, wall_seconds: float, steps_per_epoch: int) -> dict:
+    """Write the final weights, each test image's prediction and summary.json; returns the summary."""
+    meta = {"model": cfg.model, "model_args": arch["model_args"], "classes": data.classes, "mean": data.mean,
+            "std": data.std, "input_shape": list(data.shape), "dataset": cfg.dataset, "cnnlab_version": __version__}
+    losses, preds = final.pop("losses"), final.pop("preds")
+    if runtime.is_main:
+        save_weights(model, folder.path / "model.safetensors", meta)
+        labels = data.dataset.test_labels
+        if labels is not None and len(labels) == len(preds):  # streaming may have skipped unreadable images
+            folder.write_predictions(losses, preds, labels)
+    bad = data.bad_images()
+    summary = {
+        "test_accuracy": final["accuracy"], "test_loss": final["loss"], "test_top5": final.get("top5"),
+        "test_tta": cfg.tta, "test_per_class": final["per_class"], "test_confusion": final["confusion"],
+        "time_to_accuracy": reached.table(), "epochs": round(state.step / steps_per_epoch, 4), "steps": state.step,
+        "train_seconds": sum(r["seconds"] for r in state.history), "wall_seconds": wall_seconds,
+        **runtime.as_dict(), "augment": data.augment, "data_mode": data.mode, "data_mode_reason": data.mode_reason,
+        "bad_images": {"count": len(bad), "files": bad[:1000]}, "versions": _versions(),
+        "dataset": {"name": data.dataset.name, "source": data.dataset.source, "verified": data.dataset.verified,
+                    "files": data.dataset.files},
+        "seed": cfg.seed, "run_dir": str(folder.path), "nan_skipped": state.nan_skipped,
+        # every generator's seed, so that a result can be traced and replayed
+        "seeds": {"model_init": cfg.seed, "python_random": cfg.seed, "numpy_random": cfg.seed,
+                  "data_order": cfg.seed + 1, "augmentation": cfg.seed + 2,
+                  "validation_split": cfg.seed if cfg.val_split else None},
+        "deterministic": {"requested": cfg.deterministic,
+                          "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+                          "cudnn_benchmark": torch.backends.cudnn.benchmark,
+                          "cudnn_deterministic": torch.backends.cudnn.deterministic},
+    }
+    folder.write_json("summary.json", summary)
     return summary
 
 
