@@ -8,6 +8,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import cifar_convnet  # noqa: E402
 import default_train  # noqa: E402
+import export  # noqa: E402
 import loader  # noqa: E402
 import nan_check  # noqa: E402
 import resnet  # noqa: E402
@@ -15,5 +16,5 @@ import throughput  # noqa: E402
 
 if __name__ == "__main__":
     results = [loader.main(), throughput.main(), default_train.main(), cifar_convnet.main(), resnet.main(),
-               nan_check.main()]
+               nan_check.main(), export.main()]
     raise SystemExit(0 if all(results) else 1)

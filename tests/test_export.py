@@ -36,17 +36,22 @@ def _input_shape(name: str) -> tuple[int, int, int]:
 
 
 def _random_model(name: str, shape, num_classes: int = 10) -> LoadedModel:
-    """Random weights and random BatchNorm statistics, so that a graph using batch statistics would be caught."""
+    """Random weights and BatchNorm statistics measured on a random batch, as training leaves them: a graph that
+    normalised with batch statistics would be caught, and resnet1202's logits stay finite (with the initial
+    statistics, mean 0 and variance 1, its activations overflow fp32)."""
     kwargs = {"num_classes": num_classes}
     if accepts(name, "input_size"):
         kwargs.update(in_channels=shape[0], input_size=list(shape[1:]))
     torch.manual_seed(0)
-    model = cnnlab.create_model(name, **kwargs).eval()
+    model = cnnlab.create_model(name, **kwargs)
     for m in model.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.2, 0.2)
-            m.running_var.uniform_(0.5, 2.0)
             m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+            m.momentum = None  # running statistics = the average over the calibration batch
+    with torch.no_grad():
+        model.train()(torch.rand(16, *shape))
+    model.eval()
     meta = {"model": name, "classes": [f"class{i}" for i in range(num_classes)], "mean": [0.4] * shape[0],
             "std": [0.25] * shape[0], "input_shape": list(shape)}
     return LoadedModel(model, meta, Path("unused/model.safetensors"))

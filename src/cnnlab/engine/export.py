@@ -255,6 +255,9 @@ def check_exported(reference: nn.Module, run: Callable[[np.ndarray], np.ndarray]
     inputs one at a time (the dynamic batch axis at both ends)."""
     with torch.no_grad():
         want = reference(inputs).numpy()
+    if not np.isfinite(want).all():
+        raise ExportError("the PyTorch model's own logits are not finite on the check inputs: the weights are "
+                          "broken, not the export; nothing to compare against")
     got_batch = run(inputs.numpy())
     got_single = np.concatenate([run(inputs[i:i + 1].numpy()) for i in range(min(single, len(inputs)))])
     if got_batch.shape != want.shape:
