@@ -13,9 +13,9 @@ import torch
 
 import cnnlab
 from cnnlab.cli import main
-from cnnlab.engine.export import (DEFAULT_TOLERANCE, ExportError, WithNormalisation, capture, check_exported,
-                                  compare_with_predict, export_metadata, export_model, onnx_bytes, pt2_bytes,
-                                  run_onnx, run_pt2)
+from cnnlab.engine.export import (DEFAULT_TOLERANCE, FP32_ERROR_FACTOR, ExportError, WithNormalisation, capture,
+                                  check_exported, compare_with_predict, export_metadata, export_model, onnx_bytes,
+                                  pt2_bytes, pytorch_fp32_error, run_onnx, run_pt2)
 from cnnlab.engine.predict import expand_inputs
 from cnnlab.engine.weights import LoadedModel, load_weights
 from cnnlab.models.registry import accepts
@@ -66,11 +66,17 @@ def test_every_registered_model_exports_to_onnx_and_pt2(name):
     program = capture(reference, shape)
     metadata = export_metadata(loaded)
     inputs = torch.rand(9, *shape, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        top2 = reference(inputs).topk(2, dim=1).values
     for fmt, run in (("onnx", run_onnx(onnx_bytes(program, metadata))), ("pt2", run_pt2(pt2_bytes(program, metadata)))):
         result = check_exported(reference, run, inputs)  # batch 9, then batch 1
         assert result["batch_sizes"] == (9, 1)
-        assert result["max_abs_diff"] <= DEFAULT_TOLERANCE * result["logit_scale"], (fmt, result)
-        assert result["top1_agree"] == 9, (fmt, result)
+        # export_model's rule: within the tolerance, or (deep plain nets amplify rounding) within a few times
+        # PyTorch's own fp32 error against float64
+        if result["max_abs_diff"] > DEFAULT_TOLERANCE * result["logit_scale"]:
+            assert result["max_abs_diff"] <= FP32_ERROR_FACTOR * pytorch_fp32_error(reference, inputs), (fmt, result)
+        clear = int((top2[:, 0] - top2[:, 1] > 2 * result["max_abs_diff"]).sum())  # no near-tie to flip
+        assert result["top1_agree"] >= clear, (fmt, result)
 
 
 def test_a_graph_without_the_normalisation_is_refused_at_the_default_tolerance():
@@ -79,8 +85,10 @@ def test_a_graph_without_the_normalisation_is_refused_at_the_default_tolerance()
     loaded = _random_model("resnet20", shape)
     reference = WithNormalisation(loaded.model, loaded.mean, loaded.std).eval()
     wrong = run_onnx(onnx_bytes(capture(loaded.model, shape), export_metadata(loaded)))
-    result = check_exported(reference, wrong, torch.rand(8, *shape))
+    inputs = torch.rand(8, *shape)
+    result = check_exported(reference, wrong, inputs)
     assert result["max_abs_diff"] > 100 * DEFAULT_TOLERANCE * result["logit_scale"]
+    assert result["max_abs_diff"] > 100 * FP32_ERROR_FACTOR * pytorch_fp32_error(reference, inputs)
 
 
 def cnnlab_cli(*args, env, check=True):
@@ -164,14 +172,22 @@ def test_export_pt2_writes_the_metadata_beside_it(trained_run, capsys):
         assert torch.allclose(module(x), want, atol=1e-5) and module(x[:1]).shape == (1, 3)
 
 
-def test_a_refused_export_exits_2_and_leaves_the_old_file(trained_run, tmp_path, capsys):
+def test_a_refused_export_exits_2_and_leaves_the_old_file(trained_run, tmp_path, capsys, monkeypatch):
     run, root, _, _ = trained_run
+    import cnnlab.engine.export as export
+    exact = export.run_onnx
+    def faulty(data):  # a runtime that is off by 0.01 on every logit
+        run = exact(data)
+        return lambda x: run(x) + 0.01
+
+    monkeypatch.setattr(export, "run_onnx", faulty)
     out = tmp_path / "model.onnx"
     out.write_bytes(b"previous export")
-    assert main(["export", str(run), "--out", str(out), "--tolerance", "1e-12", "--data-dir", str(root)]) == 2
+    assert main(["export", str(run), "--out", str(out), "--data-dir", str(root)]) == 2
     err = capsys.readouterr().err
-    assert f"error: {out} not written: the exported onnx model's logits differ from PyTorch's by up to" in err
-    assert "above the tolerance 1e-12 x" in err and "on 30 test images of imagefolder" in err
+    assert f"error: {out} not written: the exported onnx model's logits differ from PyTorch's by up to 0.01" in err
+    assert "on 30 test images of imagefolder, above the tolerance 0.0001 x" in err
+    assert "and above 4 x PyTorch's own fp32 error against float64" in err
     assert out.read_bytes() == b"previous export" and sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
 
 
