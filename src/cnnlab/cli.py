@@ -459,9 +459,31 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .engine.export import FP32_ERROR_FACTOR, export_model
+    from .engine.weights import load_weights
+
+    loaded = load_weights(args.target, "cpu", model_name=args.model, classes_file=args.classes)
+    r = export_model(loaded, args.out, args.format, opset=args.opset, tolerance=args.tolerance, data_dir=args.data_dir)
+    c, h, w = loaded.input_shape
+    kind = f"ONNX opset {r.opset}" if r.format == "onnx" else "torch.export program"
+    print(f"{r.path}: {loaded.meta['model']} as {kind}, {r.bytes / 2**20:.1f} MiB; input float32 N x {c} x {h} x {w} "
+          f"in [0, 1] (normalisation inside), output logits over {len(loaded.classes)} classes")
+    print(f"checked against PyTorch (fp32, eval) on {r.inputs} at batch {r.batch_sizes[0]} and {r.batch_sizes[1]}: "
+          f"max |logit difference| {r.max_abs_diff:.2g} (allowed {r.tolerance:g} x max |logit| {r.logit_scale:.3g}), "
+          f"top-1 agreement {r.top1_agree}/{r.top1_total}")
+    if r.fp32_error is not None:
+        print(f"(above the tolerance, but within {FP32_ERROR_FACTOR} x PyTorch's own fp32 error against float64, "
+              f"{r.fp32_error:.2g}: this network amplifies rounding, and the export is as exact as PyTorch itself)")
+    if r.metadata_path:
+        print(f"metadata: {r.metadata_path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .data.augment import AUGMENT_HELP
     from .engine.config import add_config_flags
+    from .engine.export import DEFAULT_OPSET, DEFAULT_TOLERANCE, FORMATS
     from .engine.recipes import RECIPES
     from .models.convnet import SPEC_HELP
 
@@ -512,6 +534,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("export", help="write a model as ONNX or a torch.export program, checked against PyTorch",
+                       description="Export a run's weights as ONNX (onnxruntime, TensorRT, browsers) or as a "
+                                   "torch.export program (.pt2). The file takes float32 N x C x H x W pixels in [0, 1] "
+                                   "with any batch size and returns logits; the training normalisation is inside it. "
+                                   "It is run on test images (or random inputs) and written only if its logits match "
+                                   "PyTorch's within --tolerance.")
+    p.add_argument("target", metavar="RUN_DIR|WEIGHTS")
+    p.add_argument("--format", choices=FORMATS, default="onnx")
+    p.add_argument("--out", metavar="FILE", help="default: next to the weights, model.onnx or model.pt2")
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
+    p.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE, help="largest |logit difference| allowed, "
+                   f"as a fraction of max(1, max |logit|) (default {DEFAULT_TOLERANCE:g}); a difference within 4x "
+                   "PyTorch's own fp32 error against float64 passes too")
+    p.add_argument("--data-dir", help="where the run's dataset is, for the check (default: where the run found it)")
+    p.add_argument("--model", help="model name for a plain state-dict file without a sidecar")
+    p.add_argument("--classes", help="text file of class names, one per line, in output order")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("summary", help="layers, output shapes, parameters and MACs of a model")
     p.add_argument("model")
