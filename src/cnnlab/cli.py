@@ -242,7 +242,7 @@ def cmd_predict(args) -> int:
         note = f"  (note: {'; '.join(result['notes'])})" if result["notes"] else ""
         print(f"{result['file']}: {best}{note}")
 
-    results, bad = predict_files(loaded, paths, top_k=args.top_k, on_result=show)
+    results, bad = predict_files(loaded, paths, top_k=args.top_k, on_result=show, precision=args.precision)
     if args.json:
         print(json.dumps({"results": results, "skipped": bad}))
     else:
@@ -531,6 +531,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="model name for a plain state-dict file without a sidecar (e.g. torchvision's "
                                    "resnet50 .pth; preprocessing is then ImageNet's resize 256, centre crop 224)")
     p.add_argument("--classes", help="text file of class names, one per line, in output order")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="auto: bf16 only where a probe measures it clearly faster here (as training decides)")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_predict)

@@ -85,9 +85,10 @@ def _batches(paths: list[Path], shape, batch_size: int, bad: list[dict], resize:
 
 @torch.inference_mode()
 def predict_files(loaded: LoadedModel, paths: list[Path], top_k: int = 5, batch_size: int = 256,
-                  on_result: Callable[[dict], None] | None = None) -> tuple[list[dict], list[dict]]:
+                  on_result: Callable[[dict], None] | None = None, precision: str = "auto"
+                  ) -> tuple[list[dict], list[dict]]:
     """Top-k classes with probabilities for each readable image; returns (results, bad files)."""
-    runtime = inference_runtime(next(loaded.model.parameters()).device)
+    runtime = inference_runtime(next(loaded.model.parameters()).device, precision)
     model = prepare_for_inference(loaded.model, runtime)
     device = runtime.device
     k = min(top_k, len(loaded.classes))
