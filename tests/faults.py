@@ -8,6 +8,9 @@
         the loss is finite but its gradient NaN at these steps
     CNNLAB_FAULT=readonly-cache       python tests/faults.py data fetch ...
         every write under $CNNLAB_CACHE fails with "Read-only file system"
+    CNNLAB_FAULT=stall-step:S:PART    python tests/faults.py train ...
+        step S stops inside its loss (PART=loss) or its backward pass (PART=backward), prints
+        "fault: stalled in step S (PART)" on stderr and waits there, for a test to kill it mid-step
 """
 from __future__ import annotations
 
@@ -59,6 +62,41 @@ def nan_loss(steps: set[int], in_gradient: bool = False):
     return loss
 
 
+def stall_in_step(step: int, part: str):
+    """A loss function for `cnnlab.fit(loss_fn=...)`: the usual loss, except that step `step` (counted from 1)
+    stops inside its loss or its backward pass, says so, and sleeps until it is killed."""
+    import time
+
+    import torch
+    from cnnlab.engine.trainer import cross_entropy
+    usual, calls = cross_entropy(0.1), [0]
+
+    def stall():
+        print(f"fault: stalled in step {step} ({part})", file=sys.stderr, flush=True)
+        time.sleep(600)
+
+    class StallBackward(torch.autograd.Function):
+        """The identity going forward; the backward pass stops here, before any parameter has its gradient."""
+
+        @staticmethod
+        def forward(ctx, x):
+            return x.view_as(x)
+
+        @staticmethod
+        def backward(ctx, grad):
+            stall()
+            return grad
+
+    def loss(logits, labels):
+        calls[0] += 1
+        if calls[0] == step and part == "loss":
+            stall()
+        if calls[0] == step and part == "backward":
+            logits = StallBackward.apply(logits)
+        return usual(logits, labels)
+    return loss
+
+
 def readonly_cache() -> None:
     cache = Path(os.environ["CNNLAB_CACHE"]).resolve()
 
@@ -99,6 +137,9 @@ if __name__ == "__main__":
         fit_options["loss_fn"] = nan_loss({int(s) for s in arg.split(",")})
     elif kind == "nan-grad":
         fit_options["loss_fn"] = nan_loss({int(s) for s in arg.split(",")}, in_gradient=True)
+    elif kind == "stall-step":
+        step, _, part = arg.partition(":")
+        fit_options["loss_fn"] = stall_in_step(int(step), part)
     elif kind == "readonly-cache":
         readonly_cache()
     else:

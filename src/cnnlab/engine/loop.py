@@ -26,6 +26,7 @@ class RunState:
     epoch: int = 0
     step: int = 0
     loss: float = float("nan")
+    lr: float = float("nan")  # the learning rate of the step just taken (before any per-group lr_scale)
     stop_requested: bool = False
 
 
@@ -155,7 +156,7 @@ def train_one_epoch(state: TrainState, step_model: nn.Module, loss_fn: Callable,
                                 (state.sums.correct + local[1].item() * runtime.world_size) / max(seen, 1),
                                 seen / max(elapsed, 1e-9))
             if callbacks:
-                run_state.epoch, run_state.step, run_state.loss = epoch, state.step, loss_value
+                run_state.epoch, run_state.step, run_state.loss, run_state.lr = epoch, state.step, loss_value, lr
                 for callback in callbacks:
                     callback(run_state)
         if runtime.distributed:

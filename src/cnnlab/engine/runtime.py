@@ -63,12 +63,22 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
     """'auto' takes CUDA when present; in a distributed run on CUDA each local rank takes its own GPU."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device {name!r} is not a device name; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError(f"device {name!r} asked for, but PyTorch sees no CUDA GPU; use --device cpu or auto")
+        count = torch.cuda.device_count()
         if device.index is None:
-            device = torch.device("cuda", local_rank % torch.cuda.device_count())
+            device = torch.device("cuda", local_rank % count)
+        elif device.index >= count:
+            raise ConfigError(f"device {name!r} asked for, but this machine has {count} CUDA GPU(s), cuda:0 to "
+                              f"cuda:{count - 1}; use --device cuda or one of those")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        # otherwise PyTorch fails later, after the data is loaded, with a RuntimeError
+        raise ConfigError(f"device {name!r} asked for, but PyTorch sees no Apple GPU (MPS); use --device cpu or auto")
     return device
 
 
