@@ -121,7 +121,8 @@ def test_results_hold_every_member_the_paper_and_the_verdict(killed_and_rerun):
     v = results["verdict"]
     by_name = {m["name"]: m for m in results["members"]}
     assert v["plain"]["shallowest"] == "plain8" and v["plain"]["deepest"] == "plain14"
-    assert v["plain"]["difference"] == pytest.approx(by_name["plain14"]["train_error"] - by_name["plain8"]["train_error"])
+    gap = by_name["plain14"]["train_error"] - by_name["plain8"]["train_error"]
+    assert v["plain"]["difference"] == pytest.approx(gap)
     assert v["degradation_shown"] == (v["plain"]["difference"] > v["tolerance"])
     assert v["residual_avoided_it"] == (v["residual"]["difference"] <= v["tolerance"])
     assert v["summary"].startswith("Degradation ")
@@ -278,8 +279,8 @@ def test_verdict_from_known_numbers():
     assert v["degradation_shown"] is True and v["residual_avoided_it"] is True
     assert v["plain"]["difference"] == pytest.approx(0.10) and v["residual"]["difference"] == pytest.approx(0.005)
     assert v["summary"] == ("Degradation showed: plain56 ended at 20.0% training error against plain20's 10.0% "
-                            "(+10.0 points; tolerance 1.0 points). The ResNets avoided it: resnet56 ended at 10.5% against "
-                            "resnet20's 10.0% (+0.5 points).")
+                            "(+10.0 points; tolerance 1.0 points). The ResNets avoided it: resnet56 ended at 10.5% "
+                            "against resnet20's 10.0% (+0.5 points).")
     flat = [member("plain20", "plain", 20, 0.10), member("plain56", "plain", 56, 0.105),
             member("resnet20", "residual", 20, 0.10), member("resnet56", "residual", 56, 0.30)]
     v = verdict(flat, tolerance=0.01)

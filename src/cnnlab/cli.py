@@ -305,17 +305,17 @@ def cmd_report(args) -> int:
     return 0
 
 
-_EXPERIMENT_EPILOG = """Every member is an ordinary run folder under --out (default experiments/<kind>-<time>/), trained by
-'cnnlab train' in a subprocess (its output in --out/logs/). Run the same command again after an interruption: finished
-members are kept, an interrupted one resumes from its checkpoint, the others start; a command asking for something
-else in the same folder is refused. --jobs N trains N members at once (member i on device i mod the --devices list;
-on CPU each gets --threads cores/N). --print-commands prints one 'cnnlab train' line per member instead of training
-(stdout) and the gather command (stderr); for a Slurm job array:
+_EXPERIMENT_EPILOG = """Every member is an ordinary run folder under --out (default experiments/<kind>-<time>/),
+trained by 'cnnlab train' in a subprocess (its output in --out/logs/). Run the same command again after an
+interruption: finished members are kept, an interrupted one resumes from its checkpoint, the others start; a
+command asking for something else in the same folder is refused. --jobs N trains N members at once (member i on
+device i mod the --devices list; on CPU each gets --threads cores/N). --print-commands prints one 'cnnlab train'
+line per member instead of training (stdout) and the gather command (stderr); for a Slurm job array:
   cnnlab experiment degradation --out exp ... --print-commands > members.txt
   sbatch --array=1-$(wc -l < members.txt) --wrap 'eval "$(sed -n ${SLURM_ARRAY_TASK_ID}p members.txt)"'
   cnnlab experiment gather exp      # afterwards: results.json and experiment.html from the member folders
 A member stopped on the cluster continues with 'cnnlab train --resume exp/MEMBER', or by running the experiment
-command itself. Train flags (below) pass through to every member."""
+command itself. Train flags (below) pass through to every member; a chosen recipe replaces the defaults shown."""
 
 
 def cmd_experiment(args) -> int:

@@ -27,7 +27,8 @@ def plot_error_curves(members: list[dict], title: str = "") -> bytes:
     depths = sorted({m["depth"] for m in members})
     colour = {d: _COLOURS[i % len(_COLOURS)] for i, d in enumerate(depths)}
     top = 0.0
-    for ax, kind, label, name in ((axes[0], "plain", "plain", "plain nets"), (axes[1], "residual", "ResNet", "ResNets")):
+    panels = ((axes[0], "plain", "plain", "plain nets"), (axes[1], "residual", "ResNet", "ResNets"))
+    for ax, kind, label, name in panels:
         for m in sorted((m for m in members if m["kind"] == kind and m.get("curves")), key=lambda m: m["depth"]):
             c = m["curves"]
             train = [100 * e for e in c["train_error"]]
@@ -55,7 +56,8 @@ def plot_error_curves(members: list[dict], title: str = "") -> bytes:
 
 _STYLE = """<style>
 body { font-family: system-ui, sans-serif; max-width: 1150px; margin: 2em auto; padding: 0 1em; color: #222; }
-table { border-collapse: collapse; font-size: 0.9em; } td, th { border: 1px solid #ddd; padding: 3px 8px; text-align: right; }
+table { border-collapse: collapse; font-size: 0.9em; }
+td, th { border: 1px solid #ddd; padding: 3px 8px; text-align: right; }
 th { background: #f3f3f3; } td:first-child, th:first-child { text-align: left; }
 img { max-width: 100%; } pre { background: #f6f6f6; padding: 0.8em; white-space: pre-wrap; font-size: 0.85em; }
 .note { color: #555; font-size: 0.9em; } .verdict { font-size: 1.05em; background: #eef4fa; padding: 0.6em 0.9em; }
