@@ -87,7 +87,8 @@ def test_models_lists_the_registry():
 
 
 @pytest.mark.parametrize("args, message", [
-    (["train", "--model", "nope"], "unknown model 'nope'; valid models: alexnet, cnn, convnet"),
+    (["train", "--model", "nope"],
+     "unknown model 'nope'; valid models: alexnet, cifar_plain, cifar_resnet, cnn, convnet"),
     (["train", "--lr", "-0.1"], "lr = -0.1 is invalid"),
     (["train", "--batch-size", "0"], "batch_size = 0 is invalid"),
     (["train", "--precision", "fp8"], "precision = 'fp8' is invalid; choices: auto, fp32, bf16"),

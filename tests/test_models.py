@@ -120,7 +120,8 @@ PUBLISHED_PARAMS = {
     "resnet152": 60_192_808, "wide_resnet50_2": 68_883_240, "resnext50_32x4d": 25_028_904,
     "resnet20": 269_722, "resnet32": 464_154, "resnet44": 658_586, "resnet56": 853_018, "resnet110": 1_727_962,
     "resnet1202": 19_421_274, "plain20": 269_722, "plain32": 464_154, "plain44": 658_586, "plain56": 853_018,
-    "plain110": 1_727_962, "resnet18_small_stem": 11_173_962,  # the latter as in kuangliu's pytorch-cifar
+    "plain110": 1_727_962, "cifar_resnet": 269_722, "cifar_plain": 269_722,  # depth 20 by default
+    "resnet18_small_stem": 11_173_962,  # the latter as in kuangliu's pytorch-cifar
     "alexnet": 61_100_840,
     "lenet5": 61_706,  # the modern LeNet-5 (full C3, linear output): 156 + 2,416 + 48,120 + 10,164 + 850
     # airbench94 counted by hand from airbench94.py's layers (trained tensors only; the frozen whitening filters

@@ -11,7 +11,7 @@ from ..errors import ModelError
 from .registry import register_model
 from .resnet import BasicBlock, NormLayer, init_weights, make_shortcut, zero_init_last_bn
 
-__all__ = ["CifarResNet"] + [f"resnet{d}" for d in (20, 32, 44, 56, 110, 1202)] + \
+__all__ = ["CifarResNet", "cifar_resnet", "cifar_plain"] + [f"resnet{d}" for d in (20, 32, 44, 56, 110, 1202)] + \
     [f"plain{d}" for d in (20, 32, 44, 56, 110)]
 
 
@@ -85,3 +85,15 @@ resnet56 = _residual(56, "853,018")
 resnet110 = _residual(110, "1,727,962")
 resnet1202 = _residual(1202, "19,421,274")
 plain20, plain32, plain44, plain56, plain110 = (_plain(d) for d in (20, 32, 44, 56, 110))
+
+
+@register_model
+def cifar_resnet(depth: int = 20, shortcut: str = "A", **kwargs) -> CifarResNet:
+    """CIFAR ResNet of any depth 6n+2 (`--model-arg depth=8`), He et al. 2016, Sec. 4.2."""
+    return CifarResNet(depth, shortcut=shortcut, **kwargs)
+
+
+@register_model
+def cifar_plain(depth: int = 20, **kwargs) -> CifarResNet:
+    """Plain CIFAR net of any depth 6n+2 (`--model-arg depth=8`): the ResNet without shortcuts."""
+    return CifarResNet(depth, shortcut=None, **kwargs)
