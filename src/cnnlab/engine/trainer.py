@@ -38,7 +38,9 @@ __all__ = ["fit", "resume_config", "TrainingError", "TrainingInterrupted", "DEFA
 
 # What `augment: auto` means: shifts and flips suit natural images and clothing; digits would change meaning.
 DEFAULT_AUGMENT = {"cifar10": "crop:4:reflect,flip", "cifar100": "crop:4:reflect,flip", "fashion-mnist": "none",
-                   "mnist": "none", "imagefolder": "flip"}
+                   "mnist": "none", "imagefolder": "flip",
+                   # the synthetic stand-ins do the work of the datasets whose shape they have
+                   "synthetic-cifar": "crop:4:reflect,flip", "synthetic-imagenet": "flip"}
 
 # Keys that fix the architecture and data: a resumed run may not change them.
 _FROZEN_ON_RESUME = ("model", "model_args", "dataset", "batch_size", "seed", "train_subset", "val_split", "augment",
