@@ -7,6 +7,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import cifar_convnet  # noqa: E402
+import ddp  # noqa: E402
 import default_train  # noqa: E402
 import formats  # noqa: E402
 import loader  # noqa: E402
@@ -17,5 +18,5 @@ import throughput  # noqa: E402
 
 if __name__ == "__main__":
     results = [formats.main(), loader.main(), throughput.main(), default_train.main(), cifar_convnet.main(),
-               resnet.main(), nan_check.main(), stream.main()]
+               resnet.main(), nan_check.main(), stream.main(), ddp.main()]
     raise SystemExit(0 if all(results) else 1)
