@@ -9,6 +9,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import airbench  # noqa: E402
 import cifar_convnet  # noqa: E402
+import ddp  # noqa: E402
 import default_train  # noqa: E402
 import formats  # noqa: E402
 import export  # noqa: E402
@@ -20,5 +21,5 @@ import throughput  # noqa: E402
 
 if __name__ == "__main__":
     results = [formats.main(), loader.main(), throughput.main(), default_train.main(), cifar_convnet.main(),
-               resnet.main(), nan_check.main(), stream.main(), export.main(), airbench.main()]
+               resnet.main(), nan_check.main(), stream.main(), export.main(), ddp.main(), airbench.main()]
     raise SystemExit(0 if all(results) else 1)

@@ -285,10 +285,10 @@ def test_decide_precision_and_channels_last_from_injected_timings():
 def test_cpu_probe_is_measured_once_per_thread_count_and_cached(monkeypatch, private_cache):
     calls = []
 
-    def fake_step_ms(precision, channels_last, repeats=3):
-        calls.append((precision, channels_last))
-        return {("fp32", False): 10.0, ("fp32", True): 8.0, ("bf16", True): 5.0}[precision, channels_last]
-    monkeypatch.setattr(rt, "_probe_step_ms", fake_step_ms)
+    def fake_steps_ms(rounds=5):
+        calls.extend(["fp32 NCHW", "fp32 channels_last", "bf16 channels_last"])
+        return {"fp32_nchw_ms": 10.0, "fp32_channels_last_ms": 8.0, "bf16_channels_last_ms": 5.0}
+    monkeypatch.setattr(rt, "_probe_steps_ms", fake_steps_ms)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)

@@ -311,7 +311,7 @@ def cmd_data(args) -> int:
     if args.action == "list":
         for spec in CATALOG.values():
             try:
-                _, folder, paths = locate(spec, args.data_dir) if spec.format not in ("imagefolder", "shards") \
+                _, folder, paths = locate(spec, args.data_dir) if spec.format not in ("imagefolder", "shards", "synthetic") \
                     else (None, None, [])
                 size = sum(p.stat().st_size for p in paths)
                 where = f"found in {folder} ({size / 2**20:.1f} MiB)" if folder else spec.how_to_get
@@ -331,6 +331,10 @@ def cmd_data(args) -> int:
     if not args.name:
         raise CnnlabError(f"'cnnlab data {args.action}' needs a dataset name: {', '.join(CATALOG)}")
     if args.action == "fetch":
+        if get_spec(args.name).format == "synthetic":
+            print(f"{args.name} is generated in memory whenever it is used; there is nothing to fetch")
+            print(load_dataset(args.name).describe())
+            return 0
         try:
             _, folder, _ = locate(get_spec(args.name), args.data_dir)
             print(f"{args.name} is already available in {folder}")

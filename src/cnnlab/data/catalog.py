@@ -33,7 +33,7 @@ class Archive:
 class DatasetSpec:
     name: str
     description: str
-    format: str  # idx | cifar10 | cifar100 | imagefolder
+    format: str  # idx | cifar10 | cifar100 | imagefolder | synthetic
     shape: tuple[int, int, int]  # C, H, W
     classes: tuple[str, ...]
     counts: dict[str, int]  # images per split
@@ -54,6 +54,15 @@ man maple_tree motorcycle mountain mouse mushroom oak_tree orange orchid otter p
 plain plate poppy porcupine possum rabbit raccoon ray road rocket rose sea seal shark shrew skunk skyscraper snail
 snake spider squirrel streetcar sunflower sweet_pepper table tank telephone television tiger tractor train trout tulip
 turtle wardrobe whale willow_tree wolf woman worm""".split())
+
+# Synthetic datasets have real datasets' shapes and counts but no files (cnnlab.data.synthetic); ImageNet-shaped
+# keeps ImageNet's 1,000 classes (so resnet50's head is the published one) with far fewer images.
+_SYNTHETIC_NOTE = "generated in memory (cnnlab.data.synthetic): nothing to download; for benchmarks and tests only"
+
+
+def _pattern_names(n: int) -> tuple[str, ...]:
+    return tuple(f"pattern{i}" for i in range(n))
+
 
 _IDX_NAMES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
@@ -135,6 +144,20 @@ CATALOG: dict[str, DatasetSpec] = {
             archive=Archive("cifar-100-python.tar.gz", "eb9058c3a382ffc7106e4002c42a8d85", "cifar-100-python"),
             how_to_get="'cnnlab data fetch cifar100', or --data-dir pointing at a folder holding "
                        "cifar-100-python/ or cifar-100-binary/",
+        ),
+        DatasetSpec(
+            name="synthetic-cifar",
+            description="SYNTHETIC, not real images: CIFAR-10's shape (32x32 RGB, 10 classes), class patterns plus "
+                        "noise",
+            format="synthetic", shape=(3, 32, 32), classes=_pattern_names(10), counts={"train": 50_000, "test": 10_000},
+            how_to_get=_SYNTHETIC_NOTE,
+        ),
+        DatasetSpec(
+            name="synthetic-imagenet",
+            description="SYNTHETIC, not real images: ImageNet's input shape (224x224 RGB, 1,000 classes), class "
+                        "patterns plus noise",
+            format="synthetic", shape=(3, 224, 224), classes=_pattern_names(1000),
+            counts={"train": 6_400, "test": 1_000}, how_to_get=_SYNTHETIC_NOTE,
         ),
         DatasetSpec(
             name="imagefolder",

@@ -31,7 +31,7 @@ __all__ = ["Runtime", "start_runtime", "pick_device", "pick_precision", "pick_ch
 # bf16 must win clearly: it also costs accuracy. channels_last only needs to be faster.
 BF16_MIN_SPEEDUP = 1.2
 CHANNELS_LAST_MIN_SPEEDUP = 1.05
-_PROBE_VERSION = 1
+_PROBE_VERSION = 2  # 2: settings interleaved, best of 5 rounds
 _FLAGS_OF_INTEREST = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile", "amx_int8")
 
 
@@ -84,15 +84,29 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
 
 # ---------------------------------------------------------------------------------------------- the CPU probe
 
-def _probe_step_ms(precision: str, channels_last: bool, repeats: int = 3) -> float:
-    """Milliseconds of one training step of a small conv net (batch 32, 3x32x32): the best of `repeats`."""
+_PROBE_SETTINGS = {"fp32_nchw_ms": ("fp32", False), "fp32_channels_last_ms": ("fp32", True),
+                   "bf16_channels_last_ms": ("bf16", True)}
+
+
+def _probe_steps_ms(rounds: int = 5) -> dict[str, float]:
+    """Milliseconds of one training step of a small conv net (batch 32, 3x32x32) in each setting: the best of
+    `rounds`, the settings taking turns so that a burst of load elsewhere hits them alike."""
     # a step needs autograd, also when inference code (inside inference_mode) asks for the decision
     with torch.inference_mode(False), torch.enable_grad(), torch.random.fork_rng(devices=[]):
-        return _probe_steps(precision, channels_last, repeats)
+        torch.manual_seed(0)
+        steps = {name: _probe_step(*setting) for name, setting in _PROBE_SETTINGS.items()}
+        for step in steps.values():  # the first step warms up oneDNN's kernels
+            step()
+        best = {name: float("inf") for name in steps}
+        for _ in range(rounds):
+            for name, step in steps.items():
+                tic = time.perf_counter()
+                step()
+                best[name] = min(best[name], (time.perf_counter() - tic) * 1000)
+        return best
 
 
-def _probe_steps(precision: str, channels_last: bool, repeats: int) -> float:
-    torch.manual_seed(0)
+def _probe_step(precision: str, channels_last: bool):
     model = torch.nn.Sequential(
         torch.nn.Conv2d(3, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(32, 64, 3, padding=1),
         torch.nn.ReLU(), torch.nn.MaxPool2d(2), torch.nn.Conv2d(64, 64, 3, padding=1), torch.nn.ReLU(),
@@ -100,15 +114,12 @@ def _probe_steps(precision: str, channels_last: bool, repeats: int) -> float:
     x, y = torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,))
     if channels_last:
         model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
-    best = float("inf")
-    for i in range(repeats + 1):  # the first step warms up oneDNN's kernels
-        tic = time.perf_counter()
+
+    def step() -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
             loss = torch.nn.functional.cross_entropy(model(x).float(), y)
         loss.backward()
-        if i:
-            best = min(best, time.perf_counter() - tic)
-    return best * 1000
+    return step
 
 
 def _probe_cache() -> Path:
@@ -129,9 +140,8 @@ def probe_cpu(log=None) -> dict:
             return cached[key]
     except (OSError, ValueError):
         cached = {}
-    result = {"fp32_nchw_ms": _probe_step_ms("fp32", False), "fp32_channels_last_ms": _probe_step_ms("fp32", True),
-              "bf16_channels_last_ms": _probe_step_ms("bf16", True), "threads": torch.get_num_threads(),
-              "cpu": device_name(torch.device("cpu")), "flags": cpu_flags(), "torch": torch.__version__}
+    result = {**_probe_steps_ms(), "threads": torch.get_num_threads(), "cpu": device_name(torch.device("cpu")),
+              "flags": cpu_flags(), "torch": torch.__version__}
     if log:
         log(f"measured this CPU once (cached in {path}): fp32 {result['fp32_nchw_ms']:.1f} ms NCHW, "
             f"{result['fp32_channels_last_ms']:.1f} ms channels_last; bf16 {result['bf16_channels_last_ms']:.1f} ms")

@@ -19,7 +19,9 @@ __all__ = ["TrainingData", "StreamedDataset", "choose_mode", "load_training_data
 
 # What `augment: auto` means: shifts and flips suit natural images and clothing; digits would change meaning.
 DEFAULT_AUGMENT = {"cifar10": "crop:4:reflect,flip", "cifar100": "crop:4:reflect,flip", "fashion-mnist": "none",
-                   "mnist": "none", "imagefolder": "flip"}
+                   "mnist": "none", "imagefolder": "flip",
+                   # the synthetic stand-ins do the work of the datasets whose shape they have
+                   "synthetic-cifar": "crop:4:reflect,flip", "synthetic-imagenet": "flip"}
 
 
 @dataclass
