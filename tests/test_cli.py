@@ -88,11 +88,11 @@ def test_models_lists_the_registry():
 
 @pytest.mark.parametrize("args, message", [
     (["train", "--model", "nope"],
-     "unknown model 'nope'; valid models: alexnet, cifar_plain, cifar_resnet, cnn, convnet"),
+     "unknown model 'nope'; valid models: airbench94, alexnet, cifar_plain, cifar_resnet, cnn, convnet"),
     (["train", "--lr", "-0.1"], "lr = -0.1 is invalid"),
     (["train", "--batch-size", "0"], "batch_size = 0 is invalid"),
     (["train", "--precision", "fp8"], "precision = 'fp8' is invalid; choices: auto, fp32, bf16"),
-    (["train", "--epochs", "two"], "epochs: expected int, got str 'two'"),
+    (["train", "--epochs", "two"], "epochs: expected float, got str 'two'"),
     (["summary", "convnet", "--model-arg", "spec=c5"], "takes no argument(s) spec"),
 ])
 def test_bad_input_is_refused_before_any_work(args, message, tmp_path):

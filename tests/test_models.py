@@ -138,7 +138,15 @@ def _test_input(model) -> tuple[int, int, int]:
     return getattr(model, "in_channels", 3), min(h, TEST_SIDE_CAP), min(w, TEST_SIDE_CAP)
 
 
-@pytest.mark.parametrize("name", list_models())
+# The largest nets take minutes each on a 2-core CPU: the default suite covers every family with a smaller member.
+HEAVY = {"resnet101", "resnet152", "resnet1202", "resnet110", "plain110", "wide_resnet50_2", "resnext50_32x4d"}
+
+
+def registry(heavy_marked_slow: bool = True) -> list:
+    return [pytest.param(n, marks=pytest.mark.slow) if heavy_marked_slow and n in HEAVY else n for n in list_models()]
+
+
+@pytest.mark.parametrize("name", registry())
 def test_every_registered_model_trains(name):
     """Registry-driven: output shape, a gradient for every parameter, train and eval modes."""
     torch.manual_seed(0)
@@ -174,7 +182,7 @@ BF16_TOLERANCE = 0.03
 CHAOTIC_AT_INIT = {"plain32", "plain44", "plain56", "plain110"}
 
 
-@pytest.mark.parametrize("name", list_models())
+@pytest.mark.parametrize("name", registry())
 def test_bf16_autocast_with_channels_last_agrees_with_fp32(name):
     torch.manual_seed(0)
     # residual branches start at zero (a common init), which keeps an untrained deep net's activations in range

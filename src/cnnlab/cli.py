@@ -284,9 +284,11 @@ def cmd_models(args) -> int:
     from .models.registry import model_entrypoint
     from .models.summary import summarize
 
+    import torch
     rows = []
     for name in list_models():
-        model = create_model(name)
+        with torch.device("meta"):  # shapes, parameter counts and MACs need no memory and no arithmetic
+            model = create_model(name)
         size = _native_input(model)
         info = summarize(model, size)
         doc = (model_entrypoint(name).__doc__ or "").strip().splitlines()[0]
