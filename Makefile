@@ -1,12 +1,12 @@
 # Two commands on a fresh machine: `make demo` (set up, then train the lecture's convnet on Fashion-MNIST)
-# and `make test` (set up, then the whole test suite). Everything else is a step they share.
+# and `make test` (set up, then the default test suite). Everything else is a step they share.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 # The pinned release takes the CPU build where this machine keeps one on disk, and PyPI's build elsewhere.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test test-fast fuzz bench venv data clean
+.PHONY: demo test test-slow test-all test-fast fuzz bench venv data clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,7 +29,15 @@ data: venv
 demo: data
 	$(BIN)/cnnlab train
 
+# The default suite: every test but the slow-marked ones (more kill points, 1,000 fuzz examples per parser, the
+# largest models, predict over 10,000 files), which `make test-slow` runs and CI runs as well.
 test: data
+	$(BIN)/python -m pytest -m "not slow"
+
+test-slow: data
+	$(BIN)/python -m pytest -m slow
+
+test-all: data
 	$(BIN)/python -m pytest
 
 test-fast: venv

@@ -24,6 +24,9 @@ from cnnlab.models.registry import accepts
 # One model per family in the default suite (each takes 5-15 s of CPU: the ONNX translation dominates); the
 # rest, deeper copies of the same blocks, in the slow suite.
 FAST = {"convnet", "convnet_module", "cnn", "resnet20", "resnet18"}
+# resnet1202 is resnet20's block 200 times over and takes up to a quarter of an hour to trace on 2 cores;
+# resnet20, 56 and 110 cover its graph.
+LEFT_OUT = {"resnet1202"}
 
 
 def _input_shape(name: str) -> tuple[int, int, int]:
@@ -58,7 +61,7 @@ def _random_model(name: str, shape, num_classes: int = 10) -> LoadedModel:
 
 
 @pytest.mark.parametrize("name", [n if n in FAST else pytest.param(n, marks=pytest.mark.slow)
-                                  for n in cnnlab.list_models()])
+                                  for n in cnnlab.list_models() if n not in LEFT_OUT])
 def test_every_registered_model_exports_to_onnx_and_pt2(name):
     shape = _input_shape(name)
     loaded = _random_model(name, shape)
