@@ -27,8 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from common import conditions, stats
+from common import conditions, stats, train_on
 from PIL import Image
 
 from cnnlab.data.stream import FolderStreamLoader, open_image_folder
@@ -91,17 +90,6 @@ def tiny_model() -> nn.Module:
                          nn.Linear(8, 10))
 
 
-def train_epoch(model, opt, batches) -> int:
-    n = 0
-    for x, y in batches:
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        n += len(y)
-    return n
-
-
 def bench_speed(root: Path, repeats: int) -> tuple[list[float], list[float]]:
     source = open_image_folder(root)
     ours = FolderStreamLoader(source, "train", BATCH, image_size=SIZE, mean=MEAN, std=STD, workers=WORKERS)
@@ -110,12 +98,12 @@ def bench_speed(root: Path, repeats: int) -> tuple[list[float], list[float]]:
     rates = {"ours": [], "theirs": []}
     model = tiny_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    train_epoch(model, opt, ours)  # start the workers of both, once
-    train_epoch(model, opt, theirs)
+    train_on(model, opt, ours)  # start the workers of both, once
+    train_on(model, opt, theirs)
     for _ in range(repeats):  # alternate, so that load from other users of the machine hits both alike
         for name, batches in (("theirs", theirs), ("ours", ours)):
             start = time.perf_counter()
-            n = train_epoch(model, opt, batches)
+            n = train_on(model, opt, batches)
             rates[name].append(n / (time.perf_counter() - start))
     ours.close()
     return rates["ours"], rates["theirs"]
@@ -222,7 +210,7 @@ def memory_child(root: str) -> None:
     source = open_image_folder(root)
     loader = FolderStreamLoader(source, "train", BATCH, image_size=SIZE, mean=MEAN, std=STD, workers=WORKERS)
     model = tiny_model()
-    train_epoch(model, torch.optim.SGD(model.parameters(), lr=0.01), loader)
+    train_on(model, torch.optim.SGD(model.parameters(), lr=0.01), loader)
     hwm = sum(_status_kb(p, "VmHWM") for p in _tree(os.getpid()))  # the workers are still alive (persistent)
     done.set()
     print(json.dumps({"sampled_rss_kb": peak[0], "vmhwm_kb": hwm, "files": source.count("train")}))

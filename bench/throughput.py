@@ -13,8 +13,7 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from common import conditions, no_data, shared_cifar10, stats
+from common import conditions, no_data, shared_cifar10, stats, train_on
 from PIL import Image
 
 from cnnlab import TrainConfig, create_model, fit
@@ -47,15 +46,7 @@ class PILDataset(torch.utils.data.Dataset):
 
 
 def train_steps(model, batches) -> int:
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    n = 0
-    for x, y in batches:
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        n += len(y)
-    return n
+    return train_on(model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9), batches)
 
 
 def conventional(data, mean, std, model_name: str = "convnet", images: int = IMAGES) -> float:
