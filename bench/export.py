@@ -1,6 +1,6 @@
 """Inference throughput of an exported model on onnxruntime's CPU provider against cnnlab's own PyTorch inference
-(engine/evaluate.py prepare_for_inference: eval, channels_last, inference_mode, bf16 autocast only where the CPU
-has it natively), both on 2 threads, in the same run. Where cnnlab picks bf16, plain fp32 PyTorch is measured too,
+(engine/evaluate.py inference_runtime + prepare_for_inference: eval, the memory format and bf16 autocast that
+cnnlab's measured CPU probe picks), both on 2 threads, in the same run. Where cnnlab picks bf16, plain fp32 PyTorch is measured too,
 so that the fp32 ONNX model also has an fp32 baseline.
 
 Run: python bench/export.py. Random weights: speed does not depend on their values.
@@ -16,7 +16,7 @@ import torch
 from common import conditions, stats
 
 from cnnlab import create_model
-from cnnlab.engine.evaluate import autocast_for, prepare_for_inference
+from cnnlab.engine.evaluate import inference_runtime, prepare_for_inference
 from cnnlab.engine.export import WithNormalisation, capture, onnx_bytes, run_onnx
 
 THREADS = 2
@@ -48,17 +48,20 @@ def measure(name: str, shape: tuple[int, int, int], batches, repeats: int = 5) -
     fp32 = WithNormalisation(create_model(name), [0.5] * 3, [0.25] * 3).eval()
     session = run_onnx(onnx_bytes(capture(fp32, shape), {"model": name, "input": "[0, 1]", "output": "logits"}),
                        threads=THREADS)
-    tuned, bf16 = prepare_for_inference(copy.deepcopy(fp32), device)
-    time_runtimes(name, shape, batches, repeats, session, fp32, tuned, bf16)
+    runtime = inference_runtime(device)
+    print(f"cnnlab picks {runtime.precision} ({runtime.precision_reason}), channels_last {runtime.channels_last} "
+          f"({runtime.channels_last_reason})")
+    tuned = prepare_for_inference(copy.deepcopy(fp32), runtime)
+    time_runtimes(name, shape, batches, repeats, session, fp32, tuned, runtime)
 
 
 @torch.inference_mode()
-def time_runtimes(name, shape, batches, repeats, session, fp32, tuned, bf16) -> None:
-    device = torch.device("cpu")
+def time_runtimes(name, shape, batches, repeats, session, fp32, tuned, runtime) -> None:
+    bf16 = runtime.precision == "bf16"
 
     def cnnlab_run(x):
-        with autocast_for(device, bf16):
-            return tuned(x.contiguous(memory_format=torch.channels_last))
+        with runtime.autocast():
+            return tuned(x.contiguous(memory_format=runtime.memory_format))
 
     runners = {"onnxruntime fp32": lambda x: session(x.numpy()),
                f"cnnlab PyTorch {'bf16' if bf16 else 'fp32'}": cnnlab_run}

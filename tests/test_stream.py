@@ -108,8 +108,10 @@ def test_evaluation_over_ranks_sees_every_image_once(tmp_path):
     kwargs = {"image_size": 8, "mean": [0] * 3, "std": [1] * 3}
     ranks = [FolderStreamLoader(source, "test", 4, rank=r, world_size=2, **kwargs) for r in range(2)]
     seen = [[n for x, _ in rank for n in sample_numbers(x)] for rank in ranks]
-    assert [len(r) for r in ranks] == [2, 3]  # 4 + 4 + 1 images: the last global batch has one, for rank 1
-    assert seen == [[0, 3, 4, 7], [6, 1, 2, 5, 8]]  # files sorted by class: 0 3 6 | 1 4 7 | 2 5 8
+    # each rank a consecutive share of the split (4 and 5 of 9 images, in batches of 2), so that the shares
+    # joined in rank order are the split's order: files sorted by class, 0 3 6 | 1 4 7 | 2 5 8
+    assert [len(r) for r in ranks] == [2, 3]
+    assert seen == [[0, 3, 6, 1], [4, 7, 2, 5, 8]]
 
 
 def test_a_batch_size_the_world_size_does_not_divide_is_refused(tmp_path):

@@ -69,27 +69,44 @@ def image_folder_files(root: Path) -> list[Path]:
     return files
 
 
+def _peek(path: Path) -> tuple[str, tuple[int, int]]:
+    """An image's mode and its size as shown (EXIF orientations 5-8 swap width and height), from its header."""
+    try:
+        with Image.open(path) as im:
+            width, height = im.size
+            swapped = im.getexif().get(0x0112, 1) in (5, 6, 7, 8)
+            return im.mode, ((height, width) if swapped else (width, height))
+    except Exception:  # a header PIL cannot read: open_image gives the error that names the file
+        _decode(path)
+        raise DatasetError(f"{path}: not a readable image; remove or replace it") from None
+
+
+def _decode(path: Path) -> Image.Image:
+    try:
+        return ImageOps.exif_transpose(open_image(path))
+    except ImageError as exc:
+        raise DatasetError(f"{exc}; remove or replace it") from None
+
+
 def decode_image_folder(root: Path, files: list[Path], log: Callable[[str], None] = print,
                         image_size: int | None = None) -> tuple[dict[str, np.ndarray], list[str], list[dict]]:
     """Decode all images to one mode (L if all are greyscale, else RGB) and one size: with `image_size`, the
     shorter side resized to it and the centre square kept; without, the most common size (others resized)."""
     classes = image_folder_classes(root)
-    opened = []
-    for path in files:
-        try:
-            opened.append((path, ImageOps.exif_transpose(open_image(path))))
-        except ImageError as exc:
-            raise DatasetError(f"{exc}; remove or replace it") from None
-    grayscale = all(im.mode in GRAY_MODES for _, im in opened)
+    # First the headers only (mode, size as shown after EXIF rotation), so that memory never holds more than
+    # one full-resolution image: a folder of 12-megapixel photos decoded at --image-size 64 stays small.
+    headers = [(path, _peek(path)) for path in files]
+    grayscale = all(im_mode in GRAY_MODES for _, (im_mode, _) in headers)
     mode = "L" if grayscale else "RGB"
     if image_size is None:
-        size = Counter(im.size for _, im in opened).most_common(1)[0][0]
-        resized = sum(im.size != size for _, im in opened)
+        size = Counter(im_size for _, (_, im_size) in headers).most_common(1)[0][0]
+        resized = sum(im_size != size for _, (_, im_size) in headers)
         if resized:
-            log(f"note: {resized} of {len(opened)} images resized to {size[0]}x{size[1]}, the most common size; "
+            log(f"note: {resized} of {len(headers)} images resized to {size[0]}x{size[1]}, the most common size; "
                 "choose the size with --image-size")
     else:
         size = (image_size, image_size)
+    opened = ((path, _decode(path)) for path, _ in headers)
     arrays: dict[str, list] = {"train_images": [], "train_labels": [], "test_images": [], "test_labels": []}
     for path, im in opened:
         im = to_model_mode(im, mode)

@@ -257,14 +257,15 @@ class StreamingLoader:
     def bad_count(self) -> int:
         return len(self._bad)
 
-    def check_bad_images(self, total: int | None = None) -> None:
+    def check_bad_images(self, total: int | None = None, limit: int | None = None) -> None:
         """Raise TooManyBadImages if `total` (default: this rank's count; under DDP pass the sum over ranks)
-        exceeds max_bad_images."""
+        exceeds `limit` (default: max_bad_images)."""
         total = self.bad_count if total is None else total
-        if total > self.max_bad_images:
+        limit = self.max_bad_images if limit is None else limit
+        if total > limit:
             shown = "; ".join(f"{f}: {e}" for f, e in list(self._bad.items())[:3])
             raise TooManyBadImages(
-                f"{total} unreadable images, more than the {self.max_bad_images} allowed (max_bad_images; the "
+                f"{total} unreadable images, more than the {limit} allowed (max_bad_images; the "
                 f"default is {BAD_IMAGE_FRACTION:.1%} of the split). First: {shown}. Remove or replace them, "
                 "or raise --max-bad-images")
 
@@ -392,15 +393,17 @@ class FolderStreamLoader(StreamingLoader):
         return len(self._slices())
 
     def _slices(self) -> list[slice]:
-        """This rank's contiguous part of each global batch of the epoch order (drop_last when training; the
-        last evaluation batch may be short, and a rank's part of it empty)."""
+        """Training: this rank's contiguous part of each global batch of the epoch order (drop_last).
+        Evaluation: this rank's consecutive share of the split, in batches of its part of the batch size, so
+        that the ranks' results joined in rank order are the split's order (as InMemoryLoader does)."""
         n, size = len(self.indices), self.batch_size
+        if not self.train:
+            lo, hi = n * self.rank // self.world_size, n * (self.rank + 1) // self.world_size
+            step = max(size // self.world_size, 1)
+            return [slice(start, min(start + step, hi)) for start in range(lo, hi, step)]
         out = []
-        for start in range(0, n - size + 1 if self.train else n, size):
-            m = min(size, n - start)
-            part = slice(start + self.rank * m // self.world_size, start + (self.rank + 1) * m // self.world_size)
-            if part.stop > part.start:
-                out.append(part)
+        for start in range(0, n - size + 1, size):
+            out.append(slice(start + self.rank * size // self.world_size, start + (self.rank + 1) * size // self.world_size))
         return out
 
     def _order(self, epoch: int) -> np.ndarray:

@@ -343,15 +343,19 @@ def export_model(loaded: LoadedModel, out: str | Path | None = None, fmt: str = 
 
 
 def compare_with_predict(onnx_path: str | Path, loaded: LoadedModel, image_paths: Iterable[str | Path],
-                         predictions: list[dict] | None = None, batch_sizes: tuple[int, ...] = (1, 64)) -> dict:
+                         predictions: list[dict] | None = None, batch_sizes: tuple[int, ...] = (1, 64),
+                         precision: str = "auto") -> dict:
     """Classify `image_paths` with an exported ONNX file and with `cnnlab predict` (its JSON results as
     `predictions`, or predict_files run here) and return the largest probability difference and the top-1
-    agreement for each batch size; images are repeated to fill a batch."""
+    agreement for each batch size; images are repeated to fill a batch. `precision` is the one predict ran
+    (or runs) at: bf16 autocast agrees to about three digits, fp32 to about seven."""
     from .predict import load_image, predict_files
+    from .runtime import pick_precision
 
+    precision, _ = pick_precision(precision, next(loaded.model.parameters()).device)
     paths = [Path(p) for p in image_paths]
     if predictions is None:
-        predictions, _ = predict_files(loaded, paths, top_k=len(loaded.classes))
+        predictions, _ = predict_files(loaded, paths, top_k=len(loaded.classes), precision=precision)
     by_file = {str(r["file"]): r for r in predictions}
     known = [p for p in paths if str(p) in by_file]
     if not known:
@@ -359,8 +363,6 @@ def compare_with_predict(onnx_path: str | Path, loaded: LoadedModel, image_paths
     pixels = np.stack([load_image(p, loaded.input_shape, loaded.meta.get("resize"))[0] for p in known])
     images = pixels.astype(np.float32) / 255
     run = run_onnx(Path(onnx_path).read_bytes())
-    from .trainer import pick_precision  # predict's own rule: bf16 autocast where the device computes it natively
-    precision = pick_precision("auto", next(loaded.model.parameters()).device)
     report = {"images": len(known), "predict_precision": precision, "batches": {}}
     for batch in batch_sizes:
         reps = -(-max(batch, len(images)) // len(images))

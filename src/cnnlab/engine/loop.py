@@ -167,12 +167,12 @@ def train_one_epoch(state: TrainState, step_model: nn.Module, loss_fn: Callable,
         elif wanted() is not None:
             stop = wanted()
             break
+        if between_steps is not None:  # before a checkpoint, so that a resume from it does not skip it
+            between_steps(state.step)
         if rules.checkpoint_every and state.step % rules.checkpoint_every == 0 and loader.position < steps_per_epoch:
             accumulate(state.sums, local, time.perf_counter() - tic, runtime)
             tic = time.perf_counter()
             save_checkpoint()
-        if between_steps is not None:
-            between_steps(state.step)
         if state.step >= rules.total_steps and loader.position < steps_per_epoch:
             break  # max_steps reached mid-epoch
     accumulate(state.sums, local, time.perf_counter() - tic, runtime)

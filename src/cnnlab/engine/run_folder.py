@@ -82,10 +82,15 @@ class RunFolder:
 
     def open(self, resume: bool | str, stack: contextlib.ExitStack, log: Callable[[str], None]) -> bool:
         """Refuse to overwrite a run, lock the folder and tidy it; returns whether to resume from a checkpoint.
-        `resume="auto"` resumes when there is a checkpoint and starts otherwise."""
+        `resume="auto"` resumes when there is a checkpoint and starts otherwise; "restart" (workers restarted
+        by torchrun) does so only in a folder this launch made (its TORCHELASTIC_RUN_ID stamped in it)."""
         decision = None
         if self.runtime.is_main:
             has_run = self.checkpoints.exists()
+            stamp = self.path / ".torchrun-launch"
+            if resume == "restart":  # workers restarted by torchrun continue only the folder their launch made
+                same = stamp.is_file() and stamp.read_text().strip() == str(self.runtime.elastic_run_id)
+                resume = "auto" if same else False
             if resume is False and has_run:
                 raise ConfigError(f"{self.path} already holds a run; resume it with 'cnnlab train --resume "
                                   f"{self.path}' or choose another --run-dir")
@@ -99,6 +104,8 @@ class RunFolder:
                 if resume is True and not has_run:  # stopped before its first checkpoint: nothing to lose
                     log(f"{self.path} has no checkpoint yet; starting it from the beginning")
             decision = bool(resume) and has_run
+            if self.runtime.elastic_run_id:
+                save_atomic(str(self.runtime.elastic_run_id).encode(), stamp)
         return bool(self.runtime.broadcast(decision))
 
     @contextlib.contextmanager
@@ -113,7 +120,8 @@ class RunFolder:
 
     def _remove_if_left_empty(self) -> None:
         """A run that failed before it wrote anything leaves no folder behind (only its lock file)."""
-        if self._made_here and self.path.is_dir() and {p.name for p in self.path.iterdir()} <= {".lock"}:
+        if self._made_here and self.path.is_dir() and {p.name for p in self.path.iterdir()} <= {".lock",
+                                                                                                 ".torchrun-launch"}:
             shutil.rmtree(self.path, ignore_errors=True)
 
     # ------------------------------------------------------------------------------------ writing
@@ -147,10 +155,10 @@ class RunFolder:
     def save_checkpoint(self, state: TrainState, header: dict) -> None:
         """Every rank's generators are gathered (a collective: a rank whose peer died fails here and writes
         nothing), then rank 0 writes the checkpoint."""
-        rngs = self.runtime.gather(rng_state(self.runtime.device))
+        ranks = self.runtime.gather({"rng": rng_state(self.runtime.device), "loader": state.loader.state_dict()})
         if self.runtime.is_main:
-            self.checkpoints.save({**header, **state.state_dict(), "rng": rngs,
-                                   "world_size": self.runtime.world_size})
+            self.checkpoints.save({**header, **state.state_dict(), "rng": [r["rng"] for r in ranks],
+                                   "loaders": [r["loader"] for r in ranks], "world_size": self.runtime.world_size})
 
     def load_checkpoint(self, log: Callable[[str], None]) -> dict:
         """Rank 0 reads and verifies the newest good checkpoint; every rank gets it."""
@@ -164,9 +172,17 @@ class RunFolder:
         if lacking:
             raise CheckpointError(f"{self.path}: the checkpoint lacks {', '.join(lacking)}; it was not written by "
                                   "this version of cnnlab's trainer. Start a new run")
-        state.load_state_dict(saved)
         rngs = saved["rng"] if isinstance(saved["rng"], list) else [saved["rng"]]
         rank = self.runtime.rank
+        loaders = saved.get("loaders") or []
+        if len(loaders) == self.runtime.world_size:  # each rank's own (a streamed split's bad images differ)
+            saved = {**saved, "loader": loaders[rank]}
+        try:
+            state.load_state_dict(saved)
+        except (KeyError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(f"{self.path}: the checkpoint does not fit this run's model or optimiser "
+                                  f"({type(exc).__name__}: {str(exc)[:160]}); resume with the run's own settings, or "
+                                  "start a new run with --init-from") from None
         note = set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0], self.runtime.device)
         if note and self.runtime.is_main:
             log(f"note: {note}")

@@ -15,7 +15,7 @@ import json
 import os
 import platform
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -67,6 +67,9 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
         device = torch.device(name)
     except RuntimeError:
         raise ConfigError(f"device {name!r} is not a device name; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and device.index is not None and int(os.environ.get("LOCAL_WORLD_SIZE", 1)) > 1:
+        raise ConfigError(f"--device {name} would put every process of this machine on one GPU; give --device cuda "
+                          "(or auto): each local rank then takes its own GPU")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError(f"device {name!r} asked for, but PyTorch sees no CUDA GPU; use --device cpu or auto")
@@ -155,7 +158,8 @@ def probe_cpu(log=None) -> dict:
 
 def decide_precision(probe: dict) -> tuple[str, str]:
     """(precision, why) from probe timings: bf16 only where it is clearly faster than fp32."""
-    fp32, bf16 = probe["fp32_channels_last_ms"], probe["bf16_channels_last_ms"]
+    fp32 = min(probe["fp32_nchw_ms"], probe["fp32_channels_last_ms"])  # against fp32 at its best layout
+    bf16 = probe["bf16_channels_last_ms"]
     speedup = fp32 / bf16
     if speedup >= BF16_MIN_SPEEDUP:
         return "bf16", f"bf16 autocast measured {speedup:.2f}x faster than fp32 on this CPU"
@@ -222,7 +226,6 @@ class Runtime:
     local_world_size: int = 1
     restart_count: int = 0
     elastic_run_id: str | None = None
-    notes: list[str] = field(default_factory=list)
 
     @property
     def is_main(self) -> bool:

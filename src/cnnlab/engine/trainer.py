@@ -40,7 +40,8 @@ __all__ = ["fit", "resume_config", "TrainingError", "TrainingInterrupted", "DEFA
 
 # Keys that fix the architecture and data: a resumed run may not change them.
 _FROZEN_ON_RESUME = ("model", "model_args", "dataset", "batch_size", "seed", "train_subset", "val_split", "augment",
-                     "image_size", "init_from")
+                     "image_size", "init_from", "optimizer", "param_groups", "momentum", "nesterov", "weight_decay",
+                     "lookahead_every", "lookahead_start_epoch")
 
 
 class TrainingError(CnnlabError):
@@ -145,6 +146,10 @@ def _check_resumable(saved: dict, header: dict, folder: RunFolder, cfg: TrainCon
     if saved.get("data") != header["data"]:
         raise CheckpointError(f"{folder.path}: the dataset found now ({data.dataset.source}) is not the one the run "
                               "was trained on, so the resumed run could not match; point --data-dir at the original copy")
+    streams = saved.get("loader", {}).get("streams")
+    if streams is not None and streams != getattr(data.train, "streams", streams):
+        raise ConfigError(f"{folder.path}: the run read its shards as {streams} streams (--workers {streams}); resume it "
+                          "with the same --workers, which fixes the order of the samples")
     old_total, step = saved.get("total_steps", total_steps), int(saved["step"])
     if old_total == total_steps or step == 0:
         return
@@ -211,6 +216,7 @@ def fit(cfg: TrainConfig, *, resume: bool | str = False, callbacks: Sequence[Cal
         # --- setup: where to compute, the data, the model, the optimiser, the schedule, the run folder
         runtime = stack.enter_context(start_runtime(cfg.device, cfg.precision, cfg.channels_last, cfg.threads,
                                                     cfg.deterministic, log))
+        cfg = runtime.broadcast(cfg)  # rank 0's config for all: ranks on other machines may read other files
         say = log if runtime.is_main else _quiet
         _check_model_fits_the_catalogue(cfg)
         _seed_everything(cfg.seed)
@@ -220,13 +226,14 @@ def fit(cfg: TrainConfig, *, resume: bool | str = False, callbacks: Sequence[Cal
         model, arch = build_model(cfg, data, runtime)
         state = TrainState(model, build_training_optimizer(cfg, model), data.train)
         steps_per_epoch = len(data.train)
-        total_steps = min(math.ceil(cfg.epochs * steps_per_epoch), cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch))
+        planned = math.ceil(round(cfg.epochs * steps_per_epoch, 6))  # 1.1 * 50 is 55.000000000000007 in floats
+        total_steps = min(planned, cfg.max_steps or planned)
         lr_at = build_schedule(cfg.schedule, cfg.lr, total_steps, steps_per_epoch=steps_per_epoch,
                                **_schedule_options(cfg))
         if cfg.lookahead_every:
             state.extras["lookahead"] = Lookahead(model, cfg.lookahead_every, cfg.lookahead_start_epoch, total_steps)
         folder = RunFolder.choose(cfg, runtime)
-        resume = folder.open(resume or ("auto" if runtime.restart_count else False), stack, say)
+        resume = folder.open(resume or ("restart" if runtime.restart_count else False), stack, say)
         cfg = dataclasses.replace(cfg, run_dir=str(folder.path))
         header = {"arch": arch, "data": data.fingerprint, "config": dataclasses.asdict(cfg), "total_steps": total_steps}
 
@@ -246,6 +253,7 @@ def fit(cfg: TrainConfig, *, resume: bool | str = False, callbacks: Sequence[Cal
                 raise TrainingError(f"step {state.step}: the weights hold NaN or infinite values; training stopped "
                                     f"without overwriting the last good checkpoint in {folder.path}. Try a lower --lr "
                                     "or --grad-clip 1.0")
+            data.check_bad_images(runtime)
             state.notes["wall_seconds"] = clock()
             loggers.flush()
             folder.save_checkpoint(state, header)
@@ -348,6 +356,7 @@ def _resume(state: TrainState, folder: RunFolder, header: dict, cfg: TrainConfig
                 f"run from its weights: cnnlab train --init-from {folder.path} --epochs N")
         return runtime.broadcast(done)
     say(f"resuming {folder.path} at epoch {data.train.epoch + 1}, step {state.step}")
+    _trim_evals(folder, state.step)
     return None
 
 
@@ -389,7 +398,7 @@ def _finish(cfg: TrainConfig, folder: RunFolder, runtime: Runtime, data: Trainin
         labels = data.dataset.test_labels
         if labels is not None and len(labels) == len(preds):  # streaming may have skipped unreadable images
             folder.write_predictions(losses, preds, labels)
-    bad = data.bad_images()
+    bad = data.bad_images(runtime)
     summary = {
         "test_accuracy": final["accuracy"], "test_loss": final["loss"], "test_top5": final.get("top5"),
         "test_tta": cfg.tta, "test_per_class": final["per_class"], "test_confusion": final["confusion"],
@@ -445,6 +454,15 @@ class _Thresholds:
 
     def table(self) -> dict:
         return dict(self.reached)
+
+
+def _trim_evals(folder: RunFolder, step: int) -> None:
+    """On resume, forget the mid-epoch evaluations after the checkpoint's step: they are made again."""
+    path = folder.path / "evals.csv"
+    if folder.runtime.is_main and path.is_file():
+        lines = path.read_text().splitlines()
+        kept = lines[:1] + [line for line in lines[1:] if int(line.split(",", 1)[0]) <= step]
+        folder.write("evals.csv", ("\n".join(kept) + "\n").encode())
 
 
 def _append_eval(folder: RunFolder, step: int, epochs: float, result: dict, seconds: float) -> None:

@@ -40,12 +40,26 @@ class TrainingData:
     mode: str = "memory"  # or "stream"
     mode_reason: str = ""
     train_images: torch.Tensor | None = None  # uint8, in memory mode (for models that prepare from data)
+    bad_limits: tuple[int, int] = (0, 0)  # streamed: unreadable images allowed in the train and test splits
 
     def describe(self) -> str:
         return self.dataset.describe()
 
-    def bad_images(self) -> list[dict]:
-        return getattr(self.train, "bad_images", []) + getattr(self.test, "bad_images", [])
+    def bad_images(self, runtime: Runtime) -> list[dict]:
+        """Every image that failed to decode, on any rank, once each."""
+        local = getattr(self.train, "bad_images", []) + getattr(self.test, "bad_images", [])
+        merged = {item["file"]: item for share in runtime.gather(local) for item in share}
+        return list(merged.values())
+
+    def check_bad_images(self, runtime: Runtime) -> None:
+        """In a distributed run the ranks count their unreadable images apart: the limit holds for their sum,
+        checked by every rank at once (at each checkpoint), so that all of them stop together."""
+        if self.mode != "stream" or not runtime.distributed:
+            return  # one process: the loaders check as they go
+        counts = torch.tensor([float(self.train.bad_count), float(self.test.bad_count)])
+        total_train, total_test = runtime.all_reduce(counts).tolist()
+        self.train.check_bad_images(int(total_train), limit=self.bad_limits[0])
+        self.test.check_bad_images(int(total_test), limit=self.bad_limits[1])
 
     def close(self) -> None:
         """Stop the streaming loaders' worker processes."""
@@ -181,8 +195,13 @@ def _streamed_data(cfg: TrainConfig, runtime: Runtime, reason: str) -> TrainingD
         test_labels, train_labels = torch.from_numpy(source.labels("test")), torch.from_numpy(split.labels[indices])
     if len(train) == 0:
         raise ConfigError(f"batch_size {cfg.batch_size} is larger than the training split; lower --batch-size")
+    limits = (train.max_bad_images, test.max_bad_images)
+    if runtime.distributed:  # no rank stops alone (its peers would wait for it): the sum is checked at checkpoints
+        for loader in (train, test, val):
+            if loader is not None:
+                loader.max_bad_images = float("inf")
     dataset = StreamedDataset(cfg.dataset, str(source.root), list(source.classes),
                               {"train": source.count("train"), "test": source.count("test")}, size, files, test_labels)
     fingerprint = hashlib.sha256((files[0]["sha256"] + str(size)).encode() + train_labels.numpy().tobytes()).hexdigest()
     return TrainingData(train, test, val, list(source.classes), (source.channels, size, size), mean, std,
-                        "RandomResizedCrop+flip", fingerprint, dataset, "stream", reason)
+                        "RandomResizedCrop+flip", fingerprint, dataset, "stream", reason, bad_limits=limits)

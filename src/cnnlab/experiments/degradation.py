@@ -59,7 +59,10 @@ def read_member(run_dir: Path) -> dict:
     """A run folder's result and its curves: error = 1 - accuracy, against iterations (epoch ends)."""
     out: dict = {"finished": False, "curves": None}
     metrics = run_dir / "metrics.csv"
-    rows = list(csv.DictReader(metrics.open())) if metrics.is_file() else []
+    rows: list[dict] = []
+    if metrics.is_file():
+        with metrics.open(newline="") as f:
+            rows = list(csv.DictReader(f))
     summary_path = run_dir / "summary.json"
     if summary_path.is_file() and (run_dir / "model.safetensors").is_file():
         summary = json.loads(summary_path.read_text())
@@ -69,7 +72,7 @@ def read_member(run_dir: Path) -> dict:
         if rows:
             out["train_error"] = 1 - float(rows[-1]["train_acc"])
             per_epoch = summary["steps"] / max(summary["epochs"], 1)
-            epochs = [int(r["epoch"]) for r in rows]
+            epochs = [float(r["epoch"]) for r in rows]
             out["curves"] = {
                 "iterations": [round(e * per_epoch) for e in epochs],
                 "train_error": [1 - float(r["train_acc"]) for r in rows],
