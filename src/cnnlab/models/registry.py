@@ -46,7 +46,7 @@ def create_model(name: str, weights: str | Path | None = None, **kwargs) -> nn.M
     """
     builder = model_entrypoint(name)
     packaged = meta = None
-    if weights is not None and not Path(weights).exists():
+    if weights is not None and not Path(weights).is_file():  # a folder called 'cifar10' does not shadow the name
         from .packaged import find_packaged
         packaged = find_packaged(name, str(weights))
         weights = packaged.verified_path()  # hashed against the registry before anything is read from it
