@@ -333,7 +333,8 @@ def cmd_models(args) -> int:
     for r in rows:
         print(f"{r['name']:<{width}} {r['params']:>12,} {r['macs']:>14,}  {'x'.join(map(str, r['input_size'])):<9} "
               f"{r['description']}")
-    print("(MACs per image at the native input size; 1 MAC = 2 FLOPs)")
+    print("(MACs per image at the native input size; 1 MAC = 2 FLOPs; weights that come with cnnlab: "
+          "cnnlab models --pretrained)")
     return 0
 
 
