@@ -179,3 +179,15 @@ def shared_cifar10() -> Path:
     if os.environ.get("CI"):
         pytest.fail("../shared/datasets/cifar-10-batches-bin is missing in CI")
     pytest.skip("no shared CIFAR-10 copy next to the checkout")
+
+
+@pytest.fixture
+def shared_mnist() -> Path:
+    """The folder above the shared MNIST copy (../shared/datasets/mnist), as --data-dir takes it."""
+    here = Path(__file__).resolve().parents[1]
+    for candidate in (here.parent / "shared" / "datasets", here / "shared" / "datasets"):
+        if (candidate / "mnist" / "t10k-images-idx3-ubyte.gz").exists():
+            return candidate
+    if os.environ.get("CI"):
+        pytest.fail("../shared/datasets/mnist is missing in CI")
+    pytest.skip("no shared MNIST copy next to the checkout")

@@ -61,3 +61,34 @@ def test_he2016_recipe():
     assert cfg.augment == "crop:4:zero,flip" and cfg.warmup_epochs == 0
     warm = apply_recipe(TrainConfig(), "he2016", model="resnet110")
     assert (warm.warmup, warm.warmup_lr, warm.warmup_epochs) == ("constant", 0.01, 1.0)
+
+
+def test_fast_recipe_is_what_the_readme_says():
+    from cnnlab.engine import TrainConfig
+    from cnnlab.engine.recipes import apply_recipe
+    cfg = apply_recipe(TrainConfig(model="resnet20"), "fast")
+    assert (cfg.batch_size, cfg.optimizer, cfg.lr, cfg.momentum, cfg.nesterov, cfg.weight_decay) == \
+        (128, "sgd", 0.2, 0.9, True, 5e-4)
+    assert (cfg.schedule, cfg.lr_start_factor, cfg.lr_peak_fraction, cfg.lr_end_factor) == ("onecycle", 0.04, 0.25, 0)
+    assert (cfg.label_smoothing, cfg.augment, cfg.epochs, cfg.tta, cfg.lookahead_every) == \
+        (0.1, "crop:4:reflect,flip", 30, 1, 0)
+    assert (cfg.max_steps, cfg.warmup_epochs) == (0, 0)  # nothing that would not scale with --epochs
+
+
+def test_fast_recipe_rescales_with_epochs_and_learns(image_folder, tmp_path):
+    """`cnnlab train --recipe fast --epochs 4`: the one-cycle spans the 4 epochs, and resnet20 learns."""
+    import csv
+    import dataclasses
+
+    from cnnlab.engine import TrainConfig, fit
+    from cnnlab.engine.recipes import apply_recipe
+    cfg = dataclasses.replace(apply_recipe(TrainConfig(), "fast"), model="resnet20", dataset="imagefolder",
+                              data_dir=str(image_folder), run_dir=str(tmp_path / "run"), epochs=4, batch_size=24,
+                              progress="none", report=False, threads=1, precision="fp32", channels_last="off")
+    summary = fit(cfg, log=lambda message: None)
+    assert summary["test_accuracy"] >= 0.8 and summary["test_tta"] == 1  # three classes: chance is 1/3
+    rows = list(csv.DictReader((tmp_path / "run" / "metrics.csv").open()))
+    steps = summary["steps"]  # 5 an epoch; the learning rate of each epoch's last step
+    lr_at = build_schedule("onecycle", 0.2, steps, steps_per_epoch=steps // 4)
+    assert [float(r["lr"]) for r in rows] == pytest.approx([lr_at(5 * e - 1) for e in (1, 2, 3, 4)])
+    assert max(lr_at(s) for s in range(steps)) == pytest.approx(0.2) and float(rows[-1]["lr"]) < 0.02

@@ -167,19 +167,24 @@ def cmd_eval(args) -> int:
     from .engine.test_split import open_test_split
     from .engine.weights import load_weights
     from .files import save_atomic
+    from .models.packaged import get_packaged, is_packaged
     from .viz.plots import plot_confusion
 
-    # a run folder's own config says where its data is and how it was trained; flags override it
+    # a run folder's own config (or the registry, for packaged weights) says where its data is and how it was
+    # trained; flags override it
     target = Path(args.target)
     run_cfg = load_config(target / "config.yaml") if (target / "config.yaml").is_file() else None
     trained = json.loads((target / "summary.json").read_text()) if (target / "summary.json").is_file() else {}
+    packaged = get_packaged(args.target) if not target.exists() and is_packaged(args.target) else None
+    if packaged is not None:
+        trained = {"test_accuracy": packaged.test_accuracy, "precision": packaged.precision, "test_tta": packaged.tta}
     precision = args.precision or trained.get("precision") or "auto"
     tta = args.tta if args.tta is not None else int(trained.get("test_tta") or 0)
     runtime = inference_runtime(args.device, precision)
     loaded = load_weights(args.target, runtime.device)
     dataset = args.dataset or loaded.meta.get("dataset")
-    same_data = run_cfg is not None and dataset == run_cfg.dataset
-    data_dir = args.data_dir or (run_cfg.data_dir if same_data else None)
+    same_data = dataset == (run_cfg.dataset if run_cfg else packaged.dataset if packaged else None)
+    data_dir = args.data_dir or (run_cfg.data_dir if same_data and run_cfg else None)
     split = open_test_split(dataset, data_dir, input_shape=loaded.input_shape, mean=loaded.mean, std=loaded.std,
                             runtime=runtime, streamed=same_data and trained.get("data_mode") == "stream",
                             workers=run_cfg.workers if run_cfg else 2, log=lambda m: print(m, file=sys.stderr))
@@ -192,7 +197,8 @@ def cmd_eval(args) -> int:
     result["most_confused"] = most_confused(result["confusion"], split.classes)
     result.update({"dataset": dataset, "weights": str(loaded.path), "classes": split.classes,
                    "precision": runtime.precision, "tta": tta})
-    out_dir = Path(args.out) if args.out else loaded.path.parent
+    # never into the installed package: packaged weights are evaluated into ./eval/NAME
+    out_dir = Path(args.out) if args.out else Path("eval") / packaged.name if packaged else loaded.path.parent
     out_dir.mkdir(parents=True, exist_ok=True)
     save_atomic(json.dumps(result, indent=2).encode(), out_dir / "eval.json")
     plot_confusion(result["confusion"], split.classes, out_dir / "confusion.png",
@@ -212,7 +218,8 @@ def cmd_eval(args) -> int:
         if int(trained.get("test_tta") or 0) != tta:
             why.append(f"training used test-time augmentation level {trained.get('test_tta') or 0}, this {tta}")
         note = f" ({'; '.join(why)})" if differs and why else ""
-        print(f"training reported {trained['test_accuracy']:.4f} for these weights{note}")
+        source = "the registry of packaged weights lists" if packaged else "training reported"
+        print(f"{source} {trained['test_accuracy']:.4f} for these weights{note}")
     width = max(map(len, split.classes))
     for name, acc in result["per_class"].items():
         print(f"  {name:<{width}}  {acc:.4f}")
@@ -279,12 +286,39 @@ def cmd_summary(args) -> int:
     return 0
 
 
+def cmd_pretrained(args) -> int:
+    """`cnnlab models --pretrained`: the packaged weights, their test accuracy and how each was made."""
+    from .models.packaged import list_packaged
+
+    entries = list_packaged()
+    if args.json:
+        print(json.dumps([e.record for e in entries]))
+        return 0
+    if not entries:
+        print("no packaged weights in this install")
+        return 0
+    width = max(len(e.name) for e in entries)
+    print(f"{'name':<{width}}  {'model':<9} {'dataset':<14} {'test acc':>8}  {'size':>7}  trained")
+    for e in entries:
+        tta = f" (tta {e.tta})" if e.tta else ""
+        print(f"{e.name:<{width}}  {e.model:<9} {e.dataset:<14} {e.test_accuracy:>8.2%}  {e.bytes / 1e6:>5.2f}MB  "
+              f"{e.epochs:g} epochs, {e.train_seconds / 60:,.0f} min on {e.cpu}, {e.threads} thread(s), "
+              f"{e.precision}, torch {e.torch}{tta}")
+        print(f"{'':<{width}}  $ {e.command}")
+    print("(use a name wherever RUN_DIR|WEIGHTS is taken, e.g. 'cnnlab predict resnet20-cifar10 photo.jpg', or "
+          "create_model('resnet20', weights='cifar10'); each file is checked against its sha256 when loaded)")
+    return 0
+
+
 def cmd_models(args) -> int:
     from .models import create_model, list_models
     from .models.registry import model_entrypoint
     from .models.summary import summarize
 
     import torch
+
+    if args.pretrained:
+        return cmd_pretrained(args)
     rows = []
     for name in list_models():
         with torch.device("meta"):  # shapes, parameter counts and MACs need no memory and no arithmetic
@@ -302,7 +336,8 @@ def cmd_models(args) -> int:
     for r in rows:
         print(f"{r['name']:<{width}} {r['params']:>12,} {r['macs']:>14,}  {'x'.join(map(str, r['input_size'])):<9} "
               f"{r['description']}")
-    print("(MACs per image at the native input size; 1 MAC = 2 FLOPs)")
+    print("(MACs per image at the native input size; 1 MAC = 2 FLOPs; weights that come with cnnlab: "
+          "cnnlab models --pretrained)")
     return 0
 
 
@@ -616,8 +651,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "the last checkpoint")
     p.add_argument("--recipe", choices=tuple(RECIPES), help="a published recipe: he2016 (He et al. 2016's CIFAR "
                    "schedule), imagenet (torchvision's ResNet reference: lr 0.1 per 256 images, /10 every 30 of 90 "
-                   "epochs), airbench94 (Jordan 2024: CIFAR-10 to 94%% in under 10 epochs); --epochs N rescales the "
-                   "schedule")
+                   "epochs), airbench94 (Jordan 2024: CIFAR-10 to 94%% in under 10 epochs), fast (resnet20 on CIFAR-10 in 30 "
+                   "epochs: one-cycle SGD, label smoothing, flip at test time); --epochs N rescales the schedule")
     add_config_flags(p)
     p.add_argument("--no-report", dest="report", action="store_const", const="false",
                    help="do not write report.html at the end")
@@ -676,6 +711,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_summary)
 
     p = sub.add_parser("models", help="list the registered models with parameters and MACs")
+    p.add_argument("--pretrained", action="store_true", help="list the weights that come with cnnlab instead: "
+                   "test accuracy, size and the command that trained each")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_models)
 

@@ -37,6 +37,17 @@ RECIPES: dict[str, dict] = {
         "augment": "crop:2:reflect,altflip", "lookahead_every": 5, "lookahead_start_epoch": 3, "tta": 2,
         "max_steps": 0, "warmup_epochs": 0.0,
     },
+    # A short budget for resnet20 on CIFAR-10, chosen by measurement on this project's CPU (issue 12.2): one-cycle
+    # SGD with Nesterov momentum (Smith & Topin 2017: up from lr/25 over the first quarter, down to 0), weight
+    # decay 5e-4, label smoothing 0.1, random 32x32 crops of the 4-pixel reflect-padded image and flips, a
+    # mirrored second view at test time. The one-cycle is laid out over the steps run, so --epochs N rescales it.
+    # MEASURED: see the table below, filled in when the runs finish.
+    "fast": {
+        "batch_size": 128, "optimizer": "sgd", "lr": 0.2, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4,
+        "schedule": "onecycle", "lr_start_factor": 0.04, "lr_peak_fraction": 0.25, "lr_end_factor": 0.0,
+        "label_smoothing": 0.1, "augment": "crop:4:reflect,flip", "epochs": 30, "tta": 1, "max_steps": 0,
+        "warmup_epochs": 0.0, "lookahead_every": 0, "param_groups": "default",
+    },
 }
 # Recipes whose learning rate is given per this many images: --batch-size B scales it by B / that.
 _LR_PER_IMAGES = {"imagenet": 256}

@@ -57,12 +57,19 @@ def save_weights(model: nn.Module, path: Path, meta: dict) -> None:
 
 
 def resolve_weights(target: str | Path) -> Path:
-    """A run folder or a weights file -> the .safetensors file."""
+    """A run folder, a weights file, or the name of packaged weights ('resnet20-cifar10') -> the .safetensors
+    file. An existing path wins over a packaged name; a packaged file is checked against its sha256 first."""
+    from ..models.packaged import get_packaged, is_packaged, packaged_names
     target = Path(target)
+    if not target.exists() and is_packaged(str(target)):
+        return get_packaged(str(target)).verified_path()
     path = target / "model.safetensors" if target.is_dir() else target
     if not path.is_file():
-        hint = " (the run may not have finished: resume it with 'cnnlab train --resume')" if target.is_dir() else ""
-        raise CheckpointError(f"{path}: no weights file{hint}")
+        if target.is_dir():
+            raise CheckpointError(f"{path}: no weights file (the run may not have finished: resume it with "
+                                  "'cnnlab train --resume')")
+        raise CheckpointError(f"{target}: no such run folder or weights file, and no packaged weights of that name; "
+                              f"packaged: {', '.join(packaged_names()) or 'none'} ('cnnlab models --pretrained')")
     return path
 
 

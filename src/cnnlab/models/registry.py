@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import inspect
+import json
 import re
+from pathlib import Path
 from typing import Callable
 
 import torch.nn as nn
@@ -34,12 +36,22 @@ def model_entrypoint(name: str) -> Callable[..., nn.Module]:
         raise ModelError(f"unknown model {name!r}; valid models: {', '.join(list_models())}") from None
 
 
-def create_model(name: str, weights: str | None = None, **kwargs) -> nn.Module:
+def create_model(name: str, weights: str | Path | None = None, **kwargs) -> nn.Module:
     """Build a registered model, e.g. ``create_model("convnet", in_channels=1, input_size=28)``.
 
-    `weights`: a state-dict file (`.pth` as torchvision saves them, or `.safetensors`) loaded with strict checks.
+    `weights`: a state-dict file (`.pth` as torchvision saves them, or `.safetensors`) loaded with strict checks,
+    or the dataset of packaged weights (``create_model("resnet20", weights="cifar10")``, as torchvision and timm
+    name theirs): those bring their own model arguments, and the model gets a `pretrained_cfg` dict with the
+    classes and the input normalisation they expect.
     """
     builder = model_entrypoint(name)
+    packaged = meta = None
+    if weights is not None and not Path(weights).is_file():  # a folder called 'cifar10' does not shadow the name
+        from .packaged import find_packaged
+        packaged = find_packaged(name, str(weights))
+        weights = packaged.verified_path()  # hashed against the registry before anything is read from it
+        meta = json.loads(packaged.sidecar_path.read_text())
+        kwargs = _packaged_args(packaged.name, meta["model_args"], kwargs)
     params = inspect.signature(builder).parameters
     takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
     if not takes_any:
@@ -60,7 +72,25 @@ def create_model(name: str, weights: str | None = None, **kwargs) -> nn.Module:
     if weights is not None:
         from .pretrained import load_pretrained
         load_pretrained(model, weights, name=repr(name))
+    if packaged is not None:
+        model.pretrained_cfg = {"name": packaged.name, "dataset": packaged.dataset,
+                                "test_accuracy": packaged.test_accuracy, "classes": meta["classes"],
+                                "mean": meta["mean"], "std": meta["std"], "input_shape": meta["input_shape"]}
     return model
+
+
+def _packaged_args(packaged: str, own: dict, kwargs: dict) -> dict:
+    """The packaged model's own arguments (e.g. in_channels=1 for Fashion-MNIST), which `kwargs` may not contradict."""
+    def plain(value):  # tuples as lists, as the sidecar holds them
+        try:
+            return json.loads(json.dumps(value))
+        except (TypeError, ValueError):
+            return value
+    clash = [f"{k}={kwargs[k]!r} (they have {own[k]!r})" for k in kwargs if k in own and plain(kwargs[k]) != own[k]]
+    if clash:
+        raise ModelError(f"packaged weights {packaged!r} do not fit {', '.join(clash)}; leave those out, or "
+                         "build the model without weights and load the layers you want")
+    return {**own, **kwargs}
 
 
 def accepts(name: str, keyword: str) -> bool:
