@@ -20,8 +20,8 @@ from matplotlib.figure import Figure
 from ..engine.run_folder import read_metrics
 from ..errors import CheckpointError
 from ..files import save_atomic
-from .figure import OKABE_ITO, finish, image_grid, subplots
-from .plots import as_image, plot_confusion
+from .figure import OKABE_ITO, finish, subplots
+from .plots import plot_confusion, plot_predictions
 
 __all__ = ["build_report", "plot_curves", "run_evaluation", "hardest_examples"]
 
@@ -78,10 +78,9 @@ def hardest_examples(result: dict, k: int = 16) -> tuple[torch.Tensor, torch.Ten
 
 
 def _plot_hardest(split, top, losses, preds, classes, path: Path) -> Figure:
-    cells = [as_image(torch.from_numpy(np.ascontiguousarray(split.image(i))).permute(2, 0, 1)) for i in top.tolist()]
-    titles = [f"true {classes[split.labels[i]]}\npred {classes[pred]}\nloss {loss:.2f}"
-              for i, loss, pred in zip(top.tolist(), losses.tolist(), preds.tolist())]
-    return image_grid(cells, 8, titles=titles, cell_inches=1.4, title="Test images with the highest loss", path=path)
+    images = [torch.from_numpy(np.ascontiguousarray(split.image(i))).permute(2, 0, 1) for i in top.tolist()]
+    return plot_predictions(images, split.labels[top], preds, classes, losses, title="Test images with the highest loss",
+                            path=path)
 
 
 _CHECK_SCRIPT = """
