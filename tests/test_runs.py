@@ -123,3 +123,16 @@ def test_show_refuses_what_it_cannot_display(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "IPython.display", None)  # as without IPython
     with pytest.raises(ConfigError, match="needs IPython"):
         show(tmp_path / "a.png")
+
+
+def test_step_losses_are_drawn_raw_and_as_a_trailing_mean_per_run():
+    from cnnlab.viz.report import plot_step_losses
+    losses = {"plain": [4.0, 2.0, 3.0, 1.0], "residual": [1.0, 1.0]}
+    ax = plot_step_losses(losses, window=2).axes[0]
+    raw, mean = ax.lines[0], ax.lines[1]
+    assert list(raw.get_ydata()) == losses["plain"]
+    assert list(mean.get_ydata()) == [4.0, 3.0, 2.5, 2.0]  # the first step averages over itself alone
+    assert list(mean.get_xdata()) == [1, 2, 3, 4] and len(ax.lines) == 4
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["plain", "residual"]
+    with pytest.raises(ConfigError, match="at least one run's losses"):
+        plot_step_losses({})
