@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # The pinned release takes the CPU build where this machine keeps one on disk, and PyPI's build elsewhere.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test test-slow test-all test-fast fuzz bench venv data clean
+.PHONY: demo test test-slow test-all test-fast fuzz bench notebooks venv data clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +51,11 @@ fuzz: venv
 
 bench: data
 	$(BIN)/python bench/run.py
+
+# The lecture's notebooks run top to bottom in fresh kernels (nbclient), each in a temporary folder; the executed
+# copies, outputs included, go to build/notebooks/ for reading on a web page (GitHub and nbviewer render them).
+notebooks: venv
+	$(BIN)/python notebooks/execute.py --out build/notebooks
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

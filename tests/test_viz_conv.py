@@ -164,3 +164,11 @@ def test_render_pool_on_an_odd_sized_map_drops_the_last_row_and_column(tmp_path)
     assert info["shape_before"] == (2, 15, 15) and info["shape_after"] == (2, 7, 7)
     assert info["macs_before"] == conv_macs(15, 15, 32, 64) == 15 * 15 * 32 * 64 * 9
     assert info["mac_ratio"] == pytest.approx(225 / 49)
+
+
+def test_an_animation_into_a_folder_not_made_yet_makes_it_and_returns_the_map(tmp_path):
+    from cnnlab.viz.slides import animate_conv_gray
+    image = np.arange(16).reshape(4, 4) % 10
+    out = animate_conv_gray(image, VERTICAL_EDGE, tmp_path / "new" / "a.gif", tmp_path / "new" / "a.png", max_frames=4)
+    assert Image.open(tmp_path / "new" / "a.gif").n_frames == 4 and (tmp_path / "new" / "a.png").is_file()
+    assert np.array_equal(out, conv2d_by_hand(image[None], VERTICAL_EDGE[None, None], padding=1)[0])

@@ -3,6 +3,6 @@ __version__ = "0.1.0"
 
 from .errors import CnnlabError  # noqa: E402
 from .models import create_model, list_models  # noqa: E402
-from .engine import TrainConfig, fit  # noqa: E402
+from .engine import Run, TrainConfig, fit, open_run, train  # noqa: E402
 
-__all__ = ["__version__", "CnnlabError", "create_model", "list_models", "TrainConfig", "fit"]
+__all__ = ["__version__", "CnnlabError", "create_model", "list_models", "TrainConfig", "fit", "train", "open_run", "Run"]

@@ -3,7 +3,9 @@ from .config import TrainConfig, config_from_dict, load_config
 from .evaluate import evaluate, most_confused
 from .loop import RunState
 from .trainer import TrainingError, TrainingInterrupted, fit, resume_config
+from .runs import Run, highest_loss_images, open_run, train
 from .weights import load_weights, save_weights
 
 __all__ = ["TrainConfig", "config_from_dict", "load_config", "evaluate", "most_confused", "RunState",
-           "TrainingError", "TrainingInterrupted", "fit", "resume_config", "load_weights", "save_weights"]
+           "TrainingError", "TrainingInterrupted", "fit", "resume_config", "load_weights", "save_weights",
+           "Run", "open_run", "train", "highest_loss_images"]

@@ -8,9 +8,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, ModelError
 
-__all__ = ["summarize", "format_summary", "count_params", "check_input_size", "smallest_input"]
+__all__ = ["summarize", "format_summary", "count_params", "check_input_size", "smallest_input", "receptive_fields"]
 
 MAC_NOTE = "1 MAC = 2 FLOPs; convolutions and dense layers only, bias additions not counted"
 
@@ -32,8 +32,10 @@ def _macs(module: nn.Module, output: torch.Tensor) -> int:
 
 
 @torch.no_grad()
-def summarize(model: nn.Module, input_size: tuple[int, int, int]) -> dict:
-    """Run one zero image through `model`, recording every leaf layer's output shape, parameters and MACs."""
+def summarize(model: nn.Module, input_size: tuple[int, int, int], depth: int | None = None) -> dict:
+    """Run one zero image through `model`, recording every leaf layer's output shape, parameters and MACs.
+    With `depth` (as torchinfo's), the layers are added up into the modules `depth` names deep: depth 1 gives
+    ResNet-50 as conv1, bn1, relu, maxpool, layer1..layer4, avgpool, fc (each with its last output shape)."""
     layers: list[dict] = []
     hooks = []
 
@@ -60,10 +62,30 @@ def summarize(model: nn.Module, input_size: tuple[int, int, int]) -> dict:
         for h in hooks:
             h.remove()
         model.train(was_training)
+    if depth is not None:
+        layers = _group(model, layers, depth)
     params = count_params(model)
     return {"input_size": list(input_size), "params": params,
             "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
             "macs": sum(layer["macs"] for layer in layers), "mac_note": MAC_NOTE, "layers": layers}
+
+
+def _group(model: nn.Module, layers: list[dict], depth: int) -> list[dict]:
+    """Leaf rows added up by the first `depth` parts of their names, in the order the groups were first called;
+    a group's output shape is that of its last call (a residual block's: after the addition and ReLU)."""
+    if depth < 1:
+        raise ConfigError(f"depth counts name parts (1: 'layer1', 2: 'layer1.0'); it must be at least 1, got {depth}")
+    groups: dict[str, dict] = {}
+    for layer in layers:
+        name = ".".join(layer["name"].split(".")[:depth])
+        row = groups.setdefault(name, {"name": name, "type": type(model.get_submodule(name)).__name__,
+                                       "output_shape": None, "params": 0, "macs": 0, "_seen": set()})
+        if layer["name"] not in row["_seen"]:  # a module called twice (a shared ReLU) holds its parameters once
+            row["params"] += layer["params"]
+            row["_seen"].add(layer["name"])
+        row["macs"] += layer["macs"]
+        row["output_shape"] = layer["output_shape"]
+    return [{k: v for k, v in row.items() if k != "_seen"} for row in groups.values()]
 
 
 def _si(n: float) -> str:
@@ -89,6 +111,31 @@ def format_summary(info: dict, title: str = "") -> str:
             f"Total MACs per image: {info['macs']:,} ({_si(info['macs'])}MACs = {_si(2 * info['macs'])}FLOPs; "
             f"{info['mac_note']})"]
     return "\n".join(out)
+
+
+def _pair(v) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else tuple(v)  # type: ignore[return-value]
+
+
+def receptive_fields(model: nn.Module) -> list[dict]:
+    """For each conv and pooling layer of a chain (nn.Sequential, the lecture's ConvNet, a `cnn` spec), in order:
+    `size`, the (height, width) of the input patch one of its output units sees, and `step`, the input pixels
+    between neighbouring units. Each layer adds (kernel - 1) * dilation * step to the size and multiplies the
+    step by its stride. Models with branches (ResNets' shortcuts) are refused: their layers are no chain."""
+    names = [name for name, m in model.named_modules() if hasattr(m, "downsample") or type(m).__name__ in
+             ("BasicBlock", "Bottleneck")]
+    if names:
+        raise ModelError(f"{type(model).__name__} has residual blocks ({names[0]}, ...): its layers are no single "
+                         "chain, so receptive_fields cannot add them up in order")
+    size, step, rows = (1, 1), (1, 1), []
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)):
+            kernel, stride = _pair(m.kernel_size), _pair(m.stride)
+            dilation = _pair(getattr(m, "dilation", 1))
+            size = tuple(r + (k - 1) * d * j for r, k, d, j in zip(size, kernel, dilation, step))
+            step = tuple(j * s for j, s in zip(step, stride))
+            rows.append({"name": name, "type": type(m).__name__, "size": size, "step": step})
+    return rows
 
 
 def _runs_on(model: nn.Module, shape: tuple[int, int, int]) -> bool:

@@ -108,6 +108,7 @@ def grid_ticks(ax, rows: int, cols: int, origin: tuple[int, int] = (0, 0), step:
 def write_png(frame: np.ndarray, path: Path) -> Path:
     buffer = io.BytesIO()
     Image.fromarray(frame).save(buffer, format="PNG", optimize=True)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)  # as save_png: the folder only once there is a file for it
     save_atomic(buffer.getvalue(), Path(path))
     return Path(path)
 
@@ -125,6 +126,7 @@ def write_gif(frames: list[np.ndarray], path: Path, frame_ms: int = 350, last_ms
     buffer = io.BytesIO()
     images[0].save(buffer, format="GIF", save_all=True, append_images=images[1:], loop=0, optimize=True,
                    duration=[frame_ms] * (len(images) - 1) + [last_ms], disposal=1)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     save_atomic(buffer.getvalue(), Path(path))
     return Path(path)
 

@@ -2,7 +2,8 @@
 
 Figures are `matplotlib.figure.Figure` objects with their own Agg canvas, never pyplot's: no backend is
 chosen, no global figure list grows, and nothing needs closing. Every drawing function returns its Figure
-(a notebook shows it inline) and writes a PNG only when given a path.
+and writes a PNG only when given a path. In a notebook a figure that is a cell's value shows itself inline
+(`_repr_png_`), and `show` displays several figures, or PNG and GIF files, from one cell.
 """
 from __future__ import annotations
 
@@ -18,9 +19,11 @@ from matplotlib.colors import Colormap
 from matplotlib.figure import Figure
 from PIL import Image
 
+from ..errors import ConfigError
 from ..files import save_atomic
 
-__all__ = ["OKABE_ITO", "DPI", "new_figure", "subplots", "png_bytes", "save_png", "finish", "image_grid"]
+__all__ = ["OKABE_ITO", "DPI", "NotebookFigure", "new_figure", "subplots", "png_bytes", "save_png", "finish", "show",
+           "image_grid"]
 
 # Okabe & Ito (2008), "Color Universal Design": eight colours told apart with any colour vision.
 OKABE_ITO = {"black": "#000000", "orange": "#E69F00", "sky blue": "#56B4E9", "bluish green": "#009E73",
@@ -28,9 +31,17 @@ OKABE_ITO = {"black": "#000000", "orange": "#E69F00", "sky blue": "#56B4E9", "bl
 DPI = 120  # pixels per inch of a saved figure unless it asks for another
 
 
+class NotebookFigure(Figure):
+    """A Figure that Jupyter draws inline when it is a cell's value: as the PNG `png_bytes` gives (pyplot's
+    figures show themselves through pyplot's backend, which cnnlab never selects)."""
+
+    def _repr_png_(self) -> bytes:
+        return png_bytes(self)
+
+
 def new_figure(width: float, height: float, dpi: int = DPI, layout: str | None = None) -> Figure:
     """A Figure of width x height inches on its own Agg canvas."""
-    fig = Figure(figsize=(width, height), dpi=dpi, layout=layout)
+    fig = NotebookFigure(figsize=(width, height), dpi=dpi, layout=layout)
     FigureCanvasAgg(fig)
     return fig
 
@@ -62,6 +73,22 @@ def finish(fig: Figure, path: str | Path | None = None) -> Figure:
     if path is not None:
         save_png(fig, path)
     return fig
+
+
+def show(*items: Figure | str | Path) -> None:
+    """Display figures, and PNG or GIF files (an animation plays), inline in a Jupyter notebook, in order."""
+    try:
+        from IPython.display import Image as IPythonImage, display
+    except ImportError:
+        raise ConfigError("show() displays in a Jupyter notebook and needs IPython (pip install ipykernel); "
+                          "elsewhere write the figure with save_png(fig, path)") from None
+    for item in items:
+        if isinstance(item, Figure):
+            display(IPythonImage(data=png_bytes(item), format="png"))
+        elif Path(item).suffix.lower() in (".png", ".gif"):
+            display(IPythonImage(filename=str(item)))
+        else:
+            raise ConfigError(f"show() takes figures and .png or .gif files; got {item!r}")
 
 
 def _to_rgb(cell: np.ndarray, cmap: Colormap, vmin: float | None, vmax: float | None) -> np.ndarray:

@@ -1,4 +1,5 @@
-"""Figures of a dataset and a model's mistakes: confusion matrices and per-class sample montages."""
+"""Figures of a dataset and a model's mistakes: confusion matrices, per-class sample montages, images with their
+predictions (a run's highest-loss test images)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,7 +10,7 @@ from matplotlib.figure import Figure
 
 from .figure import finish, image_grid, subplots
 
-__all__ = ["plot_confusion", "plot_montage", "as_image"]
+__all__ = ["plot_confusion", "plot_montage", "plot_predictions", "plot_highest_loss", "as_image"]
 
 
 def as_image(image: torch.Tensor) -> np.ndarray:
@@ -51,3 +52,22 @@ def plot_montage(images: torch.Tensor, labels: torch.Tensor, classes: list[str],
         cells += [as_image(images[i]) for i in idx] + [None] * (per_class - len(idx))
     return image_grid(cells, per_class, row_labels=classes[:rows],
                       title=title or "Samples per class", path=path)
+
+
+def plot_predictions(images, labels, preds, classes: list[str], losses=None, cols: int = 8, title: str = "",
+                     path: str | Path | None = None) -> Figure:
+    """uint8 images (N, C, H, W) titled with their true and predicted class (and their loss, when given)."""
+    losses = [None] * len(labels) if losses is None else [float(v) for v in losses]
+    titles = [f"true {classes[int(t)]}\npred {classes[int(p)]}" + ("" if v is None else f"\nloss {v:.2f}")
+              for t, p, v in zip(labels, preds, losses)]
+    return image_grid([as_image(image) for image in images], cols, titles=titles, cell_inches=1.4, title=title,
+                      path=path)
+
+
+def plot_highest_loss(run, k: int = 16, cols: int = 8, path: str | Path | None = None) -> Figure:
+    """The `k` test images a finished run (a `Run` or its folder) got most wrong, highest loss first."""
+    from ..engine.runs import highest_loss_images, open_run
+    run = open_run(run) if isinstance(run, (str, Path)) else run
+    worst = highest_loss_images(run, k)
+    return plot_predictions(worst["images"], worst["labels"], worst["preds"], run.classes, worst["losses"], cols,
+                            title=f"The {len(worst['losses'])} test images with the highest loss", path=path)

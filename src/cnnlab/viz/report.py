@@ -11,19 +11,19 @@ import html
 import json
 import math
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from matplotlib.figure import Figure
 
 from ..engine.run_folder import read_metrics
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError
 from ..files import save_atomic
-from .figure import OKABE_ITO, finish, image_grid, subplots
-from .plots import as_image, plot_confusion
+from .figure import OKABE_ITO, finish, subplots
+from .plots import plot_confusion, plot_predictions
 
-__all__ = ["build_report", "plot_curves", "run_evaluation", "hardest_examples"]
+__all__ = ["build_report", "plot_curves", "plot_step_losses", "run_evaluation", "hardest_examples"]
 
 
 def plot_curves(rows: list[dict], path: str | Path | None = None) -> Figure:
@@ -47,6 +47,31 @@ def plot_curves(rows: list[dict], path: str | Path | None = None) -> Figure:
     axes[2].set_xlabel("epoch")
     axes[2].set_ylabel("learning rate")
     axes[2].grid(alpha=0.3)
+    return finish(fig, path)
+
+
+def plot_step_losses(losses: dict[str, Sequence[float]], window: int = 20, title: str = "",
+                     path: str | Path | None = None) -> Figure:
+    """Training loss at every step, one line per run (e.g. recorded by a `fit` callback): the mean over the last
+    `window` steps drawn solid, the steps themselves faint."""
+    if not losses or window < 1:
+        raise ConfigError(f"plot_step_losses needs at least one run's losses and window >= 1; got {len(losses)} "
+                          f"runs, window {window}")
+    fig, ax = subplots(figsize=(8, 4.2), layout="constrained")
+    colours = [OKABE_ITO[c] for c in ("blue", "vermillion", "bluish green", "reddish purple", "orange", "sky blue")]
+    for i, (label, values) in enumerate(losses.items()):
+        values = np.asarray(values, dtype=np.float64)
+        colour = colours[i % len(colours)]
+        steps = np.arange(1, len(values) + 1)
+        ax.plot(steps, values, color=colour, alpha=0.2, lw=0.8)
+        sums = np.cumsum(np.insert(values, 0, 0.0))
+        k = np.minimum(steps, window)  # the first steps average over what there is so far
+        ax.plot(steps, (sums[steps] - sums[steps - k]) / k, color=colour, lw=2, label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title(title or f"Training loss per step (solid: mean of the last {window} steps)", fontsize=10)
     return finish(fig, path)
 
 
@@ -78,10 +103,9 @@ def hardest_examples(result: dict, k: int = 16) -> tuple[torch.Tensor, torch.Ten
 
 
 def _plot_hardest(split, top, losses, preds, classes, path: Path) -> Figure:
-    cells = [as_image(torch.from_numpy(np.ascontiguousarray(split.image(i))).permute(2, 0, 1)) for i in top.tolist()]
-    titles = [f"true {classes[split.labels[i]]}\npred {classes[pred]}\nloss {loss:.2f}"
-              for i, loss, pred in zip(top.tolist(), losses.tolist(), preds.tolist())]
-    return image_grid(cells, 8, titles=titles, cell_inches=1.4, title="Test images with the highest loss", path=path)
+    images = [torch.from_numpy(np.ascontiguousarray(split.image(i))).permute(2, 0, 1) for i in top.tolist()]
+    return plot_predictions(images, split.labels[top], preds, classes, losses, title="Test images with the highest loss",
+                            path=path)
 
 
 _CHECK_SCRIPT = """
