@@ -170,24 +170,24 @@ def fashion_mnist_dir() -> Path:
     pytest.skip("Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
 
 
-@pytest.fixture
-def shared_cifar10() -> Path:
+def _shared_datasets_with(marker: str) -> Path:
+    """The ../shared/datasets folder that holds `marker` (as --data-dir takes it); in CI a missing copy fails,
+    elsewhere it skips."""
     here = Path(__file__).resolve().parents[1]
     for candidate in (here.parent / "shared" / "datasets", here / "shared" / "datasets"):
-        if (candidate / "cifar-10-batches-bin" / "test_batch.bin").exists():
+        if (candidate / marker).exists():
             return candidate
     if os.environ.get("CI"):
-        pytest.fail("../shared/datasets/cifar-10-batches-bin is missing in CI")
-    pytest.skip("no shared CIFAR-10 copy next to the checkout")
+        pytest.fail(f"../shared/datasets/{marker} is missing in CI")
+    pytest.skip(f"no shared copy of {marker} next to the checkout")
+
+
+@pytest.fixture
+def shared_cifar10() -> Path:
+    return _shared_datasets_with("cifar-10-batches-bin/test_batch.bin")
 
 
 @pytest.fixture
 def shared_mnist() -> Path:
     """The folder above the shared MNIST copy (../shared/datasets/mnist), as --data-dir takes it."""
-    here = Path(__file__).resolve().parents[1]
-    for candidate in (here.parent / "shared" / "datasets", here / "shared" / "datasets"):
-        if (candidate / "mnist" / "t10k-images-idx3-ubyte.gz").exists():
-            return candidate
-    if os.environ.get("CI"):
-        pytest.fail("../shared/datasets/mnist is missing in CI")
-    pytest.skip("no shared MNIST copy next to the checkout")
+    return _shared_datasets_with("mnist/t10k-images-idx3-ubyte.gz")

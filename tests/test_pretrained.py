@@ -179,3 +179,28 @@ def test_a_built_wheel_contains_the_weights_and_their_registry(tmp_path):
     assert "cnnlab/weights/registry.json" in names
     for entry in ENTRIES:
         assert {f"cnnlab/weights/{entry.file}", f"cnnlab/weights/{entry.sidecar}"} <= names
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("name", NAMES)
+def test_onnx_export_of_a_packaged_model_agrees_with_predict_on_real_test_images(name, request, tmp_path):
+    """Issue 14: onnxruntime and `cnnlab predict` agree on real images, top-1 and probabilities within 1e-3, at
+    batch 1 and batch 64 through the same exported file."""
+    pytest.importorskip("onnxruntime")
+    from cnnlab.data.datasets import load_dataset
+    from cnnlab.engine.export import compare_with_predict, export_model
+
+    entry = get_packaged(name)
+    data = load_dataset(entry.dataset, request.getfixturevalue(DATA_FIXTURE[entry.dataset]), log=lambda m: None)
+    paths = []
+    for i, image in enumerate(data.test_images[:64]):  # 64 real test images as the files a user would pass
+        pixels = image.permute(1, 2, 0).numpy()
+        path = tmp_path / f"{i:03d}.png"
+        Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels).save(path)
+        paths.append(path)
+    loaded = load_weights(name)
+    exported = export_model(loaded, tmp_path / f"{name}.onnx", inputs=data.test_images[:64].float() / 255)
+    report = compare_with_predict(exported.path, loaded, paths, precision="fp32")
+    assert report["images"] == 64 and set(report["batches"]) == {1, 64}
+    for batch in report["batches"].values():
+        assert batch["top1_agree"] == 64 and batch["max_prob_diff"] <= 1e-3, report
