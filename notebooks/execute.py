@@ -25,7 +25,8 @@ from jupyter_client.manager import AsyncKernelManager
 from nbclient import NotebookClient
 
 NOTEBOOKS = Path(__file__).resolve().parent
-DEFAULT_TIMEOUT = 900  # seconds per notebook, all cells together: a hang fails; ~2 minutes is the aim when idle
+DEFAULT_TIMEOUT = 1800  # seconds per notebook, all cells together: a hang fails; ~2 minutes is the aim when idle, but
+# two threads sharing a core with another busy process ran 15x slower here (notebook 3: 160 s per epoch against 10)
 
 
 def notebook_paths() -> list[Path]:
