@@ -32,10 +32,10 @@ demo: data
 # The default suite: every test but the slow-marked ones (more kill points, 1,000 fuzz examples per parser, the
 # largest models, predict over 10,000 files), which `make test-slow` runs and CI runs as well.
 test: data
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest -m "not slow" --durations=15
 
 test-slow: data
-	$(BIN)/python -m pytest -m slow
+	$(BIN)/python -m pytest -m slow --durations=10
 
 test-all: data
 	$(BIN)/python -m pytest
