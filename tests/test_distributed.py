@@ -184,3 +184,30 @@ def test_resuming_at_another_world_size_continues_and_says_it_is_not_bitwise(sha
     assert again.returncode == 0, again.stderr
     assert "checkpointed by 2 process(es) and resumes with 1" in again.stdout and "not bit for bit" in again.stdout
     assert len((tmp_path / "run" / "metrics.csv").read_text().splitlines()) == 3
+
+
+def test_each_torchrun_attempt_meets_under_its_own_store_prefix(monkeypatch):
+    """A restarted rank once read the killed rank's address from the agent's store (a prefix shared by every
+    attempt) and hung connecting to it: each attempt after the first now keeps its keys apart."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from cnnlab.engine.runtime import _restart_store
+
+    server = dist.TCPStore("127.0.0.1", 0, is_master=True, timeout=datetime.timedelta(seconds=10),
+                           wait_for_workers=False)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(server.port))
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    env = {"rank": 0, "world_size": 2, "local_world_size": 2, "restart_count": 1}
+    timeout = datetime.timedelta(seconds=10)
+    assert _restart_store({**env, "restart_count": 0}, timeout) == {}  # the first attempt: torch's own way
+    assert _restart_store({**env, "local_world_size": 1}, timeout) == {}  # several agents: torch's own way
+    first, second = _restart_store(env, timeout), _restart_store({**env, "restart_count": 2}, timeout)
+    assert (first["rank"], first["world_size"]) == (0, 2)
+    server.set("0", "the killed attempt's address")  # what a rank of attempt 0 left in the shared store
+    first["store"].set("0", "attempt 1's address")
+    assert first["store"].get("0") == b"attempt 1's address"
+    assert not second["store"].check(["0"])  # attempt 2 sees neither of the earlier addresses
+    assert server.get("0") == b"the killed attempt's address"

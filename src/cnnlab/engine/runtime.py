@@ -284,6 +284,23 @@ class Runtime:
                 "world_size": self.world_size, "backend": dist.get_backend() if self.distributed else None}
 
 
+def _restart_store(env: dict[str, Any], timeout: datetime.timedelta) -> dict[str, Any]:
+    """After a torchrun restart on one machine, the process group meets under a key prefix of its own attempt.
+
+    torch 2.13's agent store can still hold the previous attempt's keys: a restarted rank 0 was seen reading the
+    address of the killed rank 1 and failing to connect, and the next attempt then hung in gloo's connect. A
+    prefix per attempt keeps each attempt's addresses apart. Only where one agent launches every rank
+    (local world = world): several agents count their restarts each on their own, so their attempt numbers
+    need not agree, and there torch's own store layout is kept."""
+    if (env["restart_count"] == 0 or env["local_world_size"] != env["world_size"]
+            or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"):  # else rank 0 hosts the store: torch's way
+        return {}
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), env["world_size"],
+                          is_master=False, timeout=timeout)
+    return {"store": dist.PrefixStore(f"cnnlab/attempt_{env['restart_count']}", store),
+            "rank": env["rank"], "world_size": env["world_size"]}
+
+
 @contextlib.contextmanager
 def start_runtime(device: str = "auto", precision: str = "auto", channels_last: str = "auto", threads: int = 0,
                   deterministic: bool = False, log=None) -> Iterator[Runtime]:
@@ -310,7 +327,8 @@ def start_runtime(device: str = "auto", precision: str = "auto", channels_last: 
                 torch.cuda.set_device(dev)
             backend = "nccl" if dev.type == "cuda" else "gloo"
             # a peer that dies is noticed at once by its sockets; the timeout only bounds a rank that hangs
-            dist.init_process_group(backend, timeout=datetime.timedelta(minutes=10),
+            timeout = datetime.timedelta(minutes=10)
+            dist.init_process_group(backend, timeout=timeout, **_restart_store(env, timeout),
                                     **({"device_id": dev} if dev.type == "cuda" else {}))
             started_group = True
         # rank 0 decides (and alone may write the probe's cache); the others follow, so every rank computes alike
