@@ -36,27 +36,33 @@ def checkpoint_enospc(n: int) -> None:
     checkpoint.write_durably = failing
 
 
-def nan_loss(steps: set[int], in_gradient: bool = False):
-    """A loss function for `cnnlab.fit(loss_fn=...)`: the usual loss, NaN (or with a NaN gradient) at `steps`."""
+def _identity_with_backward(on_backward):
+    """The identity going forward; `on_backward(grad)` decides what flows back."""
     import torch
-    from cnnlab.engine.trainer import cross_entropy
-    usual, calls = cross_entropy(0.1), [0]
 
-    class NanGradient(torch.autograd.Function):
-        """The identity going forward; NaN coming back."""
-
+    class Identity(torch.autograd.Function):
         @staticmethod
         def forward(ctx, x):
             return x.view_as(x)
 
         @staticmethod
         def backward(ctx, grad):
-            return grad * torch.nan
+            return on_backward(grad)
+    return Identity.apply
+
+
+def nan_loss(steps: set[int], in_gradient: bool = False):
+    """A loss function for `cnnlab.fit(loss_fn=...)`: the usual loss, NaN (or with a NaN gradient) at `steps`."""
+    import torch
+    from cnnlab.engine.trainer import cross_entropy
+    usual, calls = cross_entropy(0.1), [0]
+
+    nan_gradient = _identity_with_backward(lambda grad: grad * torch.nan)
 
     def loss(logits, labels):
         calls[0] += 1
         if calls[0] in steps and in_gradient:
-            return usual(NanGradient.apply(logits), labels)
+            return usual(nan_gradient(logits), labels)
         value = usual(logits, labels)
         return value * torch.nan if calls[0] in steps else value
     return loss
@@ -67,7 +73,6 @@ def stall_in_step(step: int, part: str):
     stops inside its loss or its backward pass, says so, and sleeps until it is killed."""
     import time
 
-    import torch
     from cnnlab.engine.trainer import cross_entropy
     usual, calls = cross_entropy(0.1), [0]
 
@@ -75,24 +80,17 @@ def stall_in_step(step: int, part: str):
         print(f"fault: stalled in step {step} ({part})", file=sys.stderr, flush=True)
         time.sleep(600)
 
-    class StallBackward(torch.autograd.Function):
-        """The identity going forward; the backward pass stops here, before any parameter has its gradient."""
-
-        @staticmethod
-        def forward(ctx, x):
-            return x.view_as(x)
-
-        @staticmethod
-        def backward(ctx, grad):
-            stall()
-            return grad
+    def stall_then_pass(grad):  # the backward pass stops here, before any parameter has its gradient
+        stall()
+        return grad
+    stall_backward = _identity_with_backward(stall_then_pass)
 
     def loss(logits, labels):
         calls[0] += 1
         if calls[0] == step and part == "loss":
             stall()
         if calls[0] == step and part == "backward":
-            logits = StallBackward.apply(logits)
+            logits = stall_backward(logits)
         return usual(logits, labels)
     return loss
 
