@@ -168,7 +168,9 @@ def train_one_epoch(state: TrainState, step_model: nn.Module, loss_fn: Callable,
             stop = wanted()
             break
         if between_steps is not None:  # before a checkpoint, so that a resume from it does not skip it
+            paused = time.perf_counter()
             between_steps(state.step)
+            tic += time.perf_counter() - paused  # a mid-epoch evaluation is not training time
         if rules.checkpoint_every and state.step % rules.checkpoint_every == 0 and loader.position < steps_per_epoch:
             accumulate(state.sums, local, time.perf_counter() - tic, runtime)
             tic = time.perf_counter()
