@@ -1,5 +1,6 @@
 """airbench94 (Jordan 2024, arXiv 2404.00498): the net, its whitening init, the alternating flip, a short run."""
 import json
+import time
 
 import pytest
 import torch
@@ -219,6 +220,31 @@ def recipe_run(image_folder, run, **changes) -> TrainConfig:
     values.update(changes)
     import dataclasses
     return dataclasses.replace(cfg, **values)
+
+
+def test_evaluations_are_left_out_of_the_training_time_and_the_times_to_accuracy(image_folder, tmp_path,
+                                                                                 monkeypatch):
+    """Evaluating every few steps to time a run must not slow the time it reports: each mid-epoch evaluation
+    here sleeps 1.5 s, and none of that may show in train_seconds or in seconds_without_eval."""
+    import sys
+
+    import cnnlab.engine.trainer as trainer
+    evaluate, naps = trainer.evaluate, []
+
+    def slow_evaluate(*args, **kwargs):
+        if sys._getframe(2).f_code.co_name == "evaluate_mid_epoch":  # called by evaluate_now, called by it
+            naps.append(1.5)
+            time.sleep(1.5)
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "evaluate", slow_evaluate)
+    summary = fit(recipe_run(image_folder, tmp_path / "run", eval_every_steps=2, tta=0), log=lambda message: None)
+    assert len(naps) == 4  # at steps 2, 4, 8 and 10 (3 steps an epoch; the epochs' ends have their own)
+    # before the fix, the epochs' training seconds held every nap: at least 6 s
+    assert summary["train_seconds"] < sum(naps) and summary["eval_seconds"] >= sum(naps)
+    for reached in summary["time_to_accuracy"].values():
+        naps_before = 1.5 * sum(step <= reached["step"] for step in (2, 4, 8, 10))
+        assert 0 < reached["seconds_without_eval"] <= reached["wall_seconds"] - naps_before
 
 
 def test_the_recipe_learns_on_a_small_subset_and_times_its_accuracy(image_folder, tmp_path, capsys):
