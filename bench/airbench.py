@@ -2,7 +2,7 @@
 CIFAR-10, its test accuracy (with the recipe's test-time augmentation), the wall time of the run and the times
 to 90/93/94%, and the achieved GFLOP/s of the training steps against this CPU's measured matmul peaks.
 
-    python bench/airbench.py                 # the full recipe, 1 run (about an hour or more on 2 cores)
+    python bench/airbench.py                 # the full recipe, 1 run (48 min on an idle 2-core Xeon)
     python bench/airbench.py --runs 3        # mean and std over seeds 0..2
     python bench/airbench.py --epochs 2      # a short check of the same path
 

@@ -151,11 +151,12 @@ def bench_decode(repeats: int) -> dict[str, dict[str, list[float]]]:
             x = torch.from_numpy(small.copy()).permute(2, 0, 1).contiguous().float().div(255)
             return x.sub_(mean).div_(std)
 
-        methods = {"stage: decode only": decode_only, "stage: crop+resize": stage_resize,
+        methods = {"stage: Pillow decode only": decode_only, "stage: crop+resize": stage_resize,
                    "stage: to float + normalise": stage_float,
                    "pillow decode+crop+resize": pillow, "cnnlab decode_crop (train)": cnnlab_train,
                    "cnnlab decode_crop (eval)": cnnlab_eval}
         if simplejpeg is not None:
+            methods["stage: simplejpeg decode only"] = lambda d, i: simplejpeg.decode_jpeg(d, colorspace="RGB")
             methods["simplejpeg decode+crop+resize"] = turbo
         n = 40 if w == 500 else 8
         times = {k: [] for k in methods}
