@@ -4,6 +4,7 @@ to 90/93/94%, and the achieved GFLOP/s of the training steps against this CPU's 
 
     python bench/airbench.py                 # the full recipe, 1 run (48 min on an idle 2-core Xeon)
     python bench/airbench.py --runs 3        # mean and std over seeds 0..2
+    python bench/airbench.py --first-seed 1  # one more run, seed 1
     python bench/airbench.py --epochs 2      # a short check of the same path
 
 The paper: 94.01% mean test accuracy in 3.83 s on one A100, 0.36 PFLOP per run.
@@ -32,14 +33,14 @@ def train_gflop_per_image() -> float:
     return 6 * macs / 1e9
 
 
-def main(runs: int = 1, epochs: float | None = None) -> bool:
+def main(runs: int = 1, epochs: float | None = None, first_seed: int = 0) -> bool:
     data_dir = shared_cifar10()
     if data_dir is None:
         return no_data("airbench94")
     peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
     per_image = train_gflop_per_image()
     summaries = []
-    for seed in range(runs):
+    for seed in range(first_seed, first_seed + runs):
         with tempfile.TemporaryDirectory() as tmp:
             cfg = apply_recipe(TrainConfig(), "airbench94")
             values = dict(dataset="cifar10", data_dir=str(data_dir), seed=seed, run_dir=f"{tmp}/run",
@@ -80,5 +81,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=1)
     parser.add_argument("--epochs", type=float, help="shorten the recipe (default: its 9.9 epochs)")
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + runs - 1")
     args = parser.parse_args()
-    raise SystemExit(0 if main(args.runs, args.epochs) else 1)
+    raise SystemExit(0 if main(args.runs, args.epochs, args.first_seed) else 1)
