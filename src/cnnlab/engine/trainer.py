@@ -258,12 +258,13 @@ def fit(cfg: TrainConfig, *, resume: bool | str = False, callbacks: Sequence[Cal
             loggers.flush()
             folder.save_checkpoint(state, header)
 
-        def evaluate_now(per_image: bool = False, tta: int = 0) -> dict:
+        def evaluate_now(per_image: bool = False, tta: int = 0, split: str = "test") -> dict:
             if runtime.distributed:  # evaluate, and later save, rank 0's batch-norm statistics on every rank
                 for buffer in model.buffers():
                     torch.distributed.broadcast(buffer, 0)
-            started = clock()
-            result = evaluate(model, data.test, len(data.classes), runtime=runtime, per_image=per_image, tta=tta)
+            started = clock()  # every evaluation's time is kept apart from training's (eval_seconds)
+            result = evaluate(model, getattr(data, split), len(data.classes), runtime=runtime, per_image=per_image,
+                              tta=tta)
             state.notes["eval_seconds"] = state.notes.get("eval_seconds", 0.0) + clock() - started
             return result
 
@@ -317,7 +318,7 @@ def fit(cfg: TrainConfig, *, resume: bool | str = False, callbacks: Sequence[Cal
                 done_epochs = epoch + data.train.position / steps_per_epoch if partial else epoch + 1
                 if test:
                     reached.update(test["accuracy"], state.step, done_epochs)
-                val = evaluate(model, data.val, len(data.classes), runtime=runtime) if data.val and wanted else None
+                val = evaluate_now(split="val") if data.val and wanted else None
                 row = _epoch_row(done_epochs, lr_at(max(state.step - 1, 0)), state.sums, test, val, data.val is not None)
                 state.history.append(row)
                 state.sums = type(state.sums)()
