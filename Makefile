@@ -8,7 +8,15 @@ TORCH_SPEC ?= torch==2.13.0
 
 .PHONY: demo test test-slow test-all test-fast fuzz bench notebooks venv data clean
 
-$(BIN)/.installed: pyproject.toml
+# setup.py compiles streaming's region JPEG decoder against libjpeg-turbo; without a compiler or libjpeg's headers
+# it is skipped (whole-image decoding instead), so as root with apt they are installed first.
+$(BIN)/.installed: pyproject.toml setup.py src/cnnlab/data/_jpeg_region.c
+	@if [ ! -e /usr/include/jpeglib.h ] || ! command -v cc >/dev/null 2>&1; then \
+	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcc libjpeg-dev >/dev/null 2>&1 || \
+	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcc libjpeg-dev; } || true; \
+	  fi; \
+	fi
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
 	$(BIN)/pip install --quiet -e ".[test]"

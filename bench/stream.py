@@ -5,8 +5,9 @@ JPEG decoders side by side, and the memory of the whole process tree as the data
   that the data path is what is timed; 2 workers each. Conventional: torch DataLoader, PIL open,
   convert("RGB"), crop, resize, flip, to float tensor and normalise per sample in the worker, float batches.
   cnnlab: FolderStreamLoader (uint8 batches, normalised in the batch). Target: >= 1.5x.
-- decode: ms per image for Pillow (full decode, crop, resize), cnnlab's decode_crop (draft mode where it
-  applies) and simplejpeg (libjpeg-turbo bindings) if it is installed, on 500x375 and 2000x1500 JPEGs.
+- decode: ms per image for Pillow (full decode, crop, resize), cnnlab's decode_crop (region decoding of the
+  crop, torch's uint8 resize, draft mode where it applies) and simplejpeg (libjpeg-turbo bindings) if it is
+  installed, on 500x375 and 2000x1500 JPEGs, and each stage alone.
 - memory: peak RSS summed over the process tree (main + workers: sampled every 20 ms, and VmHWM at the end)
   for one epoch over N and 10 N files. Target: within 25% + 64 MB.
 """
@@ -31,9 +32,11 @@ from common import conditions, stats, train_on
 from PIL import Image
 
 from cnnlab.data.stream import FolderStreamLoader, open_image_folder
-from cnnlab.data.transforms import decode_crop, random_resized_crop_box, sample_rng
+from cnnlab.data.transforms import _jpeg_region, decode_crop, random_resized_crop_box, resize, sample_rng
 
 SIZE, BATCH, WORKERS = 224, 32, 2
+DECODER = ("region (_jpeg_region, libjpeg-turbo %d)" % _jpeg_region.LIBJPEG_TURBO_VERSION_NUMBER if _jpeg_region
+           else "whole image (the _jpeg_region extension is not built)")
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 
@@ -151,10 +154,21 @@ def bench_decode(repeats: int) -> dict[str, dict[str, list[float]]]:
             x = torch.from_numpy(small.copy()).permute(2, 0, 1).contiguous().float().div(255)
             return x.sub_(mean).div_(std)
 
-        methods = {"stage: Pillow decode only": decode_only, "stage: crop+resize": stage_resize,
+        def stage_torch_resize(d, i):
+            return resize(pixels[box[1]:box[3], box[0]:box[2]], SIZE, SIZE)
+
+        pixels = np.array(decoded.convert("RGB"))
+        methods = {"stage: Pillow decode only": decode_only, "stage: crop+resize (Pillow)": stage_resize,
+                   "stage: crop+resize (torch uint8, cnnlab)": stage_torch_resize,
                    "stage: to float + normalise": stage_float,
                    "pillow decode+crop+resize": pillow, "cnnlab decode_crop (train)": cnnlab_train,
                    "cnnlab decode_crop (eval)": cnnlab_eval}
+        if _jpeg_region is not None:
+            def region_only(d, i):
+                width, height = Image.open(io.BytesIO(d)).size
+                return _jpeg_region.decode_region(d, 1, *random_resized_crop_box(width, height, sample_rng(0, 0, i)),
+                                                  False)
+            methods["stage: region decode only (cnnlab, training crop)"] = region_only
         if simplejpeg is not None:
             methods["stage: simplejpeg decode only"] = lambda d, i: simplejpeg.decode_jpeg(d, colorspace="RGB")
             methods["simplejpeg decode+crop+resize"] = turbo
@@ -238,7 +252,7 @@ def main(repeats: int = 3, files: int = 384, memory_files: int = 200) -> bool:
         speed_ok = ratio >= 1.5
         print(f"stream loader: {stats(ours)} img/s; conventional DataLoader: {stats(theirs)} img/s; "
               f"ratio {ratio:.2f}x (target >= 1.5x) [{'PASS' if speed_ok else 'FAIL'}]")
-        print(f"  conditions: {conditions(workers=WORKERS, batch=BATCH, images=files, jpeg='500x375 q90', crop=SIZE, model='conv8x8/8 + linear, SGD', main_threads=1)}"
+        print(f"  conditions: {conditions(workers=WORKERS, batch=BATCH, images=files, jpeg='500x375 q90', crop=SIZE, model='conv8x8/8 + linear, SGD', main_threads=1)}; cnnlab decoder: {DECODER}"
               "; shared machine: timings are noisy")
         for label, times in bench_decode(repeats).items():
             parts = "; ".join(f"{k} {min(v):.2f} / {statistics.median(v):.2f}" for k, v in times.items())

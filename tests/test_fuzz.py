@@ -34,7 +34,7 @@ import yaml
 from hypothesis import HealthCheck, example, given, settings, strategies as st
 from PIL import Image
 
-from cnnlab.data import load_dataset
+from cnnlab.data import load_dataset, transforms
 from cnnlab.data.formats import idx_length, parse_cifar_binary, parse_cifar_python, parse_idx, read_bytes
 from cnnlab.data.images import MAX_IMAGE_PIXELS, open_image
 from cnnlab.engine.config import TrainConfig, load_config
@@ -333,6 +333,32 @@ def test_image_decoding_under_fuzzing(examples, tmp_path):
                 return
         assert image.width * image.height <= MAX_IMAGE_PIXELS
         np.asarray(image.convert("RGB"))  # a decoded image converts
+    run(examples, inputs(valid), check)
+
+
+def _jpeg(width: int, height: int, mode: str = "RGB", **options) -> bytes:
+    buffer = io.BytesIO()
+    pixels = np.random.default_rng(width).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    Image.fromarray(pixels).convert(mode).save(buffer, format="JPEG", quality=80, **options)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("examples", EXAMPLES)
+def test_streaming_crops_under_fuzzing(examples):
+    """decode_crop, the streaming path: damaged JPEGs go through region decoding (C, over libjpeg-turbo) and
+    the whole-image decoders; each call returns a crop or raises ImageError naming the file."""
+    valid = [_jpeg(40, 30), _jpeg(33, 47, subsampling=0), _jpeg(48, 40, progressive=True),
+             _jpeg(40, 24, restart_marker_blocks=2), _jpeg(30, 30, "L"), _jpeg(24, 20, "CMYK")]
+
+    def check(data: bytes) -> None:
+        for key, mode in ((None, "RGB"), (1, "RGB"), (2, "L")):
+            rng = None if key is None else transforms.sample_rng(0, 0, key)
+            try:
+                out = transforms.decode_crop(data, "fuzz.jpg", 16, mode, rng=rng)
+            except ImageError as exc:
+                assert str(exc).startswith("fuzz.jpg: ")
+                continue
+            assert out.shape == (16, 16, 3 if mode == "RGB" else 1) and out.dtype == np.uint8
     run(examples, inputs(valid), check)
 
 

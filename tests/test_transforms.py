@@ -1,8 +1,12 @@
 import io
 import math
 
+import os
+
 import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
 from PIL import Image, JpegImagePlugin
 
 from cnnlab.data import transforms
@@ -71,6 +75,13 @@ def test_eval_crop_box_uses_torchvisions_rounding():
     assert math.isclose(right - left, 224 * 500 / 341)
 
 
+def torch_resize(pixels: np.ndarray, size: int) -> np.ndarray:
+    """What torchvision's Resize does to a uint8 tensor: antialiased bilinear, in torch's own kernel."""
+    x = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1)[None]
+    out = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return out[0].permute(1, 2, 0).numpy()
+
+
 def test_train_crop_equals_crop_resize_flip_by_hand():
     pixels = textured(200, 150, 2)
     data = png_bytes(pixels)
@@ -78,14 +89,17 @@ def test_train_crop_equals_crop_resize_flip_by_hand():
         out = decode_crop(data, "x.png", 64, "RGB", rng=sample_rng(0, 0, index))
         rng = sample_rng(0, 0, index)
         flip = rng.random() < 0.5
-        box = random_resized_crop_box(200, 150, rng)
-        ref = Image.fromarray(pixels).crop(box).resize((64, 64), Image.BILINEAR)
-        ref = np.asarray(ref.transpose(Image.FLIP_LEFT_RIGHT) if flip else ref)
-        assert np.array_equal(out, ref), index
+        left, top, right, bottom = random_resized_crop_box(200, 150, rng)
+        ref = torch_resize(pixels[top:bottom, left:right], 64)
+        assert np.array_equal(out, ref[:, ::-1] if flip else ref), index
+        pillow = Image.fromarray(pixels).crop((left, top, right, bottom)).resize((64, 64), Image.BILINEAR)
+        pillow = np.asarray(pillow.transpose(Image.FLIP_LEFT_RIGHT) if flip else pillow)
+        assert np.abs(out.astype(int) - pillow).max() <= 2, index  # torch's kernel against Pillow's: rounding
 
 
 def test_large_jpeg_is_decoded_in_draft_mode_only_when_the_crop_keeps_full_resolution(monkeypatch):
     monkeypatch.setattr(transforms, "_simplejpeg", None)  # Pillow's decoder
+    monkeypatch.setattr(transforms, "_jpeg_region", None)
     data = jpeg_bytes(np.tile(textured(250, 188, 3), (8, 8, 1)))  # 2000 x 1504
     calls = []
     original = JpegImagePlugin.JpegImageFile.draft
@@ -134,19 +148,36 @@ def test_undecodable_and_oversized_images_raise_image_error(monkeypatch):
         decode_crop(png_bytes(np.zeros((20, 20, 3), np.uint8)), "big.png", 8, "RGB")
 
 
-def test_simplejpeg_gives_pillows_pixels_at_every_scale(monkeypatch, tmp_path):
-    pytest.importorskip("simplejpeg")
+DECODERS = {"region": {}, "simplejpeg": {"_jpeg_region": None},
+            "pillow": {"_jpeg_region": None, "_simplejpeg": None}}
+
+
+@pytest.mark.parametrize("decoder", ["region", "simplejpeg"])
+def test_every_jpeg_decoder_gives_pillows_pixels_at_every_scale(monkeypatch, tmp_path, decoder):
+    if decoder == "region" and transforms._jpeg_region is None:
+        pytest.skip("the _jpeg_region extension is not built here (no C compiler or libjpeg headers at install)")
+    if decoder == "simplejpeg":
+        pytest.importorskip("simplejpeg")
     files = write_mixed_folder(tmp_path, bad=True)
     images = [jpeg_bytes(np.tile(textured(250, 188, 3), (8, 8, 1))), jpeg_bytes(textured(300, 240, 4)),
-              jpeg_bytes(textured(160, 120, 5)[:, :, 0]), files["rotated"].read_bytes(), files["cmyk"].read_bytes()]
-    for data in images:
-        for key in (None, 0, 1, 2):
-            def draws():
-                return None if key is None else sample_rng(0, 0, key)
-            fast = decode_crop(data, "x.jpg", 64, "RGB", rng=draws())
-            with monkeypatch.context() as m:
-                m.setattr(transforms, "_simplejpeg", None)
-                assert np.array_equal(fast, decode_crop(data, "x.jpg", 64, "RGB", rng=draws()))
-    for name in ("corrupt", "truncated"):  # broken files fail with simplejpeg as with Pillow
-        with pytest.raises(ImageError, match="not a readable image"):
-            decode_crop(files[name].read_bytes(), name, 32, "RGB")
+              jpeg_bytes(textured(160, 120, 5)[:, :, 0]), jpeg_bytes(textured(333, 251, 6), subsampling=0),
+              jpeg_bytes(textured(301, 207, 7), subsampling=1, progressive=True),
+              files["rotated"].read_bytes(), files["cmyk"].read_bytes()]
+
+    def decode_all(overrides: dict) -> list[np.ndarray]:
+        with monkeypatch.context() as m:
+            for name, value in overrides.items():
+                m.setattr(transforms, name, value)
+            return [decode_crop(data, "x.jpg", 64, mode, rng=None if key is None else sample_rng(0, 0, key))
+                    for data in images for mode in ("RGB", "L") for key in (None, *range(12))]
+
+    for fast, slow in zip(decode_all(DECODERS[decoder]), decode_all(DECODERS["pillow"])):
+        assert np.array_equal(fast, slow)
+    for name in ("corrupt", "truncated"):  # broken files fail as they do with Pillow
+        with monkeypatch.context() as m:
+            for attr, value in DECODERS[decoder].items():
+                m.setattr(transforms, attr, value)
+            for key in (None, 0, 1, 2):
+                with pytest.raises(ImageError, match="not a readable image"):
+                    decode_crop(files[name].read_bytes(), name, 32, "RGB",
+                                rng=None if key is None else sample_rng(0, 0, key))

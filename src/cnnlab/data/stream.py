@@ -2,7 +2,7 @@
 
 The loaders here have InMemoryLoader's interface (global batch size split over `world_size` ranks, `epoch`,
 `position`, `state_dict`), but the file list is all they hold: workers decode, crop and flip each image
-(transforms.py), batches travel as uint8 (N, H, W, C), and normalisation happens on the device.
+(transforms.py), batches travel as uint8 (N, C, H, W), and normalisation happens on the device.
 """
 from __future__ import annotations
 
@@ -185,15 +185,15 @@ def choose_data_mode(root: str | Path, requested: str = "auto", image_size: int 
                       f"{_human(budget)} memory budget (--memory-budget)")
 
 
-# What a worker hands the main process for one batch: uint8 pixels (n, H, W, C) or None when every image of
+# What a worker hands the main process for one batch: uint8 pixels (n, C, H, W) or None when every image of
 # the batch failed, int64 labels, [(name, error)] for unreadable images, and a fatal error message or None.
 _Item = tuple  # (torch.Tensor | None, torch.Tensor, list[tuple[str, str]], str | None)
 
 
 def assemble_batch(pixels: list[np.ndarray | None], labels: Sequence[int], fill: bool) -> tuple:
-    """Stack decoded samples into (n, H, W, C) uint8 and int64 labels. A failed sample (None) is replaced by
-    a copy of the nearest readable sample of the batch, previous first (fill: training batches keep their
-    shape), or dropped (evaluation counts each readable image once). None when no sample is readable."""
+    """Stack decoded samples (C, H, W) into (n, C, H, W) uint8 and int64 labels. A failed sample (None) is
+    replaced by a copy of the nearest readable sample of the batch, previous first (fill: training batches keep
+    their shape), or dropped (evaluation counts each readable image once). None when no sample is readable."""
     good = [i for i, p in enumerate(pixels) if p is not None]
     if not good:
         return None, torch.zeros(0, dtype=torch.int64)
@@ -242,10 +242,6 @@ class StreamingLoader:
         mean_t = torch.as_tensor(mean, dtype=torch.float32).reshape(1, c, 1, 1)
         self._scale = (1.0 / (255.0 * std_t)).to(self.device)  # (x / 255 - mean) / std as one multiply-add
         self._shift = (-mean_t / std_t).to(self.device)
-        hw = image_size * image_size
-        # channels_last batches are normalised as flat (N, H*W*C) rows (see InMemoryLoader for why)
-        self._scale_hwc = self._scale.reshape(1, c).repeat(1, hw).contiguous()
-        self._shift_hwc = self._shift.reshape(1, c).repeat(1, hw).contiguous()
 
     # -- bad images -------------------------------------------------------------------------------------
     @property
@@ -277,13 +273,10 @@ class StreamingLoader:
 
     # -- batches ----------------------------------------------------------------------------------------
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        """uint8 (N, H, W, C) on the device -> normalised float32 (N, C, H, W), channels_last if asked."""
-        n, h, w, c = x.shape
-        if self.channels_last and h * w == self.image_size ** 2:
-            rows = x.reshape(n, h * w * c).float().mul_(self._scale_hwc).add_(self._shift_hwc)
-            return rows.view(n, h, w, c).permute(0, 3, 1, 2)
-        x = x.permute(0, 3, 1, 2).contiguous().float().mul_(self._scale).add_(self._shift)
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+        """uint8 (N, C, H, W) on the device -> normalised float32 (N, C, H, W), channels_last if asked."""
+        if self.channels_last:  # reorder the uint8 bytes, not 4x as many floats; float() keeps the layout
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x.float().mul_(self._scale).add_(self._shift)
 
     def _items(self) -> Iterator[_Item]:
         raise NotImplementedError
@@ -441,7 +434,7 @@ def sample_channel_stats(source, image_size: int, n: int = 256) -> tuple[list[fl
         try:
             if data is None:
                 continue
-            x = transform(data, name, 0, index).reshape(-1, source.channels) / 255.0
+            x = transform(data, name, 0, index).reshape(source.channels, -1).T / 255.0
         except ImageError:
             continue
         total += x.sum(0)

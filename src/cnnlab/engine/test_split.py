@@ -47,7 +47,7 @@ def open_test_split(dataset: str, data_dir: str | None, *, input_shape, mean, st
                 raise DatasetError("shard test images are not indexed")
             name = str(source.root / source.splits["test"].names[i])
             with open(name, "rb") as f:
-                return transform(f.read(), name, 0, i)
+                return transform(f.read(), name, 0, i).transpose(1, 2, 0)
         labels = None if shards else torch.from_numpy(source.labels("test"))
         return TestSplit(loader, list(source.classes), labels, source.channels, image, runtime)
     from ..data import InMemoryLoader, load_dataset

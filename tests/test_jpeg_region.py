@@ -1,0 +1,109 @@
+"""Region-of-interest JPEG decoding (the _jpeg_region extension): only a training crop's region is decoded, and
+its pixels are those of a full decode, whatever the chroma subsampling, scan order, restart markers, DCT scale or
+crop position; a file cut short fails whatever the crop."""
+from __future__ import annotations
+
+import io
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cnnlab.data import transforms
+from cnnlab.data.transforms import decode_crop, random_resized_crop_box, sample_rng
+from cnnlab.errors import ImageError
+
+from mixed_images import jpeg_bytes, textured
+
+region = transforms._jpeg_region
+needs_region = pytest.mark.skipif(region is None, reason="the _jpeg_region extension is not built here (it needs "
+                                                         "a C compiler and libjpeg's headers when cnnlab is installed)")
+
+
+def test_the_region_decoder_is_built_where_ci_runs():
+    if not os.environ.get("CI"):
+        pytest.skip("CI installs gcc and libjpeg-dev; elsewhere the extension is optional")
+    assert region is not None, ("cnnlab.data._jpeg_region did not build: install gcc and libjpeg-dev, "
+                                "then pip install -e .")
+
+
+def full_decode(data: bytes, scale: int, gray: bool) -> np.ndarray:
+    """Pillow's whole decode at 1/scale (draft mode), the reference."""
+    im = Image.open(io.BytesIO(data))
+    if scale > 1:
+        im.draft(None, (im.width // scale, im.height // scale))
+    pixels = np.asarray(im.convert("L" if gray else "RGB"))
+    return pixels[:, :, None] if gray else pixels
+
+
+FLAVOURS = {
+    "4:2:0": dict(subsampling=2), "4:2:2": dict(subsampling=1), "4:4:4": dict(subsampling=0),
+    "progressive 4:2:0": dict(subsampling=2, progressive=True),
+    "restart markers": dict(subsampling=2, restart_marker_blocks=3),
+    "grey": dict(), "grey progressive": dict(progressive=True),
+}
+
+
+@needs_region
+@pytest.mark.parametrize("flavour", list(FLAVOURS))
+@pytest.mark.parametrize("width,height", [(333, 251), (97, 61), (16, 16)])
+def test_a_decoded_region_has_the_pixels_of_a_full_decode(flavour, width, height):
+    gray = flavour.startswith("grey")
+    pixels = textured(width, height, width)
+    data = jpeg_bytes(pixels[:, :, 0] if gray else pixels, **FLAVOURS[flavour])
+    rng = np.random.default_rng(width * height)
+    for scale in (1, 2, 4, 8):
+        full = full_decode(data, scale, gray)
+        h, w = full.shape[:2]
+        boxes = [random_resized_crop_box(w, h, rng) for _ in range(25)]
+        boxes += [(0, 0, w, h), (w - 1, h - 1, w, h), (0, h - 1, 1, h), (w // 2, 0, w, 1)]  # edges, single pixels
+        for left, top, right, bottom in boxes:
+            buffer, rw, rh, x0, y0 = region.decode_region(data, scale, left, top, right, bottom, gray)
+            assert x0 <= left and y0 <= top and x0 + rw >= right and y0 + rh >= bottom
+            got = np.frombuffer(buffer, np.uint8).reshape(rh, rw, -1)[top - y0:bottom - y0, left - x0:right - x0]
+            assert np.array_equal(got, full[top:bottom, left:right]), (scale, (left, top, right, bottom))
+
+
+@needs_region
+def test_only_the_region_is_decoded():
+    data = jpeg_bytes(textured(640, 480, 1))
+    buffer, width, height, x0, y0 = region.decode_region(data, 1, 300, 200, 400, 260, False)
+    # widened by one 16-pixel iMCU on each side, the left edge moved back to an iMCU boundary
+    assert (x0, y0) == (272, 184) and x0 + width >= 416 and height == 260 + 16 - 184
+    assert len(buffer) == width * height * 3 < 640 * 480 * 3 // 10
+
+
+@needs_region
+def test_bad_regions_and_bad_data_are_value_errors():
+    data = jpeg_bytes(textured(64, 48, 2))
+    for box in [(0, 0, 65, 48), (10, 10, 10, 20), (-1, 0, 5, 5), (0, 40, 8, 30)]:
+        with pytest.raises(ValueError, match=r"not inside the 64x48 image"):
+            region.decode_region(data, 1, *box, False)
+    with pytest.raises(ValueError, match="scale_denom must be 1, 2, 4 or 8"):
+        region.decode_region(data, 3, 0, 0, 8, 8, False)
+    with pytest.raises(ValueError, match="^JPEG: "):
+        region.decode_region(b"\xff\xd8 not a jpeg at all", 1, 0, 0, 1, 1, False)
+    with pytest.raises(ValueError, match="^JPEG: Premature end of JPEG file"):
+        region.decode_region(data[:len(data) // 2], 1, 0, 0, 64, 48, False)
+
+
+@needs_region
+def test_a_jpeg_cut_short_fails_even_when_the_crop_lies_above_the_cut():
+    data = jpeg_bytes(textured(300, 200, 3))
+    cut = data[:int(len(data) * 0.9)]  # the bottom rows are missing, the top ones decode
+    buffer, *_ = region.decode_region(cut, 1, 0, 0, 50, 20, False)  # the raw decoder stops above the cut
+    assert buffer
+    for index in range(20):  # decode_crop decodes a file without its end marker whole, and fails on it
+        with pytest.raises(ImageError, match=r"^cut\.jpg: not a readable image"):
+            decode_crop(cut, "cut.jpg", 64, "RGB", rng=sample_rng(0, 0, index))
+
+
+@needs_region
+def test_trailing_bytes_after_the_end_marker_fall_back_to_a_whole_decode(monkeypatch):
+    data = jpeg_bytes(textured(200, 150, 4)) + b"\0\0 camera padding"
+    fast = [decode_crop(data, "x.jpg", 64, "RGB", rng=sample_rng(0, 0, i)) for i in range(5)]
+    monkeypatch.setattr(transforms, "_jpeg_region", None)
+    monkeypatch.setattr(transforms, "_simplejpeg", None)
+    assert all(np.array_equal(a, decode_crop(data, "x.jpg", 64, "RGB", rng=sample_rng(0, 0, i)))
+               for i, a in enumerate(fast))
