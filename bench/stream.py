@@ -241,7 +241,7 @@ def bench_memory(tmp: Path, pool: list[bytes], n: int) -> dict[int, dict]:
     return out
 
 
-def main(repeats: int = 3, files: int = 384, memory_files: int = 200) -> bool:
+def main(repeats: int = 5, files: int = 768, memory_files: int = 200) -> bool:
     torch.set_num_threads(1)  # the two workers take the other cores
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -273,7 +273,7 @@ def main(repeats: int = 3, files: int = 384, memory_files: int = 200) -> bool:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--memory-child")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     if args.memory_child:
         memory_child(args.memory_child)

@@ -59,19 +59,10 @@ def test_a_decoded_region_has_the_pixels_of_a_full_decode(flavour, width, height
         boxes = [random_resized_crop_box(w, h, rng) for _ in range(25)]
         boxes += [(0, 0, w, h), (w - 1, h - 1, w, h), (0, h - 1, 1, h), (w // 2, 0, w, 1)]  # edges, single pixels
         for left, top, right, bottom in boxes:
-            buffer, rw, rh, x0, y0 = region.decode_region(data, scale, left, top, right, bottom, gray)
-            assert x0 <= left and y0 <= top and x0 + rw >= right and y0 + rh >= bottom
-            got = np.frombuffer(buffer, np.uint8).reshape(rh, rw, -1)[top - y0:bottom - y0, left - x0:right - x0]
-            assert np.array_equal(got, full[top:bottom, left:right]), (scale, (left, top, right, bottom))
-
-
-@needs_region
-def test_only_the_region_is_decoded():
-    data = jpeg_bytes(textured(640, 480, 1))
-    buffer, width, height, x0, y0 = region.decode_region(data, 1, 300, 200, 400, 260, False)
-    # widened by one 16-pixel iMCU on each side, the left edge moved back to an iMCU boundary
-    assert (x0, y0) == (272, 184) and x0 + width >= 416 and height == 260 + 16 - 184
-    assert len(buffer) == width * height * 3 < 640 * 480 * 3 // 10
+            pixels = region.decode_region(data, scale, left, top, right, bottom, gray)
+            want, where = full[top:bottom, left:right], (scale, (left, top, right, bottom))
+            assert len(pixels) == want.size, where
+            assert np.array_equal(np.frombuffer(pixels, np.uint8).reshape(want.shape), want), where
 
 
 @needs_region
@@ -92,8 +83,7 @@ def test_bad_regions_and_bad_data_are_value_errors():
 def test_a_jpeg_cut_short_fails_even_when_the_crop_lies_above_the_cut():
     data = jpeg_bytes(textured(300, 200, 3))
     cut = data[:int(len(data) * 0.9)]  # the bottom rows are missing, the top ones decode
-    buffer, *_ = region.decode_region(cut, 1, 0, 0, 50, 20, False)  # the raw decoder stops above the cut
-    assert buffer
+    assert len(region.decode_region(cut, 1, 0, 0, 50, 20, False)) == 50 * 20 * 3  # the decoder stops above the cut
     for index in range(20):  # decode_crop decodes a file without its end marker whole, and fails on it
         with pytest.raises(ImageError, match=r"^cut\.jpg: not a readable image"):
             decode_crop(cut, "cut.jpg", 64, "RGB", rng=sample_rng(0, 0, index))

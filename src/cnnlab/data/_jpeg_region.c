@@ -7,14 +7,13 @@
  * decode_and_crop_jpeg does.
  *
  * The pixels are those of a full decode: the region is widened by one iMCU (the JPEG's block of 8 or 16
- * pixels) on every side before decoding, because libjpeg-turbo's smooth chroma upsampling treats the edges of
- * a partial decode as image edges and may change the pixels there.
+ * pixels) to the left, right and above before decoding, because libjpeg-turbo's smooth chroma upsampling
+ * treats the edges of a partial decode as image edges and may change the pixels there.
  *
- * One function: decode_region(data, scale_denom, left, top, right, bottom, gray)
- *   -> (pixels: bytearray, width, height, x_offset, y_offset)
+ * One function: decode_region(data, scale_denom, left, top, right, bottom, gray) -> bytearray
  * The coordinates are those of the image decoded at 1/scale_denom (DCT scaling, as Pillow's draft mode). The
- * pixels are rows of `width` RGB (or grey) bytes whose top-left is (x_offset, y_offset) in that image; the
- * region always holds [left, right) x [top, bottom). A JPEG error is a ValueError with libjpeg's message; a
+ * pixels are the box's rows of (right - left) RGB (or grey) bytes, contiguous, so that they need no copy
+ * before torch resizes them. A JPEG error is a ValueError with libjpeg's message; a
  * premature end of data is an error too (Pillow: "image file is truncated"); other libjpeg warnings are
  * ignored, as Pillow ignores them.
  */
@@ -93,21 +92,27 @@ static PyObject *decode_region(PyObject *Py_UNUSED(module), PyObject *args)
                      bottom, width, height);
         longjmp(err.jump, 1);
     }
-    /* one iMCU of margin on every side: the smooth upsampling at the edges of a partial decode differs */
+    /* One iMCU of margin left, right and above: libjpeg-turbo's smooth chroma upsampling treats the edges of a
+     * partial decode as image edges. Below, reading stops at the region's last row: the library itself reads
+     * the context it needs for the rows it returns. */
     int imcu_w = cinfo.max_h_samp_factor * cinfo.min_DCT_scaled_size;
     int imcu_h = cinfo.max_v_samp_factor * cinfo.min_DCT_scaled_size;
     int x0 = left - imcu_w < 0 ? 0 : left - imcu_w;
     int x1 = right + imcu_w > width ? width : right + imcu_w;
     int y0 = top - imcu_h < 0 ? 0 : top - imcu_h;
-    int y1 = bottom + imcu_h > height ? height : bottom + imcu_h;
     JDIMENSION x_offset = (JDIMENSION)x0, out_width = (JDIMENSION)(x1 - x0);
     if (out_width < (JDIMENSION)width)
         jpeg_crop_scanline(&cinfo, &x_offset, &out_width);  /* moves x_offset left to an iMCU boundary */
     else
         x_offset = 0, out_width = (JDIMENSION)width;
 
-    size_t row_bytes = (size_t)out_width * (size_t)cinfo.output_components;
-    pixels = PyByteArray_FromStringAndSize(NULL, (Py_ssize_t)(row_bytes * (size_t)(y1 - y0)));
+    size_t channels = (size_t)cinfo.output_components;
+    size_t box_row = (size_t)(right - left) * channels, skip = (size_t)(left - (int)x_offset) * channels;
+    /* a scratch row for the margins; freed with cinfo, and a failed allocation is a libjpeg error */
+    JSAMPARRAY scratch = (*cinfo.mem->alloc_sarray)((j_common_ptr)&cinfo, JPOOL_IMAGE,
+                                                    out_width * (JDIMENSION)channels, 1);
+    int direct = skip == 0 && box_row == (size_t)out_width * channels;  /* decode straight into the output */
+    pixels = PyByteArray_FromStringAndSize(NULL, (Py_ssize_t)(box_row * (size_t)(bottom - top)));
     if (pixels == NULL)
         longjmp(err.jump, 1);
     unsigned char *out = (unsigned char *)PyByteArray_AS_STRING(pixels);
@@ -115,9 +120,13 @@ static PyObject *decode_region(PyObject *Py_UNUSED(module), PyObject *args)
     released = PyEval_SaveThread();
     if (y0 > 0)
         jpeg_skip_scanlines(&cinfo, (JDIMENSION)y0);
-    while (cinfo.output_scanline < (JDIMENSION)y1) {
-        JSAMPROW row = out + row_bytes * (size_t)(cinfo.output_scanline - y0);
+    while (cinfo.output_scanline < (JDIMENSION)bottom) {
+        int y = (int)cinfo.output_scanline;
+        unsigned char *target = y >= top ? out + box_row * (size_t)(y - top) : NULL;
+        JSAMPROW row = direct && target != NULL ? target : scratch[0];
         jpeg_read_scanlines(&cinfo, &row, 1);
+        if (target != NULL && !direct)
+            memcpy(target, scratch[0] + skip, box_row);
     }
     PyEval_RestoreThread(released);
     released = NULL;
@@ -125,14 +134,14 @@ static PyObject *decode_region(PyObject *Py_UNUSED(module), PyObject *args)
     jpeg_abort_decompress(&cinfo);  /* the rows below the region are never decoded */
     jpeg_destroy_decompress(&cinfo);
     PyBuffer_Release(&data);
-    return Py_BuildValue("(Niiii)", pixels, (int)out_width, y1 - y0, (int)x_offset, y0);
+    return pixels;
 }
 
 static PyMethodDef methods[] = {
     {"decode_region", decode_region, METH_VARARGS,
-     "decode_region(data, scale_denom, left, top, right, bottom, gray) -> (pixels, width, height, x_offset, "
-     "y_offset): decode the region of a JPEG that holds [left, right) x [top, bottom) of the image at "
-     "1/scale_denom, to the pixels of a full decode."},
+     "decode_region(data, scale_denom, left, top, right, bottom, gray) -> bytearray: the pixels of "
+     "[left, right) x [top, bottom) of a JPEG decoded at 1/scale_denom, rows of (right - left) RGB or grey "
+     "bytes, equal to those of a full decode."},
     {NULL, NULL, 0, NULL},
 };
 

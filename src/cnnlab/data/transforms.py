@@ -137,11 +137,10 @@ _UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4
 
 
 def _jpeg_pixels(data: bytes, scale: int, box: tuple[int, int, int, int], gray: bool) -> np.ndarray:
-    """The box (coordinates at 1/scale) of a JPEG, decoded by _jpeg_region: (h, w, C) uint8."""
+    """The box (coordinates at 1/scale) of a JPEG, decoded by _jpeg_region: (h, w, C) uint8, contiguous."""
     left, top, right, bottom = box
-    buffer, width, height, x0, y0 = _jpeg_region.decode_region(data, scale, left, top, right, bottom, gray)
-    region = np.frombuffer(buffer, np.uint8).reshape(height, width, 1 if gray else 3)
-    return region[top - y0:bottom - y0, left - x0:right - x0]
+    pixels = _jpeg_region.decode_region(data, scale, left, top, right, bottom, gray)
+    return np.frombuffer(pixels, np.uint8).reshape(bottom - top, right - left, 1 if gray else 3)
 
 
 def _decode_whole(im: Image.Image, data: bytes, scale: int, orientation: int, mode: str) -> np.ndarray:
