@@ -1,3 +1,5 @@
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -85,6 +87,43 @@ def test_resume_mid_epoch_replays_the_same_batches_whatever_the_workers(tmp_path
     for (x, y), (x0, y0) in zip(rest, second_epoch[3:]):
         assert torch.equal(x, x0) and torch.equal(y, y0)
     assert (resumed.epoch, resumed.position) == (2, 0)
+
+
+class _SlowSometimes:
+    """An ImageTransform that sleeps up to 8 ms, differently per sample: workers finish out of turn."""
+
+    def __init__(self, transform):
+        self.transform = transform
+
+    def __call__(self, data, name, epoch, index, salt=0):
+        time.sleep(((index * 7 + epoch * 3) % 5) * 0.002)
+        return self.transform(data, name, epoch, index, salt)
+
+
+def test_batches_through_shared_slots_equal_decoding_in_process_while_workers_race(tmp_path):
+    """Workers return batches through a few reused shared-memory slots: none is overwritten before the main
+    process has copied it out, also when workers finish out of turn and an epoch is abandoned half way."""
+    source = open_image_folder(write_image_folder(tmp_path / "f", per_class=(30, 4), size=24))
+    reference = loader(source, batch=4, workers=0, seed=5)
+    expected = [[(x.clone(), y.clone()) for x, y in reference] for _ in range(3)]
+    racing = loader(source, batch=4, workers=3, seed=5)
+    assert racing._slots is not None and racing._slots.count == 2 * 3 + 2
+    racing._dataset.transform = _SlowSometimes(racing._dataset.transform)
+    kept = []
+    for x, y in racing:  # the first epoch is abandoned after 5 batches, with tasks still in flight
+        kept.append((x, y))
+        if len(kept) == 5:
+            break
+    racing.epoch, racing.position = 0, 0  # and started again from its beginning
+    got = [[(x, y) for x, y in racing] for _ in range(3)]
+    for (x, y), (x0, y0) in zip(kept, expected[0]):
+        assert torch.equal(x, x0) and torch.equal(y, y0)
+    for epoch, (batches, reference_batches) in enumerate(zip(got, expected)):
+        assert len(batches) == len(reference_batches) == 90 // 4
+        for step, ((x, y), (x0, y0)) in enumerate(zip(batches, reference_batches)):
+            assert torch.equal(x, x0) and torch.equal(y, y0), (epoch, step)
+    evaluation = loader(source, "test", batch=3, workers=2)
+    assert torch.equal(torch.cat([x for x, _ in evaluation]), torch.cat([x for x, _ in loader(source, "test", batch=3)]))
 
 
 def _roundtrip(state, tmp_path):

@@ -27,6 +27,7 @@ __all__ = ["DEFAULT_MEMORY_BUDGET", "BAD_IMAGE_FRACTION", "TooManyBadImages", "I
 
 DEFAULT_MEMORY_BUDGET = 2 * 2**30  # bytes of decoded uint8 pixels (train + test) that auto keeps in RAM
 BAD_IMAGE_FRACTION = 0.001  # default max_bad_images: 0.1% of the split, at least 1
+PREFETCH_FACTOR = 2  # batches each DataLoader worker works ahead
 
 
 class TooManyBadImages(DatasetError):
@@ -185,15 +186,18 @@ def choose_data_mode(root: str | Path, requested: str = "auto", image_size: int 
                       f"{_human(budget)} memory budget (--memory-budget)")
 
 
-# What a worker hands the main process for one batch: uint8 pixels (n, C, H, W) or None when every image of
-# the batch failed, int64 labels, [(name, error)] for unreadable images, and a fatal error message or None.
-_Item = tuple  # (torch.Tensor | None, torch.Tensor, list[tuple[str, str]], str | None)
+# What a worker hands the main process for one batch: uint8 pixels (n, C, H, W), or the index of the shared
+# slot that holds them, or None when every image of the batch failed; int64 labels; [(name, error)] for
+# unreadable images; and a fatal error message or None.
+_Item = tuple  # (torch.Tensor | int | None, torch.Tensor, list[tuple[str, str]], str | None)
 
 
-def assemble_batch(pixels: list[np.ndarray | None], labels: Sequence[int], fill: bool) -> tuple:
-    """Stack decoded samples (C, H, W) into (n, C, H, W) uint8 and int64 labels. A failed sample (None) is
-    replaced by a copy of the nearest readable sample of the batch, previous first (fill: training batches keep
-    their shape), or dropped (evaluation counts each readable image once). None when no sample is readable."""
+def assemble_batch(pixels: list[np.ndarray | None], labels: Sequence[int], fill: bool,
+                   out: torch.Tensor | None = None) -> tuple:
+    """Stack decoded samples (C, H, W) into (n, C, H, W) uint8 (into `out[:n]` when given) and int64 labels. A
+    failed sample (None) is replaced by a copy of the nearest readable sample of the batch, previous first
+    (fill: training batches keep their shape), or dropped (evaluation counts each readable image once). None
+    when no sample is readable."""
     good = [i for i, p in enumerate(pixels) if p is not None]
     if not good:
         return None, torch.zeros(0, dtype=torch.int64)
@@ -201,9 +205,39 @@ def assemble_batch(pixels: list[np.ndarray | None], labels: Sequence[int], fill:
         keep = [max((g for g in good if g <= i), default=good[0]) for i in range(len(pixels))]
     else:
         keep = good
-    x = torch.from_numpy(np.stack([pixels[i] for i in keep]))
+    if out is None:
+        x = torch.from_numpy(np.stack([pixels[i] for i in keep]))
+    else:
+        x = out[:len(keep)]
+        np.stack([pixels[i] for i in keep], out=x.numpy())
     y = torch.as_tensor([labels[i] for i in keep], dtype=torch.int64)
     return x, y
+
+
+class SharedBatchSlots:
+    """Batch buffers in shared memory, reused round robin: a worker writes a batch into the slot its task names
+    and returns the slot's number, the main process normalises from it (a copy) before it asks for more.
+
+    Why: a fresh shared-memory tensor per batch (what DataLoader does with returned tensors) is a new mapping
+    on both sides, and each of its pages faults once in the worker that writes it and once in the main process
+    that reads it; on a 2-core VM that cost a fifth of the streaming pipeline's time (bench/stream.py).
+
+    Safe because DataLoader keeps at most prefetch_factor x workers tasks in flight and dispatches the next one
+    just before it hands a batch over: at most that many + 1 slots are in use, and there are 2 more.
+    """
+
+    def __init__(self, in_flight: int, batch_shape: tuple[int, ...]):
+        self.count = in_flight + 2
+        self.buffers = torch.zeros((self.count, *batch_shape), dtype=torch.uint8).share_memory_()
+        self._next = 0
+
+    def take(self) -> int:
+        """The slot for the next task (main process, in task order)."""
+        slot, self._next = self._next, (self._next + 1) % self.count
+        return slot
+
+    def batch(self, slot: int, n: int) -> torch.Tensor:
+        return self.buffers[slot, :n]
 
 
 def _identity(item):
@@ -237,6 +271,7 @@ class StreamingLoader:
         self.epoch = 0  # epochs completed
         self.position = 0  # batches of the current epoch already handed out
         self._bad: dict[str, str] = {}
+        self._slots: SharedBatchSlots | None = None  # set by loaders whose workers return batches through them
         c = channels
         std_t = torch.as_tensor(std, dtype=torch.float32).reshape(1, c, 1, 1)
         mean_t = torch.as_tensor(mean, dtype=torch.float32).reshape(1, c, 1, 1)
@@ -286,6 +321,8 @@ class StreamingLoader:
             if fatal:
                 raise DatasetError(fatal)
             self._record_bad(bad)
+            if isinstance(pixels, int):  # a shared slot: normalize() below copies it out before the next batch
+                pixels, labels = self._slots.batch(pixels, len(labels)), torch.from_numpy(labels)
             if pixels is None:
                 raise DatasetError(f"every image of a batch failed to decode ({bad[0][0]}: {bad[0][1]}, ...); "
                                    "check the dataset")
@@ -297,7 +334,7 @@ class StreamingLoader:
         self.position = 0
 
     def _dataloader(self, dataset, sampler=None, persistent: bool = True) -> torch.utils.data.DataLoader:
-        kwargs = {"prefetch_factor": 2, "persistent_workers": persistent} if self.workers else {}
+        kwargs = {"prefetch_factor": PREFETCH_FACTOR, "persistent_workers": persistent} if self.workers else {}
         return torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=None, num_workers=self.workers,
                                            collate_fn=_identity, pin_memory=self.device.type == "cuda", **kwargs)
 
@@ -326,11 +363,12 @@ class StreamingLoader:
 class _FolderBatches(torch.utils.data.Dataset):
     """Decodes one rank's slice of a batch, keyed (epoch, split indices); runs in a DataLoader worker."""
 
-    def __init__(self, root: Path, split: _FolderSplit, transform: ImageTransform, fill: bool):
-        self.root, self.split, self.transform, self.fill = root, split, transform, fill
+    def __init__(self, root: Path, split: _FolderSplit, transform: ImageTransform, fill: bool,
+                 slots: SharedBatchSlots | None = None):
+        self.root, self.split, self.transform, self.fill, self.slots = root, split, transform, fill, slots
 
-    def __getitem__(self, key: tuple[int, np.ndarray]) -> _Item:
-        epoch, indices = key
+    def __getitem__(self, key: tuple[int, np.ndarray, int | None]) -> _Item:
+        epoch, indices, slot = key
         pixels, bad = [], []
         for i in indices:
             name = str(self.root / self.split.names[i])
@@ -344,8 +382,11 @@ class _FolderBatches(torch.utils.data.Dataset):
             except OSError as exc:  # vanished, unreadable, a disk error
                 pixels.append(None)
                 bad.append((name, f"{name}: cannot be read ({exc.strerror or exc})"))
-        x, y = assemble_batch(pixels, self.split.labels[indices].tolist(), self.fill)
-        return x, y, bad, None
+        out = None if slot is None else self.slots.buffers[slot]
+        x, y = assemble_batch(pixels, self.split.labels[indices].tolist(), self.fill, out=out)
+        if out is None or x is None:
+            return x, y, bad, None
+        return slot, y.numpy(), bad, None  # labels as bytes in the message: a tensor would be one more mapping
 
 
 class _EpochPlan:
@@ -379,7 +420,10 @@ class FolderStreamLoader(StreamingLoader):
                          split_size=len(self.indices), rank=rank, world_size=world_size, workers=workers,
                          device=device, channels_last=channels_last, max_bad_images=max_bad_images)
         transform = ImageTransform(image_size, source.mode, train=self.train, seed=seed, draft=draft)
-        self._dataset = _FolderBatches(source.root, source.splits[split], transform, fill=self.train)
+        self._slots = (SharedBatchSlots(PREFETCH_FACTOR * workers, (self.local_batch, source.channels, image_size,
+                                                                     image_size)) if workers else None)
+        self._dataset = _FolderBatches(source.root, source.splits[split], transform, fill=self.train,
+                                       slots=self._slots)
         self._loader = self._dataloader(self._dataset, _EpochPlan(self))
 
     def __len__(self) -> int:
@@ -407,7 +451,7 @@ class FolderStreamLoader(StreamingLoader):
     def _plan(self):
         epoch, order = self.epoch, self._order(self.epoch)
         for part in self._slices()[self.position:]:
-            yield epoch, order[part]
+            yield epoch, order[part], None if self._slots is None else self._slots.take()
 
     def _items(self):
         return iter(self._loader)
