@@ -214,13 +214,13 @@ def assemble_batch(pixels: list[np.ndarray | None], labels: Sequence[int], fill:
     return x, y
 
 
-class SharedBatchSlots:
+class _SharedBatchSlots:
     """Batch buffers in shared memory, reused round robin: a worker writes a batch into the slot its task names
     and returns the slot's number, the main process normalises from it (a copy) before it asks for more.
 
     Why: a fresh shared-memory tensor per batch (what DataLoader does with returned tensors) is a new mapping
     on both sides, and each of its pages faults once in the worker that writes it and once in the main process
-    that reads it; on a 2-core VM that cost a fifth of the streaming pipeline's time (bench/stream.py).
+    that reads it. On the 2-core VM of bench/stream.py that was about 0.4 ms of CPU per 224x224 image, of 3.
 
     Safe because DataLoader keeps at most prefetch_factor x workers tasks in flight and dispatches the next one
     just before it hands a batch over: at most that many + 1 slots are in use, and there are 2 more.
@@ -271,7 +271,7 @@ class StreamingLoader:
         self.epoch = 0  # epochs completed
         self.position = 0  # batches of the current epoch already handed out
         self._bad: dict[str, str] = {}
-        self._slots: SharedBatchSlots | None = None  # set by loaders whose workers return batches through them
+        self._slots: _SharedBatchSlots | None = None  # set by loaders whose workers return batches through them
         c = channels
         std_t = torch.as_tensor(std, dtype=torch.float32).reshape(1, c, 1, 1)
         mean_t = torch.as_tensor(mean, dtype=torch.float32).reshape(1, c, 1, 1)
@@ -364,7 +364,7 @@ class _FolderBatches(torch.utils.data.Dataset):
     """Decodes one rank's slice of a batch, keyed (epoch, split indices); runs in a DataLoader worker."""
 
     def __init__(self, root: Path, split: _FolderSplit, transform: ImageTransform, fill: bool,
-                 slots: SharedBatchSlots | None = None):
+                 slots: _SharedBatchSlots | None = None):
         self.root, self.split, self.transform, self.fill, self.slots = root, split, transform, fill, slots
 
     def __getitem__(self, key: tuple[int, np.ndarray, int | None]) -> _Item:
@@ -420,7 +420,7 @@ class FolderStreamLoader(StreamingLoader):
                          split_size=len(self.indices), rank=rank, world_size=world_size, workers=workers,
                          device=device, channels_last=channels_last, max_bad_images=max_bad_images)
         transform = ImageTransform(image_size, source.mode, train=self.train, seed=seed, draft=draft)
-        self._slots = (SharedBatchSlots(PREFETCH_FACTOR * workers, (self.local_batch, source.channels, image_size,
+        self._slots = (_SharedBatchSlots(PREFETCH_FACTOR * workers, (self.local_batch, source.channels, image_size,
                                                                      image_size)) if workers else None)
         self._dataset = _FolderBatches(source.root, source.splits[split], transform, fill=self.train,
                                        slots=self._slots)
