@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from PIL import Image, JpegImagePlugin
 
 from cnnlab.data import transforms
-from cnnlab.data.transforms import (decode_crop, eval_crop_box, random_resized_crop_box, sample_rng,
+from cnnlab.data.transforms import (decode_crop, eval_resize, random_resized_crop_box, sample_rng,
                                     to_model_mode)
 from cnnlab.errors import ImageError
 
@@ -68,11 +68,10 @@ def test_eval_crop_equals_resize_then_centre_crop(width, height):
     assert np.abs(out.astype(int) - ref).max() <= 2  # one resize of the box instead of two steps: rounding only
 
 
-def test_eval_crop_box_uses_torchvisions_rounding():
+def test_eval_resize_uses_torchvisions_rounding():
     # 500x375 -> shorter side 256: 341x256, centre 224 at left round(58.5) = 58 (banker's), top 16
-    left, top, right, bottom = eval_crop_box(500, 375, 224)
-    assert math.isclose(left, 58 * 500 / 341) and math.isclose(top, 16 * 375 / 256)
-    assert math.isclose(right - left, 224 * 500 / 341)
+    assert eval_resize(500, 375, 256, (224, 224)) == (341, 256, 58, 16)
+    assert eval_resize(375, 500, 256, (224, 200)) == (256, 341, 28, 58)
 
 
 def torch_resize(pixels: np.ndarray, size: int) -> np.ndarray:

@@ -64,17 +64,11 @@ def _model_args(items: list[str] | None) -> dict:
 
 
 def _train_config(args):
-    """defaults, then the recipe, then the YAML file, then flags."""
-    from .engine.config import TrainConfig, config_from_args, load_config
+    """defaults, then the recipe, then the YAML file, then flags; then the recipe's rules (recipes.build_config)."""
+    from .engine.config import flag_values
+    from .engine.recipes import build_config
 
-    base = TrainConfig()
-    if args.recipe:
-        from .engine.recipes import apply_recipe
-        model = args.model or (load_config(args.config).model if args.config else base.model)
-        base = apply_recipe(base, args.recipe, model)
-    if args.config:
-        base = load_config(args.config, base)
-    return config_from_args(args, base)
+    return build_config(args.recipe, args.config, flag_values(args), log=lambda m: print(m, file=sys.stderr))
 
 
 def _resume_target(args):
@@ -162,71 +156,29 @@ def _hand_over_to_torchrun(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .engine.config import load_config
-    from .engine.evaluate import evaluate, inference_runtime, most_confused
-    from .engine.test_split import open_test_split
-    from .engine.weights import load_weights
-    from .files import save_atomic
-    from .models.packaged import get_packaged, is_packaged
-    from .viz.plots import plot_confusion
+    from .engine.evaluate import evaluate_target
 
-    # a run folder's own config (or the registry, for packaged weights) says where its data is and how it was
-    # trained; flags override it
-    target = Path(args.target)
-    run_cfg = load_config(target / "config.yaml") if (target / "config.yaml").is_file() else None
-    trained = json.loads((target / "summary.json").read_text()) if (target / "summary.json").is_file() else {}
-    packaged = get_packaged(args.target) if not target.exists() and is_packaged(args.target) else None
-    if packaged is not None:
-        trained = {"test_accuracy": packaged.test_accuracy, "precision": packaged.precision, "test_tta": packaged.tta}
-    precision = args.precision or trained.get("precision") or "auto"
-    tta = args.tta if args.tta is not None else int(trained.get("test_tta") or 0)
-    runtime = inference_runtime(args.device, precision)
-    loaded = load_weights(args.target, runtime.device)
-    dataset = args.dataset or loaded.meta.get("dataset")
-    same_data = dataset == (run_cfg.dataset if run_cfg else packaged.dataset if packaged else None)
-    data_dir = args.data_dir or (run_cfg.data_dir if same_data and run_cfg else None)
-    split = open_test_split(dataset, data_dir, input_shape=loaded.input_shape, mean=loaded.mean, std=loaded.std,
-                            runtime=runtime, streamed=same_data and trained.get("data_mode") == "stream",
-                            workers=run_cfg.workers if run_cfg else 2, log=lambda m: print(m, file=sys.stderr))
-    if len(split.classes) != len(loaded.classes):
-        raise CnnlabError(f"{dataset} has {len(split.classes)} classes, but the model was trained on "
-                          f"{len(loaded.classes)}")
-    model = loaded.model.to(runtime.device, memory_format=runtime.memory_format)
-    result = evaluate(model, split.loader, len(loaded.classes), runtime=runtime, tta=tta)
-    result["per_class"] = dict(zip(split.classes, result["per_class"]))
-    result["most_confused"] = most_confused(result["confusion"], split.classes)
-    result.update({"dataset": dataset, "weights": str(loaded.path), "classes": split.classes,
-                   "precision": runtime.precision, "tta": tta})
-    # never into the installed package: packaged weights are evaluated into ./eval/NAME
-    out_dir = Path(args.out) if args.out else Path("eval") / packaged.name if packaged else loaded.path.parent
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_atomic(json.dumps(result, indent=2).encode(), out_dir / "eval.json")
-    plot_confusion(result["confusion"], split.classes, out_dir / "confusion.png",
-                   title=f"{loaded.meta['model']} on {dataset} test: accuracy {result['accuracy']:.2%}")
+    ev = evaluate_target(args.target, dataset=args.dataset, data_dir=args.data_dir, device=args.device,
+                         precision=args.precision, tta=args.tta, out=args.out,
+                         log=lambda m: print(m, file=sys.stderr))
+    result = ev.result
     if args.json:
         print(json.dumps(result))
         return 0
-    print(f"{dataset} test split, {result['n']:,} images: accuracy {result['accuracy']:.4f}, loss {result['loss']:.4f}"
-          + (f", top-5 {result['top5']:.4f}" if "top5" in result else "")
-          + f" ({runtime.precision}{f', test-time augmentation level {tta}' if tta else ''})")
-    if trained.get("test_accuracy") is not None and same_data:
-        differs = abs(trained["test_accuracy"] - result["accuracy"]) >= 0.5 / max(result["n"], 1)
-        why = []
-        if trained.get("precision") != runtime.precision:
-            why.append(f"training evaluated in {trained.get('precision')}, this in {runtime.precision}: the "
-                       "rounding differs, so images near a decision boundary can flip")
-        if int(trained.get("test_tta") or 0) != tta:
-            why.append(f"training used test-time augmentation level {trained.get('test_tta') or 0}, this {tta}")
-        note = f" ({'; '.join(why)})" if differs and why else ""
-        source = "the registry of packaged weights lists" if packaged else "training reported"
-        print(f"{source} {trained['test_accuracy']:.4f} for these weights{note}")
-    width = max(map(len, split.classes))
+    tta = result["tta"]
+    print(f"{result['dataset']} test split, {result['n']:,} images: accuracy {result['accuracy']:.4f}, loss "
+          f"{result['loss']:.4f}" + (f", top-5 {result['top5']:.4f}" if "top5" in result else "")
+          + f" ({result['precision']}{f', test-time augmentation level {tta}' if tta else ''})")
+    if ev.reported is not None:
+        note = f" ({'; '.join(ev.differences)})" if ev.differences else ""
+        print(f"{ev.reported_by} {ev.reported:.4f} for these weights{note}")
+    width = max(map(len, result["classes"]))
     for name, acc in result["per_class"].items():
         print(f"  {name:<{width}}  {acc:.4f}")
     print("most confused (true -> predicted: count):")
     for pair in result["most_confused"]:
         print(f"  {pair['true']} -> {pair['predicted']}: {pair['count']}")
-    print(f"written: {out_dir / 'eval.json'}, {out_dir / 'confusion.png'}")
+    print(f"written: {ev.out_dir / 'eval.json'}, {ev.out_dir / 'confusion.png'}")
     return 0
 
 
@@ -449,7 +401,7 @@ def cmd_viz(args) -> int:
         if not args.image:
             raise ConfigError("'cnnlab viz features RUN_DIR IMAGE': give the image to look at")
         loaded = _load_for_viz(args)
-        pixels, _ = load_image(Path(args.image), loaded.input_shape, loaded.meta.get("resize"))
+        pixels, _ = load_image(Path(args.image), loaded.preprocess)
         import torch
         x = loaded.normalise(torch.tensor(pixels)[None])
         layers = args.layers.split(",") if args.layers else default_feature_layers(loaded.model)
@@ -664,8 +616,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", help="folder for eval.json and confusion.png (default: next to the weights)")
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16"),
-                   help="default: the precision the run was trained in (auto for a weights file)")
+    p.add_argument("--precision", choices=("fp32", "bf16", "auto"), default="fp32",
+                   help="fp32 (default, as predict and an exported model); bf16; auto: as training decides")
     p.add_argument("--tta", type=int, choices=(0, 1, 2), help="test-time augmentation: 0 none, 1 mirror, 2 mirror and "
                    "1-pixel shifts (default: what the run's final evaluation used)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -678,8 +630,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="model name for a plain state-dict file without a sidecar (e.g. torchvision's "
                                    "resnet50 .pth; preprocessing is then ImageNet's resize 256, centre crop 224)")
     p.add_argument("--classes", help="text file of class names, one per line, in output order")
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
-                   help="auto: bf16 only where a probe measures it clearly faster here (as training decides)")
+    p.add_argument("--precision", choices=("fp32", "bf16", "auto"), default="fp32",
+                   help="fp32 (default: what 'cnnlab eval' and an exported model compute in); bf16; auto: bf16 only "
+                        "where a probe measures it clearly faster here (as training decides)")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_predict)

@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
 
-__all__ = ["save_atomic", "write_durably", "fsync_dir", "file_lock", "readable_mode"]
+__all__ = ["atomic_file", "save_atomic", "write_durably", "fsync_dir", "file_lock", "readable_mode"]
 
 _CHUNK = 1 << 20
 
@@ -51,20 +51,41 @@ def write_durably(fd: int, data: bytes, on_first_chunk: Callable[[], None] | Non
         os.fsync(f.fileno())
 
 
-def save_atomic(data: bytes, path: str | Path) -> Path:
-    """Write `data` to a temp file in the same folder, fsync it, then rename it over `path`."""
+@contextlib.contextmanager
+def atomic_file(path: str | Path, *, suffix: str = ".tmp",
+                before_replace: Callable[[], None] | None = None) -> Iterator[Path]:
+    """The one atomic writer: yields a temporary path in `path`'s folder, with the mode a plain `open()` gives
+    (0644 under umask 022; mkstemp's own is 0600), for the caller to write. On a clean exit the file is fsynced,
+    `before_replace` runs (a checkpoint rotates its predecessor there), and it is renamed over `path`. On any
+    error, KeyboardInterrupt included, the temporary file is removed and `path` is untouched: a reader, or a run
+    killed mid-write, sees the old file or the new one, never half of one."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    tmp = Path(name)
     try:
-        os.fchmod(fd, readable_mode())  # mkstemp makes files private (0600); results should be as readable as any file
-        write_durably(fd, data)
+        try:
+            os.fchmod(fd, readable_mode())
+        finally:
+            os.close(fd)
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        if before_replace is not None:
+            before_replace()
         os.replace(tmp, path)
         fsync_dir(path.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    return path
+
+
+def save_atomic(data: bytes, path: str | Path, *, before_replace: Callable[[], None] | None = None,
+                on_first_chunk: Callable[[], None] | None = None) -> Path:
+    """Write `data` to `path` through `atomic_file`: complete or absent, readable as any file."""
+    with atomic_file(path, before_replace=before_replace) as tmp:
+        write_durably(os.open(tmp, os.O_WRONLY), data, on_first_chunk)
+    return Path(path)
 
 
 @contextlib.contextmanager

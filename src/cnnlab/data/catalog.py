@@ -42,6 +42,9 @@ class DatasetSpec:
     archive: Archive | None = None
     system_dirs: tuple[str, ...] = ()
     how_to_get: str = ""
+    # What `augment: auto` trains with in memory: shifts and flips suit natural images and clothing; digits would
+    # change meaning. Streamed data always takes RandomResizedCrop + flip.
+    default_augment: str = "none"
 
 
 _FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
@@ -129,6 +132,7 @@ CATALOG: dict[str, DatasetSpec] = {
             archive=Archive("cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a", "cifar-10-batches-py"),
             how_to_get="'cnnlab data fetch cifar10', or --data-dir pointing at a folder holding "
                        "cifar-10-batches-py/ or cifar-10-batches-bin/",
+            default_augment="crop:4:reflect,flip",
         ),
         DatasetSpec(
             name="cifar100",
@@ -144,6 +148,7 @@ CATALOG: dict[str, DatasetSpec] = {
             archive=Archive("cifar-100-python.tar.gz", "eb9058c3a382ffc7106e4002c42a8d85", "cifar-100-python"),
             how_to_get="'cnnlab data fetch cifar100', or --data-dir pointing at a folder holding "
                        "cifar-100-python/ or cifar-100-binary/",
+            default_augment="crop:4:reflect,flip",
         ),
         DatasetSpec(
             name="synthetic-cifar",
@@ -151,6 +156,7 @@ CATALOG: dict[str, DatasetSpec] = {
                         "noise",
             format="synthetic", shape=(3, 32, 32), classes=_pattern_names(10), counts={"train": 50_000, "test": 10_000},
             how_to_get=_SYNTHETIC_NOTE,
+            default_augment="crop:4:reflect,flip",
         ),
         DatasetSpec(
             name="synthetic-imagenet",
@@ -158,12 +164,14 @@ CATALOG: dict[str, DatasetSpec] = {
                         "patterns plus noise",
             format="synthetic", shape=(3, 224, 224), classes=_pattern_names(1000),
             counts={"train": 6_400, "test": 1_000}, how_to_get=_SYNTHETIC_NOTE,
+            default_augment="flip",
         ),
         DatasetSpec(
             name="imagefolder",
             description="your own images: ROOT/<split>/<class>/*.png|jpg|... (splits 'train' and 'test')",
             format="imagefolder", shape=(0, 0, 0), classes=(), counts={},
             how_to_get="--data-dir ROOT, with ROOT/train/<class>/ and ROOT/test/<class>/ folders of images",
+            default_augment="flip",
         ),
         DatasetSpec(
             name="shards",
@@ -184,5 +192,8 @@ def get_spec(name: str) -> DatasetSpec:
 
     try:
         return CATALOG[name]
-    except KeyError:
-        raise DatasetError(f"unknown dataset {name!r}; valid datasets: {', '.join(CATALOG)}") from None
+    except (KeyError, TypeError):
+        import difflib
+        close = difflib.get_close_matches(str(name), CATALOG, n=2, cutoff=0.6)
+        hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+        raise DatasetError(f"unknown dataset {name!r}{hint}; valid datasets: {', '.join(CATALOG)}") from None

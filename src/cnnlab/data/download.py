@@ -1,7 +1,6 @@
 """Downloads: streamed to a temporary file, verified, then renamed; archives extracted safely."""
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import shutil
@@ -13,6 +12,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import DatasetError
+from ..files import atomic_file
 
 __all__ = ["download", "extract_archive", "digest"]
 
@@ -30,10 +30,9 @@ def digest(path: Path, algorithm: str = "sha256") -> str:
 
 def _fetch_one(url: str, dest: Path, md5: str, timeout: float) -> None:
     """Stream `url` into a temp file next to `dest`, check length and md5, then rename into place."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-    try:
+    with atomic_file(dest, suffix=".part") as tmp:
         h = hashlib.md5()
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
+        with open(tmp, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
             expected = response.headers.get("Content-Length")
             got = 0
             for chunk in iter(lambda: response.read(_CHUNK), b""):
@@ -42,15 +41,8 @@ def _fetch_one(url: str, dest: Path, md5: str, timeout: float) -> None:
                 got += len(chunk)
             if expected is not None and got != int(expected):
                 raise DatasetError(f"truncated transfer: {got} of {expected} bytes")
-            out.flush()
-            os.fsync(out.fileno())
         if h.hexdigest() != md5:
             raise DatasetError(f"md5 {h.hexdigest()} expected {md5}")
-        os.replace(tmp, dest)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def download(filename: str, mirrors: tuple[str, ...] | list[str], dest_dir: Path, md5: str, *,

@@ -7,11 +7,12 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
 from ..errors import DatasetError, ImageError
 from .images import open_image
-from .transforms import GRAY_MODES, to_model_mode
+from .preprocess import Preprocess
+from .transforms import GRAY_MODES
 
 __all__ = ["IMAGE_EXTENSIONS", "image_folder_files", "decode_image_folder", "TEST_SPLITS", "image_folder_classes",
            "split_of"]
@@ -76,53 +77,46 @@ def _peek(path: Path) -> tuple[str, tuple[int, int]]:
             width, height = im.size
             swapped = im.getexif().get(0x0112, 1) in (5, 6, 7, 8)
             return im.mode, ((height, width) if swapped else (width, height))
-    except Exception:  # a header PIL cannot read: open_image gives the error that names the file
-        _decode(path)
+    except Exception:  # a header PIL cannot read: the decoder gives the error that names the file
+        try:
+            open_image(path)
+        except ImageError as exc:
+            raise DatasetError(f"{exc}; remove or replace it") from None
         raise DatasetError(f"{path}: not a readable image; remove or replace it") from None
 
 
-def _decode(path: Path) -> Image.Image:
-    try:
-        return ImageOps.exif_transpose(open_image(path))
-    except ImageError as exc:
-        raise DatasetError(f"{exc}; remove or replace it") from None
-
-
 def decode_image_folder(root: Path, files: list[Path], log: Callable[[str], None] = print,
-                        image_size: int | None = None) -> tuple[dict[str, np.ndarray], list[str], list[dict]]:
+                        image_size: int | None = None, preprocess: Preprocess | None = None
+                        ) -> tuple[dict[str, np.ndarray], list[str], list[dict], Preprocess]:
     """Decode all images to one mode (L if all are greyscale, else RGB) and one size: with `image_size`, the
-    shorter side resized to it and the centre square kept; without, the most common size (others resized)."""
+    shorter side resized to it and the centre square kept; without, the most common size (others resized).
+    A given `preprocess` (a trained model's) decides both instead. Returns the arrays, the classes, the file
+    records and the preprocessing used, which evaluation and prediction then repeat file by file."""
     classes = image_folder_classes(root)
-    # First the headers only (mode, size as shown after EXIF rotation), so that memory never holds more than
-    # one full-resolution image: a folder of 12-megapixel photos decoded at --image-size 64 stays small.
-    headers = [(path, _peek(path)) for path in files]
-    grayscale = all(im_mode in GRAY_MODES for _, (im_mode, _) in headers)
-    mode = "L" if grayscale else "RGB"
-    if image_size is None:
-        size = Counter(im_size for _, (_, im_size) in headers).most_common(1)[0][0]
-        resized = sum(im_size != size for _, (_, im_size) in headers)
-        if resized:
-            log(f"note: {resized} of {len(headers)} images resized to {size[0]}x{size[1]}, the most common size; "
-                "choose the size with --image-size")
-    else:
-        size = (image_size, image_size)
-    opened = ((path, _decode(path)) for path, _ in headers)
+    if preprocess is None:
+        # First the headers only (mode, size as shown after EXIF rotation), so that memory never holds more than
+        # one full-resolution image: a folder of 12-megapixel photos decoded at --image-size 64 stays small.
+        headers = [_peek(path) for path in files]
+        channels = 1 if all(im_mode in GRAY_MODES for im_mode, _ in headers) else 3
+        if image_size is None:
+            (w, h), _ = Counter(im_size for _, im_size in headers).most_common(1)[0]
+            resized = sum(im_size != (w, h) for _, im_size in headers)
+            if resized:
+                log(f"note: {resized} of {len(headers)} images resized to {w}x{h}, the most common size; "
+                    "choose the size with --image-size")
+            preprocess = Preprocess.squash(channels, h, w)
+        else:
+            preprocess = Preprocess.centre_crop(channels, image_size)
     arrays: dict[str, list] = {"train_images": [], "train_labels": [], "test_images": [], "test_labels": []}
-    for path, im in opened:
-        im = to_model_mode(im, mode)
-        if image_size is not None and im.size != size:
-            scale = image_size / min(im.size)  # shorter side to image_size, then the centre square
-            w, h = max(round(im.size[0] * scale), image_size), max(round(im.size[1] * scale), image_size)
-            left, top = (w - image_size) // 2, (h - image_size) // 2
-            im = im.resize((w, h), Image.BILINEAR).crop((left, top, left + image_size, top + image_size))
-        elif im.size != size:
-            im = im.resize(size, Image.BILINEAR)
-        pixels = np.asarray(im, dtype=np.uint8)
-        pixels = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+    for path in files:
+        try:
+            pixels = preprocess.load(path)
+        except ImageError as exc:
+            raise DatasetError(f"{exc}; remove or replace it") from None
         split, class_name = split_of(root, path)
         arrays[f"{split}_images"].append(pixels)
         arrays[f"{split}_labels"].append(classes.index(class_name))
     if not arrays["test_images"]:
         raise DatasetError(f"{root}: the test split holds no images")
     out = {k: (np.stack(v) if "images" in k else np.asarray(v, dtype=np.int64)) for k, v in arrays.items()}
-    return out, classes, [{"file": str(root), "sha256": "", "status": "own files"}]
+    return out, classes, [{"file": str(root), "sha256": "", "status": "own files"}], preprocess

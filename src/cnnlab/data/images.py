@@ -1,6 +1,7 @@
 """Opening image files that may be hostile: the header is checked before any pixel is decoded."""
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
@@ -8,11 +9,31 @@ from PIL import Image
 
 from ..errors import ImageError
 
-__all__ = ["open_image", "MAX_IMAGE_PIXELS"]
+__all__ = ["open_image", "read_image_file", "MAX_IMAGE_PIXELS", "MAX_IMAGE_FILE_BYTES"]
 
 # 64 megapixels: far beyond any training or test image, yet a 3-channel decode stays under 200 MB.
 # A few-kilobyte PNG can claim 100,000 x 100,000 pixels; that is refused before decoding.
 MAX_IMAGE_PIXELS = 8192 * 8192
+# 256 MiB: a 64-megapixel image stored uncompressed (RGB, 8 bits) takes 192 MiB; no real training image is larger.
+MAX_IMAGE_FILE_BYTES = 256 << 20
+
+
+def read_image_file(path: str | Path) -> bytes:
+    """The bytes of an image file, its size checked before anything is read; an ImageError names the file."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > MAX_IMAGE_FILE_BYTES:
+                raise ImageError(f"{path}: {size:,} bytes, more than an image file may hold "
+                                 f"({MAX_IMAGE_FILE_BYTES:,}); shrink or re-encode it")
+            return f.read(MAX_IMAGE_FILE_BYTES + 1)
+    except FileNotFoundError:
+        raise ImageError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise ImageError(f"{path}: is a folder, not an image") from None
+    except OSError as exc:
+        raise ImageError(f"{path}: cannot be read ({exc.strerror})") from None
 
 
 def open_image(path: str | Path) -> Image.Image:

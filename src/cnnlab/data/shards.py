@@ -10,10 +10,8 @@ import hashlib
 import io
 import json
 import math
-import os
 import re
 import tarfile
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -23,7 +21,7 @@ import torch
 from PIL import Image
 
 from ..errors import DatasetError, ImageError
-from ..files import fsync_dir, readable_mode, save_atomic
+from ..files import atomic_file, save_atomic
 from .imagefolder import image_folder_classes, image_folder_files, split_of
 from .stream import StreamingLoader, assemble_batch, parse_bytes
 from .transforms import GRAY_MODES, ImageTransform
@@ -61,24 +59,13 @@ def _member(name: str, size: int) -> tarfile.TarInfo:
 
 def _write_shard(path: Path, samples: list[tuple[str, str, bytes, int]]) -> dict:
     """Write one tar of (key, extension, bytes, label) samples atomically; returns its manifest entry."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, readable_mode())
-        with os.fdopen(fd, "wb") as f:
-            writer = _HashingWriter(f)
-            with tarfile.open(fileobj=writer, mode="w|", format=tarfile.PAX_FORMAT) as tar:
-                for key, ext, data, label in samples:
-                    cls = str(label).encode()
-                    tar.addfile(_member(f"{key}.cls", len(cls)), io.BytesIO(cls))
-                    tar.addfile(_member(f"{key}.{ext}", len(data)), io.BytesIO(data))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
+        writer = _HashingWriter(f)
+        with tarfile.open(fileobj=writer, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+            for key, ext, data, label in samples:
+                cls = str(label).encode()
+                tar.addfile(_member(f"{key}.cls", len(cls)), io.BytesIO(cls))
+                tar.addfile(_member(f"{key}.{ext}", len(data)), io.BytesIO(data))
     return {"name": path.name, "samples": len(samples), "bytes": writer.bytes, "sha256": writer.sha.hexdigest()}
 
 

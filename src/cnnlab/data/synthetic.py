@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
+from .dataset import Dataset
 
 __all__ = ["make_synthetic", "SYNTHETIC_VERSION"]
 
@@ -56,7 +57,6 @@ def make_synthetic(name: str = "synthetic", shape: tuple[int, int, int] = (3, 32
                    train: int = 50_000, test: int = 10_000, seed: int = 0):
     """A `cnnlab.data.Dataset` of generated class patterns plus noise (see the module docstring); the test split
     uses noise fields the training split never saw."""
-    from .datasets import Dataset  # datasets.py dispatches here: import it late
 
     c, h, w = shape
     if min(c, h, w) < 1 or num_classes < 1 or train < 1 or test < 1:

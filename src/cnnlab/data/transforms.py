@@ -40,7 +40,7 @@ try:  # libjpeg-turbo bindings: whole JPEGs to the same pixels as Pillow's decod
 except ImportError:
     _simplejpeg = None
 
-__all__ = ["GRAY_MODES", "EVAL_CROP_FRACTION", "sample_rng", "random_resized_crop_box", "eval_resize", "eval_crop_box",
+__all__ = ["GRAY_MODES", "EVAL_CROP_FRACTION", "sample_rng", "random_resized_crop_box", "eval_resize", "eval_pixels",
            "to_model_mode", "resize", "decode_crop", "ImageTransform"]
 
 # Modes a greyscale file opens in; a dataset whose images are all in one of these trains on 1 channel.
@@ -80,21 +80,14 @@ def random_resized_crop_box(width: int, height: int, rng: np.random.Generator, s
     return left, top, left + w, top + h
 
 
-def eval_resize(width: int, height: int, size: int) -> tuple[int, int, int, int]:
-    """Resize(round(size / 0.875)) + CenterCrop(size) with torchvision's rounding: the resized (width, height)
-    and the crop's (left, top) in it."""
-    short_target = round(size / EVAL_CROP_FRACTION)
+def eval_resize(width: int, height: int, short_target: int, crop: tuple[int, int]) -> tuple[int, int, int, int]:
+    """Resize(short_target) + CenterCrop(crop) with torchvision's rounding: the resized (width, height) and the
+    crop's (left, top) in it."""
+    crop_h, crop_w = crop
     short, long = (width, height) if width <= height else (height, width)
     new_long = int(short_target * long / short)
     new_w, new_h = (short_target, new_long) if width <= height else (new_long, short_target)
-    return new_w, new_h, int(round((new_w - size) / 2.0)), int(round((new_h - size) / 2.0))
-
-
-def eval_crop_box(width: int, height: int, size: int) -> tuple[float, float, float, float]:
-    """The region of the original image that the evaluation crop keeps, in the original's pixel coordinates."""
-    new_w, new_h, left, top = eval_resize(width, height, size)
-    sx, sy = width / new_w, height / new_h
-    return left * sx, top * sy, (left + size) * sx, (top + size) * sy
+    return new_w, new_h, int(round((new_w - crop_w) / 2.0)), int(round((new_h - crop_h) / 2.0))
 
 
 def to_model_mode(im: Image.Image, mode: str) -> Image.Image:
@@ -211,43 +204,12 @@ def _orientation(im: Image.Image) -> int:
         return 1
 
 
-def decode_crop(data: bytes, name: str, size: int, mode: str, *, rng: np.random.Generator | None = None,
-                draft: bool = True, channels_first: bool = False) -> np.ndarray:
-    """Decode an encoded image to (size, size, C) uint8, or (C, size, size) with `channels_first` (the layout
-    streamed batches travel in: torch's resize writes it, and no transpose is needed on either side): a
-    RandomResizedCrop + flip drawn from `rng`, or the evaluation centre crop when `rng` is None. EXIF
-    orientation is applied before the crop is chosen.
-
-    With `draft`, a JPEG is decoded at 1/2, 1/4 or 1/8 scale in the DCT when the crop still holds at least
-    size x size pixels at that scale. Any failure is an ImageError naming `name`.
-    """
+def _decode_guarded(data: bytes, name: str, work):
+    """Run `work(im)` on the opened image with every decoder failure turned into an ImageError naming `name`."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = _open(data, name)
-            width, height = im.size
-            orientation = _orientation(im)
-            if orientation in (5, 6, 7, 8):  # stored sideways: choose the crop on the upright image
-                width, height = height, width
-            flip = False
-            if rng is not None:
-                flip = rng.random() < 0.5
-                box = random_resized_crop_box(width, height, rng)
-            else:
-                box = eval_crop_box(width, height, size)
-            scale = 1
-            if draft and im.format == "JPEG":
-                reduction = min(box[2] - box[0], box[3] - box[1]) / size
-                scale = next((s for s in (8, 4, 2) if s <= reduction), 1)
-            if rng is not None:  # torchvision crops, then resizes: the filter sees no pixels outside the box
-                pixels = resize(_decode_box(im, data, scale, box, orientation, mode), size, size)
-            else:  # resize the whole image so that its shorter side is size / 0.875, then crop the centre
-                new_w, new_h, left, top = eval_resize(width, height, size)
-                pixels = resize(_decode_whole(im, data, scale, orientation, mode), new_h, new_w)
-                pixels = pixels[:, top:top + size, left:left + size]
-            if flip:
-                pixels = pixels.flip(-1)
-            pixels = (pixels if channels_first else pixels.permute(1, 2, 0)).contiguous().numpy()
+            return work(_open(data, name))
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -257,7 +219,66 @@ def decode_crop(data: bytes, name: str, size: int, mode: str, *, rng: np.random.
     except Exception as exc:  # decoders raise many types on malformed data (OSError, SyntaxError, struct.error...)
         reason = (str(exc).splitlines() or [""])[0][:200]
         raise ImageError(f"{name}: not a readable image ({type(exc).__name__}: {reason})") from None
-    return pixels
+
+
+def _upright_size(im: Image.Image) -> tuple[int, int, int]:
+    """(width, height) as shown after EXIF rotation, and the orientation."""
+    orientation = _orientation(im)
+    width, height = im.size
+    return (height, width, orientation) if orientation in (5, 6, 7, 8) else (width, height, orientation)
+
+
+def _draft_scale(im: Image.Image, reduction: float, draft: bool) -> int:
+    """The JPEG DCT scale (1, 2, 4 or 8) that still leaves at least the pixels the resize needs."""
+    if not draft or im.format != "JPEG":
+        return 1
+    return next((s for s in (8, 4, 2) if s <= reduction), 1)
+
+
+def eval_pixels(data: bytes, name: str, size: tuple[int, int], mode: str, rule: str = "shorter",
+                resize_to: int | None = None, *, draft: bool = True) -> np.ndarray:
+    """The evaluation input (C, H, W) uint8 of an encoded image: EXIF orientation applied, converted to `mode`,
+    then `rule` "squash" (whole image to H x W) or "shorter" (shorter side to `resize_to`, torchvision's
+    rounding, then the centre H x W). The only place cnnlab resizes a file for evaluation or prediction."""
+    h, w = size
+
+    def work(im: Image.Image) -> np.ndarray:
+        width, height, orientation = _upright_size(im)
+        if rule == "squash":
+            scale = _draft_scale(im, min(width / w, height / h), draft)
+            return resize(_decode_whole(im, data, scale, orientation, mode), h, w).contiguous().numpy()
+        new_w, new_h, left, top = eval_resize(width, height, resize_to, (h, w))
+        scale = _draft_scale(im, min(width, height) / resize_to, draft)
+        pixels = resize(_decode_whole(im, data, scale, orientation, mode), new_h, new_w)
+        return pixels[:, top:top + h, left:left + w].contiguous().numpy()
+    return _decode_guarded(data, name, work)
+
+
+def decode_crop(data: bytes, name: str, size: int, mode: str, *, rng: np.random.Generator | None = None,
+                draft: bool = True, channels_first: bool = False) -> np.ndarray:
+    """Decode an encoded image to (size, size, C) uint8, or (C, size, size) with `channels_first` (the layout
+    streamed batches travel in: torch's resize writes it, and no transpose is needed on either side): a
+    RandomResizedCrop + flip drawn from `rng`, or the evaluation centre crop (`eval_pixels`) when `rng` is None.
+    EXIF orientation is applied before the crop is chosen.
+
+    With `draft`, a JPEG is decoded at 1/2, 1/4 or 1/8 scale in the DCT when the crop still holds at least
+    size x size pixels at that scale. Any failure is an ImageError naming `name`.
+    """
+    if rng is None:
+        pixels = eval_pixels(data, name, (size, size), mode, "shorter", round(size / EVAL_CROP_FRACTION), draft=draft)
+        return pixels if channels_first else np.ascontiguousarray(pixels.transpose(1, 2, 0))
+
+    def work(im: Image.Image) -> np.ndarray:
+        width, height, orientation = _upright_size(im)  # a sideways image: the crop is chosen upright
+        flip = rng.random() < 0.5
+        box = random_resized_crop_box(width, height, rng)
+        scale = _draft_scale(im, min(box[2] - box[0], box[3] - box[1]) / size, draft)
+        # torchvision crops, then resizes: the filter sees no pixels outside the box
+        pixels = resize(_decode_box(im, data, scale, box, orientation, mode), size, size)
+        if flip:
+            pixels = pixels.flip(-1)
+        return (pixels if channels_first else pixels.permute(1, 2, 0)).contiguous().numpy()
+    return _decode_guarded(data, name, work)
 
 
 @dataclass(frozen=True)

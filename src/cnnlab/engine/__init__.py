@@ -2,8 +2,9 @@
 from .config import TrainConfig, config_from_dict, load_config
 from .evaluate import evaluate, most_confused
 from .loop import RunState
-from .trainer import TrainingError, TrainingInterrupted, fit, resume_config
-from .runs import Run, highest_loss_images, open_run, train
+from .run import Run, open_run
+from .test_split import highest_loss_images
+from .trainer import TrainingError, TrainingInterrupted, fit, resume_config, train
 from .weights import load_weights, save_weights
 
 __all__ = ["TrainConfig", "config_from_dict", "load_config", "evaluate", "most_confused", "RunState",

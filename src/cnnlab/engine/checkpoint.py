@@ -11,19 +11,18 @@ import hashlib
 import io
 import os
 import pickle
-import tempfile
 from pathlib import Path
 
 import torch
 
 from ..errors import CheckpointError
-from ..files import fsync_dir, save_atomic, write_durably
+from ..files import save_atomic
 from .progress import trace
+from .run import Run
 
 __all__ = ["read_checkpoint", "CheckpointManager", "save_atomic"]
 
 MAGIC = b"CNNLABC1"
-_TMP_PREFIX = ".last.ckpt."
 
 
 def _encode(state: dict) -> bytes:
@@ -56,8 +55,9 @@ class CheckpointManager:
 
     def __init__(self, run_dir: Path):
         self.run_dir = Path(run_dir)
-        self.last = self.run_dir / "last.ckpt"
-        self.previous = self.run_dir / "previous.ckpt"
+        run = Run(self.run_dir)
+        self.last, self.previous, self.damaged = run.file("checkpoint"), run.file("previous_checkpoint"), \
+            run.file("damaged_checkpoint")
         self._last_is_good = False  # only a checkpoint we wrote or verified may be rotated into `previous`
 
     def exists(self) -> bool:
@@ -65,23 +65,18 @@ class CheckpointManager:
 
     def save(self, state: dict) -> None:
         data = _encode(state)
-        tmp = None
-        try:
-            fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, suffix=".tmp", dir=self.run_dir)
-            write_durably(fd, data, on_first_chunk=lambda: trace(f"checkpoint-write {tmp}"))
+
+        def rotate() -> None:  # the new file is complete and synced: the last good one becomes `previous`
             if self.last.exists() and self._last_is_good:
                 os.replace(self.last, self.previous)
-            os.replace(tmp, self.last)
-            tmp = None
-            fsync_dir(self.run_dir)
+        try:
+            save_atomic(data, self.last, before_replace=rotate,
+                        on_first_chunk=lambda: trace(f"checkpoint-write {self.last}"))
         except OSError as exc:
             fix = "free some space" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "make the folder writable"
             raise CheckpointError(f"cannot write a checkpoint in {self.run_dir} ({exc.strerror or exc}); the "
                                   f"last good checkpoint there is intact: {fix} and resume with "
                                   f"'cnnlab train --resume {self.run_dir}'") from None
-        finally:  # also on KeyboardInterrupt: no half-written file stays behind
-            if tmp is not None and os.path.exists(tmp):
-                os.unlink(tmp)
         self._last_is_good = True
 
     def remove_stale_temp_files(self) -> list[Path]:
@@ -106,7 +101,7 @@ class CheckpointManager:
                 continue
             if path == self.previous and self.last.exists():
                 # keep the damaged file for inspection, out of the rotation
-                os.replace(self.last, self.run_dir / "last.ckpt.damaged")
+                os.replace(self.last, self.damaged)
                 os.replace(self.previous, self.last)
             self._last_is_good = True
             return state

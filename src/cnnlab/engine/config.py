@@ -17,7 +17,7 @@ import yaml
 
 from ..errors import ConfigError, ModelError
 
-__all__ = ["TrainConfig", "load_config", "config_from_dict", "add_config_flags", "config_from_args", "yaml_dump"]
+__all__ = ["TrainConfig", "load_config", "read_config_values", "config_from_dict", "add_config_flags", "config_from_args", "flag_values", "yaml_dump"]
 
 
 def _opt(default, help: str, choices: tuple | None = None, **kw):
@@ -33,6 +33,8 @@ class TrainConfig:
         "help": "extra model keyword arguments, e.g. {spec: 'c16x2,p,f64'} (flag: --model-arg KEY=VALUE)"})
     dataset: str = _opt("fashion-mnist", "dataset name (see 'cnnlab data list')")
     data_dir: str | None = _opt(None, "folder searched first for the dataset")
+    # Recorded by fit, not a flag: data_dir made absolute, so the run's data is found from any working folder.
+    data_dir_resolved: str | None = field(default=None, metadata={"help": "", "flag": False})
     download: bool = _opt(False, "download the dataset into the cache if it is not found")
     val_split: float = _opt(0.0, "fraction of the training split held out for validation (fixed seed)")
     train_subset: int = _opt(0, "use only the first N training images (0: all); for quick experiments")
@@ -226,6 +228,12 @@ class _PlainLoader(yaml.SafeLoader):
 
 
 def load_config(path: str | Path, base: TrainConfig | None = None) -> TrainConfig:
+    """A YAML file's keys over `base` (default: TrainConfig's defaults), checked."""
+    return config_from_dict(read_config_values(path), base, source=str(path))
+
+
+def read_config_values(path: str | Path) -> dict:
+    """The keys a YAML config file sets, parsed safely (no aliases, bounded size) but not yet checked."""
     path = Path(path)
     try:
         if path.stat().st_size > _MAX_CONFIG_BYTES:
@@ -243,7 +251,7 @@ def load_config(path: str | Path, base: TrainConfig | None = None) -> TrainConfi
         raise ConfigError(f"{path}: nested too deeply to be a config file") from None
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: expected a mapping of keys to values, got {type(values).__name__}")
-    return config_from_dict(values, base, source=str(path))
+    return values
 
 
 def yaml_dump(cfg: TrainConfig) -> bytes:
@@ -262,6 +270,8 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per config field; a flag left unset does not override the YAML file or the defaults."""
     group = parser.add_argument_group("training configuration (defaults, then --config FILE, then these flags)")
     for f in fields(TrainConfig):
+        if f.metadata.get("flag") is False:
+            continue
         if f.name == "model_args":
             group.add_argument("--model-arg", dest="model_args", action="append", metavar="KEY=VALUE",
                                help=f.metadata["help"])
@@ -277,6 +287,11 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace, base: TrainConfig | None = None) -> TrainConfig:
+    return config_from_dict(flag_values(args, base), base, source="command line")
+
+
+def flag_values(args: argparse.Namespace, base: TrainConfig | None = None) -> dict[str, Any]:
+    """The config keys set by flags, parsed (a --model-arg adds to `base`'s model_args)."""
     values: dict[str, Any] = {}
     for f in fields(TrainConfig):
         raw = getattr(args, f.name, None)
@@ -295,4 +310,4 @@ def config_from_args(args: argparse.Namespace, base: TrainConfig | None = None) 
         else:
             hint = typing.get_type_hints(TrainConfig)[f.name]
             values[f.name] = raw if hint in (str, str | None) else _flag_value(raw)
-    return config_from_dict(values, base, source="command line")
+    return values

@@ -135,9 +135,12 @@ def export_metadata(loaded: LoadedModel) -> dict:
     meta = {"model": loaded.meta["model"], "classes": list(loaded.classes), "input_shape": [c, h, w],
             "mean": list(loaded.mean), "std": list(loaded.std), "cnnlab_version": __version__,
             "input": f"float32 N x {c} x {h} x {w}, pixels scaled to [0, 1]; the normalisation is inside the model",
-            "output": f"logits, N x {len(loaded.classes)}"}
-    if loaded.meta.get("resize"):
-        meta["resize"] = loaded.meta["resize"]  # shorter side scaled to this, then the centre cropped to H x W
+            "output": f"logits, N x {len(loaded.classes)}",
+            # what the graph cannot do (decoding a file, resizing, cropping): the steps cnnlab predict takes first
+            "preprocess": loaded.preprocess.to_dict(),
+            "preprocess_outside_the_graph": f"{loaded.preprocess.describe().rsplit(', mean', 1)[0]}; then / 255"}
+    if loaded.preprocess.resize == "shorter":
+        meta["resize"] = loaded.preprocess.resize_to  # shorter side scaled to this, then the centre cropped to H x W
     return meta
 
 
@@ -344,7 +347,7 @@ def export_model(loaded: LoadedModel, out: str | Path | None = None, fmt: str = 
 
 def compare_with_predict(onnx_path: str | Path, loaded: LoadedModel, image_paths: Iterable[str | Path],
                          predictions: list[dict] | None = None, batch_sizes: tuple[int, ...] = (1, 64),
-                         precision: str = "auto") -> dict:
+                         precision: str = "fp32") -> dict:
     """Classify `image_paths` with an exported ONNX file and with `cnnlab predict` (its JSON results as
     `predictions`, or predict_files run here) and return the largest probability difference and the top-1
     agreement for each batch size; images are repeated to fill a batch. `precision` is the one predict ran
@@ -360,7 +363,7 @@ def compare_with_predict(onnx_path: str | Path, loaded: LoadedModel, image_paths
     known = [p for p in paths if str(p) in by_file]
     if not known:
         raise ExportError("none of the images were classified by predict: nothing to compare")
-    pixels = np.stack([load_image(p, loaded.input_shape, loaded.meta.get("resize"))[0] for p in known])
+    pixels = np.stack([load_image(p, loaded.preprocess)[0] for p in known])
     images = pixels.astype(np.float32) / 255
     run = run_onnx(Path(onnx_path).read_bytes())
     report = {"images": len(known), "predict_precision": precision, "batches": {}}

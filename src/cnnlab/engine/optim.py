@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-__all__ = ["param_groups", "build_optimizer", "build_schedule"]
+__all__ = ["param_groups", "build_optimizer", "build_schedule", "applied_lrs"]
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -77,3 +77,15 @@ def build_schedule(name: str, lr: float, total_steps: int, *, steps_per_epoch: i
     if name == "constant":
         return lambda step: warmed(step, lambda _: lr)
     raise ValueError(f"unknown schedule {name!r}; choices: onecycle, cosine, multistep, constant")
+
+
+def applied_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """The learning rates the optimiser applies now, as metrics.csv and the loggers record them: `lr` for its largest
+    group (the weights), and `lr/<group>` for every group when they differ (airbench94's per-group rates, a group
+    that stopped training)."""
+    groups = optimizer.param_groups
+    main = max(groups, key=lambda g: sum(p.numel() for p in g["params"]))
+    out = {"lr": float(main["lr"])}
+    if len({float(g["lr"]) for g in groups}) > 1:
+        out.update({f"lr/{g.get('name', f'group{i}')}": float(g["lr"]) for i, g in enumerate(groups)})
+    return out

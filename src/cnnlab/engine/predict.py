@@ -1,6 +1,7 @@
 """Prediction on image files: each image converted to what the model expects, unreadable files skipped."""
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -9,7 +10,8 @@ import torch
 from PIL import Image
 
 from ..data.imagefolder import IMAGE_EXTENSIONS
-from ..data.images import open_image
+from ..data.images import read_image_file
+from ..data.preprocess import Preprocess
 from ..errors import ImageError
 from .evaluate import inference_runtime, prepare_for_inference
 from .weights import LoadedModel
@@ -30,46 +32,35 @@ def expand_inputs(inputs: Iterable[str | Path]) -> list[Path]:
     return paths
 
 
-def load_image(path: Path, shape: tuple[int, int, int], resize: int | None = None) -> tuple[np.ndarray, list[str]]:
-    """Read `path` as uint8 (C, H, W) in the model's mode and size; returns the array and notes on conversions.
-
-    With `resize`, the shorter side is scaled to `resize` and the centre cropped to H x W (ImageNet's
-    evaluation transform); without, the image is resized to H x W directly.
-    """
-    c, h, w = shape
-    notes = []
-    im = open_image(path)
+def load_image(path: Path, preprocess: Preprocess) -> tuple[np.ndarray, list[str]]:
+    """Read `path` as the model's uint8 input (C, H, W) by its recorded preprocessing; returns the array and notes
+    on what was done to the file (colour conversion, resizing)."""
+    data = read_image_file(path)
     try:
-        mode_wanted = "L" if c == 1 else "RGB"
-        if min(im.size) < MIN_IMAGE_SIDE:
-            raise ImageError(f"{path}: {im.size[0]}x{im.size[1]} pixels is too small to classify "
-                             f"(at least {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE}; the model expects {w}x{h})")
-        if im.mode != mode_wanted:
-            notes.append(f"converted {im.mode} to {mode_wanted}")
-            im = im.convert(mode_wanted)
-        if resize is not None:
-            scale = resize / min(im.size)
-            im = im.resize((max(round(im.size[0] * scale), w), max(round(im.size[1] * scale), h)),
-                           Image.BILINEAR)
-            left, top = (im.size[0] - w) // 2, (im.size[1] - h) // 2
-            im = im.crop((left, top, left + w, top + h))
-        elif im.size != (w, h):
-            notes.append(f"resized {im.size[0]}x{im.size[1]} to {w}x{h}")
-            im = im.resize((w, h), Image.BILINEAR)
-        pixels = np.asarray(im, dtype=np.uint8)
-    except (OSError, ValueError) as exc:  # a decoded image that still fails to convert or resize
-        raise ImageError(f"{path}: cannot be converted ({type(exc).__name__}: {exc})") from None
-    pixels = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+        with Image.open(io.BytesIO(data)) as im:
+            mode, (width, height) = im.mode, im.size
+    except Exception:  # not an image at all: the decoder below names the file and the reason
+        mode, width, height = "", 0, 0
+    if mode and min(width, height) < MIN_IMAGE_SIDE:
+        raise ImageError(f"{path}: {width}x{height} pixels is too small to classify "
+                         f"(at least {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE}; the model expects {preprocess.size[1]}x"
+                         f"{preprocess.size[0]})")
+    pixels = preprocess.pixels(data, str(path))
+    notes = []
+    if mode and mode != preprocess.mode:
+        notes.append(f"converted {mode} to {preprocess.mode}")
+    if mode and (height, width) != preprocess.size:
+        notes.append(f"{preprocess.describe().split(', ')[0]} (from {width}x{height})")
     return pixels, notes
 
 
-def _batches(paths: list[Path], shape, batch_size: int, bad: list[dict], resize: int | None = None
+def _batches(paths: list[Path], preprocess: Preprocess, batch_size: int, bad: list[dict]
              ) -> Iterator[tuple[list, np.ndarray, list]]:
     """Stream images in batches so memory stays bounded however many files there are."""
     batch, names, notes = [], [], []
     for path in paths:
         try:
-            pixels, note = load_image(path, shape, resize)
+            pixels, note = load_image(path, preprocess)
         except ImageError as exc:
             bad.append({"file": str(path), "error": str(exc)})
             continue
@@ -85,15 +76,16 @@ def _batches(paths: list[Path], shape, batch_size: int, bad: list[dict], resize:
 
 @torch.inference_mode()
 def predict_files(loaded: LoadedModel, paths: list[Path], top_k: int = 5, batch_size: int = 256,
-                  on_result: Callable[[dict], None] | None = None, precision: str = "auto"
+                  on_result: Callable[[dict], None] | None = None, precision: str = "fp32"
                   ) -> tuple[list[dict], list[dict]]:
-    """Top-k classes with probabilities for each readable image; returns (results, bad files)."""
+    """Top-k classes with probabilities for each readable image; returns (results, bad files). fp32 by default,
+    the precision an exported model and `cnnlab eval` compute in; "bf16" or "auto" (as training decides) on request."""
     runtime = inference_runtime(next(loaded.model.parameters()).device, precision)
     model = prepare_for_inference(loaded.model, runtime)
     device = runtime.device
     k = min(top_k, len(loaded.classes))
     results, bad = [], []
-    for names, pixels, notes in _batches(paths, loaded.input_shape, batch_size, bad, loaded.meta.get("resize")):
+    for names, pixels, notes in _batches(paths, loaded.preprocess, batch_size, bad):
         x = loaded.normalise(torch.from_numpy(pixels).to(device))
         with runtime.autocast():
             probs = model(x.contiguous(memory_format=runtime.memory_format)).float().softmax(1)

@@ -6,7 +6,7 @@ import dataclasses
 from ..errors import ConfigError
 from .config import TrainConfig
 
-__all__ = ["RECIPES", "apply_recipe"]
+__all__ = ["RECIPES", "apply_recipe", "build_config"]
 
 # He et al. 2016, Sec. 4.2: batch 128, SGD momentum 0.9, weight decay 1e-4, lr 0.1 divided by 10 at 32k and
 # 48k iterations, stop at 64k (164 epochs of 390 steps, capped at 64k); 4-pixel zero padding, random 32x32
@@ -75,3 +75,29 @@ def apply_recipe(cfg: TrainConfig, name: str, model: str | None = None, batch_si
     if name in _LR_PER_IMAGES and batch_size:
         values["lr"] = values["lr"] * batch_size / _LR_PER_IMAGES[name]
     return dataclasses.replace(cfg, **values)
+
+
+def build_config(recipe: str | None = None, config_file: str | None = None, flags: dict | None = None,
+                 log=None) -> TrainConfig:
+    """Defaults, then the recipe, then the YAML file, then flags (a dict of the config keys given), and then the
+    recipe's rules on the result: a learning rate given per N images (imagenet: 0.1 per 256) is scaled to the
+    batch size trained with, unless the YAML file or a flag set lr itself."""
+    from .config import config_from_dict, read_config_values
+    flags = flags or {}
+    file_values = read_config_values(config_file) if config_file else {}
+    cfg = TrainConfig()
+    if recipe:
+        model = flags.get("model") or file_values.get("model") or cfg.model
+        cfg = apply_recipe(cfg, recipe, model)
+    cfg = config_from_dict(file_values, cfg, source=str(config_file)) if config_file else cfg
+    if "model_args" in flags:  # --model-arg adds to the file's model_args
+        flags = {**flags, "model_args": {**cfg.model_args, **flags["model_args"]}}
+    cfg = config_from_dict(flags, cfg, source="command line")
+    if recipe in _LR_PER_IMAGES and "lr" not in flags and "lr" not in file_values:
+        per = _LR_PER_IMAGES[recipe]
+        lr = RECIPES[recipe]["lr"] * cfg.batch_size / per
+        if lr != cfg.lr and log is not None:
+            log(f"recipe {recipe}: lr {RECIPES[recipe]['lr']:g} per {per} images -> {lr:g} at batch size "
+                f"{cfg.batch_size} (linear scaling, Goyal et al. 2017; --lr overrides)")
+        cfg = dataclasses.replace(cfg, lr=lr)
+    return cfg

@@ -21,11 +21,12 @@ from safetensors.torch import save as save_tensors
 from ..errors import CheckpointError, ConfigError
 from ..files import file_lock, save_atomic
 from .checkpoint import CheckpointManager
+from .run import RUN_FILES, Run
 from .config import TrainConfig, yaml_dump
 from .runtime import Runtime
 from .state import TrainState, rng_state, set_rng_state
 
-__all__ = ["RunFolder", "default_run_dir", "read_metrics"]
+__all__ = ["RunFolder", "default_run_dir"]
 
 
 def default_run_dir(cfg: TrainConfig) -> Path:
@@ -36,14 +37,6 @@ def default_run_dir(cfg: TrainConfig) -> Path:
         i += 1
         path = base.with_name(f"{base.name}-{i}")
     return path
-
-
-def read_metrics(path: Path) -> list[dict]:
-    """metrics.csv as rows of floats (None where a value is empty)."""
-    if not path.is_file():
-        return []
-    with open(path, newline="") as f:
-        return [{k: (float(v) if v not in ("", None) else None) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
 def _elastic_index(cfg: TrainConfig, run_id: str) -> Path:
@@ -87,7 +80,7 @@ class RunFolder:
         decision = None
         if self.runtime.is_main:
             has_run = self.checkpoints.exists()
-            stamp = self.path / ".torchrun-launch"
+            stamp = Run(self.path).file("launch_stamp")
             if resume == "restart":  # workers restarted by torchrun continue only the folder their launch made
                 same = stamp.is_file() and stamp.read_text().strip() == str(self.runtime.elastic_run_id)
                 resume = "auto" if same else False
@@ -112,7 +105,7 @@ class RunFolder:
     def _lock(self):
         """One process at a time per run folder: a second `--resume` of a live run would corrupt both."""
         try:
-            with file_lock(self.path / ".lock", wait=False):
+            with file_lock(Run(self.path).file("lock"), wait=False):
                 yield
         except BlockingIOError:
             raise ConfigError(f"{self.path} is in use by another cnnlab process; wait for it to finish or stop "
@@ -120,17 +113,18 @@ class RunFolder:
 
     def _remove_if_left_empty(self) -> None:
         """A run that failed before it wrote anything leaves no folder behind (only its lock file)."""
-        if self._made_here and self.path.is_dir() and {p.name for p in self.path.iterdir()} <= {".lock",
-                                                                                                 ".torchrun-launch"}:
+        if self._made_here and self.path.is_dir() and {p.name for p in self.path.iterdir()} <= {
+                RUN_FILES["lock"], RUN_FILES["launch_stamp"]}:
             shutil.rmtree(self.path, ignore_errors=True)
 
     # ------------------------------------------------------------------------------------ writing
-    def write(self, name: str, data: bytes) -> None:
+    def write(self, role: str, data: bytes) -> None:
+        """Rank 0 writes the file of `role` (a key of run.RUN_FILES), complete or absent."""
         if self.runtime.is_main:
-            save_atomic(data, self.path / name)
+            save_atomic(data, Run(self.path).file(role))
 
     def write_config(self, cfg: TrainConfig) -> None:
-        self.write("config.yaml", yaml_dump(cfg))
+        self.write("config", yaml_dump(cfg))
 
     def write_metrics(self, rows: list[dict]) -> None:
         if not rows:
@@ -140,14 +134,14 @@ class RunFolder:
         writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n", restval="")
         writer.writeheader()
         writer.writerows(rows)
-        self.write("metrics.csv", buffer.getvalue().encode())
+        self.write("metrics", buffer.getvalue().encode())
 
-    def write_json(self, name: str, value: dict) -> None:
-        self.write(name, json.dumps(value, indent=2).encode())
+    def write_json(self, role: str, value: dict) -> None:
+        self.write(role, json.dumps(value, indent=2).encode())
 
     def write_predictions(self, losses: torch.Tensor, preds: torch.Tensor, labels: torch.Tensor) -> None:
         """Each test image's loss and prediction, so the report reads the run's own evaluation."""
-        self.write("predictions.safetensors", save_tensors({"losses": losses.float().contiguous(),
+        self.write("predictions", save_tensors({"losses": losses.float().contiguous(),
                                                             "preds": preds.long().contiguous(),
                                                             "labels": labels.long().contiguous()}))
 

@@ -22,20 +22,21 @@ from ..data import get_spec
 from ..errors import CheckpointError, CnnlabError, ConfigError
 from ..models import accepts, create_model
 from ..models.summary import check_input_size
-from .config import TrainConfig, config_from_dict, load_config
+from .config import TrainConfig, config_from_dict
 from .evaluate import evaluate
 from .loggers import LoggerGroup, build_loggers
 from .lookahead import Lookahead
 from .loop import NonFiniteStep, RunState, SignalStop, StepRules, train_one_epoch
-from .optim import build_optimizer, build_schedule
+from .optim import applied_lrs, build_optimizer, build_schedule
 from .progress import Progress, trace
+from .run import Run, is_run_folder, open_run
 from .run_folder import RunFolder
 from .runtime import Runtime, start_runtime
 from .state import TrainState
-from .training_data import DEFAULT_AUGMENT, TrainingData, load_training_data
+from .training_data import TrainingData, load_training_data
 from .weights import load_weights, save_weights
 
-__all__ = ["fit", "resume_config", "TrainingError", "TrainingInterrupted", "DEFAULT_AUGMENT", "RunState",
+__all__ = ["fit", "train", "resume_config", "TrainingError", "TrainingInterrupted", "RunState",
            "TrainingData", "load_training_data", "build_model", "cross_entropy"]
 
 # Keys that fix the architecture and data: a resumed run may not change them.
@@ -58,17 +59,28 @@ class TrainingInterrupted(CnnlabError):
 
 def resume_config(run_dir: str | Path, overrides: TrainConfig | None = None, changed: Sequence[str] = ()) -> TrainConfig:
     """The run's own config, with the flags in `changed` taken from `overrides`; architecture changes refused."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise CheckpointError(f"{run_dir}: not a run folder (no config.yaml); give the folder 'cnnlab train' made")
-    cfg = load_config(run_dir / "config.yaml")
+    run = Run(run_dir)
+    if not is_run_folder(run.path):
+        raise CheckpointError(f"{run.path}: not a run folder (no config.yaml); give the folder 'cnnlab train' made")
+    cfg = run.config
+    if cfg.data_dir and "data_dir" not in changed:  # where the data was found, from whatever folder we run in
+        cfg = dataclasses.replace(cfg, data_dir=run.data_dir())
     for key in changed:
         new = getattr(overrides, key)
         if key in _FROZEN_ON_RESUME and new != getattr(cfg, key):
             raise CheckpointError(f"cannot resume {run_dir} with {key} = {new!r}: the run was made with "
                                   f"{getattr(cfg, key)!r}. Start a new run instead (without --resume)")
         cfg = dataclasses.replace(cfg, **{key: new})
-    return dataclasses.replace(cfg, run_dir=str(run_dir))
+    return dataclasses.replace(cfg, run_dir=str(run.path))
+
+
+def train(config: TrainConfig | None = None, *, callbacks: Sequence[Callable[[RunState], None]] = (),
+          log: Callable[[str], None] = print, **fields) -> Run:
+    """`fit` in one call, returning the finished run: `train(model="convnet", dataset="cifar10", epochs=4)`.
+    Keywords are TrainConfig fields and override `config` (default: TrainConfig's defaults)."""
+    cfg = config_from_dict(fields, base=config, source="train()")
+    summary = fit(cfg, callbacks=callbacks, log=log)
+    return open_run(summary["run_dir"])
 
 
 def cross_entropy(label_smoothing: float) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -211,6 +223,8 @@ def fit(cfg: TrainConfig, *, resume: bool | str = False, callbacks: Sequence[Cal
     label-smoothed cross-entropy.
     """
     cfg.validate()
+    if cfg.data_dir:  # recorded beside the path as typed, so eval, the report and resume find the data anywhere
+        cfg = dataclasses.replace(cfg, data_dir_resolved=str(Path(cfg.data_dir).resolve()))
     wall_start = time.perf_counter()
     with contextlib.ExitStack() as stack:
         # --- setup: where to compute, the data, the model, the optimiser, the schedule, the run folder
@@ -294,7 +308,7 @@ def fit(cfg: TrainConfig, *, resume: bool | str = False, callbacks: Sequence[Cal
                     stop = train_one_epoch(state, step_model, loss_fn or cross_entropy(cfg.label_smoothing), lr_at,
                                            runtime, rules, stopper=stopper, progress=progress, callbacks=callbacks,
                                            run_state=run_state, save_checkpoint=save_checkpoint, log=say,
-                                           between_steps=evaluate_mid_epoch, on_step=_step_logger(loggers))
+                                           between_steps=evaluate_mid_epoch, on_step=_step_logger(loggers, state.optimizer))
                 except NonFiniteStep as exc:
                     kept = f"the last good checkpoint is kept in {folder.path}" if folder.checkpoints.exists() else \
                         "no checkpoint had been written yet"
@@ -319,7 +333,7 @@ def fit(cfg: TrainConfig, *, resume: bool | str = False, callbacks: Sequence[Cal
                 if test:
                     reached.update(test["accuracy"], state.step, done_epochs)
                 val = evaluate_now(split="val") if data.val and wanted else None
-                row = _epoch_row(done_epochs, lr_at(max(state.step - 1, 0)), state.sums, test, val, data.val is not None)
+                row = _epoch_row(done_epochs, applied_lrs(state.optimizer), state.sums, test, val, data.val is not None)
                 state.history.append(row)
                 state.sums = type(state.sums)()
                 folder.write_metrics(state.history)
@@ -352,10 +366,10 @@ def _resume(state: TrainState, folder: RunFolder, header: dict, cfg: TrainConfig
     saved = folder.load_checkpoint(say)
     _check_resumable(saved, header, folder, cfg, lr_at, total_steps, data)
     folder.restore(state, saved, say)
-    summary_file = folder.path / "summary.json"
-    if state.step >= total_steps and runtime.broadcast(summary_file.is_file()):
-        done = json.loads(summary_file.read_text()) if runtime.is_main else None
-        if done is not None and (folder.path / "model.safetensors").is_file():
+    run = Run(folder.path)
+    if state.step >= total_steps and runtime.broadcast(run.file("summary").is_file()):
+        done = run.summary if runtime.is_main else None
+        if done is not None and run.finished:
             say(f"{folder.path} is finished ({done.get('epochs', 0):g} epochs, test accuracy "
                 f"{done.get('test_accuracy', float('nan')):.4f}); nothing to resume. To train longer, start a new "
                 f"run from its weights: cnnlab train --init-from {folder.path} --epochs N")
@@ -396,10 +410,11 @@ def _finish(cfg: TrainConfig, folder: RunFolder, runtime: Runtime, data: Trainin
             state: TrainState, final: dict, reached, wall_seconds: float, steps_per_epoch: int) -> dict:
     """Write the final weights, each test image's prediction and summary.json; returns the summary."""
     meta = {"model": cfg.model, "model_args": arch["model_args"], "classes": data.classes, "mean": data.mean,
-            "std": data.std, "input_shape": list(data.shape), "dataset": cfg.dataset, "cnnlab_version": __version__}
+            "std": data.std, "input_shape": list(data.shape), "preprocess": data.preprocess.to_dict(),
+            "dataset": cfg.dataset, "cnnlab_version": __version__}
     losses, preds = final.pop("losses"), final.pop("preds")
     if runtime.is_main:
-        save_weights(model, folder.path / "model.safetensors", meta)
+        save_weights(model, Run(folder.path).file("weights"), meta)
         labels = data.dataset.test_labels
         if labels is not None and len(labels) == len(preds):  # streaming may have skipped unreadable images
             folder.write_predictions(losses, preds, labels)
@@ -424,15 +439,16 @@ def _finish(cfg: TrainConfig, folder: RunFolder, runtime: Runtime, data: Trainin
                           "cudnn_benchmark": torch.backends.cudnn.benchmark,
                           "cudnn_deterministic": torch.backends.cudnn.deterministic},
     }
-    folder.write_json("summary.json", summary)
+    folder.write_json("summary", summary)
     return summary
 
 
-def _step_logger(loggers: LoggerGroup):
-    """What the loop calls after each step, when a logger wants per-step points (none for csv alone)."""
+def _step_logger(loggers: LoggerGroup, optimizer: torch.optim.Optimizer):
+    """What the loop calls after each step, when a logger wants per-step points (none for csv alone): the loss and
+    the learning rates the optimiser applied."""
     if not loggers.loggers:
         return None
-    return lambda step, loss, lr: loggers.log_step(step, {"train_loss": loss, "lr": lr})
+    return lambda step, loss, lr: loggers.log_step(step, {"train_loss": loss, **applied_lrs(optimizer)})
 
 
 class _Clock:
@@ -467,30 +483,31 @@ class _Thresholds:
 
 def _trim_evals(folder: RunFolder, step: int) -> None:
     """On resume, forget the mid-epoch evaluations after the checkpoint's step: they are made again."""
-    path = folder.path / "evals.csv"
+    path = Run(folder.path).file("evals")
     if folder.runtime.is_main and path.is_file():
         lines = path.read_text().splitlines()
         kept = lines[:1] + [line for line in lines[1:] if int(line.split(",", 1)[0]) <= step]
-        folder.write("evals.csv", ("\n".join(kept) + "\n").encode())
+        folder.write("evals", ("\n".join(kept) + "\n").encode())
 
 
 def _append_eval(folder: RunFolder, step: int, epochs: float, result: dict, seconds: float) -> None:
     """One row of evals.csv: a mid-epoch evaluation (--eval-every-steps)."""
     if not folder.runtime.is_main:
         return
-    path = folder.path / "evals.csv"
+    path = Run(folder.path).file("evals")
     previous = path.read_text() if path.is_file() else "step,epochs,wall_seconds,test_loss,test_acc\n"
     line = f"{step},{epochs:.4f},{seconds:.3f},{result['loss']:.6f},{result['accuracy']:.6f}\n"
-    folder.write("evals.csv", (previous + line).encode())
+    folder.write("evals", (previous + line).encode())
 
 
-def _epoch_row(epoch: float, lr: float, sums, test: dict | None, val: dict | None, has_val: bool) -> dict:
+def _epoch_row(epoch: float, lrs: dict[str, float], sums, test: dict | None, val: dict | None, has_val: bool) -> dict:
     """One metrics.csv row; test (and val) columns stay empty in epochs without an evaluation. `epoch` is
-    fractional for a last epoch cut short by --max-steps."""
-    row = {"epoch": round(epoch, 4) if epoch % 1 else int(epoch), "lr": lr,
+    fractional for a last epoch cut short by --max-steps; `lrs` are the rates the optimiser applied last."""
+    row = {"epoch": round(epoch, 4) if epoch % 1 else int(epoch), "lr": lrs["lr"],
            "train_loss": sums.loss / max(sums.seen, 1), "train_acc": sums.correct / max(sums.seen, 1),
            "test_loss": test["loss"] if test else "", "test_acc": test["accuracy"] if test else "",
            "seconds": sums.seconds, "img_per_s": sums.seen / max(sums.seconds, 1e-9)}
     if has_val:
         row["val_loss"], row["val_acc"] = (val["loss"], val["accuracy"]) if val else ("", "")
+    row.update({k: v for k, v in lrs.items() if k != "lr"})
     return row

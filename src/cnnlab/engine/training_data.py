@@ -11,18 +11,14 @@ import numpy as np
 import torch
 
 from ..data import InMemoryLoader, channel_stats, get_spec, load_dataset, parse_augment, split_validation
+from ..data.kinds import STREAM_AUGMENT, data_kind
+from ..data.preprocess import Preprocess
+from ..data.transforms import EVAL_CROP_FRACTION
 from ..errors import ConfigError
 from .config import TrainConfig
 from .runtime import Runtime
 
-__all__ = ["TrainingData", "StreamedDataset", "choose_mode", "load_training_data", "DEFAULT_AUGMENT"]
-
-# What `augment: auto` means: shifts and flips suit natural images and clothing; digits would change meaning.
-DEFAULT_AUGMENT = {"cifar10": "crop:4:reflect,flip", "cifar100": "crop:4:reflect,flip", "fashion-mnist": "none",
-                   "mnist": "none", "imagefolder": "flip",
-                   # the synthetic stand-ins do the work of the datasets whose shape they have
-                   "synthetic-cifar": "crop:4:reflect,flip", "synthetic-imagenet": "flip"}
-
+__all__ = ["TrainingData", "StreamedDataset", "choose_mode", "load_training_data"]
 
 @dataclass
 class TrainingData:
@@ -41,6 +37,7 @@ class TrainingData:
     mode_reason: str = ""
     train_images: torch.Tensor | None = None  # uint8, in memory mode (for models that prepare from data)
     bad_limits: tuple[int, int] = (0, 0)  # streamed: unreadable images allowed in the train and test splits
+    preprocess: Preprocess | None = None  # how a file becomes a test input; recorded in model.json
 
     def describe(self) -> str:
         return self.dataset.describe()
@@ -89,7 +86,7 @@ def _fingerprint(data, train_labels: torch.Tensor, val_labels: torch.Tensor | No
     """Identifies the exact training data: the source files' sha256 (or, for an image folder, the decoded
     pixels) and the labels after subsetting and the validation split."""
     h = hashlib.sha256(json.dumps([f["sha256"] for f in data.files]).encode())  # not the paths: copies may move
-    if data.name == "imagefolder":
+    if data.decoded_by is not None:  # an image folder: its pixels, not publisher checksums, identify it
         h.update(data.train_images.numpy().tobytes())
     h.update(train_labels.numpy().tobytes())
     if val_labels is not None:
@@ -99,9 +96,10 @@ def _fingerprint(data, train_labels: torch.Tensor, val_labels: torch.Tensor | No
 
 def choose_mode(cfg: TrainConfig) -> tuple[str, str]:
     """("memory" | "stream", the reason to print) for the run's data."""
-    if cfg.dataset == "shards":
+    kind = data_kind(cfg.dataset)
+    if kind.shards:
         return "stream", "data mode stream: shards are always streamed"
-    if cfg.dataset != "imagefolder":
+    if not kind.image_folder:
         return "memory", f"data mode memory: {cfg.dataset} is decoded once into RAM"
     from ..data.stream import choose_data_mode, parse_bytes
     if cfg.data_dir is None:
@@ -128,7 +126,7 @@ def load_training_data(cfg: TrainConfig, runtime: Runtime, log: Callable[[str], 
     if cfg.val_split:
         train_x, train_y, val_x, val_y = split_validation(train_x, train_y, cfg.val_split, seed=cfg.seed)
     mean, std = channel_stats(train_x)
-    augment = DEFAULT_AUGMENT.get(cfg.dataset, "none") if cfg.augment == "auto" else cfg.augment
+    augment = data_kind(cfg.dataset).default_augment if cfg.augment == "auto" else cfg.augment
     c, h, w = data.shape
     resize = (cfg.image_size, cfg.image_size) if cfg.image_size and (cfg.image_size, cfg.image_size) != (h, w) \
         else None
@@ -143,8 +141,9 @@ def load_training_data(cfg: TrainConfig, runtime: Runtime, log: Callable[[str], 
     test = InMemoryLoader(data.test_images, data.test_labels, eval_batch, **common)
     val = None if val_x is None else InMemoryLoader(val_x, val_y, eval_batch, **common)
     shape = (c, *(resize or (h, w)))
+    preprocess = (Preprocess.squash(*shape) if resize else data.preprocess).with_stats(mean, std)
     return TrainingData(train, test, val, list(data.classes), shape, mean, std, augment,
-                        _fingerprint(data, train_y, val_y), data, mode, reason, train_x)
+                        _fingerprint(data, train_y, val_y), data, mode, reason, train_x, preprocess=preprocess)
 
 
 def _streamed_data(cfg: TrainConfig, runtime: Runtime, reason: str) -> TrainingData:
@@ -154,7 +153,7 @@ def _streamed_data(cfg: TrainConfig, runtime: Runtime, reason: str) -> TrainingD
     size = cfg.image_size or 224  # ImageNet's training crop
     if cfg.data_dir is None:
         raise ConfigError(f"{cfg.dataset} needs --data-dir; {get_spec(cfg.dataset).how_to_get}")
-    shards = cfg.dataset == "shards"
+    shards = data_kind(cfg.dataset, "stream").shards
     source = open_shards(cfg.data_dir) if shards else open_image_folder(cfg.data_dir)
     if shards and (cfg.train_subset or cfg.val_split):
         raise ConfigError("train_subset and val_split select images by index, which shards cannot; pack the "
@@ -203,5 +202,8 @@ def _streamed_data(cfg: TrainConfig, runtime: Runtime, reason: str) -> TrainingD
     dataset = StreamedDataset(cfg.dataset, str(source.root), list(source.classes),
                               {"train": source.count("train"), "test": source.count("test")}, size, files, test_labels)
     fingerprint = hashlib.sha256((files[0]["sha256"] + str(size)).encode() + train_labels.numpy().tobytes()).hexdigest()
+    # evaluation decodes as torchvision's does: shorter side to size / 0.875, the centre size x size
+    preprocess = Preprocess.centre_crop(source.channels, size, EVAL_CROP_FRACTION).with_stats(mean, std)
     return TrainingData(train, test, val, list(source.classes), (source.channels, size, size), mean, std,
-                        "RandomResizedCrop+flip", fingerprint, dataset, "stream", reason, bad_limits=limits)
+                        STREAM_AUGMENT, fingerprint, dataset, "stream", reason, bad_limits=limits,
+                        preprocess=preprocess)

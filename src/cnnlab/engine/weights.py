@@ -11,33 +11,28 @@ from safetensors import SafetensorError
 from safetensors.torch import save
 
 from ..errors import CheckpointError, CnnlabError
+from ..data.preprocess import Preprocess
 from ..models import create_model
 from ..models.pretrained import load_pretrained, read_state_dict
 from ..files import save_atomic
 
-__all__ = ["save_weights", "load_weights", "resolve_weights", "read_sidecar", "LoadedModel", "normalise"]
+__all__ = ["save_weights", "load_weights", "resolve_weights", "read_sidecar", "LoadedModel"]
 
 
 class LoadedModel:
-    """A model rebuilt from its weights file and sidecar, with what preprocessing needs."""
+    """A model rebuilt from its weights file and sidecar, with its preprocessing (`preprocess`): the one every
+    consumer (eval, predict, the report, export) applies."""
 
     def __init__(self, model: nn.Module, meta: dict, path: Path):
         self.model, self.meta, self.path = model, meta, path
         self.classes: list[str] = meta["classes"]
-        self.mean, self.std = meta["mean"], meta["std"]
-        self.input_shape: tuple[int, int, int] = tuple(meta["input_shape"])  # type: ignore[assignment]
+        self.preprocess = Preprocess.from_sidecar(meta)
+        self.mean, self.std = list(self.preprocess.mean or ()), list(self.preprocess.std or ())
+        self.input_shape: tuple[int, int, int] = self.preprocess.input_shape
 
     def normalise(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 images (N, C, H, W) -> the float input the model was trained on, on the images' device."""
-        return normalise(images, self.mean, self.std)
-
-
-def normalise(images: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
-    """uint8 (N, C, H, W) -> (x / 255 - mean) / std per channel, as the trainer's loader feeds the model."""
-    shape = (1, images.shape[1], 1, 1)
-    mean_t = torch.tensor(mean, device=images.device).view(shape)
-    std_t = torch.tensor(std, device=images.device).view(shape)
-    return (images.float() / 255 - mean_t) / std_t
+        return self.preprocess.normalise(images)
 
 
 def save_weights(model: nn.Module, path: Path, meta: dict) -> None:
@@ -71,9 +66,6 @@ def resolve_weights(target: str | Path) -> Path:
         raise CheckpointError(f"{target}: no such run folder or weights file, and no packaged weights of that name; "
                               f"packaged: {', '.join(packaged_names()) or 'none'} ('cnnlab models --pretrained')")
     return path
-
-
-IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 
 def _read_classes(path: str | Path | None, n: int) -> list[str]:
@@ -137,6 +129,13 @@ def read_sidecar(sidecar: Path) -> dict:
     if resize is not None and not (isinstance(resize, int) and not isinstance(resize, bool)
                                    and 1 <= resize <= _MAX_SIDE):
         raise invalid(f"'resize' must be a side length in 1..{_MAX_SIDE}")
+    if "preprocess" in meta:
+        try:
+            preprocess = Preprocess.from_dict(meta["preprocess"])
+        except ValueError as exc:
+            raise invalid(str(exc)) from None
+        if list(preprocess.input_shape) != shape:
+            raise invalid(f"'preprocess' gives input {list(preprocess.input_shape)}, 'input_shape' {shape}")
     return meta
 
 
@@ -197,9 +196,11 @@ def load_weights(target: str | Path, device: str | torch.device = "cpu", model_n
         num_classes = int(head.shape[0]) if head is not None else 1000
         model = create_model(model_name, num_classes=num_classes)
         load_pretrained(model, path, name=repr(model_name))
+        imagenet = Preprocess.imagenet_eval()
         meta = {"model": model_name, "model_args": {"num_classes": num_classes},
-                "classes": _read_classes(classes_file, num_classes), "mean": IMAGENET_MEAN, "std": IMAGENET_STD,
-                "input_shape": [3, 224, 224], "resize": 256}
+                "classes": _read_classes(classes_file, num_classes), "mean": list(imagenet.mean),
+                "std": list(imagenet.std), "input_shape": list(imagenet.input_shape), "resize": imagenet.resize_to,
+                "preprocess": imagenet.to_dict()}
         return LoadedModel(model.to(device).eval(), meta, path)
     meta = read_sidecar(sidecar)
     if model_name is not None and model_name != meta["model"]:

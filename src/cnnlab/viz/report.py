@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 import math
 from pathlib import Path
 from typing import Callable, Sequence
@@ -17,7 +16,7 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-from ..engine.run_folder import read_metrics
+from ..engine.run import Run, is_run_folder
 from ..errors import CheckpointError, ConfigError
 from ..files import save_atomic
 from .figure import OKABE_ITO, finish, subplots
@@ -75,13 +74,13 @@ def plot_step_losses(losses: dict[str, Sequence[float]], window: int = 20, title
     return finish(fig, path)
 
 
-def run_evaluation(run_dir: Path, loaded, split, summary: dict) -> dict:
+def run_evaluation(run: Run, loaded, split, summary: dict) -> dict:
     """The run's own final evaluation (summary.json and predictions.safetensors, written by training), so the
     page shows the very figures training reported; scored again with the same scorer only when they are
     missing (a run made by an older cnnlab, or streamed shards) or belong to other data. `split`: a TestSplit."""
     from safetensors.torch import load_file
 
-    predictions = run_dir / "predictions.safetensors"
+    predictions = run.file("predictions")
     if predictions.is_file() and "test_confusion" in summary and split.labels is not None:
         saved = load_file(predictions)
         if torch.equal(saved["labels"], split.labels):
@@ -154,20 +153,15 @@ def _table(header: list[str], rows: list[list]) -> str:
 
 def build_report(run_dir: str | Path, data_dir: str | None = None, log: Callable[[str], None] = print) -> Path:
     """Write RUN_DIR/report.html (and the figures it embeds, under RUN_DIR/report/); returns the page's path."""
-    from ..engine.config import load_config
     from ..engine.evaluate import most_confused
-    from ..engine.weights import load_weights
     from ..models.summary import summarize
     from .filters import layer_weight, plot_filters
 
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise CheckpointError(f"{run_dir}: not a run folder (no config.yaml); give the folder 'cnnlab train' made")
-    cfg = load_config(run_dir / "config.yaml")
-    loaded = load_weights(run_dir)
-    summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
-    rows = read_metrics(run_dir / "metrics.csv")
-    figures = run_dir / "report"
+    run = Run(run_dir)
+    if not is_run_folder(run.path):
+        raise CheckpointError(f"{run.path}: not a run folder (no config.yaml); give the folder 'cnnlab train' made")
+    cfg, loaded, summary, rows = run.config, run.weights, run.summary, run.metrics
+    figures = run.file("report_figures")
     figures.mkdir(exist_ok=True)
     classes, model = loaded.classes, loaded.model.eval()
     sections = []
@@ -176,7 +170,7 @@ def build_report(run_dir: str | Path, data_dir: str | None = None, log: Callable
     env_rows = [[k, v] for k, v in summary.get("versions", {}).items()]
     env_rows += [[k, summary[k]] for k in ("device", "precision", "threads", "seed", "wall_seconds") if k in summary]
     sections.append("<h2>Configuration and environment</h2>" + _table(["what", "value"], env_rows)
-                    + f"<pre>{html.escape((run_dir / 'config.yaml').read_text())}</pre>")
+                    + f"<pre>{html.escape(run.file('config').read_text())}</pre>")
 
     # model summary
     info = summarize(model, tuple(loaded.input_shape))
@@ -195,11 +189,10 @@ def build_report(run_dir: str | Path, data_dir: str | None = None, log: Callable
     # evaluation on the test split
     from ..engine.evaluate import inference_runtime
     from ..engine.test_split import open_test_split
-    runtime = inference_runtime("cpu", summary.get("precision", "auto"))
-    split = open_test_split(cfg.dataset, data_dir or cfg.data_dir, input_shape=loaded.input_shape, mean=loaded.mean,
-                            std=loaded.std, runtime=runtime, streamed=summary.get("data_mode") == "stream",
-                            workers=cfg.workers, log=log)
-    result = run_evaluation(run_dir, loaded, split, summary)
+    runtime = inference_runtime("cpu")  # fp32, as eval and predict score
+    split = open_test_split(cfg.dataset, run.data_dir(data_dir), preprocess=loaded.preprocess, runtime=runtime,
+                            streamed=run.data_mode == "stream", workers=cfg.workers, log=log)
+    result = run_evaluation(run, loaded, split, summary)
     plot_confusion(result["confusion"], classes, figures / "confusion.png",
                    title=f"Test confusion matrix: accuracy {result['accuracy']:.2%}")
     per_class = [[name, f"{acc:.2%}", sum(result["confusion"][i])] for i, (name, acc) in
@@ -236,8 +229,8 @@ def build_report(run_dir: str | Path, data_dir: str | None = None, log: Callable
     accuracy = summary.get("test_accuracy", result["accuracy"])
     page = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>cnnlab: {html.escape(title)}</title>"
             f"{_STYLE}{_CHECK_SCRIPT}</head><body><h1>{html.escape(title)}</h1>"
-            f"<p>Run folder <code>{html.escape(str(run_dir))}</code>: test accuracy {accuracy:.2%} after "
+            f"<p>Run folder <code>{html.escape(str(run.path))}</code>: test accuracy {accuracy:.2%} after "
             f"{summary.get('epochs', len(rows))} epochs.</p>" + "".join(sections) + "</body></html>")
-    path = run_dir / "report.html"
+    path = run.file("report")
     save_atomic(page.encode(), path)
     return path
