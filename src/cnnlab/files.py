@@ -68,6 +68,7 @@ def atomic_file(path: str | Path, *, suffix: str = ".tmp",
         finally:
             os.close(fd)
         yield tmp
+        os.chmod(tmp, readable_mode())  # again: a writer may have replaced the file (safetensors' save_file does)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         if before_replace is not None:
