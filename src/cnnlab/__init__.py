@@ -1,8 +1,7 @@
 """cnnlab: the lecture's convolutional networks, runnable and fast."""
-__version__ = "0.1.0"
-
-from .errors import CnnlabError  # noqa: E402
-from .models import create_model, list_models  # noqa: E402
-from .engine import Run, TrainConfig, fit, open_run, train  # noqa: E402
+from ._version import __version__
+from .engine import Run, TrainConfig, fit, open_run, train
+from .errors import CnnlabError
+from .models import create_model, list_models
 
 __all__ = ["__version__", "CnnlabError", "create_model", "list_models", "TrainConfig", "fit", "train", "open_run", "Run"]

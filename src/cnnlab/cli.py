@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from . import __version__
+from ._version import __version__
 from .errors import CnnlabError, ConfigError
 
 __all__ = ["main", "build_parser"]
@@ -157,11 +157,14 @@ def _hand_over_to_torchrun(args) -> int:
 
 def cmd_eval(args) -> int:
     from .engine.evaluate import evaluate_target
+    from .viz.plots import plot_confusion
 
     ev = evaluate_target(args.target, dataset=args.dataset, data_dir=args.data_dir, device=args.device,
                          precision=args.precision, tta=args.tta, out=args.out,
                          log=lambda m: print(m, file=sys.stderr))
     result = ev.result
+    plot_confusion(result["confusion"], result["classes"], ev.out_dir / "confusion.png",
+                   title=f"{ev.model} on {result['dataset']} test: accuracy {result['accuracy']:.2%}")
     if args.json:
         print(json.dumps(result))
         return 0

@@ -99,6 +99,7 @@ class Evaluation:
     """`cnnlab eval`'s result: the scorer's figures, where they were written, and what training reported."""
     result: dict  # evaluate()'s, with per_class by name, most_confused, dataset, weights, classes, precision, tta
     out_dir: Path
+    model: str = ""
     reported: float | None = None  # the test accuracy training (or the packaged registry) recorded
     reported_by: str = ""
     differences: list[str] = field(default_factory=list)  # why this evaluation may differ from the recorded one
@@ -108,15 +109,15 @@ def evaluate_target(target: str | Path, *, dataset: str | None = None, data_dir:
                     device: str = "auto", precision: str = "fp32", tta: int | None = None,
                     out: str | Path | None = None, log=print) -> Evaluation:
     """Score a run folder, a weights file or packaged weights on a test split, with the model's own recorded
-    preprocessing; writes eval.json and confusion.png (next to the weights, or ./eval/NAME for packaged weights,
-    or `out`). The run's data is found where it was (Run.data_dir), unless `dataset`/`data_dir` say otherwise."""
+    preprocessing; writes eval.json (next to the weights, or ./eval/NAME for packaged weights, or `out`; the
+    confusion matrix as a picture: viz.plots.plot_confusion). The run's data is found where it was
+    (Run.data_dir), unless `dataset`/`data_dir` say otherwise."""
     import json
 
     from ..data.catalog import get_spec
     from ..errors import CnnlabError, DatasetError
     from ..files import save_atomic
     from ..models.packaged import get_packaged, is_packaged
-    from ..viz.plots import plot_confusion
     from .run import RUN_FILES, Run, is_run_folder
     from .test_split import open_test_split
     from .weights import load_weights
@@ -162,9 +163,7 @@ def evaluate_target(target: str | Path, *, dataset: str | None = None, data_dir:
     out_dir = Path(out) if out else Path("eval") / packaged.name if packaged else loaded.path.parent
     out_dir.mkdir(parents=True, exist_ok=True)
     save_atomic(json.dumps(result, indent=2).encode(), out_dir / RUN_FILES["eval"])
-    plot_confusion(result["confusion"], split.classes, out_dir / RUN_FILES["confusion"],
-                   title=f"{loaded.meta['model']} on {dataset} test: accuracy {result['accuracy']:.2%}")
-    evaluation = Evaluation(result, out_dir)
+    evaluation = Evaluation(result, out_dir, model=loaded.meta["model"])
     if trained.get("test_accuracy") is not None and same_data:
         evaluation.reported = trained["test_accuracy"]
         evaluation.reported_by = "the registry of packaged weights lists" if packaged else "training reported"

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .. import __version__
+from .._version import __version__
 from ..errors import CnnlabError
 from ..files import save_atomic
 from .weights import LoadedModel

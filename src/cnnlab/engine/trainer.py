@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import __version__
+from .._version import __version__
 from ..data import get_spec
 from ..errors import CheckpointError, CnnlabError, ConfigError
 from ..models import accepts, create_model

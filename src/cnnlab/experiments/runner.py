@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .. import __version__
+from .._version import __version__
 from ..errors import CnnlabError, ConfigError
 from ..files import file_lock, save_atomic
 
