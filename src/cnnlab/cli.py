@@ -23,7 +23,18 @@ def _positive_int(text: str) -> int:
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but an unknown flag names the nearest known ones of the same command."""
+    """argparse, but an unknown flag names the nearest known ones of the same command, in one line, and a prefix
+    of a flag is not taken for it (`--epoch` is not `--epochs`)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        """One line on stderr, not the whole usage: what is wrong and where the full list is."""
+        command = self.prog.removeprefix("cnnlab").strip()
+        self.exit(2, f"cnnlab{' ' + command if command else ''}: error: {message} ('cnnlab "
+                     f"{command + ' ' if command else ''}--help' lists the options)\n")
 
     def parse_known_args(self, args=None, namespace=None):
         namespace, extras = super().parse_known_args(args, namespace)
@@ -37,9 +48,16 @@ class _Parser(argparse.ArgumentParser):
             for flag in unknown:
                 close = difflib.get_close_matches(flag, options, n=3, cutoff=0.6)
                 hints.append(f"{flag} (did you mean {' or '.join(close)}?)" if close else flag)
-            (sub or self).error(f"unknown option(s): {', '.join(hints)}; "
-                                f"'cnnlab {command or ''} --help' lists them all".replace("  ", " "))
+            (sub or self).error(f"unknown option(s): {', '.join(hints)}")
         return namespace, extras
+
+
+def _lazy(module: str, function: str):
+    """A subcommand's function, imported when it runs (so that `cnnlab --help` stays fast)."""
+    def run(args) -> int:
+        import importlib
+        return getattr(importlib.import_module(f"cnnlab.{module}"), function)(args)
+    return run
 
 
 def _input_size(text: str) -> tuple[int, int, int]:
@@ -86,7 +104,8 @@ def cmd_train(args, fit_options: dict | None = None) -> int:
     from .engine.trainer import fit, resume_config
 
     if args.nproc_per_node:
-        return _hand_over_to_torchrun(args)
+        from .engine.launch import hand_over_to_torchrun
+        return hand_over_to_torchrun(args, _train_config)
     if args.resume:
         run_dir, mode = _resume_target(args)
         if args.config or args.recipe:
@@ -117,41 +136,6 @@ def cmd_train(args, fit_options: dict | None = None) -> int:
             print(f"report: {build_report(summary['run_dir'], log=lambda m: None)}")
         except Exception as exc:  # noqa: BLE001  the run itself succeeded: say so, and how to retry
             print(f"warning: no report written ({exc}); run 'cnnlab report {summary['run_dir']}'", file=sys.stderr)
-    return 0
-
-
-def _hand_over_to_torchrun(args) -> int:
-    """`cnnlab train --nproc-per-node N ...` is `torchrun --standalone --nproc-per-node N -m cnnlab train ...`,
-    with the run folder chosen here so that workers restarted after a failure find it."""
-    from torch.distributed.run import main as torchrun
-
-    from .engine.run_folder import default_run_dir
-
-    argv = list(args.argv)
-    drop = {"--nproc-per-node", "--max-restarts"}
-    rest, i = [], 0
-    while i < len(argv):
-        flag = argv[i].split("=", 1)[0]
-        if flag in drop:
-            i += 1 if "=" in argv[i] else 2
-            continue
-        rest.append(argv[i])
-        i += 1
-    if not args.resume and not args.run_dir:
-        rest += ["--run-dir", str(default_run_dir(_train_config(args)))]
-    launcher = ["--standalone", f"--nproc-per-node={args.nproc_per_node}", f"--max-restarts={args.max_restarts}",
-                "-m", "cnnlab", *rest]
-    print(f"torchrun {' '.join(launcher)}", file=sys.stderr)
-    try:
-        torchrun(launcher)
-    except Exception as exc:  # torchrun's ChildFailedError lists each failed rank and its exit code
-        if hasattr(exc, "sigval"):  # the agent itself was signalled: the workers checkpointed and stopped
-            return 128 + int(exc.sigval)
-        failures = getattr(exc, "failures", {})
-        codes = sorted({f.exitcode for f in failures.values()}) if failures else [1]
-        print(f"error: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}",
-              file=sys.stderr)
-        return next((c for c in codes if c in (130, 143)), 1)
     return 0
 
 
@@ -214,239 +198,9 @@ def cmd_predict(args) -> int:
     return 0 if results else 1
 
 
-def _native_input(model) -> tuple[int, int, int]:
-    size = getattr(model, "input_size", (224, 224))
-    return getattr(model, "in_channels", 3), *size
-
-
 def cmd_summary(args) -> int:
-    from .models import create_model
-    from .models.registry import accepts
-    from .models.summary import format_summary, summarize
-
-    kwargs = _model_args(args.model_arg)
-    if args.num_classes:
-        kwargs["num_classes"] = args.num_classes
-    if args.input_size:
-        kwargs.setdefault("in_channels", args.input_size[0])
-        kwargs.setdefault("input_size", list(args.input_size[1:]))
-    # a model that adapts to any input size (global pooling) takes no input_size argument
-    kwargs = {k: v for k, v in kwargs.items() if k not in ("in_channels", "input_size") or accepts(args.model, k)}
-    if args.input_size:
-        from .models.summary import check_input_size
-        check_input_size(args.model, kwargs, args.input_size, what="--input-size")
-    model = create_model(args.model, **kwargs)
-    info = summarize(model, args.input_size or _native_input(model))
-    print(json.dumps(info) if args.json else format_summary(info, title=args.model))
-    return 0
-
-
-def cmd_pretrained(args) -> int:
-    """`cnnlab models --pretrained`: the packaged weights, their test accuracy and how each was made."""
-    from .models.packaged import list_packaged
-
-    entries = list_packaged()
-    if args.json:
-        print(json.dumps([e.record for e in entries]))
-        return 0
-    if not entries:
-        print("no packaged weights in this install")
-        return 0
-    width = max(len(e.name) for e in entries)
-    print(f"{'name':<{width}}  {'model':<9} {'dataset':<14} {'test acc':>8}  {'size':>7}  trained")
-    for e in entries:
-        tta = f" (tta {e.tta})" if e.tta else ""
-        print(f"{e.name:<{width}}  {e.model:<9} {e.dataset:<14} {e.test_accuracy:>8.2%}  {e.bytes / 1e6:>5.2f}MB  "
-              f"{e.epochs:g} epochs, {e.train_seconds / 60:,.0f} min on {e.cpu}, {e.threads} thread(s), "
-              f"{e.precision}, torch {e.torch}{tta}")
-        print(f"{'':<{width}}  $ {e.command}")
-    print("(use a name wherever RUN_DIR|WEIGHTS is taken, e.g. 'cnnlab predict resnet20-cifar10 photo.jpg', or "
-          "create_model('resnet20', weights='cifar10'); each file is checked against its sha256 when loaded)")
-    return 0
-
-
-def cmd_models(args) -> int:
-    from .models import create_model, list_models
-    from .models.registry import model_entrypoint
-    from .models.summary import summarize
-
-    import torch
-
-    if args.pretrained:
-        return cmd_pretrained(args)
-    rows = []
-    for name in list_models():
-        with torch.device("meta"):  # shapes, parameter counts and MACs need no memory and no arithmetic
-            model = create_model(name)
-        size = _native_input(model)
-        info = summarize(model, size)
-        doc = (model_entrypoint(name).__doc__ or "").strip().splitlines()[0]
-        rows.append({"name": name, "params": info["params"], "macs": info["macs"], "input_size": list(size),
-                     "description": doc})
-    if args.json:
-        print(json.dumps(rows))
-        return 0
-    width = max(len(r["name"]) for r in rows)
-    print(f"{'model':<{width}} {'params':>12} {'MACs':>14}  {'input':<9} description")
-    for r in rows:
-        print(f"{r['name']:<{width}} {r['params']:>12,} {r['macs']:>14,}  {'x'.join(map(str, r['input_size'])):<9} "
-              f"{r['description']}")
-    print("(MACs per image at the native input size; 1 MAC = 2 FLOPs; weights that come with cnnlab: "
-          "cnnlab models --pretrained)")
-    return 0
-
-
-def cmd_data(args) -> int:
-    from .data import CATALOG, fetch, get_spec, load_dataset, locate
-    from .errors import DatasetError
-
-    if args.action == "list":
-        for spec in CATALOG.values():
-            try:
-                _, folder, paths = locate(spec, args.data_dir) if spec.format not in ("imagefolder", "shards", "synthetic") \
-                    else (None, None, [])
-                size = sum(p.stat().st_size for p in paths)
-                where = f"found in {folder} ({size / 2**20:.1f} MiB)" if folder else spec.how_to_get
-            except DatasetError:
-                where = f"not found; to get it: {spec.how_to_get}"
-            counts = " / ".join(f"{n:,} {s}" for s, n in spec.counts.items())
-            print(f"{spec.name:<14} {spec.description}{'; ' + counts if counts else ''}\n{'':<14} {where}")
-        return 0
-    if args.action == "pack":
-        from .data.shards import pack_image_folder
-        if not args.name or not args.dest:
-            raise ConfigError("'cnnlab data pack ROOT OUT': give the image folder and the folder for the shards")
-        manifest = pack_image_folder(args.name, args.dest, args.shard_size)
-        print(f"{sum(manifest['counts'].values()):,} images of {len(manifest['classes'])} classes packed into "
-              f"{args.dest}; train from them with --dataset shards --data-dir {args.dest}")
-        return 0
-    if not args.name:
-        raise CnnlabError(f"'cnnlab data {args.action}' needs a dataset name: {', '.join(CATALOG)}")
-    if args.action == "fetch":
-        if get_spec(args.name).format == "synthetic":
-            print(f"{args.name} is generated in memory whenever it is used; there is nothing to fetch")
-            print(load_dataset(args.name).describe())
-            return 0
-        try:
-            _, folder, _ = locate(get_spec(args.name), args.data_dir)
-            print(f"{args.name} is already available in {folder}")
-        except DatasetError:
-            folder = fetch(args.name)
-            print(f"{args.name} downloaded and verified into {folder}")
-        print(load_dataset(args.name, args.data_dir).describe())
-        return 0
-    # info
-    from .data import channel_stats
-    from .viz.plots import plot_montage
-    import torch
-
-    data = load_dataset(args.name, args.data_dir, download=args.download)
-    print(data.describe())
-    mean, std = channel_stats(data.train_images)
-    print(f"train mean {[round(m, 4) for m in mean]}, std {[round(s, 4) for s in std]} (pixels scaled to [0, 1])")
-    train_counts = torch.bincount(data.train_labels, minlength=len(data.classes)).tolist()
-    test_counts = torch.bincount(data.test_labels, minlength=len(data.classes)).tolist()
-    width = max(map(len, data.classes))
-    print(f"{'class':<{width}}  {'train':>7}  {'test':>6}")
-    for name, a, b in zip(data.classes, train_counts, test_counts):
-        print(f"{name:<{width}}  {a:>7,}  {b:>6,}")
-    if not args.out:
-        print("(add --out FILE.png for a montage of training samples per class)")
-        return 0
-    plot_montage(data.train_images, data.train_labels, data.classes, Path(args.out),
-                 title=f"{args.name}: training samples")
-    print(f"montage written to {args.out}")
-    return 0
-
-
-def _out_dir(args, target: str | None = None) -> Path:
-    """--out, else RUN_DIR/viz for a run folder, else ./viz; made only when the first file is written."""
-    return Path(args.out) if args.out else Path(target) / "viz" if target and Path(target).is_dir() else Path("viz")
-
-
-def _load_for_viz(args):
-    from .engine.weights import load_weights
-    return load_weights(args.target, "cpu", model_name=getattr(args, "model", None))
-
-
-def _default(value, default):
-    return default if value is None else value
-
-
-def cmd_viz(args) -> int:
-    out = _out_dir(args, args.target)
-    if args.what == "conv" and args.html:
-        from .viz.conv_page import write_conv_page
-        print(write_conv_page(out / "conv.html", image=args.image, filters=_default(args.filters, 2),
-                              size=_default(args.size, 7)))
-    elif args.what == "conv":
-        from .viz.slides import render_conv
-        paths = render_conv(out, image=args.image, filters=_default(args.filters, 5), size=_default(args.size, 16))
-        print("\n".join(map(str, paths)))
-    elif args.what == "pool":
-        from .viz.conv import edge_feature_map, load_image
-        from .viz.pool import render_pool
-        image = load_image(args.image, gray=False) if args.image else None
-        result = render_pool(out, feature_map=edge_feature_map(image))
-        print(result["caption"])
-        print(result["path"])
-    elif args.what == "filters":
-        from .viz.filters import conv_layers, layer_weight, plot_filters
-        loaded = _load_for_viz(args)
-        name, weight = layer_weight(loaded.model, args.layer)
-        first = name == next(iter(conv_layers(loaded.model)))
-        path = out / f"filters-{name.replace('.', '_')}.png"
-        plot_filters(weight, path, layer=name, first_layer=first)
-        print(f"{name}: {weight.shape[0]} filters of {'x'.join(map(str, weight.shape[1:]))} -> {path}")
-    elif args.what == "features":
-        from .engine.predict import load_image
-        from .viz.filters import default_feature_layers, feature_maps, layer_kinds, plot_feature_maps
-        if not args.image:
-            raise ConfigError("'cnnlab viz features RUN_DIR IMAGE': give the image to look at")
-        loaded = _load_for_viz(args)
-        pixels, _ = load_image(Path(args.image), loaded.preprocess)
-        import torch
-        x = loaded.normalise(torch.tensor(pixels)[None])
-        layers = args.layers.split(",") if args.layers else default_feature_layers(loaded.model)
-        maps = feature_maps(loaded.model, x, layers)
-        kinds = layer_kinds(loaded.model, list(maps))
-        path = out / f"features-{Path(args.image).stem}.png"  # one file per image: a second image keeps the first
-        plot_feature_maps(maps, pixels.transpose(1, 2, 0), path, title=f"Feature maps of {Path(args.image).name}",
-                          kinds=kinds)
-        for name, act in maps.items():
-            print(f"{name}: {tuple(act.shape)} {kinds[name]}")
-        print(path)
-    elif args.what == "gabor":
-        from .viz.filters import layer_weight
-        from .viz.gabor import analyze_filters, format_gabor_summary
-        loaded = _load_for_viz(args)
-        _, weight = layer_weight(loaded.model)
-        result = analyze_filters(weight, out, threshold=args.threshold)
-        print(format_gabor_summary(result))
-    return 0
-
-
-def _viz_entry(args) -> int:
-    if args.what in ("filters", "features", "gabor") and not args.target:
-        raise ConfigError(f"'cnnlab viz {args.what}' needs RUN_DIR or a weights file")
-    if args.what in ("conv", "pool"):
-        if args.target:
-            raise ConfigError(f"'cnnlab viz {args.what}' takes no RUN_DIR; give your image with --image PATH")
-        args.image = args.image_flag
-    if args.html and args.what != "conv":
-        raise ConfigError(f"--html is for 'cnnlab viz conv'; 'cnnlab viz {args.what}' writes PNG files")
-    # folders that do not exist yet: if the command fails, those it made and left empty are removed again
-    out = _out_dir(args, args.target).absolute()
-    new = [folder for folder in (out, *out.parents) if not folder.exists()]
-    try:
-        return cmd_viz(args)
-    except BaseException:
-        for folder in new:
-            try:
-                folder.rmdir()  # only ever removes an empty folder
-            except OSError:
-                break
-        raise
+    from .models.command import summary_command
+    return summary_command(args, _model_args(args.model_arg))
 
 
 def cmd_report(args) -> int:
@@ -474,112 +228,6 @@ def cmd_export(args) -> int:
     if r.metadata_path:
         print(f"metadata: {r.metadata_path}")
     return 0
-
-
-_EXPERIMENT_EPILOG = """Every member is an ordinary run folder under --out (default experiments/<kind>-<time>/),
-trained by 'cnnlab train' in a subprocess (its output in --out/logs/). Run the same command again after an
-interruption: finished members are kept, an interrupted one resumes from its checkpoint, the others start; a
-command asking for something else in the same folder is refused. --jobs N trains N members at once (member i on
-device i mod the --devices list; on CPU each gets --threads cores/N). --print-commands prints one 'cnnlab train'
-line per member instead of training (stdout) and the gather command (stderr); for a Slurm job array:
-  cnnlab experiment degradation --out exp ... --print-commands > members.txt
-  sbatch --array=1-$(wc -l < members.txt) --wrap 'eval "$(sed -n ${SLURM_ARRAY_TASK_ID}p members.txt)"'
-  cnnlab experiment gather exp      # afterwards: results.json and experiment.html from the member folders
-A member stopped on the cluster continues with 'cnnlab train --resume exp/MEMBER', or by running the experiment
-command itself. Train flags (below) pass through to every member; a chosen recipe replaces the defaults shown."""
-
-
-def cmd_experiment(args) -> int:
-    from dataclasses import fields
-    from .engine.config import TrainConfig
-    from .experiments import ExperimentInterrupted, default_folder, gather, run_experiment
-    from .experiments.flags import check_devices, default_threads, member_train_args
-
-    if args.kind == "gather":
-        results = gather(args.folder)
-        members = results.get("members") or results.get("runs")
-        return 0 if all(m["status"] == "finished" for m in members) else 1
-    from .experiments import degradation_spec, parse_depths, parse_seeds, seeds_spec
-    values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name, None) is not None}
-    devices = check_devices(args.devices)
-    if devices and "device" in values:
-        raise ConfigError("give either --device (every member) or --devices (member i on device i mod the list)")
-    if args.jobs < 1:
-        raise ConfigError(f"--jobs {args.jobs}: must be at least 1")
-    refused = {"run_dir": "each member gets its own folder under --out"}
-    if args.kind == "degradation":
-        refused.update(model="the degradation experiment trains cifar_plain and cifar_resnet at each of --depths",
-                       model_args="the degradation experiment sets depth itself; give --depths")
-        depths = parse_depths(args.depths)
-        train_args, given, execution = member_train_args(values, args.recipe, refused,
-                                                         models=("cifar_plain", "cifar_resnet"))
-        spec = degradation_spec(depths, train_args, args.tolerance)
-        options = f"--depths {','.join(map(str, depths))} --recipe {args.recipe} --tolerance {args.tolerance}"
-    else:
-        refused["seed"] = "give the seeds with --seeds 0,1,2 or --runs N"
-        seeds = parse_seeds(args.runs, args.seeds)
-        train_args, given, execution = member_train_args(values, args.recipe, refused)
-        spec = seeds_spec(seeds, train_args, args.threshold)
-        options = (f"--seeds {','.join(map(str, seeds))}" + (f" --recipe {args.recipe}" if args.recipe else "")
-                   + (f" --threshold {args.threshold}" if args.threshold is not None else ""))
-    spec.options["train_flags"] = train_args
-    if args.jobs > 1 and not devices and "threads" not in values:
-        execution += ["--threads", str(default_threads(args.jobs))]
-    import shlex
-    folder = Path(args.out) if args.out else default_folder(args.kind)
-    command = f"cnnlab experiment {args.kind} {options} --out {shlex.quote(str(folder))} {shlex.join(given)}"
-    try:
-        run_experiment(folder, spec, command.strip(), jobs=args.jobs, devices=devices, execution=execution,
-                       print_commands=args.print_commands)
-    except ExperimentInterrupted as exc:
-        print(str(exc), file=sys.stderr)
-        return exc.exit_code
-    return 0
-
-
-def _add_experiment_parser(sub) -> None:
-    from .engine.config import add_config_flags
-
-    from .engine.recipes import RECIPES
-
-    p = sub.add_parser("experiment", help="several training runs as one experiment: degradation, seeds, gather",
-                       description="Experiments over ordinary 'cnnlab train' runs.")
-    kinds = p.add_subparsers(dest="kind", required=True)
-    for kind, help_text in (
-            ("degradation", "He et al. 2016's degradation experiment: plain nets and ResNets at several depths, "
-                            "one recipe; results.json with a verdict, experiment.html with the Fig. 6 curves"),
-            ("seeds", "one recipe with several seeds: mean, sample std and the share of runs at or above "
-                      "--threshold")):
-        k = kinds.add_parser(kind, help=help_text, description=help_text, epilog=_EXPERIMENT_EPILOG,
-                             formatter_class=argparse.RawDescriptionHelpFormatter)
-        if kind == "degradation":
-            k.add_argument("--depths", default="20,32,44,56", help="depths of the form 6n+2 (default: 20,32,44,56)")
-            k.add_argument("--recipe", default="he2016_warmup", choices=("he2016_warmup", "he2016", "none"),
-                           help="he2016_warmup (default): He et al. 2016's recipe, every member warmed up from 0.01 "
-                                "rising linearly to 0.1 over the first epoch; --epochs N scales it")
-            k.add_argument("--tolerance", type=float, default=0.01,
-                           help="training-error gap (fraction) within which a deeper net counts as no worse "
-                                "(default: 0.01, one percentage point)")
-        else:
-            k.add_argument("--runs", type=int, help="seeds 0..N-1 (default: 5)")
-            k.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1,2")
-            k.add_argument("--recipe", choices=tuple(RECIPES), help="a published recipe for every run (e.g. "
-                           "airbench94 or fast)")
-            k.add_argument("--threshold", type=float, help="test accuracy (fraction, e.g. 0.94) whose share of runs "
-                                                           "at or above it is reported")
-        k.add_argument("--out", metavar="DIR", help="experiment folder (default: experiments/<kind>-<time>/)")
-        k.add_argument("--jobs", type=int, default=1, help="members trained at once (default: 1)")
-        k.add_argument("--devices", metavar="LIST", help="e.g. cuda:0,cuda:1: member i runs on device i mod the list")
-        k.add_argument("--print-commands", action="store_true",
-                       help="print one 'cnnlab train' line per member and the gather command; train nothing")
-        add_config_flags(k)
-        k.add_argument("--no-report", dest="report", action="store_const", const="false",
-                       help="members write no report.html")
-        k.set_defaults(func=cmd_experiment)
-    g = kinds.add_parser("gather", help="write results.json and experiment.html from the member folders (no "
-                                        "training); exit code 1 while members are unfinished")
-    g.add_argument("folder", metavar="DIR")
-    g.set_defaults(func=cmd_experiment)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -611,7 +259,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(p)
     p.add_argument("--no-report", dest="report", action="store_const", const="false",
                    help="do not write report.html at the end")
-    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="evaluate trained weights on a test split")
     p.add_argument("target", metavar="RUN_DIR|WEIGHTS")
@@ -624,7 +271,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", type=int, choices=(0, 1, 2), help="test-time augmentation: 0 none, 1 mirror, 2 mirror and "
                    "1-pixel shifts (default: what the run's final evaluation used)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("predict", help="classify image files or folders of images")
     p.add_argument("target", metavar="RUN_DIR|WEIGHTS")
@@ -638,7 +284,6 @@ def build_parser() -> argparse.ArgumentParser:
                         "where a probe measures it clearly faster here (as training decides)")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("export", help="write a model as ONNX or a torch.export program, checked against PyTorch",
                        description="Export a run's weights as ONNX (onnxruntime, TensorRT, browsers) or as a "
@@ -656,7 +301,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="where the run's dataset is, for the check (default: where the run found it)")
     p.add_argument("--model", help="model name for a plain state-dict file without a sidecar")
     p.add_argument("--classes", help="text file of class names, one per line, in output order")
-    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("summary", help="layers, output shapes, parameters and MACs of a model")
     p.add_argument("model")
@@ -664,13 +308,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=int)
     p.add_argument("--model-arg", action="append", metavar="KEY=VALUE")
     p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_summary)
 
     p = sub.add_parser("models", help="list the registered models with parameters and MACs")
     p.add_argument("--pretrained", action="store_true", help="list the weights that come with cnnlab instead: "
                    "test accuracy, size and the command that trained each")
     p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("viz", help="pictures: convolution and pooling, filters, feature maps, the V1 comparison",
                        description="conv: the lecture's convolution slides (GIFs and PNGs), or with --html an "
@@ -694,12 +336,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=0.5, help="gabor: R^2 at which a fit counts as good")
     p.add_argument("--model", help="model name for a plain state-dict file without a sidecar")
     p.add_argument("--out", help="output folder (default RUN_DIR/viz, or ./viz)")
-    p.set_defaults(func=_viz_entry)
 
     p = sub.add_parser("report", help="one self-contained HTML page on a run (also written by train)")
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--data-dir", help="where the test split is, if not where the run found it")
-    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("data", help="list, fetch, inspect or pack datasets",
                        description="pack ROOT OUT: an image folder (ROOT/train|test/<class>/*) into WebDataset tar "
@@ -711,10 +351,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir")
     p.add_argument("--download", action="store_true", help="info: download the dataset if it is missing")
     p.add_argument("--out", help="info: where to write the montage PNG")
-    p.set_defaults(func=cmd_data)
 
-    _add_experiment_parser(sub)
+    from .experiments.command import add_experiment_parser
+    add_experiment_parser(sub)
     return parser
+
+
+# Each subcommand and the function that runs it: it parses nothing more, calls the library and prints.
+COMMANDS = {
+    "train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "export": cmd_export, "summary": cmd_summary,
+    "report": cmd_report, "models": _lazy("models.command", "models_command"),
+    "viz": _lazy("viz.command", "viz_command"), "data": _lazy("data.command", "data_command"),
+    "experiment": _lazy("experiments.command", "experiment_command"),
+}
 
 
 def main(argv: list[str] | None = None, *, fit_options: dict | None = None) -> int:
@@ -725,9 +374,9 @@ def main(argv: list[str] | None = None, *, fit_options: dict | None = None) -> i
     args = build_parser().parse_args(argv)
     args.argv = argv
     try:
-        if args.func is cmd_train:
+        if args.command == "train":
             return cmd_train(args, fit_options)
-        return args.func(args)
+        return COMMANDS[args.command](args)
     except TrainingInterrupted as exc:
         print(str(exc), file=sys.stderr)
         return exc.exit_code

@@ -112,15 +112,15 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         from ..data.augment import parse_augment
-        from ..data.catalog import CATALOG
+        from ..data.catalog import get_spec
+        from ..errors import DatasetError
         from ..models.registry import model_entrypoint
 
         try:
             model_entrypoint(self.model)  # unknown model: lists the valid ones
-        except ModelError as exc:
+            get_spec(self.dataset)  # unknown dataset: the nearest names, then the valid ones
+        except (ModelError, DatasetError) as exc:
             raise ConfigError(str(exc)) from None
-        if self.dataset not in CATALOG:
-            raise ConfigError(f"unknown dataset {self.dataset!r}; valid datasets: {', '.join(CATALOG)}")
         checks = [
             (self.epochs > 0, "epochs", self.epochs, "more than 0"),
             (self.batch_size >= 1, "batch_size", self.batch_size, "at least 1"),

@@ -32,8 +32,11 @@ def list_models() -> list[str]:
 def model_entrypoint(name: str) -> Callable[..., nn.Module]:
     try:
         return _MODELS[name]
-    except KeyError:
-        raise ModelError(f"unknown model {name!r}; valid models: {', '.join(list_models())}") from None
+    except (KeyError, TypeError):
+        import difflib
+        close = difflib.get_close_matches(str(name), list_models(), n=3, cutoff=0.6)
+        hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+        raise ModelError(f"unknown model {name!r}{hint}; valid models: {', '.join(list_models())}") from None
 
 
 def create_model(name: str, weights: str | Path | None = None, **kwargs) -> nn.Module:
