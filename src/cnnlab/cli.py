@@ -100,7 +100,8 @@ def _resume_target(args):
 
 
 def cmd_train(args, fit_options: dict | None = None) -> int:
-    from .engine.config import TrainConfig, config_from_args, load_config
+    from .engine.config import TrainConfig, config_from_args
+    from .engine.run import Run, is_run_folder
     from .engine.trainer import fit, resume_config
 
     if args.nproc_per_node:
@@ -110,13 +111,12 @@ def cmd_train(args, fit_options: dict | None = None) -> int:
         run_dir, mode = _resume_target(args)
         if args.config or args.recipe:
             raise ConfigError("--resume takes the run's own config.yaml; leave out --config and --recipe")
-        if mode == "auto" and not (run_dir / "config.yaml").is_file():
+        if mode == "auto" and not is_run_folder(run_dir):
             cfg = _train_config(args)  # nothing to continue yet: start it
         else:
             changed = [k for k, v in vars(args).items() if v is not None and k in TrainConfig.__dataclass_fields__
                        and k != "run_dir"]
-            overrides = config_from_args(args, load_config(run_dir / "config.yaml")) \
-                if (run_dir / "config.yaml").is_file() else None
+            overrides = config_from_args(args, Run(run_dir).config) if is_run_folder(run_dir) else None
             cfg = resume_config(run_dir, overrides, changed)
         summary = fit(cfg, resume=mode, **(fit_options or {}))
     else:
@@ -141,13 +141,14 @@ def cmd_train(args, fit_options: dict | None = None) -> int:
 
 def cmd_eval(args) -> int:
     from .engine.evaluate import evaluate_target
+    from .engine.run import RUN_FILES
     from .viz.plots import plot_confusion
 
     ev = evaluate_target(args.target, dataset=args.dataset, data_dir=args.data_dir, device=args.device,
                          precision=args.precision, tta=args.tta, out=args.out,
                          log=lambda m: print(m, file=sys.stderr))
     result = ev.result
-    plot_confusion(result["confusion"], result["classes"], ev.out_dir / "confusion.png",
+    plot_confusion(result["confusion"], result["classes"], ev.out_dir / RUN_FILES["confusion"],
                    title=f"{ev.model} on {result['dataset']} test: accuracy {result['accuracy']:.2%}")
     if args.json:
         print(json.dumps(result))
@@ -165,7 +166,7 @@ def cmd_eval(args) -> int:
     print("most confused (true -> predicted: count):")
     for pair in result["most_confused"]:
         print(f"  {pair['true']} -> {pair['predicted']}: {pair['count']}")
-    print(f"written: {ev.out_dir / 'eval.json'}, {ev.out_dir / 'confusion.png'}")
+    print(f"written: {ev.out_dir / RUN_FILES['eval']}, {ev.out_dir / RUN_FILES['confusion']}")
     return 0
 
 

@@ -248,12 +248,12 @@ def check_inputs(loaded: LoadedModel, data_dir: str | Path | None = None, n: int
 
 
 def _run_data_dir(folder: Path) -> str | None:
-    config = folder / "config.yaml"
-    if not config.is_file():
+    """Where a run folder's data was (Run.data_dir), or None for a weights file outside a run."""
+    from .run import Run, is_run_folder
+    if not is_run_folder(folder):
         return None
-    from .config import load_config
     try:
-        return load_config(config).data_dir
+        return Run(folder).data_dir()
     except CnnlabError:
         return None
 

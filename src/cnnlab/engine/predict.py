@@ -49,8 +49,11 @@ def load_image(path: Path, preprocess: Preprocess) -> tuple[np.ndarray, list[str
     notes = []
     if mode and mode != preprocess.mode:
         notes.append(f"converted {mode} to {preprocess.mode}")
-    if mode and (height, width) != preprocess.size:
-        notes.append(f"{preprocess.describe().split(', ')[0]} (from {width}x{height})")
+    h, w = preprocess.size
+    if mode and preprocess.resize == "shorter":
+        notes.append(f"resized {width}x{height} (shorter side to {preprocess.resize_to}) and kept the centre {w}x{h}")
+    elif mode and (height, width) != preprocess.size:
+        notes.append(f"resized {width}x{height} to {w}x{h}")
     return pixels, notes
 
 

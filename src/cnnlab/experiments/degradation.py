@@ -3,9 +3,9 @@ ResNets of the same depths do not. One plain and one residual CIFAR net per dept
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 
+from ..engine.run import Run
 from ..errors import ConfigError
 from .runner import ExperimentSpec, Member
 
@@ -58,14 +58,14 @@ def _number(text: str) -> float | None:
 def read_member(run_dir: Path) -> dict:
     """A run folder's result and its curves: error = 1 - accuracy, against iterations (epoch ends)."""
     out: dict = {"finished": False, "curves": None}
-    metrics = run_dir / "metrics.csv"
+    run = Run(run_dir)
+    metrics = run.file("metrics")
     rows: list[dict] = []
     if metrics.is_file():
         with metrics.open(newline="") as f:
             rows = list(csv.DictReader(f))
-    summary_path = run_dir / "summary.json"
-    if summary_path.is_file() and (run_dir / "model.safetensors").is_file():
-        summary = json.loads(summary_path.read_text())
+    if run.finished:
+        summary = run.summary
         out.update(finished=True, test_accuracy=summary["test_accuracy"], test_error=1 - summary["test_accuracy"],
                    train_seconds=summary["train_seconds"], wall_seconds=summary["wall_seconds"],
                    steps=summary["steps"], epochs=summary["epochs"])

@@ -7,6 +7,7 @@ import io
 import json
 from pathlib import Path
 
+from ..engine.run import Run
 from ..files import save_atomic
 
 __all__ = ["plot_error_curves", "degradation_page", "seeds_page"]
@@ -101,8 +102,8 @@ def degradation_page(results: dict, figure_png: bytes, path: Path) -> Path:
     rows = []
     for m in results["members"]:
         paper = "" if m["paper_test_error_percent"] is None else f"{m['paper_test_error_percent']:.2f}"
-        report = path.parent / m["run_dir"] / "report.html"  # a member trained with --no-report has none
-        target = f"{m['run_dir']}/report.html" if report.is_file() else f"{m['run_dir']}/"
+        report = Run(path.parent / m["run_dir"]).file("report")  # a member trained with --no-report has none
+        target = f"{m['run_dir']}/{report.name}" if report.is_file() else f"{m['run_dir']}/"
         link = f"<a href=\"{html.escape(target)}\">{html.escape(m['run_dir'])}/</a>"
         rows.append(f"<tr><td>{html.escape(m['name'])}</td><td>{m['kind']}</td><td>{m['depth']}</td>"
                     f"<td>{_pct(m['train_error'])}</td><td>{_pct(m['test_error'])}</td><td>{paper}</td>"

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from .._version import __version__
+from ..engine.run import Run, is_run_folder
 from ..errors import CnnlabError, ConfigError
 from ..files import file_lock, save_atomic
 
@@ -74,9 +75,10 @@ def train_command(*args: str) -> list[str]:
 
 def member_state(run_dir: Path) -> str:
     """'finished' (summary and weights written), 'started' (config or a checkpoint present) or 'new'."""
-    if (run_dir / "summary.json").is_file() and (run_dir / "model.safetensors").is_file():
+    run = Run(run_dir)
+    if run.finished:
         return "finished"
-    if (run_dir / "config.yaml").is_file() or any(run_dir.glob("*.ckpt")):
+    if is_run_folder(run_dir) or run.file("checkpoint").is_file() or run.file("previous_checkpoint").is_file():
         return "started"
     return "new"
 
@@ -242,7 +244,7 @@ def run_members(folder: Path, spec: ExperimentSpec, *, jobs: int = 1, devices: S
         states[name] = member_state(run_dir)
         log_path = folder / "logs" / f"{name}.log"
         if code == 0 and states[name] == "finished":
-            summary = json.loads((run_dir / "summary.json").read_text())
+            summary = Run(run_dir).summary
             log(f"{name}: finished, test accuracy {summary['test_accuracy']:.4f}, "
                 f"{time.monotonic() - start:.0f} s")
         else:

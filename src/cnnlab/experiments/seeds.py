@@ -2,10 +2,10 @@
 that reach a threshold (the way airbench states its 94% claim)."""
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
+from ..engine.run import Run
 from ..errors import ConfigError
 from .runner import ExperimentSpec, Member
 
@@ -52,9 +52,9 @@ def seeds_results(folder: Path, spec: ExperimentSpec, record: dict) -> dict:
     runs = []
     for m in spec.members:
         run_dir = folder / m.name
-        summary_path = run_dir / "summary.json"
-        done = summary_path.is_file() and (run_dir / "model.safetensors").is_file()
-        summary = json.loads(summary_path.read_text()) if done else {}
+        run = Run(run_dir)
+        done = run.finished
+        summary = run.summary if done else {}
         runs.append({"name": m.name, "seed": m.info["seed"], "status": "finished" if done else "not finished",
                      "test_accuracy": summary.get("test_accuracy"), "wall_seconds": summary.get("wall_seconds"),
                      "train_seconds": summary.get("train_seconds"), "run_dir": m.name})
