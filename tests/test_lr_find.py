@@ -219,3 +219,24 @@ def test_yaml_and_flags_take_find_for_lr():
     from cnnlab.engine.config import config_from_dict
     assert config_from_dict({"lr": "find"}).lr_find is True
     assert config_from_dict({"lr": 0.1}, base=config_from_dict({"lr": "find"})).lr_find is False
+
+
+def test_cli_lr_find_from_a_run_folder_puts_the_curve_into_its_report(image_folder, tmp_path, capsys):
+    from cnnlab.cli import main
+    run = tmp_path / "run"
+    assert main(["train", "--dataset", "imagefolder", "--data-dir", str(image_folder), "--model", "cnn",
+                 "--model-arg", "spec=c8,p,f32", "--epochs", "1", "--batch-size", "16", "--progress", "none",
+                 "--run-dir", str(run), "--no-report"]) == 0
+    capsys.readouterr()
+    assert main(["lr-find", str(run), "--steps", "15", "--start-lr", "1e-4", "--end-lr", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "suggested lr" in out and (run / "lr_find.png").is_file()
+    from cnnlab.viz.report import build_report
+    page = build_report(run, log=silent).read_text()
+    assert "Learning-rate finder" in page and "steepest-descent rule" in page
+
+
+def test_cli_lr_find_refuses_a_folder_that_is_not_a_run(tmp_path, capsys):
+    from cnnlab.cli import main
+    assert main(["lr-find", str(tmp_path)]) == 2
+    assert "not a run folder (no config.yaml)" in capsys.readouterr().err
