@@ -190,9 +190,11 @@ def test_the_suggestion_trains_within_one_point_of_the_best_of_a_grid(one_thread
     assert suggested >= best - 0.01, (found.suggestion, suggested, grid)
 
 
-def test_train_with_lr_find_records_both_and_trains_as_with_the_suggestion(image_folder, tmp_path):
+@pytest.mark.parametrize("mode", ["memory", "stream"])
+def test_train_with_lr_find_records_both_and_trains_as_with_the_suggestion(image_folder, tmp_path, mode):
     base = dict(dataset="imagefolder", data_dir=str(image_folder), epochs=2, batch_size=16, optimizer="sgd",
-                progress="none", model="cnn", model_args={"spec": "c8b,p,f32"}, augment="flip")
+                progress="none", model="cnn", model_args={"spec": "c8b,p,f32"}, data_mode=mode,
+                augment="flip" if mode == "memory" else "auto", image_size=16)
     found = fit(TrainConfig(**base, run_dir=str(tmp_path / "found"), lr_find=True), log=silent)
     note = found["lr_find"]
     assert note["suggested"] == found["lr"] and note["rule"] in ("valley", "steepest") and note["rule_text"]
