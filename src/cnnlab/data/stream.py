@@ -307,6 +307,10 @@ class StreamingLoader:
             self.check_bad_images()
 
     # -- batches ----------------------------------------------------------------------------------------
+    def use_channels_last(self, channels_last: bool) -> None:
+        """Hand out batches in the other layout from the next batch on."""
+        self.channels_last = channels_last
+
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 (N, C, H, W) on the device -> normalised float32 (N, C, H, W), channels_last if asked."""
         if self.channels_last:  # reorder the uint8 bytes, not 4x as many floats; float() keeps the layout

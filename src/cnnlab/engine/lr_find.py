@@ -257,7 +257,8 @@ def lr_find(config=None, *, steps: int = DEFAULT_STEPS, start_lr: float = DEFAUL
     from .config import config_from_dict
     from .runtime import start_runtime
     from .trainer import (_check_model_fits_the_catalogue, _model_args, _quiet, _seed_everything,
-                          _wrap_for_training, build_model, build_training_optimizer, cross_entropy)
+                          _wrap_for_training, build_model, build_training_optimizer, cross_entropy,
+                          settle_precision)
     from .training_data import load_training_data
     from ..models.summary import check_input_size
 
@@ -272,7 +273,8 @@ def lr_find(config=None, *, steps: int = DEFAULT_STEPS, start_lr: float = DEFAUL
         data = load_training_data(cfg, runtime, say)
         stack.callback(data.close)
         check_input_size(cfg.model, _model_args(cfg, data.shape, len(data.classes)), data.shape, what=cfg.dataset)
-        model, _ = build_model(cfg, data, runtime)
+        model, arch = build_model(cfg, data, runtime)
+        settle_precision(cfg, runtime, model, arch, data, say)
         optimizer = build_training_optimizer(cfg, model)
         result = search_lr(model, optimizer, data.train, runtime=runtime, loss_fn=cross_entropy(cfg.label_smoothing),
                            step_model=_wrap_for_training(model, cfg, runtime), steps=steps, start_lr=start_lr,

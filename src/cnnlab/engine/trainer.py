@@ -30,7 +30,7 @@ from .loop import NonFiniteStep, RunState, SignalStop, StepRules, train_one_epoc
 from .optim import build_optimizer, build_schedule
 from .progress import Progress, trace
 from .run_folder import RunFolder
-from .runtime import Runtime, start_runtime
+from .runtime import Runtime, settle_for_model, start_runtime
 from .state import TrainState
 from .training_data import DEFAULT_AUGMENT, TrainingData, load_training_data
 from .weights import load_weights, save_weights
@@ -109,6 +109,18 @@ def build_model(cfg: TrainConfig, data: TrainingData, runtime: Runtime) -> tuple
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(runtime.device, memory_format=runtime.memory_format)
     return model, {"model": cfg.model, "model_args": model_args}
+
+
+def settle_precision(cfg: TrainConfig, runtime: Runtime, model: nn.Module, arch: dict, data: TrainingData,
+                     say) -> None:
+    """`--precision auto` / `--channels-last auto` on a CPU: measure the run's own model at its input size
+    (runtime.settle_for_model) and move the model and the loaders to the memory format it picks."""
+    steps = math.ceil(round(cfg.epochs * len(data.train), 6))
+    run_images = min(steps, cfg.max_steps or steps) * cfg.batch_size / runtime.world_size
+    if settle_for_model(runtime, model, data.shape, cfg.batch_size // runtime.world_size, run_images,
+                        name=cfg.model, args=arch["model_args"], log=say):
+        model.to(memory_format=runtime.memory_format)
+        data.use_channels_last(runtime.channels_last)
 
 
 def build_training_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -224,6 +236,7 @@ def fit(cfg: TrainConfig, *, resume: bool | str = False, callbacks: Sequence[Cal
         stack.callback(data.close)
         check_input_size(cfg.model, _model_args(cfg, data.shape, len(data.classes)), data.shape, what=cfg.dataset)
         model, arch = build_model(cfg, data, runtime)
+        settle_precision(cfg, runtime, model, arch, data, say)
         state = TrainState(model, build_training_optimizer(cfg, model), data.train)
         steps_per_epoch = len(data.train)
         planned = math.ceil(round(cfg.epochs * steps_per_epoch, 6))  # 1.1 * 50 is 55.000000000000007 in floats
