@@ -67,11 +67,11 @@ def test_a_run_shorter_than_the_probe_keeps_the_stand_in_unless_the_model_is_cac
     _fake_timings(monkeypatch, STAND_IN, MODEL)
     messages = []
     with rt.start_runtime("cpu", "auto", "auto") as runtime:
-        short = 10 * 3 * 6 * 32 - 1  # one image less than 10x the probe's
+        short = 2 * 3 * 6 * 32 - 1  # one image less than twice the probe's
         assert not rt.settle_for_model(runtime, _tiny(), (3, 16, 16), 32, short, name="tiny", args={},
                                        log=messages.append)
         assert (runtime.precision, runtime.channels_last) == ("bf16", True) and runtime.probe is None
-        assert "shorter than 10x a probe of tiny" in messages[0]
+        assert "shorter than 2x a probe of tiny" in messages[0]
         rt.probe_model(_tiny(), (3, 16, 16), 32, name="tiny", args={})  # measured once, by a longer run
         assert rt.settle_for_model(runtime, _tiny(), (3, 16, 16), 32, short, name="tiny", args={}, log=silent)
         assert (runtime.precision, runtime.channels_last) == ("fp32", False)

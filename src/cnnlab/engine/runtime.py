@@ -41,9 +41,9 @@ _PROBE_VERSION = 2  # 2: settings interleaved, best of 5 rounds
 _MODEL_PROBE_VERSION = 1
 MODEL_PROBE_BUDGET_S = 3.0  # the measured rounds of a model probe, all settings together
 MODEL_PROBE_MAX_BATCH = 64
-# A run is measured only when its training images number at least this many times the probe's: the probe then
-# costs at most about a tenth of the training it speeds up (and nothing when its answer is cached).
-MODEL_PROBE_MIN_RUN = 10
+# A run is measured only when its training images number at least this many times the probe's (warm-up and all
+# rounds at the probe batch): shorter runs (tests, demos) keep the stand-in, unless the answer is cached.
+MODEL_PROBE_MIN_RUN = 2
 _FLAGS_OF_INTEREST = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile", "amx_int8")
 
 
