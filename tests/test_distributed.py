@@ -211,3 +211,18 @@ def test_each_torchrun_attempt_meets_under_its_own_store_prefix(monkeypatch):
     assert first["store"].get("0") == b"attempt 1's address"
     assert not second["store"].check(["0"])  # attempt 2 sees neither of the earlier addresses
     assert server.get("0") == b"the killed attempt's address"
+
+
+def test_lr_find_under_two_ranks_decides_once_and_trains_every_rank_with_it(shapes, tmp_path):
+    """The ranks average their losses, so they stop the range test at the same step (a rank that stopped alone
+    would leave the others waiting in DDP's all-reduce); rank 0 reports once and its suggestion is the run's lr."""
+    import json
+    env = env_for(tmp_path)
+    two = subprocess.run(torchrun("--standalone", "--nproc-per-node", "2", "-m", "cnnlab",
+                                  *train_args(shapes, tmp_path / "two", "--epochs", "1", "--lr", "find",
+                                              "--optimizer", "adamw")),
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["lr_find"]["suggested"] == summary["lr"]
+    assert (tmp_path / "two" / "lr_find.png").is_file() and two.stdout.count("lr finder:") == 1

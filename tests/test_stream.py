@@ -95,9 +95,9 @@ class _SlowSometimes:
     def __init__(self, transform):
         self.transform = transform
 
-    def __call__(self, data, name, epoch, index, salt=0):
+    def __call__(self, data, name, epoch, index, salt=0, **layout):
         time.sleep(((index * 7 + epoch * 3) % 5) * 0.002)
-        return self.transform(data, name, epoch, index, salt)
+        return self.transform(data, name, epoch, index, salt, **layout)
 
 
 def test_batches_through_shared_slots_equal_decoding_in_process_while_workers_race(tmp_path):

@@ -139,6 +139,31 @@ def cmd_train(args, fit_options: dict | None = None) -> int:
     return 0
 
 
+def cmd_lr_find(args) -> int:
+    """`cnnlab lr-find [RUN_DIR] [train flags]`: the range test for the run those flags (or RUN_DIR's config)
+    describe; lr_find.png and lr_find.json go into RUN_DIR (its report shows them) or --out."""
+    from .engine.config import config_from_args
+    from .engine.lr_find import lr_find
+    from .engine.run import Run, is_run_folder
+
+    if args.run:
+        if not is_run_folder(args.run):
+            raise ConfigError(f"{args.run}: not a run folder (no config.yaml); give a folder 'cnnlab train' made, or "
+                              "leave it out and give the training flags")
+        if args.config or args.recipe:
+            raise ConfigError("lr-find RUN_DIR takes the run's own config.yaml; leave out --config and --recipe")
+        cfg, out = config_from_args(args, Run(args.run).config), Path(args.out or args.run)
+    else:
+        cfg, out = _train_config(args), Path(args.out or "lr-find")
+    result = lr_find(cfg, steps=args.steps, start_lr=args.start_lr, end_lr=args.end_lr, rule=args.rule, out=out,
+                     log=lambda m: print(m, file=sys.stderr))
+    from .engine.runtime import distributed_env
+    if distributed_env()["rank"] == 0:
+        print(f"suggested lr: {result.suggestion:.3g} ({result.rule}); train with it: cnnlab train --lr "
+              f"{result.suggestion:.3g} ... (or --lr find); curve: {out / 'lr_find.png'}")
+    return 0
+
+
 def cmd_eval(args) -> int:
     from .engine.evaluate import evaluate_target
     from .engine.run import RUN_FILES
@@ -261,6 +286,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-report", dest="report", action="store_const", const="false",
                    help="do not write report.html at the end")
 
+    from .engine.lr_find import DEFAULT_END_LR, DEFAULT_START_LR, DEFAULT_STEPS, RULES
+    p = sub.add_parser("lr-find", help="the learning-rate range test: loss against an exponentially rising lr, "
+                                       "and a suggestion (train with it: --lr find)",
+                       description="Trains the run's model for a short run (default 100 steps) while the learning "
+                                   "rate rises exponentially, stops when the smoothed loss passes 4x its best, and "
+                                   "suggests a learning rate (Smith 2017; fastai's lr_find). Rules: "
+                                   + "; ".join(f"{k}: {v}" for k, v in RULES.items()) + ". Nothing is trained "
+                                   "for real: the run's setup is only measured.")
+    p.add_argument("run", nargs="?", metavar="RUN_DIR", help="a run folder: its config, and where lr_find.png goes "
+                   "(its report then shows the curve)")
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"steps at most (default {DEFAULT_STEPS})")
+    p.add_argument("--start-lr", type=float, default=DEFAULT_START_LR, help=f"default {DEFAULT_START_LR:g}")
+    p.add_argument("--end-lr", type=float, default=DEFAULT_END_LR, help=f"default {DEFAULT_END_LR:g}")
+    p.add_argument("--rule", choices=tuple(RULES), default="steepest", help="which rule suggests (default: steepest)")
+    p.add_argument("--out", metavar="DIR", help="where lr_find.png and lr_find.json go (default: RUN_DIR, or "
+                                                "./lr-find)")
+    p.add_argument("--config", help="YAML file of config keys (flags override it)")
+    p.add_argument("--recipe", choices=tuple(RECIPES), help="a published recipe's optimiser and settings")
+    add_config_flags(p)
+
     p = sub.add_parser("eval", help="evaluate trained weights on a test split")
     p.add_argument("target", metavar="RUN_DIR|WEIGHTS")
     p.add_argument("--dataset", help="dataset (default: the one the model was trained on)")
@@ -360,7 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Each subcommand and the function that runs it: it parses nothing more, calls the library and prints.
 COMMANDS = {
-    "train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "export": cmd_export, "summary": cmd_summary,
+    "train": cmd_train, "lr-find": cmd_lr_find, "eval": cmd_eval, "predict": cmd_predict, "export": cmd_export, "summary": cmd_summary,
     "report": cmd_report, "models": _lazy("models.command", "models_command"),
     "viz": _lazy("viz.command", "viz_command"), "data": _lazy("data.command", "data_command"),
     "experiment": _lazy("experiments.command", "experiment_command"),

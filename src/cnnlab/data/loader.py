@@ -79,6 +79,14 @@ class InMemoryLoader:
         self.position = 0  # batches of the current epoch already handed out
         self._epoch_start_state = self.generator.get_state()
 
+    def use_channels_last(self, channels_last: bool) -> None:
+        """Store (and hand out) the images in the other layout: for a run whose memory format is decided by
+        measuring its model after the data is loaded. One copy of the dataset."""
+        if channels_last != self.channels_last:
+            order = (0, 2, 3, 1) if channels_last else (0, 3, 1, 2)
+            self.images = self.images.permute(*order).contiguous()
+            self.channels_last = channels_last
+
     def __len__(self) -> int:
         n = len(self.labels)
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)

@@ -300,7 +300,10 @@ class ImageTransform:
     def channels(self) -> int:
         return 1 if self.mode == "L" else 3
 
-    def __call__(self, data: bytes, name: str, epoch: int, index: int, salt: int = 0) -> np.ndarray:
-        """(C, size, size) uint8."""
+    def __call__(self, data: bytes, name: str, epoch: int, index: int, salt: int = 0,
+                 channels_first: bool = True) -> np.ndarray:
+        """(C, size, size) uint8, or (size, size, C) without `channels_first` (for channels_last batches: the
+        layout the resize writes, so no transpose at all)."""
         rng = sample_rng(self.seed, epoch, index, salt) if self.train else None
-        return decode_crop(data, name, self.size, self.mode, rng=rng, draft=self.draft, channels_first=True)
+        return decode_crop(data, name, self.size, self.mode, rng=rng, draft=self.draft,
+                           channels_first=channels_first)

@@ -54,7 +54,10 @@ class TrainConfig:
     epochs: float = _opt(6, "passes over the training data (fractional allowed: 9.9 stops inside the 10th)")
     batch_size: int = _opt(128, "images per step")
     optimizer: str = _opt("sgd", "optimiser", ("sgd", "adamw"))
-    lr: float = _opt(0.05, "peak learning rate")
+    lr: float = _opt(0.05, "peak learning rate; 'find' runs the learning-rate finder first (cnnlab lr-find) and "
+                     "trains with its suggestion")
+    lr_find: bool = _opt(False, "run the learning-rate finder before training and train with its suggestion "
+                         "(what --lr find sets; the finder's figures go to summary.json and lr_find.png)")
     momentum: float = _opt(0.9, "SGD momentum (AdamW: beta1)")
     nesterov: bool = _opt(True, "Nesterov momentum for SGD")
     weight_decay: float = _opt(5e-4, "weight decay (L2 for SGD, decoupled for AdamW); never applied to biases or normalisation parameters")
@@ -208,6 +211,10 @@ def config_from_dict(values: dict, base: TrainConfig | None = None, source: str 
         hints = [f"{k!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, _FIELDS, 1)) else repr(k)
                  for k in unknown]
         raise ConfigError(f"{source}: unknown key(s) {', '.join(hints)}; valid keys: {', '.join(_FIELDS)}")
+    if values.get("lr") == "find":  # `--lr find`, `lr: find`: the finder decides; lr stays the base value
+        values = {**{k: v for k, v in values.items() if k != "lr"}, "lr_find": True}
+    elif "lr" in values and "lr_find" not in values:  # a number given over a base that said 'find'
+        values = {**values, "lr_find": False}
     cfg = dataclasses.replace(base or TrainConfig(), **{k: _coerce(k, v) for k, v in values.items()})
     return cfg
 

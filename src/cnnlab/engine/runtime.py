@@ -1,14 +1,19 @@
 """Where and how a run computes: the device, the precision, the memory format, CPU threads, and the processes
 of a distributed run (torchrun: gloo on CPU, NCCL on CUDA).
 
-`precision auto` and `channels_last auto` are decided on the CPU by a measured probe: a few milliseconds
-of one small conv training step in each setting, cached per machine. CPU flags alone do not tell: some
-CPUs with AVX512-BF16 (and no AMX) run bf16 convolutions slower than fp32, and PyTorch's own
-`_is_mkldnn_bf16_supported()` is true on CPUs that only emulate bf16.
+`precision auto` and `channels_last auto` are decided on the CPU by measurement. A training run measures its
+own model at its input size (`probe_model`: a few training steps in each setting, interleaved, best of several
+rounds, a few seconds at most; cached per CPU, torch version, thread count, model, its arguments, input shape
+and batch). Where there is no model to measure, or the run is too short to pay for it, a small stand-in conv
+step decides (`probe_cpu`, a few milliseconds). CPU flags alone do not tell: some CPUs with AVX512-BF16 (and
+no AMX) run bf16 convolutions slower than fp32, PyTorch's own `_is_mkldnn_bf16_supported()` is true on CPUs
+that only emulate bf16, and which setting wins depends on the model: for a 224-pixel streaming model of a few
+parameters the stand-in chose bf16 + channels_last, and fp32 NCHW was 1.25x faster (issue 23).
 """
 from __future__ import annotations
 
 import contextlib
+import copy
 import datetime
 import hashlib
 import json
@@ -26,12 +31,19 @@ from ..errors import ConfigError
 from ..files import save_atomic
 
 __all__ = ["Runtime", "start_runtime", "pick_device", "pick_precision", "pick_channels_last", "decide_precision",
-           "decide_channels_last", "probe_cpu", "cpu_flags", "device_name", "distributed_env"]
+           "decide_channels_last", "probe_cpu", "probe_model", "settle_for_model", "cpu_flags", "device_name",
+           "distributed_env"]
 
 # bf16 must win clearly: it also costs accuracy. channels_last only needs to be faster.
 BF16_MIN_SPEEDUP = 1.2
 CHANNELS_LAST_MIN_SPEEDUP = 1.05
 _PROBE_VERSION = 2  # 2: settings interleaved, best of 5 rounds
+_MODEL_PROBE_VERSION = 1
+MODEL_PROBE_BUDGET_S = 3.0  # the measured rounds of a model probe, all settings together
+MODEL_PROBE_MAX_BATCH = 64
+# A run is measured only when its training images number at least this many times the probe's (warm-up and all
+# rounds at the probe batch): shorter runs (tests, demos) keep the stand-in, unless the answer is cached.
+MODEL_PROBE_MIN_RUN = 2
 _FLAGS_OF_INTEREST = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile", "amx_int8")
 
 
@@ -130,11 +142,9 @@ def _probe_cache() -> Path:
     return cache_dir() / "probe.json"
 
 
-def probe_cpu(log=None) -> dict:
-    """Step times (ms) of fp32/bf16 x NCHW/channels_last on this CPU at the current thread count; measured
-    once per CPU model, flag set, torch version and thread count, then read from the cache."""
-    key_parts = [_PROBE_VERSION, device_name(torch.device("cpu")), cpu_flags(), torch.__version__,
-                 torch.get_num_threads()]
+def _cached_probe(key_parts: list, measure, say, allowed: bool = True) -> dict | None:
+    """The probe.json entry for `key_parts`, or `measure()`'s result, stored there (None when nothing is cached
+    and measuring is not `allowed`); `say(result, path)` is called only after a measurement."""
     key = hashlib.sha256(json.dumps(key_parts).encode()).hexdigest()[:16]
     path = _probe_cache()
     try:
@@ -143,11 +153,11 @@ def probe_cpu(log=None) -> dict:
             return cached[key]
     except (OSError, ValueError):
         cached = {}
-    result = {**_probe_steps_ms(), "threads": torch.get_num_threads(), "cpu": device_name(torch.device("cpu")),
+    if not allowed:
+        return None
+    result = {**measure(), "threads": torch.get_num_threads(), "cpu": device_name(torch.device("cpu")),
               "flags": cpu_flags(), "torch": torch.__version__}
-    if log:
-        log(f"measured this CPU once (cached in {path}): fp32 {result['fp32_nchw_ms']:.1f} ms NCHW, "
-            f"{result['fp32_channels_last_ms']:.1f} ms channels_last; bf16 {result['bf16_channels_last_ms']:.1f} ms")
+    say(result, path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         save_atomic(json.dumps({**(cached if isinstance(cached, dict) else {}), key: result}, indent=1).encode(), path)
@@ -156,25 +166,130 @@ def probe_cpu(log=None) -> dict:
     return result
 
 
-def decide_precision(probe: dict) -> tuple[str, str]:
-    """(precision, why) from probe timings: bf16 only where it is clearly faster than fp32."""
+def probe_cpu(log=None) -> dict:
+    """Step times (ms) of fp32/bf16 x NCHW/channels_last on this CPU at the current thread count; measured
+    once per CPU model, flag set, torch version and thread count, then read from the cache."""
+    key_parts = [_PROBE_VERSION, device_name(torch.device("cpu")), cpu_flags(), torch.__version__,
+                 torch.get_num_threads()]
+
+    def say(result, path):
+        if log:
+            log(f"measured this CPU once (cached in {path}): fp32 {result['fp32_nchw_ms']:.1f} ms NCHW, "
+                f"{result['fp32_channels_last_ms']:.1f} ms channels_last; bf16 {result['bf16_channels_last_ms']:.1f} ms")
+    return _cached_probe(key_parts, _probe_steps_ms, say)
+
+
+def _model_steps_ms(model: torch.nn.Module, input_shape: tuple[int, ...], batch: int, budget_s: float,
+                    rounds: int) -> dict:
+    """Milliseconds of one training step (forward, loss, backward) of copies of `model` on random
+    `batch` x `input_shape` inputs in each setting: one warm-up step each, then up to `rounds` rounds with the
+    settings taking turns, as many as `budget_s` allows (at least one); the best of each."""
+    with torch.inference_mode(False), torch.enable_grad(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        steps = {}
+        for name, (precision, channels_last) in _PROBE_SETTINGS.items():
+            fmt = torch.channels_last if channels_last else torch.contiguous_format
+            copy_ = copy.deepcopy(model).cpu().train().to(memory_format=fmt)
+            x = torch.randn(batch, *input_shape).contiguous(memory_format=fmt)
+            y = torch.zeros(batch, dtype=torch.long)  # class 0 exists in every model
+
+            def step(m=copy_, x=x, y=y, bf16=precision == "bf16") -> None:
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    loss = torch.nn.functional.cross_entropy(m(x).float(), y)
+                m.zero_grad(set_to_none=True)
+                loss.backward()
+            steps[name] = step
+        warm = {}
+        for name, step in steps.items():  # the first step creates oneDNN's kernels; it also tells the cost
+            tic = time.perf_counter()
+            step()
+            warm[name] = time.perf_counter() - tic
+        rounds = max(1, min(rounds, int(budget_s / max(sum(warm.values()), 1e-9))))
+        best = {name: float("inf") for name in steps}
+        for _ in range(rounds):
+            for name, step in steps.items():
+                tic = time.perf_counter()
+                step()
+                best[name] = min(best[name], (time.perf_counter() - tic) * 1000)
+        return {**best, "rounds": rounds, "batch": batch}
+
+
+def probe_model(model: torch.nn.Module, input_shape: tuple[int, ...], batch: int, *, name: str, args: dict,
+                budget_s: float = MODEL_PROBE_BUDGET_S, rounds: int = 5, measure: bool = True,
+                log=None) -> dict | None:
+    """Step times (ms) of this model at this input shape and batch in fp32 NCHW, fp32 channels_last and bf16
+    channels_last; measured once per CPU, torch version, thread count, model name, arguments, input shape and
+    batch, then read from the cache (None if not cached and not `measure`)."""
+    batch = max(1, min(batch, MODEL_PROBE_MAX_BATCH))
+    key_parts = [_MODEL_PROBE_VERSION, device_name(torch.device("cpu")), cpu_flags(), torch.__version__,
+                 torch.get_num_threads(), name, json.loads(json.dumps(args, default=str)), list(input_shape), batch]
+
+    def say(result, path):
+        if log:
+            log(f"measured {name} at {'x'.join(map(str, input_shape))}, batch {batch} ({result['rounds']} rounds, "
+                f"cached in {path}): fp32 {result['fp32_nchw_ms']:.1f} ms NCHW, {result['fp32_channels_last_ms']:.1f} "
+                f"ms channels_last; bf16 {result['bf16_channels_last_ms']:.1f} ms per step")
+    return _cached_probe(key_parts, lambda: _model_steps_ms(model, tuple(input_shape), batch, budget_s, rounds), say,
+                         allowed=measure)
+
+
+def settle_for_model(runtime: "Runtime", model: torch.nn.Module, input_shape: tuple[int, ...], batch: int,
+                     run_images: float, *, name: str, args: dict, log=None) -> bool:
+    """Where precision or channels_last is 'auto' on the CPU, decide it again by measuring the run's own model
+    (`probe_model`; rank 0 measures, every rank follows). A run of fewer than MODEL_PROBE_MIN_RUN times the
+    probe's images keeps the stand-in probe's decision, unless the answer for this model is cached. Returns
+    whether the memory format changed: the caller then moves its model and loaders."""
+    if not (runtime.auto_precision or runtime.auto_channels_last):
+        return False
+    decision = None
+    if runtime.is_main:
+        probe_batch = max(1, min(batch, MODEL_PROBE_MAX_BATCH))
+        probe_images = (1 + 5) * len(_PROBE_SETTINGS) * probe_batch  # warm-up and at most 5 rounds
+        long_enough = run_images >= MODEL_PROBE_MIN_RUN * probe_images
+        probe = probe_model(model, input_shape, batch, name=name, args=args, measure=long_enough, log=log)
+        if probe is None:
+            if log:
+                log(f"  precision and memory format from the stand-in probe: this run ({run_images:,.0f} training "
+                    f"images) is shorter than {MODEL_PROBE_MIN_RUN}x a probe of {name} ({probe_images:,} images)")
+        else:
+            what = f"for {name} at {'x'.join(map(str, input_shape))}"
+            precision, why = decide_precision(probe, what) if runtime.auto_precision else \
+                (runtime.precision, runtime.precision_reason)
+            channels_last, cl_why = decide_channels_last(probe, precision, what) if runtime.auto_channels_last else \
+                (runtime.channels_last, runtime.channels_last_reason)
+            decision = (precision, why, channels_last, cl_why, {**probe, "model": name,
+                                                                "input_shape": list(input_shape)})
+    decision = runtime.broadcast(decision)
+    if decision is None:
+        return False
+    before = runtime.channels_last
+    runtime.precision, runtime.precision_reason, runtime.channels_last, runtime.channels_last_reason, \
+        runtime.probe = decision
+    return runtime.channels_last != before
+
+
+def decide_precision(probe: dict, what: str = "") -> tuple[str, str]:
+    """(precision, why) from probe timings: bf16 only where it is clearly faster than fp32. `what` names what
+    was measured (e.g. "for resnet20 at 3x32x32"); the stand-in probe's reasons say nothing."""
     fp32 = min(probe["fp32_nchw_ms"], probe["fp32_channels_last_ms"])  # against fp32 at its best layout
     bf16 = probe["bf16_channels_last_ms"]
     speedup = fp32 / bf16
+    what = f" {what}" if what else ""
     if speedup >= BF16_MIN_SPEEDUP:
-        return "bf16", f"bf16 autocast measured {speedup:.2f}x faster than fp32 on this CPU"
-    return "fp32", (f"bf16 autocast measured {speedup:.2f}x the speed of fp32 on this CPU (bf16 needs "
+        return "bf16", f"bf16 autocast measured {speedup:.2f}x faster than fp32{what} on this CPU"
+    return "fp32", (f"bf16 autocast measured {speedup:.2f}x the speed of fp32{what} on this CPU (bf16 needs "
                     f">= {BF16_MIN_SPEEDUP}x; flags: {', '.join(probe.get('flags') or ['none'])})")
 
 
-def decide_channels_last(probe: dict, precision: str) -> tuple[bool, str]:
+def decide_channels_last(probe: dict, precision: str, what: str = "") -> tuple[bool, str]:
     nchw, nhwc = probe["fp32_nchw_ms"], probe["fp32_channels_last_ms"]
     if precision == "bf16":
         return True, "bf16 kernels of oneDNN work in channels_last"
     speedup = nchw / nhwc
+    what = f" {what}" if what else ""
     if speedup >= CHANNELS_LAST_MIN_SPEEDUP:
-        return True, f"channels_last measured {speedup:.2f}x faster than NCHW on this CPU"
-    return False, f"channels_last measured {speedup:.2f}x the speed of NCHW on this CPU"
+        return True, f"channels_last measured {speedup:.2f}x faster than NCHW{what} on this CPU"
+    return False, f"channels_last measured {speedup:.2f}x the speed of NCHW{what} on this CPU"
 
 
 def pick_precision(name: str, device: torch.device, log=None) -> tuple[str, str]:
@@ -226,6 +341,9 @@ class Runtime:
     local_world_size: int = 1
     restart_count: int = 0
     elastic_run_id: str | None = None
+    auto_precision: bool = False  # asked for 'auto' on a CPU: `settle_for_model` may decide again
+    auto_channels_last: bool = False
+    probe: dict | None = None  # the model probe's step times, when it decided
 
     @property
     def is_main(self) -> bool:
@@ -281,7 +399,8 @@ class Runtime:
         return {"device": device_name(self.device), "precision": self.precision,
                 "precision_reason": self.precision_reason, "channels_last": self.channels_last,
                 "channels_last_reason": self.channels_last_reason, "threads": self.threads,
-                "world_size": self.world_size, "backend": dist.get_backend() if self.distributed else None}
+                "world_size": self.world_size, "backend": dist.get_backend() if self.distributed else None,
+                "precision_probe": self.probe}
 
 
 def _restart_store(env: dict[str, Any], timeout: datetime.timedelta) -> dict[str, Any]:
@@ -340,7 +459,9 @@ def start_runtime(device: str = "auto", precision: str = "auto", channels_last: 
             dist.broadcast_object_list(decision, src=0)
         prec, prec_why, cl, cl_why = decision[0]
         yield Runtime(dev, prec, prec_why, cl, cl_why, torch.get_num_threads(), env["rank"], env["world_size"],
-                      env["local_rank"], env["local_world_size"], env["restart_count"], env["run_id"])
+                      env["local_rank"], env["local_world_size"], env["restart_count"], env["run_id"],
+                      auto_precision=precision == "auto" and dev.type == "cpu",
+                      auto_channels_last=channels_last == "auto" and dev.type == "cpu")
     finally:
         if started_group and dist.is_initialized():
             dist.destroy_process_group()

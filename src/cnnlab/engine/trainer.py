@@ -31,7 +31,7 @@ from .optim import applied_lrs, build_optimizer, build_schedule
 from .progress import Progress, trace
 from .run import Run, is_run_folder, open_run
 from .run_folder import RunFolder
-from .runtime import Runtime, start_runtime
+from .runtime import Runtime, settle_for_model, start_runtime
 from .state import TrainState
 from .training_data import TrainingData, load_training_data
 from .weights import load_weights, save_weights
@@ -121,6 +121,18 @@ def build_model(cfg: TrainConfig, data: TrainingData, runtime: Runtime) -> tuple
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(runtime.device, memory_format=runtime.memory_format)
     return model, {"model": cfg.model, "model_args": model_args}
+
+
+def settle_precision(cfg: TrainConfig, runtime: Runtime, model: nn.Module, arch: dict, data: TrainingData,
+                     say) -> None:
+    """`--precision auto` / `--channels-last auto` on a CPU: measure the run's own model at its input size
+    (runtime.settle_for_model) and move the model and the loaders to the memory format it picks."""
+    steps = math.ceil(round(cfg.epochs * len(data.train), 6))
+    run_images = min(steps, cfg.max_steps or steps) * cfg.batch_size / runtime.world_size
+    if settle_for_model(runtime, model, data.shape, cfg.batch_size // runtime.world_size, run_images,
+                        name=cfg.model, args=arch["model_args"], log=say):
+        model.to(memory_format=runtime.memory_format)
+        data.use_channels_last(runtime.channels_last)
 
 
 def build_training_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -238,6 +250,7 @@ def fit(cfg: TrainConfig, *, resume: bool | str = False, callbacks: Sequence[Cal
         stack.callback(data.close)
         check_input_size(cfg.model, _model_args(cfg, data.shape, len(data.classes)), data.shape, what=cfg.dataset)
         model, arch = build_model(cfg, data, runtime)
+        settle_precision(cfg, runtime, model, arch, data, say)
         state = TrainState(model, build_training_optimizer(cfg, model), data.train)
         steps_per_epoch = len(data.train)
         planned = math.ceil(round(cfg.epochs * steps_per_epoch, 6))  # 1.1 * 50 is 55.000000000000007 in floats
@@ -249,6 +262,12 @@ def fit(cfg: TrainConfig, *, resume: bool | str = False, callbacks: Sequence[Cal
         folder = RunFolder.choose(cfg, runtime)
         resume = folder.open(resume or ("restart" if runtime.restart_count else False), stack, say)
         cfg = dataclasses.replace(cfg, run_dir=str(folder.path))
+        step_model = None
+        if cfg.lr_find and not resume:  # decided before config.yaml and the checkpoints record the lr
+            step_model = _wrap_for_training(model, cfg, runtime)
+            cfg = _find_lr(cfg, state, step_model, runtime, folder, loss_fn or cross_entropy(cfg.label_smoothing), say)
+            lr_at = build_schedule(cfg.schedule, cfg.lr, total_steps, steps_per_epoch=steps_per_epoch,
+                                   **_schedule_options(cfg))
         header = {"arch": arch, "data": data.fingerprint, "config": dataclasses.asdict(cfg), "total_steps": total_steps}
 
         # --- resume: weights, optimiser, data position and every generator, exactly where they were
@@ -288,7 +307,8 @@ def fit(cfg: TrainConfig, *, resume: bool | str = False, callbacks: Sequence[Cal
                 reached.update(result["accuracy"], step, step / steps_per_epoch)
                 _append_eval(folder, step, step / steps_per_epoch, result, clock())
 
-        step_model = _wrap_for_training(model, cfg, runtime)
+        if step_model is None:
+            step_model = _wrap_for_training(model, cfg, runtime)
         rules = StepRules(total_steps, cfg.grad_clip, cfg.on_nan, cfg.max_nan_skips, cfg.checkpoint_every,
                           cfg.log_every)
         progress = Progress(cfg.progress if runtime.is_main else "none", total_steps, steps_per_epoch, cfg.log_every)
@@ -379,6 +399,26 @@ def _resume(state: TrainState, folder: RunFolder, header: dict, cfg: TrainConfig
     return None
 
 
+def _find_lr(cfg: TrainConfig, state: TrainState, step_model: nn.Module, runtime: Runtime, folder: RunFolder,
+             loss_fn: Callable, say) -> TrainConfig:
+    """`--lr find`: the range test on the run's own model, optimiser and data (all restored afterwards), then a
+    fresh optimiser at the suggested lr, so that the run trains exactly as one started with `--lr <suggestion>`."""
+    from .lr_find import RULES, search_lr
+    result = search_lr(state.model, state.optimizer, state.loader, runtime=runtime, loss_fn=loss_fn,
+                       step_model=step_model, grad_clip=cfg.grad_clip)
+    if runtime.is_main:
+        result.save(folder.path)
+    say(result.describe())
+    state.notes["lr_find"] = {"suggested": result.suggestion, "used": result.suggestion, "rule": result.rule,
+                              "rule_text": RULES[result.rule], "valley": result.valley,
+                              "steepest": result.steepest, "steps_taken": len(result.lrs), "steps": result.steps,
+                              "range": [result.start_lr, result.end_lr], "stopped_early": result.stopped_early,
+                              "stop_reason": result.stop_reason, "plot": "lr_find.png"}
+    cfg = dataclasses.replace(cfg, lr=result.suggestion)
+    state.optimizer = build_training_optimizer(cfg, state.model)
+    return cfg
+
+
 def _wrap_for_training(model: nn.Module, cfg: TrainConfig, runtime: Runtime) -> nn.Module:
     """What the steps call: the model, in DistributedDataParallel across ranks, compiled if asked."""
     step_model = model
@@ -430,6 +470,7 @@ def _finish(cfg: TrainConfig, folder: RunFolder, runtime: Runtime, data: Trainin
         "dataset": {"name": data.dataset.name, "source": data.dataset.source, "verified": data.dataset.verified,
                     "files": data.dataset.files},
         "seed": cfg.seed, "run_dir": str(folder.path), "nan_skipped": state.nan_skipped,
+        "lr": cfg.lr, "lr_find": state.notes.get("lr_find"),
         # every generator's seed, so that a result can be traced and replayed
         "seeds": {"model_init": cfg.seed, "python_random": cfg.seed, "numpy_random": cfg.seed,
                   "data_order": cfg.seed + 1, "augmentation": cfg.seed + 2,

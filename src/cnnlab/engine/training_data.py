@@ -58,6 +58,12 @@ class TrainingData:
         self.train.check_bad_images(int(total_train), limit=self.bad_limits[0])
         self.test.check_bad_images(int(total_test), limit=self.bad_limits[1])
 
+    def use_channels_last(self, channels_last: bool) -> None:
+        """Every loader hands out batches in this layout from now on (the run's memory format, decided late)."""
+        for loader in (self.train, self.test, self.val):
+            if loader is not None:
+                loader.use_channels_last(channels_last)
+
     def close(self) -> None:
         """Stop the streaming loaders' worker processes."""
         for loader in (self.train, self.test, self.val):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import html
+import json
 import math
 from pathlib import Path
 from typing import Callable, Sequence
@@ -151,6 +152,19 @@ def _table(header: list[str], rows: list[list]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
+def _lr_find_section(run: Run, trained_lr: float) -> str:
+    from ..engine.lr_find import RULES
+    found = json.loads(run.file("lr_find").read_text())
+    rule = found.get("rule", "")
+    others = ", ".join(f"{name} rule {found[name]:.3g}" for name in RULES if found.get(name) is not None)
+    stop = f"; stopped early: {html.escape(found['stop_reason'])}" if found.get("stopped_early") else ""
+    return ("<h2>Learning-rate finder</h2>"
+            f"<p>{len(found.get('lrs', []))} of {found.get('steps')} steps, lr {found.get('start_lr', 0):.3g} rising "
+            f"exponentially{stop}. Suggested lr <b>{found['suggestion']:.3g}</b> by the "
+            f"{html.escape(RULES.get(rule, rule))} ({others}); this run trained with lr {trained_lr:.3g}.</p>"
+            + _img(run.file("lr_find_plot"), "smoothed loss against learning rate"))
+
+
 def build_report(run_dir: str | Path, data_dir: str | None = None, log: Callable[[str], None] = print) -> Path:
     """Write RUN_DIR/report.html (and the figures it embeds, under RUN_DIR/report/); returns the page's path."""
     from ..engine.evaluate import most_confused
@@ -185,6 +199,10 @@ def build_report(run_dir: str | Path, data_dir: str | None = None, log: Callable
     if rows:
         plot_curves(rows, figures / "curves.png")
         sections.append("<h2>Training curves</h2>" + _img(figures / "curves.png", "training curves"))
+
+    # the learning-rate finder (train --lr find, or cnnlab lr-find RUN_DIR)
+    if run.file("lr_find").is_file() and run.file("lr_find_plot").is_file():
+        sections.append(_lr_find_section(run, cfg.lr))
 
     # evaluation on the test split
     from ..engine.evaluate import inference_runtime
