@@ -3,7 +3,8 @@
     python tools/structure.py
 
 - engine/ split: the packages under src/cnnlab;
-- functions besides `fit` that take the whole TrainConfig (a parameter annotated TrainConfig);
+- functions besides `fit` that take the whole TrainConfig (a parameter annotated TrainConfig), outside
+  the config's own modules (engine/config.py, engine/recipes.py);
 - files that spell a run-folder file name (engine/run.py's RUN_FILES) outside the module that owns them;
 - places that resize a decoded image (Pillow's `.resize(`, torch's `F.interpolate(`) outside models;
 - cli.py's lines; import cycles (tools/import_cycles.py); repeated blocks of 6+ lines in src/ (`duplicates`).
@@ -22,7 +23,8 @@ SRC = Path("src/cnnlab")
 
 def whole_config_functions() -> list[str]:
     found = []
-    for path in sorted(SRC.rglob("*.py")):
+    owners = {SRC / "engine" / "config.py", SRC / "engine" / "recipes.py"}  # the config's own modules
+    for path in sorted(set(SRC.rglob("*.py")) - owners):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name != "fit":
                 args = node.args.args + node.args.kwonlyargs + node.args.posonlyargs

@@ -1,7 +1,7 @@
 """cnnlab: the lecture's convolutional networks, runnable and fast."""
 from ._version import __version__
 from .engine import Run, TrainConfig, fit, open_run, train
-from .engine.lr_find import lr_find
+from .engine.trainer import lr_find
 from .errors import CnnlabError
 from .models import create_model, list_models
 

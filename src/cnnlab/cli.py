@@ -143,7 +143,7 @@ def cmd_lr_find(args) -> int:
     """`cnnlab lr-find [RUN_DIR] [train flags]`: the range test for the run those flags (or RUN_DIR's config)
     describe; lr_find.png and lr_find.json go into RUN_DIR (its report shows them) or --out."""
     from .engine.config import config_from_args
-    from .engine.lr_find import lr_find
+    from .engine.trainer import lr_find
     from .engine.run import Run, is_run_folder
 
     if args.run:
@@ -160,7 +160,7 @@ def cmd_lr_find(args) -> int:
     from .engine.runtime import distributed_env
     if distributed_env()["rank"] == 0:
         print(f"suggested lr: {result.suggestion:.3g} ({result.rule}); train with it: cnnlab train --lr "
-              f"{result.suggestion:.3g} ... (or --lr find); curve: {out / 'lr_find.png'}")
+              f"{result.suggestion:.3g} ... (or --lr find); curve: {result.files.get('png', out)}")
     return 0
 
 

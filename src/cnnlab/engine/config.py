@@ -113,6 +113,27 @@ class TrainConfig:
                        "checkpoint stays), or 'skip' that step's update, up to max_nan_skips times", ("stop", "skip"))
     max_nan_skips: int = _opt(10, "with on_nan 'skip': the run stops at the next non-finite step after this many")
 
+    def schedule_options(self) -> dict:
+        """build_schedule's keywords beyond the name, lr and lengths."""
+        return dict(warmup_epochs=self.warmup_epochs, warmup_lr=self.warmup_lr, warmup=self.warmup,
+                    milestones=self.milestones, milestone_unit=self.milestone_unit, gamma=self.gamma,
+                    lr_start_factor=self.lr_start_factor, lr_peak_fraction=self.lr_peak_fraction,
+                    lr_end_factor=self.lr_end_factor)
+
+    def optimizer_options(self) -> dict:
+        """optim.build_training_optimizer's keywords."""
+        return dict(name=self.optimizer, lr=self.lr, momentum=self.momentum, nesterov=self.nesterov,
+                    weight_decay=self.weight_decay, param_groups=self.param_groups, batch_size=self.batch_size,
+                    model_name=self.model)
+
+    def model_kwargs(self, shape: tuple[int, int, int], num_classes: int) -> dict:
+        """The model's constructor keywords for data of `shape` (C, H, W) and `num_classes`; model_args win."""
+        from ..models.registry import accepts
+        kwargs = {"num_classes": num_classes, "in_channels": shape[0], **self.model_args}
+        if accepts(self.model, "input_size"):  # nets with a flatten layer; pooled nets take any size
+            kwargs = {"input_size": list(shape[1:]), **kwargs}
+        return kwargs
+
     def validate(self) -> "TrainConfig":
         from ..data.augment import parse_augment
         from ..data.catalog import get_spec

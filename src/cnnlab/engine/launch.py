@@ -24,7 +24,8 @@ def hand_over_to_torchrun(args, train_config) -> int:
         rest.append(argv[i])
         i += 1
     if not args.resume and not args.run_dir:
-        rest += ["--run-dir", str(default_run_dir(train_config(args)))]
+        cfg = train_config(args)
+        rest += ["--run-dir", str(default_run_dir(cfg.runs_root, cfg.model, cfg.dataset))]
     launcher = ["--standalone", f"--nproc-per-node={args.nproc_per_node}", f"--max-restarts={args.max_restarts}",
                 "-m", "cnnlab", *rest]
     print(f"torchrun {' '.join(launcher)}", file=sys.stderr)

@@ -22,7 +22,7 @@ from .progress import Progress
 from .runtime import Runtime
 from .state import TrainState, rng_state, set_rng_state
 
-__all__ = ["LRFinderResult", "search_lr", "lr_find", "suggest_lr", "smooth_losses", "plot_lr_find",
+__all__ = ["LRFinderResult", "search_lr", "suggest_lr", "smooth_losses", "plot_lr_find",
            "RULES", "DEFAULT_STEPS", "DEFAULT_START_LR", "DEFAULT_END_LR"]
 
 DEFAULT_STEPS = 100  # fastai's num_it and Lightning's num_training
@@ -65,6 +65,14 @@ class LRFinderResult:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+    def summary(self) -> dict:
+        """What summary.json records of a `--lr find` run."""
+        return {"suggested": self.suggestion, "used": self.suggestion, "rule": self.rule,
+                "rule_text": RULES[self.rule], "valley": self.valley, "steepest": self.steepest,
+                "steps_taken": len(self.lrs), "steps": self.steps, "range": [self.start_lr, self.end_lr],
+                "stopped_early": self.stopped_early, "stop_reason": self.stop_reason,
+                "plot": Path(self.files["png"]).name if self.files else None}
 
     def save(self, folder: str | Path) -> dict:
         """Write lr_find.json and lr_find.png into `folder`; returns {name: path}."""
@@ -245,42 +253,3 @@ def plot_lr_find(result: LRFinderResult, path: str | Path | None = None):
     ax.legend(fontsize=8)
     ax.set_title(f"LR range test: suggested {result.suggestion:.3g} ({result.rule})", fontsize=10)
     return finish(fig, path)
-
-
-# ---------------------------------------------------------------------------------------------- a whole run's
-
-def lr_find(config=None, *, steps: int = DEFAULT_STEPS, start_lr: float = DEFAULT_START_LR,
-            end_lr: float = DEFAULT_END_LR, rule: str = "steepest", out: str | Path | None = None,
-            log: Callable[[str], None] = print, **fields) -> LRFinderResult:
-    """The range test for the run `config` (a TrainConfig, keyword fields overriding it) would train: its data,
-    model, initialisation, optimiser and parameter groups, built as `fit` builds them. With `out`, writes
-    lr_find.json and lr_find.png there (rank 0). `cnnlab lr-find` is this."""
-    from .config import config_from_dict
-    from .runtime import start_runtime
-    from .trainer import (_check_model_fits_the_catalogue, _model_args, _quiet, _seed_everything,
-                          _wrap_for_training, build_model, build_training_optimizer, cross_entropy,
-                          settle_precision)
-    from .training_data import load_training_data
-    from ..models.summary import check_input_size
-
-    cfg = config_from_dict({k: v for k, v in fields.items()}, base=config, source="lr_find()").validate()
-    with contextlib.ExitStack() as stack:
-        runtime = stack.enter_context(start_runtime(cfg.device, cfg.precision, cfg.channels_last, cfg.threads,
-                                                    cfg.deterministic, log))
-        cfg = runtime.broadcast(cfg)
-        say = log if runtime.is_main else _quiet
-        _check_model_fits_the_catalogue(cfg)
-        _seed_everything(cfg.seed)
-        data = load_training_data(cfg, runtime, say)
-        stack.callback(data.close)
-        check_input_size(cfg.model, _model_args(cfg, data.shape, len(data.classes)), data.shape, what=cfg.dataset)
-        model, arch = build_model(cfg, data, runtime)
-        settle_precision(cfg, runtime, model, arch, data, say)
-        optimizer = build_training_optimizer(cfg, model)
-        result = search_lr(model, optimizer, data.train, runtime=runtime, loss_fn=cross_entropy(cfg.label_smoothing),
-                           step_model=_wrap_for_training(model, cfg, runtime), steps=steps, start_lr=start_lr,
-                           end_lr=end_lr, rule=rule, grad_clip=cfg.grad_clip)
-        if out is not None and runtime.is_main:
-            result.save(out)
-        say(result.describe())
-    return result

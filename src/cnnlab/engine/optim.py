@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-__all__ = ["param_groups", "build_optimizer", "build_schedule", "applied_lrs"]
+__all__ = ["param_groups", "build_optimizer", "build_training_optimizer", "build_schedule", "applied_lrs"]
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -89,3 +89,21 @@ def applied_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
     if len({float(g["lr"]) for g in groups}) > 1:
         out.update({f"lr/{g.get('name', f'group{i}')}": float(g["lr"]) for i, g in enumerate(groups)})
     return out
+
+
+def build_training_optimizer(model: nn.Module, *, name: str, lr: float, momentum: float, nesterov: bool,
+                             weight_decay: float, param_groups: str = "default", batch_size: int = 128,
+                             model_name: str = "") -> torch.optim.Optimizer:
+    """`name` over the default parameter groups, or the model's own (param_groups "model": airbench94's), each
+    group's learning rate relative to the schedule's (its lr_scale)."""
+    from ..errors import ConfigError
+    groups = None
+    if param_groups == "model":
+        if not hasattr(model, "param_groups"):
+            raise ConfigError(f"--param-groups model: {model_name or type(model).__name__} defines no parameter "
+                              "groups of its own; leave out --param-groups (airbench94 has them)")
+        groups = model.param_groups(batch_size=batch_size, lr=lr, weight_decay=weight_decay, momentum=momentum)
+        for group in groups:
+            group["lr_scale"] = group["lr"] / lr
+    return build_optimizer(model, name, lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
+                           groups=groups)

@@ -77,14 +77,21 @@ def _batches(paths: list[Path], preprocess: Preprocess, batch_size: int, bad: li
         yield names, np.stack(batch), notes
 
 
-@torch.inference_mode()
 def predict_files(loaded: LoadedModel, paths: list[Path], top_k: int = 5, batch_size: int = 256,
                   on_result: Callable[[dict], None] | None = None, precision: str = "fp32"
                   ) -> tuple[list[dict], list[dict]]:
     """Top-k classes with probabilities for each readable image; returns (results, bad files). fp32 by default,
     the precision an exported model and `cnnlab eval` compute in; "bf16" or "auto" (as training decides) on request."""
     runtime = inference_runtime(next(loaded.model.parameters()).device, precision)
+    # outside inference mode: a memory-format change made inside it would turn the parameters into inference
+    # tensors, and the same model could then never take a gradient again (Grad-CAM, fine-tuning)
     model = prepare_for_inference(loaded.model, runtime)
+    with torch.inference_mode():
+        return _predict(model, loaded, runtime, paths, top_k, batch_size, on_result)
+
+
+def _predict(model, loaded: LoadedModel, runtime, paths: list[Path], top_k: int, batch_size: int,
+             on_result: Callable[[dict], None] | None) -> tuple[list[dict], list[dict]]:
     device = runtime.device
     k = min(top_k, len(loaded.classes))
     results, bad = [], []

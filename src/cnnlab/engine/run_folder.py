@@ -22,16 +22,16 @@ from ..errors import CheckpointError, ConfigError
 from ..files import file_lock, save_atomic
 from .checkpoint import CheckpointManager
 from .run import RUN_FILES, Run
-from .config import TrainConfig, yaml_dump
 from .runtime import Runtime
 from .state import TrainState, rng_state, set_rng_state
 
 __all__ = ["RunFolder", "default_run_dir"]
 
 
-def default_run_dir(cfg: TrainConfig) -> Path:
+def default_run_dir(runs_root: str | Path, model: str, dataset: str) -> Path:
+    """runs_root/<model>-<dataset>-<time>/, numbered when that exists."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    base = Path(cfg.runs_root) / f"{cfg.model}-{cfg.dataset}-{stamp}"
+    base = Path(runs_root) / f"{model}-{dataset}-{stamp}"
     path, i = base, 1
     while path.exists():
         i += 1
@@ -39,11 +39,11 @@ def default_run_dir(cfg: TrainConfig) -> Path:
     return path
 
 
-def _elastic_index(cfg: TrainConfig, run_id: str) -> Path:
+def _elastic_index(runs_root: str | Path, run_id: str) -> Path:
     """Where rank 0 notes the default run folder of a torchrun launch, so that workers restarted after a
     failure (TORCHELASTIC_RESTART_COUNT > 0) find the run they were in."""
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in run_id)[:100]
-    return Path(cfg.runs_root) / ".torchrun" / safe
+    return Path(runs_root) / ".torchrun" / safe
 
 
 class RunFolder:
@@ -54,23 +54,23 @@ class RunFolder:
 
     # ------------------------------------------------------------------------------------ opening
     @classmethod
-    def choose(cls, cfg: TrainConfig, runtime: Runtime) -> "RunFolder":
-        """`--run-dir`, else a new runs/<model>-<dataset>-<time>/ chosen by rank 0 (the same one again after a
-        torchrun restart)."""
+    def choose(cls, run_dir: str | None, runs_root: str, model: str, dataset: str, runtime: Runtime) -> "RunFolder":
+        """`run_dir` (--run-dir), else a new runs_root/<model>-<dataset>-<time>/ chosen by rank 0 (the same one
+        again after a torchrun restart)."""
         path = None
         if runtime.is_main:
-            if cfg.run_dir:
-                path = Path(cfg.run_dir)
+            if run_dir:
+                path = Path(run_dir)
             elif runtime.elastic_run_id:
-                index = _elastic_index(cfg, runtime.elastic_run_id)
+                index = _elastic_index(runs_root, runtime.elastic_run_id)
                 if runtime.restart_count > 0 and index.is_file():
                     path = Path(index.read_text().strip())
                 else:
-                    path = default_run_dir(cfg)
+                    path = default_run_dir(runs_root, model, dataset)
                     index.parent.mkdir(parents=True, exist_ok=True)
                     save_atomic(str(path).encode(), index)
             else:
-                path = default_run_dir(cfg)
+                path = default_run_dir(runs_root, model, dataset)
         return cls(Path(runtime.broadcast(str(path) if path else None)), runtime)
 
     def open(self, resume: bool | str, stack: contextlib.ExitStack, log: Callable[[str], None]) -> bool:
@@ -122,9 +122,6 @@ class RunFolder:
         """Rank 0 writes the file of `role` (a key of run.RUN_FILES), complete or absent."""
         if self.runtime.is_main:
             save_atomic(data, Run(self.path).file(role))
-
-    def write_config(self, cfg: TrainConfig) -> None:
-        self.write("config", yaml_dump(cfg))
 
     def write_metrics(self, rows: list[dict]) -> None:
         if not rows:

@@ -20,14 +20,15 @@ import torch.nn.functional as F
 from .._version import __version__
 from ..data import get_spec
 from ..errors import CheckpointError, CnnlabError, ConfigError
-from ..models import accepts, create_model
+from ..models import create_model
 from ..models.summary import check_input_size
-from .config import TrainConfig, config_from_dict
+from .config import TrainConfig, config_from_dict, yaml_dump
 from .evaluate import evaluate
 from .loggers import LoggerGroup, build_loggers
 from .lookahead import Lookahead
 from .loop import NonFiniteStep, RunState, SignalStop, StepRules, train_one_epoch
-from .optim import applied_lrs, build_optimizer, build_schedule
+from .lr_find import DEFAULT_END_LR, DEFAULT_START_LR, DEFAULT_STEPS, LRFinderResult, search_lr
+from .optim import applied_lrs, build_schedule, build_training_optimizer
 from .progress import Progress, trace
 from .run import Run, is_run_folder, open_run
 from .run_folder import RunFolder
@@ -36,7 +37,7 @@ from .state import TrainState
 from .training_data import TrainingData, load_training_data
 from .weights import load_weights, save_weights
 
-__all__ = ["fit", "train", "resume_config", "TrainingError", "TrainingInterrupted", "RunState",
+__all__ = ["fit", "train", "lr_find", "resume_config", "TrainingError", "TrainingInterrupted", "RunState",
            "TrainingData", "load_training_data", "build_model", "cross_entropy"]
 
 # Keys that fix the architecture and data: a resumed run may not change them.
@@ -83,6 +84,25 @@ def train(config: TrainConfig | None = None, *, callbacks: Sequence[Callable[[Ru
     return open_run(summary["run_dir"])
 
 
+def lr_find(config: TrainConfig | None = None, *, steps: int = DEFAULT_STEPS, start_lr: float = DEFAULT_START_LR,
+            end_lr: float = DEFAULT_END_LR, rule: str = "steepest", out: str | Path | None = None,
+            log: Callable[[str], None] = print, **fields) -> LRFinderResult:
+    """The range test (engine/lr_find.py) for the run `config` (keyword fields overriding it) would train: its
+    data, model, initialisation, optimiser and parameter groups, set up as `fit` sets them up. With `out`, writes
+    lr_find.json and lr_find.png there (rank 0). `cnnlab lr-find` is this."""
+    cfg = config_from_dict(dict(fields), base=config, source="lr_find()").validate()
+    with contextlib.ExitStack() as stack:
+        cfg, setup = _set_up(cfg, stack, log)
+        result = search_lr(setup.model, build_training_optimizer(setup.model, **cfg.optimizer_options()),
+                           setup.data.train, runtime=setup.runtime, loss_fn=cross_entropy(cfg.label_smoothing),
+                           step_model=_wrap_for_training(setup.model, setup.runtime, cfg.compile), steps=steps,
+                           start_lr=start_lr, end_lr=end_lr, rule=rule, grad_clip=cfg.grad_clip)
+        if out is not None and setup.runtime.is_main:
+            result.save(out)
+        setup.say(result.describe())
+    return result
+
+
 def cross_entropy(label_smoothing: float) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """The default loss: mean cross-entropy of float32 logits, with label smoothing."""
     def loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -92,63 +112,77 @@ def cross_entropy(label_smoothing: float) -> Callable[[torch.Tensor, torch.Tenso
 
 # ---------------------------------------------------------------------------------------------- setup pieces
 
-def _model_args(cfg: TrainConfig, shape: tuple[int, int, int], num_classes: int) -> dict:
-    args = {"num_classes": num_classes, "in_channels": shape[0], **cfg.model_args}
-    if accepts(cfg.model, "input_size"):  # nets with a flatten layer; pooled nets take any size
-        args = {"input_size": list(shape[1:]), **args}
-    return args
-
-
-def build_model(cfg: TrainConfig, data: TrainingData, runtime: Runtime) -> tuple[nn.Module, dict]:
-    """The model on its device and memory format, initialised from --init-from weights or, for a model that
+def build_model(name: str, kwargs: dict, data: TrainingData, runtime: Runtime, *, init_from: str | None = None,
+                sync_bn: bool = False) -> tuple[nn.Module, dict]:
+    """The model on its device and memory format, initialised from `init_from` weights or, for a model that
     asks (`model.prepare`), from the training data; returns (model, architecture)."""
-    model_args = _model_args(cfg, data.shape, len(data.classes))
-    model = create_model(cfg.model, **model_args)
-    if cfg.init_from:
-        source = load_weights(cfg.init_from, "cpu")
-        if (source.meta["model"], source.meta["model_args"]) != (cfg.model, json.loads(json.dumps(model_args))):
-            raise ConfigError(f"--init-from {cfg.init_from}: it holds a {source.meta['model']!r} with "
-                              f"{source.meta['model_args']}, not {cfg.model!r} with {model_args}")
+    model = create_model(name, **kwargs)
+    if init_from:
+        source = load_weights(init_from, "cpu")
+        if (source.meta["model"], source.meta["model_args"]) != (name, json.loads(json.dumps(kwargs))):
+            raise ConfigError(f"--init-from {init_from}: it holds a {source.meta['model']!r} with "
+                              f"{source.meta['model_args']}, not {name!r} with {kwargs}")
         model.load_state_dict(source.model.state_dict())
     elif hasattr(model, "prepare") and data.train_images is not None:  # e.g. airbench94's whitening filters
         note = model.prepare(data.train_images, data.mean, data.std)
         if note and runtime.is_main:
-            print(f"  {cfg.model}: {note}")
-    if cfg.sync_bn and runtime.distributed:
+            print(f"  {name}: {note}")
+    if sync_bn and runtime.distributed:
         if runtime.device.type == "cpu":
             raise ConfigError("--sync-bn: PyTorch's SyncBatchNorm runs on GPUs only; on CPU each rank normalises "
                               "over its own batch_size / world_size images (leave out --sync-bn)")
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(runtime.device, memory_format=runtime.memory_format)
-    return model, {"model": cfg.model, "model_args": model_args}
+    return model, {"model": name, "model_args": kwargs}
 
 
-def settle_precision(cfg: TrainConfig, runtime: Runtime, model: nn.Module, arch: dict, data: TrainingData,
-                     say) -> None:
+def settle_precision(runtime: Runtime, model: nn.Module, arch: dict, data: TrainingData, *, batch_size: int,
+                     run_steps: int, say) -> None:
     """`--precision auto` / `--channels-last auto` on a CPU: measure the run's own model at its input size
     (runtime.settle_for_model) and move the model and the loaders to the memory format it picks."""
-    steps = math.ceil(round(cfg.epochs * len(data.train), 6))
-    run_images = min(steps, cfg.max_steps or steps) * cfg.batch_size / runtime.world_size
-    if settle_for_model(runtime, model, data.shape, cfg.batch_size // runtime.world_size, run_images,
-                        name=cfg.model, args=arch["model_args"], log=say):
+    run_images = run_steps * batch_size / runtime.world_size
+    if settle_for_model(runtime, model, data.shape, batch_size // runtime.world_size, run_images,
+                        name=arch["model"], args=arch["model_args"], log=say):
         model.to(memory_format=runtime.memory_format)
         data.use_channels_last(runtime.channels_last)
 
 
-def build_training_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """--optimizer over the default parameter groups, or the model's own (--param-groups model), each group's
-    learning rate relative to the schedule's."""
-    groups = None
-    if cfg.param_groups == "model":
-        if not hasattr(model, "param_groups"):
-            raise ConfigError(f"--param-groups model: {cfg.model} defines no parameter groups of its own; leave "
-                              "out --param-groups (airbench94 has them)")
-        groups = model.param_groups(batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                    momentum=cfg.momentum)
-        for group in groups:
-            group["lr_scale"] = group["lr"] / cfg.lr
-    return build_optimizer(model, cfg.optimizer, cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                           weight_decay=cfg.weight_decay, groups=groups)
+def planned_steps(epochs: float, steps_per_epoch: int, max_steps: int = 0) -> int:
+    """Optimiser steps of a run: epochs x steps per epoch, rounded up, capped by max_steps (0: no cap)."""
+    planned = math.ceil(round(epochs * steps_per_epoch, 6))  # 1.1 * 50 is 55.000000000000007 in floats
+    return min(planned, max_steps or planned)
+
+
+@dataclasses.dataclass
+class Setup:
+    """What fit and lr_find build the same way before any step: where to compute, the data, the model."""
+    runtime: Runtime
+    say: Callable[[str], None]
+    data: TrainingData
+    model: nn.Module
+    arch: dict
+
+
+def _set_up(cfg: TrainConfig, stack: contextlib.ExitStack, log: Callable[[str], None]) -> tuple[TrainConfig, Setup]:
+    """The runtime (device, precision, processes), rank 0's config for every rank, the data and the model, checked
+    against each other before any work; the precision probe on the real model. Closed by `stack`."""
+    runtime = stack.enter_context(start_runtime(cfg.device, cfg.precision, cfg.channels_last, cfg.threads,
+                                                cfg.deterministic, log))
+    cfg = runtime.broadcast(cfg)  # rank 0's config for all: ranks on other machines may read other files
+    say = log if runtime.is_main else _quiet
+    spec = get_spec(cfg.dataset)  # a named dataset's shape is known before loading it: check the model first
+    if spec.shape[0]:
+        shape = (spec.shape[0], *((cfg.image_size,) * 2 if cfg.image_size else spec.shape[1:]))
+        check_input_size(cfg.model, cfg.model_kwargs(shape, len(spec.classes)), shape, what=cfg.dataset)
+    _seed_everything(cfg.seed)
+    data = load_training_data(cfg, runtime, say)
+    stack.callback(data.close)
+    kwargs = cfg.model_kwargs(data.shape, len(data.classes))
+    check_input_size(cfg.model, kwargs, data.shape, what=cfg.dataset)
+    model, arch = build_model(cfg.model, kwargs, data, runtime, init_from=cfg.init_from, sync_bn=cfg.sync_bn)
+    settle_precision(runtime, model, arch, data, batch_size=cfg.batch_size, say=say,
+                     run_steps=planned_steps(cfg.epochs, len(data.train), cfg.max_steps))
+    return cfg, Setup(runtime, say, data, model, arch)
 
 
 # Accuracies whose first crossing the summary times (airbench's 94% among them).
@@ -161,7 +195,7 @@ def _seed_everything(seed: int) -> None:
     np.random.seed(seed)
 
 
-def _check_resumable(saved: dict, header: dict, folder: RunFolder, cfg: TrainConfig, lr_at, total_steps: int,
+def _check_resumable(saved: dict, header: dict, folder: RunFolder, lr_at, total_steps: int,
                      data: TrainingData) -> None:
     """Refuse a checkpoint of another architecture, other data, or a schedule the new length would redraw."""
     if saved.get("arch") != json.loads(json.dumps(header["arch"])):
@@ -180,7 +214,7 @@ def _check_resumable(saved: dict, header: dict, folder: RunFolder, cfg: TrainCon
     try:
         old_cfg = config_from_dict(saved["config"])
         old_lr_at = build_schedule(old_cfg.schedule, old_cfg.lr, old_total, steps_per_epoch=len(data.train),
-                                   **_schedule_options(old_cfg))
+                                   **old_cfg.schedule_options())
     except (CnnlabError, KeyError, TypeError):
         return  # a checkpoint from before schedules were recorded: nothing to compare with
     changed = next((s for s in range(step) if not np.isclose(old_lr_at(s), lr_at(s), rtol=1e-9, atol=0)), None)
@@ -193,13 +227,6 @@ def _check_resumable(saved: dict, header: dict, folder: RunFolder, cfg: TrainCon
             f"); or start a new run from its weights with a fresh schedule: cnnlab train --init-from {folder.path} "
             "--epochs N (other flags as before); schedules that do not depend on the run's length (constant, or "
             "multistep with milestones in epochs or iterations) can be extended with --resume")
-
-
-def _schedule_options(cfg: TrainConfig) -> dict:
-    return dict(warmup_epochs=cfg.warmup_epochs, warmup_lr=cfg.warmup_lr, warmup=cfg.warmup,
-                milestones=cfg.milestones, milestone_unit=cfg.milestone_unit, gamma=cfg.gamma,
-                lr_start_factor=cfg.lr_start_factor, lr_peak_fraction=cfg.lr_peak_fraction,
-                lr_end_factor=cfg.lr_end_factor)
 
 
 def _versions() -> dict:
@@ -240,42 +267,41 @@ def fit(cfg: TrainConfig, *, resume: bool | str = False, callbacks: Sequence[Cal
     wall_start = time.perf_counter()
     with contextlib.ExitStack() as stack:
         # --- setup: where to compute, the data, the model, the optimiser, the schedule, the run folder
-        runtime = stack.enter_context(start_runtime(cfg.device, cfg.precision, cfg.channels_last, cfg.threads,
-                                                    cfg.deterministic, log))
-        cfg = runtime.broadcast(cfg)  # rank 0's config for all: ranks on other machines may read other files
-        say = log if runtime.is_main else _quiet
-        _check_model_fits_the_catalogue(cfg)
-        _seed_everything(cfg.seed)
-        data = load_training_data(cfg, runtime, say)
-        stack.callback(data.close)
-        check_input_size(cfg.model, _model_args(cfg, data.shape, len(data.classes)), data.shape, what=cfg.dataset)
-        model, arch = build_model(cfg, data, runtime)
-        settle_precision(cfg, runtime, model, arch, data, say)
-        state = TrainState(model, build_training_optimizer(cfg, model), data.train)
+        cfg, setup = _set_up(cfg, stack, log)
+        runtime, say, data, model, arch = setup.runtime, setup.say, setup.data, setup.model, setup.arch
+        state = TrainState(model, build_training_optimizer(model, **cfg.optimizer_options()), data.train)
         steps_per_epoch = len(data.train)
-        planned = math.ceil(round(cfg.epochs * steps_per_epoch, 6))  # 1.1 * 50 is 55.000000000000007 in floats
-        total_steps = min(planned, cfg.max_steps or planned)
+        total_steps = planned_steps(cfg.epochs, steps_per_epoch, cfg.max_steps)
         lr_at = build_schedule(cfg.schedule, cfg.lr, total_steps, steps_per_epoch=steps_per_epoch,
-                               **_schedule_options(cfg))
+                               **cfg.schedule_options())
         if cfg.lookahead_every:
             state.extras["lookahead"] = Lookahead(model, cfg.lookahead_every, cfg.lookahead_start_epoch, total_steps)
-        folder = RunFolder.choose(cfg, runtime)
+        folder = RunFolder.choose(cfg.run_dir, cfg.runs_root, cfg.model, cfg.dataset, runtime)
         resume = folder.open(resume or ("restart" if runtime.restart_count else False), stack, say)
         cfg = dataclasses.replace(cfg, run_dir=str(folder.path))
         step_model = None
         if cfg.lr_find and not resume:  # decided before config.yaml and the checkpoints record the lr
-            step_model = _wrap_for_training(model, cfg, runtime)
-            cfg = _find_lr(cfg, state, step_model, runtime, folder, loss_fn or cross_entropy(cfg.label_smoothing), say)
+            # the range test on the run's own model, optimiser and data (all restored afterwards), then a fresh
+            # optimiser at the suggested lr: the run trains exactly as one started with `--lr <suggestion>`
+            step_model = _wrap_for_training(model, runtime, cfg.compile)
+            found = search_lr(state.model, state.optimizer, state.loader, runtime=runtime, step_model=step_model,
+                              loss_fn=loss_fn or cross_entropy(cfg.label_smoothing), grad_clip=cfg.grad_clip)
+            if runtime.is_main:
+                found.save(folder.path)
+            say(found.describe())
+            state.notes["lr_find"] = found.summary()
+            cfg = dataclasses.replace(cfg, lr=found.suggestion)
+            state.optimizer = build_training_optimizer(model, **cfg.optimizer_options())
             lr_at = build_schedule(cfg.schedule, cfg.lr, total_steps, steps_per_epoch=steps_per_epoch,
-                                   **_schedule_options(cfg))
+                                   **cfg.schedule_options())
         header = {"arch": arch, "data": data.fingerprint, "config": dataclasses.asdict(cfg), "total_steps": total_steps}
 
         # --- resume: weights, optimiser, data position and every generator, exactly where they were
         if resume:
-            finished = _resume(state, folder, header, cfg, lr_at, total_steps, data, say)
+            finished = _resume(state, folder, header, lr_at, total_steps, data, say)
             if finished is not None:
                 return finished
-        folder.write_config(cfg)
+        folder.write("config", yaml_dump(cfg))
         clock = _Clock(state.notes.get("wall_seconds", 0.0), wall_start)
         loggers = stack.enter_context(build_loggers(cfg.logger, folder.path, config=cfg, resume=bool(resume),
                                                     start_step=state.step) if runtime.is_main else LoggerGroup())
@@ -308,14 +334,14 @@ def fit(cfg: TrainConfig, *, resume: bool | str = False, callbacks: Sequence[Cal
                 _append_eval(folder, step, step / steps_per_epoch, result, clock())
 
         if step_model is None:
-            step_model = _wrap_for_training(model, cfg, runtime)
+            step_model = _wrap_for_training(model, runtime, cfg.compile)
         rules = StepRules(total_steps, cfg.grad_clip, cfg.on_nan, cfg.max_nan_skips, cfg.checkpoint_every,
                           cfg.log_every)
         progress = Progress(cfg.progress if runtime.is_main else "none", total_steps, steps_per_epoch, cfg.log_every)
         reached = _Thresholds(state.notes.setdefault("time_to_accuracy", {}), clock,
                               lambda: clock() - state.notes.get("eval_seconds", 0.0))
         run_state = RunState(folder.path, model=model)
-        _say_setup(say, cfg, data, model, runtime, folder)
+        _say_setup(say, cfg.model, data, model, runtime, folder)
 
         # --- the epoch loop: train, evaluate, write the row, checkpoint
         final = None
@@ -366,25 +392,19 @@ def fit(cfg: TrainConfig, *, resume: bool | str = False, callbacks: Sequence[Cal
         if final is None:
             final = evaluate_now(per_image=True, tta=cfg.tta)
             reached.update(final["accuracy"], state.step, state.step / steps_per_epoch)
-        summary = _finish(cfg, folder, runtime, data, model, arch, state, final, reached, clock(), steps_per_epoch)
+        summary = _finish(folder, runtime, data, model, arch, state, final, reached, clock(), steps_per_epoch,
+                          tta=cfg.tta, lr=cfg.lr, seed=cfg.seed, val_split=cfg.val_split,
+                          deterministic=cfg.deterministic)
         loggers.log_summary(summary)
     return summary
 
 
-def _check_model_fits_the_catalogue(cfg: TrainConfig) -> None:
-    """A named dataset's shape is known before loading it: check the model against it before any work."""
-    spec = get_spec(cfg.dataset)
-    if spec.shape[0]:
-        shape = (spec.shape[0], *((cfg.image_size,) * 2 if cfg.image_size else spec.shape[1:]))
-        check_input_size(cfg.model, _model_args(cfg, shape, len(spec.classes)), shape, what=cfg.dataset)
-
-
-def _resume(state: TrainState, folder: RunFolder, header: dict, cfg: TrainConfig, lr_at, total_steps: int,
-            data: TrainingData, say) -> dict | None:
+def _resume(state: TrainState, folder: RunFolder, header: dict, lr_at, total_steps: int, data: TrainingData,
+            say) -> dict | None:
     """Load the checkpoint into `state`; the run's summary if the run is already finished, else None."""
     runtime = folder.runtime
     saved = folder.load_checkpoint(say)
-    _check_resumable(saved, header, folder, cfg, lr_at, total_steps, data)
+    _check_resumable(saved, header, folder, lr_at, total_steps, data)
     folder.restore(state, saved, say)
     run = Run(folder.path)
     if state.step >= total_steps and runtime.broadcast(run.file("summary").is_file()):
@@ -399,39 +419,19 @@ def _resume(state: TrainState, folder: RunFolder, header: dict, cfg: TrainConfig
     return None
 
 
-def _find_lr(cfg: TrainConfig, state: TrainState, step_model: nn.Module, runtime: Runtime, folder: RunFolder,
-             loss_fn: Callable, say) -> TrainConfig:
-    """`--lr find`: the range test on the run's own model, optimiser and data (all restored afterwards), then a
-    fresh optimiser at the suggested lr, so that the run trains exactly as one started with `--lr <suggestion>`."""
-    from .lr_find import RULES, search_lr
-    result = search_lr(state.model, state.optimizer, state.loader, runtime=runtime, loss_fn=loss_fn,
-                       step_model=step_model, grad_clip=cfg.grad_clip)
-    if runtime.is_main:
-        result.save(folder.path)
-    say(result.describe())
-    state.notes["lr_find"] = {"suggested": result.suggestion, "used": result.suggestion, "rule": result.rule,
-                              "rule_text": RULES[result.rule], "valley": result.valley,
-                              "steepest": result.steepest, "steps_taken": len(result.lrs), "steps": result.steps,
-                              "range": [result.start_lr, result.end_lr], "stopped_early": result.stopped_early,
-                              "stop_reason": result.stop_reason, "plot": "lr_find.png"}
-    cfg = dataclasses.replace(cfg, lr=result.suggestion)
-    state.optimizer = build_training_optimizer(cfg, state.model)
-    return cfg
-
-
-def _wrap_for_training(model: nn.Module, cfg: TrainConfig, runtime: Runtime) -> nn.Module:
+def _wrap_for_training(model: nn.Module, runtime: Runtime, compile_: bool = False) -> nn.Module:
     """What the steps call: the model, in DistributedDataParallel across ranks, compiled if asked."""
     step_model = model
     if runtime.distributed:
         step_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
-    return torch.compile(step_model) if cfg.compile else step_model
+    return torch.compile(step_model) if compile_ else step_model
 
 
-def _say_setup(say, cfg: TrainConfig, data: TrainingData, model: nn.Module, runtime: Runtime, folder: RunFolder):
+def _say_setup(say, model_name: str, data: TrainingData, model: nn.Module, runtime: Runtime, folder: RunFolder):
     say(data.describe())
     say(f"  {data.mode_reason}")
-    say(f"training {cfg.model} ({sum(p.numel() for p in model.parameters()):,} parameters) on {runtime.describe()}; "
+    say(f"training {model_name} ({sum(p.numel() for p in model.parameters()):,} parameters) on {runtime.describe()}; "
         f"run folder {folder.path}")
     say(f"  precision {runtime.precision}: {runtime.precision_reason}; "
         f"{'channels_last' if runtime.channels_last else 'NCHW'}: {runtime.channels_last_reason}")
@@ -446,12 +446,13 @@ def _epoch_line(row: dict, epochs: float) -> str:
             f"{row['seconds']:.1f}s, {row['img_per_s']:,.0f} img/s")
 
 
-def _finish(cfg: TrainConfig, folder: RunFolder, runtime: Runtime, data: TrainingData, model: nn.Module, arch: dict,
-            state: TrainState, final: dict, reached, wall_seconds: float, steps_per_epoch: int) -> dict:
+def _finish(folder: RunFolder, runtime: Runtime, data: TrainingData, model: nn.Module, arch: dict,
+            state: TrainState, final: dict, reached, wall_seconds: float, steps_per_epoch: int, *, tta: int,
+            lr: float, seed: int, val_split: float, deterministic: bool) -> dict:
     """Write the final weights, each test image's prediction and summary.json; returns the summary."""
-    meta = {"model": cfg.model, "model_args": arch["model_args"], "classes": data.classes, "mean": data.mean,
+    meta = {"model": arch["model"], "model_args": arch["model_args"], "classes": data.classes, "mean": data.mean,
             "std": data.std, "input_shape": list(data.shape), "preprocess": data.preprocess.to_dict(),
-            "dataset": cfg.dataset, "cnnlab_version": __version__}
+            "dataset": data.dataset.name, "cnnlab_version": __version__}
     losses, preds = final.pop("losses"), final.pop("preds")
     if runtime.is_main:
         save_weights(model, Run(folder.path).file("weights"), meta)
@@ -461,7 +462,7 @@ def _finish(cfg: TrainConfig, folder: RunFolder, runtime: Runtime, data: Trainin
     bad = data.bad_images(runtime)
     summary = {
         "test_accuracy": final["accuracy"], "test_loss": final["loss"], "test_top5": final.get("top5"),
-        "test_tta": cfg.tta, "test_per_class": final["per_class"], "test_confusion": final["confusion"],
+        "test_tta": tta, "test_per_class": final["per_class"], "test_confusion": final["confusion"],
         "time_to_accuracy": reached.table(), "epochs": round(state.step / steps_per_epoch, 4), "steps": state.step,
         "train_seconds": sum(r["seconds"] for r in state.history), "wall_seconds": wall_seconds,
         "eval_seconds": round(state.notes.get("eval_seconds", 0.0), 3),
@@ -469,13 +470,13 @@ def _finish(cfg: TrainConfig, folder: RunFolder, runtime: Runtime, data: Trainin
         "bad_images": {"count": len(bad), "files": bad[:1000]}, "versions": _versions(),
         "dataset": {"name": data.dataset.name, "source": data.dataset.source, "verified": data.dataset.verified,
                     "files": data.dataset.files},
-        "seed": cfg.seed, "run_dir": str(folder.path), "nan_skipped": state.nan_skipped,
-        "lr": cfg.lr, "lr_find": state.notes.get("lr_find"),
+        "seed": seed, "run_dir": str(folder.path), "nan_skipped": state.nan_skipped,
+        "lr": lr, "lr_find": state.notes.get("lr_find"),
         # every generator's seed, so that a result can be traced and replayed
-        "seeds": {"model_init": cfg.seed, "python_random": cfg.seed, "numpy_random": cfg.seed,
-                  "data_order": cfg.seed + 1, "augmentation": cfg.seed + 2,
-                  "validation_split": cfg.seed if cfg.val_split else None},
-        "deterministic": {"requested": cfg.deterministic,
+        "seeds": {"model_init": seed, "python_random": seed, "numpy_random": seed,
+                  "data_order": seed + 1, "augmentation": seed + 2,
+                  "validation_split": seed if val_split else None},
+        "deterministic": {"requested": deterministic,
                           "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
                           "cudnn_benchmark": torch.backends.cudnn.benchmark,
                           "cudnn_deterministic": torch.backends.cudnn.deterministic},

@@ -164,12 +164,13 @@ def experiment_lock(folder: Path):
 
 def _wait_for_run_folder(run_dir: Path, log: Callable[[str], None], timeout: float = 120.0) -> None:
     """A member of a killed runner may still be writing its last checkpoint: wait until it lets go of its folder."""
-    if not (run_dir / ".lock").exists():
+    lock = Run(run_dir).file("lock")
+    if not lock.exists():
         return
     deadline, said = time.monotonic() + timeout, False
     while True:
         try:
-            with file_lock(run_dir / ".lock", wait=False):
+            with file_lock(lock, wait=False):
                 return
         except BlockingIOError:
             if time.monotonic() > deadline:
