@@ -461,6 +461,14 @@ def cmd_viz(args) -> int:
         for name, act in maps.items():
             print(f"{name}: {tuple(act.shape)} {kinds[name]}")
         print(path)
+    elif args.what == "cam":
+        from .viz.gradcam import cam_files
+        if not args.image:
+            raise ConfigError("'cnnlab viz cam RUN_DIR IMAGE...': give the images to explain")
+        loaded = _load_for_viz(args)
+        for path, r in cam_files(loaded, [args.image, *args.more_images], out, args.layer, args.cam_class):
+            print(f"{path}: layer {r.layer}, class {loaded.classes[r.target]} "
+                  f"(probability {float(r.probs[r.target]):.3f})")
     elif args.what == "gabor":
         from .viz.filters import layer_weight
         from .viz.gabor import analyze_filters, format_gabor_summary
@@ -472,7 +480,7 @@ def cmd_viz(args) -> int:
 
 
 def _viz_entry(args) -> int:
-    if args.what in ("filters", "features", "gabor") and not args.target:
+    if args.what in ("filters", "features", "gabor", "cam") and not args.target:
         raise ConfigError(f"'cnnlab viz {args.what}' needs RUN_DIR or a weights file")
     if args.what in ("conv", "pool"):
         if args.target:
@@ -721,10 +729,13 @@ def build_parser() -> argparse.ArgumentParser:
                                    "interactive page; pool: max pooling on a "
                                    "feature map; filters RUN_DIR|WEIGHTS: a layer's filters; features RUN_DIR IMAGE: "
                                    "activation maps; gabor RUN_DIR|WEIGHTS: Gabor fits of the first layer against "
-                                   "macaque V1 (Ringach 2002)")
-    p.add_argument("what", choices=("conv", "pool", "filters", "features", "gabor"))
-    p.add_argument("target", nargs="?", metavar="RUN_DIR|WEIGHTS", help="for filters, features and gabor")
-    p.add_argument("image", nargs="?", metavar="IMAGE", help="for features")
+                                   "macaque V1 (Ringach 2002); cam RUN_DIR IMAGE...: Grad-CAM overlays (Selvaraju et al. 2017)")
+    p.add_argument("what", choices=("conv", "pool", "filters", "features", "gabor", "cam"))
+    p.add_argument("target", nargs="?", metavar="RUN_DIR|WEIGHTS", help="for filters, features, gabor and cam")
+    p.add_argument("image", nargs="?", metavar="IMAGE", help="for features and cam")
+    p.add_argument("more_images", nargs="*", metavar="IMAGE", help="cam: more images")
+    p.add_argument("--class", dest="cam_class", metavar="NAME|INDEX", help="cam: the class to explain (default: "
+                   "each image's predicted class)")
     p.add_argument("--image", dest="image_flag", metavar="PATH", help="conv and pool: your own image")
     p.add_argument("--html", action="store_true", help="conv: write conv.html, an interactive page (window "
                    "stepping, stride, padding, max pooling) instead of the slides")
@@ -732,7 +743,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default 2)")
     p.add_argument("--size", type=int, help="conv: image side in pixels (default 16 on the slides, 3-32; 7 on the "
                    "page, 4-12)")
-    p.add_argument("--layer", help="filters: a conv layer by dotted name (default: the first)")
+    p.add_argument("--layer", help="filters: a conv layer by dotted name (default: the first); cam: the layer "
+                   "Grad-CAM looks at (default: the last convolutional stage)")
     p.add_argument("--layers", help="features: comma-separated layer names (default: the first 3 conv layers "
                    "and the last)")
     p.add_argument("--threshold", type=float, default=0.5, help="gabor: R^2 at which a fit counts as good")
