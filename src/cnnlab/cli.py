@@ -502,6 +502,32 @@ def _viz_entry(args) -> int:
         raise
 
 
+def cmd_explain(args) -> int:
+    from .engine.predict import expand_inputs
+    from .engine.weights import load_weights
+    from .viz.explain import explain_data, explain_files, pick_test_images, write_explain_page
+
+    if args.budget_mb <= 0:
+        raise ConfigError(f"--budget-mb {args.budget_mb}: give a positive size in MB")
+    loaded = load_weights(args.target, "cpu", model_name=args.model)
+    options = {"cam_layer": args.layer, "budget": int(args.budget_mb * 1e6)}
+    if args.images:
+        paths = expand_inputs(args.images)
+        if not paths:
+            raise CnnlabError(f"no image files in {', '.join(args.images)}")
+        data = explain_files(loaded, paths, **options)
+    else:
+        images, names, labels = pick_test_images(args.target, loaded, args.count, args.data_dir,
+                                                 log=lambda m: print(m, file=sys.stderr))
+        data = explain_data(loaded, images, names, labels, **options)
+    target = Path(args.target)
+    out = Path(args.out) if args.out else target / "explain.html" if target.is_dir() else Path("explain.html")
+    path = write_explain_page(out, data)
+    print(f"{path} ({path.stat().st_size / 1e6:.2f} MB, {len(data['images'])} image(s), "
+          f"{data['cap']} maps per layer at most)")
+    return 0
+
+
 def cmd_report(args) -> int:
     from .viz.report import build_report
     print(build_report(args.run_dir, data_dir=args.data_dir, log=lambda m: print(m, file=sys.stderr)))
@@ -751,6 +777,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="model name for a plain state-dict file without a sidecar")
     p.add_argument("--out", help="output folder (default RUN_DIR/viz, or ./viz)")
     p.set_defaults(func=_viz_entry)
+
+    p = sub.add_parser("explain", help="one self-contained page: your model's layers on your images, the "
+                       "arithmetic of any unit, Grad-CAM", description="Every layer's output maps for each image "
+                       "(without images: a few of the run's test images, right and wrong ones), a click on a map "
+                       "for one pixel's arithmetic, Grad-CAM for each class. Inline script and styles, images as "
+                       "data: URIs: it fetches nothing, works offline and can be mailed.")
+    p.add_argument("target", metavar="RUN_DIR|WEIGHTS")
+    p.add_argument("images", nargs="*", metavar="IMAGE|DIR")
+    p.add_argument("--out", metavar="FILE", help="default RUN_DIR/explain.html, or ./explain.html")
+    p.add_argument("--count", type=_positive_int, default=8, help="test images to pick without IMAGE (default 8)")
+    p.add_argument("--layer", help="the layer Grad-CAM looks at (default: the last convolutional stage)")
+    p.add_argument("--budget-mb", type=float, default=5.0, help="page size to stay within: larger models show "
+                   "fewer maps per layer (default 5)")
+    p.add_argument("--data-dir", help="where the run's test split is, if not where the run found it")
+    p.add_argument("--model", help="model name for a plain state-dict file without a sidecar")
+    p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("report", help="one self-contained HTML page on a run (also written by train)")
     p.add_argument("run_dir", metavar="RUN_DIR")

@@ -196,36 +196,10 @@ def _maps_shown(nodes: list[Node], sources: list, budget_floats: int, n_images: 
     return cap
 
 
-def explain_data(loaded, images: Sequence[np.ndarray], names: Sequence[str], labels: Sequence[int | None] | None = None,
-                 cam_layer: str | None = None, budget: int = DEFAULT_BUDGET, title: str = "") -> dict:
-    """What the page shows for `images` (uint8 (C, H, W) each, already in the model's size, as
-    `cnnlab.engine.predict.load_image` gives them) under a loaded model (`LoadedModel`)."""
-    if not len(images):
-        raise ConfigError("explain needs at least one image")
-    model = loaded.model
-    device = next(model.parameters()).device
-    pixels = torch.from_numpy(np.stack(images)).to(device)
-    x = loaded.normalise(pixels).float()
-    model = model.float()
-    nodes, logits = trace_model(model, x)
-    probs = logits.softmax(1)
-    n = len(images)
-
-    # each call's input: the output of the latest earlier shown call that equals it, the image, or its own copy
+def _layers_and_acts(nodes: list[Node], sources: list, x: torch.Tensor, cap: int) -> tuple[list[dict], list[dict]]:
+    """The page's description of each shown layer and, per image, the values it holds, at most `cap` maps a layer."""
+    n = x.shape[0]
     index = {node.name: i for i, node in enumerate(nodes)}
-    sources: list[int | str | None] = []
-    for i, node in enumerate(nodes):
-        src: int | str | None = "input" if torch.equal(node.x, x) else None
-        for j in range(i - 1, -1, -1):
-            if src is not None:
-                break
-            if not isinstance(nodes[j].module, _SKIPPED) and nodes[j].out.shape == node.x.shape \
-                    and torch.equal(nodes[j].out, node.x):
-                src = j
-        sources.append(src)
-
-    cap = _maps_shown(nodes, sources, int(budget * 0.8 / 5.4), n)  # float32 in base64: 5.33 bytes a value;
-    # a fifth of the budget is left for the pictures, the dense layers' products and the markup
     layers, acts = [], [{"input": _b64(x[b])} for b in range(n)]
     held: dict[str, int] = {"input": x.shape[1]}  # maps the page holds of each layer's output
     for i, node in enumerate(nodes):
@@ -286,6 +260,45 @@ def explain_data(loaded, images: Sequence[np.ndarray], names: Sequence[str], lab
             for b in range(n):
                 acts[b][node.name] = _b64(out[b, :shown])
         layers.append(layer)
+    return layers, acts
+
+
+def explain_data(loaded, images: Sequence[np.ndarray], names: Sequence[str], labels: Sequence[int | None] | None = None,
+                 cam_layer: str | None = None, budget: int = DEFAULT_BUDGET, title: str = "") -> dict:
+    """What the page shows for `images` (uint8 (C, H, W) each, already in the model's size, as
+    `cnnlab.engine.predict.load_image` gives them) under a loaded model (`LoadedModel`)."""
+    if not len(images):
+        raise ConfigError("explain needs at least one image")
+    model = loaded.model
+    device = next(model.parameters()).device
+    pixels = torch.from_numpy(np.stack(images)).to(device)
+    x = loaded.normalise(pixels).float()
+    model = model.float()
+    nodes, logits = trace_model(model, x)
+    probs = logits.softmax(1)
+    n = len(images)
+
+    # each call's input: the output of the latest earlier shown call that equals it, the image, or its own copy
+    index = {node.name: i for i, node in enumerate(nodes)}
+    sources: list[int | str | None] = []
+    for i, node in enumerate(nodes):
+        src: int | str | None = "input" if torch.equal(node.x, x) else None
+        for j in range(i - 1, -1, -1):
+            if src is not None:
+                break
+            if not isinstance(nodes[j].module, _SKIPPED) and nodes[j].out.shape == node.x.shape \
+                    and torch.equal(nodes[j].out, node.x):
+                src = j
+        sources.append(src)
+
+    # the budget: a first guess from the sizes, then fewer maps until the page really fits
+    cap = _maps_shown(nodes, sources, int(budget * 0.8 / 5.4), n)  # float32 in base64: 5.33 bytes a value
+    while True:
+        layers, acts = _layers_and_acts(nodes, sources, x, cap)
+        size = sum(len(json.dumps(a, separators=(",", ":"))) for a in acts) + len(json.dumps(layers))
+        if size <= budget * 0.85 or cap == 1:  # the rest: pictures, Grad-CAM overlays, the page itself
+            break
+        cap = max(1, cap // 2)
 
     cam_layer = cam_layer or default_cam_layer(model, tuple(x.shape[1:]))
     n_classes = logits.shape[1]
@@ -310,10 +323,16 @@ def explain_data(loaded, images: Sequence[np.ndarray], names: Sequence[str], lab
     note = (f"Layers with more than {cap} maps show their first {cap}, so that the page stays within "
             f"{budget / 1e6:g} MB; a convolution's sum then adds the other maps' share as one number, computed by "
             "PyTorch." if truncated else f"Every map of every layer is shown (page budget {budget / 1e6:g} MB).")
-    return {"title": title or f"{loaded.meta['model']}: inside the network", "model": loaded.meta["model"],
+    data = {"title": title or f"{loaded.meta['model']}: inside the network", "model": loaded.meta["model"],
             "classes": list(loaded.classes), "input_shape": list(x.shape[1:]), "mean": list(loaded.mean),
             "std": list(loaded.std), "layers": layers, "columns": columns, "cap": cap, "note": note,
             "cam_layer": cam_layer, "cam_classes": cam_classes, "images": out_images}
+    size = len(explain_html(data).encode())
+    if size > budget:
+        raise ConfigError(f"{n} image(s) of {loaded.meta['model']} need {size / 1e6:.1f} MB even with one map per "
+                          f"layer, over the page budget of {budget / 1e6:g} MB: give fewer images or "
+                          f"--budget-mb {size / 1e6 + 0.1:.1f}")
+    return data
 
 
 def _preview_scale(hw) -> int:
@@ -339,3 +358,41 @@ def write_explain_page(path: str | Path, data: dict) -> Path:
     page = explain_html(data)
     path.parent.mkdir(parents=True, exist_ok=True)
     return save_atomic(page.encode("utf-8"), path)
+
+
+def explain_files(loaded, paths: Sequence[str | Path], **options) -> dict:
+    """`explain_data` for image files, read and converted as `cnnlab predict` reads them."""
+    from ..engine.predict import load_image
+    images = [load_image(Path(p), loaded.input_shape, loaded.meta.get("resize"))[0] for p in paths]
+    return explain_data(loaded, images, [Path(p).name for p in paths], **options)
+
+
+def pick_test_images(run_dir: str | Path, loaded, count: int = 8, data_dir: str | None = None, scan: int = 512,
+                     log=print) -> tuple[list[np.ndarray], list[str], list[int]]:
+    """Up to `count` of a run's test images: among the first `scan`, the first wrongly classified ones (up to
+    half) and the first right ones, in test-split order."""
+    from ..engine.config import load_config
+    from ..engine.evaluate import inference_runtime
+    from ..engine.test_split import open_test_split
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"{run_dir}: not a run folder, so there are no test images to pick; give image files: "
+                          "'cnnlab explain WEIGHTS IMAGE...'")
+    cfg = load_config(run_dir / "config.yaml")
+    split = open_test_split(cfg.dataset, data_dir or cfg.data_dir, input_shape=loaded.input_shape, mean=loaded.mean,
+                            std=loaded.std, runtime=inference_runtime("cpu", "fp32"), log=log)
+    if split.labels is None:
+        raise ConfigError(f"{run_dir}: its test split is not indexed (shards); give image files instead")
+    n = min(scan, len(split.labels))
+    images = [np.ascontiguousarray(split.image(i).transpose(2, 0, 1)) for i in range(n)]
+    if tuple(images[0].shape) != tuple(loaded.input_shape):
+        raise ConfigError(f"{run_dir}: test images are {images[0].shape}, the model takes {loaded.input_shape}; "
+                          "give image files instead")
+    with torch.no_grad():
+        x = loaded.normalise(torch.from_numpy(np.stack(images)))
+        pred = loaded.model.float().eval()(x).argmax(1)
+    labels = split.labels[:n].long()
+    wrong = [i for i in range(n) if pred[i] != labels[i]][: count // 2]
+    right = [i for i in range(n) if pred[i] == labels[i]][: count - len(wrong)]
+    chosen = sorted(wrong + right)
+    return [images[i] for i in chosen], [f"test image {i}" for i in chosen], [int(labels[i]) for i in chosen]
