@@ -16,7 +16,7 @@ from cnnlab.engine.predict import load_image, predict_files
 from cnnlab.engine.weights import load_weights, save_weights
 from cnnlab.errors import ConfigError
 from cnnlab.models import create_model
-from cnnlab.viz.explain import explain_data, explain_files, write_explain_page
+from cnnlab.viz.explain import explain_files, write_explain_page
 
 from test_viz_page import browser, _shot  # noqa: F401  (the headless Chromium fixture and screenshots)
 

@@ -528,6 +528,26 @@ def cmd_explain(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from .engine.weights import load_weights
+    from .serve import serve
+
+    loaded = load_weights(args.target, "cpu", model_name=args.model)
+    test_images = None
+    if Path(args.target).is_dir() and (Path(args.target) / "config.yaml").is_file():
+        from .viz.explain import pick_test_images
+        try:
+            test_images = pick_test_images(args.target, loaded, 16, args.data_dir,
+                                           log=lambda m: print(m, file=sys.stderr))
+        except CnnlabError as exc:  # the page still takes uploads
+            print(f"note: no test images to pick on the page ({exc})", file=sys.stderr)
+    if args.max_upload_mb <= 0:
+        raise ConfigError(f"--max-upload-mb {args.max_upload_mb}: give a positive size in MB")
+    serve(loaded, args.host, args.port, log=lambda m: print(m, file=sys.stderr, flush=True),
+          test_images=test_images, cam_layer=args.layer, max_upload_bytes=int(args.max_upload_mb * 1e6))
+    return 0
+
+
 def cmd_report(args) -> int:
     from .viz.report import build_report
     print(build_report(args.run_dir, data_dir=args.data_dir, log=lambda m: print(m, file=sys.stderr)))
@@ -793,6 +813,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="where the run's test split is, if not where the run found it")
     p.add_argument("--model", help="model name for a plain state-dict file without a sidecar")
     p.set_defaults(func=cmd_explain)
+
+    p = sub.add_parser("serve", help="the explain page live and a JSON prediction API (FastAPI + uvicorn)",
+                       description="GET / : the explain page, taking uploaded, dropped or pasted images; POST "
+                                   "/v1/predict: image files -> what 'cnnlab predict --json' gives; GET /v1/model, "
+                                   "/healthz; OpenAPI at /docs and /openapi.json. Needs the serve extra: "
+                                   "pip install 'cnnlab[serve]'.")
+    p.add_argument("target", metavar="RUN_DIR|WEIGHTS")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine "
+                   "only; any other is reachable by others, with no authentication)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest file accepted, in MB (default 20; "
+                   "images are also held to 64 megapixels)")
+    p.add_argument("--layer", help="the layer Grad-CAM looks at (default: the last convolutional stage)")
+    p.add_argument("--data-dir", help="where the run's test split is, if not where the run found it")
+    p.add_argument("--model", help="model name for a plain state-dict file without a sidecar")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("report", help="one self-contained HTML page on a run (also written by train)")
     p.add_argument("run_dir", metavar="RUN_DIR")

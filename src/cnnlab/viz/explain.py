@@ -264,9 +264,11 @@ def _layers_and_acts(nodes: list[Node], sources: list, x: torch.Tensor, cap: int
 
 
 def explain_data(loaded, images: Sequence[np.ndarray], names: Sequence[str], labels: Sequence[int | None] | None = None,
-                 cam_layer: str | None = None, budget: int = DEFAULT_BUDGET, title: str = "") -> dict:
+                 cam_layer: str | None = None, budget: int = DEFAULT_BUDGET, title: str = "",
+                 cap: int | None = None) -> dict:
     """What the page shows for `images` (uint8 (C, H, W) each, already in the model's size, as
-    `cnnlab.engine.predict.load_image` gives them) under a loaded model (`LoadedModel`)."""
+    `cnnlab.engine.predict.load_image` gives them) under a loaded model (`LoadedModel`). `cap`: this many maps
+    per layer at most, instead of as many as the budget allows (a live page adds images to a layout)."""
     if not len(images):
         raise ConfigError("explain needs at least one image")
     model = loaded.model
@@ -279,7 +281,6 @@ def explain_data(loaded, images: Sequence[np.ndarray], names: Sequence[str], lab
     n = len(images)
 
     # each call's input: the output of the latest earlier shown call that equals it, the image, or its own copy
-    index = {node.name: i for i, node in enumerate(nodes)}
     sources: list[int | str | None] = []
     for i, node in enumerate(nodes):
         src: int | str | None = "input" if torch.equal(node.x, x) else None
@@ -292,11 +293,13 @@ def explain_data(loaded, images: Sequence[np.ndarray], names: Sequence[str], lab
         sources.append(src)
 
     # the budget: a first guess from the sizes, then fewer maps until the page really fits
-    cap = _maps_shown(nodes, sources, int(budget * 0.8 / 5.4), n)  # float32 in base64: 5.33 bytes a value
+    fixed = cap is not None
+    cap = cap or _maps_shown(nodes, sources, int(budget * 0.8 / 5.4), n)  # float32 in base64: 5.33 bytes a value
     while True:
-        layers, acts = _layers_and_acts(nodes, sources, x, cap)
+        with torch.no_grad():
+            layers, acts = _layers_and_acts(nodes, sources, x, cap)
         size = sum(len(json.dumps(a, separators=(",", ":"))) for a in acts) + len(json.dumps(layers))
-        if size <= budget * 0.85 or cap == 1:  # the rest: pictures, Grad-CAM overlays, the page itself
+        if fixed or size <= budget * 0.85 or cap == 1:  # the rest: pictures, Grad-CAM overlays, the page itself
             break
         cap = max(1, cap // 2)
 
@@ -328,7 +331,7 @@ def explain_data(loaded, images: Sequence[np.ndarray], names: Sequence[str], lab
             "std": list(loaded.std), "layers": layers, "columns": columns, "cap": cap, "note": note,
             "cam_layer": cam_layer, "cam_classes": cam_classes, "images": out_images}
     size = len(explain_html(data).encode())
-    if size > budget:
+    if size > budget and not fixed:
         raise ConfigError(f"{n} image(s) of {loaded.meta['model']} need {size / 1e6:.1f} MB even with one map per "
                           f"layer, over the page budget of {budget / 1e6:g} MB: give fewer images or "
                           f"--budget-mb {size / 1e6 + 0.1:.1f}")
