@@ -21,6 +21,17 @@ from cnnlab.viz.explain import explain_files, write_explain_page
 from test_viz_page import browser, _shot  # noqa: F401  (the headless Chromium fixture and screenshots)
 
 
+@pytest.fixture(scope="module")
+def probe_cache(tmp_path_factory):
+    """One cnnlab cache for this module: inference measures the CPU once, not per test."""
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(autouse=True)
+def _shared_cache(private_cache, probe_cache, monkeypatch):
+    monkeypatch.setenv("CNNLAB_CACHE", str(probe_cache))
+
+
 def weights_folder(folder: Path, name: str, classes=10, shape=(3, 32, 32), **args) -> Path:
     """Random-weight model files as `cnnlab train` writes them (BN statistics made non-trivial)."""
     torch.manual_seed(0)

@@ -27,6 +27,17 @@ from test_viz_page import browser, _shot  # noqa: E402,F401
 LIMIT_MB = 0.05  # a small upload limit, so that a test can go over it cheaply
 
 
+@pytest.fixture(scope="module")
+def probe_cache(tmp_path_factory):
+    """One cnnlab cache for this module's servers and tests: inference measures the CPU once, not per test."""
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(autouse=True)
+def _shared_cache(private_cache, probe_cache, monkeypatch):
+    monkeypatch.setenv("CNNLAB_CACHE", str(probe_cache))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -34,14 +45,14 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tmp_path_factory, probe_cache):
     tmp = tmp_path_factory.mktemp("serve")
     folder = weights_folder(tmp / "convnet", "convnet")
     port = free_port()
     log = open(tmp / "server.log", "w+")
     proc = subprocess.Popen([sys.executable, "-m", "cnnlab", "serve", str(folder), "--port", str(port),
                              "--max-upload-mb", str(LIMIT_MB)], stdout=log, stderr=subprocess.STDOUT,
-                            env=os.environ.copy())
+                            env={**os.environ, "CNNLAB_CACHE": str(probe_cache)})
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while True:

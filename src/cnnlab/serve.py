@@ -112,6 +112,13 @@ def create_app(loaded, *, test_images: tuple[list[np.ndarray], list[str], list[i
             grey = np.full(loaded.input_shape, 128, dtype=np.uint8)
             start = explain_data(explained, [grey], ["grey image"], cam_layer=cam_layer)
     cap = start["cap"]
+    with tempfile.TemporaryDirectory(prefix="cnnlab-serve-") as tmp, lock:
+        # one prediction before the first request: inference settles its runtime once (a measured CPU probe, cached
+        # for later runs), which the first client would otherwise wait for
+        from PIL import Image
+        grey = Image.new("L" if loaded.input_shape[0] == 1 else "RGB", loaded.input_shape[:0:-1], 128)
+        grey.save(Path(tmp) / "warm-up.png")
+        predict_files(loaded, [Path(tmp) / "warm-up.png"], top_k=1, precision="fp32")
     start["test_images"] = list(names)
     page = explain_html(start, live=True)
 
