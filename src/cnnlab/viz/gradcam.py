@@ -24,7 +24,7 @@ from PIL import Image
 
 from ..errors import ModelError
 
-__all__ = ["CamResult", "grad_cam", "cam_layers", "default_cam_layer", "overlay", "save_overlay", "png_data_uri",
+__all__ = ["CamResult", "grad_cam", "grad_cams", "cam_layers", "default_cam_layer", "overlay", "save_overlay", "png_data_uri",
            "class_index", "cam_files"]
 
 _POOLS = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.LPPool2d)
@@ -104,6 +104,11 @@ def grad_cam(model: nn.Module, x: torch.Tensor, layer: str | None = None,
              target: int | Sequence[int] | None = None) -> list[CamResult]:
     """Grad-CAM of `layer` (default: `default_cam_layer`) for each image in `x` (N, C, H, W, already normalised)
     and class `target`: one index for all, one per image, or None for each image's predicted class."""
+    return grad_cams(model, x, layer, [target])[0]
+
+
+def grad_cams(model: nn.Module, x: torch.Tensor, layer: str | None, targets: Sequence) -> list[list[CamResult]]:
+    """`grad_cam` for several targets (each as `grad_cam` takes it) from one forward pass: one list per target."""
     modules = dict(model.named_modules())
     layer = layer or default_cam_layer(model, tuple(x.shape[1:]))
     if layer not in modules or not layer:
@@ -112,6 +117,7 @@ def grad_cam(model: nn.Module, x: torch.Tensor, layer: str | None = None,
     captured: list[torch.Tensor] = []
     handle = modules[layer].register_forward_hook(lambda m, i, out: captured.append(out))
     was_training = model.training
+    out: list[list[CamResult]] = []
     try:
         with torch.enable_grad(), _no_inplace(model):
             model.eval()
@@ -124,29 +130,32 @@ def grad_cam(model: nn.Module, x: torch.Tensor, layer: str | None = None,
                                  f"choose one of {', '.join(cam_layers(model, tuple(x.shape[1:])))}")
             maps = captured[0]
             n, classes = logits.shape
-            if target is None:
-                targets = logits.argmax(1).tolist()
-            elif isinstance(target, int):
-                targets = [target] * n
-            else:
-                targets = [int(t) for t in target]
-            bad = [t for t in targets if not 0 <= t < classes]
-            if bad or len(targets) != n:
-                raise ModelError(f"class index {bad[0] if bad else targets} is not valid: the model has {classes} "
-                                 f"classes (0..{classes - 1}), one target per image ({n})")
-            # images are independent in eval mode, so one backward of the summed scores gives each its gradient
-            score = logits.gather(1, torch.tensor(targets, device=logits.device)[:, None]).sum()
-            grads, = torch.autograd.grad(score, maps)
+            probs = logits.detach().softmax(1).cpu()
+            for k, target in enumerate(targets):
+                if target is None:
+                    chosen = logits.argmax(1).tolist()
+                elif isinstance(target, int):
+                    chosen = [target] * n
+                else:
+                    chosen = [int(t) for t in target]
+                bad = [t for t in chosen if not 0 <= t < classes]
+                if bad or len(chosen) != n:
+                    raise ModelError(f"class index {bad[0] if bad else chosen} is not valid: the model has {classes} "
+                                     f"classes (0..{classes - 1}), one target per image ({n})")
+                # images are independent in eval mode, so one backward of the summed scores gives each its gradient
+                score = logits.gather(1, torch.tensor(chosen, device=logits.device)[:, None]).sum()
+                grads, = torch.autograd.grad(score, maps, retain_graph=k < len(targets) - 1)
+                a, g = maps.detach().float(), grads.float()
+                weights = g.mean(dim=(2, 3))                                       # (N, K)
+                raw = F.relu((weights[:, :, None, None] * a).sum(1))               # (N, h, w)
+                cam = F.interpolate(raw[:, None], size=x.shape[2:], mode="bilinear", align_corners=False)[:, 0]
+                cam = cam.clamp_min(0)
+                out.append([CamResult(layer, t, cam[i].cpu(), raw[i].cpu(), weights[i].cpu(), probs[i])
+                            for i, t in enumerate(chosen)])
     finally:
         handle.remove()
         model.train(was_training)
-    maps, grads = maps.detach().float(), grads.float()
-    weights = grads.mean(dim=(2, 3))                                       # (N, K)
-    raw = F.relu((weights[:, :, None, None] * maps).sum(1))               # (N, h, w)
-    cam = F.interpolate(raw[:, None], size=x.shape[2:], mode="bilinear", align_corners=False)[:, 0].clamp_min(0)
-    probs = logits.detach().softmax(1)
-    return [CamResult(layer, t, cam[i].cpu(), raw[i].cpu(), weights[i].cpu(), probs[i].cpu())
-            for i, t in enumerate(targets)]
+    return out
 
 
 # Okabe-Ito-friendly heat: transparent for 0, through orange to vermillion-red at the maximum
