@@ -16,7 +16,7 @@ from cnnlab.engine.predict import load_image, predict_files
 from cnnlab.engine.weights import load_weights, save_weights
 from cnnlab.errors import ConfigError
 from cnnlab.models import create_model
-from cnnlab.viz.explain import explain_files, write_explain_page
+from cnnlab.viz.explain import explain_data, explain_files, explain_html, write_explain_page
 
 from test_viz_page import browser, _shot  # noqa: F401  (the headless Chromium fixture and screenshots)
 
@@ -295,3 +295,27 @@ def test_resnet_blocks_open_with_the_shortcut_drawn(browser, tmp_path):
     assert browser.find_element(By.ID, "detail-body").get_attribute("data-kind") == "bn"
     _shot(section, "explain-block.png", tmp_path)
     assert browser.find_element(By.TAG_NAME, "html").get_attribute("data-mismatches") is None
+
+
+@pytest.mark.parametrize("name,shape,args", [
+    ("lenet5", (1, 32, 32), {}),
+    ("airbench94", (3, 32, 32), {}),
+    ("resnet18", (3, 64, 64), {}),
+    ("cnn", (3, 32, 32), {"spec": "c8b,p,c16s2,a,f32,d0.5"}),
+    ("alexnet", (3, 224, 224), {}),
+])
+def test_every_family_gets_a_page_with_its_arithmetic(tmp_path, name, shape, args):
+    folder = weights_folder(tmp_path / name, name, shape=shape, **args)
+    loaded = load_weights(folder)
+    rng = np.random.default_rng(0)
+    data = explain_data(loaded, [rng.integers(0, 256, shape, dtype=np.uint8)], ["noise"])
+    kinds = {layer["id"]: layer["kind"] for layer in data["layers"]}
+    convs = [n for n, m in loaded.model.named_modules() if isinstance(m, torch.nn.Conv2d)]
+    # every plain convolution is recognised (checked against F.conv2d on its real input); custom ones may not be
+    custom = {"c3"} if name == "lenet5" else set()  # LeNet-5's C3 sums convolutions over a connection table
+    assert all(kinds.get(c) == "conv" for c in convs if c not in custom and not c.startswith("c3.")), kinds
+    assert data["columns"] and data["images"][0]["cams"] and sum(data["images"][0]["probs"]) == pytest.approx(1)
+    assert len(explain_html(data).encode()) <= 5_000_000
+    if name == "resnet18":
+        assert [c for c in data["columns"] if c.startswith("layer")] == [f"layer{s}.{k}" for s in (1, 2, 3, 4)
+                                                                          for k in (0, 1)]

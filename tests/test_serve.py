@@ -188,6 +188,46 @@ def test_served_page_takes_an_upload_and_shows_predicts_class(server, browser, t
     assert browser.find_element(By.TAG_NAME, "html").get_attribute("data-mismatches") is None
 
 
+def start(target, port: int, *extra) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-m", "cnnlab", "serve", str(target), "--port", str(port), *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline:
+        try:
+            if requests.get(f"http://127.0.0.1:{port}/healthz", timeout=2).ok:
+                return proc
+        except requests.ConnectionError:
+            time.sleep(0.2)
+    proc.kill()
+    pytest.fail(f"the server did not start: {proc.communicate()[0]}")
+
+
+@pytest.mark.slow  # a training run and a second server: about 6 s idle, 30 s on a busy 2-core machine
+def test_a_run_folder_offers_its_test_images(tmp_path, image_folder):
+    run = tmp_path / "run"
+    assert main(["train", "--dataset", "imagefolder", "--data-dir", str(image_folder), "--model", "cnn",
+                 "--model-arg", "spec=c4,p,f16", "--epochs", "1", "--batch-size", "32", "--run-dir", str(run),
+                 "--progress", "plain", "--no-report"]) == 0
+    port = free_port()
+    proc = start(run, port)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        page = requests.get(base + "/", timeout=30).text
+        data = json.loads(page.split('type="application/json">')[1].split("</script>")[0])
+        assert len(data["test_images"]) == 16 and data["test_images"][0].startswith("test image ")
+        answer = requests.post(base + "/v1/explain", data={"test_index": "3"}, timeout=60)
+        assert answer.status_code == 200, answer.text
+        image = answer.json()["image"]
+        assert image["name"] == data["test_images"][3] and image["label"] in range(3)
+        assert set(image["acts"]) >= {layer["id"] for layer in data["layers"] if "same_as" not in layer}
+        missing = requests.post(base + "/v1/explain", data={"test_index": "99"}, timeout=30)
+        assert missing.status_code == 404 and "no test image 99; there are 16" in missing.text
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out = proc.communicate(timeout=30)[0]
+    assert proc.returncode == 0 and out.rstrip().endswith("stopped (SIGINT)"), out
+
+
 def test_sigterm_stops_the_server_cleanly(tmp_path):
     folder = weights_folder(tmp_path / "w", "convnet")
     port = free_port()
