@@ -179,6 +179,19 @@ def test_served_page_takes_an_upload_and_shows_predicts_class(server, browser, t
     browser.find_element(By.ID, "map-0-0").click()
     assert browser.find_element(By.ID, "detail-section").get_attribute("data-layer") == "0"
     _shot(browser.find_element(By.ID, "images-section"), "serve-upload.png", tmp_path)
+    # dropped on the box, and pasted: the same request from the page's other two ways in
+    import base64
+    png = base64.b64encode(path.read_bytes()).decode()
+    for event in ("drop", "paste"):
+        browser.execute_script("""
+            const bytes = Uint8Array.from(atob(arguments[0]), c => c.charCodeAt(0));
+            const data = new DataTransfer();
+            data.items.add(new File([bytes], arguments[1] + '.png', {type: 'image/png'}));
+            const e = arguments[1] === 'drop' ? new DragEvent('drop', {dataTransfer: data, bubbles: true})
+                                              : new ClipboardEvent('paste', {clipboardData: data, bubbles: true});
+            (arguments[1] === 'drop' ? document.getElementById('drop') : document).dispatchEvent(e);""", png, event)
+        WebDriverWait(browser, 60).until(lambda d: status.text.startswith(f"{event}.png: "))
+        assert status.get_attribute("data-cls") == want
     # a file that is not an image: refused on the page with the server's reason
     bad = tmp_path / "note.png"
     bad.write_bytes(b"not an image at all")
