@@ -13,8 +13,8 @@ import pytest
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 LECTURE_PARTS = ["01-convolutions", "02-pooling", "03-complete-network", "04-learned-features",
-                 "05-residual-networks"]
-NEEDS_CIFAR10 = {"03-complete-network", "04-learned-features", "05-residual-networks"}
+                 "05-residual-networks", "06-inside-your-network"]
+NEEDS_CIFAR10 = {"03-complete-network", "04-learned-features", "05-residual-networks", "06-inside-your-network"}
 
 nbformat = pytest.importorskip("nbformat")
 

@@ -82,11 +82,8 @@ def _model_args(items: list[str] | None) -> dict:
 
 
 def _train_config(args):
-    """defaults, then the recipe, then the YAML file, then flags; then the recipe's rules (recipes.build_config)."""
-    from .engine.config import flag_values
-    from .engine.recipes import build_config
-
-    return build_config(args.recipe, args.config, flag_values(args), log=lambda m: print(m, file=sys.stderr))
+    from .engine.launch import train_config
+    return train_config(args)
 
 
 def _resume_target(args):
@@ -136,31 +133,6 @@ def cmd_train(args, fit_options: dict | None = None) -> int:
             print(f"report: {build_report(summary['run_dir'], log=lambda m: None)}")
         except Exception as exc:  # noqa: BLE001  the run itself succeeded: say so, and how to retry
             print(f"warning: no report written ({exc}); run 'cnnlab report {summary['run_dir']}'", file=sys.stderr)
-    return 0
-
-
-def cmd_lr_find(args) -> int:
-    """`cnnlab lr-find [RUN_DIR] [train flags]`: the range test for the run those flags (or RUN_DIR's config)
-    describe; lr_find.png and lr_find.json go into RUN_DIR (its report shows them) or --out."""
-    from .engine.config import config_from_args
-    from .engine.trainer import lr_find
-    from .engine.run import Run, is_run_folder
-
-    if args.run:
-        if not is_run_folder(args.run):
-            raise ConfigError(f"{args.run}: not a run folder (no config.yaml); give a folder 'cnnlab train' made, or "
-                              "leave it out and give the training flags")
-        if args.config or args.recipe:
-            raise ConfigError("lr-find RUN_DIR takes the run's own config.yaml; leave out --config and --recipe")
-        cfg, out = config_from_args(args, Run(args.run).config), Path(args.out or args.run)
-    else:
-        cfg, out = _train_config(args), Path(args.out or "lr-find")
-    result = lr_find(cfg, steps=args.steps, start_lr=args.start_lr, end_lr=args.end_lr, rule=args.rule, out=out,
-                     log=lambda m: print(m, file=sys.stderr))
-    from .engine.runtime import distributed_env
-    if distributed_env()["rank"] == 0:
-        print(f"suggested lr: {result.suggestion:.3g} ({result.rule}); train with it: cnnlab train --lr "
-              f"{result.suggestion:.3g} ... (or --lr find); curve: {result.files.get('png', out)}")
     return 0
 
 
@@ -286,26 +258,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-report", dest="report", action="store_const", const="false",
                    help="do not write report.html at the end")
 
-    from .engine.lr_find import DEFAULT_END_LR, DEFAULT_START_LR, DEFAULT_STEPS, RULES
-    p = sub.add_parser("lr-find", help="the learning-rate range test: loss against an exponentially rising lr, "
-                                       "and a suggestion (train with it: --lr find)",
-                       description="Trains the run's model for a short run (default 100 steps) while the learning "
-                                   "rate rises exponentially, stops when the smoothed loss passes 4x its best, and "
-                                   "suggests a learning rate (Smith 2017; fastai's lr_find). Rules: "
-                                   + "; ".join(f"{k}: {v}" for k, v in RULES.items()) + ". Nothing is trained "
-                                   "for real: the run's setup is only measured.")
-    p.add_argument("run", nargs="?", metavar="RUN_DIR", help="a run folder: its config, and where lr_find.png goes "
-                   "(its report then shows the curve)")
-    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"steps at most (default {DEFAULT_STEPS})")
-    p.add_argument("--start-lr", type=float, default=DEFAULT_START_LR, help=f"default {DEFAULT_START_LR:g}")
-    p.add_argument("--end-lr", type=float, default=DEFAULT_END_LR, help=f"default {DEFAULT_END_LR:g}")
-    p.add_argument("--rule", choices=tuple(RULES), default="steepest", help="which rule suggests (default: steepest)")
-    p.add_argument("--out", metavar="DIR", help="where lr_find.png and lr_find.json go (default: RUN_DIR, or "
-                                                "./lr-find)")
-    p.add_argument("--config", help="YAML file of config keys (flags override it)")
-    p.add_argument("--recipe", choices=tuple(RECIPES), help="a published recipe's optimiser and settings")
-    add_config_flags(p)
-
     p = sub.add_parser("eval", help="evaluate trained weights on a test split")
     p.add_argument("target", metavar="RUN_DIR|WEIGHTS")
     p.add_argument("--dataset", help="dataset (default: the one the model was trained on)")
@@ -360,28 +312,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "test accuracy, size and the command that trained each")
     p.add_argument("--json", action="store_true")
 
-    p = sub.add_parser("viz", help="pictures: convolution and pooling, filters, feature maps, the V1 comparison",
-                       description="conv: the lecture's convolution slides (GIFs and PNGs), or with --html an "
-                                   "interactive page; pool: max pooling on a "
-                                   "feature map; filters RUN_DIR|WEIGHTS: a layer's filters; features RUN_DIR IMAGE: "
-                                   "activation maps; gabor RUN_DIR|WEIGHTS: Gabor fits of the first layer against "
-                                   "macaque V1 (Ringach 2002)")
-    p.add_argument("what", choices=("conv", "pool", "filters", "features", "gabor"))
-    p.add_argument("target", nargs="?", metavar="RUN_DIR|WEIGHTS", help="for filters, features and gabor")
-    p.add_argument("image", nargs="?", metavar="IMAGE", help="for features")
-    p.add_argument("--image", dest="image_flag", metavar="PATH", help="conv and pool: your own image")
-    p.add_argument("--html", action="store_true", help="conv: write conv.html, an interactive page (window "
-                   "stepping, stride, padding, max pooling) instead of the slides")
-    p.add_argument("--filters", type=int, help="conv: filters on the colour slide (1-8; default 5) or on the page "
-                   "(default 2)")
-    p.add_argument("--size", type=int, help="conv: image side in pixels (default 16 on the slides, 3-32; 7 on the "
-                   "page, 4-12)")
-    p.add_argument("--layer", help="filters: a conv layer by dotted name (default: the first)")
-    p.add_argument("--layers", help="features: comma-separated layer names (default: the first 3 conv layers "
-                   "and the last)")
-    p.add_argument("--threshold", type=float, default=0.5, help="gabor: R^2 at which a fit counts as good")
-    p.add_argument("--model", help="model name for a plain state-dict file without a sidecar")
-    p.add_argument("--out", help="output folder (default RUN_DIR/viz, or ./viz)")
+    from .engine.launch import add_lr_find_parser
+    from .viz.command import add_viz_parsers
+    add_viz_parsers(sub, _positive_int)
+    add_lr_find_parser(sub)
 
     p = sub.add_parser("report", help="one self-contained HTML page on a run (also written by train)")
     p.add_argument("run_dir", metavar="RUN_DIR")
@@ -405,9 +339,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Each subcommand and the function that runs it: it parses nothing more, calls the library and prints.
 COMMANDS = {
-    "train": cmd_train, "lr-find": cmd_lr_find, "eval": cmd_eval, "predict": cmd_predict, "export": cmd_export, "summary": cmd_summary,
+    "train": cmd_train, "lr-find": _lazy("engine.launch", "lr_find_command"), "eval": cmd_eval, "predict": cmd_predict, "export": cmd_export, "summary": cmd_summary,
     "report": cmd_report, "models": _lazy("models.command", "models_command"),
-    "viz": _lazy("viz.command", "viz_command"), "data": _lazy("data.command", "data_command"),
+    "viz": _lazy("viz.command", "viz_command"), "explain": _lazy("viz.command", "explain_command"),
+    "serve": _lazy("serve", "serve_command"), "data": _lazy("data.command", "data_command"),
     "experiment": _lazy("experiments.command", "experiment_command"),
 }
 

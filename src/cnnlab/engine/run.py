@@ -10,7 +10,7 @@ resume and the experiment runner read it through a `Run`.
       predictions.safetensors  each test image's loss and prediction from the final evaluation
       summary.json             written last: its presence with the weights means the run finished
       report.html, report/     the page (viz/report.py), its figures
-      eval.json, confusion.png `cnnlab eval`'s output; viz/: `cnnlab viz`'s
+      eval.json, confusion.png `cnnlab eval`'s output; viz/: `cnnlab viz`'s; explain.html: `cnnlab explain`'s
       mlflow.json, tensorboard/ the loggers' records
       lr_find.json, lr_find.png the learning-rate finder's curve (train --lr find, cnnlab lr-find RUN_DIR)
 """
@@ -34,7 +34,7 @@ RUN_FILES = {
     "weights": "model.safetensors", "sidecar": "model.json", "predictions": "predictions.safetensors",
     "summary": "summary.json", "report": "report.html", "report_figures": "report", "eval": "eval.json",
     "confusion": "confusion.png", "viz": "viz", "mlflow": "mlflow.json", "tensorboard": "tensorboard",
-    "lr_find": "lr_find.json", "lr_find_plot": "lr_find.png",
+    "lr_find": "lr_find.json", "lr_find_plot": "lr_find.png", "explain": "explain.html",
     "lock": ".lock", "launch_stamp": ".torchrun-launch",
 }
 
