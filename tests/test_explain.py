@@ -103,7 +103,7 @@ def convnet(tmp_path_factory):
 
 def test_page_numbers_equal_pytorch_on_each_layers_real_input(convnet):
     folder, paths, loaded, data, _ = convnet
-    pixels = np.stack([load_image(p, loaded.input_shape)[0] for p in paths])
+    pixels = np.stack([load_image(p, loaded.preprocess)[0] for p in paths])
     x = loaded.normalise(torch.from_numpy(pixels))
     model = create_model("convnet")
     model.load_state_dict(loaded.model.state_dict())
@@ -215,7 +215,7 @@ def test_page_in_a_real_headless_browser(browser, convnet, tmp_path):
     assert resources == []
     assert html.get_attribute("data-errors") == "0"
 
-    pixels = np.stack([load_image(p, loaded.input_shape)[0] for p in paths])
+    pixels = np.stack([load_image(p, loaded.preprocess)[0] for p in paths])
     x = loaded.normalise(torch.from_numpy(pixels))
     model = create_model("convnet")
     model.load_state_dict(loaded.model.state_dict())
