@@ -9,12 +9,13 @@ TORCH_SPEC ?= torch==2.13.0
 .PHONY: demo test test-slow test-all test-fast fuzz bench notebooks venv data clean
 
 # setup.py compiles streaming's region JPEG decoder against libjpeg-turbo; without a compiler or libjpeg's headers
-# it is skipped (whole-image decoding instead), so as root with apt they are installed first.
+# it is skipped (whole-image decoding instead), so as root with apt they are installed first. libjpeg-turbo-progs:
+# cjpeg writes the test JPEGs of every chroma subsampling (tests/test_jpeg_region.py).
 $(BIN)/.installed: pyproject.toml setup.py src/cnnlab/data/_jpeg_region.c
-	@if [ ! -e /usr/include/jpeglib.h ] || ! command -v cc >/dev/null 2>&1; then \
+	@if [ ! -e /usr/include/jpeglib.h ] || ! command -v cc >/dev/null 2>&1 || ! command -v cjpeg >/dev/null 2>&1; then \
 	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
-	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcc libjpeg-dev >/dev/null 2>&1 || \
-	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcc libjpeg-dev; } || true; \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcc libjpeg-dev libjpeg-turbo-progs >/dev/null 2>&1 || \
+	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcc libjpeg-dev libjpeg-turbo-progs; } || true; \
 	  fi; \
 	fi
 	$(PYTHON) -m venv $(VENV)
