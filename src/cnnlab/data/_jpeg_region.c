@@ -17,7 +17,7 @@
  * max_scans scans (a progressive file of a few KB can hold thousands, each one a pass over the whole image).
  *
  * One function: decode_region(data, scale_denom, left, top, right, bottom, gray, max_pixels=8192*8192,
- * max_scans=100) -> bytearray
+ * max_scans=64) -> bytearray
  * The coordinates are those of the image decoded at 1/scale_denom (DCT scaling, as Pillow's draft mode). The
  * pixels are the box's rows of (right - left) RGB (or grey) bytes, contiguous, so that they need no copy
  * before torch resizes them. A JPEG error is a ValueError with libjpeg's message; a
@@ -35,7 +35,7 @@
 #include <jpeglib.h>
 
 #define DEFAULT_MAX_PIXELS (8192LL * 8192LL)  /* cnnlab.data.images.Limits: the callers pass theirs */
-#define DEFAULT_MAX_SCANS 100
+#define DEFAULT_MAX_SCANS 64
 
 struct region_error {
     struct jpeg_error_mgr pub;
@@ -205,7 +205,7 @@ static PyObject *decode_region(PyObject *Py_UNUSED(module), PyObject *args, PyOb
 
 static PyMethodDef methods[] = {
     {"decode_region", (PyCFunction)(void (*)(void))decode_region, METH_VARARGS | METH_KEYWORDS,
-     "decode_region(data, scale_denom, left, top, right, bottom, gray, max_pixels=67108864, max_scans=100) -> "
+     "decode_region(data, scale_denom, left, top, right, bottom, gray, max_pixels=67108864, max_scans=64) -> "
      "bytearray: the pixels of [left, right) x [top, bottom) of a JPEG decoded at 1/scale_denom, rows of "
      "(right - left) RGB or grey bytes, equal to those of a full decode. ValueError for a file over max_pixels "
      "or with more than max_scans scans."},

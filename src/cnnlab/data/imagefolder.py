@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from ..errors import DatasetError, ImageError
-from .images import open_image
+from .images import open_encoded, open_image, read_image_file
 from .transforms import GRAY_MODES, to_model_mode
 
 __all__ = ["IMAGE_EXTENSIONS", "image_folder_files", "decode_image_folder", "TEST_SPLITS", "image_folder_classes",
@@ -71,11 +71,11 @@ def image_folder_files(root: Path) -> list[Path]:
 
 def _peek(path: Path) -> tuple[str, tuple[int, int]]:
     """An image's mode and its size as shown (EXIF orientations 5-8 swap width and height), from its header."""
-    try:
-        with Image.open(path) as im:
-            width, height = im.size
-            swapped = im.getexif().get(0x0112, 1) in (5, 6, 7, 8)
-            return im.mode, ((height, width) if swapped else (width, height))
+    try:  # the guarded opener's checks (file size, JPEG structure, pixels) come first
+        im = open_encoded(read_image_file(path), path)
+        width, height = im.size
+        swapped = im.getexif().get(0x0112, 1) in (5, 6, 7, 8)
+        return im.mode, ((height, width) if swapped else (width, height))
     except Exception:  # a header PIL cannot read: open_image gives the error that names the file
         _decode(path)
         raise DatasetError(f"{path}: not a readable image; remove or replace it") from None
@@ -83,7 +83,9 @@ def _peek(path: Path) -> tuple[str, tuple[int, int]]:
 
 def _decode(path: Path) -> Image.Image:
     try:
-        return ImageOps.exif_transpose(open_image(path))
+        im = open_image(path)
+        # exif_transpose copies even an upright image: a second 64 MP buffer for nothing
+        return ImageOps.exif_transpose(im) if im.getexif().get(0x0112, 1) in range(2, 9) else im
     except ImageError as exc:
         raise DatasetError(f"{exc}; remove or replace it") from None
 
