@@ -40,8 +40,7 @@
 struct region_error {
     struct jpeg_error_mgr pub;
     jmp_buf jump;
-    char message[JMSG_LENGTH_MAX + 80];
-    int max_scans;
+    char message[JMSG_LENGTH_MAX];
 };
 
 static void fail(j_common_ptr cinfo)
@@ -59,17 +58,19 @@ static void on_message(j_common_ptr cinfo, int level)
         cinfo->err->num_warnings++;
 }
 
-/* Called by libjpeg between units of work, also while it reads a progressive file's scans (what djpeg's
- * -maxscans does): a file with more scans than allowed stops at the first one too many. */
-static void count_scans(j_common_ptr cinfo)
+/* The number of SOS markers (FF DA) in the data: at least its number of scans, since entropy-coded data never
+ * holds FF DA (a coded FF is followed by 00). Counted before any buffer is allocated: libjpeg reads every scan
+ * of a progressive file before its first row, each one a pass over the whole image. */
+static Py_ssize_t count_sos(const unsigned char *data, Py_ssize_t len)
 {
-    struct region_error *err = (struct region_error *)cinfo->err;
-    j_decompress_ptr dinfo = (j_decompress_ptr)cinfo;
-    if (dinfo->input_scan_number > err->max_scans) {
-        snprintf(err->message, sizeof(err->message), "more than %d scans (a scan-bomb progressive file)",
-                 err->max_scans);
-        longjmp(err->jump, 1);
+    Py_ssize_t count = 0;
+    const unsigned char *p = data, *end = data + len;
+    while (p < end - 1 && (p = memchr(p, 0xFF, (size_t)(end - 1 - p))) != NULL) {
+        if (p[1] == 0xDA)
+            count++;
+        p++;
     }
+    return count;
 }
 
 #if JPEG_LIB_VERSION >= 70
@@ -119,7 +120,6 @@ static PyObject *decode_region(PyObject *Py_UNUSED(module), PyObject *args, PyOb
 
     struct jpeg_decompress_struct cinfo;
     struct region_error err;
-    struct jpeg_progress_mgr progress = {count_scans, 0, 0, 0, 0};
     PyObject *volatile pixels = NULL;  /* a bytearray: numpy and torch may write to it */
     PyThreadState *volatile released = NULL;
 
@@ -127,9 +127,7 @@ static PyObject *decode_region(PyObject *Py_UNUSED(module), PyObject *args, PyOb
     err.pub.error_exit = fail;
     err.pub.emit_message = on_message;
     err.message[0] = '\0';
-    err.max_scans = max_scans;
     jpeg_create_decompress(&cinfo);
-    cinfo.progress = &progress;
     if (setjmp(err.jump)) {
         if (released != NULL)
             PyEval_RestoreThread(released);
@@ -142,6 +140,10 @@ static PyObject *decode_region(PyObject *Py_UNUSED(module), PyObject *args, PyOb
     }
     jpeg_mem_src(&cinfo, (const unsigned char *)data.buf, (unsigned long)data.len);
     jpeg_read_header(&cinfo, TRUE);
+    if (count_sos((const unsigned char *)data.buf, data.len) > max_scans) {
+        PyErr_Format(PyExc_ValueError, "JPEG: more than %d scans (SOS markers)", max_scans);
+        longjmp(err.jump, 1);
+    }
     if ((long long)cinfo.image_width * (long long)cinfo.image_height > max_pixels) {
         PyErr_Format(PyExc_ValueError, "JPEG: claims %ux%u pixels, more than %lld", cinfo.image_width,
                      cinfo.image_height, max_pixels);

@@ -152,10 +152,10 @@ def _build(name: str, model_args: dict, sidecar: Path) -> nn.Module:
                               f"({type(exc).__name__}: {str(exc)[:120]})") from None
 
 
-def _check_model_args(meta: dict, sidecar: Path) -> None:
+def _check_model_args(meta: dict, path: Path, sidecar: Path) -> None:
     """Bounded checks of what the sidecar asks to build, before anything is built (a spec of 10^8 layers once
     made predict run for ever): the layers a `cnn` spec or a `depth` asks for, and the values of a `cnn`'s state
-    dict counted from its spec alone (data.images.Limits)."""
+    dict counted from its spec alone, against the weights file and the cap (data.images.Limits)."""
     lim = limits()
     args = meta["model_args"]
     depth = args.get("depth")
@@ -176,6 +176,10 @@ def _check_model_args(meta: dict, sidecar: Path) -> None:
         raise CheckpointError(f"{sidecar}: {exc}") from None
     except (TypeError, ValueError):
         return  # malformed sizes: _build names them
+    held = _numel_in_file(path)
+    if values != held:
+        raise CheckpointError(f"{path}: holds {held:,} weights but its sidecar {sidecar.name} describes a "
+                              f"{meta['model']!r} with {values:,}; the two files do not belong together")
     if values > lim.model_parameters:
         raise CheckpointError(f"{sidecar}: its spec describes {values:,} weights, more than cnnlab loads "
                               f"({lim.model_parameters:,}); the sidecar is damaged, or "
@@ -236,7 +240,7 @@ def load_weights(target: str | Path, device: str | torch.device = "cpu", model_n
     meta = read_sidecar(sidecar)
     if model_name is not None and model_name != meta["model"]:
         raise CheckpointError(f"{path}: its sidecar says it is {meta['model']!r}, not {model_name!r}; leave out --model")
-    _check_model_args(meta, sidecar)
+    _check_model_args(meta, path, sidecar)
     _check_size_against_file(meta, path, sidecar)
     model = _build(meta["model"], meta["model_args"], sidecar)
     load_pretrained(model, path, name=repr(meta["model"]))
