@@ -53,10 +53,13 @@ test-fast: venv
 	$(BIN)/python -m pytest -m "not integration and not slow"
 
 # The test suite replays fixed seeds; this explores every parser with fresh random seeds and FUZZ_EXAMPLES
-# inputs each. Whatever it finds becomes a fixed regression example in tests/test_fuzz.py.
+# inputs each, then the JPEG decoders as a target of their own (tests/fuzz_jpeg.py: mutated seeds of every kind,
+# batches in child processes so that a crash is caught; findings go to fuzz-findings/). Whatever it finds
+# becomes a fixed regression example in tests/test_fuzz.py.
 FUZZ_EXAMPLES ?= 5000
 fuzz: venv
 	HYPOTHESIS_PROFILE=fuzz FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest tests/test_fuzz.py -m slow -k under_fuzzing
+	$(BIN)/python tests/fuzz_jpeg.py --inputs $(FUZZ_EXAMPLES) --out fuzz-findings
 
 bench: data
 	$(BIN)/python bench/run.py

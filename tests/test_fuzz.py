@@ -795,3 +795,35 @@ def test_the_time_bound_counts_cpu_time_not_wall_time():
     with pytest.raises(TookTooLong, match="0.1 s of CPU time"), within(0.1):
         while True:
             pass
+
+
+# ---------------------------------------------------------------- the JPEG decoders as a target of their own
+
+import fuzz_jpeg  # noqa: E402 - tests/fuzz_jpeg.py, also `make fuzz`'s JPEG target
+
+# Inputs `make fuzz` found (seed:index of tests/fuzz_jpeg.py), replayed in every run.
+JPEG_REGRESSIONS: tuple[str, ...] = ()
+
+
+@pytest.mark.parametrize("inputs", [pytest.param(60, id="60"), pytest.param(600, id="600", marks=pytest.mark.slow)])
+def test_every_jpeg_decode_path_under_fuzzing(inputs, tmp_path):
+    """Mutated seeds of every kind (tests/fuzz_jpeg.py) through the region decoder with hostile boxes, decode_crop
+    on each decoder, and open_image, in child processes: no crash, only each path's own error, within a second."""
+    report = fuzz_jpeg.fuzz(0, inputs, 60 if inputs <= 60 else 200, tmp_path / "findings", log=lambda text: None)
+    assert report["inputs tried"] == inputs and report["crashes"] == 0 and report["findings"] == [], report
+    assert report["slowest"]["cpu_s"] <= fuzz_jpeg.CPU_SECONDS
+    for pinned in JPEG_REGRESSIONS:
+        seed, index = (int(v) for v in pinned.split(":"))
+        data, _ = fuzz_jpeg.make_input(seed, index, fuzz_jpeg.seeds())
+        with within(CPU_SECONDS):
+            fuzz_jpeg.check_one(data, np.random.default_rng([seed, index, 1]), tmp_path)
+
+
+def test_a_crash_in_a_fuzz_batch_is_caught_and_its_input_named(tmp_path, monkeypatch):
+    monkeypatch.setenv("FUZZ_JPEG_CRASH_AT", "4")  # the child aborts (SIGABRT) on input 4, as a crash would
+    report = fuzz_jpeg.fuzz(7, 8, 8, tmp_path, log=lambda text: None)
+    assert report["inputs tried"] == 8 and report["crashes"] == 1
+    assert [f["index"] for f in report["findings"]] == [4]
+    assert "crashed the process (exit -6)" in report["findings"][0]["problem"]
+    data, _ = fuzz_jpeg.make_input(7, 4, fuzz_jpeg.seeds())
+    assert (tmp_path / "seed7-4.jpg").read_bytes() == data
