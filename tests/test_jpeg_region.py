@@ -159,3 +159,21 @@ def test_training_crops_equal_pillows_for_every_subsampling(subsampling, monkeyp
     monkeypatch.setattr(transforms, "_simplejpeg", None)
     for i, a in enumerate(fast):
         assert np.array_equal(a, decode_crop(data, "x.jpg", 64, "RGB", rng=sample_rng(0, 0, i))), (subsampling, i)
+
+
+@pytest.mark.slow
+@needs_region
+@needs_cjpeg
+@pytest.mark.parametrize("sample", ["3x1", "3x2", "1x3", "2x3", "1x4", "2x4", "2x2,2x1,1x1", "2x1,1x2,1x1",
+                                    "1x1,2x2,2x2", "1x2,1x1,1x2"])
+def test_unusual_sampling_factors_cjpeg_writes_are_exact_too(sample):
+    """Beyond TurboJPEG's subsamplings: factors of 3, tall luma, and chroma sampled above 1x1."""
+    data = cjpeg(textured(333, 251, 8), sample)
+    for scale in (1, 2, 4, 8):
+        full = full_decode(data, scale, False)
+        h, w = full.shape[:2]
+        for left, top, right, bottom in edge_boxes(w, h):
+            got = region.decode_region(data, scale, left, top, right, bottom, False)
+            want = full[top:bottom, left:right]
+            assert np.array_equal(np.frombuffer(got, np.uint8).reshape(want.shape), want), \
+                (sample, scale, (left, top, right, bottom))
