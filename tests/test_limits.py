@@ -3,6 +3,7 @@ such a file, names the file, the limit and the setting that raises it, and raisi
 The bombs themselves, measured in a child process (time and peak RSS), are in test_fuzz.py's BOMBS."""
 from __future__ import annotations
 
+import base64
 import io
 import json
 
@@ -56,6 +57,22 @@ def test_the_marker_walk_reads_the_frame_and_counts_scans():
     assert jpeg_structure(with_comment, "c.jpg").scans == 1
     assert jpeg_structure(b"\x89PNG\r\n\x1a\n", "x.png") is None
     assert jpeg_structure(scan_bomb(8000, 8000, 60), "s.jpg").scans == 60
+
+
+# Found by coverage-guided fuzzing (atheris over the marker walk): a frame header cut by the end of the file
+# raised IndexError from the walk.
+WALK_REGRESSIONS = [base64.b64decode("/9j/4AAQSkZJRgAeHh4eHh4eHh4eHh7kwhjoQwum6ukX4uFuUoRmIJbn9XfM5HTsi5aCX7uTfOLPdcLm/////8"
+                                     "99v45//9k=")]
+
+
+@pytest.mark.parametrize("data", WALK_REGRESSIONS)
+def test_the_marker_walk_returns_or_refuses_on_what_fuzzing_found(data):
+    try:
+        jpeg_structure(data, "f.jpg")
+    except ImageError as exc:
+        assert str(exc).startswith("f.jpg: ")
+    with pytest.raises(ImageError, match=r"^f\.jpg: "):
+        decode_crop(data, "f.jpg", 16, "RGB")
 
 
 def test_more_scans_than_allowed_are_refused_by_every_jpeg_decoder(monkeypatch):

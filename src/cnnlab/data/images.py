@@ -199,7 +199,7 @@ def jpeg_structure(data: bytes, name: str, lim: Limits | None = None) -> JpegStr
         if pos + 2 > n:
             break
         end = pos + int.from_bytes(view[pos:pos + 2], "big")
-        if marker in _FRAMES and frame is None and end - pos >= 8:
+        if marker in _FRAMES and frame is None and end - pos >= 8 and pos + 8 <= n:  # a whole frame header
             count = data[pos + 7]
             factors = tuple((data[i + 1] >> 4, data[i + 1] & 15) for i in range(pos + 8, min(end, n) - 2, 3))
             frame = (marker, int.from_bytes(view[pos + 3:pos + 5], "big"),
