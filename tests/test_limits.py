@@ -36,8 +36,11 @@ def test_every_configurable_limit_reads_its_variable(monkeypatch):
     assert limits().model_parameters == 2_000_000_000
     for bad in ("lots", "0", "1.5"):
         monkeypatch.setenv("CNNLAB_MAX_JPEG_SCANS", bad)
-        with pytest.raises(ConfigError, match="CNNLAB_MAX_JPEG_SCANS="):
+        with pytest.raises(ConfigError, match="CNNLAB_MAX_JPEG_SCANS"):
             limits()
+    monkeypatch.setenv("CNNLAB_MAX_IMAGE_BYTES", "lots")
+    with pytest.raises(ConfigError, match=r"^CNNLAB_MAX_IMAGE_BYTES: 'lots' is not a size; write e\.g\. 256MB"):
+        limits()
 
 
 def test_the_marker_walk_reads_the_frame_and_counts_scans():

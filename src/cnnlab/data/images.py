@@ -10,7 +10,7 @@ import io
 import os
 import re
 import warnings
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -85,7 +85,10 @@ def limits() -> Limits:
     for name, variable in ENVIRONMENT.items():
         text = os.environ.get(variable)
         if text:
-            value = parse_bytes(text) if name in _BYTES else _parse_count(text, variable)
+            try:
+                value = parse_bytes(text) if name in _BYTES else _parse_count(text, variable)
+            except ConfigError as exc:
+                raise ConfigError(f"{variable}: {exc}") from None
             if value < 1:
                 raise ConfigError(f"{variable}={text!r}: must be at least 1")
             changes[name] = value
@@ -107,7 +110,6 @@ def _parse_count(text: str, variable: str) -> int:
 
 
 _DEFAULTS = Limits()
-assert set(ENVIRONMENT) <= {f.name for f in fields(Limits)}
 
 
 def raise_hint(name: str) -> str:
