@@ -9,12 +9,13 @@ TORCH_SPEC ?= torch==2.13.0
 .PHONY: demo test test-slow test-all test-fast fuzz bench notebooks venv data clean
 
 # setup.py compiles streaming's region JPEG decoder against libjpeg-turbo; without a compiler or libjpeg's headers
-# it is skipped (whole-image decoding instead), so as root with apt they are installed first.
+# it is skipped (whole-image decoding instead), so as root with apt they are installed first. libjpeg-turbo-progs:
+# cjpeg writes the test JPEGs of every chroma subsampling (tests/test_jpeg_region.py).
 $(BIN)/.installed: pyproject.toml setup.py src/cnnlab/data/_jpeg_region.c
-	@if [ ! -e /usr/include/jpeglib.h ] || ! command -v cc >/dev/null 2>&1; then \
+	@if [ ! -e /usr/include/jpeglib.h ] || ! command -v cc >/dev/null 2>&1 || ! command -v cjpeg >/dev/null 2>&1; then \
 	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
-	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcc libjpeg-dev >/dev/null 2>&1 || \
-	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcc libjpeg-dev; } || true; \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcc libjpeg-dev libjpeg-turbo-progs >/dev/null 2>&1 || \
+	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcc libjpeg-dev libjpeg-turbo-progs; } || true; \
 	  fi; \
 	fi
 	$(PYTHON) -m venv $(VENV)
@@ -52,10 +53,13 @@ test-fast: venv
 	$(BIN)/python -m pytest -m "not integration and not slow"
 
 # The test suite replays fixed seeds; this explores every parser with fresh random seeds and FUZZ_EXAMPLES
-# inputs each. Whatever it finds becomes a fixed regression example in tests/test_fuzz.py.
+# inputs each, then the JPEG decoders as a target of their own (tests/fuzz_jpeg.py: mutated seeds of every kind,
+# batches in child processes so that a crash is caught; findings go to fuzz-findings/). Whatever it finds
+# becomes a fixed regression example in tests/test_fuzz.py.
 FUZZ_EXAMPLES ?= 5000
 fuzz: venv
 	HYPOTHESIS_PROFILE=fuzz FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest tests/test_fuzz.py -m slow -k under_fuzzing
+	$(BIN)/python tests/fuzz_jpeg.py --inputs $(FUZZ_EXAMPLES) --out fuzz-findings
 
 bench: data
 	$(BIN)/python bench/run.py

@@ -288,7 +288,6 @@ def test_mlflow_resume_reattaches_the_run_without_duplicate_steps(tmp_path, mlfl
     client, run, record = mlflow_run(tmp_path, mlflow_uri)
     assert record["tracking_uri"] == mlflow_uri and run.info.status == "KILLED"
 
-    monkeypatch.delenv("MLFLOW_TRACKING_URI")  # a resume finds the store through mlflow.json, from anywhere
     with build_loggers("mlflow", tmp_path, config=config(epochs=3), resume=True, start_step=10) as group:
         assert client.get_run(record["run_id"]).info.status == "RUNNING"
         train(group, 11, 20, offset=100.0)
@@ -304,6 +303,30 @@ def test_mlflow_resume_reattaches_the_run_without_duplicate_steps(tmp_path, mlfl
     assert [s for s, _ in history(client, run.info.run_id, "epoch/train_loss")] == [10, 20]
     # parameters cannot change in MLflow: the resumed value is a tag
     assert run.data.params["epochs"] == "2" and run.data.tags["resume.epochs"] == "3"
+
+
+def test_a_resume_logs_only_where_its_own_settings_say(tmp_path, mlflow_uri, monkeypatch):
+    """A run folder's mlflow.json may come from someone else: its URI (a path anywhere, a remote server) is
+    used only where this run's settings name the same store; otherwise the resume stops with the fix."""
+    require("mlflow")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_uri)
+    with build_loggers("mlflow", tmp_path, config=config(), resume=False, start_step=0) as group:
+        train(group, 1, 5)
+    record = json.loads((tmp_path / "mlflow.json").read_text())
+    for planted in ("https://tracking.example.invalid", f"sqlite:///{tmp_path / 'elsewhere' / 'x.db'}"):
+        (tmp_path / "mlflow.json").write_text(json.dumps({**record, "tracking_uri": planted}))
+        with pytest.raises(ConfigError) as info:
+            build_loggers("mlflow", tmp_path, config=config(), resume=True, start_step=5)
+        assert str(info.value) == (f"{tmp_path / 'mlflow.json'}: this run logged to MLflow at {planted}, but this "
+                                   f"resume's tracking URI is {mlflow_uri}; to continue that MLflow run, set "
+                                   f"MLFLOW_TRACKING_URI={planted} (only if you trust it), or delete mlflow.json to "
+                                   "start a new one here")
+    assert not (tmp_path / "elsewhere").exists()
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")  # MLflow's default store, in the working folder: not the record's
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mlflow.json").write_text(json.dumps(record))
+    with pytest.raises(ConfigError, match=r"this run logged to MLflow at .*, but this resume's tracking URI is "):
+        build_loggers("mlflow", tmp_path, config=config(), resume=True, start_step=5)
 
 
 def test_mlflow_file_store_is_refused_by_mlflow_3_unless_allowed(tmp_path, monkeypatch):
@@ -333,7 +356,8 @@ def test_tracking_uris_are_made_absolute(tmp_path, monkeypatch):
     assert absolute_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
 
 
-def test_a_resume_whose_mlflow_run_is_gone_says_what_to_do(tmp_path, mlflow_uri):
+def test_a_resume_whose_mlflow_run_is_gone_says_what_to_do(tmp_path, mlflow_uri, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_uri)
     (tmp_path / "mlflow.json").write_text(json.dumps({"tracking_uri": mlflow_uri, "experiment_id": "1",
                                                       "run_id": "0123456789abcdef0123456789abcdef"}))
     with pytest.raises(ConfigError) as info:

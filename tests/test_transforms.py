@@ -142,8 +142,9 @@ def test_exif_orientation_is_applied_before_cropping():
 def test_undecodable_and_oversized_images_raise_image_error(monkeypatch):
     with pytest.raises(ImageError, match=r"^bad\.jpg: not a readable image"):
         decode_crop(b"\xff\xd8 not a jpeg", "bad.jpg", 32, "RGB")
-    monkeypatch.setattr(transforms, "MAX_IMAGE_PIXELS", 100)
-    with pytest.raises(ImageError, match=r"big\.png: claims 20x20 pixels, more than cnnlab opens \(100\)"):
+    monkeypatch.setenv("CNNLAB_MAX_IMAGE_PIXELS", "100")
+    with pytest.raises(ImageError, match=r"big\.png: claims 20x20 pixels, more than cnnlab opens \(100\): "
+                                         r"shrink it first, or raise CNNLAB_MAX_IMAGE_PIXELS$"):
         decode_crop(png_bytes(np.zeros((20, 20, 3), np.uint8)), "big.png", 8, "RGB")
 
 

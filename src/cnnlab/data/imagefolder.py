@@ -7,10 +7,9 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from PIL import Image
 
 from ..errors import DatasetError, ImageError
-from .images import open_image
+from .images import open_encoded, read_image_file
 from .preprocess import Preprocess
 from .transforms import GRAY_MODES
 
@@ -72,17 +71,15 @@ def image_folder_files(root: Path) -> list[Path]:
 
 def _peek(path: Path) -> tuple[str, tuple[int, int]]:
     """An image's mode and its size as shown (EXIF orientations 5-8 swap width and height), from its header."""
-    try:
-        with Image.open(path) as im:
-            width, height = im.size
-            swapped = im.getexif().get(0x0112, 1) in (5, 6, 7, 8)
-            return im.mode, ((height, width) if swapped else (width, height))
-    except Exception:  # a header PIL cannot read: the decoder gives the error that names the file
-        try:
-            open_image(path)
-        except ImageError as exc:
-            raise DatasetError(f"{exc}; remove or replace it") from None
-        raise DatasetError(f"{path}: not a readable image; remove or replace it") from None
+    try:  # the guarded opener's checks (file size, JPEG structure, pixels) come first
+        im = open_encoded(read_image_file(path), path)
+        width, height = im.size
+        swapped = im.getexif().get(0x0112, 1) in (5, 6, 7, 8)
+        return im.mode, ((height, width) if swapped else (width, height))
+    except ImageError as exc:
+        raise DatasetError(f"{exc}; remove or replace it") from None
+    except Exception as exc:  # a header PIL cannot read
+        raise DatasetError(f"{path}: not a readable image ({type(exc).__name__}); remove or replace it") from None
 
 
 def decode_image_folder(root: Path, files: list[Path], log: Callable[[str], None] = print,

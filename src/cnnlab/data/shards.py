@@ -18,10 +18,10 @@ from typing import Callable, Iterator
 
 import numpy as np
 import torch
-from PIL import Image
 
 from ..errors import DatasetError, ImageError
 from ..files import atomic_file, save_atomic
+from .images import limits, open_encoded, raise_hint, read_image_file
 from .imagefolder import image_folder_classes, image_folder_files, split_of
 from .stream import StreamingLoader, assemble_batch, parse_bytes
 from .transforms import GRAY_MODES, ImageTransform
@@ -31,7 +31,6 @@ __all__ = ["MANIFEST", "FORMAT_VERSION", "pack_image_folder", "ShardSource", "op
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 PACK_SEED = 0  # the training split is packed in one fixed random order, so every shard holds every class
-_MAX_MEMBER_BYTES = 256 * 2**20  # a larger tar member is reported as a bad image, never read into memory
 _SHARD_NAME = re.compile(r"(train|test)-\d{6}\.tar")
 
 
@@ -92,13 +91,11 @@ def pack_image_folder(root: str | Path, out: str | Path, shard_size: int | str =
         shards, pending, pending_bytes = [], [], 0
         for i, path in enumerate(paths):
             try:
-                data = path.read_bytes()
-            except OSError as exc:
-                raise DatasetError(f"{path}: cannot be read ({exc.strerror or exc}); fix its permissions or "
-                                   "remove it") from None
+                data = read_image_file(path)
+            except ImageError as exc:
+                raise DatasetError(f"{exc}; fix or remove it") from None
             try:  # the header alone (no pixels): only to know whether the dataset is all greyscale
-                with Image.open(io.BytesIO(data)) as im:
-                    gray &= im.mode in GRAY_MODES
+                gray &= open_encoded(data, path).mode in GRAY_MODES
             except Exception:
                 pass  # packed as it is; the loader skips and names it
             size = 1024 + 512 * math.ceil(len(data) / 512)  # two tar headers, the .cls block and the padded data
@@ -153,7 +150,7 @@ class ShardSource:
         """(member name, bytes, index) of the first `n` samples of the split (checking each shard read)."""
         index = 0
         for entry in self.shards(split):
-            for _, name, data, _ in read_shard(self.root / entry["name"], entry):
+            for _, name, data, _ in read_shard(self.root / entry["name"], entry, classes=len(self.classes)):
                 if index >= n:
                     return
                 yield name, data, index
@@ -161,30 +158,68 @@ class ShardSource:
 
 
 def open_shards(root: str | Path) -> ShardSource:
-    """Read OUT/manifest.json and check that every shard it names is there with its recorded size."""
+    """Read OUT/manifest.json, check its fields (images.Limits bounds the classes), and check that every shard
+    it names is there with its recorded size."""
     root = Path(root)
     fix = f"pack them again with 'cnnlab data pack IMAGE_ROOT {root}'"
+    lim = limits()
+    path = root / MANIFEST
     try:
-        manifest = json.loads((root / MANIFEST).read_text())
+        with open(path, "rb") as f:
+            text = f.read(lim.json_bytes + 1)
+        if len(text) > lim.json_bytes:
+            raise DatasetError(f"{path}: more than {lim.json_bytes:,} bytes, far more than a manifest takes; {fix}")
+        manifest = json.loads(text)
     except FileNotFoundError:
-        raise DatasetError(f"{root / MANIFEST} not found: {root} holds no packed shards; {fix}") from None
-    except (OSError, ValueError) as exc:
-        raise DatasetError(f"{root / MANIFEST} is unreadable ({exc}); {fix}") from None
+        raise DatasetError(f"{path} not found: {root} holds no packed shards; {fix}") from None
+    except (OSError, ValueError, RecursionError) as exc:
+        raise DatasetError(f"{path} is unreadable ({str(exc)[:200]}); {fix}") from None
+    if not isinstance(manifest, dict):
+        raise DatasetError(f"{path}: not a JSON object; {fix}")
     if manifest.get("format") != "cnnlab-shards" or manifest.get("version") != FORMAT_VERSION:
-        raise DatasetError(f"{root / MANIFEST}: format {manifest.get('format')!r} version {manifest.get('version')!r}, "
+        raise DatasetError(f"{path}: format {manifest.get('format')!r} version {manifest.get('version')!r}, "
                            f"expected cnnlab-shards version {FORMAT_VERSION}; {fix}")
+    _check_manifest(manifest, path, fix, lim)
     for split in ("train", "test"):
-        entries = manifest["splits"].get(split, {}).get("shards", [])
-        if not entries:
-            raise DatasetError(f"{root / MANIFEST} lists no {split} shards; {fix}")
-        for entry in entries:
-            path = root / entry["name"]
-            if not path.is_file():
-                raise DatasetError(f"{path} is missing; copy it again or {fix}")
-            if path.stat().st_size != entry["bytes"]:
-                raise DatasetError(f"{path}: {path.stat().st_size:,} bytes, the manifest says {entry['bytes']:,}; "
+        for entry in manifest["splits"][split]["shards"]:
+            shard = root / entry["name"]
+            if not shard.is_file():
+                raise DatasetError(f"{shard} is missing; copy it again or {fix}")
+            if shard.stat().st_size != entry["bytes"]:
+                raise DatasetError(f"{shard}: {shard.stat().st_size:,} bytes, the manifest says {entry['bytes']:,}; "
                                    f"the shard is truncated or corrupt: copy it again or {fix}")
     return ShardSource(root, manifest)
+
+
+def _check_manifest(manifest: dict, path: Path, fix: str, lim) -> None:
+    """Every field the loader uses, with its type and range: a manifest is a file someone handed us."""
+    def whole(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    classes = manifest.get("classes")
+    if not (isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)):
+        raise DatasetError(f"{path}: 'classes' must be a non-empty list of class names; {fix}")
+    if len(classes) > lim.classes:
+        raise DatasetError(f"{path}: lists {len(classes):,} classes, more than cnnlab trains on ({lim.classes:,}); "
+                           f"{fix}, or {raise_hint('classes')}")
+    if len(set(classes)) != len(classes):
+        raise DatasetError(f"{path}: a class is listed twice; {fix}")
+    if manifest.get("mode") not in ("RGB", "L"):
+        raise DatasetError(f"{path}: mode {str(manifest.get('mode'))[:40]!r}, expected 'RGB' or 'L'; {fix}")
+    splits = manifest.get("splits")
+    for split in ("train", "test"):
+        entries = splits.get(split, {}).get("shards") if isinstance(splits, dict) and isinstance(
+            splits.get(split), dict) else None
+        if not entries:
+            raise DatasetError(f"{path} lists no {split} shards; {fix}")
+        if not isinstance(entries, list) or not all(
+                isinstance(e, dict) and isinstance(e.get("name"), str) and _SHARD_NAME.fullmatch(e["name"])
+                and whole(e.get("samples")) and whole(e.get("bytes")) and isinstance(e.get("sha256"), str)
+                for e in entries):
+            raise DatasetError(f"{path}: a {split} shard entry is malformed (each needs a name like "
+                               f"{split}-000000.tar, samples, bytes and sha256); {fix}")
+        if not whole(splits[split].get("samples")) or splits[split]["samples"] != sum(e["samples"] for e in entries):
+            raise DatasetError(f"{path}: the {split} sample count differs from its shards' total; {fix}")
 
 
 class _HashingReader:
@@ -197,19 +232,36 @@ class _HashingReader:
         return data
 
 
-def read_shard(path: Path, entry: dict, first: int = 0, stop: int | None = None
+def _label(raw: bytes, classes: int | None, name: str, fix: str) -> int:
+    """A .cls member's class index, checked against the manifest's classes (the loss would take -100 as
+    "ignore" and fail on 999 with an IndexError)."""
+    text = raw.strip()
+    if not re.fullmatch(rb"[+-]?[0-9]+", text):
+        raise DatasetError(f"{name}: label {text[:32]!r} is not a class index; {fix}")
+    label = int(text)
+    if classes is not None and not 0 <= label < classes:
+        raise DatasetError(f"{name}: label {label} is not one of the manifest's {classes} classes "
+                           f"(0 to {classes - 1}); {fix}")
+    return label
+
+
+def read_shard(path: Path, entry: dict, first: int = 0, stop: int | None = None, classes: int | None = None
                ) -> Iterator[tuple[int, str, bytes | None, int]]:
     """Yield (member index, member name, image bytes, label) of samples first..stop-1 of one shard, reading
     the whole file sequentially so that its sha256 is checked against the manifest entry at the end.
-    Image bytes are None for a member too large to read. Raises DatasetError naming the shard and the fix."""
+    Image bytes are None for a member over the image size cap (images.Limits), judged on its header: such a
+    member, a sparse one too, is never read. Labels are checked against `classes`; a key seen twice, an
+    oversized .cls member and a bad label raise DatasetError naming the shard and the fix."""
     stop = entry["samples"] if stop is None else stop
     fix = f"copy it again, or re-run 'cnnlab data pack IMAGE_ROOT {path.parent}'"
+    lim = limits()
     n = 0
     try:
         with open(path, "rb") as f:
             reader = _HashingReader(f)
             with tarfile.open(fileobj=reader, mode="r|") as tar:
                 key, image, label = None, None, None
+                seen: set[str] = set()
 
                 def finish():
                     if key is None:
@@ -228,14 +280,24 @@ def read_shard(path: Path, entry: dict, first: int = 0, stop: int | None = None
                             if first <= n < stop:
                                 yield n, done[0][0], done[0][1], done[1]
                             n += 1
+                        if k in seen:
+                            raise DatasetError(f"{path}: key {k[:80]!r} appears twice ({member.name[:100]!r}); "
+                                               f"a shard holds each sample once: {fix}")
+                        seen.add(k)
                         key, image, label = k, None, None
                     wanted = first <= n < stop
+                    name = f"{path}:{member.name[:200]}"
                     if ext == "cls":
-                        label = int(tar.extractfile(member).read().strip())
+                        if label is not None:
+                            raise DatasetError(f"{name}: a second .cls member for one sample; {fix}")
+                        if member.size > lim.label_bytes:  # the header's size: a sparse 4 GiB member is not read
+                            raise DatasetError(f"{name}: a .cls member of {member.size:,} bytes, more than a class "
+                                               f"index takes ({lim.label_bytes}); {fix}")
+                        label = _label(tar.extractfile(member).read(), classes, name, fix)
                     elif image is None:
-                        big = member.size > _MAX_MEMBER_BYTES
+                        big = member.size > lim.image_bytes
                         data = tar.extractfile(member).read() if wanted and not big else None
-                        image = (f"{path}:{member.name}", data)
+                        image = (name, data)
                 done = finish()
                 if done is not None:
                     if first <= n < stop:
@@ -282,6 +344,8 @@ class _ShardBatches(torch.utils.data.IterableDataset):
         self.transform = ImageTransform(loader.image_size, source.mode, train=loader.train, seed=loader.seed,
                                         draft=loader.draft)
         self.train, self.seed, self.buffer = loader.train, loader.seed, loader.shuffle_buffer
+        self.buffer_bytes = limits().shuffle_buffer_bytes  # read here: workers get the main process's limits
+        self.classes = len(source.classes)
         self.rank, self.world_size, self.batch = loader.rank, loader.world_size, loader.local_batch
         self.streams = loader.streams
         self.epoch, self.position = loader.epoch, loader.position
@@ -298,19 +362,30 @@ class _ShardBatches(torch.utils.data.IterableDataset):
         for shard, first, stop in segments:
             base = int(self.uid_base[shard])
             for n, name, data, label in read_shard(self.root / self.entries[shard]["name"], self.entries[shard],
-                                                    first, stop):
+                                                    first, stop, self.classes):
                 yield base + n, name, data, label
 
     def _shuffled(self, samples, rng: np.random.Generator):
-        """A shuffle buffer: each new sample takes the place of a random one, which is emitted."""
-        buffer = []
+        """A shuffle buffer: each new sample takes the place of a random one, which is emitted. It holds at most
+        `buffer` samples and, beyond one sample, `buffer_bytes` encoded bytes (16 sparse 250 MiB members once
+        took 4.4 GB): while over the bytes, random samples leave without replacement."""
+        buffer, held = [], 0
         for sample in samples:
-            if len(buffer) < self.buffer:
+            size = len(sample[2]) if sample[2] is not None else 0
+            if len(buffer) < self.buffer and (held + size <= self.buffer_bytes or not buffer):
                 buffer.append(sample)
+                held += size
                 continue
-            j = int(rng.integers(self.buffer))
+            j = int(rng.integers(len(buffer)))
             buffer[j], sample = sample, buffer[j]
+            held += size - (len(sample[2]) if sample[2] is not None else 0)
             yield sample
+            while held > self.buffer_bytes and len(buffer) > 1:
+                j = int(rng.integers(len(buffer)))
+                buffer[j], buffer[-1] = buffer[-1], buffer[j]
+                sample = buffer.pop()
+                held -= len(sample[2]) if sample[2] is not None else 0
+                yield sample
         for j in rng.permutation(len(buffer)):
             yield buffer[j]
 
@@ -319,7 +394,8 @@ class _ShardBatches(torch.utils.data.IterableDataset):
         for uid, name, data, _ in samples:
             try:
                 if data is None:
-                    raise ImageError(f"{name}: larger than {_MAX_MEMBER_BYTES // 2**20} MiB, not read")
+                    raise ImageError(f"{name}: larger than an image file may be ({limits().image_bytes:,} bytes), "
+                                     f"not read; {raise_hint('image_bytes')} to read it")
                 pixels.append(self.transform(data, name, epoch, uid))
             except ImageError as exc:
                 pixels.append(None)

@@ -7,7 +7,6 @@ The loaders here have InMemoryLoader's interface (global batch size split over `
 from __future__ import annotations
 
 import math
-import re
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,9 +14,9 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 
 from ..errors import ConfigError, DatasetError, ImageError
+from .images import open_encoded, parse_bytes, read_image_file
 from .imagefolder import image_folder_classes, image_folder_files, split_of
 from .transforms import GRAY_MODES, ImageTransform
 
@@ -32,18 +31,6 @@ PREFETCH_FACTOR = 2  # batches each DataLoader worker works ahead
 
 class TooManyBadImages(DatasetError):
     """More unreadable images than max_bad_images: raised by the loader before it yields the next batch."""
-
-
-def parse_bytes(text: str | int) -> int:
-    """'256MB', '1.5GiB', '512k' or a plain number of bytes (decimal units are powers of 1000, *iB of 1024)."""
-    if isinstance(text, int):
-        return text
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?)b?\s*", str(text).lower())
-    if not match:
-        raise ConfigError(f"{text!r} is not a size; write e.g. 256MB, 1.5GiB or 4000000")
-    number, unit, binary = match.groups()
-    power = " kmgt".index(unit or " ")
-    return int(float(number) * (1024 if binary else 1000) ** power)
 
 
 def _human(n: float) -> str:
@@ -104,17 +91,18 @@ class ImageFolderSource:
         for i in np.unique(np.linspace(0, len(names) - 1, min(n, len(names))).round().astype(int)):
             name = str(self.root / names[i])
             try:
-                with open(name, "rb") as f:
-                    yield name, f.read(), int(i)
-            except OSError:
-                yield name, None, int(i)
+                data = read_image_file(name)
+            except ImageError:
+                data = None
+            yield name, data, int(i)
 
 
 def _header(path: Path) -> tuple[tuple[int, int], str] | None:
-    """(size, mode) from the file header without decoding pixels; None when the header is unreadable."""
+    """(size, mode) from the file header without decoding pixels; None when the header is unreadable or the
+    file breaks a limit (images.Limits)."""
     try:
-        with Image.open(path) as im:
-            return im.size, im.mode
+        im = open_encoded(read_image_file(path), path)
+        return im.size, im.mode
     except Exception:
         return None
 
@@ -404,16 +392,11 @@ class _FolderBatches(torch.utils.data.Dataset):
         pixels, bad = [], []
         for i in indices:
             name = str(self.root / self.split.names[i])
-            try:
-                with open(name, "rb") as f:
-                    data = f.read()
-                pixels.append(self.transform(data, name, epoch, int(i), channels_first=not hwc))
+            try:  # vanished, unreadable or over the size cap: ImageError, a bad image
+                pixels.append(self.transform(read_image_file(name), name, epoch, int(i), channels_first=not hwc))
             except ImageError as exc:
                 pixels.append(None)
                 bad.append((name, str(exc)))
-            except OSError as exc:  # vanished, unreadable, a disk error
-                pixels.append(None)
-                bad.append((name, f"{name}: cannot be read ({exc.strerror or exc})"))
         out = None if slot is None else self.slots.batch(slot, len(indices), hwc)
         x, y = assemble_batch(pixels, self.split.labels[indices].tolist(), self.fill, out=out)
         if out is None or x is None:

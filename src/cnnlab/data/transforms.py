@@ -18,7 +18,6 @@ depend on which worker decodes it or on what was decoded before: a resumed run r
 """
 from __future__ import annotations
 
-import io
 import math
 import warnings
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..errors import ImageError
-from .images import MAX_IMAGE_PIXELS
+from .images import WIDE_GRAY_MODES, limits, open_encoded, to_8bit
 
 try:  # region-of-interest JPEG decoding (setup.py builds it; optional)
     from . import _jpeg_region
@@ -101,26 +100,14 @@ def to_model_mode(im: Image.Image, mode: str) -> Image.Image:
         return im
     if im.mode == "P":
         im = im.convert("RGBA" if "transparency" in im.info else "RGB")
-    elif im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
-        pixels = np.asarray(im).astype(np.int64)
-        im = Image.fromarray(np.clip(pixels >> 8, 0, 255).astype(np.uint8))  # 16-bit values to 8-bit
-    elif im.mode == "F":
-        im = Image.fromarray(np.clip(np.asarray(im), 0, 255).astype(np.uint8))
+    elif im.mode in WIDE_GRAY_MODES:  # 16-bit values to 8-bit, a band of rows at a time
+        im = Image.fromarray(to_8bit(im))
     if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         im = im.convert("RGBA")
         im = Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im)
     if im.mode not in ("RGB", "L", "1"):  # CMYK, YCbCr, LAB, HSV, RGBA: through RGB, which Pillow converts all
         im = im.convert("RGB")
     return im.convert(mode) if im.mode != mode else im
-
-
-def _open(data: bytes, name: str) -> Image.Image:
-    im = Image.open(io.BytesIO(data))
-    width, height = im.size
-    if width * height > MAX_IMAGE_PIXELS:
-        raise ImageError(f"{name}: claims {width}x{height} pixels, more than cnnlab opens ({MAX_IMAGE_PIXELS:,}): "
-                         "shrink it first")
-    return im
 
 
 # EXIF Orientation -> the transpose that shows the image upright (the EXIF 2.3 table, as ImageOps uses it)
@@ -132,7 +119,9 @@ _UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4
 def _jpeg_pixels(data: bytes, scale: int, box: tuple[int, int, int, int], gray: bool) -> np.ndarray:
     """The box (coordinates at 1/scale) of a JPEG, decoded by _jpeg_region: (h, w, C) uint8, contiguous."""
     left, top, right, bottom = box
-    pixels = _jpeg_region.decode_region(data, scale, left, top, right, bottom, gray)
+    lim = limits()
+    pixels = _jpeg_region.decode_region(data, scale, left, top, right, bottom, gray, max_pixels=lim.image_pixels,
+                                        max_scans=lim.jpeg_scans)
     return np.frombuffer(pixels, np.uint8).reshape(bottom - top, right - left, 1 if gray else 3)
 
 
@@ -157,9 +146,12 @@ def _decode_whole(im: Image.Image, data: bytes, scale: int, orientation: int, mo
         if scale > 1:
             im.draft(None, (w // scale, h // scale))
         im.load()
+    if im.mode in WIDE_GRAY_MODES and mode == "L" and orientation not in _UPRIGHT:
+        return to_8bit(im)[:, :, None]  # already a fresh array: no second copy of a 64 MP image
+    im = to_model_mode(im, mode)  # per pixel, so before the transpose: that then copies the narrower image
     if orientation in _UPRIGHT:
         im = im.transpose(_UPRIGHT[orientation])
-    pixels = np.array(to_model_mode(im, mode))  # a copy torch may share: np.asarray's view is read-only
+    pixels = np.array(im)  # a copy torch may share: np.asarray's view is read-only
     return pixels[:, :, None] if pixels.ndim == 2 else pixels
 
 
@@ -209,11 +201,11 @@ def _decode_guarded(data: bytes, name: str, work):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            return work(_open(data, name))
+            return work(open_encoded(data, name))
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageError(f"{name}: too many pixels ({exc}); cnnlab opens at most {MAX_IMAGE_PIXELS:,}") from None
+        raise ImageError(f"{name}: too many pixels ({exc}); cnnlab opens at most {limits().image_pixels:,}") from None
     except MemoryError:
         raise ImageError(f"{name}: too large to decode") from None
     except Exception as exc:  # decoders raise many types on malformed data (OSError, SyntaxError, struct.error...)

@@ -253,8 +253,14 @@ class MlflowLogger:
         run_dir = Path(run_dir)
         self.record = run_dir / "mlflow.json"
         saved = _read_record(self.record) if resume and self.record.exists() else None
-        # A resumed run goes back to the store that holds it, wherever it is started from.
-        self.tracking_uri = saved["tracking_uri"] if saved else absolute_uri(tracking_uri or mlflow.get_tracking_uri())
+        # Only where this run's own settings say: a run folder is a file someone may have handed us, and its
+        # record's URI could name any path for an SQLite file, or a remote server.
+        self.tracking_uri = absolute_uri(tracking_uri or mlflow.get_tracking_uri())
+        if saved and saved["tracking_uri"] != self.tracking_uri:
+            theirs = saved["tracking_uri"][:300].encode("unicode_escape").decode()
+            raise ConfigError(f"{self.record}: this run logged to MLflow at {theirs}, but this resume's tracking URI "
+                              f"is {self.tracking_uri}; to continue that MLflow run, set MLFLOW_TRACKING_URI={theirs} "
+                              f"(only if you trust it), or delete {self.record.name} to start a new one here")
         params = {k: str(v) for k, v in params.items()}
         try:
             self.client = MlflowClient(self.tracking_uri)
@@ -333,10 +339,12 @@ def absolute_uri(uri: str) -> str:
 
 def _read_record(path: Path) -> dict:
     try:
+        if path.stat().st_size > 1 << 20:  # cnnlab writes about 150 bytes
+            raise ValueError("too large")
         record = json.loads(path.read_text())
         if isinstance(record, dict) and isinstance(record.get("tracking_uri"), str) and record.get("run_id"):
             return record
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+    except (OSError, ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         pass
     raise ConfigError(f"{path}: not the MLflow record cnnlab writes ({{'tracking_uri': ..., 'run_id': ...}}); "
                       "delete it to start a new MLflow run")

@@ -10,9 +10,11 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import save
 
-from ..errors import CheckpointError, CnnlabError
+from ..data.images import limits, raise_hint
 from ..data.preprocess import Preprocess
+from ..errors import CheckpointError, CnnlabError, ModelError
 from ..models import create_model
+from ..models.convnet import CONVNET_SPEC, spec_values
 from ..models.pretrained import load_pretrained, read_state_dict
 from ..files import save_atomic
 
@@ -149,6 +151,40 @@ def _build(name: str, model_args: dict, sidecar: Path) -> nn.Module:
                               f"({type(exc).__name__}: {str(exc)[:120]})") from None
 
 
+def _check_model_args(meta: dict, path: Path, sidecar: Path) -> None:
+    """Bounded checks of what the sidecar asks to build, before anything is built (a spec of 10^8 layers once
+    made predict run for ever): the layers a `cnn` spec or a `depth` asks for, and the values of a `cnn`'s state
+    dict counted from its spec alone, against the weights file and the cap (data.images.Limits)."""
+    lim = limits()
+    args = meta["model_args"]
+    depth = args.get("depth")
+    if isinstance(depth, int) and depth > lim.model_layers:
+        raise CheckpointError(f"{sidecar}: depth {depth:,} is more layers than cnnlab builds ({lim.model_layers:,}); "
+                              f"the sidecar is damaged, or {raise_hint('model_layers')}")
+    if meta["model"] != "cnn":
+        return  # the other builders have a fixed number of layers: built on the meta device, they cost nothing
+    spec = args.get("spec", CONVNET_SPEC)
+    sizes = {k: args[k] for k in ("num_classes", "in_channels", "input_size") if k in args}
+    if not isinstance(spec, str) or len(spec) > 10_000:
+        raise CheckpointError(f"{sidecar}: 'spec' must be a model spec of at most 10,000 characters")
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in sizes.values() if not isinstance(v, list)):
+        return  # a wrong type: _build names it
+    try:
+        values = spec_values(spec, **sizes)
+    except ModelError as exc:
+        raise CheckpointError(f"{sidecar}: {exc}") from None
+    except (TypeError, ValueError):
+        return  # malformed sizes: _build names them
+    held = _numel_in_file(path)
+    if values != held:
+        raise CheckpointError(f"{path}: holds {held:,} weights but its sidecar {sidecar.name} describes a "
+                              f"{meta['model']!r} with {values:,}; the two files do not belong together")
+    if values > lim.model_parameters:
+        raise CheckpointError(f"{sidecar}: its spec describes {values:,} weights, more than cnnlab loads "
+                              f"({lim.model_parameters:,}); the sidecar is damaged, or "
+                              f"{raise_hint('model_parameters')}")
+
+
 def _check_size_against_file(meta: dict, path: Path, sidecar: Path) -> None:
     """Build the described model without memory (on the meta device) and compare its size with what the
     weights file holds, so that a sidecar claiming, say, a billion classes allocates nothing."""
@@ -205,6 +241,7 @@ def load_weights(target: str | Path, device: str | torch.device = "cpu", model_n
     meta = read_sidecar(sidecar)
     if model_name is not None and model_name != meta["model"]:
         raise CheckpointError(f"{path}: its sidecar says it is {meta['model']!r}, not {model_name!r}; leave out --model")
+    _check_model_args(meta, path, sidecar)
     _check_size_against_file(meta, path, sidecar)
     model = _build(meta["model"], meta["model_args"], sidecar)
     load_pretrained(model, path, name=repr(meta["model"]))

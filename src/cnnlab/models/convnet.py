@@ -15,16 +15,16 @@ import torch.nn as nn
 from ..errors import ModelError
 from .registry import register_model
 
-__all__ = ["TraditionalCNN", "ConvNet", "parse_spec", "sequential_to_convnet_state", "convnet", "cnn", "convnet_module"]
+__all__ = ["TraditionalCNN", "ConvNet", "parse_spec", "spec_values", "sequential_to_convnet_state", "convnet", "cnn", "convnet_module"]
 
 # The lecture's Complete Network: two 5-channel convs, a 2x2 max-pool, two 8-channel convs, a 128-unit
 # dense layer (the final Linear to num_classes is implicit).
 CONVNET_SPEC = "c5x2,p,c8x2,f128"
 
-_TOKEN = re.compile(
-    r"^(?:c(?P<conv>\d+)(?:k(?P<k>\d+))?(?:s(?P<s>\d+))?(?P<bn>b)?(?:x(?P<rep>\d+))?"
-    r"|(?P<pool>[pa])(?P<pk>\d+)?"
-    r"|f(?P<fc>\d+)"
+_TOKEN = re.compile(  # numbers of up to 9 digits: a sidecar's spec is read before any model is built
+    r"^(?:c(?P<conv>\d{1,9})(?:k(?P<k>\d{1,9}))?(?:s(?P<s>\d{1,9}))?(?P<bn>b)?(?:x(?P<rep>\d{1,9}))?"
+    r"|(?P<pool>[pa])(?P<pk>\d{1,9})?"
+    r"|f(?P<fc>\d{1,9})"
     r"|d(?P<drop>0?\.\d+)"
     r"|(?P<gap>g))$"
 )
@@ -48,15 +48,23 @@ class _Layer:
 
 
 def parse_spec(spec: str) -> list[_Layer]:
-    """Parse a spec such as ``"c5x2,p,c8x2,f128"`` into layers; a bad token names itself and the grammar."""
+    """Parse a spec such as ``"c5x2,p,c8x2,f128"`` into layers; a bad token names itself and the grammar. More
+    layers than data.images.Limits.model_layers are refused before any is listed ("c8x100000000")."""
+    from ..data.images import limits, raise_hint
     layers: list[_Layer] = []
     tokens = [t.strip() for t in spec.split(",") if t.strip()]
     if not tokens:
         raise ModelError(f"empty model spec {spec!r}; {SPEC_HELP}")
-    for token in tokens:
-        m = _TOKEN.match(token)
+    matches = [(_TOKEN.match(token), token) for token in tokens]
+    for m, token in matches:
         if m is None:
-            raise ModelError(f"bad token {token!r} in model spec {spec!r}; {SPEC_HELP}")
+            raise ModelError(f"bad token {token[:40]!r} in model spec {spec[:80]!r}; {SPEC_HELP}")
+    count = sum(int(m["rep"] or 1) for m, _ in matches)
+    cap = limits().model_layers
+    if count > cap:
+        raise ModelError(f"model spec {spec[:80]!r} has {count:,} layers, more than cnnlab builds ({cap:,}); "
+                         f"{raise_hint('model_layers')} if you mean it")
+    for m, token in matches:
         if m["conv"]:
             k, s = int(m["k"] or 3), int(m["s"] or 1)
             if int(m["conv"]) < 1 or k < 1 or s < 1:
@@ -73,6 +81,31 @@ def parse_spec(spec: str) -> list[_Layer]:
         else:
             layers.append(_Layer("gap"))
     return layers
+
+
+def spec_values(spec: str, num_classes: int = 10, in_channels: int = 3,
+                input_size: int | tuple[int, int] = 32) -> int:
+    """The number of values in the state dict of `cnn(spec, ...)` (parameters and batch-norm buffers), from the
+    spec alone: a weights sidecar is checked with it before any module is built."""
+    c, (h, w) = in_channels, _pair(input_size)
+    flat, values = None, 0
+    for layer in parse_spec(spec):
+        if layer.kind == "conv":
+            values += c * layer.size * layer.kernel ** 2 + (4 * layer.size + 1 if layer.batchnorm else layer.size)
+            if layer.stride > 1:
+                h = (h + 2 * (layer.kernel // 2) - layer.kernel) // layer.stride + 1
+                w = (w + 2 * (layer.kernel // 2) - layer.kernel) // layer.stride + 1
+            c = layer.size
+        elif layer.kind in ("maxpool", "avgpool"):
+            h, w = h // layer.stride, w // layer.stride
+        elif layer.kind == "gap":
+            h = w = 1
+        elif layer.kind == "fc":
+            flat = c * h * w if flat is None else flat
+            values += (flat + 1) * layer.size
+            flat = layer.size
+    flat = c * h * w if flat is None else flat
+    return values + (flat + 1) * num_classes
 
 
 def _pair(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
