@@ -220,7 +220,7 @@ def test_parse_bytes():
 def test_memory_mode_resizes_to_the_image_size_and_applies_exif(tmp_path):
     files = write_mixed_folder(tmp_path / "m", bad=False)
     root = tmp_path / "m"
-    arrays, classes, _ = decode_image_folder(root, image_folder_files(root), image_size=24, log=lambda m: None)
+    arrays, classes, _, _ = decode_image_folder(root, image_folder_files(root), image_size=24, log=lambda m: None)
     assert arrays["train_images"].shape == (16, 3, 24, 24) and arrays["test_images"].shape == (5, 3, 24, 24)
     rotated = image_folder_files(root).index(files["rotated"])  # train files come first
     top, bottom = arrays["train_images"][rotated][:, 1, 12], arrays["train_images"][rotated][:, -2, 12]
