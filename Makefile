@@ -69,7 +69,7 @@ notebooks: venv
 # build/site; CI passes DOCS_FLAGS=--strict, so a broken link or reference fails the build.
 DOCS_FLAGS ?=
 docs: venv
-	$(BIN)/mkdocs build $(DOCS_FLAGS)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build $(DOCS_FLAGS)
 
 # ruff's lint rules and formatting over the repository and mypy over src/ (configured in pyproject.toml)
 lint: venv
