@@ -17,6 +17,8 @@ CNNLAB_CACHE points into the folder. What an example writes (runs/, viz/, build/
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import re
 import shlex
@@ -118,7 +120,8 @@ def check_long_example(block: str, where: str) -> None:
         if "cnnlab" in argv:  # `cnnlab train ...`, and `torchrun ... -m cnnlab train ...`
             args = argv[argv.index("cnnlab") + 1:]
             try:
-                build_parser().parse_args(args)
+                with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                    build_parser().parse_args(args)  # --help and usage errors print: not wanted here
             except SystemExit as exc:  # --help exits 0: a valid command
                 if exc.code == 0:
                     continue
