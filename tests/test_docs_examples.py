@@ -96,6 +96,15 @@ def test_a_shell_example_runs_as_written(page, number, block, tmp_path, request)
         folder = request.getfixturevalue(NEEDS[name])  # skips here, or fails under CI, when it is missing
         if name == "fashion-mnist":  # found by the default look-up in a checkout; here the cache is fresh
             env["CNNLAB_DATA"] = str(folder)
+    start = time.perf_counter()
+    done = run_block(block, tmp_path, env)
+    print(f"{page.name}:{number}: {time.perf_counter() - start:.1f} s")
+    assert done.returncode == 0, (f"{page.name}:{number} failed (exit {done.returncode}):\n{block}\n"
+                                  f"--- stdout\n{done.stdout[-3000:]}\n--- stderr\n{done.stderr[-3000:]}")
+
+
+def run_block(block: str, tmp_path: Path, env: dict) -> subprocess.CompletedProcess:
+    """Run a block as one bash script in tmp_path/checkout, a folder laid out like a checkout."""
     checkout = tmp_path / "checkout"
     checkout.mkdir()
     for name in LINKED:
@@ -104,12 +113,14 @@ def test_a_shell_example_runs_as_written(page, number, block, tmp_path, request)
         (tmp_path / "shared").symlink_to(REPO.parent / "shared")
     script = tmp_path / "example.sh"
     script.write_text("set -euo pipefail\n" + block)
-    start = time.perf_counter()
-    done = subprocess.run(["bash", str(script)], cwd=checkout, env=env, capture_output=True, text=True,
+    return subprocess.run(["bash", str(script)], cwd=checkout, env=env, capture_output=True, text=True,
                           timeout=BLOCK_TIMEOUT)
-    print(f"{page.name}:{number}: {time.perf_counter() - start:.1f} s")
-    assert done.returncode == 0, (f"{page.name}:{number} failed (exit {done.returncode}):\n{block}\n"
-                                  f"--- stdout\n{done.stdout[-3000:]}\n--- stderr\n{done.stderr[-3000:]}")
+
+
+def test_a_failing_line_fails_the_example_and_paths_resolve_as_in_a_checkout(tmp_path):
+    done = run_block("ls bench/airbench.py notebooks/execute.py\nfalse\necho not reached\n", tmp_path,
+                     dict(os.environ))
+    assert done.returncode != 0 and "bench/airbench.py" in done.stdout and "not reached" not in done.stdout
 
 
 def check_long_example(block: str, where: str) -> None:
