@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # The pinned release takes the CPU build where this machine keeps one on disk, and PyPI's build elsewhere.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test test-slow test-all test-fast fuzz bench notebooks venv data clean
+.PHONY: demo test test-slow test-all test-fast fuzz bench notebooks docs lint venv data clean
 
 # setup.py compiles streaming's region JPEG decoder against libjpeg-turbo; without a compiler or libjpeg's headers
 # it is skipped (whole-image decoding instead), so as root with apt they are installed first. libjpeg-turbo-progs:
@@ -68,6 +68,18 @@ bench: data
 # copies, outputs included, go to build/notebooks/ for reading on a web page (GitHub and nbviewer render them).
 notebooks: venv
 	$(BIN)/python notebooks/execute.py --out build/notebooks
+
+# The documentation site (mkdocs.yml, pages in docs/, the API reference from docstrings, the notebooks) into
+# build/site; CI passes DOCS_FLAGS=--strict, so a broken link or reference fails the build.
+DOCS_FLAGS ?=
+docs: venv
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build $(DOCS_FLAGS)
+
+# ruff's lint rules and formatting over the repository and mypy over src/ (configured in pyproject.toml)
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

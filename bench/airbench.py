@@ -12,6 +12,7 @@ The paper: 94.01% mean test accuracy in 3.83 s on one A100, 0.36 PFLOP per run.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import statistics
 import tempfile
@@ -50,13 +51,17 @@ def main(runs: int = 1, epochs: float | None = None, first_seed: int = 0) -> boo
             import dataclasses
             cfg = dataclasses.replace(cfg, **values)
             summary = fit(cfg, log=lambda m: None)
+            # the last epoch's row of metrics.csv is the final weights scored without TTA (the TTA score follows it)
+            with open(f"{tmp}/run/metrics.csv", newline="") as f:
+                summary["test_accuracy_without_tta"] = float(list(csv.DictReader(f))[-1]["test_acc"])
         images = summary["steps"] * cfg.batch_size
         gflops = per_image * images / summary["train_seconds"]
         reached = summary["time_to_accuracy"]
         times = ", ".join(f"{float(k):.0%} at {v['seconds_without_eval']:.0f} s without evaluations, "
                           f"{v['wall_seconds']:.0f} s of wall time (step {v['step']})" for k, v in reached.items())
-        print(f"airbench94 seed {seed}: test accuracy {summary['test_accuracy']:.4f} (TTA level {summary['test_tta']}) "
-              f"after {summary['epochs']:g} epochs; wall {summary['wall_seconds']:.0f} s, training "
+        print(f"airbench94 seed {seed}: test accuracy {summary['test_accuracy']:.4f} (TTA level {summary['test_tta']}; "
+              f"{summary['test_accuracy_without_tta']:.4f} without) after {summary['epochs']:g} epochs; "
+              f"wall {summary['wall_seconds']:.0f} s, training "
               f"{summary['train_seconds']:.0f} s, evaluating {summary['eval_seconds']:.0f} s; reached: {times or 'none of 90/93/94%'}; "
               f"{gflops:.0f} GFLOP/s achieved ({per_image:.3f} GFLOP per training image, {summary['precision']})")
         summaries.append(summary)
@@ -72,6 +77,7 @@ def main(runs: int = 1, epochs: float | None = None, first_seed: int = 0) -> boo
           f"({summaries[0]['precision_reason']})")
     print(f"  conditions: {conditions(recipe='airbench94', batch=1024)}")
     print("  summary: " + json.dumps({"runs": runs, "accuracies": accuracies, "mean": mean, "std": std,
+                                      "without_tta": [s["test_accuracy_without_tta"] for s in summaries],
                                       "wall_seconds": [s["wall_seconds"] for s in summaries],
                                       "time_to_accuracy": [s["time_to_accuracy"] for s in summaries]}))
     return True

@@ -1,6 +1,6 @@
 """Precision, memory format and torch.compile on this CPU: training-step throughput of convnet and resnet20 in
 each setting, as ratios against fp32 NCHW eager measured in the same run, with the matmul peaks and what
-`--precision auto` / `--channels-last auto` pick here (and why). The README's figures on these come from here.
+`--precision auto` / `--channels-last auto` pick here (and why). The figures on these in docs/results.md come from here.
 """
 from __future__ import annotations
 

@@ -141,7 +141,7 @@ def browser(tmp_path):
 
 
 def _shot(element, name: str, tmp_path: Path) -> Path:
-    """A screenshot of one part of the page; into $CNNLAB_SCREENSHOTS when set (the README's pictures), as a
+    """A screenshot of one part of the page; into $CNNLAB_SCREENSHOTS when set (the pictures in docs/screenshots), as a
     256-colour PNG: the page's flat colours lose nothing and the file is a fraction of the size."""
     folder = Path(os.environ.get("CNNLAB_SCREENSHOTS") or tmp_path)
     folder.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,8 @@ scale. Batch norm learns only its shift. Facts and figures are from the paper an
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn as nn
 
@@ -18,7 +20,7 @@ __all__ = ["Airbench", "ConvGroup", "WhiteningConv", "ShiftOnlyBatchNorm", "init
            "airbench94_param_groups", "AIRBENCH94_RECIPE", "airbench94"]
 
 # The training recipe of airbench94.py, for the engine to follow (the paper's numbers, the code's `hyp` names).
-AIRBENCH94_RECIPE = {
+AIRBENCH94_RECIPE: dict[str, Any] = {
     "dataset": "cifar10",
     # hyp['aug'] = {flip, translate: 2}: a random translation by up to 2 pixels with reflection padding, which is
     # exactly RandomCrop(2, "reflect"), then the paper's alternating flip (derandomised horizontal flipping).
@@ -88,6 +90,7 @@ class WhiteningConv(nn.Conv2d):
         weight = self.weight.detach().clone()
         del self.weight
         self.register_buffer("weight", weight)
+        assert self.bias is not None  # bias=True above
         nn.init.zeros_(self.bias)
 
 

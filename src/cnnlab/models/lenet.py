@@ -7,6 +7,8 @@ had a trainable gain and bias per map and whose output was a layer of Euclidean 
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn as nn
 
@@ -32,8 +34,9 @@ class LeCunTanh(nn.Module):
         return 1.7159 * torch.tanh(x * (2.0 / 3.0))
 
 
-_ACTIVATIONS = {"relu": lambda: nn.ReLU(inplace=True), "tanh": nn.Tanh, "lecun_tanh": LeCunTanh}
-_POOLS = {"max": nn.MaxPool2d, "avg": nn.AvgPool2d}
+_ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {"relu": lambda: nn.ReLU(inplace=True), "tanh": nn.Tanh,
+                                                    "lecun_tanh": LeCunTanh}
+_POOLS: dict[str, Callable[..., nn.Module]] = {"max": nn.MaxPool2d, "avg": nn.AvgPool2d}
 
 
 class ConnectionTableConv(nn.Module):
@@ -42,6 +45,8 @@ class ConnectionTableConv(nn.Module):
     Absent connections hold no weights: the maps with the same number of inputs form one grouped conv over
     their inputs gathered side by side, so `parameters()` counts exactly the table's kernels and biases.
     """
+
+    order: torch.Tensor  # a buffer (registered in __init__)
 
     def __init__(self, table, kernel_size: int, in_channels: int):
         super().__init__()

@@ -69,11 +69,12 @@ def load_pretrained(model: nn.Module, path: str | Path, name: str = "the model")
             parts.append(f"shape mismatches: {'; '.join(shapes[:4])}")
         hint = ""
         head = [k for k in ("fc.weight", "classifier.6.weight") if k in state and k in dict(model.state_dict())]
-        if head and shapes and not missing and not unexpected and all(k.split(".")[0] == head[0].split(".")[0] for k in (s.split(":")[0] for s in shapes)):
+        only_the_head = all(s.split(":")[0].split(".")[0] == head[0].split(".")[0] for s in shapes) if head else False
+        if head and shapes and not missing and not unexpected and only_the_head:
             n = state[head[0]].shape[0]
             hint = (f"; the file's classifier has {n} classes: build the model with num_classes={n} (on the command "
-                    f"line --model-arg num_classes={n}, or --num-classes {n} for 'cnnlab summary'), or load it that way "
-                    "and replace the head for your classes")
+                    f"line --model-arg num_classes={n}, or --num-classes {n} for 'cnnlab summary'), or load it that "
+                    "way and replace the head for your classes")
         raise CheckpointError(f"{path}: weights do not fit {name}: " + "; ".join(parts) + hint)
     model.load_state_dict(state, strict=True)
     return model

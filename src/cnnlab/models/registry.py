@@ -4,8 +4,8 @@ from __future__ import annotations
 import inspect
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch.nn as nn
 
@@ -48,7 +48,7 @@ def create_model(name: str, weights: str | Path | None = None, **kwargs) -> nn.M
     classes and the input normalisation they expect.
     """
     builder = model_entrypoint(name)
-    packaged = meta = None
+    packaged, meta = None, {}
     if weights is not None and not Path(weights).is_file():  # a folder called 'cifar10' does not shadow the name
         from .packaged import find_packaged
         packaged = find_packaged(name, str(weights))
@@ -76,9 +76,9 @@ def create_model(name: str, weights: str | Path | None = None, **kwargs) -> nn.M
         from .pretrained import load_pretrained
         load_pretrained(model, weights, name=repr(name))
     if packaged is not None:
-        model.pretrained_cfg = {"name": packaged.name, "dataset": packaged.dataset,
-                                "test_accuracy": packaged.test_accuracy, "classes": meta["classes"],
-                                "mean": meta["mean"], "std": meta["std"], "input_shape": meta["input_shape"]}
+        cfg = {"name": packaged.name, "dataset": packaged.dataset, "test_accuracy": packaged.test_accuracy,
+               "classes": meta["classes"], "mean": meta["mean"], "std": meta["std"], "input_shape": meta["input_shape"]}
+        model.pretrained_cfg = cfg  # type: ignore[assignment]  # timm's name; Module.__setattr__ is typed for tensors
     return model
 
 

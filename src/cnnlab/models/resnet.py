@@ -6,7 +6,7 @@ The bottleneck puts its stride on the 3x3 conv as torchvision does ("ResNet v1.5
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -116,10 +116,10 @@ class Bottleneck(nn.Module):
 def zero_init_last_bn(model: nn.Module) -> None:
     """Start each residual branch at zero so every block begins as the identity (Goyal et al. 2017)."""
     for m in model.modules():
-        if isinstance(m, Bottleneck):
-            nn.init.zeros_(m.bn3.weight)
-        elif isinstance(m, BasicBlock):
-            nn.init.zeros_(m.bn2.weight)
+        if isinstance(m, (Bottleneck, BasicBlock)):
+            last = m.bn3 if isinstance(m, Bottleneck) else m.bn2
+            assert isinstance(last.weight, torch.Tensor), "zero_init_residual needs a norm layer with a weight"
+            nn.init.zeros_(last.weight)
 
 
 def init_weights(model: nn.Module) -> None:

@@ -114,7 +114,7 @@ def format_summary(info: dict, title: str = "") -> str:
 
 
 def _pair(v) -> tuple[int, int]:
-    return (v, v) if isinstance(v, int) else tuple(v)  # type: ignore[return-value]
+    return (v, v) if isinstance(v, int) else tuple(v)
 
 
 def receptive_fields(model: nn.Module) -> list[dict]:
@@ -127,7 +127,9 @@ def receptive_fields(model: nn.Module) -> list[dict]:
     if names:
         raise ModelError(f"{type(model).__name__} has residual blocks ({names[0]}, ...): its layers are no single "
                          "chain, so receptive_fields cannot add them up in order")
-    size, step, rows = (1, 1), (1, 1), []
+    size: tuple[int, ...] = (1, 1)
+    step: tuple[int, ...] = (1, 1)
+    rows: list[dict] = []
     for name, m in model.named_modules():
         if isinstance(m, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)):
             kernel, stride = _pair(m.kernel_size), _pair(m.stride)
@@ -138,7 +140,7 @@ def receptive_fields(model: nn.Module) -> list[dict]:
     return rows
 
 
-def _runs_on(model: nn.Module, shape: tuple[int, int, int]) -> bool:
+def _runs_on(model: nn.Module, shape: tuple[int, ...]) -> bool:
     """Whether `model` (on the meta device: no memory, no arithmetic) accepts a (1, *shape) input."""
     try:
         with torch.device("meta"):

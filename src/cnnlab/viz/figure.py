@@ -8,12 +8,12 @@ and writes a PNG only when given a path. In a notebook a figure that is a cell's
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Literal
 
 import numpy as np
 from matplotlib import colormaps
-from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import Colormap
 from matplotlib.figure import Figure
@@ -39,7 +39,10 @@ class NotebookFigure(Figure):
         return png_bytes(self)
 
 
-def new_figure(width: float, height: float, dpi: int = DPI, layout: str | None = None) -> Figure:
+Layout = Literal["constrained", "compressed", "tight"]  # matplotlib's layout engines by name
+
+
+def new_figure(width: float, height: float, dpi: int = DPI, layout: Layout | None = None) -> Figure:
     """A Figure of width x height inches on its own Agg canvas."""
     fig = NotebookFigure(figsize=(width, height), dpi=dpi, layout=layout)
     FigureCanvasAgg(fig)
@@ -47,8 +50,9 @@ def new_figure(width: float, height: float, dpi: int = DPI, layout: str | None =
 
 
 def subplots(nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float] = (6.4, 4.8), dpi: int = DPI,
-             layout: str | None = None, squeeze: bool = True, **kwargs) -> tuple[Figure, Axes | np.ndarray]:
-    """`pyplot.subplots` without pyplot: (figure, axes) with the same squeeze rules."""
+             layout: Layout | None = None, squeeze: bool = True, **kwargs) -> tuple[Figure, Any]:
+    """`pyplot.subplots` without pyplot: (figure, axes) with the same squeeze rules (one Axes, or an array of
+    them: Any, as in matplotlib's own annotation)."""
     fig = new_figure(*figsize, dpi=dpi, layout=layout)
     return fig, fig.subplots(nrows, ncols, squeeze=squeeze, **kwargs)
 
@@ -78,7 +82,8 @@ def finish(fig: Figure, path: str | Path | None = None) -> Figure:
 def show(*items: Figure | str | Path) -> None:
     """Display figures, and PNG or GIF files (an animation plays), inline in a Jupyter notebook, in order."""
     try:
-        from IPython.display import Image as IPythonImage, display
+        from IPython.display import Image as IPythonImage
+        from IPython.display import display
     except ImportError:
         raise ConfigError("show() displays in a Jupyter notebook and needs IPython (pip install ipykernel); "
                           "elsewhere write the figure with save_png(fig, path)") from None
@@ -119,7 +124,7 @@ def _fit(rgb: np.ndarray, slot: tuple[int, int]) -> np.ndarray:
         k = int(scale)
         return np.repeat(np.repeat(rgb, k, axis=0), k, axis=1)
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    return np.asarray(Image.fromarray(rgb).resize(size, Image.BOX))
+    return np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.BOX))
 
 
 def image_grid(cells: Sequence[np.ndarray | None], cols: int, *, cmap: str = "gray", vmin: float | None = None,

@@ -6,19 +6,31 @@ Slide (c): CS231n's worked example (Karpathy et al., cs231n.github.io/convolutio
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from matplotlib import colormaps
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
+from matplotlib.layout_engine import ConstrainedLayoutEngine
 from matplotlib.patches import Rectangle
 
 from ..errors import ConfigError
 from . import _grid
-from .conv import (DEFAULT_SIZE, VERTICAL_EDGE, NumericExample, as_array, color_filters, conv2d_by_hand,
-                   integer_scale, numeric_example, prepare_rgb, to_gray, to_levels)
+from .conv import (
+    DEFAULT_SIZE,
+    VERTICAL_EDGE,
+    NumericExample,
+    as_array,
+    color_filters,
+    conv2d_by_hand,
+    integer_scale,
+    numeric_example,
+    prepare_rgb,
+    to_gray,
+    to_levels,
+)
 from .figure import finish, new_figure
 
 __all__ = ["plot_numeric_example", "animate_conv_gray", "animate_conv_color", "render_conv"]
@@ -150,9 +162,9 @@ def _write_animation(show: Callable[[int], np.ndarray], Ho: int, Wo: int, max_fr
     """The ending both slides share: the frames as a looping GIF, and as a still PNG the window at the map's
     centre with half the map computed. Either file is skipped when its path is None."""
     if gif_path is not None:
-        _grid.write_gif([show(f) for f in _frame_positions(Ho, Wo, max_frames)], gif_path)
+        _grid.write_gif([show(f) for f in _frame_positions(Ho, Wo, max_frames)], Path(gif_path))
     if png_path is not None:
-        _grid.write_png(show((Ho // 2) * Wo + Wo // 2), png_path)
+        _grid.write_png(show((Ho // 2) * Wo + Wo // 2), Path(png_path))
 
 
 def animate_conv_gray(image, kernel, gif_path: str | Path | None, png_path: str | Path | None = None,
@@ -210,7 +222,9 @@ def animate_conv_gray(image, kernel, gif_path: str | Path | None, png_path: str 
     equation = fig.text(0.5, 0.005, "", ha="center", va="bottom", fontsize=9, family="monospace", animated=True)
     fig.suptitle(f"Convolution, one window at a time: {kh}x{kw} filter, stride {s}, zero padding {p}: "
                  f"{H}x{W} in -> {Ho}x{Wo} out", fontsize=12)
-    fig.get_layout_engine().set(h_pad=0.25)  # room for the equation line below the panels
+    engine = fig.get_layout_engine()
+    assert isinstance(engine, ConstrainedLayoutEngine)  # new_figure(layout="constrained") above
+    engine.set(h_pad=0.25)  # room for the equation line below the panels
     _grid.freeze_layout(fig)  # with the longest title in place; then panels stay put as titles change
     title_out.set_animated(True)
     blit = _grid.Blitter(fig)
