@@ -11,10 +11,13 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from ..models.airbench import AIRBENCH94_RECIPE
+
 __all__ = ["Lookahead"]
 
-DECAY_BASE = 0.95  # per step, airbench94's hyp['opt']['ema']['decay_per_step']
-RAMP_POWER = 3.0  # the decay grows as (step / total)^3: little averaging early, much at the end
+# per step, airbench94's hyp['opt']['ema']['decay_per_step']; the decay grows as (step / total)^3: little averaging
+# early, much at the end
+DECAY_BASE, RAMP_POWER = AIRBENCH94_RECIPE["ema_decay_base"], AIRBENCH94_RECIPE["ema_decay_power"]
 
 
 class Lookahead:
