@@ -226,13 +226,18 @@ def test_evaluations_are_left_out_of_the_training_time_and_the_times_to_accuracy
                                                                                  monkeypatch):
     """Evaluating every few steps to time a run must not slow the time it reports: each mid-epoch evaluation
     here sleeps 1.5 s, and none of that may show in train_seconds or in seconds_without_eval."""
+    import linecache
     import sys
 
     import cnnlab.engine.trainer as trainer
     evaluate, naps = trainer.evaluate, []
 
     def slow_evaluate(*args, **kwargs):
-        if sys._getframe(2).f_code.co_name == "evaluate_mid_epoch":  # called by evaluate_now, called by it
+        caller = sys._getframe(2)  # evaluate_now's caller: fit, between two steps or at an epoch's end
+        line = linecache.getline(caller.f_code.co_filename, caller.f_lineno)
+        if caller.f_code.co_name == "fit" and "steps.paused" in "".join(
+                linecache.getline(caller.f_code.co_filename, n) for n in range(caller.f_lineno - 2, caller.f_lineno)):
+            assert "evaluate_now()" in line
             naps.append(1.5)
             time.sleep(1.5)
         return evaluate(*args, **kwargs)

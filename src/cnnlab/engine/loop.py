@@ -1,12 +1,13 @@
 """One epoch of training steps: forward, loss, backward, the finiteness check, the update, and the step
-boundary where signals, callbacks, periodic checkpoints and `max_steps` are honoured."""
+boundary where signals, callbacks and `max_steps` are honoured, and where `fit` evaluates and checkpoints."""
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn as nn
@@ -15,7 +16,7 @@ from .progress import Progress
 from .runtime import Runtime
 from .state import EpochSums, TrainState
 
-__all__ = ["StepRules", "RunState", "NonFiniteStep", "SignalStop", "train_one_epoch", "accumulate"]
+__all__ = ["StepRules", "RunState", "NonFiniteStep", "SignalStop", "EpochSteps", "accumulate"]
 
 
 @dataclass
@@ -37,7 +38,6 @@ class StepRules:
     grad_clip: float = 0.0
     on_nan: str = "stop"
     max_nan_skips: int = 10
-    checkpoint_every: int = 0
     log_every: int = 100
 
 
@@ -90,92 +90,107 @@ def _grad_size(model: nn.Module, grad_clip: float) -> torch.Tensor:
     return torch.stack(torch._foreach_norm(grads, 1)).sum() if grads else torch.zeros(())
 
 
-def train_one_epoch(state: TrainState, step_model: nn.Module, loss_fn: Callable, lr_at: Callable[[int], float],
-                    runtime: Runtime, rules: StepRules, *, stopper: SignalStop, progress: Progress,
-                    callbacks: Sequence[Callable[[RunState], None]] = (), run_state: RunState | None = None,
-                    save_checkpoint: Callable[[], None], log: Callable[[str], None] = print,
-                    on_step: Callable[[int, torch.Tensor, float], None] | None = None,
-                    between_steps: Callable[[int], None] | None = None) -> int | str | None:
-    """Train until the loader's epoch ends, `rules.total_steps` is reached, or a stop is requested.
+class EpochSteps:
+    """One epoch of optimiser steps, handed out one at a time: iterating runs a step and yields its number at the
+    step's boundary, so that the caller (`fit`) evaluates and checkpoints there itself, inline, then asks for the
+    next. Iteration ends when the loader's epoch ends, `rules.total_steps` is reached, or a stop is requested;
+    `stop` then says why it stopped early: a signal number, "callback", or None. A non-finite step that may not
+    be skipped raises NonFiniteStep. `on_step(step, loss, lr)` gets the detached loss tensor (for loggers)."""
 
-    Returns why it stopped early: a signal number, "callback", or None (the epoch ended or max_steps was
-    reached). Raises NonFiniteStep when a non-finite step may not be skipped. `on_step(step, loss, lr)`
-    gets the detached loss tensor (for loggers, which read it in bulk); `between_steps(step)` runs on every
-    rank after each step's boundary checks (mid-epoch evaluation).
-    """
-    model, optimizer, loader = state.model, state.optimizer, state.loader
-    device = runtime.device
-    steps_per_epoch = len(loader)
-    epoch = loader.epoch
-    local = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, seen since the last fold
-    tic = time.perf_counter()
-    def wanted():
-        return stopper.signum or ("callback" if run_state is not None and run_state.stop_requested else None)
+    def __init__(self, state: TrainState, step_model: nn.Module, loss_fn: Callable, lr_at: Callable[[int], float],
+                 runtime: Runtime, rules: StepRules, *, stopper: SignalStop, progress: Progress,
+                 callbacks: Sequence[Callable[[RunState], None]] = (), run_state: RunState | None = None,
+                 log: Callable[[str], None] = print,
+                 on_step: Callable[[int, torch.Tensor, float], None] | None = None):
+        self.state, self.step_model, self.loss_fn, self.lr_at = state, step_model, loss_fn, lr_at
+        self.runtime, self.rules, self.stopper, self.progress = runtime, rules, stopper, progress
+        self.callbacks, self.run_state, self.log, self.on_step = callbacks, run_state, log, on_step
+        self.stop: int | str | None = None
+        # loss sum, correct, seen since the last fold into state.sums
+        self.local = torch.zeros(3, dtype=torch.float64, device=runtime.device)
+        self.tic = time.perf_counter()
 
-    stop = None  # why this epoch ends early
-    requested = wanted()  # a stop this rank wants; in a distributed run all ranks agree on it at the next check
-    for x, y in loader:
-        lr = lr_at(state.step)
-        for group in optimizer.param_groups:  # a group may train for the first epochs only (until_epoch)
-            group["lr"] = lr * group.get("lr_scale", 1.0) * (epoch < group.get("until_epoch", float("inf")))
-        with runtime.autocast():
-            logits = step_model(x)
-        loss = loss_fn(logits.float(), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        # One host sync per step covers the loss, every gradient and, across ranks, a requested stop.
-        flags = torch.stack([(~torch.isfinite(loss.detach() + _grad_size(model, rules.grad_clip))).to(torch.float32),
-                             torch.tensor(float(requested is not None), device=device)])
-        bad, stop_agreed = (runtime.all_reduce(flags, "max") > 0).tolist()
-        if bad:
-            where = f"step {state.step + 1} (epoch {epoch + 1})"
-            what = f"the loss is {loss.item()}" if not torch.isfinite(loss) else \
-                f"the loss is {loss.item():.4g} but a gradient is NaN or infinite"
-            if rules.on_nan == "skip" and state.nan_skipped < rules.max_nan_skips:
-                state.nan_skipped += 1
-                optimizer.zero_grad(set_to_none=True)
-                log(f"{where}: {what}; update skipped ({state.nan_skipped} of {rules.max_nan_skips} allowed by "
-                    "--max-nan-skips)")
+    @contextlib.contextmanager
+    def paused(self):
+        """Time spent in here (a mid-epoch evaluation) is not training time."""
+        paused = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.tic += time.perf_counter() - paused
+
+    def fold(self) -> None:
+        """Fold the steps so far into the epoch's sums (over all ranks): before a checkpoint records them."""
+        accumulate(self.state.sums, self.local, time.perf_counter() - self.tic, self.runtime)
+        self.tic = time.perf_counter()
+
+    def __iter__(self) -> Iterator[int]:
+        state, runtime, rules, progress, local = self.state, self.runtime, self.rules, self.progress, self.local
+        model, optimizer, loader = state.model, state.optimizer, state.loader
+        device = runtime.device
+        steps_per_epoch = len(loader)
+        epoch = loader.epoch
+        run_state, callbacks = self.run_state, self.callbacks
+
+        def wanted():
+            return self.stopper.signum or ("callback" if run_state is not None and run_state.stop_requested else None)
+
+        requested = wanted()  # a stop this rank wants; in a distributed run all ranks agree on it at the next check
+        for x, y in loader:
+            lr = self.lr_at(state.step)
+            for group in optimizer.param_groups:  # a group may train for the first epochs only (until_epoch)
+                group["lr"] = lr * group.get("lr_scale", 1.0) * (epoch < group.get("until_epoch", float("inf")))
+            with runtime.autocast():
+                logits = self.step_model(x)
+            loss = self.loss_fn(logits.float(), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            # One host sync per step covers the loss, every gradient and, across ranks, a requested stop.
+            flags = torch.stack([(~torch.isfinite(loss.detach() + _grad_size(model, rules.grad_clip))).to(torch.float32),
+                                 torch.tensor(float(requested is not None), device=device)])
+            bad, stop_agreed = (runtime.all_reduce(flags, "max") > 0).tolist()
+            if bad:
+                where = f"step {state.step + 1} (epoch {epoch + 1})"
+                what = f"the loss is {loss.item()}" if not torch.isfinite(loss) else \
+                    f"the loss is {loss.item():.4g} but a gradient is NaN or infinite"
+                if rules.on_nan == "skip" and state.nan_skipped < rules.max_nan_skips:
+                    state.nan_skipped += 1
+                    optimizer.zero_grad(set_to_none=True)
+                    self.log(f"{where}: {what}; update skipped ({state.nan_skipped} of {rules.max_nan_skips} "
+                             "allowed by --max-nan-skips)")
+                else:
+                    raise NonFiniteStep(where, what, state.nan_skipped)
             else:
-                raise NonFiniteStep(where, what, state.nan_skipped)
-        else:
-            optimizer.step()
-            for extra in state.extras.values():  # e.g. the lookahead of the weights
-                extra.after_step(state.step + 1, epoch)
-            local += torch.stack([loss.detach().double() * len(y), (logits.detach().argmax(1) == y).sum().double(),
-                                  torch.tensor(float(len(y)), dtype=torch.float64, device=device)])
-        state.step += 1
-        if on_step:
-            on_step(state.step, loss.detach(), lr)
-        if progress.wants(state.step) or callbacks:  # .item() waits for the GPU: only when someone looks
-            loss_value = loss.item()
-            if progress.wants(state.step):
-                seen = state.sums.seen + local[2].item() * runtime.world_size  # ranks see equal shares
-                elapsed = state.sums.seconds + time.perf_counter() - tic
-                progress.update(state.step, (state.sums.loss + local[0].item() * runtime.world_size) / max(seen, 1),
-                                (state.sums.correct + local[1].item() * runtime.world_size) / max(seen, 1),
-                                seen / max(elapsed, 1e-9))
-            if callbacks:
-                run_state.epoch, run_state.step, run_state.loss, run_state.lr = epoch, state.step, loss_value, lr
-                for callback in callbacks:
-                    callback(run_state)
-        if runtime.distributed:
-            if stop_agreed:  # every rank saw the same flags: all stop at this boundary
-                stop = requested or wanted() or signal.SIGTERM
+                optimizer.step()
+                for extra in state.extras.values():  # e.g. the lookahead of the weights
+                    extra.after_step(state.step + 1, epoch)
+                local += torch.stack([loss.detach().double() * len(y), (logits.detach().argmax(1) == y).sum().double(),
+                                      torch.tensor(float(len(y)), dtype=torch.float64, device=device)])
+            state.step += 1
+            if self.on_step:
+                self.on_step(state.step, loss.detach(), lr)
+            if progress.wants(state.step) or callbacks:  # .item() waits for the GPU: only when someone looks
+                loss_value = loss.item()
+                if progress.wants(state.step):
+                    seen = state.sums.seen + local[2].item() * runtime.world_size  # ranks see equal shares
+                    elapsed = state.sums.seconds + time.perf_counter() - self.tic
+                    progress.update(state.step,
+                                    (state.sums.loss + local[0].item() * runtime.world_size) / max(seen, 1),
+                                    (state.sums.correct + local[1].item() * runtime.world_size) / max(seen, 1),
+                                    seen / max(elapsed, 1e-9))
+                if callbacks and run_state is not None:
+                    run_state.epoch, run_state.step, run_state.loss, run_state.lr = epoch, state.step, loss_value, lr
+                    for callback in callbacks:
+                        callback(run_state)
+            if runtime.distributed:
+                if stop_agreed:  # every rank saw the same flags: all stop at this boundary
+                    self.stop = requested or wanted() or signal.SIGTERM
+                    break
+                requested = wanted()
+            elif wanted() is not None:
+                self.stop = wanted()
                 break
-            requested = wanted()
-        elif wanted() is not None:
-            stop = wanted()
-            break
-        if between_steps is not None:  # before a checkpoint, so that a resume from it does not skip it
-            paused = time.perf_counter()
-            between_steps(state.step)
-            tic += time.perf_counter() - paused  # a mid-epoch evaluation is not training time
-        if rules.checkpoint_every and state.step % rules.checkpoint_every == 0 and loader.position < steps_per_epoch:
-            accumulate(state.sums, local, time.perf_counter() - tic, runtime)
-            tic = time.perf_counter()
-            save_checkpoint()
-        if state.step >= rules.total_steps and loader.position < steps_per_epoch:
-            break  # max_steps reached mid-epoch
-    accumulate(state.sums, local, time.perf_counter() - tic, runtime)
-    return stop
+            yield state.step  # the boundary: the caller evaluates and checkpoints here, before the next step
+            if state.step >= rules.total_steps and loader.position < steps_per_epoch:
+                break  # max_steps reached mid-epoch
+        self.fold()

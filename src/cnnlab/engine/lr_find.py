@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from ..errors import ConfigError
 from ..files import save_atomic
-from .loop import NonFiniteStep, RunState, SignalStop, StepRules, train_one_epoch
+from .loop import EpochSteps, NonFiniteStep, RunState, SignalStop, StepRules
 from .progress import Progress
 from .runtime import Runtime
 from .state import TrainState, rng_state, set_rng_state
@@ -166,7 +166,7 @@ def search_lr(model: nn.Module, optimizer: torch.optim.Optimizer, loader, *, run
               start_lr: float = DEFAULT_START_LR, end_lr: float = DEFAULT_END_LR, rule: str = "steepest",
               diverge: float = DIVERGE_FACTOR, grad_clip: float = 0.0) -> LRFinderResult:
     """The range test on `model` with `optimizer` over batches of `loader` (an InMemoryLoader or a streaming
-    loader), through the trainer's own step (`train_one_epoch`). Every parameter group's lr is the schedule's
+    loader), through the trainer's own steps (`EpochSteps`). Every parameter group's lr is the schedule's
     times its `lr_scale`, so groups with their own rates (airbench94) are scaled by one common factor; the lrs
     recorded are the schedule's. In a distributed run the losses are averaged over the ranks, so every rank
     sees the same curve and stops at the same step, and rank 0's suggestion is sent to all."""
@@ -208,9 +208,10 @@ def search_lr(model: nn.Module, optimizer: torch.optim.Optimizer, loader, *, run
         run_state = RunState(None, model=model)
         while search.step < steps and not why:
             try:
-                train_one_epoch(search, step_model or model, loss_fn, lr_at, runtime, rules, stopper=SignalStop(),
-                                progress=Progress("none", steps, len(loader)), callbacks=[record],
-                                run_state=run_state, save_checkpoint=lambda: None, log=lambda m: None)
+                for _ in EpochSteps(search, step_model or model, loss_fn, lr_at, runtime, rules, stopper=SignalStop(),
+                                    progress=Progress("none", steps, len(loader)), callbacks=[record],
+                                    run_state=run_state, log=lambda m: None):
+                    pass  # nothing to evaluate or checkpoint between the steps of a range test
             except NonFiniteStep as exc:  # a non-finite loss or gradient is divergence too
                 why = f"{exc.what} at lr {lr_at(search.step):.3g}"
     valley, steepest = suggest_lr(lrs, smoothed, rule)

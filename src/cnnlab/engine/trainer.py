@@ -26,7 +26,7 @@ from .config import TrainConfig, config_from_dict, yaml_dump
 from .evaluate import evaluate
 from .loggers import LoggerGroup, build_loggers
 from .lookahead import Lookahead
-from .loop import NonFiniteStep, RunState, SignalStop, StepRules, train_one_epoch
+from .loop import EpochSteps, NonFiniteStep, RunState, SignalStop, StepRules
 from .lr_find import DEFAULT_END_LR, DEFAULT_START_LR, DEFAULT_STEPS, LRFinderResult, search_lr
 from .optim import applied_lrs, build_schedule, build_training_optimizer
 from .progress import Progress, trace
@@ -327,16 +327,9 @@ def fit(cfg: TrainConfig, *, resume: bool | str = False, callbacks: Sequence[Cal
             state.notes["eval_seconds"] = state.notes.get("eval_seconds", 0.0) + clock() - started
             return result
 
-        def evaluate_mid_epoch(step: int) -> None:  # --eval-every-steps, for the times to accuracy
-            if cfg.eval_every_steps and step % cfg.eval_every_steps == 0 and data.train.position < steps_per_epoch:
-                result = evaluate_now()
-                reached.update(result["accuracy"], step, step / steps_per_epoch)
-                _append_eval(folder, step, step / steps_per_epoch, result, clock())
-
         if step_model is None:
             step_model = _wrap_for_training(model, runtime, cfg.compile)
-        rules = StepRules(total_steps, cfg.grad_clip, cfg.on_nan, cfg.max_nan_skips, cfg.checkpoint_every,
-                          cfg.log_every)
+        rules = StepRules(total_steps, cfg.grad_clip, cfg.on_nan, cfg.max_nan_skips, cfg.log_every)
         progress = Progress(cfg.progress if runtime.is_main else "none", total_steps, steps_per_epoch, cfg.log_every)
         reached = _Thresholds(state.notes.setdefault("time_to_accuracy", {}), clock,
                               lambda: clock() - state.notes.get("eval_seconds", 0.0))
@@ -350,17 +343,27 @@ def fit(cfg: TrainConfig, *, resume: bool | str = False, callbacks: Sequence[Cal
             while data.train.epoch < cfg.epochs and state.step < total_steps:
                 epoch = data.train.epoch
                 progress.start_epoch(epoch, cfg.epochs, state.step)
+                steps = EpochSteps(state, step_model, loss_fn or cross_entropy(cfg.label_smoothing), lr_at, runtime,
+                                   rules, stopper=stopper, progress=progress, callbacks=callbacks, run_state=run_state,
+                                   log=say, on_step=_step_logger(loggers, state.optimizer))
                 try:
-                    stop = train_one_epoch(state, step_model, loss_fn or cross_entropy(cfg.label_smoothing), lr_at,
-                                           runtime, rules, stopper=stopper, progress=progress, callbacks=callbacks,
-                                           run_state=run_state, save_checkpoint=save_checkpoint, log=say,
-                                           between_steps=evaluate_mid_epoch, on_step=_step_logger(loggers, state.optimizer))
+                    for step in steps:  # each step's boundary; mid-epoch only (the epoch's end is below)
+                        mid_epoch = data.train.position < steps_per_epoch
+                        if cfg.eval_every_steps and step % cfg.eval_every_steps == 0 and mid_epoch:
+                            with steps.paused():  # for the times to accuracy; not training time
+                                result = evaluate_now()
+                                reached.update(result["accuracy"], step, step / steps_per_epoch)
+                                _append_eval(folder, step, step / steps_per_epoch, result, clock())
+                        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and mid_epoch:
+                            steps.fold()
+                            save_checkpoint()
                 except NonFiniteStep as exc:
                     kept = f"the last good checkpoint is kept in {folder.path}" if folder.checkpoints.exists() else \
                         "no checkpoint had been written yet"
                     skipped = f" after {exc.skipped} skipped steps" if cfg.on_nan == "skip" else ""
                     raise TrainingError(f"{exc}; training stopped{skipped}, {kept}. Try a lower --lr, --grad-clip "
                                         "1.0 or --on-nan skip") from None
+                stop = steps.stop
                 if stop is not None:
                     save_checkpoint()
                     progress.close()
