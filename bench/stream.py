@@ -132,6 +132,13 @@ def bench_speed(root: Path, repeats: int) -> dict[str, list[float]]:
 
 
 TRAIN_EPOCHS = 4  # the first is warm-up (workers start, the precision probe, kernels); 2-4 are steady state
+TRAIN_SPEC = "c8k8s8,g"  # the tiny model as `cnnlab train --model cnn` builds it: conv 8x8/8, pool, linear
+
+
+def spec_model() -> nn.Module:
+    """The very model `cnnlab train` trains below, for the two plain loops."""
+    from cnnlab.models import create_model
+    return create_model("cnn", spec=TRAIN_SPEC, num_classes=10)
 
 
 def _steady(rates: list[float]) -> list[float]:
@@ -140,7 +147,7 @@ def _steady(rates: list[float]) -> list[float]:
 
 def _conventional_epochs(root: Path, epochs: int) -> list[float]:
     """img/s of each epoch of the conventional training loop (DataLoader + Pillow, tiny model, SGD)."""
-    model = tiny_model()
+    model = spec_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     loader = torch.utils.data.DataLoader(Conventional(root), batch_size=BATCH, shuffle=True, drop_last=True,
                                          num_workers=WORKERS, persistent_workers=True)
@@ -154,7 +161,7 @@ def _conventional_epochs(root: Path, epochs: int) -> list[float]:
 
 def _loader_epochs(root: Path, epochs: int) -> list[float]:
     """img/s of each epoch of the stream loader alone, feeding the same plain training loop."""
-    model = tiny_model()
+    model = spec_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     loader = FolderStreamLoader(open_image_folder(root), "train", BATCH, image_size=SIZE, mean=MEAN, std=STD,
                                 workers=WORKERS)
@@ -172,12 +179,12 @@ def _loader_epochs(root: Path, epochs: int) -> list[float]:
 def _train_epochs(root: Path, run_dir: Path, epochs: int) -> tuple[list[float], dict]:
     """img/s of each epoch of `cnnlab train` (fit) streaming the folder, as metrics.csv reports them (training
     time only, no evaluation: --eval-every 0), with the defaults for precision and memory format; and its
-    summary. The model is the tiny one as a cnn spec: conv 8x8 stride 8, global average pool, linear."""
+    summary."""
     import csv
 
     from cnnlab.engine import TrainConfig, fit
     cfg = TrainConfig(dataset="imagefolder", data_dir=str(root), data_mode="stream", model="cnn",
-                      model_args={"spec": "c8k8s8,g"}, image_size=SIZE, epochs=epochs, batch_size=BATCH,
+                      model_args={"spec": TRAIN_SPEC}, image_size=SIZE, epochs=epochs, batch_size=BATCH,
                       workers=WORKERS, threads=1, optimizer="sgd", lr=0.01, progress="none", eval_every=0,
                       report=False, run_dir=str(run_dir))
     summary = fit(cfg, log=lambda m: None)
@@ -215,7 +222,7 @@ def report_train(rates: dict, files: int) -> bool:
           f"[{'PASS' if ok else 'FAIL'}]")
     print(f"  over {len(rates['train'])} steady-state epochs each (epochs 2-{TRAIN_EPOCHS} of {rates['runs']} runs); "
           f"cnnlab train chose: {'; '.join(rates['settings'])}")
-    print(f"  conditions: {conditions(workers=WORKERS, batch=BATCH, images=files, jpeg='500x375 q90', crop=SIZE, model='conv8x8/8 + linear, SGD', main_threads=1)}; cnnlab decoder: {DECODER}"
+    print(f"  conditions: {conditions(workers=WORKERS, batch=BATCH, images=files, jpeg='500x375 q90', crop=SIZE, model=f'cnn spec {TRAIN_SPEC} in all three, SGD', main_threads=1)}; cnnlab decoder: {DECODER}"
           f"; load average {os.getloadavg()[0]:.1f} at the end ({os.cpu_count()} cores): on a shared machine "
           "timings are noisy")
     return ok
