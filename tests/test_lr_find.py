@@ -12,7 +12,6 @@ from cnnlab.data.synthetic import make_synthetic
 from cnnlab.engine import TrainConfig, fit
 from cnnlab.engine.lr_find import lr_find, search_lr, smooth_losses, suggest_lr
 from cnnlab.engine.optim import build_optimizer
-from cnnlab.engine.runtime import Runtime
 from cnnlab.errors import ConfigError
 
 

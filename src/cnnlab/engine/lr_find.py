@@ -256,13 +256,21 @@ def lr_find(config=None, *, steps: int = DEFAULT_STEPS, start_lr: float = DEFAUL
     """The range test for the run `config` (a TrainConfig, keyword fields overriding it) would train: its data,
     model, initialisation, optimiser and parameter groups, built as `fit` builds them. With `out`, writes
     lr_find.json and lr_find.png there (rank 0). `cnnlab lr-find` is this."""
+    from ..models.summary import check_input_size
     from .config import config_from_dict
     from .runtime import start_runtime
-    from .trainer import (_check_model_fits_the_catalogue, _model_args, _quiet, _seed_everything,
-                          _wrap_for_training, build_model, build_training_optimizer, cross_entropy,
-                          settle_precision)
+    from .trainer import (
+        _check_model_fits_the_catalogue,
+        _model_args,
+        _quiet,
+        _seed_everything,
+        _wrap_for_training,
+        build_model,
+        build_training_optimizer,
+        cross_entropy,
+        settle_precision,
+    )
     from .training_data import load_training_data
-    from ..models.summary import check_input_size
 
     cfg = config_from_dict(fields, base=config, source="lr_find()").validate()
     with contextlib.ExitStack() as stack:
