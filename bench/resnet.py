@@ -7,7 +7,7 @@ import time
 
 import torch
 from common import conditions, matmul_peak, no_data, stats
-from throughput import BATCH, compare
+from throughput import BATCH, CHOSEN, compare
 
 from cnnlab import create_model
 from cnnlab.engine.evaluate import inference_runtime, prepare_for_inference
@@ -29,7 +29,7 @@ def resnet20_training(repeats: int = 3, images: int = 2560) -> bool:
     print(f"  resnet20 training at {gflops:.1f} GFLOP/s (0.243 GFLOP per image); this CPU's matmul peak: fp32 "
           f"{fp32_peak:.0f} GFLOP/s, bf16 {bf16_peak:.0f} GFLOP/s (2048^3 and 1024^3 matmuls, best of 5)")
     print(f"  conditions: {conditions(batch=BATCH, images_per_pass=images)}, cnnlab precision "
-          f"{inference_runtime('cpu').precision} ({inference_runtime('cpu').precision_reason}), channels_last {inference_runtime('cpu').channels_last}")
+          f"{CHOSEN.get('resnet20')}")
     return ok
 
 

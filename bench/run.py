@@ -16,6 +16,7 @@ import export  # noqa: E402
 import loader  # noqa: E402
 import loggers  # noqa: E402
 import nan_check  # noqa: E402
+import precision  # noqa: E402
 import resnet  # noqa: E402
 import serve  # noqa: E402
 import stream  # noqa: E402
@@ -23,5 +24,6 @@ import throughput  # noqa: E402
 
 if __name__ == "__main__":
     results = [formats.main(), loader.main(), throughput.main(), default_train.main(), cifar_convnet.main(),
-               resnet.main(), nan_check.main(), stream.main(), export.main(), serve.main(), loggers.main(), ddp.main(), airbench.main()]
+               resnet.main(), nan_check.main(), stream.main(), precision.main(), export.main(), serve.main(),
+               loggers.main(), ddp.main(), airbench.main()]
     raise SystemExit(0 if all(results) else 1)

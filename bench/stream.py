@@ -132,6 +132,13 @@ def bench_speed(root: Path, repeats: int) -> dict[str, list[float]]:
 
 
 TRAIN_EPOCHS = 4  # the first is warm-up (workers start, the precision probe, kernels); 2-4 are steady state
+TRAIN_SPEC = "c8k8s8,g"  # the tiny model as `cnnlab train --model cnn` builds it: conv 8x8/8, pool, linear
+
+
+def spec_model() -> nn.Module:
+    """The very model `cnnlab train` trains below, for the two plain loops."""
+    from cnnlab.models import create_model
+    return create_model("cnn", spec=TRAIN_SPEC, num_classes=10)
 
 
 def _steady(rates: list[float]) -> list[float]:
@@ -140,7 +147,7 @@ def _steady(rates: list[float]) -> list[float]:
 
 def _conventional_epochs(root: Path, epochs: int) -> list[float]:
     """img/s of each epoch of the conventional training loop (DataLoader + Pillow, tiny model, SGD)."""
-    model = tiny_model()
+    model = spec_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     loader = torch.utils.data.DataLoader(Conventional(root), batch_size=BATCH, shuffle=True, drop_last=True,
                                          num_workers=WORKERS, persistent_workers=True)
@@ -152,49 +159,64 @@ def _conventional_epochs(root: Path, epochs: int) -> list[float]:
     return rates
 
 
-def _loader_epochs(root: Path, epochs: int) -> list[float]:
-    """img/s of each epoch of the stream loader alone, feeding the same plain training loop."""
-    model = tiny_model()
+def _loader_epochs(root: Path, epochs: int) -> tuple[list[float], float]:
+    """img/s of each epoch of the stream loader alone, feeding the same plain training loop; and the training
+    process's CPU milliseconds per batch over epochs 2 on."""
+    model = spec_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     loader = FolderStreamLoader(open_image_folder(root), "train", BATCH, image_size=SIZE, mean=MEAN, std=STD,
                                 workers=WORKERS)
     rates = []
     try:
-        for _ in range(epochs):
+        for epoch in range(epochs):
+            if epoch == 1:
+                cpu = time.process_time()  # this process's CPU time (not the workers'), steady state
             start = time.perf_counter()
             n = train_on(model, opt, loader)
             rates.append(n / (time.perf_counter() - start))
+        steps = (epochs - 1) * len(loader)
+        return rates, (time.process_time() - cpu) / steps * 1e3
     finally:
         loader.close()
-    return rates
 
 
-def _train_epochs(root: Path, run_dir: Path, epochs: int) -> tuple[list[float], dict]:
+def _train_epochs(root: Path, run_dir: Path, epochs: int) -> tuple[list[float], dict, float]:
     """img/s of each epoch of `cnnlab train` (fit) streaming the folder, as metrics.csv reports them (training
     time only, no evaluation: --eval-every 0), with the defaults for precision and memory format; and its
-    summary. The model is the tiny one as a cnn spec: conv 8x8 stride 8, global average pool, linear."""
+    summary."""
     import csv
 
     from cnnlab.engine import TrainConfig, fit
     cfg = TrainConfig(dataset="imagefolder", data_dir=str(root), data_mode="stream", model="cnn",
-                      model_args={"spec": "c8k8s8,g"}, image_size=SIZE, epochs=epochs, batch_size=BATCH,
+                      model_args={"spec": TRAIN_SPEC}, image_size=SIZE, epochs=epochs, batch_size=BATCH,
                       workers=WORKERS, threads=1, optimizer="sgd", lr=0.01, progress="none", eval_every=0,
                       report=False, run_dir=str(run_dir))
-    summary = fit(cfg, log=lambda m: None)
-    rows = list(csv.DictReader(open(run_dir / "metrics.csv")))
-    return [float(r["img_per_s"]) for r in rows], summary
+    per_epoch = len(open_image_folder(root).splits["train"]) // BATCH
+    marks = {}
+
+    def mark(state) -> None:  # the training process's CPU time at the end of epoch 1 and of the last
+        if state.step in (per_epoch, epochs * per_epoch):
+            marks[state.step] = time.process_time()
+    summary = fit(cfg, log=lambda m: None, callbacks=[mark])
+    with open(run_dir / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    cpu_ms = (marks[epochs * per_epoch] - marks[per_epoch]) / ((epochs - 1) * per_epoch) * 1e3
+    return [float(r["img_per_s"]) for r in rows], summary, cpu_ms
 
 
 def bench_train(root: Path, repeats: int, tmp: Path) -> dict[str, list[float]]:
     """Steady-state epochs (2..TRAIN_EPOCHS) of the three, each repeat in turn so that load from other users
     of the machine hits all alike: "train" (cnnlab train), "loader" (the stream loader alone), "theirs"."""
-    out = {"train": [], "loader": [], "theirs": []}
+    out = {"train": [], "loader": [], "theirs": [], "train_cpu_ms": [], "loader_cpu_ms": []}
     settings = set()
     for r in range(repeats):
         out["theirs"] += _steady(_conventional_epochs(root, TRAIN_EPOCHS))
-        out["loader"] += _steady(_loader_epochs(root, TRAIN_EPOCHS))
-        rates, summary = _train_epochs(root, tmp / f"train{r}", TRAIN_EPOCHS)
+        rates, cpu_ms = _loader_epochs(root, TRAIN_EPOCHS)
+        out["loader"] += _steady(rates)
+        out["loader_cpu_ms"].append(cpu_ms)
+        rates, summary, cpu_ms = _train_epochs(root, tmp / f"train{r}", TRAIN_EPOCHS)
         out["train"] += _steady(rates)
+        out["train_cpu_ms"].append(cpu_ms)
         settings.add(f"{summary['precision']} {'channels_last' if summary['channels_last'] else 'NCHW'} "
                      f"({summary['precision_reason']}; {summary['channels_last_reason']})")
     out["settings"], out["runs"] = sorted(settings), repeats
@@ -213,9 +235,12 @@ def report_train(rates: dict, files: int) -> bool:
           f"{rate('theirs')}; ratio {vs_theirs:.2f}x (target >= 1.5x); the stream loader alone (same loop as the "
           f"conventional one): {rate('loader')}, cnnlab train at {vs_loader:.0%} of it (target >= 80%) "
           f"[{'PASS' if ok else 'FAIL'}]")
+    print(f"  the training process's own CPU time per batch (steady state, workers not counted; median of "
+          f"{rates['runs']} runs): cnnlab train {statistics.median(rates['train_cpu_ms']):.1f} ms, the plain loop over "
+          f"the stream loader {statistics.median(rates['loader_cpu_ms']):.1f} ms")
     print(f"  over {len(rates['train'])} steady-state epochs each (epochs 2-{TRAIN_EPOCHS} of {rates['runs']} runs); "
           f"cnnlab train chose: {'; '.join(rates['settings'])}")
-    print(f"  conditions: {conditions(workers=WORKERS, batch=BATCH, images=files, jpeg='500x375 q90', crop=SIZE, model='conv8x8/8 + linear, SGD', main_threads=1)}; cnnlab decoder: {DECODER}"
+    print(f"  conditions: {conditions(workers=WORKERS, batch=BATCH, images=files, jpeg='500x375 q90', crop=SIZE, model=f'cnn spec {TRAIN_SPEC} in all three, SGD', main_threads=1)}; cnnlab decoder: {DECODER}"
           f"; load average {os.getloadavg()[0]:.1f} at the end ({os.cpu_count()} cores): on a shared machine "
           "timings are noisy")
     return ok

@@ -13,7 +13,6 @@ from cnnlab.engine import TrainConfig, fit
 from cnnlab.engine.lr_find import search_lr, smooth_losses, suggest_lr
 from cnnlab.engine.trainer import lr_find
 from cnnlab.engine.optim import build_optimizer
-from cnnlab.engine.runtime import Runtime
 from cnnlab.errors import ConfigError
 
 

@@ -173,6 +173,8 @@ def search_lr(model: nn.Module, optimizer: torch.optim.Optimizer, loader, *, run
     if not (0 < start_lr < end_lr) or steps < 5:
         raise ConfigError(f"lr finder: start lr {start_lr:g}, end lr {end_lr:g} and {steps} steps: it needs "
                           "0 < start < end and at least 5 steps (e.g. --start-lr 1e-6 --end-lr 10 --steps 100)")
+    if len(loader) == 0:
+        raise ConfigError("lr finder: the loader holds no full batch; lower --batch-size")
     runtime = runtime or Runtime(next(model.parameters()).device)
     loss_fn = loss_fn or nn.functional.cross_entropy
     ratio = end_lr / start_lr
@@ -245,8 +247,8 @@ def plot_lr_find(result: LRFinderResult, path: str | Path | None = None):
             ax.axvline(lr, color=colour, ls="--" if chosen else ":", lw=1.5, label=f"{name}: {lr:.3g}{chosen}")
     finite = [s for s in result.smoothed if math.isfinite(s)]
     if finite:  # the blow-up at the end would flatten the interesting part
-        low, first = min(finite), finite[0]
-        ax.set_ylim(low - 0.1 * abs(low), max(first, low) * 1.5 + 0.05)
+        low = min(finite + [v for v in result.losses if math.isfinite(v)])
+        ax.set_ylim(low - 0.1 * abs(low), max(finite[0], low) * 1.5 + 0.05)
     ax.set_xscale("log")
     ax.set_xlabel("learning rate (the schedule's; groups scaled alike)")
     ax.set_ylabel("training loss")

@@ -247,11 +247,7 @@ def settle_for_model(runtime: "Runtime", model: torch.nn.Module, input_shape: tu
         probe_images = (1 + 5) * len(_PROBE_SETTINGS) * probe_batch  # warm-up and at most 5 rounds
         long_enough = run_images >= MODEL_PROBE_MIN_RUN * probe_images
         probe = probe_model(model, input_shape, batch, name=name, args=args, measure=long_enough, log=log)
-        if probe is None:
-            if log:
-                log(f"  precision and memory format from the stand-in probe: this run ({run_images:,.0f} training "
-                    f"images) is shorter than {MODEL_PROBE_MIN_RUN}x a probe of {name} ({probe_images:,} images)")
-        else:
+        if probe is not None:  # else the stand-in's decision stands, and its reasons say what it measured
             what = f"for {name} at {'x'.join(map(str, input_shape))}"
             precision, why = decide_precision(probe, what) if runtime.auto_precision else \
                 (runtime.precision, runtime.precision_reason)
