@@ -41,7 +41,11 @@ def test_eval_of_a_run_finds_the_data_where_the_run_found_it(trained, capsys, mo
     assert code == 0
     result = json.loads(out.splitlines()[-1])
     summary = json.loads((run / "summary.json").read_text())
-    assert result["accuracy"] == summary["test_accuracy"] and result["precision"] == summary["precision"]
+    # eval computes in fp32 (as predict and an exported model do), whatever training's measured choice was; an image
+    # near a decision boundary may flip when training evaluated in bf16
+    assert result["precision"] == "fp32"
+    flips = 0 if summary["precision"] == "fp32" else 1
+    assert abs(result["accuracy"] - summary["test_accuracy"]) <= flips / result["n"] + 1e-9
 
 
 def test_a_model_too_large_for_the_images_is_refused_before_any_work_and_leaves_no_folder(tmp_path, capsys):
