@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from test_viz_page import _shot, browser  # noqa: F401  (the headless Chromium fixture and screenshots)
 
 from cnnlab.cli import main
 from cnnlab.engine.predict import load_image, predict_files
@@ -17,8 +18,6 @@ from cnnlab.engine.weights import load_weights, save_weights
 from cnnlab.errors import ConfigError
 from cnnlab.models import create_model
 from cnnlab.viz.explain import explain_data, explain_files, explain_html, write_explain_page
-
-from test_viz_page import browser, _shot  # noqa: F401  (the headless Chromium fixture and screenshots)
 
 
 @pytest.fixture(scope="module")
@@ -205,8 +204,8 @@ def _open(browser, page):
 
 
 def test_page_in_a_real_headless_browser(browser, convnet, tmp_path):
-    from selenium.webdriver.common.by import By
     from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
     folder, paths, loaded, data, page = convnet
     _open(browser, page)
     html = browser.find_element(By.TAG_NAME, "html")

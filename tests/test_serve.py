@@ -19,10 +19,11 @@ requests = pytest.importorskip("requests")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-from cnnlab.cli import main  # noqa: E402
 from test_explain import image_files, weights_folder  # noqa: E402
 from test_fuzz import _png_claiming  # noqa: E402
-from test_viz_page import browser, _shot  # noqa: E402,F401
+from test_viz_page import _shot, browser  # noqa: E402,F401
+
+from cnnlab.cli import main  # noqa: E402
 
 LIMIT_MB = 0.05  # a small upload limit, so that a test can go over it cheaply
 
@@ -264,6 +265,7 @@ def test_sigterm_stops_the_server_cleanly(tmp_path):
 
 def test_other_hosts_are_warned_about(tmp_path, monkeypatch):
     import uvicorn
+
     from cnnlab.engine.weights import load_weights
     from cnnlab.serve import serve
     monkeypatch.setattr(uvicorn.Server, "run", lambda self: None)  # nothing is bound: only the messages matter

@@ -3,16 +3,21 @@ import time
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
-from cnnlab.data.imagefolder import decode_image_folder, image_folder_files
-from cnnlab.data.stream import (FolderStreamLoader, TooManyBadImages, choose_data_mode, open_image_folder,
-                                parse_bytes, sample_channel_stats)
-from cnnlab.errors import ConfigError
-
 from conftest import write_image_folder
 from mixed_images import sample_numbers, write_mixed_folder, write_numbered_folder
+from PIL import Image
 from test_transforms import reference_eval
+
+from cnnlab.data.imagefolder import decode_image_folder, image_folder_files
+from cnnlab.data.stream import (
+    FolderStreamLoader,
+    TooManyBadImages,
+    choose_data_mode,
+    open_image_folder,
+    parse_bytes,
+    sample_channel_stats,
+)
+from cnnlab.errors import ConfigError
 
 MEAN, STD = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
 

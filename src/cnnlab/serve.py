@@ -15,14 +15,14 @@ import re
 import signal
 import tempfile
 import threading
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
 from ._version import __version__
-from .errors import CnnlabError, ConfigError
 from .data.images import MAX_IMAGE_PIXELS
+from .errors import CnnlabError, ConfigError
 
 __all__ = ["create_app", "serve", "MAX_UPLOAD_BYTES", "MAX_FILES"]
 

@@ -12,17 +12,17 @@ import json
 import math
 import re
 import tarfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 import torch
 
 from ..errors import DatasetError, ImageError
 from ..files import atomic_file, save_atomic
-from .images import limits, open_encoded, raise_hint, read_image_file
 from .imagefolder import image_folder_classes, image_folder_files, split_of
+from .images import limits, open_encoded, raise_hint, read_image_file
 from .stream import StreamingLoader, assemble_batch, parse_bytes
 from .transforms import GRAY_MODES, ImageTransform
 
@@ -334,7 +334,7 @@ def _segments(counts: np.ndarray, order: np.ndarray, start: int, stop: int) -> l
 class _ShardBatches(torch.utils.data.IterableDataset):
     """Runs in each DataLoader worker: reads its streams' shards, shuffles, decodes and yields batches."""
 
-    def __init__(self, loader: "ShardLoader"):
+    def __init__(self, loader: ShardLoader):
         source = loader.source
         entries = source.shards(loader.split)
         self.root = source.root

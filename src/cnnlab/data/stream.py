@@ -8,16 +8,16 @@ from __future__ import annotations
 
 import math
 import weakref
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 
 from ..errors import ConfigError, DatasetError, ImageError
-from .images import open_encoded, parse_bytes, read_image_file
 from .imagefolder import image_folder_classes, image_folder_files, split_of
+from .images import open_encoded, parse_bytes, read_image_file
 from .transforms import GRAY_MODES, ImageTransform
 
 __all__ = ["DEFAULT_MEMORY_BUDGET", "BAD_IMAGE_FRACTION", "TooManyBadImages", "ImageFolderSource",
@@ -409,7 +409,7 @@ class _EpochPlan:
     its loader weakly: a reference cycle would leave the workers to the garbage collector, whose teardown
     order makes each worker's shutdown wait out a 5 s timeout."""
 
-    def __init__(self, loader: "FolderStreamLoader"):
+    def __init__(self, loader: FolderStreamLoader):
         self.loader = weakref.ref(loader)
 
     def __iter__(self):

@@ -134,7 +134,7 @@ class TrainConfig:
             kwargs = {"input_size": list(shape[1:]), **kwargs}
         return kwargs
 
-    def validate(self) -> "TrainConfig":
+    def validate(self) -> TrainConfig:
         from ..data.augment import parse_augment
         from ..data.catalog import get_spec
         from ..errors import DatasetError

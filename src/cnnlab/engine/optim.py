@@ -6,7 +6,7 @@ count: nothing to pickle, and a resumed run computes exactly the same learning r
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn

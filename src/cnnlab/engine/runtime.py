@@ -20,9 +20,10 @@ import json
 import os
 import platform
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -233,7 +234,7 @@ def probe_model(model: torch.nn.Module, input_shape: tuple[int, ...], batch: int
                          allowed=measure)
 
 
-def settle_for_model(runtime: "Runtime", model: torch.nn.Module, input_shape: tuple[int, ...], batch: int,
+def settle_for_model(runtime: Runtime, model: torch.nn.Module, input_shape: tuple[int, ...], batch: int,
                      run_images: float, *, name: str, args: dict, log=None) -> bool:
     """Where precision or channels_last is 'auto' on the CPU, decide it again by measuring the run's own model
     (`probe_model`; rank 0 measures, every rank follows). A run of fewer than MODEL_PROBE_MIN_RUN times the

@@ -28,7 +28,7 @@ class EpochSums:
         return {"loss": self.loss, "correct": self.correct, "seen": self.seen, "seconds": self.seconds}
 
     @classmethod
-    def from_state(cls, state: dict) -> "EpochSums":
+    def from_state(cls, state: dict) -> EpochSums:
         return cls(float(state["loss"]), int(state["correct"]), int(state["seen"]), float(state["seconds"]))
 
 

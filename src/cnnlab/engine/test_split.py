@@ -2,9 +2,9 @@
 datasets and small image folders, streamed for the runs that streamed (large folders, shards)."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch

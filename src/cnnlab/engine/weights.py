@@ -13,10 +13,10 @@ from safetensors.torch import save
 from ..data.images import limits, raise_hint
 from ..data.preprocess import Preprocess
 from ..errors import CheckpointError, CnnlabError, ModelError
+from ..files import save_atomic
 from ..models import create_model
 from ..models.convnet import CONVNET_SPEC, spec_values
 from ..models.pretrained import load_pretrained, read_state_dict
-from ..files import save_atomic
 
 __all__ = ["save_weights", "load_weights", "resolve_weights", "read_sidecar", "LoadedModel"]
 

@@ -2,8 +2,8 @@
 each gives, the shortcut beside them, and the addition. The shapes are measured by running the block."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 import torch.nn as nn

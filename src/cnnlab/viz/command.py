@@ -1,9 +1,8 @@
 """`cnnlab viz`: which picture to draw from which arguments (the CLI only dispatches here)."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import sys
+from pathlib import Path
 
 from ..errors import CnnlabError, ConfigError
 
@@ -112,8 +111,8 @@ def viz_command(args) -> int:
 def explain_command(args) -> int:
     """`cnnlab explain RUN|WEIGHTS [IMAGE ...]`: the explainer page for the given images or some test images."""
     from ..engine.predict import expand_inputs
-    from ..engine.weights import load_weights
     from ..engine.run import RUN_FILES
+    from ..engine.weights import load_weights
     from .explain import explain_data, explain_files, pick_test_images, write_explain_page
 
     if args.budget_mb <= 0:
