@@ -196,14 +196,14 @@ def test_cli_explain_files_and_the_runs_test_images(tmp_path, capsys, image_fold
 
 # ---------------------------------------------------------------------------------------------- in a browser
 
-def _open(browser, page):
+def _open(browser, page):  # noqa: F811  (the imported fixture's driver)
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
     browser.get(page.resolve().as_uri())
     WebDriverWait(browser, 30).until(lambda d: d.find_element(By.TAG_NAME, "html").get_attribute("data-ready"))
 
 
-def test_page_in_a_real_headless_browser(browser, convnet, tmp_path):
+def test_page_in_a_real_headless_browser(browser, convnet, tmp_path):  # noqa: F811  (the imported fixture)
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
     folder, paths, loaded, data, page = convnet
@@ -274,7 +274,7 @@ def test_page_in_a_real_headless_browser(browser, convnet, tmp_path):
     assert not errors, errors
 
 
-def test_resnet_blocks_open_with_the_shortcut_drawn(browser, tmp_path):
+def test_resnet_blocks_open_with_the_shortcut_drawn(browser, tmp_path):  # noqa: F811  (the imported fixture)
     from selenium.webdriver.common.by import By
     folder = weights_folder(tmp_path / "resnet20", "resnet20")
     data = explain_files(load_weights(folder), image_files(tmp_path / "images", 2))

@@ -729,7 +729,7 @@ def _refuse_in_fork(name: str, folder: Path) -> dict:
 def measure_bombs(folder: str) -> None:
     """Entry point of the measuring process: warm every parser up on a valid file, then one fork per bomb."""
     folder = Path(folder)
-    for name, (_, opener, warm_up, _, _) in BOMBS.items():
+    for _name, (_, opener, warm_up, _, _) in BOMBS.items():
         with contextlib.suppress(Exception):
             opener(folder / warm_up)
     print(json.dumps({name: _refuse_in_fork(name, folder) for name in BOMBS}))

@@ -163,7 +163,7 @@ def test_concurrent_clients_are_queued_not_dropped(server):
     assert alive(base)
 
 
-def test_served_page_takes_an_upload_and_shows_predicts_class(server, browser, tmp_path):
+def test_served_page_takes_an_upload_and_shows_predicts_class(server, browser, tmp_path):  # noqa: F811  (the imported fixture)
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
     base, folder, tmp = server[:3]
@@ -191,7 +191,7 @@ def test_served_page_takes_an_upload_and_shows_predicts_class(server, browser, t
             const e = arguments[1] === 'drop' ? new DragEvent('drop', {dataTransfer: data, bubbles: true})
                                               : new ClipboardEvent('paste', {clipboardData: data, bubbles: true});
             (arguments[1] === 'drop' ? document.getElementById('drop') : document).dispatchEvent(e);""", png, event)
-        WebDriverWait(browser, 60).until(lambda d: status.text.startswith(f"{event}.png: "))
+        WebDriverWait(browser, 60).until(lambda d, event=event: status.text.startswith(f"{event}.png: "))
         assert status.get_attribute("data-cls") == want
     # a file that is not an image: refused on the page with the server's reason
     bad = tmp_path / "note.png"

@@ -80,7 +80,7 @@ def test_resume_mid_epoch_replays_the_same_batches_whatever_the_workers(tmp_path
     assert not all(torch.equal(a, b) for a, (b, _) in zip(first_epoch, second_epoch))  # new order and crops
     interrupted = loader(source, batch=4, workers=2, seed=3)
     list(interrupted)
-    for _, (x, y) in zip(range(3), interrupted):
+    for _, (_x, _y) in zip(range(3), interrupted):
         pass
     state = interrupted.state_dict()
     assert (state["epoch"], state["position"]) == (1, 3)

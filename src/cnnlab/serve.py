@@ -163,8 +163,9 @@ def create_app(loaded, *, test_images: tuple[list[np.ndarray], list[str], list[i
                 "limits": {"max_upload_bytes": max_upload_bytes, "max_files": max_files,
                            "max_image_pixels": MAX_IMAGE_PIXELS}}
 
+    # B008: File()/Form() as a default is FastAPI's way to declare where a parameter comes from, not a shared value
     @app.post("/v1/predict")
-    def predict(files: list[UploadFile] = File(..., description="one or more image files"), top_k: int = 3) -> dict:
+    def predict(files: list[UploadFile] = File(..., description="one or more image files"), top_k: int = 3) -> dict:  # noqa: B008
         """Top-k classes of each file, as `cnnlab predict --json` gives them; unreadable files are listed in
         `skipped` with the reason. 400 (or 413 for a file over a limit) when no file could be classified."""
         if len(files) > max_files:
@@ -187,7 +188,7 @@ def create_app(loaded, *, test_images: tuple[list[np.ndarray], list[str], list[i
         return {"results": results, "skipped": skipped}
 
     @app.post("/v1/explain", include_in_schema=False)
-    def explain(file: UploadFile | None = File(None), test_index: int | None = Form(None)) -> dict:
+    def explain(file: UploadFile | None = File(None), test_index: int | None = Form(None)) -> dict:  # noqa: B008 (as above)
         """One more image for the live page: everything the page shows, from the server's forward pass."""
         if test_index is not None:
             if not 0 <= test_index < len(pictures):

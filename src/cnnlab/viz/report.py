@@ -93,7 +93,7 @@ def run_evaluation(run: Run, loaded, split, summary: dict) -> dict:
                             else torch.contiguous_format)
     tta = int(summary.get("test_tta") or 0)
     result = evaluate(model, split.loader, len(loaded.classes), runtime=split.runtime, per_image=True, tta=tta)
-    return {**result, "source": f"scored again ({split.runtime.precision}{', TTA %d' % tta if tta else ''})"}
+    return {**result, "source": f"scored again ({split.runtime.precision}{f', TTA {tta}' if tta else ''})"}
 
 
 def hardest_examples(result: dict, k: int = 16) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
