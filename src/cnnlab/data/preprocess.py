@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -113,7 +114,8 @@ class Preprocess:
             stats.append(tuple(float(v) for v in values))
         if not all(v > 0 for v in stats[1]):
             raise ValueError("'preprocess.std' must be positive")
-        return cls((size[0], size[1]), channels, d.get("resize"), resize_to, *stats)
+        # a missing or unknown rule is refused by __post_init__
+        return cls((size[0], size[1]), channels, cast(str, d.get("resize")), resize_to, *stats)
 
     @classmethod
     def from_sidecar(cls, meta: dict) -> Preprocess:
