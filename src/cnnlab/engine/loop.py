@@ -156,6 +156,7 @@ def train_one_epoch(state: TrainState, step_model: nn.Module, loss_fn: Callable,
                                 (state.sums.correct + local[1].item() * runtime.world_size) / max(seen, 1),
                                 seen / max(elapsed, 1e-9))
             if callbacks:
+                assert run_state is not None  # the callbacks' state comes with them
                 run_state.epoch, run_state.step, run_state.loss, run_state.lr = epoch, state.step, loss_value, lr
                 for callback in callbacks:
                     callback(run_state)

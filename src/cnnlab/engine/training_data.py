@@ -157,8 +157,13 @@ def load_training_data(cfg: TrainConfig, runtime: Runtime, log: Callable[[str], 
 def _streamed_data(cfg: TrainConfig, runtime: Runtime, reason: str) -> TrainingData:
     """Loaders that decode per sample in worker processes: an image folder listed, or packed shards."""
     from ..data.shards import ShardLoader, ShardSource, open_shards
-    from ..data.stream import (FolderStreamLoader, ImageFolderSource, StreamingLoader, open_image_folder,
-                               sample_channel_stats)
+    from ..data.stream import (
+        FolderStreamLoader,
+        ImageFolderSource,
+        StreamingLoader,
+        open_image_folder,
+        sample_channel_stats,
+    )
     size = cfg.image_size or 224  # ImageNet's training crop
     if cfg.data_dir is None:
         raise ConfigError(f"{cfg.dataset} needs --data-dir; {get_spec(cfg.dataset).how_to_get}")
