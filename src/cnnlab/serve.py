@@ -17,6 +17,7 @@ import tempfile
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -110,7 +111,7 @@ def create_app(loaded, *, test_images: tuple[list[np.ndarray], list[str], list[i
         if pictures:
             start = explain_data(explained, pictures[:4], names[:4], labels[:4], cam_layer=cam_layer)
         else:  # no test split at hand: a mid-grey image fixes the page's layout until the first upload
-            grey = np.full(loaded.input_shape, 128, dtype=np.uint8)
+            grey: Any = np.full(loaded.input_shape, 128, dtype=np.uint8)  # the name is reused for a PIL image below
             start = explain_data(explained, [grey], ["grey image"], cam_layer=cam_layer)
     cap = start["cap"]
     with tempfile.TemporaryDirectory(prefix="cnnlab-serve-") as tmp, lock:
@@ -190,6 +191,7 @@ def create_app(loaded, *, test_images: tuple[list[np.ndarray], list[str], list[i
     @app.post("/v1/explain", include_in_schema=False)
     def explain(file: UploadFile | None = File(None), test_index: int | None = Form(None)) -> dict:  # noqa: B008 (as above)
         """One more image for the live page: everything the page shows, from the server's forward pass."""
+        image_labels: list[int | None]
         if test_index is not None:
             if not 0 <= test_index < len(pictures):
                 raise HTTPException(404, f"no test image {test_index}; there are {len(pictures)}")

@@ -34,6 +34,7 @@ def experiment_command(args) -> int:
     if args.kind == "gather":
         results = gather(args.folder)
         members = results.get("members") or results.get("runs")
+        assert members is not None  # gather's results list them
         return 0 if all(m["status"] == "finished" for m in members) else 1
     from . import degradation_spec, parse_depths, parse_seeds, seeds_spec
     values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name, None) is not None}

@@ -49,7 +49,8 @@ def _draw(args) -> int:
         plot_filters(weight, path, layer=name, first_layer=first)
         print(f"{name}: {weight.shape[0]} filters of {'x'.join(map(str, weight.shape[1:]))} -> {path}")
     elif args.what == "features":
-        from ..engine.predict import load_image
+        # the "conv" branch above imports conv.load_image under the same name
+        from ..engine.predict import load_image  # type: ignore[assignment]
         from .filters import default_feature_layers, feature_maps, layer_kinds, plot_feature_maps
         if not args.image:
             raise ConfigError("'cnnlab viz features RUN_DIR IMAGE': give the image to look at")

@@ -59,6 +59,7 @@ def plot_step_losses(losses: dict[str, Sequence[float]], window: int = 20, title
                           f"runs, window {window}")
     fig, ax = subplots(figsize=(8, 4.2), layout="constrained")
     colours = [OKABE_ITO[c] for c in ("blue", "vermillion", "bluish green", "reddish purple", "orange", "sky blue")]
+    values: Sequence[float] | np.ndarray
     for i, (label, values) in enumerate(losses.items()):
         values = np.asarray(values, dtype=np.float64)
         colour = colours[i % len(colours)]
