@@ -61,7 +61,7 @@ def _write_shard(path: Path, samples: list[tuple[str, str, bytes, int]]) -> dict
     """Write one tar of (key, extension, bytes, label) samples atomically; returns its manifest entry."""
     with atomic_file(path) as tmp, open(tmp, "wb") as f:
         writer = _HashingWriter(f)
-        # a stream ("w|") only calls write(); typeshed's fileobj also asks for read, seek and tell
+        # a stream ("w|") only calls write(); typeshed's fileobj also asks for read, seek, tell and close
         with tarfile.open(fileobj=writer, mode="w|", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[call-overload]
             for key, ext, data, label in samples:
                 cls = str(label).encode()
@@ -263,7 +263,7 @@ def read_shard(path: Path, entry: dict, first: int = 0, stop: int | None = None,
     try:
         with open(path, "rb") as f:
             reader = _HashingReader(f)
-            # a stream ("r|") only calls read(); typeshed's fileobj also asks for write, seek and tell
+            # a stream ("r|") only calls read(); typeshed's fileobj also asks for write, seek, tell and close
             with tarfile.open(fileobj=reader, mode="r|") as tar:  # type: ignore[call-overload]
                 key, image, label = None, None, None
                 seen: set[str] = set()
