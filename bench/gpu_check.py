@@ -29,9 +29,9 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 REPO = Path(__file__).resolve().parents[1]
 SRC = REPO / "src"
@@ -52,7 +52,7 @@ try:
 except ImportError as exc:  # a fresh GPU machine may lack cnnlab's dependencies: say which, not a traceback
     print(f"gpu_check: cannot import {exc.name or exc}: install cnnlab's dependencies first "
           f"(pip install -e {REPO}; torch itself must be a CUDA build)", file=sys.stderr)
-    raise SystemExit(2)
+    raise SystemExit(2) from None
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NO_CUDA = 0, 1, 2, 3
 DEFAULT_BUDGET_S = 240
@@ -229,7 +229,7 @@ def conditions(cuda: bool) -> dict:
         info["commit"] = None  # a copy without .git
     if cuda:
         info["gpus"] = [{"name": torch.cuda.get_device_name(i),
-                         "capability": "sm_%d%d" % torch.cuda.get_device_capability(i),
+                         "capability": "sm_{}{}".format(*torch.cuda.get_device_capability(i)),
                          "memory_gib": round(torch.cuda.get_device_properties(i).total_memory / 2**30, 1)}
                         for i in range(torch.cuda.device_count())]
         info["cudnn"] = torch.backends.cudnn.version()

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
 from common import conditions
 
 from cnnlab.engine.config import TrainConfig

@@ -9,7 +9,6 @@ import time
 
 import torch
 import torch.nn.functional as F
-
 from common import conditions
 
 from cnnlab.models import create_model

@@ -11,8 +11,8 @@ import airbench  # noqa: E402
 import cifar_convnet  # noqa: E402
 import ddp  # noqa: E402
 import default_train  # noqa: E402
-import formats  # noqa: E402
 import export  # noqa: E402
+import formats  # noqa: E402
 import loader  # noqa: E402
 import loggers  # noqa: E402
 import nan_check  # noqa: E402

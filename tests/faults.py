@@ -54,6 +54,7 @@ def _identity_with_backward(on_backward):
 def nan_loss(steps: set[int], in_gradient: bool = False):
     """A loss function for `cnnlab.fit(loss_fn=...)`: the usual loss, NaN (or with a NaN gradient) at `steps`."""
     import torch
+
     from cnnlab.engine.trainer import cross_entropy
     usual, calls = cross_entropy(0.1), [0]
 

@@ -173,6 +173,7 @@ def test_recipe_then_flags(tmp_path, trained_run):
 
 def test_predict_with_a_torchvision_style_checkpoint_uses_imagenet_preprocessing(tmp_path):
     import torch
+
     from cnnlab.models import create_model
     torch.manual_seed(0)
     torch.save(create_model("resnet18", num_classes=3).state_dict(), tmp_path / "r18.pth")

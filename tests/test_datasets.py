@@ -6,13 +6,12 @@ import time
 
 import pytest
 import torch
+from conftest import write_idx_dataset, write_image_folder
 
 from cnnlab.data import CATALOG, cache_dir, channel_stats, get_spec, load_dataset
 from cnnlab.data import datasets as datasets_module
 from cnnlab.data.catalog import DataFile
 from cnnlab.errors import DatasetError
-
-from conftest import write_idx_dataset, write_image_folder
 
 
 def tiny_mnist(monkeypatch, content: dict[str, bytes] | None, n_train=20, n_test=10):

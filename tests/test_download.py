@@ -5,13 +5,12 @@ import io
 import tarfile
 
 import pytest
+from conftest import cifar_python_batch, write_idx_dataset
 
 from cnnlab.data import CATALOG, cache_dir, fetch, get_spec, load_dataset
 from cnnlab.data.catalog import Archive, DataFile
 from cnnlab.data.download import download, extract_archive
 from cnnlab.errors import DatasetError
-
-from conftest import cifar_python_batch, write_idx_dataset
 
 
 def md5(data: bytes) -> str:

@@ -16,10 +16,10 @@ from PIL import Image
 
 from cnnlab.engine.config import TrainConfig
 from cnnlab.engine.recipes import apply_recipe
+from cnnlab.errors import ConfigError
 from cnnlab.experiments import PAPER_TEST_ERROR, parse_depths, seed_statistics
 from cnnlab.experiments.degradation import verdict
 from cnnlab.experiments.flags import default_threads, recipe_args
-from cnnlab.errors import ConfigError
 from cnnlab.files import file_lock
 
 MEMBERS = ["plain8", "plain14", "resnet8", "resnet14"]
@@ -108,7 +108,8 @@ def test_results_hold_every_member_the_paper_and_the_verdict(killed_and_rerun):
         assert m["status"] == "finished" and m["run_dir"] == m["name"]
         assert m["kind"] == ("plain" if m["name"].startswith("plain") else "residual")
         assert m["model"] == ("cifar_plain" if m["kind"] == "plain" else "cifar_resnet")
-        assert m["depth"] == int(m["name"].lstrip("plainresnet")) and m["model_args"] == {"depth": m["depth"]}
+        assert m["depth"] == int(m["name"].removeprefix("plain").removeprefix("resnet"))
+        assert m["model_args"] == {"depth": m["depth"]}
         assert m["test_error"] == pytest.approx(1 - summary["test_accuracy"])
         assert m["wall_seconds"] == summary["wall_seconds"] and m["steps"] == 15
         assert 0 <= m["train_error"] <= 1 and m["curves"]["iterations"] == [15]

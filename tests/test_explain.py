@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from test_viz_page import _shot, browser  # noqa: F401  (the headless Chromium fixture and screenshots)
 
 from cnnlab.cli import main
 from cnnlab.engine.predict import load_image, predict_files
@@ -17,8 +18,6 @@ from cnnlab.engine.weights import load_weights, save_weights
 from cnnlab.errors import ConfigError
 from cnnlab.models import create_model
 from cnnlab.viz.explain import explain_data, explain_files, explain_html, write_explain_page
-
-from test_viz_page import browser, _shot  # noqa: F401  (the headless Chromium fixture and screenshots)
 
 
 @pytest.fixture(scope="module")
@@ -197,16 +196,16 @@ def test_cli_explain_files_and_the_runs_test_images(tmp_path, capsys, image_fold
 
 # ---------------------------------------------------------------------------------------------- in a browser
 
-def _open(browser, page):
+def _open(browser, page):  # noqa: F811  (the imported fixture's driver)
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
     browser.get(page.resolve().as_uri())
     WebDriverWait(browser, 30).until(lambda d: d.find_element(By.TAG_NAME, "html").get_attribute("data-ready"))
 
 
-def test_page_in_a_real_headless_browser(browser, convnet, tmp_path):
-    from selenium.webdriver.common.by import By
+def test_page_in_a_real_headless_browser(browser, convnet, tmp_path):  # noqa: F811  (the imported fixture)
     from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
     folder, paths, loaded, data, page = convnet
     _open(browser, page)
     html = browser.find_element(By.TAG_NAME, "html")
@@ -275,7 +274,7 @@ def test_page_in_a_real_headless_browser(browser, convnet, tmp_path):
     assert not errors, errors
 
 
-def test_resnet_blocks_open_with_the_shortcut_drawn(browser, tmp_path):
+def test_resnet_blocks_open_with_the_shortcut_drawn(browser, tmp_path):  # noqa: F811  (the imported fixture)
     from selenium.webdriver.common.by import By
     folder = weights_folder(tmp_path / "resnet20", "resnet20")
     data = explain_files(load_weights(folder), image_files(tmp_path / "images", 2))

@@ -13,9 +13,22 @@ import torch
 
 import cnnlab
 from cnnlab.cli import main
-from cnnlab.engine.export import (DEFAULT_TOLERANCE, FP32_ERROR_FACTOR, ExportError, WithNormalisation, capture,
-                                  check_exported, compare_with_predict, export_metadata, export_model, onnx_bytes,
-                                  pt2_bytes, pytorch_fp32_error, run_onnx, run_pt2)
+from cnnlab.engine.export import (
+    DEFAULT_TOLERANCE,
+    FP32_ERROR_FACTOR,
+    ExportError,
+    WithNormalisation,
+    capture,
+    check_exported,
+    compare_with_predict,
+    export_metadata,
+    export_model,
+    onnx_bytes,
+    pt2_bytes,
+    pytorch_fp32_error,
+    run_onnx,
+    run_pt2,
+)
 from cnnlab.engine.predict import expand_inputs
 from cnnlab.engine.weights import LoadedModel, load_weights
 from cnnlab.models.registry import accepts

@@ -7,11 +7,10 @@ import zlib
 
 import numpy as np
 import pytest
+from conftest import CodeRunningPickle, cifar_python_batch, cifar_records, idx_bytes
 
 from cnnlab.data.formats import idx_length, parse_cifar_binary, parse_cifar_python, parse_idx, read_bytes
 from cnnlab.errors import DatasetError
-
-from conftest import CodeRunningPickle, cifar_python_batch, cifar_records, idx_bytes
 
 
 def test_idx_round_trip():

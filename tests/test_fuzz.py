@@ -31,20 +31,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from hypothesis import HealthCheck, example, given, settings, strategies as st
+from conftest import cifar_python_batch, cifar_records, idx_bytes
+from hostile import sample, scan_bomb, small_jpeg, tar_member, write_shards
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from cnnlab.data import load_dataset, transforms
 from cnnlab.data.formats import idx_length, parse_cifar_binary, parse_cifar_python, parse_idx, read_bytes
 from cnnlab.data.images import ENVIRONMENT, MAX_IMAGE_PIXELS, open_image
 from cnnlab.data.shards import ShardLoader, open_shards
-from cnnlab.engine.predict import load_image
 from cnnlab.engine.config import TrainConfig, load_config
+from cnnlab.engine.predict import load_image
 from cnnlab.engine.weights import load_weights, save_weights
 from cnnlab.errors import CheckpointError, ConfigError, DatasetError, ImageError
 from cnnlab.models import create_model
-from conftest import cifar_python_batch, cifar_records, idx_bytes
-from hostile import sample, scan_bomb, small_jpeg, tar_member, write_shards
 
 EXAMPLES = [pytest.param(100, id="100"), pytest.param(1000, id="1000", marks=pytest.mark.slow)]
 MiB = 1 << 20
@@ -728,7 +729,7 @@ def _refuse_in_fork(name: str, folder: Path) -> dict:
 def measure_bombs(folder: str) -> None:
     """Entry point of the measuring process: warm every parser up on a valid file, then one fork per bomb."""
     folder = Path(folder)
-    for name, (_, opener, warm_up, _, _) in BOMBS.items():
+    for _name, (_, opener, warm_up, _, _) in BOMBS.items():
         with contextlib.suppress(Exception):
             opener(folder / warm_up)
     print(json.dumps({name: _refuse_in_fork(name, folder) for name in BOMBS}))

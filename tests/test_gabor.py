@@ -12,9 +12,22 @@ import torch
 from cnnlab.errors import ModelError
 from cnnlab.models import create_model
 from cnnlab.viz.gabor import (
-    DEFAULT_TOLERANCE, V1_SIMPLE_CELLS, GaborFit, _model_and_jacobian, analyze_filters, compare_with_v1, filter_to_2d,
-    first_conv_weight, fit_gabor, fit_gabors, format_gabor_summary, format_permutation_p, gabor_image,
-    plot_gabor_fits, plot_v1_comparison, profile_intervals,
+    DEFAULT_TOLERANCE,
+    V1_SIMPLE_CELLS,
+    GaborFit,
+    _model_and_jacobian,
+    analyze_filters,
+    compare_with_v1,
+    filter_to_2d,
+    first_conv_weight,
+    fit_gabor,
+    fit_gabors,
+    format_gabor_summary,
+    format_permutation_p,
+    gabor_image,
+    plot_gabor_fits,
+    plot_v1_comparison,
+    profile_intervals,
 )
 
 

@@ -109,7 +109,7 @@ def test_cam_mass_lands_in_the_quadrant_that_decides_the_class():
     model = create_model("cnn", spec="c8,c8,g", in_channels=1, input_size=16, num_classes=3)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     x, y = quadrant_images(1024, rng)
-    for step in range(150):  # about a second on one CPU core
+    for _step in range(150):  # about a second on one CPU core
         idx = torch.from_numpy(rng.integers(0, len(x), 64))
         loss = F.cross_entropy(model(x[idx]), y[idx])
         opt.zero_grad()

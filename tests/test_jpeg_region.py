@@ -10,13 +10,12 @@ import subprocess
 
 import numpy as np
 import pytest
+from mixed_images import jpeg_bytes, textured
 from PIL import Image
 
 from cnnlab.data import transforms
 from cnnlab.data.transforms import decode_crop, random_resized_crop_box, sample_rng
 from cnnlab.errors import ImageError
-
-from mixed_images import jpeg_bytes, textured
 
 region = transforms._jpeg_region
 needs_region = pytest.mark.skipif(region is None, reason="the _jpeg_region extension is not built here (it needs "

@@ -9,20 +9,27 @@ import json
 
 import numpy as np
 import pytest
+from hostile import scan_bomb
+from mixed_images import jpeg_bytes, textured
 from PIL import Image
 
 from cnnlab.data import transforms
 from cnnlab.data.imagefolder import decode_image_folder, image_folder_files
-from cnnlab.data.images import (ENVIRONMENT, Limits, check_encoded, jpeg_structure, limits, open_image,
-                                read_image_file, to_8bit)
+from cnnlab.data.images import (
+    ENVIRONMENT,
+    Limits,
+    check_encoded,
+    jpeg_structure,
+    limits,
+    open_image,
+    read_image_file,
+    to_8bit,
+)
 from cnnlab.data.transforms import decode_crop, sample_rng, to_model_mode
 from cnnlab.engine.predict import load_image
 from cnnlab.engine.weights import load_weights, save_weights
 from cnnlab.errors import CheckpointError, ConfigError, DatasetError, ImageError
 from cnnlab.models import create_model
-
-from hostile import scan_bomb
-from mixed_images import jpeg_bytes, textured
 
 region = transforms._jpeg_region
 

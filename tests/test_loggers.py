@@ -12,8 +12,7 @@ import pytest
 import torch
 
 from cnnlab.engine.config import TrainConfig
-from cnnlab.engine.loggers import (LoggerGroup, absolute_uri, build_loggers, check_loggers, flat_params,
-                                   parse_loggers)
+from cnnlab.engine.loggers import LoggerGroup, absolute_uri, build_loggers, check_loggers, flat_params, parse_loggers
 from cnnlab.errors import ConfigError
 
 STEPS_PER_EPOCH = 10
@@ -377,10 +376,9 @@ def test_a_two_epoch_run_reaches_tensorboard_and_mlflow_through_the_cli(tmp_path
     require("mlflow")
     import subprocess
 
+    from conftest import write_image_folder
     from mlflow.tracking import MlflowClient
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    from conftest import write_image_folder
     root = write_image_folder(tmp_path / "shapes")
     run = tmp_path / "run"
     env = {**os.environ, "CNNLAB_CACHE": str(tmp_path / "cache"), "MLFLOW_TRACKING_URI": mlflow_uri}

@@ -11,8 +11,8 @@ from cnnlab.data import InMemoryLoader, parse_augment
 from cnnlab.data.synthetic import make_synthetic
 from cnnlab.engine import TrainConfig, fit
 from cnnlab.engine.lr_find import search_lr, smooth_losses, suggest_lr
-from cnnlab.engine.trainer import lr_find
 from cnnlab.engine.optim import build_optimizer
+from cnnlab.engine.trainer import lr_find
 from cnnlab.errors import ConfigError
 
 

@@ -18,12 +18,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import CodeRunningPickle, cifar_python_batch, write_idx_dataset
 from PIL import Image
 from safetensors.torch import load_file
 
 from cnnlab.data.catalog import DataFile
 from cnnlab.engine.checkpoint import MAGIC, read_checkpoint
-from conftest import CodeRunningPickle, cifar_python_batch, write_idx_dataset
 
 FAULTS = str(Path(__file__).with_name("faults.py"))
 
@@ -201,6 +201,7 @@ def test_a_safetensors_file_with_a_lying_header_is_refused(shapes, tmp_path, con
 def _tiny_mnist(http_server, tmp_path, prefix="ok"):
     """The mnist spec pointed at fixture files on the local server, with their real checksums."""
     import dataclasses
+
     from cnnlab.data.catalog import get_spec
     content = write_idx_dataset(tmp_path / "src", 20, 10)
     files = []
@@ -270,6 +271,7 @@ def test_a_read_only_cache_gets_a_clear_message(tmp_path):
 
 def test_a_full_cache_during_a_download_leaves_nothing_behind(http_server, tmp_path, monkeypatch):
     import errno
+
     from cnnlab.data import download as download_module
     spec = _tiny_mnist(http_server, tmp_path)
     real_fdopen = os.fdopen

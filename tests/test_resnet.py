@@ -1,13 +1,12 @@
 """ResNets: torchvision's checkpoint layout, the paper's MACs, shortcut options and plain twins."""
-import torch
 import pytest
+import torch
+from conftest import CodeRunningPickle
 
 from cnnlab.errors import CheckpointError, ModelError
 from cnnlab.models import create_model
 from cnnlab.models.resnet import PadShortcut
 from cnnlab.models.summary import summarize
-
-from conftest import CodeRunningPickle
 
 
 def torchvision_keys(layers: list[int], bottleneck: bool) -> set[str]:

@@ -70,6 +70,7 @@ def test_highest_loss_images_are_the_top_losses_with_their_pixels(trained, monke
 
 def test_highest_loss_images_refuse_predictions_of_other_data(trained, tmp_path, monkeypatch):
     import shutil
+
     from conftest import write_image_folder
     run, _, cache = trained
     monkeypatch.setenv("CNNLAB_CACHE", str(cache))
@@ -94,6 +95,7 @@ def test_plot_highest_loss_titles_each_image_with_its_classes_and_loss(trained, 
 
 def test_cnnlab_figures_show_themselves_as_png_in_a_notebook():
     import io
+
     from cnnlab.viz.figure import png_bytes, subplots
     fig, ax = subplots(figsize=(2, 1))
     ax.plot([0, 1], [1, 0])
@@ -104,6 +106,7 @@ def test_cnnlab_figures_show_themselves_as_png_in_a_notebook():
 def test_show_displays_figures_and_image_files_in_order(tmp_path, monkeypatch):
     pytest.importorskip("IPython")
     import IPython.display
+
     from cnnlab.viz.figure import png_bytes, show, subplots
     shown = []
     monkeypatch.setattr(IPython.display, "display", lambda *objs: shown.extend(objs))

@@ -19,10 +19,11 @@ requests = pytest.importorskip("requests")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-from cnnlab.cli import main  # noqa: E402
 from test_explain import image_files, weights_folder  # noqa: E402
 from test_fuzz import _png_claiming  # noqa: E402
-from test_viz_page import browser, _shot  # noqa: E402,F401
+from test_viz_page import _shot, browser  # noqa: E402,F401
+
+from cnnlab.cli import main  # noqa: E402
 
 LIMIT_MB = 0.05  # a small upload limit, so that a test can go over it cheaply
 
@@ -162,7 +163,7 @@ def test_concurrent_clients_are_queued_not_dropped(server):
     assert alive(base)
 
 
-def test_served_page_takes_an_upload_and_shows_predicts_class(server, browser, tmp_path):
+def test_served_page_takes_an_upload_and_shows_predicts_class(server, browser, tmp_path):  # noqa: F811  (the imported fixture)
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
     base, folder, tmp = server[:3]
@@ -190,7 +191,7 @@ def test_served_page_takes_an_upload_and_shows_predicts_class(server, browser, t
             const e = arguments[1] === 'drop' ? new DragEvent('drop', {dataTransfer: data, bubbles: true})
                                               : new ClipboardEvent('paste', {clipboardData: data, bubbles: true});
             (arguments[1] === 'drop' ? document.getElementById('drop') : document).dispatchEvent(e);""", png, event)
-        WebDriverWait(browser, 60).until(lambda d: status.text.startswith(f"{event}.png: "))
+        WebDriverWait(browser, 60).until(lambda d, event=event: status.text.startswith(f"{event}.png: "))
         assert status.get_attribute("data-cls") == want
     # a file that is not an image: refused on the page with the server's reason
     bad = tmp_path / "note.png"
@@ -264,6 +265,7 @@ def test_sigterm_stops_the_server_cleanly(tmp_path):
 
 def test_other_hosts_are_warned_about(tmp_path, monkeypatch):
     import uvicorn
+
     from cnnlab.engine.weights import load_weights
     from cnnlab.serve import serve
     monkeypatch.setattr(uvicorn.Server, "run", lambda self: None)  # nothing is bound: only the messages matter

@@ -5,15 +5,14 @@ import tarfile
 import numpy as np
 import pytest
 import torch
+from hostile import sample, small_jpeg, tar_member, write_shards
+from mixed_images import sample_numbers, write_mixed_folder, write_numbered_folder
 
 from cnnlab.cli import main
 from cnnlab.data.imagefolder import image_folder_files
 from cnnlab.data.shards import ShardLoader, open_shards, pack_image_folder
 from cnnlab.data.stream import TooManyBadImages, sample_channel_stats
 from cnnlab.errors import DatasetError
-
-from hostile import sample, small_jpeg, tar_member, write_shards
-from mixed_images import sample_numbers, write_mixed_folder, write_numbered_folder
 
 PLAIN = {"mean": [0] * 3, "std": [1] * 3}
 

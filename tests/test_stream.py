@@ -3,16 +3,21 @@ import time
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
-from cnnlab.data.imagefolder import decode_image_folder, image_folder_files
-from cnnlab.data.stream import (FolderStreamLoader, TooManyBadImages, choose_data_mode, open_image_folder,
-                                parse_bytes, sample_channel_stats)
-from cnnlab.errors import ConfigError
-
 from conftest import write_image_folder
 from mixed_images import sample_numbers, write_mixed_folder, write_numbered_folder
+from PIL import Image
 from test_transforms import reference_eval
+
+from cnnlab.data.imagefolder import decode_image_folder, image_folder_files
+from cnnlab.data.stream import (
+    FolderStreamLoader,
+    TooManyBadImages,
+    choose_data_mode,
+    open_image_folder,
+    parse_bytes,
+    sample_channel_stats,
+)
+from cnnlab.errors import ConfigError
 
 MEAN, STD = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
 
@@ -75,7 +80,7 @@ def test_resume_mid_epoch_replays_the_same_batches_whatever_the_workers(tmp_path
     assert not all(torch.equal(a, b) for a, (b, _) in zip(first_epoch, second_epoch))  # new order and crops
     interrupted = loader(source, batch=4, workers=2, seed=3)
     list(interrupted)
-    for _, (x, y) in zip(range(3), interrupted):
+    for _, (_x, _y) in zip(range(3), interrupted):
         pass
     state = interrupted.state_dict()
     assert (state["epoch"], state["position"]) == (1, 3)

@@ -7,14 +7,13 @@ import sys
 
 import pytest
 import torch
+from conftest import write_image_folder
+from mixed_images import write_mixed_folder
 from safetensors.torch import load_file
 
 from cnnlab.engine import TrainConfig, fit, resume_config
 from cnnlab.engine.trainer import TrainingInterrupted
 from cnnlab.errors import DatasetError
-
-from conftest import write_image_folder
-from mixed_images import write_mixed_folder
 
 
 def silent(message):

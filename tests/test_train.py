@@ -139,8 +139,9 @@ def test_checkpoint_refuses_code_execution(tmp_path):
     import hashlib
     import io
 
-    from cnnlab.engine.checkpoint import MAGIC
     from conftest import CodeRunningPickle
+
+    from cnnlab.engine.checkpoint import MAGIC
 
     marker = tmp_path / "pwned"
     buffer = io.BytesIO()

@@ -1,20 +1,15 @@
 import io
-import math
-
-import os
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from mixed_images import jpeg_bytes, rotated_jpeg, textured, write_mixed_folder
 from PIL import Image, JpegImagePlugin
 
 from cnnlab.data import transforms
-from cnnlab.data.transforms import (decode_crop, eval_resize, random_resized_crop_box, sample_rng,
-                                    to_model_mode)
+from cnnlab.data.transforms import decode_crop, eval_resize, random_resized_crop_box, sample_rng, to_model_mode
 from cnnlab.errors import ImageError
-
-from mixed_images import jpeg_bytes, rotated_jpeg, textured, write_mixed_folder
 
 
 def png_bytes(pixels: np.ndarray) -> bytes:

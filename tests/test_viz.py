@@ -14,8 +14,15 @@ from PIL import Image
 
 from cnnlab.errors import ModelError
 from cnnlab.models import create_model
-from cnnlab.viz.filters import (default_feature_layers, feature_maps, filter_images, layer_kinds, layer_weight,
-                                plot_feature_maps, plot_filters)
+from cnnlab.viz.filters import (
+    default_feature_layers,
+    feature_maps,
+    filter_images,
+    layer_kinds,
+    layer_weight,
+    plot_feature_maps,
+    plot_filters,
+)
 
 
 @pytest.fixture(autouse=True)

@@ -6,8 +6,17 @@ from PIL import Image
 
 from cnnlab.errors import ConfigError, ImageError
 from cnnlab.viz import conv
-from cnnlab.viz.conv import (COLOR_FILTER_NAMES, VERTICAL_EDGE, color_filters, conv2d_by_hand, conv_macs,
-                             edge_feature_map, load_image, max_pool_by_hand, numeric_example)
+from cnnlab.viz.conv import (
+    COLOR_FILTER_NAMES,
+    VERTICAL_EDGE,
+    color_filters,
+    conv2d_by_hand,
+    conv_macs,
+    edge_feature_map,
+    load_image,
+    max_pool_by_hand,
+    numeric_example,
+)
 from cnnlab.viz.pool import render_pool
 from cnnlab.viz.slides import render_conv
 

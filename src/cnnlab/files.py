@@ -10,8 +10,8 @@ import contextlib
 import fcntl
 import os
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 __all__ = ["atomic_file", "save_atomic", "write_durably", "fsync_dir", "file_lock", "readable_mode"]
 

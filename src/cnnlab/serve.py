@@ -15,14 +15,15 @@ import re
 import signal
 import tempfile
 import threading
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
+from typing import Any
 
 import numpy as np
 
 from ._version import __version__
-from .errors import CnnlabError, ConfigError
 from .data.images import MAX_IMAGE_PIXELS
+from .errors import CnnlabError, ConfigError
 
 __all__ = ["create_app", "serve", "MAX_UPLOAD_BYTES", "MAX_FILES"]
 
@@ -110,7 +111,7 @@ def create_app(loaded, *, test_images: tuple[list[np.ndarray], list[str], list[i
         if pictures:
             start = explain_data(explained, pictures[:4], names[:4], labels[:4], cam_layer=cam_layer)
         else:  # no test split at hand: a mid-grey image fixes the page's layout until the first upload
-            grey = np.full(loaded.input_shape, 128, dtype=np.uint8)
+            grey: Any = np.full(loaded.input_shape, 128, dtype=np.uint8)  # the name is reused for a PIL image below
             start = explain_data(explained, [grey], ["grey image"], cam_layer=cam_layer)
     cap = start["cap"]
     with tempfile.TemporaryDirectory(prefix="cnnlab-serve-") as tmp, lock:
@@ -163,8 +164,9 @@ def create_app(loaded, *, test_images: tuple[list[np.ndarray], list[str], list[i
                 "limits": {"max_upload_bytes": max_upload_bytes, "max_files": max_files,
                            "max_image_pixels": MAX_IMAGE_PIXELS}}
 
+    # B008: File()/Form() as a default is FastAPI's way to declare where a parameter comes from, not a shared value
     @app.post("/v1/predict")
-    def predict(files: list[UploadFile] = File(..., description="one or more image files"), top_k: int = 3) -> dict:
+    def predict(files: list[UploadFile] = File(..., description="one or more image files"), top_k: int = 3) -> dict:  # noqa: B008
         """Top-k classes of each file, as `cnnlab predict --json` gives them; unreadable files are listed in
         `skipped` with the reason. 400 (or 413 for a file over a limit) when no file could be classified."""
         if len(files) > max_files:
@@ -187,8 +189,9 @@ def create_app(loaded, *, test_images: tuple[list[np.ndarray], list[str], list[i
         return {"results": results, "skipped": skipped}
 
     @app.post("/v1/explain", include_in_schema=False)
-    def explain(file: UploadFile | None = File(None), test_index: int | None = Form(None)) -> dict:
+    def explain(file: UploadFile | None = File(None), test_index: int | None = Form(None)) -> dict:  # noqa: B008 (as above)
         """One more image for the live page: everything the page shows, from the server's forward pass."""
+        image_labels: list[int | None]
         if test_index is not None:
             if not 0 <= test_index < len(pictures):
                 raise HTTPException(404, f"no test image {test_index}; there are {len(pictures)}")

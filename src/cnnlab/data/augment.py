@@ -204,7 +204,7 @@ class Compose:
 
 def parse_augment(spec: str) -> Compose:
     """Parse 'crop:4:reflect,flip,cutout:8' into a Compose; an unknown name lists the valid ones."""
-    ops = []
+    ops: list = []
     for token in (t.strip() for t in (spec or "").split(",")):
         if not token or token == "none":
             continue

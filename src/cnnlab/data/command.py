@@ -10,8 +10,8 @@ __all__ = ["data_command"]
 
 def data_command(args) -> int:
     """`cnnlab data list|fetch|info|pack`."""
-    from . import CATALOG, fetch, get_spec, load_dataset, locate
     from ..errors import DatasetError
+    from . import CATALOG, fetch, get_spec, load_dataset, locate
 
     if args.action == "list":
         for spec in CATALOG.values():
@@ -49,9 +49,10 @@ def data_command(args) -> int:
         print(load_dataset(args.name, args.data_dir).describe())
         return 0
     # info
-    from . import channel_stats
-    from ..viz.plots import plot_montage
     import torch
+
+    from ..viz.plots import plot_montage
+    from . import channel_stats
 
     data = load_dataset(args.name, args.data_dir, download=args.download)
     print(data.describe())

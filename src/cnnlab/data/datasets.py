@@ -10,8 +10,8 @@ import hashlib
 import json
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import platformdirs
@@ -20,11 +20,11 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..errors import DatasetError
-from .catalog import DataFile, DatasetSpec, get_spec
 from ..files import atomic_file, file_lock
+from .catalog import DataFile, DatasetSpec, get_spec
+from .dataset import Dataset
 from .download import download, extract_archive
 from .formats import idx_length, parse_cifar_binary, parse_cifar_python, parse_idx, read_bytes
-from .dataset import Dataset
 from .imagefolder import decode_image_folder, image_folder_files
 from .preprocess import Preprocess
 from .synthetic import make_synthetic

@@ -8,8 +8,9 @@ import tarfile
 import tempfile
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
+from typing import Any
 
 from ..errors import DatasetError
 from ..files import atomic_file
@@ -72,7 +73,7 @@ def download(filename: str, mirrors: tuple[str, ...] | list[str], dest_dir: Path
             return dest
         except (urllib.error.URLError, OSError, DatasetError, ValueError) as exc:
             if isinstance(exc, urllib.error.HTTPError):
-                reason = f"HTTP {exc.code} {exc.reason}"
+                reason: object = f"HTTP {exc.code} {exc.reason}"
             else:
                 reason = getattr(exc, "reason", None) or exc
             if isinstance(exc, OSError) and getattr(exc, "errno", None) == 28:  # ENOSPC
@@ -114,7 +115,7 @@ def extract_archive(archive: Path, target: Path, folder: str) -> Path:
                 for member in members:
                     _check_member(member, staging)
                 # the stdlib's own "data" filter, where this Python has it (3.10.12+), as a second line of defence
-                extra = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+                extra: dict[str, Any] = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
                 tar.extractall(staging, members=members, **extra)
         except (tarfile.TarError, EOFError) as exc:
             raise DatasetError(f"{archive}: not a readable archive ({exc}); delete it and fetch again") from None

@@ -13,8 +13,8 @@ import pickle
 import pickletools
 import warnings
 import zlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 

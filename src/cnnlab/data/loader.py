@@ -55,6 +55,7 @@ class InMemoryLoader:
         # A leading random crop pads the whole dataset once, so each step only selects windows.
         self._crop = augment.ops[0] if augment and isinstance(augment.ops[0], RandomCrop) else None
         if self._crop is not None:
+            assert augment is not None  # the crop came from it
             self.images = torch.cat([self._crop.pad(chunk) for chunk in self.images.split(8192)])
             self.augment = Compose(augment.ops[1:])
         if channels_last:

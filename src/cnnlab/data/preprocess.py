@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -61,21 +62,21 @@ class Preprocess:
 
     # ------------------------------------------------------------------ the rules of each kind of data
     @classmethod
-    def squash(cls, channels: int, height: int, width: int) -> "Preprocess":
+    def squash(cls, channels: int, height: int, width: int) -> Preprocess:
         return cls((height, width), channels)
 
     @classmethod
-    def centre_crop(cls, channels: int, size: int, crop_fraction: float = 1.0) -> "Preprocess":
+    def centre_crop(cls, channels: int, size: int, crop_fraction: float = 1.0) -> Preprocess:
         """Shorter side to size / crop_fraction, then the centre size x size (1.0: the centre square)."""
         return cls((size, size), channels, "shorter", round(size / crop_fraction))
 
     @classmethod
-    def imagenet_eval(cls, size: int = 224, channels: int = 3) -> "Preprocess":
+    def imagenet_eval(cls, size: int = 224, channels: int = 3) -> Preprocess:
         """torchvision's ImageNet evaluation: shorter side to 256 (for 224), centre crop, ImageNet's statistics."""
         return replace(cls.centre_crop(channels, size, EVAL_CROP_FRACTION),
                        mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
 
-    def with_stats(self, mean, std) -> "Preprocess":
+    def with_stats(self, mean, std) -> Preprocess:
         return replace(self, mean=tuple(float(v) for v in mean), std=tuple(float(v) for v in std))
 
     # ------------------------------------------------------------------ model.json
@@ -92,7 +93,7 @@ class Preprocess:
                 "mode": self.mode, "mean": list(self.mean or ()), "std": list(self.std or ())}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Preprocess":
+    def from_dict(cls, d: dict) -> Preprocess:
         """The inverse of to_dict; a ValueError says what is wrong (the sidecar reader names the file)."""
         if not isinstance(d, dict):
             raise ValueError("'preprocess' must be an object")
@@ -113,10 +114,11 @@ class Preprocess:
             stats.append(tuple(float(v) for v in values))
         if not all(v > 0 for v in stats[1]):
             raise ValueError("'preprocess.std' must be positive")
-        return cls((size[0], size[1]), channels, d.get("resize"), resize_to, *stats)
+        # a missing or unknown rule is refused by __post_init__
+        return cls((size[0], size[1]), channels, cast(str, d.get("resize")), resize_to, *stats)
 
     @classmethod
-    def from_sidecar(cls, meta: dict) -> "Preprocess":
+    def from_sidecar(cls, meta: dict) -> Preprocess:
         """A checked sidecar's preprocessing; sidecars written before it was recorded keep their old behaviour:
         the whole image to input_shape, or with 'resize' the shorter side to it and the centre crop."""
         if "preprocess" in meta:

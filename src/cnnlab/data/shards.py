@@ -12,17 +12,18 @@ import json
 import math
 import re
 import tarfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 
 from ..errors import DatasetError, ImageError
 from ..files import atomic_file, save_atomic
-from .images import limits, open_encoded, raise_hint, read_image_file
 from .imagefolder import image_folder_classes, image_folder_files, split_of
+from .images import limits, open_encoded, raise_hint, read_image_file
 from .stream import StreamingLoader, assemble_batch, parse_bytes
 from .transforms import GRAY_MODES, ImageTransform
 
@@ -60,7 +61,8 @@ def _write_shard(path: Path, samples: list[tuple[str, str, bytes, int]]) -> dict
     """Write one tar of (key, extension, bytes, label) samples atomically; returns its manifest entry."""
     with atomic_file(path) as tmp, open(tmp, "wb") as f:
         writer = _HashingWriter(f)
-        with tarfile.open(fileobj=writer, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+        # a stream ("w|") only calls write(); typeshed's fileobj also asks for read, seek, tell and close
+        with tarfile.open(fileobj=writer, mode="w|", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[call-overload]
             for key, ext, data, label in samples:
                 cls = str(label).encode()
                 tar.addfile(_member(f"{key}.cls", len(cls)), io.BytesIO(cls))
@@ -86,9 +88,11 @@ def pack_image_folder(root: str | Path, out: str | Path, shard_size: int | str =
     out.mkdir(parents=True, exist_ok=True)
     index = {c: i for i, c in enumerate(classes)}
     gray = True
-    splits = {}
+    splits: dict[str, dict[str, Any]] = {}
     for split, paths in files.items():
-        shards, pending, pending_bytes = [], [], 0
+        shards: list[dict] = []
+        pending: list[tuple[str, str, bytes, int]] = []
+        pending_bytes = 0
         for i, path in enumerate(paths):
             try:
                 data = read_image_file(path)
@@ -206,7 +210,7 @@ def _check_manifest(manifest: dict, path: Path, fix: str, lim) -> None:
         raise DatasetError(f"{path}: a class is listed twice; {fix}")
     if manifest.get("mode") not in ("RGB", "L"):
         raise DatasetError(f"{path}: mode {str(manifest.get('mode'))[:40]!r}, expected 'RGB' or 'L'; {fix}")
-    splits = manifest.get("splits")
+    splits: Any = manifest.get("splits")  # JSON of any shape until checked here
     for split in ("train", "test"):
         entries = splits.get(split, {}).get("shards") if isinstance(splits, dict) and isinstance(
             splits.get(split), dict) else None
@@ -259,7 +263,8 @@ def read_shard(path: Path, entry: dict, first: int = 0, stop: int | None = None,
     try:
         with open(path, "rb") as f:
             reader = _HashingReader(f)
-            with tarfile.open(fileobj=reader, mode="r|") as tar:
+            # a stream ("r|") only calls read(); typeshed's fileobj also asks for write, seek, tell and close
+            with tarfile.open(fileobj=reader, mode="r|") as tar:  # type: ignore[call-overload]
                 key, image, label = None, None, None
                 seen: set[str] = set()
 
@@ -334,7 +339,7 @@ def _segments(counts: np.ndarray, order: np.ndarray, start: int, stop: int) -> l
 class _ShardBatches(torch.utils.data.IterableDataset):
     """Runs in each DataLoader worker: reads its streams' shards, shuffles, decodes and yields batches."""
 
-    def __init__(self, loader: "ShardLoader"):
+    def __init__(self, loader: ShardLoader):
         source = loader.source
         entries = source.shards(loader.split)
         self.root = source.root
@@ -369,7 +374,8 @@ class _ShardBatches(torch.utils.data.IterableDataset):
         """A shuffle buffer: each new sample takes the place of a random one, which is emitted. It holds at most
         `buffer` samples and, beyond one sample, `buffer_bytes` encoded bytes (16 sparse 250 MiB members once
         took 4.4 GB): while over the bytes, random samples leave without replacement."""
-        buffer, held = [], 0
+        buffer: list[tuple[int, str, bytes | None, int]] = []
+        held = 0
         for sample in samples:
             size = len(sample[2]) if sample[2] is not None else 0
             if len(buffer) < self.buffer and (held + size <= self.buffer_bytes or not buffer):
@@ -390,7 +396,8 @@ class _ShardBatches(torch.utils.data.IterableDataset):
             yield buffer[j]
 
     def _decode(self, samples: list, epoch: int) -> tuple:
-        pixels, bad = [], []
+        pixels: list[np.ndarray | None] = []
+        bad: list[tuple[str, str]] = []
         for uid, name, data, _ in samples:
             try:
                 if data is None:

@@ -8,16 +8,17 @@ from __future__ import annotations
 
 import math
 import weakref
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, cast
 
 import numpy as np
 import torch
 
 from ..errors import ConfigError, DatasetError, ImageError
-from .images import open_encoded, parse_bytes, read_image_file
 from .imagefolder import image_folder_classes, image_folder_files, split_of
+from .images import open_encoded, parse_bytes, read_image_file
 from .transforms import GRAY_MODES, ImageTransform
 
 __all__ = ["DEFAULT_MEMORY_BUDGET", "BAD_IMAGE_FRACTION", "TooManyBadImages", "ImageFolderSource",
@@ -180,7 +181,7 @@ def choose_data_mode(root: str | Path, requested: str = "auto", image_size: int 
 _Item = tuple  # (torch.Tensor | int | None, torch.Tensor, list[tuple[str, str]], str | None)
 
 
-def assemble_batch(pixels: list[np.ndarray | None], labels: Sequence[int], fill: bool,
+def assemble_batch(pixels: Sequence[np.ndarray | None], labels: Sequence[int], fill: bool,
                    out: torch.Tensor | None = None) -> tuple:
     """Stack decoded samples (C, H, W) into (n, C, H, W) uint8 (into `out[:n]` when given) and int64 labels. A
     failed sample (None) is replaced by a copy of the nearest readable sample of the batch, previous first
@@ -193,11 +194,12 @@ def assemble_batch(pixels: list[np.ndarray | None], labels: Sequence[int], fill:
         keep = [max((g for g in good if g <= i), default=good[0]) for i in range(len(pixels))]
     else:
         keep = good
+    kept = cast(list[np.ndarray], [pixels[i] for i in keep])  # keep holds readable samples only
     if out is None:
-        x = torch.from_numpy(np.stack([pixels[i] for i in keep]))
+        x = torch.from_numpy(np.stack(kept))
     else:
         x = out[:len(keep)]
-        np.stack([pixels[i] for i in keep], out=x.numpy())
+        np.stack(kept, out=x.numpy())
     y = torch.as_tensor([labels[i] for i in keep], dtype=torch.int64)
     return x, y
 
@@ -259,8 +261,9 @@ class StreamingLoader:
         self.device = torch.device(device)
         self.channels_last = channels_last
         self.image_size = image_size
-        self.max_bad_images = (max(1, math.ceil(BAD_IMAGE_FRACTION * split_size)) if max_bad_images is None
-                               else int(max_bad_images))
+        # float: a distributed run sets it to inf and checks the ranks' sum instead
+        self.max_bad_images: float = (max(1, math.ceil(BAD_IMAGE_FRACTION * split_size)) if max_bad_images is None
+                                      else int(max_bad_images))
         self.epoch = 0  # epochs completed
         self.position = 0  # batches of the current epoch already handed out
         self._bad: dict[str, str] = {}
@@ -282,7 +285,7 @@ class StreamingLoader:
     def bad_count(self) -> int:
         return len(self._bad)
 
-    def check_bad_images(self, total: int | None = None, limit: int | None = None) -> None:
+    def check_bad_images(self, total: int | None = None, limit: float | None = None) -> None:
         """Raise TooManyBadImages if `total` (default: this rank's count; under DDP pass the sum over ranks)
         exceeds `limit` (default: max_bad_images)."""
         total = self.bad_count if total is None else total
@@ -321,7 +324,7 @@ class StreamingLoader:
             x = x.contiguous(memory_format=torch.channels_last)
         return x.float().mul_(self._scale).add_(self._shift)
 
-    def _rows_affine(self, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _rows_affine(self, h: int, w: int) -> tuple[torch.Tensor, ...]:
         """Scale and shift repeated over one (H, W, C) image as a flat row: broadcasting over an innermost
         dimension of 3 channels does not vectorise (the in-memory loader does the same)."""
         key = (h, w)
@@ -354,7 +357,8 @@ class StreamingLoader:
         self.position = 0
 
     def _dataloader(self, dataset, sampler=None, persistent: bool = True) -> torch.utils.data.DataLoader:
-        kwargs = {"prefetch_factor": PREFETCH_FACTOR, "persistent_workers": persistent} if self.workers else {}
+        kwargs: dict[str, Any] = ({"prefetch_factor": PREFETCH_FACTOR, "persistent_workers": persistent} if self.workers
+                                  else {})
         return torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=None, num_workers=self.workers,
                                            collate_fn=_identity, pin_memory=self.device.type == "cuda", **kwargs)
 
@@ -389,7 +393,8 @@ class _FolderBatches(torch.utils.data.Dataset):
 
     def __getitem__(self, key: tuple[int, np.ndarray, int | None, bool]) -> _Item:
         epoch, indices, slot, hwc = key
-        pixels, bad = [], []
+        pixels: list[np.ndarray | None] = []
+        bad: list[tuple[str, str]] = []
         for i in indices:
             name = str(self.root / self.split.names[i])
             try:  # vanished, unreadable or over the size cap: ImageError, a bad image
@@ -397,7 +402,8 @@ class _FolderBatches(torch.utils.data.Dataset):
             except ImageError as exc:
                 pixels.append(None)
                 bad.append((name, str(exc)))
-        out = None if slot is None else self.slots.batch(slot, len(indices), hwc)
+        # a slot is only sent to a loader that has its slots
+        out = None if slot is None else cast(_SharedBatchSlots, self.slots).batch(slot, len(indices), hwc)
         x, y = assemble_batch(pixels, self.split.labels[indices].tolist(), self.fill, out=out)
         if out is None or x is None:
             return x, y, bad, None
@@ -409,7 +415,7 @@ class _EpochPlan:
     its loader weakly: a reference cycle would leave the workers to the garbage collector, whose teardown
     order makes each worker's shutdown wait out a 5 s timeout."""
 
-    def __init__(self, loader: "FolderStreamLoader"):
+    def __init__(self, loader: FolderStreamLoader):
         self.loader = weakref.ref(loader)
 
     def __iter__(self):
@@ -423,7 +429,8 @@ class FolderStreamLoader(StreamingLoader):
     def __init__(self, source: ImageFolderSource, split: str, batch_size: int, *, image_size: int, mean, std,
                  train: bool | None = None, seed: int = 0, workers: int = 0, rank: int = 0, world_size: int = 1,
                  device: torch.device | str = "cpu", channels_last: bool = False,
-                 max_bad_images: int | None = None, indices: Sequence[int] | None = None, draft: bool = True):
+                 max_bad_images: int | None = None, indices: Sequence[int] | np.ndarray | None = None,
+                 draft: bool = True):
         if split not in source.splits:
             raise ValueError(f"split must be one of {list(source.splits)}, got {split!r}")
         self.source, self.split = source, split

@@ -31,7 +31,8 @@ from ..errors import ImageError
 from .images import WIDE_GRAY_MODES, limits, open_encoded, to_8bit
 
 try:  # region-of-interest JPEG decoding (setup.py builds it; optional)
-    from . import _jpeg_region
+    # a C extension that mypy sees only where it was built
+    from . import _jpeg_region  # type: ignore[attr-defined,unused-ignore]
 except ImportError:
     _jpeg_region = None
 try:  # libjpeg-turbo bindings: whole JPEGs to the same pixels as Pillow's decoder, about a fifth sooner
@@ -239,6 +240,7 @@ def eval_pixels(data: bytes, name: str, size: tuple[int, int], mode: str, rule: 
         if rule == "squash":
             scale = _draft_scale(im, min(width / w, height / h), draft)
             return resize(_decode_whole(im, data, scale, orientation, mode), h, w).contiguous().numpy()
+        assert resize_to is not None  # the "shorter" rule comes with its length (Preprocess checks it)
         new_w, new_h, left, top = eval_resize(width, height, resize_to, (h, w))
         scale = _draft_scale(im, min(width, height) / resize_to, draft)
         pixels = resize(_decode_whole(im, data, scale, orientation, mode), new_h, new_w)

@@ -134,7 +134,7 @@ class TrainConfig:
             kwargs = {"input_size": list(shape[1:]), **kwargs}
         return kwargs
 
-    def validate(self) -> "TrainConfig":
+    def validate(self) -> TrainConfig:
         from ..data.augment import parse_augment
         from ..data.catalog import get_spec
         from ..errors import DatasetError
@@ -304,14 +304,16 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
             group.add_argument("--model-arg", dest="model_args", action="append", metavar="KEY=VALUE",
                                help=f.metadata["help"])
             continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        # every field has a default or a default_factory
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[operator]
         choices = f.metadata.get("choices")
         help_text = f"{f.metadata['help']} (default: {default})"
         if choices:
             help_text += f"; choices: {', '.join(map(str, choices))}"
         is_bool = typing.get_type_hints(TrainConfig)[f.name] is bool
+        bool_args: dict[str, Any] = {"nargs": "?", "const": "true"} if is_bool else {}
         group.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None, metavar=f.name.upper(),
-                           help=help_text.replace("%", "%%"), **({"nargs": "?", "const": "true"} if is_bool else {}))
+                           help=help_text.replace("%", "%%"), **bool_args)
 
 
 def config_from_args(args: argparse.Namespace, base: TrainConfig | None = None) -> TrainConfig:

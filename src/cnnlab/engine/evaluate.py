@@ -29,7 +29,8 @@ def inference_runtime(device: str | torch.device = "auto", precision: str = "fp3
 
 def prepare_for_inference(model: nn.Module, runtime: Runtime) -> nn.Module:
     """Eval mode, on the runtime's device and memory format."""
-    return model.eval().to(runtime.device, memory_format=runtime.memory_format)
+    # Module.to takes memory_format at run time; its stub does not list it
+    return model.eval().to(runtime.device, memory_format=runtime.memory_format)  # type: ignore[call-overload]
 
 
 @torch.no_grad()
@@ -148,7 +149,8 @@ def evaluate_target(target: str | Path, *, dataset: str | None = None, data_dir:
     if len(split.classes) != len(loaded.classes):
         raise CnnlabError(f"{dataset} has {len(split.classes)} classes, but the model was trained on "
                           f"{len(loaded.classes)}")
-    model = loaded.model.to(runtime.device, memory_format=runtime.memory_format)
+    # Module.to takes memory_format at run time; its stub does not list it
+    model = loaded.model.to(runtime.device, memory_format=runtime.memory_format)  # type: ignore[call-overload]
     result = evaluate(model, split.loader, len(loaded.classes), runtime=runtime, tta=tta, per_image=True)
     preds = result.pop("preds")
     result.pop("losses")

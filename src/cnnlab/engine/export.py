@@ -14,9 +14,10 @@ import json
 import logging
 import time
 import warnings
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Any
 
 import numpy as np
 import torch
@@ -54,6 +55,8 @@ class ExportError(CnnlabError):
 class WithNormalisation(nn.Module):
     """float (N, C, H, W) in [0, 1] -> (x - mean) / std -> the wrapped model's logits: predict's preprocessing
     from the uint8 stage on, inside the graph."""
+    mean: torch.Tensor  # buffers, registered in __init__
+    std: torch.Tensor
 
     def __init__(self, model: nn.Module, mean: list[float], std: list[float]):
         super().__init__()
@@ -164,6 +167,7 @@ def onnx_bytes(program: torch.export.ExportedProgram, metadata: dict, opset: int
     except Exception as exc:  # noqa: BLE001  exporter failures have many types; the message is what helps
         raise ExportError(f"the ONNX exporter failed at opset {opset} ({type(exc).__name__}: "
                           f"{_first_line(exc)})") from None
+    assert onnx_program is not None  # dynamo=True returns the program
     proto = onnx_program.model_proto
     written = next((i.version for i in proto.opset_import if i.domain in ("", "ai.onnx")), None)
     if written != opset:  # the exporter logs a failed conversion and carries on at its own opset
@@ -366,7 +370,7 @@ def compare_with_predict(onnx_path: str | Path, loaded: LoadedModel, image_paths
     pixels = np.stack([load_image(p, loaded.preprocess)[0] for p in known])
     images = pixels.astype(np.float32) / 255
     run = run_onnx(Path(onnx_path).read_bytes())
-    report = {"images": len(known), "predict_precision": precision, "batches": {}}
+    report: dict[str, Any] = {"images": len(known), "predict_precision": precision, "batches": {}}
     for batch in batch_sizes:
         reps = -(-max(batch, len(images)) // len(images))
         tiled = np.concatenate([images] * reps)

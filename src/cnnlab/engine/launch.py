@@ -58,8 +58,8 @@ def lr_find_command(args) -> int:
     """`cnnlab lr-find [RUN_DIR] [train flags]`: the range test for the run those flags (or RUN_DIR's config)
     describe; lr_find.png and lr_find.json go into RUN_DIR (its report shows them) or --out."""
     from .config import config_from_args
-    from .trainer import lr_find
     from .run import Run, is_run_folder
+    from .trainer import lr_find
 
     if args.run:
         if not is_run_folder(args.run):
@@ -82,8 +82,8 @@ def lr_find_command(args) -> int:
 def add_lr_find_parser(sub) -> None:
     """`cnnlab lr-find [RUN_DIR] [train flags]`."""
     from .config import add_config_flags
-    from .recipes import RECIPES
     from .lr_find import DEFAULT_END_LR, DEFAULT_START_LR, DEFAULT_STEPS, RULES
+    from .recipes import RECIPES
     p = sub.add_parser("lr-find", help="the learning-rate range test: loss against an exponentially rising lr, "
                                        "and a suggestion (train with it: --lr find)",
                        description="Trains the run's model for a short run (default 100 steps) while the learning "

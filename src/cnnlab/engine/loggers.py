@@ -17,8 +17,9 @@ import math
 import os
 import time
 import warnings
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, cast
 from urllib.parse import unquote
 
 import torch
@@ -115,7 +116,7 @@ def flat_params(config: Mapping[str, Any] | Any) -> dict[str, str | int | float 
             else:  # lists, empty dicts: JSON reads like the YAML config
                 flat[name] = json.dumps(value, default=str)
 
-    visit(config, "")
+    visit(cast(Mapping, config), "")  # a dataclass became a dict above
     return flat
 
 
@@ -223,6 +224,7 @@ class TensorBoardLogger:
         if first:  # TensorBoard keeps the first hparams record it reads for a run: writing them again is moot
             # (hparams() would show booleans as 0/1: strings read better)
             values = {k: str(v) if isinstance(v, bool) else v for k, v in params.items()}
+            assert self.writer.file_writer is not None  # SummaryWriter opens it on creation
             for proto in hparams(values, dict.fromkeys(_HPARAM_METRICS, 0.0)):  # experiment, session start, end
                 self.writer.file_writer.add_summary(proto)
 

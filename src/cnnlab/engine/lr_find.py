@@ -8,9 +8,9 @@ import contextlib
 import copy
 import json
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -191,8 +191,8 @@ def search_lr(model: nn.Module, optimizer: torch.optim.Optimizer, loader, *, run
         nonlocal why
         if state.stop_requested:  # a distributed run takes one more step before all ranks stop together
             return
-        loss = torch.tensor([state.loss], dtype=torch.float64, device=runtime.device)
-        loss = runtime.all_reduce(loss).item() / runtime.world_size
+        loss_sum = torch.tensor([state.loss], dtype=torch.float64, device=runtime.device)
+        loss = runtime.all_reduce(loss_sum).item() / runtime.world_size
         lrs.append(state.lr)
         losses.append(loss)
         smoothed[:] = smooth_losses(losses)

@@ -6,7 +6,8 @@ count: nothing to pickle, and a resumed run computes exactly the same learning r
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
+from typing import Any, cast
 
 import torch
 import torch.nn as nn
@@ -16,7 +17,8 @@ __all__ = ["param_groups", "build_optimizer", "build_training_optimizer", "build
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay only on weight matrices and conv kernels (dim >= 2), never on biases or norm scales."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for p in model.parameters():
         if p.requires_grad:
             (decay if p.dim() >= 2 else no_decay).append(p)
@@ -42,13 +44,13 @@ def build_schedule(name: str, lr: float, total_steps: int, *, steps_per_epoch: i
     """Return lr_at(step) for step = 0 .. total_steps - 1."""
     total_steps = max(total_steps, 1)
 
-    warmup_mode, warmup = warmup, int(round(warmup_epochs * steps_per_epoch))
+    warmup_mode, warmup_steps = warmup, int(round(warmup_epochs * steps_per_epoch))
 
     def warmed(step: int, after: Callable[[int], float]) -> float:
-        if step < warmup:
+        if step < warmup_steps:
             if warmup_mode == "constant":  # He et al. 2016 warm ResNet-110 up at 0.01 for about 400 iterations
                 return warmup_lr
-            return warmup_lr + (after(warmup) - warmup_lr) * step / warmup  # linear to the schedule's value
+            return warmup_lr + (after(warmup_steps) - warmup_lr) * step / warmup_steps  # linear to the schedule's value
         return after(step)
 
     if name == "onecycle":
@@ -64,7 +66,7 @@ def build_schedule(name: str, lr: float, total_steps: int, *, steps_per_epoch: i
         return onecycle
     if name == "cosine":
         def cosine(step: int) -> float:
-            progress = (step - warmup) / max(total_steps - warmup, 1)
+            progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
             return 0.5 * lr * (1 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
         return lambda step: warmed(step, cosine)
     if name == "multistep":
@@ -102,7 +104,8 @@ def build_training_optimizer(model: nn.Module, *, name: str, lr: float, momentum
         if not hasattr(model, "param_groups"):
             raise ConfigError(f"--param-groups model: {model_name or type(model).__name__} defines no parameter "
                               "groups of its own; leave out --param-groups (airbench94 has them)")
-        groups = model.param_groups(batch_size=batch_size, lr=lr, weight_decay=weight_decay, momentum=momentum)
+        groups = cast(Any, model).param_groups(batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+                                               momentum=momentum)
         for group in groups:
             group["lr_scale"] = group["lr"] / lr
     return build_optimizer(model, name, lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,

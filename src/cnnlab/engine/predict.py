@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -94,7 +94,8 @@ def _predict(model, loaded: LoadedModel, runtime, paths: list[Path], top_k: int,
              on_result: Callable[[dict], None] | None) -> tuple[list[dict], list[dict]]:
     device = runtime.device
     k = min(top_k, len(loaded.classes))
-    results, bad = [], []
+    results: list[dict] = []
+    bad: list[dict] = []
     for names, pixels, notes in _batches(paths, loaded.preprocess, batch_size, bad):
         x = loaded.normalise(torch.from_numpy(pixels).to(device))
         with runtime.autocast():

@@ -18,7 +18,7 @@ class Progress:
         self._start = time.perf_counter()
         self._done_at_start: int | None = None
 
-    def start_epoch(self, epoch: int, epochs: int, step: int) -> None:
+    def start_epoch(self, epoch: int, epochs: float, step: int) -> None:
         if self._done_at_start is None:
             self._done_at_start = step
         if self.mode == "bar":

@@ -12,8 +12,8 @@ import io
 import json
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from safetensors.torch import save as save_tensors
@@ -54,7 +54,7 @@ class RunFolder:
 
     # ------------------------------------------------------------------------------------ opening
     @classmethod
-    def choose(cls, run_dir: str | None, runs_root: str, model: str, dataset: str, runtime: Runtime) -> "RunFolder":
+    def choose(cls, run_dir: str | None, runs_root: str, model: str, dataset: str, runtime: Runtime) -> RunFolder:
         """`run_dir` (--run-dir), else a new runs_root/<model>-<dataset>-<time>/ chosen by rank 0 (the same one
         again after a torchrun restart)."""
         path = None

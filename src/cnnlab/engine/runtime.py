@@ -20,9 +20,10 @@ import json
 import os
 import platform
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -128,7 +129,8 @@ def _probe_step(precision: str, channels_last: bool):
         torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(64, 10))
     x, y = torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,))
     if channels_last:
-        model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+        # Module.to takes memory_format at run time; its stub does not list it
+        model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)  # type: ignore[call-overload]
 
     def step() -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
@@ -176,7 +178,7 @@ def probe_cpu(log=None) -> dict:
         if log:
             log(f"measured this CPU once (cached in {path}): fp32 {result['fp32_nchw_ms']:.1f} ms NCHW, "
                 f"{result['fp32_channels_last_ms']:.1f} ms channels_last; bf16 {result['bf16_channels_last_ms']:.1f} ms")
-    return _cached_probe(key_parts, _probe_steps_ms, say)
+    return cast(dict, _cached_probe(key_parts, _probe_steps_ms, say))  # measuring allowed: never None
 
 
 def _model_steps_ms(model: torch.nn.Module, input_shape: tuple[int, ...], batch: int, budget_s: float,
@@ -189,7 +191,8 @@ def _model_steps_ms(model: torch.nn.Module, input_shape: tuple[int, ...], batch:
         steps = {}
         for name, (precision, channels_last) in _PROBE_SETTINGS.items():
             fmt = torch.channels_last if channels_last else torch.contiguous_format
-            copy_ = copy.deepcopy(model).cpu().train().to(memory_format=fmt)
+            # Module.to takes memory_format at run time; its stub does not list it
+            copy_ = copy.deepcopy(model).cpu().train().to(memory_format=fmt)  # type: ignore[call-overload]
             x = torch.randn(batch, *input_shape).contiguous(memory_format=fmt)
             y = torch.zeros(batch, dtype=torch.long)  # class 0 exists in every model
 
@@ -233,7 +236,7 @@ def probe_model(model: torch.nn.Module, input_shape: tuple[int, ...], batch: int
                          allowed=measure)
 
 
-def settle_for_model(runtime: "Runtime", model: torch.nn.Module, input_shape: tuple[int, ...], batch: int,
+def settle_for_model(runtime: Runtime, model: torch.nn.Module, input_shape: tuple[int, ...], batch: int,
                      run_images: float, *, name: str, args: dict, log=None) -> bool:
     """Where precision or channels_last is 'auto' on the CPU, decide it again by measuring the run's own model
     (`probe_model`; rank 0 measures, every rank follows). A run of fewer than MODEL_PROBE_MIN_RUN times the
@@ -443,11 +446,11 @@ def start_runtime(device: str = "auto", precision: str = "auto", channels_last: 
             backend = "nccl" if dev.type == "cuda" else "gloo"
             # a peer that dies is noticed at once by its sockets; the timeout only bounds a rank that hangs
             timeout = datetime.timedelta(minutes=10)
-            dist.init_process_group(backend, timeout=timeout, **_restart_store(env, timeout),
-                                    **({"device_id": dev} if dev.type == "cuda" else {}))
+            device_id: dict[str, Any] = {"device_id": dev} if dev.type == "cuda" else {}
+            dist.init_process_group(backend, timeout=timeout, **_restart_store(env, timeout), **device_id)
             started_group = True
         # rank 0 decides (and alone may write the probe's cache); the others follow, so every rank computes alike
-        decision = [None]
+        decision: list[Any] = [None]
         if env["rank"] == 0:
             prec, prec_why = pick_precision(precision, dev, log)
             decision = [(prec, prec_why, *pick_channels_last(channels_last, dev, prec))]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import random
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -28,14 +29,15 @@ class EpochSums:
         return {"loss": self.loss, "correct": self.correct, "seen": self.seen, "seconds": self.seconds}
 
     @classmethod
-    def from_state(cls, state: dict) -> "EpochSums":
+    def from_state(cls, state: dict) -> EpochSums:
         return cls(float(state["loss"]), int(state["correct"]), int(state["seen"]), float(state["seconds"]))
 
 
 def rng_state(device: torch.device) -> dict:
     """This process's global generators: torch (CPU, and the one CUDA device in use), Python, NumPy."""
     version, mt, gauss = random.getstate()
-    _, keys, pos, has_gauss, cached = np.random.get_state()
+    # the legacy tuple (legacy=True is the default; numpy's stub types a bare call as the dict)
+    _, keys, pos, has_gauss, cached = cast(tuple[str, np.ndarray, int, int, float], np.random.get_state())
     state = {"torch": torch.get_rng_state(), "python": [version, list(mt), gauss],
              "numpy": [torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)]}
     if device.type == "cuda":  # only the device this process trains on, not every GPU the machine has
@@ -65,7 +67,7 @@ class TrainState:
     """The model, optimiser, schedule position, data order and bookkeeping of a run in progress."""
     model: nn.Module
     optimizer: torch.optim.Optimizer
-    loader: object  # InMemoryLoader or a streaming loader: anything with epoch, position and state_dict()
+    loader: Any  # InMemoryLoader or a streaming loader: anything with epoch, position and state_dict()
     step: int = 0
     history: list = field(default_factory=list)  # metrics.csv rows so far
     sums: EpochSums = field(default_factory=EpochSums)

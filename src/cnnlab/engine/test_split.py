@@ -2,9 +2,10 @@
 datasets and small image folders, streamed for the runs that streamed (large folders, shards)."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,7 +21,7 @@ __all__ = ["TestSplit", "open_test_split", "highest_loss_images"]
 
 @dataclass
 class TestSplit:
-    loader: object  # yields normalised (x, y) batches on the runtime's device
+    loader: Any  # InMemoryLoader or a streaming loader: yields normalised (x, y) batches on the runtime's device
     classes: list[str]
     labels: torch.Tensor | None  # in the loader's order (None for shards, which are not indexed)
     channels: int
@@ -41,10 +42,11 @@ def open_test_split(dataset: str, data_dir: str | None, *, preprocess: Preproces
         from ..data.stream import FolderStreamLoader, open_image_folder
         if data_dir is None:
             raise DatasetError(f"{dataset} needs --data-dir")
-        source = open_shards(data_dir) if kind.shards else open_image_folder(data_dir)
+        # a ShardSource or an ImageFolderSource, with the loader class that reads it
+        source: Any = open_shards(data_dir) if kind.shards else open_image_folder(data_dir)
         loader_class = ShardLoader if kind.shards else FolderStreamLoader
-        loader = loader_class(source, "test", 256, train=False, image_size=h, mean=mean, std=std, workers=workers,
-                              device=runtime.device, channels_last=runtime.channels_last)
+        loader: Any = loader_class(source, "test", 256, train=False, image_size=h, mean=mean, std=std,
+                                   workers=workers, device=runtime.device, channels_last=runtime.channels_last)
 
         def image(i: int) -> np.ndarray:
             if kind.shards:

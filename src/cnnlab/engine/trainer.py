@@ -9,8 +9,9 @@ import math
 import platform
 import random
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -124,7 +125,7 @@ def build_model(name: str, kwargs: dict, data: TrainingData, runtime: Runtime, *
                               f"{source.meta['model_args']}, not {name!r} with {kwargs}")
         model.load_state_dict(source.model.state_dict())
     elif hasattr(model, "prepare") and data.train_images is not None:  # e.g. airbench94's whitening filters
-        note = model.prepare(data.train_images, data.mean, data.std)
+        note = cast(Any, model).prepare(data.train_images, data.mean, data.std)  # not a Module method
         if note and runtime.is_main:
             print(f"  {name}: {note}")
     if sync_bn and runtime.distributed:
@@ -132,7 +133,8 @@ def build_model(name: str, kwargs: dict, data: TrainingData, runtime: Runtime, *
             raise ConfigError("--sync-bn: PyTorch's SyncBatchNorm runs on GPUs only; on CPU each rank normalises "
                               "over its own batch_size / world_size images (leave out --sync-bn)")
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model = model.to(runtime.device, memory_format=runtime.memory_format)
+    # Module.to takes memory_format at run time; its stub does not list it
+    model = model.to(runtime.device, memory_format=runtime.memory_format)  # type: ignore[call-overload]
     return model, {"model": name, "model_args": kwargs}
 
 
@@ -143,7 +145,8 @@ def settle_precision(runtime: Runtime, model: nn.Module, arch: dict, data: Train
     run_images = run_steps * batch_size / runtime.world_size
     if settle_for_model(runtime, model, data.shape, batch_size // runtime.world_size, run_images,
                         name=arch["model"], args=arch["model_args"], log=say):
-        model.to(memory_format=runtime.memory_format)
+        # Module.to takes memory_format at run time; its stub does not list it
+        model.to(memory_format=runtime.memory_format)  # type: ignore[call-overload]
         data.use_channels_last(runtime.channels_last)
 
 
@@ -428,7 +431,7 @@ def _wrap_for_training(model: nn.Module, runtime: Runtime, compile_: bool = Fals
     if runtime.distributed:
         step_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
-    return torch.compile(step_model) if compile_ else step_model
+    return cast(nn.Module, torch.compile(step_model)) if compile_ else step_model  # a compiled Module is one
 
 
 def _say_setup(say, model_name: str, data: TrainingData, model: nn.Module, runtime: Runtime, folder: RunFolder):
@@ -453,6 +456,7 @@ def _finish(folder: RunFolder, runtime: Runtime, data: TrainingData, model: nn.M
             state: TrainState, final: dict, reached, wall_seconds: float, steps_per_epoch: int, *, tta: int,
             lr: float, seed: int, val_split: float, deterministic: bool) -> dict:
     """Write the final weights, each test image's prediction and summary.json; returns the summary."""
+    assert data.preprocess is not None  # load_training_data sets it
     meta = {"model": arch["model"], "model_args": arch["model_args"], "classes": data.classes, "mean": data.mean,
             "std": data.std, "input_shape": list(data.shape), "preprocess": data.preprocess.to_dict(),
             "dataset": data.dataset.name, "cnnlab_version": __version__}

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -23,20 +24,21 @@ __all__ = ["TrainingData", "StreamedDataset", "choose_mode", "load_training_data
 @dataclass
 class TrainingData:
     """The loaders of a run and what the model and the run folder need to know about its data."""
-    train: InMemoryLoader
-    test: InMemoryLoader
-    val: InMemoryLoader | None
+    # InMemoryLoader, or a streaming ShardLoader / FolderStreamLoader: duck-typed alike, so Any
+    train: Any
+    test: Any
+    val: Any
     classes: list[str]
     shape: tuple[int, int, int]  # what the model sees: C, H, W (after --image-size)
     mean: list[float]
     std: list[float]
     augment: str
     fingerprint: str
-    dataset: object  # cnnlab.data.Dataset (or a streamed one): name, source, verified, files, test labels
+    dataset: Any  # cnnlab.data.Dataset (or a streamed one): name, source, verified, files, test labels
     mode: str = "memory"  # or "stream"
     mode_reason: str = ""
     train_images: torch.Tensor | None = None  # uint8, in memory mode (for models that prepare from data)
-    bad_limits: tuple[int, int] = (0, 0)  # streamed: unreadable images allowed in the train and test splits
+    bad_limits: tuple[float, float] = (0, 0)  # streamed: unreadable images allowed in the train and test splits
     preprocess: Preprocess | None = None  # how a file becomes a test input; recorded in model.json
 
     def describe(self) -> str:
@@ -136,8 +138,8 @@ def load_training_data(cfg: TrainConfig, runtime: Runtime, log: Callable[[str], 
     c, h, w = data.shape
     resize = (cfg.image_size, cfg.image_size) if cfg.image_size and (cfg.image_size, cfg.image_size) != (h, w) \
         else None
-    common = dict(mean=mean, std=std, device=runtime.device, channels_last=runtime.channels_last, rank=runtime.rank,
-                  world_size=runtime.world_size, resize=resize)
+    common: dict[str, Any] = dict(mean=mean, std=std, device=runtime.device, channels_last=runtime.channels_last,
+                                  rank=runtime.rank, world_size=runtime.world_size, resize=resize)
     train = InMemoryLoader(train_x, train_y, cfg.batch_size, shuffle=True, drop_last=True, seed=cfg.seed + 1,
                            augment=parse_augment(augment), **common)
     if len(train) == 0:
@@ -145,7 +147,7 @@ def load_training_data(cfg: TrainConfig, runtime: Runtime, log: Callable[[str], 
                           "lower --batch-size")
     eval_batch = max(cfg.batch_size // runtime.world_size, 1024)
     test = InMemoryLoader(data.test_images, data.test_labels, eval_batch, **common)
-    val = None if val_x is None else InMemoryLoader(val_x, val_y, eval_batch, **common)
+    val = None if val_x is None else InMemoryLoader(val_x, cast(torch.Tensor, val_y), eval_batch, **common)
     shape = (c, *(resize or (h, w)))
     preprocess = (Preprocess.squash(*shape) if resize else data.preprocess).with_stats(mean, std)
     return TrainingData(train, test, val, list(data.classes), shape, mean, std, augment,
@@ -154,8 +156,14 @@ def load_training_data(cfg: TrainConfig, runtime: Runtime, log: Callable[[str], 
 
 def _streamed_data(cfg: TrainConfig, runtime: Runtime, reason: str) -> TrainingData:
     """Loaders that decode per sample in worker processes: an image folder listed, or packed shards."""
-    from ..data.shards import ShardLoader, open_shards
-    from ..data.stream import FolderStreamLoader, open_image_folder, sample_channel_stats
+    from ..data.shards import ShardLoader, ShardSource, open_shards
+    from ..data.stream import (
+        FolderStreamLoader,
+        ImageFolderSource,
+        StreamingLoader,
+        open_image_folder,
+        sample_channel_stats,
+    )
     size = cfg.image_size or 224  # ImageNet's training crop
     if cfg.data_dir is None:
         raise ConfigError(f"{cfg.dataset} needs --data-dir; {get_spec(cfg.dataset).how_to_get}")
@@ -168,12 +176,17 @@ def _streamed_data(cfg: TrainConfig, runtime: Runtime, reason: str) -> TrainingD
         raise ConfigError(f"augment {cfg.augment!r}: streamed data is augmented per sample (RandomResizedCrop and "
                           "flip); leave out --augment")
     mean, std = sample_channel_stats(source, size)  # an estimate from 256 training images
-    common = dict(image_size=size, mean=mean, std=std, workers=cfg.workers, rank=runtime.rank,
-                  world_size=runtime.world_size, device=runtime.device, channels_last=runtime.channels_last,
-                  max_bad_images=None if cfg.max_bad_images < 0 else cfg.max_bad_images)
+    common: dict[str, Any] = dict(image_size=size, mean=mean, std=std, workers=cfg.workers, rank=runtime.rank,
+                                  world_size=runtime.world_size, device=runtime.device,
+                                  channels_last=runtime.channels_last,
+                                  max_bad_images=None if cfg.max_bad_images < 0 else cfg.max_bad_images)
     eval_batch = max(cfg.batch_size // runtime.world_size, 256) * runtime.world_size
+    train: StreamingLoader
+    test: StreamingLoader
+    val: StreamingLoader | None
     if shards:
-        extra = {"shuffle_buffer": cfg.shuffle_buffer}
+        assert isinstance(source, ShardSource)
+        extra: dict[str, Any] = {"shuffle_buffer": cfg.shuffle_buffer}
         train = ShardLoader(source, "train", cfg.batch_size, train=True, seed=cfg.seed + 1, **common, **extra)
         test = ShardLoader(source, "test", eval_batch, train=False, **common)
         val = None
@@ -182,6 +195,7 @@ def _streamed_data(cfg: TrainConfig, runtime: Runtime, reason: str) -> TrainingD
                   "status": "own files"}]
         test_labels, train_labels = None, torch.zeros(0)
     else:
+        assert isinstance(source, ImageFolderSource)
         indices = np.arange(source.count("train"))[:cfg.train_subset or None]
         val_idx = None
         if cfg.val_split:

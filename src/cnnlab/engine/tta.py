@@ -47,6 +47,7 @@ def tta_views(level: int) -> tuple[TTAView, ...]:
 def _view(x: torch.Tensor, view: TTAView, padded: torch.Tensor | None, pad: int) -> torch.Tensor:
     h, w = x.shape[-2:]
     if view.dy or view.dx:
+        assert padded is not None  # a translated view makes pad > 0
         x = padded[:, :, pad + view.dy: pad + view.dy + h, pad + view.dx: pad + view.dx + w]
     return x.flip(3) if view.flip else x
 
@@ -65,4 +66,5 @@ def tta_logits(model: nn.Module, x: torch.Tensor, level: int = 2) -> torch.Tenso
     for view in views:
         logits = model(_view(x, view, padded, pad).contiguous(memory_format=layout)).float() * view.weight
         total = logits if total is None else total.add_(logits)
+    assert total is not None  # every level has a view
     return total

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -13,10 +14,10 @@ from safetensors.torch import save
 from ..data.images import limits, raise_hint
 from ..data.preprocess import Preprocess
 from ..errors import CheckpointError, CnnlabError, ModelError
+from ..files import save_atomic
 from ..models import create_model
 from ..models.convnet import CONVNET_SPEC, spec_values
 from ..models.pretrained import load_pretrained, read_state_dict
-from ..files import save_atomic
 
 __all__ = ["save_weights", "load_weights", "resolve_weights", "read_sidecar", "LoadedModel"]
 
@@ -233,7 +234,8 @@ def load_weights(target: str | Path, device: str | torch.device = "cpu", model_n
         model = create_model(model_name, num_classes=num_classes)
         load_pretrained(model, path, name=repr(model_name))
         imagenet = Preprocess.imagenet_eval()
-        meta = {"model": model_name, "model_args": {"num_classes": num_classes},
+        assert imagenet.mean is not None and imagenet.std is not None  # ImageNet's statistics
+        meta: dict[str, Any] = {"model": model_name, "model_args": {"num_classes": num_classes},
                 "classes": _read_classes(classes_file, num_classes), "mean": list(imagenet.mean),
                 "std": list(imagenet.std), "input_shape": list(imagenet.input_shape), "resize": imagenet.resize_to,
                 "preprocess": imagenet.to_dict()}

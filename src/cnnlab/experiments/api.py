@@ -5,14 +5,13 @@ import json
 import shlex
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 from ..files import save_atomic
 from .degradation import degradation_results
 from .page import degradation_page, plot_error_curves, seeds_page
-from .runner import (ExperimentSpec, experiment_lock, load_spec, member_command, member_state, run_members,
-                     write_spec)
+from .runner import ExperimentSpec, experiment_lock, load_spec, member_command, member_state, run_members, write_spec
 from .seeds import seeds_results
 
 __all__ = ["run_experiment", "gather", "member_commands", "default_folder"]

@@ -26,6 +26,7 @@ command itself. Train flags (below) pass through to every member; a chosen recip
 def experiment_command(args) -> int:
     """`cnnlab experiment degradation|seeds|gather ...`: build the experiment from the flags and run it."""
     from dataclasses import fields
+
     from ..engine.config import TrainConfig
     from . import ExperimentInterrupted, default_folder, gather, run_experiment
     from .flags import check_devices, default_threads, member_train_args
@@ -33,6 +34,7 @@ def experiment_command(args) -> int:
     if args.kind == "gather":
         results = gather(args.folder)
         members = results.get("members") or results.get("runs")
+        assert members is not None  # gather's results list them
         return 0 if all(m["status"] == "finished" for m in members) else 1
     from . import degradation_spec, parse_depths, parse_seeds, seeds_spec
     values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name, None) is not None}
@@ -75,7 +77,6 @@ def experiment_command(args) -> int:
 def add_experiment_parser(sub) -> None:
     """The `experiment` subcommand's parser, each kind with every train flag passed through to its members."""
     from ..engine.config import add_config_flags
-
     from ..engine.recipes import RECIPES
 
     p = sub.add_parser("experiment", help="several training runs as one experiment: degradation, seeds, gather",

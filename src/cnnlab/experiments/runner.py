@@ -15,9 +15,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 from .._version import __version__
 from ..engine.run import Run, is_run_folder
@@ -64,7 +64,7 @@ class ExperimentSpec:
                 "members": [asdict(m) for m in self.members]}
 
     @classmethod
-    def from_json(cls, data: dict) -> "ExperimentSpec":
+    def from_json(cls, data: dict) -> ExperimentSpec:
         return cls(data["experiment"], [Member(**m) for m in data["members"]], data.get("options", {}))
 
 

@@ -39,7 +39,7 @@ def seed_statistics(values: list[float], threshold: float | None = None) -> dict
     fraction of values at or above it."""
     n = len(values)
     mean = sum(values) / n if n else None
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else None
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 and mean is not None else None
     out = {"n": n, "mean": mean, "std": std, "min": min(values) if n else None, "max": max(values) if n else None,
            "threshold": threshold, "at_or_above": None, "fraction_at_or_above": None}
     if threshold is not None and n:

@@ -38,11 +38,11 @@ def _pretrained(args) -> int:
 
 def models_command(args) -> int:
     """`cnnlab models [--pretrained] [--json]`."""
+    import torch
+
     from . import create_model, list_models
     from .registry import model_entrypoint
     from .summary import summarize
-
-    import torch
 
     if args.pretrained:
         return _pretrained(args)

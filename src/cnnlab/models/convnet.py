@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn as nn
@@ -59,12 +60,13 @@ def parse_spec(spec: str) -> list[_Layer]:
     for m, token in matches:
         if m is None:
             raise ModelError(f"bad token {token[:40]!r} in model spec {spec[:80]!r}; {SPEC_HELP}")
-    count = sum(int(m["rep"] or 1) for m, _ in matches)
+    checked = cast(list[tuple[re.Match[str], str]], matches)  # none is None now
+    count = sum(int(m["rep"] or 1) for m, _ in checked)
     cap = limits().model_layers
     if count > cap:
         raise ModelError(f"model spec {spec[:80]!r} has {count:,} layers, more than cnnlab builds ({cap:,}); "
                          f"{raise_hint('model_layers')} if you mean it")
-    for m, token in matches:
+    for m, token in checked:
         if m["conv"]:
             k, s = int(m["k"] or 3), int(m["s"] or 1)
             if int(m["conv"]) < 1 or k < 1 or s < 1:

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import cast
 
 import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import Colormap, Normalize, TwoSlopeNorm
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
@@ -24,7 +26,9 @@ PAD_COLOUR = "white"  # zero-padding cells, hatched: grey would read as image da
 
 def freeze_layout(fig: Figure) -> None:
     """Lay out once, then keep every axes in place, so titles that change between frames cannot shift the panels."""
-    fig.get_layout_engine().execute(fig)  # measures text extents without rasterising anything
+    engine = fig.get_layout_engine()
+    assert engine is not None  # the slides make their figures with a layout engine
+    engine.execute(fig)  # measures text extents without rasterising anything
     fig.set_layout_engine("none")
 
 
@@ -75,8 +79,8 @@ def draw_grid(ax, values: np.ndarray, cmap: Colormap, norm: Normalize, fontsize:
     return im, texts
 
 
-def outline(ax, row: float, col: float, height: int, width: int, colour: str = HIGHLIGHT, lw: float = 2.5,
-            animated: bool = False) -> Rectangle:
+def outline(ax, row: float | np.integer, col: float | np.integer, height: int, width: int, colour: str = HIGHLIGHT,
+            lw: float = 2.5, animated: bool = False) -> Rectangle:
     """A rectangle around cells row..row+height-1, col..col+width-1 (cell centres at integer coordinates)."""
     rect = Rectangle((col - 0.5, row - 0.5), width, height, fill=False, edgecolor=colour, linewidth=lw, zorder=5,
                      animated=animated)
@@ -136,7 +140,7 @@ class Blitter:
     `animated=True`): text drawing dominates Agg's time, and most of a slide's numbers never change."""
 
     def __init__(self, fig: Figure):
-        self.fig, self.canvas = fig, fig.canvas
+        self.fig, self.canvas = fig, cast(FigureCanvasAgg, fig.canvas)  # new_figure's canvas
         self.canvas.draw()  # skips animated artists
         self.background = self.canvas.copy_from_bbox(fig.bbox)
 

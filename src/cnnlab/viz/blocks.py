@@ -2,8 +2,9 @@
 each gives, the shortcut beside them, and the addition. The shapes are measured by running the block."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
+from typing import cast
 
 import torch
 import torch.nn as nn
@@ -65,7 +66,7 @@ def block_layers(block: nn.Module, input_shape: Sequence[int]) -> dict:
             stages[-1]["layers"].append(_describe(module))
             stages[-1]["shape"] = shape
     residual = getattr(block, "residual", True)
-    info = summarize(block, tuple(input_shape))
+    info = summarize(block, cast(tuple[int, int, int], tuple(input_shape)))  # (C, H, W)
     return {"input": tuple(input_shape), "stages": stages,
             "shortcut": None if not residual else (" + ".join(shortcut) if shortcut else "identity"),
             "shortcut_shape": shortcut_shape, "output": last[2], "params": info["params"], "macs": info["macs"]}
@@ -88,6 +89,7 @@ def _draw_block(ax, info: dict, title: str, rows: int) -> None:
             ax.text(0.12, (y0 + y1) / 2, _shape(shape), ha="left", va="center", fontsize=8, color="#555555")
 
     ax.text(0, top, f"input {_shape(info['input'])}", **box, fontweight="bold")
+    y: float
     y, shape = top, None
     for stage in info["stages"]:
         arrow(y - 0.35, y - gap + 0.45, shape)

@@ -1,9 +1,8 @@
 """`cnnlab viz`: which picture to draw from which arguments (the CLI only dispatches here)."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import sys
+from pathlib import Path
 
 from ..errors import CnnlabError, ConfigError
 
@@ -50,7 +49,8 @@ def _draw(args) -> int:
         plot_filters(weight, path, layer=name, first_layer=first)
         print(f"{name}: {weight.shape[0]} filters of {'x'.join(map(str, weight.shape[1:]))} -> {path}")
     elif args.what == "features":
-        from ..engine.predict import load_image
+        # the "conv" branch above imports conv.load_image under the same name
+        from ..engine.predict import load_image  # type: ignore[assignment]
         from .filters import default_feature_layers, feature_maps, layer_kinds, plot_feature_maps
         if not args.image:
             raise ConfigError("'cnnlab viz features RUN_DIR IMAGE': give the image to look at")
@@ -112,8 +112,8 @@ def viz_command(args) -> int:
 def explain_command(args) -> int:
     """`cnnlab explain RUN|WEIGHTS [IMAGE ...]`: the explainer page for the given images or some test images."""
     from ..engine.predict import expand_inputs
-    from ..engine.weights import load_weights
     from ..engine.run import RUN_FILES
+    from ..engine.weights import load_weights
     from .explain import explain_data, explain_files, pick_test_images, write_explain_page
 
     if args.budget_mb <= 0:

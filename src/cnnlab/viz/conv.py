@@ -193,7 +193,7 @@ def load_image(path: str | Path, size: int = DEFAULT_SIZE, gray: bool = True) ->
     im = open_image(path).convert("L" if gray else "RGB")  # refuses huge or malformed files, naming them
     side = min(im.size)
     left, top = (im.size[0] - side) // 2, (im.size[1] - side) // 2
-    im = im.crop((left, top, left + side, top + side)).resize((size, size), Image.BOX)
+    im = im.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.BOX)
     return np.asarray(im, dtype=float) / 255.0
 
 
@@ -212,7 +212,7 @@ def prepare_rgb(image, size: int) -> np.ndarray:
     a = a.astype(float) / 255.0 if a.dtype == np.uint8 else np.clip(a.astype(float), 0.0, 1.0)
     if a.shape[:2] != (size, size):
         pil = Image.fromarray((a * 255).round().astype(np.uint8))
-        a = np.asarray(pil.resize((size, size), Image.BOX), dtype=float) / 255.0
+        a = np.asarray(pil.resize((size, size), Image.Resampling.BOX), dtype=float) / 255.0
     return a
 
 

@@ -21,8 +21,17 @@ from PIL import Image
 
 from ..errors import ConfigError
 from ..files import save_atomic
-from .conv import (LEVELS, as_array, color_filters, conv2d_by_hand, integer_scale, max_pool_by_hand, numeric_example,
-                   prepare_rgb, to_levels)
+from .conv import (
+    LEVELS,
+    as_array,
+    color_filters,
+    conv2d_by_hand,
+    integer_scale,
+    max_pool_by_hand,
+    numeric_example,
+    prepare_rgb,
+    to_levels,
+)
 
 __all__ = ["STRIDES", "PADDINGS", "POOL", "conv_page_data", "conv_page_html", "write_conv_page"]
 

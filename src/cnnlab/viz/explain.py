@@ -16,10 +16,11 @@ import base64
 import html
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Sequence
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -135,7 +136,7 @@ def _describe(node: Node) -> dict:
     of the layer, on its real input, gives its real output."""
     m, x, out = node.module, node.x.float(), node.out.float()
     if isinstance(m, nn.Conv2d) and m.padding_mode == "zeros" and _pad(m) is not None:
-        ph, pw = _pad(m)
+        ph, pw = cast(tuple[int, int], _pad(m))  # not None: checked above
         want = F.conv2d(x, m.weight.float(), None if m.bias is None else m.bias.float(), m.stride, (ph, pw),
                         m.dilation, m.groups)
         if _close(want, out):
@@ -157,6 +158,7 @@ def _describe(node: Node) -> dict:
         return {"kind": "pool", "op": "max" if is_max else "mean", "label": f"global {'max' if is_max else 'average'} pool",
                 "kernel": list(x.shape[2:]), "stride": list(x.shape[2:]), "padding": [0, 0]}
     if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None and x.dim() == 4:
+        assert m.running_var is not None  # tracked together with running_mean
         want = F.batch_norm(x, m.running_mean, m.running_var, m.weight, m.bias, False, 0.0, m.eps)
         if _close(want, out):
             scale = (m.weight if m.weight is not None else torch.ones_like(m.running_var)).float()
@@ -204,7 +206,8 @@ def _layers_and_acts(nodes: list[Node], sources: list, x: torch.Tensor, cap: int
     """The page's description of each shown layer and, per image, the values it holds, at most `cap` maps a layer."""
     n = x.shape[0]
     index = {node.name: i for i, node in enumerate(nodes)}
-    layers, acts = [], [{"input": _b64(x[b])} for b in range(n)]
+    layers: list[dict] = []
+    acts: list[dict[str, Any]] = [{"input": _b64(x[b])} for b in range(n)]
     held: dict[str, int] = {"input": x.shape[1]}  # maps the page holds of each layer's output
     for i, node in enumerate(nodes):
         if isinstance(node.module, _SKIPPED):
@@ -231,7 +234,7 @@ def _layers_and_acts(nodes: list[Node], sources: list, x: torch.Tensor, cap: int
             held[layer["src"]] = min(cap, node.x.shape[1]) if node.x.dim() == 4 else node.x.shape[1]
             for b in range(n):
                 acts[b][layer["src"]] = _b64(node.x[b, :held[layer["src"]]])
-        m = node.module
+        m: Any = node.module  # a Conv2d or a Linear where its weights are read
         if info["kind"] == "conv":
             layer["weight"] = _b64(m.weight[:shown])
             layer["bias"] = [0.0] * shown if m.bias is None else m.bias[:shown].float().tolist()
@@ -326,8 +329,9 @@ def explain_data(loaded, images: Sequence[np.ndarray], names: Sequence[str], lab
                 cams[b][str(c)] = png_data_uri(overlay(rgb[b], r.cam.numpy()))
     out_images = []
     for b in range(n):
+        label = None if labels is None else labels[b]
         out_images.append({
-            "name": names[b], "label": None if labels is None or labels[b] is None else int(labels[b]),
+            "name": names[b], "label": None if label is None else int(label),
             "preview": png_data_uri(rgb[b]), "logits": logits[b].tolist(), "probs": probs[b].tolist(),
             "pred": int(probs[b].argmax()), "acts": acts[b], "cams": cams[b]})
     columns = [layer["id"] for layer in layers if layer["parent"] is None]

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import base64
 import io
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -46,7 +47,7 @@ class CamResult:
 def _no_inplace(model: nn.Module) -> Iterator[None]:
     """In-place activations (ReLU(inplace=True)) would overwrite a captured map after its hook ran; switch them
     off while capturing, and back after."""
-    changed = [m for m in model.modules() if getattr(m, "inplace", False) is True]
+    changed: list[Any] = [m for m in model.modules() if getattr(m, "inplace", False) is True]  # ReLU and kin
     for m in changed:
         m.inplace = False
     try:

@@ -10,8 +10,8 @@ import base64
 import html
 import json
 import math
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -59,6 +59,7 @@ def plot_step_losses(losses: dict[str, Sequence[float]], window: int = 20, title
                           f"runs, window {window}")
     fig, ax = subplots(figsize=(8, 4.2), layout="constrained")
     colours = [OKABE_ITO[c] for c in ("blue", "vermillion", "bluish green", "reddish purple", "orange", "sky blue")]
+    values: Sequence[float] | np.ndarray
     for i, (label, values) in enumerate(losses.items()):
         values = np.asarray(values, dtype=np.float64)
         colour = colours[i % len(colours)]
@@ -93,7 +94,7 @@ def run_evaluation(run: Run, loaded, split, summary: dict) -> dict:
                             else torch.contiguous_format)
     tta = int(summary.get("test_tta") or 0)
     result = evaluate(model, split.loader, len(loaded.classes), runtime=split.runtime, per_image=True, tta=tta)
-    return {**result, "source": f"scored again ({split.runtime.precision}{', TTA %d' % tta if tta else ''})"}
+    return {**result, "source": f"scored again ({split.runtime.precision}{f', TTA {tta}' if tta else ''})"}
 
 
 def hardest_examples(result: dict, k: int = 16) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
