@@ -21,9 +21,9 @@ import torch
 from common import conditions, matmul_peak, no_data, shared_cifar10
 
 from cnnlab import TrainConfig, create_model, fit
-from cnnlab.engine.recipes import apply_recipe
-from cnnlab.engine.runtime import cpu_flags
 from cnnlab.models.summary import summarize
+from cnnlab.train.recipes import apply_recipe
+from cnnlab.train.runtime import cpu_flags
 
 PAPER_ACCURACY, PAPER_SECONDS_A100 = 0.9401, 3.83
 

@@ -24,9 +24,9 @@ import torch
 from common import conditions, shared_cifar10, stats
 
 from cnnlab import TrainConfig, fit
-from cnnlab.engine.run_folder import read_metrics
-from cnnlab.engine.runtime import pick_channels_last, pick_precision
-from cnnlab.engine.trainer import TrainingInterrupted
+from cnnlab.train.run_folder import read_metrics
+from cnnlab.train.runtime import pick_channels_last, pick_precision
+from cnnlab.train.trainer import TrainingInterrupted
 
 MODEL = "resnet20"
 BATCH = 128  # global: 64 per rank with 2 ranks

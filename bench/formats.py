@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from common import conditions, matmul_peak, stats
 
 from cnnlab import create_model
-from cnnlab.engine.evaluate import inference_runtime
+from cnnlab.infer.evaluate import inference_runtime
 
 BATCH = 128
 SETTINGS = {  # name: (precision, channels_last, compile)

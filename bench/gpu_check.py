@@ -45,10 +45,10 @@ try:
     import cnnlab
     from cnnlab import TrainConfig, create_model, fit
     from cnnlab.data import channel_stats, load_dataset
-    from cnnlab.engine.runtime import device_name, start_runtime
-    from cnnlab.engine.trainer import TrainingInterrupted, load_training_data, resume_config
     from cnnlab.files import save_atomic
     from cnnlab.models import accepts
+    from cnnlab.train.runtime import device_name, start_runtime
+    from cnnlab.train.trainer import TrainingInterrupted, load_training_data, resume_config
 except ImportError as exc:  # a fresh GPU machine may lack cnnlab's dependencies: say which, not a traceback
     print(f"gpu_check: cannot import {exc.name or exc}: install cnnlab's dependencies first "
           f"(pip install -e {REPO}; torch itself must be a CUDA build)", file=sys.stderr)
@@ -607,7 +607,7 @@ def airbench_config(ctx: Context, images: int, batch: int) -> tuple[TrainConfig,
     optimiser, schedule, augmentation and parameter groups), else with cnnlab's defaults."""
     cfg = ctx.config("airbench", model="airbench94", model_args={}, train_subset=images, batch_size=batch,
                      eval_every=0)
-    from cnnlab.engine.recipes import RECIPES, apply_recipe
+    from cnnlab.train.recipes import RECIPES, apply_recipe
     if "airbench94" not in RECIPES:
         return cfg, "cnnlab's default optimiser and schedule"
     keep = {k: getattr(cfg, k) for k in ("dataset", "data_dir", "train_subset", "batch_size", "eval_every", "run_dir",

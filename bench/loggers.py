@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from common import conditions
 
-from cnnlab.engine.config import TrainConfig
-from cnnlab.engine.loggers import build_loggers
 from cnnlab.models import create_model
+from cnnlab.train.config import TrainConfig
+from cnnlab.train.loggers import build_loggers
 
 CALLS, EPOCH_EVERY = 3000, 500
 

@@ -213,7 +213,7 @@ def test_the_recipe_names_what_the_engine_needs():
 
 def recipe_run(image_folder, run, **changes) -> TrainConfig:
     """The airbench94 recipe as `cnnlab train --recipe airbench94` sets it, shrunk to a 16x16 image folder."""
-    from cnnlab.engine.recipes import apply_recipe
+    from cnnlab.train.recipes import apply_recipe
     cfg = apply_recipe(TrainConfig(), "airbench94", batch_size=32)
     values = dict(dataset="imagefolder", data_dir=str(image_folder), run_dir=str(run), batch_size=32, epochs=4,
                   lookahead_start_epoch=1, progress="none", report=False, threads=1)
@@ -229,7 +229,7 @@ def test_evaluations_are_left_out_of_the_training_time_and_the_times_to_accuracy
     import linecache
     import sys
 
-    import cnnlab.engine.trainer as trainer
+    import cnnlab.train.trainer as trainer
     evaluate, naps = trainer.evaluate, []
 
     def slow_evaluate(*args, **kwargs):
@@ -275,7 +275,7 @@ def test_the_recipe_with_its_lookahead_resumes_bit_for_bit(image_folder, tmp_pat
     from safetensors.torch import load_file
 
     from cnnlab.engine import resume_config
-    from cnnlab.engine.trainer import TrainingInterrupted
+    from cnnlab.train.trainer import TrainingInterrupted
     fit(recipe_run(image_folder, tmp_path / "a", checkpoint_every=2), log=lambda message: None)
 
     def stop(state):
@@ -288,7 +288,7 @@ def test_the_recipe_with_its_lookahead_resumes_bit_for_bit(image_folder, tmp_pat
 
 
 def test_lookahead_snapshots_then_pulls_the_weights_towards_a_slow_copy():
-    from cnnlab.engine.lookahead import Lookahead
+    from cnnlab.train.lookahead import Lookahead
     model = torch.nn.Linear(2, 1, bias=False)
     with torch.no_grad():
         model.weight.fill_(1.0)

@@ -2,8 +2,8 @@ import argparse
 
 import pytest
 
-from cnnlab.engine.config import TrainConfig, add_config_flags, config_from_args, config_from_dict, load_config
 from cnnlab.errors import ConfigError
+from cnnlab.train.config import TrainConfig, add_config_flags, config_from_args, config_from_dict, load_config
 
 
 def parse(*argv: str, base: TrainConfig | None = None) -> TrainConfig:

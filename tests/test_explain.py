@@ -13,9 +13,9 @@ from PIL import Image
 from test_viz_page import _shot, browser  # noqa: F401  (the headless Chromium fixture and screenshots)
 
 from cnnlab.cli import main
-from cnnlab.engine.predict import load_image, predict_files
-from cnnlab.engine.weights import load_weights, save_weights
 from cnnlab.errors import ConfigError
+from cnnlab.infer.predict import load_image, predict_files
+from cnnlab.infer.weights import load_weights, save_weights
 from cnnlab.models import create_model
 from cnnlab.viz.explain import explain_data, explain_files, explain_html, write_explain_page
 

@@ -16,11 +16,11 @@ from safetensors.torch import load_file
 from cnnlab.cli import main
 from cnnlab.engine import TrainConfig, fit, resume_config
 from cnnlab.engine import runtime as rt
-from cnnlab.engine.checkpoint import read_checkpoint
-from cnnlab.engine.optim import build_schedule
-from cnnlab.engine.recipes import apply_recipe
-from cnnlab.engine.trainer import TrainingError, TrainingInterrupted
 from cnnlab.errors import ConfigError
+from cnnlab.train.checkpoint import read_checkpoint
+from cnnlab.train.optim import build_schedule
+from cnnlab.train.recipes import apply_recipe
+from cnnlab.train.trainer import TrainingError, TrainingInterrupted
 
 STEPS_PER_EPOCH = 7  # 120 images // 16
 

@@ -41,11 +41,11 @@ from cnnlab.data import load_dataset, transforms
 from cnnlab.data.formats import idx_length, parse_cifar_binary, parse_cifar_python, parse_idx, read_bytes
 from cnnlab.data.images import ENVIRONMENT, MAX_IMAGE_PIXELS, open_image
 from cnnlab.data.shards import ShardLoader, open_shards
-from cnnlab.engine.config import TrainConfig, load_config
-from cnnlab.engine.predict import load_image
-from cnnlab.engine.weights import load_weights, save_weights
 from cnnlab.errors import CheckpointError, ConfigError, DatasetError, ImageError
+from cnnlab.infer.predict import load_image
+from cnnlab.infer.weights import load_weights, save_weights
 from cnnlab.models import create_model
+from cnnlab.train.config import TrainConfig, load_config
 
 EXAMPLES = [pytest.param(100, id="100"), pytest.param(1000, id="1000", marks=pytest.mark.slow)]
 MiB = 1 << 20

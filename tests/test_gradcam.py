@@ -139,7 +139,7 @@ def test_overlay_keeps_the_image_where_the_cam_is_zero():
 
 def test_cli_viz_cam_writes_one_overlay_per_image(tmp_path, capsys):
     from cnnlab.cli import main
-    from cnnlab.engine.weights import save_weights
+    from cnnlab.infer.weights import save_weights
     torch.manual_seed(0)
     model = create_model("cnn", spec="c4,p,f8", input_size=16, num_classes=3)
     save_weights(model, tmp_path / "model.safetensors",

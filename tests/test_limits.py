@@ -26,9 +26,9 @@ from cnnlab.data.images import (
     to_8bit,
 )
 from cnnlab.data.transforms import decode_crop, sample_rng, to_model_mode
-from cnnlab.engine.predict import load_image
-from cnnlab.engine.weights import load_weights, save_weights
 from cnnlab.errors import CheckpointError, ConfigError, DatasetError, ImageError
+from cnnlab.infer.predict import load_image
+from cnnlab.infer.weights import load_weights, save_weights
 from cnnlab.models import create_model
 
 region = transforms._jpeg_region

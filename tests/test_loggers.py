@@ -11,9 +11,9 @@ import sys
 import pytest
 import torch
 
-from cnnlab.engine.config import TrainConfig
-from cnnlab.engine.loggers import LoggerGroup, absolute_uri, build_loggers, check_loggers, flat_params, parse_loggers
 from cnnlab.errors import ConfigError
+from cnnlab.train.config import TrainConfig
+from cnnlab.train.loggers import LoggerGroup, absolute_uri, build_loggers, check_loggers, flat_params, parse_loggers
 
 STEPS_PER_EPOCH = 10
 

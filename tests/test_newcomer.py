@@ -6,8 +6,8 @@ import torch
 
 from cnnlab.cli import main
 from cnnlab.engine import TrainConfig, fit
-from cnnlab.engine.state import rng_state, set_rng_state
 from cnnlab.errors import ConfigError
+from cnnlab.train.state import rng_state, set_rng_state
 
 
 def silent(message):

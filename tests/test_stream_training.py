@@ -12,8 +12,8 @@ from mixed_images import write_mixed_folder
 from safetensors.torch import load_file
 
 from cnnlab.engine import TrainConfig, fit, resume_config
-from cnnlab.engine.trainer import TrainingInterrupted
 from cnnlab.errors import DatasetError
+from cnnlab.train.trainer import TrainingInterrupted
 
 
 def silent(message):

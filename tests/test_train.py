@@ -8,9 +8,9 @@ import yaml
 from safetensors.torch import load_file
 
 from cnnlab.engine import TrainConfig, fit, resume_config
-from cnnlab.engine.checkpoint import CheckpointManager, read_checkpoint
-from cnnlab.engine.trainer import TrainingError, TrainingInterrupted
 from cnnlab.errors import CheckpointError, ConfigError
+from cnnlab.train.checkpoint import CheckpointManager, read_checkpoint
+from cnnlab.train.trainer import TrainingError, TrainingInterrupted
 
 
 def quick(image_folder, run_dir, **kw) -> TrainConfig:
@@ -141,7 +141,7 @@ def test_checkpoint_refuses_code_execution(tmp_path):
 
     from conftest import CodeRunningPickle
 
-    from cnnlab.engine.checkpoint import MAGIC
+    from cnnlab.train.checkpoint import MAGIC
 
     marker = tmp_path / "pwned"
     buffer = io.BytesIO()

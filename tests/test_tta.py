@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from cnnlab.engine.tta import TTA_LEVELS, tta_logits, tta_views
 from cnnlab.errors import ConfigError
+from cnnlab.infer.tta import TTA_LEVELS, tta_logits, tta_views
 from cnnlab.models import create_model
 
 

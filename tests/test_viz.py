@@ -154,7 +154,7 @@ def test_default_feature_layers_reach_the_last_conv_layer_and_rows_name_the_laye
 
 
 def test_a_failed_viz_command_leaves_no_folder_behind(tmp_path):
-    from cnnlab.engine.weights import save_weights
+    from cnnlab.infer.weights import save_weights
     model = create_model("convnet", in_channels=1, input_size=[28, 28])
     save_weights(model, tmp_path / "model.safetensors", {
         "model": "convnet", "model_args": {"in_channels": 1, "input_size": [28, 28]},
@@ -169,7 +169,7 @@ def test_a_failed_viz_command_leaves_no_folder_behind(tmp_path):
 
 
 def test_gabor_refuses_3x3_filters_and_says_what_to_train(tmp_path):
-    from cnnlab.engine.weights import save_weights
+    from cnnlab.infer.weights import save_weights
     model = create_model("convnet", in_channels=1, input_size=[28, 28])
     save_weights(model, tmp_path / "model.safetensors", {
         "model": "convnet", "model_args": {"in_channels": 1, "input_size": [28, 28]}, "classes": [str(i) for i in range(10)], "mean": [0.5], "std": [0.5],
@@ -245,9 +245,9 @@ def test_no_report_skips_the_page(run, tmp_path):
 
 
 def test_the_report_shows_the_runs_own_evaluation_and_rescores_identically_without_it(run):
-    from cnnlab.engine.evaluate import inference_runtime
-    from cnnlab.engine.test_split import open_test_split
-    from cnnlab.engine.weights import load_weights
+    from cnnlab.infer.evaluate import inference_runtime
+    from cnnlab.infer.test_split import open_test_split
+    from cnnlab.infer.weights import load_weights
     from cnnlab.viz.report import hardest_examples, run_evaluation
     run_dir, _, env = run
     summary = json.loads((run_dir / "summary.json").read_text())

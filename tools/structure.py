@@ -4,8 +4,8 @@
 
 - engine/ split: the packages under src/cnnlab;
 - functions besides `fit` that take the whole TrainConfig (a parameter annotated TrainConfig), outside
-  the config's own modules (engine/config.py, engine/recipes.py);
-- files that spell a run-folder file name (engine/run.py's RUN_FILES) outside the module that owns them;
+  the config's own modules (train/config.py, train/recipes.py);
+- files that spell a run-folder file name (run.py's RUN_FILES) outside the module that owns them;
 - places that resize a decoded image (Pillow's `.resize(`, torch's `F.interpolate(`) outside models;
 - cli.py's lines; import cycles (tools/import_cycles.py); repeated blocks of 6+ lines in src/ (`duplicates`).
 """
@@ -35,7 +35,7 @@ def whole_config_functions() -> list[str]:
 
 def run_file_names() -> list[str]:
     sys.path.insert(0, "src")
-    from cnnlab.engine.run import RUN_FILES
+    from cnnlab.run import RUN_FILES
     names = [n for n in RUN_FILES.values() if "." in n]  # file names; folder names like 'viz' are common words
     pattern = re.compile("|".join(re.escape(f'"{n}"') + "|" + re.escape(f"'{n}'") + "|" + re.escape(f"/ \"{n}") for n in names))
     return sorted(str(p) for p in SRC.rglob("*.py") if p != SRC / "engine" / "run.py" and pattern.search(p.read_text()))
@@ -61,7 +61,7 @@ def main() -> int:
     for f in funcs:
         print(f"  {f}")
     files = run_file_names()
-    print(f"files besides engine/run.py that spell a run-folder file name: {len(files)}")
+    print(f"files besides run.py that spell a run-folder file name: {len(files)}")
     for f in files:
         print(f"  {f}")
     places = resize_places()

@@ -71,7 +71,7 @@ def _input_size(text: str) -> tuple[int, int, int]:
 
 
 def _model_args(items: list[str] | None) -> dict:
-    from .engine.config import _flag_value
+    from .train.config import _flag_value
     out = {}
     for item in items or []:
         key, sep, value = item.partition("=")
@@ -82,7 +82,7 @@ def _model_args(items: list[str] | None) -> dict:
 
 
 def _train_config(args):
-    from .engine.launch import train_config
+    from .train.launch import train_config
     return train_config(args)
 
 
@@ -97,12 +97,12 @@ def _resume_target(args):
 
 
 def cmd_train(args, fit_options: dict | None = None) -> int:
-    from .engine.config import TrainConfig, config_from_args
-    from .engine.run import Run, is_run_folder
-    from .engine.trainer import fit, resume_config
+    from .run import Run, is_run_folder
+    from .train.config import TrainConfig, config_from_args
+    from .train.trainer import fit, resume_config
 
     if args.nproc_per_node:
-        from .engine.launch import hand_over_to_torchrun
+        from .train.launch import hand_over_to_torchrun
         return hand_over_to_torchrun(args, _train_config)
     if args.resume:
         run_dir, mode = _resume_target(args)
@@ -119,7 +119,7 @@ def cmd_train(args, fit_options: dict | None = None) -> int:
     else:
         cfg = _train_config(args)
         summary = fit(cfg, **(fit_options or {}))
-    from .engine.runtime import distributed_env
+    from .train.runtime import distributed_env
     if distributed_env()["rank"] != 0:  # rank 0 reports and writes the report; the others stay silent
         return 0
     epochs = summary["epochs"]
@@ -137,8 +137,8 @@ def cmd_train(args, fit_options: dict | None = None) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .engine.evaluate import evaluate_target
-    from .engine.run import RUN_FILES
+    from .infer.evaluate import evaluate_target
+    from .run import RUN_FILES
     from .viz.plots import plot_confusion
 
     ev = evaluate_target(args.target, dataset=args.dataset, data_dir=args.data_dir, device=args.device,
@@ -168,9 +168,9 @@ def cmd_eval(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from .engine.predict import expand_inputs, predict_files
-    from .engine.runtime import pick_device
-    from .engine.weights import load_weights
+    from .infer.predict import expand_inputs, predict_files
+    from .infer.weights import load_weights
+    from .train.runtime import pick_device
 
     if args.top_k < 1:
         raise ConfigError(f"--top-k {args.top_k}: give 1 or more classes to show")
@@ -208,8 +208,8 @@ def cmd_report(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .engine.export import FP32_ERROR_FACTOR, export_model
-    from .engine.weights import load_weights
+    from .infer.export import FP32_ERROR_FACTOR, export_model
+    from .infer.weights import load_weights
 
     loaded = load_weights(args.target, "cpu", model_name=args.model, classes_file=args.classes)
     r = export_model(loaded, args.out, args.format, opset=args.opset, tolerance=args.tolerance, data_dir=args.data_dir)
@@ -230,10 +230,10 @@ def cmd_export(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from .data.augment import AUGMENT_HELP
-    from .engine.config import add_config_flags
-    from .engine.export import DEFAULT_OPSET, DEFAULT_TOLERANCE, FORMATS
-    from .engine.recipes import RECIPES
+    from .infer.export import DEFAULT_OPSET, DEFAULT_TOLERANCE, FORMATS
     from .models.convnet import SPEC_HELP
+    from .train.config import add_config_flags
+    from .train.recipes import RECIPES
 
     parser = _Parser(prog="cnnlab", description="Train, evaluate and look inside the lecture's CNNs.")
     parser.add_argument("--version", action="version", version=f"cnnlab {__version__}")
@@ -312,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "test accuracy, size and the command that trained each")
     p.add_argument("--json", action="store_true")
 
-    from .engine.launch import add_lr_find_parser
+    from .train.launch import add_lr_find_parser
     from .viz.command import add_viz_parsers
     add_viz_parsers(sub, _positive_int)
     add_lr_find_parser(sub)
@@ -339,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Each subcommand and the function that runs it: it parses nothing more, calls the library and prints.
 COMMANDS = {
-    "train": cmd_train, "lr-find": _lazy("engine.launch", "lr_find_command"), "eval": cmd_eval, "predict": cmd_predict, "export": cmd_export, "summary": cmd_summary,
+    "train": cmd_train, "lr-find": _lazy("train.launch", "lr_find_command"), "eval": cmd_eval, "predict": cmd_predict, "export": cmd_export, "summary": cmd_summary,
     "report": cmd_report, "models": _lazy("models.command", "models_command"),
     "viz": _lazy("viz.command", "viz_command"), "explain": _lazy("viz.command", "explain_command"),
     "serve": _lazy("serve", "serve_command"), "data": _lazy("data.command", "data_command"),
@@ -349,7 +349,7 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None, *, fit_options: dict | None = None) -> int:
     """The `cnnlab` command. `fit_options` go to `cnnlab.fit` for `train` (tests inject a loss function there)."""
-    from .engine.trainer import TrainingInterrupted
+    from .train.trainer import TrainingInterrupted
 
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)

@@ -1,11 +1,24 @@
-"""Training engine: config, runtime (device, precision, processes), fit and its loop, the scorer, checkpoints."""
-from .config import TrainConfig, config_from_dict, load_config
-from .evaluate import evaluate, most_confused
-from .loop import RunState
-from .run import Run, open_run
-from .test_split import highest_loss_images
-from .trainer import TrainingError, TrainingInterrupted, fit, resume_config, train
-from .weights import load_weights, save_weights
+"""The former engine package, kept so that code written against it still imports: training moved to
+`cnnlab.train`, inference to `cnnlab.infer`, the run folder to `cnnlab.run`. `cnnlab.engine.NAME` and
+`cnnlab.engine.MODULE` resolve to their new homes."""
+import importlib
+import sys
+
+_MOVED = {**{m: f"cnnlab.train.{m}" for m in ("config", "recipes", "optim", "lookahead", "state", "runtime",
+                                              "loggers", "progress", "trainer", "loop", "training_data",
+                                              "run_folder", "checkpoint", "lr_find", "launch")},
+          **{m: f"cnnlab.infer.{m}" for m in ("weights", "evaluate", "tta", "predict", "export", "test_split")},
+          "run": "cnnlab.run"}
+for _old, _new in _MOVED.items():  # `import cnnlab.engine.weights` finds the module where it lives now
+    sys.modules[f"{__name__}.{_old}"] = importlib.import_module(_new)
+
+from cnnlab.infer.evaluate import evaluate, most_confused  # noqa: E402
+from cnnlab.infer.test_split import highest_loss_images  # noqa: E402
+from cnnlab.infer.weights import load_weights, save_weights  # noqa: E402
+from cnnlab.run import Run, open_run  # noqa: E402
+from cnnlab.train.config import TrainConfig, config_from_dict, load_config  # noqa: E402
+from cnnlab.train.loop import RunState  # noqa: E402
+from cnnlab.train.trainer import TrainingError, TrainingInterrupted, fit, resume_config, train  # noqa: E402
 
 __all__ = ["TrainConfig", "config_from_dict", "load_config", "evaluate", "most_confused", "RunState",
            "TrainingError", "TrainingInterrupted", "fit", "resume_config", "load_weights", "save_weights",

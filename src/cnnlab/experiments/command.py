@@ -27,7 +27,7 @@ def experiment_command(args) -> int:
     """`cnnlab experiment degradation|seeds|gather ...`: build the experiment from the flags and run it."""
     from dataclasses import fields
 
-    from ..engine.config import TrainConfig
+    from ..train.config import TrainConfig
     from . import ExperimentInterrupted, default_folder, gather, run_experiment
     from .flags import check_devices, default_threads, member_train_args
 
@@ -76,8 +76,8 @@ def experiment_command(args) -> int:
 
 def add_experiment_parser(sub) -> None:
     """The `experiment` subcommand's parser, each kind with every train flag passed through to its members."""
-    from ..engine.config import add_config_flags
-    from ..engine.recipes import RECIPES
+    from ..train.config import add_config_flags
+    from ..train.recipes import RECIPES
 
     p = sub.add_parser("experiment", help="several training runs as one experiment: degradation, seeds, gather",
                        description="Experiments over ordinary 'cnnlab train' runs.")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from ..engine.run import Run
 from ..errors import ConfigError
+from ..run import Run
 from .runner import ExperimentSpec, Member
 
 __all__ = ["PAPER_TEST_ERROR", "PAPER_SOURCE", "DEFAULT_DEPTHS", "DEFAULT_TOLERANCE", "parse_depths",

@@ -7,8 +7,8 @@ import io
 import json
 from pathlib import Path
 
-from ..engine.run import Run
 from ..files import save_atomic
+from ..run import Run
 
 __all__ = ["plot_error_curves", "degradation_page", "seeds_page"]
 

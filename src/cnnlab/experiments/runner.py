@@ -20,9 +20,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .._version import __version__
-from ..engine.run import Run, is_run_folder
 from ..errors import CnnlabError, ConfigError
 from ..files import file_lock, save_atomic
+from ..run import Run, is_run_folder
 
 __all__ = ["Member", "ExperimentSpec", "member_state", "member_command", "write_spec", "load_spec", "run_members",
            "train_command", "SPEC_FILE", "ExperimentInterrupted", "ExperimentFailed"]

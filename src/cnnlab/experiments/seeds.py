@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from ..engine.run import Run
 from ..errors import ConfigError
+from ..run import Run
 from .runner import ExperimentSpec, Member
 
 __all__ = ["parse_seeds", "seeds_spec", "seed_statistics", "seeds_results"]

@@ -15,7 +15,7 @@ def _out_dir(args, target: str | None = None) -> Path:
 
 
 def _load_for_viz(args):
-    from ..engine.weights import load_weights
+    from ..infer.weights import load_weights
     return load_weights(args.target, "cpu", model_name=getattr(args, "model", None))
 
 
@@ -50,7 +50,7 @@ def _draw(args) -> int:
         print(f"{name}: {weight.shape[0]} filters of {'x'.join(map(str, weight.shape[1:]))} -> {path}")
     elif args.what == "features":
         # the "conv" branch above imports conv.load_image under the same name
-        from ..engine.predict import load_image  # type: ignore[assignment]
+        from ..infer.predict import load_image  # type: ignore[assignment]
         from .filters import default_feature_layers, feature_maps, layer_kinds, plot_feature_maps
         if not args.image:
             raise ConfigError("'cnnlab viz features RUN_DIR IMAGE': give the image to look at")
@@ -111,9 +111,9 @@ def viz_command(args) -> int:
 
 def explain_command(args) -> int:
     """`cnnlab explain RUN|WEIGHTS [IMAGE ...]`: the explainer page for the given images or some test images."""
-    from ..engine.predict import expand_inputs
-    from ..engine.run import RUN_FILES
-    from ..engine.weights import load_weights
+    from ..infer.predict import expand_inputs
+    from ..infer.weights import load_weights
+    from ..run import RUN_FILES
     from .explain import explain_data, explain_files, pick_test_images, write_explain_page
 
     if args.budget_mb <= 0:

@@ -217,10 +217,10 @@ def class_index(classes: Sequence[str], name: str | int | None) -> int | None:
 
 def cam_files(loaded, paths: Sequence[str | Path], out: str | Path, layer: str | None = None,
               target: str | int | None = None, min_side: int = 128) -> list[tuple[Path, CamResult]]:
-    """Grad-CAM overlays of image files for a loaded model (`cnnlab.engine.weights.LoadedModel`), as
+    """Grad-CAM overlays of image files for a loaded model (`cnnlab.infer.weights.LoadedModel`), as
     OUT/cam-<stem>-<class>.png, each image enlarged by a whole factor to at least `min_side` pixels. Every file
     is read before anything is written, so a bad one leaves no half-done folder."""
-    from ..engine.predict import load_image
+    from ..infer.predict import load_image
     index = class_index(loaded.classes, target)
     images = [load_image(Path(p), loaded.preprocess)[0] for p in paths]
     x = loaded.normalise(torch.from_numpy(np.stack(images)).to(next(loaded.model.parameters()).device))

@@ -66,8 +66,8 @@ def plot_predictions(images, labels, preds, classes: list[str], losses=None, col
 
 def plot_highest_loss(run, k: int = 16, cols: int = 8, path: str | Path | None = None) -> Figure:
     """The `k` test images a finished run (a `Run` or its folder) got most wrong, highest loss first."""
-    from ..engine.run import open_run
-    from ..engine.test_split import highest_loss_images
+    from ..infer.test_split import highest_loss_images
+    from ..run import open_run
     run = open_run(run) if isinstance(run, (str, Path)) else run
     worst = highest_loss_images(run, k)
     return plot_predictions(worst["images"], worst["labels"], worst["preds"], run.classes, worst["losses"], cols,

@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-from ..engine.run import Run, is_run_folder
 from ..errors import CheckpointError, ConfigError
 from ..files import save_atomic
+from ..run import Run, is_run_folder
 from .figure import OKABE_ITO, finish, subplots
 from .plots import plot_confusion, plot_predictions
 
@@ -89,7 +89,7 @@ def run_evaluation(run: Run, loaded, split, summary: dict) -> dict:
             return {"n": len(saved["labels"]), "loss": summary["test_loss"], "accuracy": summary["test_accuracy"],
                     "per_class": summary["test_per_class"], "confusion": summary["test_confusion"],
                     "losses": saved["losses"], "preds": saved["preds"], "source": "the run's own evaluation"}
-    from ..engine.evaluate import evaluate
+    from ..infer.evaluate import evaluate
     model = loaded.model.to(split.loader.device, memory_format=torch.channels_last if split.loader.channels_last
                             else torch.contiguous_format)
     tta = int(summary.get("test_tta") or 0)
@@ -154,7 +154,7 @@ def _table(header: list[str], rows: list[list]) -> str:
 
 
 def _lr_find_section(run: Run, trained_lr: float) -> str:
-    from ..engine.lr_find import RULES
+    from ..train.lr_find import RULES
     found = json.loads(run.file("lr_find").read_text())
     rule = found.get("rule", "")
     others = ", ".join(f"{name} rule {found[name]:.3g}" for name in RULES if found.get(name) is not None)
@@ -168,7 +168,7 @@ def _lr_find_section(run: Run, trained_lr: float) -> str:
 
 def build_report(run_dir: str | Path, data_dir: str | None = None, log: Callable[[str], None] = print) -> Path:
     """Write RUN_DIR/report.html (and the figures it embeds, under RUN_DIR/report/); returns the page's path."""
-    from ..engine.evaluate import most_confused
+    from ..infer.evaluate import most_confused
     from ..models.summary import summarize
     from .filters import layer_weight, plot_filters
 
@@ -206,8 +206,8 @@ def build_report(run_dir: str | Path, data_dir: str | None = None, log: Callable
         sections.append(_lr_find_section(run, cfg.lr))
 
     # evaluation on the test split
-    from ..engine.evaluate import inference_runtime
-    from ..engine.test_split import open_test_split
+    from ..infer.evaluate import inference_runtime
+    from ..infer.test_split import open_test_split
     runtime = inference_runtime("cpu")  # fp32, as eval and predict score
     split = open_test_split(cfg.dataset, run.data_dir(data_dir), preprocess=loaded.preprocess, runtime=runtime,
                             streamed=run.data_mode == "stream", workers=cfg.workers, log=log)

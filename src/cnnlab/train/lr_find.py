@@ -78,7 +78,7 @@ class LRFinderResult:
         """Write lr_find.json and lr_find.png into `folder`; returns {name: path}."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        from .run import RUN_FILES  # a run folder's names; a plain folder gets the same ones
+        from ..run import RUN_FILES  # a run folder's names; a plain folder gets the same ones
         self.files = {"json": str(folder / RUN_FILES["lr_find"]), "png": str(folder / RUN_FILES["lr_find_plot"])}
         plot_lr_find(self, Path(self.files["png"]))
         save_atomic(json.dumps(self.as_dict(), indent=1).encode(), Path(self.files["json"]))

@@ -13,8 +13,8 @@ import torch
 from ..data.kinds import data_kind
 from ..data.preprocess import Preprocess
 from ..errors import CheckpointError, DatasetError
-from .run import Run, open_run
-from .runtime import Runtime
+from ..run import Run, open_run
+from ..train.runtime import Runtime
 
 __all__ = ["TestSplit", "open_test_split", "highest_loss_images"]
 

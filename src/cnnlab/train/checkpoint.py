@@ -17,8 +17,8 @@ import torch
 
 from ..errors import CheckpointError
 from ..files import save_atomic
+from ..run import Run
 from .progress import trace
-from .run import Run
 
 __all__ = ["read_checkpoint", "CheckpointManager", "save_atomic"]
 

@@ -20,8 +20,8 @@ from safetensors.torch import save as save_tensors
 
 from ..errors import CheckpointError, ConfigError
 from ..files import file_lock, save_atomic
+from ..run import RUN_FILES, Run
 from .checkpoint import CheckpointManager
-from .run import RUN_FILES, Run
 from .runtime import Runtime
 from .state import TrainState, rng_state, set_rng_state
 

@@ -21,22 +21,22 @@ import torch.nn.functional as F
 from .._version import __version__
 from ..data import get_spec
 from ..errors import CheckpointError, CnnlabError, ConfigError
+from ..infer.evaluate import evaluate
+from ..infer.weights import load_weights, save_weights
 from ..models import create_model
 from ..models.summary import check_input_size
+from ..run import Run, is_run_folder, open_run
 from .config import TrainConfig, config_from_dict, yaml_dump
-from .evaluate import evaluate
 from .loggers import LoggerGroup, build_loggers
 from .lookahead import Lookahead
 from .loop import EpochSteps, NonFiniteStep, RunState, SignalStop, StepRules
 from .lr_find import DEFAULT_END_LR, DEFAULT_START_LR, DEFAULT_STEPS, LRFinderResult, search_lr
 from .optim import applied_lrs, build_schedule, build_training_optimizer
 from .progress import Progress, trace
-from .run import Run, is_run_folder, open_run
 from .run_folder import RunFolder
 from .runtime import Runtime, settle_for_model, start_runtime
 from .state import TrainState
 from .training_data import TrainingData, load_training_data
-from .weights import load_weights, save_weights
 
 __all__ = ["fit", "train", "lr_find", "resume_config", "TrainingError", "TrainingInterrupted", "RunState",
            "TrainingData", "load_training_data", "build_model", "cross_entropy"]
@@ -88,7 +88,7 @@ def train(config: TrainConfig | None = None, *, callbacks: Sequence[Callable[[Ru
 def lr_find(config: TrainConfig | None = None, *, steps: int = DEFAULT_STEPS, start_lr: float = DEFAULT_START_LR,
             end_lr: float = DEFAULT_END_LR, rule: str = "steepest", out: str | Path | None = None,
             log: Callable[[str], None] = print, **fields) -> LRFinderResult:
-    """The range test (engine/lr_find.py) for the run `config` (keyword fields overriding it) would train: its
+    """The range test (train/lr_find.py) for the run `config` (keyword fields overriding it) would train: its
     data, model, initialisation, optimiser and parameter groups, set up as `fit` sets them up. With `out`, writes
     lr_find.json and lr_find.png there (rank 0). `cnnlab lr-find` is this."""
     cfg = config_from_dict(dict(fields), base=config, source="lr_find()").validate()

@@ -253,7 +253,7 @@ def check_inputs(loaded: LoadedModel, data_dir: str | Path | None = None, n: int
 
 def _run_data_dir(folder: Path) -> str | None:
     """Where a run folder's data was (Run.data_dir), or None for a weights file outside a run."""
-    from .run import Run, is_run_folder
+    from ..run import Run, is_run_folder
     if not is_run_folder(folder):
         return None
     try:
@@ -356,8 +356,8 @@ def compare_with_predict(onnx_path: str | Path, loaded: LoadedModel, image_paths
     `predictions`, or predict_files run here) and return the largest probability difference and the top-1
     agreement for each batch size; images are repeated to fill a batch. `precision` is the one predict ran
     (or runs) at: bf16 autocast agrees to about three digits, fp32 to about seven."""
+    from ..train.runtime import pick_precision
     from .predict import load_image, predict_files
-    from .runtime import pick_precision
 
     precision, _ = pick_precision(precision, next(loaded.model.parameters()).device)
     paths = [Path(p) for p in image_paths]

@@ -57,8 +57,8 @@ def train_config(args):
 def lr_find_command(args) -> int:
     """`cnnlab lr-find [RUN_DIR] [train flags]`: the range test for the run those flags (or RUN_DIR's config)
     describe; lr_find.png and lr_find.json go into RUN_DIR (its report shows them) or --out."""
+    from ..run import Run, is_run_folder
     from .config import config_from_args
-    from .run import Run, is_run_folder
     from .trainer import lr_find
 
     if args.run:

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from ..errors import CheckpointError
-from .config import TrainConfig, load_config
+from .errors import CheckpointError
+from .train.config import TrainConfig, load_config
 
 __all__ = ["Run", "open_run", "read_metrics", "is_run_folder", "RUN_FILES"]
 
@@ -110,7 +110,7 @@ class Run:
     @functools.cached_property
     def weights(self):
         """model.safetensors with its sidecar: the model (on the CPU, in eval mode), classes, preprocessing."""
-        from .weights import load_weights
+        from .infer.weights import load_weights
         return load_weights(self.path)
 
     @property

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .runtime import Runtime, pick_channels_last, pick_device, pick_precision
+from ..train.runtime import Runtime, pick_channels_last, pick_device, pick_precision
 
 __all__ = ["evaluate", "most_confused", "prepare_for_inference", "inference_runtime", "evaluate_target", "Evaluation"]
 
@@ -40,7 +40,7 @@ def evaluate(model: nn.Module, loader, num_classes: int, *, runtime: Runtime | N
 
     Returns n, loss, accuracy, top5 (with more than 5 classes), per_class and confusion (true class by row);
     with `per_image`, also `losses` and `preds`: one value per image of the whole split, in its order.
-    `tta` > 0 averages the logits over mirrored (and, at 2, shifted) views (engine/tta.py).
+    `tta` > 0 averages the logits over mirrored (and, at 2, shifted) views (infer/tta.py).
     """
     from .tta import tta_logits
     runtime = runtime or Runtime(loader.device)
@@ -119,7 +119,7 @@ def evaluate_target(target: str | Path, *, dataset: str | None = None, data_dir:
     from ..errors import CnnlabError, DatasetError
     from ..files import save_atomic
     from ..models.packaged import get_packaged, is_packaged
-    from .run import RUN_FILES, Run, is_run_folder
+    from ..run import RUN_FILES, Run, is_run_folder
     from .test_split import open_test_split
     from .weights import load_weights
 
