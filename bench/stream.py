@@ -41,7 +41,7 @@ from cnnlab.data.stream import FolderStreamLoader, open_image_folder
 from cnnlab.data.transforms import _jpeg_region, decode_crop, random_resized_crop_box, resize, sample_rng
 
 SIZE, BATCH, WORKERS = 224, 32, 2
-DECODER = ("region (_jpeg_region, libjpeg-turbo %d)" % _jpeg_region.LIBJPEG_TURBO_VERSION_NUMBER if _jpeg_region
+DECODER = (f"region (_jpeg_region, libjpeg-turbo {_jpeg_region.LIBJPEG_TURBO_VERSION_NUMBER})" if _jpeg_region
            else "whole image (the _jpeg_region extension is not built)")
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
