@@ -9,6 +9,7 @@ to 90/93/94%, and the achieved GFLOP/s of the training steps against this CPU's 
 
 The paper: 94.01% mean test accuracy in 3.83 s on one A100, 0.36 PFLOP per run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,11 +45,19 @@ def main(runs: int = 1, epochs: float | None = None, first_seed: int = 0) -> boo
     for seed in range(first_seed, first_seed + runs):
         with tempfile.TemporaryDirectory() as tmp:
             cfg = apply_recipe(TrainConfig(), "airbench94")
-            values = dict(dataset="cifar10", data_dir=str(data_dir), seed=seed, run_dir=f"{tmp}/run",
-                          progress="none", report=False, eval_every_steps=16)  # 3 a 49-step epoch
+            values = dict(
+                dataset="cifar10",
+                data_dir=str(data_dir),
+                seed=seed,
+                run_dir=f"{tmp}/run",
+                progress="none",
+                report=False,
+                eval_every_steps=16,
+            )  # 3 a 49-step epoch
             if epochs:
                 values["epochs"] = epochs
             import dataclasses
+
             cfg = dataclasses.replace(cfg, **values)
             summary = fit(cfg, log=lambda m: None)
             # the last epoch's row of metrics.csv is the final weights scored without TTA (the TTA score follows it)
@@ -57,29 +66,48 @@ def main(runs: int = 1, epochs: float | None = None, first_seed: int = 0) -> boo
         images = summary["steps"] * cfg.batch_size
         gflops = per_image * images / summary["train_seconds"]
         reached = summary["time_to_accuracy"]
-        times = ", ".join(f"{float(k):.0%} at {v['seconds_without_eval']:.0f} s without evaluations, "
-                          f"{v['wall_seconds']:.0f} s of wall time (step {v['step']})" for k, v in reached.items())
-        print(f"airbench94 seed {seed}: test accuracy {summary['test_accuracy']:.4f} (TTA level {summary['test_tta']}; "
-              f"{summary['test_accuracy_without_tta']:.4f} without) after {summary['epochs']:g} epochs; "
-              f"wall {summary['wall_seconds']:.0f} s, training "
-              f"{summary['train_seconds']:.0f} s, evaluating {summary['eval_seconds']:.0f} s; reached: {times or 'none of 90/93/94%'}; "
-              f"{gflops:.0f} GFLOP/s achieved ({per_image:.3f} GFLOP per training image, {summary['precision']})")
+        times = ", ".join(
+            f"{float(k):.0%} at {v['seconds_without_eval']:.0f} s without evaluations, "
+            f"{v['wall_seconds']:.0f} s of wall time (step {v['step']})"
+            for k, v in reached.items()
+        )
+        print(
+            f"airbench94 seed {seed}: test accuracy {summary['test_accuracy']:.4f} (TTA level {summary['test_tta']}; "
+            f"{summary['test_accuracy_without_tta']:.4f} without) after {summary['epochs']:g} epochs; "
+            f"wall {summary['wall_seconds']:.0f} s, training "
+            f"{summary['train_seconds']:.0f} s, evaluating {summary['eval_seconds']:.0f} s; reached: {times or 'none of 90/93/94%'}; "
+            f"{gflops:.0f} GFLOP/s achieved ({per_image:.3f} GFLOP per training image, {summary['precision']})"
+        )
         summaries.append(summary)
     accuracies = [s["test_accuracy"] for s in summaries]
     mean = statistics.mean(accuracies)
     std = statistics.stdev(accuracies) if len(accuracies) > 1 else float("nan")
     at_94 = sum(a >= 0.94 for a in accuracies)
-    print(f"airbench94: mean test accuracy {mean:.4f} (std {std:.4f}) over {runs} run(s), {at_94} of {runs} at or "
-          f"above 94%; mean wall time {statistics.mean(s['wall_seconds'] for s in summaries):.0f} s per run "
-          f"(paper: {PAPER_ACCURACY:.2%} in {PAPER_SECONDS_A100} s on an A100)")
-    print(f"  this CPU's matmul peak: fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s; flags "
-          f"{'+'.join(cpu_flags()) or 'none'}; precision picked: {summaries[0]['precision']} "
-          f"({summaries[0]['precision_reason']})")
+    print(
+        f"airbench94: mean test accuracy {mean:.4f} (std {std:.4f}) over {runs} run(s), {at_94} of {runs} at or "
+        f"above 94%; mean wall time {statistics.mean(s['wall_seconds'] for s in summaries):.0f} s per run "
+        f"(paper: {PAPER_ACCURACY:.2%} in {PAPER_SECONDS_A100} s on an A100)"
+    )
+    print(
+        f"  this CPU's matmul peak: fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s; flags "
+        f"{'+'.join(cpu_flags()) or 'none'}; precision picked: {summaries[0]['precision']} "
+        f"({summaries[0]['precision_reason']})"
+    )
     print(f"  conditions: {conditions(recipe='airbench94', batch=1024)}")
-    print("  summary: " + json.dumps({"runs": runs, "accuracies": accuracies, "mean": mean, "std": std,
-                                      "without_tta": [s["test_accuracy_without_tta"] for s in summaries],
-                                      "wall_seconds": [s["wall_seconds"] for s in summaries],
-                                      "time_to_accuracy": [s["time_to_accuracy"] for s in summaries]}))
+    print(
+        "  summary: "
+        + json.dumps(
+            {
+                "runs": runs,
+                "accuracies": accuracies,
+                "mean": mean,
+                "std": std,
+                "without_tta": [s["test_accuracy_without_tta"] for s in summaries],
+                "wall_seconds": [s["wall_seconds"] for s in summaries],
+                "time_to_accuracy": [s["time_to_accuracy"] for s in summaries],
+            }
+        )
+    )
     return True
 
 

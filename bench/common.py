@@ -1,4 +1,5 @@
 """Shared by the benchmarks: the conditions every result is printed with, and repeat statistics."""
+
 from __future__ import annotations
 
 import os
@@ -16,16 +17,20 @@ from cnnlab.train.runtime import cpu_flags, device_name  # noqa: E402
 
 
 def conditions(**extra) -> str:
-    parts = {"cpu": device_name(torch.device("cpu")), "flags": "+".join(cpu_flags()) or "none",
-             "threads": torch.get_num_threads(),
-             "torch": torch.__version__, "python": platform.python_version(), **extra}
+    parts = {
+        "cpu": device_name(torch.device("cpu")),
+        "flags": "+".join(cpu_flags()) or "none",
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        **extra,
+    }
     return ", ".join(f"{k} {v}" for k, v in parts.items())
 
 
 def stats(values: list[float]) -> str:
     fmt = "{:,.1f}" if max(values) < 100 else "{:,.0f}"  # small rates (resnet50 on 2 cores) need a decimal
-    return (f"min {fmt.format(min(values))} / median {fmt.format(statistics.median(values))} "
-            f"over {len(values)} repeats")
+    return f"min {fmt.format(min(values))} / median {fmt.format(statistics.median(values))} over {len(values)} repeats"
 
 
 def shared_cifar10() -> Path | None:
@@ -38,8 +43,10 @@ def shared_cifar10() -> Path | None:
 
 def no_data(what: str) -> bool:
     """A benchmark whose data is missing has measured nothing: it fails, saying how to give it the data."""
-    print(f"{what}: FAILED, nothing measured: no shared CIFAR-10 copy next to the checkout (../shared/datasets); "
-          "set CNNLAB_CIFAR10_DIR to a folder holding cifar-10-batches-bin/")
+    print(
+        f"{what}: FAILED, nothing measured: no shared CIFAR-10 copy next to the checkout (../shared/datasets); "
+        "set CNNLAB_CIFAR10_DIR to a folder holding cifar-10-batches-bin/"
+    )
     return False
 
 
@@ -51,13 +58,14 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
     for _ in range(repeats):
         start = time.perf_counter()
         a @ b
-        best = max(best, 2 * n ** 3 / (time.perf_counter() - start) / 1e9)
+        best = max(best, 2 * n**3 / (time.perf_counter() - start) / 1e9)
     return best
 
 
 def train_on(model, optimizer, batches) -> int:
     """Plain training steps over `batches` (the baselines' loop); returns the number of images seen."""
     import torch.nn.functional as F
+
     n = 0
     for x, y in batches:
         loss = F.cross_entropy(model(x), y)

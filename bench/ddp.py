@@ -10,6 +10,7 @@ On a machine with 2 cores both arms share the same two cores: the ratio then wei
 loaded machine a 2-thread process can be far slower than a 1-thread one (OpenMP threads wait for each other
 whenever one is descheduled): the reference arm shows it.
 """
+
 from __future__ import annotations
 
 import json
@@ -52,18 +53,28 @@ def worker(config_json: str) -> int:
 
 
 ARMS = {"1x2": (1, 2), "2x1": (2, 1), "1x1": (1, 1)}  # processes x threads each
-LABELS = {"1x2": f"1 process x 2 threads, batch {BATCH}", "2x1": f"2 ranks x 1 thread (gloo), {BATCH // 2} per rank",
-          "1x1": f"1 process x 1 thread, batch {BATCH} (reference)"}
+LABELS = {
+    "1x2": f"1 process x 2 threads, batch {BATCH}",
+    "2x1": f"2 ranks x 1 thread (gloo), {BATCH // 2} per rank",
+    "1x1": f"1 process x 1 thread, batch {BATCH} (reference)",
+}
 
 
 def run_arm(ranks: int, cfg: dict, env: dict) -> float:
     """img/s of epoch 2 of one run: `ranks` processes under torchrun, or one plain process."""
     launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"] if ranks > 1 else []
-    result = subprocess.run([sys.executable, *launcher, str(HERE), "--worker", json.dumps(cfg)], env=env,
-                            capture_output=True, text=True, timeout=1800)
+    result = subprocess.run(
+        [sys.executable, *launcher, str(HERE), "--worker", json.dumps(cfg)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     if result.returncode != 0:
-        raise RuntimeError(f"{ranks}-rank run failed (exit code {result.returncode}): "
-                           f"{result.stderr.strip().splitlines()[-1] if result.stderr.strip() else ''}")
+        raise RuntimeError(
+            f"{ranks}-rank run failed (exit code {result.returncode}): "
+            f"{result.stderr.strip().splitlines()[-1] if result.stderr.strip() else ''}"
+        )
     rows = [r for r in read_metrics(Path(cfg["run_dir"]) / "metrics.csv") if r["epoch"] == 2]
     if not rows:
         raise RuntimeError(f"{cfg['run_dir']}: no epoch-2 row in metrics.csv")
@@ -73,8 +84,11 @@ def run_arm(ranks: int, cfg: dict, env: dict) -> float:
 def main(repeats: int = REPEATS) -> bool:
     data_dir = shared_cifar10()
     dataset = {"dataset": "cifar10", "data_dir": str(data_dir)} if data_dir else {"dataset": "synthetic-cifar"}
-    data_note = (f"CIFAR-10 from {data_dir}, first {IMAGES:,} training images" if data_dir else
-                 f"SYNTHETIC CIFAR-shaped data (no shared CIFAR-10 copy found), first {IMAGES:,} images")
+    data_note = (
+        f"CIFAR-10 from {data_dir}, first {IMAGES:,} training images"
+        if data_dir
+        else f"SYNTHETIC CIFAR-shaped data (no shared CIFAR-10 copy found), first {IMAGES:,} images"
+    )
     # cnnlab's own choice for one process at 2 threads, pinned for both arms so that they compute alike
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
@@ -84,16 +98,29 @@ def main(repeats: int = REPEATS) -> bool:
     rates: dict[str, list[float]] = {arm: [] for arm in ARMS}
     with tempfile.TemporaryDirectory(prefix="cnnlab-ddp-bench-") as tmp:
         src = str(HERE.parents[1] / "src")
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")])),
-               "CNNLAB_CACHE": os.environ.get("CNNLAB_CACHE") or f"{tmp}/cache"}
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")])),
+            "CNNLAB_CACHE": os.environ.get("CNNLAB_CACHE") or f"{tmp}/cache",
+        }
         for r in range(repeats):
-            order = list(ARMS)[r % 3:] + list(ARMS)[:r % 3]  # rotate the order: load drifts hit every arm
+            order = list(ARMS)[r % 3 :] + list(ARMS)[: r % 3]  # rotate the order: load drifts hit every arm
             for arm in order:
                 ranks, threads_each = ARMS[arm]
-                cfg = dict(model=MODEL, train_subset=IMAGES, batch_size=BATCH, epochs=3, eval_every=0,
-                           progress="none", report=False, precision=precision,
-                           channels_last="on" if channels_last else "off", threads=threads_each,
-                           run_dir=f"{tmp}/run-{r}-{arm}", **dataset)
+                cfg = dict(
+                    model=MODEL,
+                    train_subset=IMAGES,
+                    batch_size=BATCH,
+                    epochs=3,
+                    eval_every=0,
+                    progress="none",
+                    report=False,
+                    precision=precision,
+                    channels_last="on" if channels_last else "off",
+                    threads=threads_each,
+                    run_dir=f"{tmp}/run-{r}-{arm}",
+                    **dataset,
+                )
                 try:
                     rates[arm].append(run_arm(ranks, cfg, env))
                 except (RuntimeError, subprocess.TimeoutExpired) as exc:
@@ -103,15 +130,21 @@ def main(repeats: int = REPEATS) -> bool:
     for arm, values in rates.items():
         print(f"ddp {MODEL} {LABELS[arm]:<{width}}: {stats(values)} img/s")
     med = {arm: statistics.median(values) for arm, values in rates.items()}
-    print(f"  ratio 2 ranks x 1 thread / 1 process x 2 threads = {med['2x1'] / med['1x2']:.2f}x (medians; best runs: "
-          f"{max(rates['2x1']) / max(rates['1x2']):.2f}x); both arms use the same {os.cpu_count()} cores: this weighs "
-          "data parallelism over gloo against intra-op threads, not more hardware")
-    print(f"  reference: 1 process x 2 threads / 1 process x 1 thread = {med['1x2'] / med['1x1']:.2f}x; "
-          f"2 ranks / 1 process x 1 thread = {med['2x1'] / med['1x1']:.2f}x")
-    print(f"  conditions: {conditions(batch=BATCH, images_per_epoch=IMAGES, repeats=repeats)}, precision "
-          f"{precision} ({why}), {'channels_last' if channels_last else 'NCHW'} (pinned for both arms); data: "
-          f"{data_note}; img/s of epoch 2 from metrics.csv; the machine is shared with other jobs, so the figures "
-          "are noisy")
+    print(
+        f"  ratio 2 ranks x 1 thread / 1 process x 2 threads = {med['2x1'] / med['1x2']:.2f}x (medians; best runs: "
+        f"{max(rates['2x1']) / max(rates['1x2']):.2f}x); both arms use the same {os.cpu_count()} cores: this weighs "
+        "data parallelism over gloo against intra-op threads, not more hardware"
+    )
+    print(
+        f"  reference: 1 process x 2 threads / 1 process x 1 thread = {med['1x2'] / med['1x1']:.2f}x; "
+        f"2 ranks / 1 process x 1 thread = {med['2x1'] / med['1x1']:.2f}x"
+    )
+    print(
+        f"  conditions: {conditions(batch=BATCH, images_per_epoch=IMAGES, repeats=repeats)}, precision "
+        f"{precision} ({why}), {'channels_last' if channels_last else 'NCHW'} (pinned for both arms); data: "
+        f"{data_note}; img/s of epoch 2 from metrics.csv; the machine is shared with other jobs, so the figures "
+        "are noisy"
+    )
     return True
 
 

@@ -1,4 +1,5 @@
 """`cnnlab train` with its defaults: the lecture's convnet on Fashion-MNIST; accuracy and training time."""
+
 from __future__ import annotations
 
 import tempfile
@@ -15,11 +16,12 @@ def main() -> bool:
         summary = fit(TrainConfig(run_dir=f"{tmp}/run", progress="none"), log=lambda m: None)
     acc, seconds = summary["test_accuracy"], summary["train_seconds"]
     ok = acc >= TARGET_ACCURACY and seconds <= MAX_TRAIN_SECONDS
-    print(f"default train: test accuracy {acc:.4f} after {summary['epochs']} epochs, {seconds:.1f} s of training "
-          f"({summary['wall_seconds']:.1f} s wall, with data loading and per-epoch evaluation) "
-          f"(targets >= {TARGET_ACCURACY}, <= {MAX_TRAIN_SECONDS:.0f} s) [{'PASS' if ok else 'FAIL'}]")
-    print(f"  conditions: {conditions(precision=summary['precision'], channels_last=summary['channels_last'])}, "
-          "1 run")
+    print(
+        f"default train: test accuracy {acc:.4f} after {summary['epochs']} epochs, {seconds:.1f} s of training "
+        f"({summary['wall_seconds']:.1f} s wall, with data loading and per-epoch evaluation) "
+        f"(targets >= {TARGET_ACCURACY}, <= {MAX_TRAIN_SECONDS:.0f} s) [{'PASS' if ok else 'FAIL'}]"
+    )
+    print(f"  conditions: {conditions(precision=summary['precision'], channels_last=summary['channels_last'])}, 1 run")
     return ok
 
 

@@ -5,6 +5,7 @@ so that the fp32 ONNX model also has an fp32 baseline.
 
 Run: python bench/export.py. Random weights: speed does not depend on their values.
 """
+
 from __future__ import annotations
 
 import copy
@@ -28,8 +29,11 @@ CASES = [  # model, input shape, (batch, forward passes per repeat)
 
 def cpu_flags() -> str:
     try:
-        flags = set(next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
-                         if line.startswith("flags")).split(":", 1)[1].split())
+        flags = set(
+            next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+            .split(":", 1)[1]
+            .split()
+        )
     except (OSError, StopIteration):
         return "flags unknown"
     return ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16"))
@@ -46,11 +50,14 @@ def measure(name: str, shape: tuple[int, int, int], batches, repeats: int = 5) -
     device = torch.device("cpu")
     torch.manual_seed(0)
     fp32 = WithNormalisation(create_model(name), [0.5] * 3, [0.25] * 3).eval()
-    session = run_onnx(onnx_bytes(capture(fp32, shape), {"model": name, "input": "[0, 1]", "output": "logits"}),
-                       threads=THREADS)
+    session = run_onnx(
+        onnx_bytes(capture(fp32, shape), {"model": name, "input": "[0, 1]", "output": "logits"}), threads=THREADS
+    )
     runtime = inference_runtime(device)
-    print(f"cnnlab picks {runtime.precision} ({runtime.precision_reason}), channels_last {runtime.channels_last} "
-          f"({runtime.channels_last_reason})")
+    print(
+        f"cnnlab picks {runtime.precision} ({runtime.precision_reason}), channels_last {runtime.channels_last} "
+        f"({runtime.channels_last_reason})"
+    )
     tuned = prepare_for_inference(copy.deepcopy(fp32), runtime)
     time_runtimes(name, shape, batches, repeats, session, fp32, tuned, runtime)
 
@@ -63,8 +70,10 @@ def time_runtimes(name, shape, batches, repeats, session, fp32, tuned, runtime) 
         with runtime.autocast():
             return tuned(x.contiguous(memory_format=runtime.memory_format))
 
-    runners = {"onnxruntime fp32": lambda x: session(x.numpy()),
-               f"cnnlab PyTorch {'bf16' if bf16 else 'fp32'}": cnnlab_run}
+    runners = {
+        "onnxruntime fp32": lambda x: session(x.numpy()),
+        f"cnnlab PyTorch {'bf16' if bf16 else 'fp32'}": cnnlab_run,
+    }
     if bf16:
         runners["PyTorch fp32 eager"] = fp32
     for batch, passes in batches:
@@ -78,8 +87,12 @@ def time_runtimes(name, shape, batches, repeats, session, fp32, tuned, runtime) 
         for label, values in rates.items():
             print(f"{name} {'x'.join(map(str, shape))} batch {batch:>3} {label:>22}: {stats(values)} img/s")
         base = next(k for k in rates if k.startswith("cnnlab"))
-        ratios = "; ".join(f"{k} / {base} = {statistics.median(rates[k]) / statistics.median(rates[base]):.2f}x "
-                           f"(min/min {min(rates[k]) / min(rates[base]):.2f}x)" for k in rates if k != base)
+        ratios = "; ".join(
+            f"{k} / {base} = {statistics.median(rates[k]) / statistics.median(rates[base]):.2f}x "
+            f"(min/min {min(rates[k]) / min(rates[base]):.2f}x)"
+            for k in rates
+            if k != base
+        )
         print(f"  {ratios}")
 
 
@@ -87,10 +100,12 @@ def main() -> bool:
     import onnxruntime
 
     torch.set_num_threads(THREADS)
-    print(f"Exported model on onnxruntime against cnnlab's PyTorch inference "
-          f"({conditions(onnxruntime=onnxruntime.__version__)}, {cpu_flags()}; onnxruntime intra_op_num_threads "
-          f"{THREADS}, CPUExecutionProvider, opset 18; "
-          "img/s over 5 repeats; timings on a shared machine are noisy)")
+    print(
+        f"Exported model on onnxruntime against cnnlab's PyTorch inference "
+        f"({conditions(onnxruntime=onnxruntime.__version__)}, {cpu_flags()}; onnxruntime intra_op_num_threads "
+        f"{THREADS}, CPUExecutionProvider, opset 18; "
+        "img/s over 5 repeats; timings on a shared machine are noisy)"
+    )
     for name, shape, batches in CASES:
         measure(name, shape, batches)
     return True

@@ -2,6 +2,7 @@
 each setting, as ratios against fp32 NCHW eager measured in the same run, with the matmul peaks and what
 `--precision auto` / `--channels-last auto` pick here (and why). The figures on these in docs/results.md come from here.
 """
+
 from __future__ import annotations
 
 import statistics
@@ -26,8 +27,9 @@ SETTINGS = {  # name: (precision, channels_last, compile)
 def _steps_per_second(model_name: str, precision: str, channels_last: bool, compiled: bool, steps: int) -> float:
     torch.manual_seed(0)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    model = create_model(model_name, num_classes=10, in_channels=3, **(
-        {"input_size": [32, 32]} if model_name == "convnet" else {})).to(memory_format=fmt)
+    model = create_model(
+        model_name, num_classes=10, in_channels=3, **({"input_size": [32, 32]} if model_name == "convnet" else {})
+    ).to(memory_format=fmt)
     step_model = torch.compile(model) if compiled else model
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     x = torch.randn(BATCH, 3, 32, 32).contiguous(memory_format=fmt)
@@ -39,6 +41,7 @@ def _steps_per_second(model_name: str, precision: str, channels_last: bool, comp
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+
     for _ in range(3):  # warm-up (compilation, oneDNN kernel selection)
         step()
     start = time.perf_counter()
@@ -49,10 +52,14 @@ def _steps_per_second(model_name: str, precision: str, channels_last: bool, comp
 
 def main(repeats: int = 3) -> bool:
     runtime = inference_runtime("cpu")
-    print(f"formats: --precision auto picks {runtime.precision} ({runtime.precision_reason}); --channels-last auto "
-          f"picks {'on' if runtime.channels_last else 'off'} ({runtime.channels_last_reason})")
-    print(f"  matmul peak: fp32 {matmul_peak(torch.float32):.0f} GFLOP/s, bf16 "
-          f"{matmul_peak(torch.bfloat16):.0f} GFLOP/s (2048^3, best of 5)")
+    print(
+        f"formats: --precision auto picks {runtime.precision} ({runtime.precision_reason}); --channels-last auto "
+        f"picks {'on' if runtime.channels_last else 'off'} ({runtime.channels_last_reason})"
+    )
+    print(
+        f"  matmul peak: fp32 {matmul_peak(torch.float32):.0f} GFLOP/s, bf16 "
+        f"{matmul_peak(torch.bfloat16):.0f} GFLOP/s (2048^3, best of 5)"
+    )
     for model_name, steps in (("convnet", 20), ("resnet20", 4)):
         rates: dict[str, list[float]] = {name: [] for name in SETTINGS}
         for _ in range(repeats):  # interleaved, so that drifts in machine load hit every setting alike
@@ -63,8 +70,10 @@ def main(repeats: int = 3) -> bool:
         base = statistics.median(rates["fp32 NCHW"])
         for name, values in rates.items():
             if values:
-                print(f"formats {model_name:<8} {name:<28}: {stats(values)} img/s, "
-                      f"{statistics.median(values) / base:.2f}x fp32 NCHW")
+                print(
+                    f"formats {model_name:<8} {name:<28}: {stats(values)} img/s, "
+                    f"{statistics.median(values) / base:.2f}x fp32 NCHW"
+                )
     print(f"  conditions: {conditions(batch=BATCH, input='3x32x32')}, SGD momentum, training steps")
     return True
 

@@ -1,4 +1,5 @@
 """Loader throughput: augmented 3x32x32 batches (random crop with reflect padding, flip, normalise)."""
+
 from __future__ import annotations
 
 import statistics
@@ -17,8 +18,16 @@ def main(repeats: int = 5) -> bool:
     labels = torch.randint(0, 10, (50_000,))
     rates = []
     for _ in range(repeats):
-        loader = InMemoryLoader(images, labels, 512, mean=[0.49, 0.48, 0.45], std=[0.25, 0.24, 0.26], shuffle=True,
-                                augment=parse_augment("crop:4:reflect,flip"), channels_last=False)
+        loader = InMemoryLoader(
+            images,
+            labels,
+            512,
+            mean=[0.49, 0.48, 0.45],
+            std=[0.25, 0.24, 0.26],
+            shuffle=True,
+            augment=parse_augment("crop:4:reflect,flip"),
+            channels_last=False,
+        )
         start = time.perf_counter()
         n = sum(len(y) for _, y in loader)
         rates.append(n / (time.perf_counter() - start))
@@ -26,8 +35,6 @@ def main(repeats: int = 5) -> bool:
     print(f"loader: {stats(rates)} img/s (target >= {TARGET:,}) [{'PASS' if ok else 'FAIL'}]")
     print(f"  conditions: {conditions(batch=512, images=50_000, augment='crop:4:reflect,flip + normalise')}")
     return ok
-
-
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ trainer hands it over, and the learning rate), with an epoch row every 500 steps
 append; the points reach TensorBoard and MLflow at each epoch end (or every 1000 steps, or 10 s), so the cost that
 counts is everything spent in log_step and log_epoch divided by the steps.
 """
+
 from __future__ import annotations
 
 import statistics
@@ -44,10 +45,19 @@ def logging_seconds(names: str, folder: Path) -> tuple[float, float, float, floa
     """(median log_step, median log_epoch, all of log_step and log_epoch per step, close) in seconds."""
     run_dir = folder / names.replace(",", "-")
     run_dir.mkdir()
-    group = build_loggers(names, run_dir, config=TrainConfig(), resume=False, start_step=0,
-                          mlflow_uri=f"sqlite:///{folder}/mlflow.db")
-    row = {"epoch": 1, "lr": 0.05, "train_loss": 0.5, "train_acc": 0.8, "test_loss": 0.4, "test_acc": 0.85,
-           "seconds": 10.0, "img_per_s": 5000.0}
+    group = build_loggers(
+        names, run_dir, config=TrainConfig(), resume=False, start_step=0, mlflow_uri=f"sqlite:///{folder}/mlflow.db"
+    )
+    row = {
+        "epoch": 1,
+        "lr": 0.05,
+        "train_loss": 0.5,
+        "train_acc": 0.8,
+        "test_loss": 0.4,
+        "test_acc": 0.85,
+        "seconds": 10.0,
+        "img_per_s": 5000.0,
+    }
     steps, epochs = [], []
     loss = torch.tensor(0.5)
     for step in range(1, CALLS + 1):
@@ -60,8 +70,12 @@ def logging_seconds(names: str, folder: Path) -> tuple[float, float, float, floa
             epochs.append(time.perf_counter() - tic)
     tic = time.perf_counter()
     group.close()
-    return (statistics.median(steps), statistics.median(epochs), (sum(steps) + sum(epochs)) / CALLS,
-            time.perf_counter() - tic)
+    return (
+        statistics.median(steps),
+        statistics.median(epochs),
+        (sum(steps) + sum(epochs)) / CALLS,
+        time.perf_counter() - tic,
+    )
 
 
 def main() -> bool:
@@ -72,13 +86,16 @@ def main() -> bool:
         warm = Path(tmp) / "warm"
         warm.mkdir()
         # creating the SQLite store's tables takes seconds, once per store: not part of a step
-        build_loggers("mlflow", warm, config={}, resume=False, start_step=0,
-                      mlflow_uri=f"sqlite:///{tmp}/mlflow.db").close()
+        build_loggers(
+            "mlflow", warm, config={}, resume=False, start_step=0, mlflow_uri=f"sqlite:///{tmp}/mlflow.db"
+        ).close()
         for names in ("csv", "tensorboard", "mlflow", "tensorboard,mlflow"):
             median, epoch, per_step, close = logging_seconds(names, Path(tmp))
-            print(f"{names:>18}: log_step median {median * 1e6:5.2f} us; log_epoch median {epoch * 1e3:7.2f} ms; "
-                  f"all per step {per_step * 1e6:7.2f} us = {per_step / step:.3%} of a step; "
-                  f"close {close * 1e3:.1f} ms")
+            print(
+                f"{names:>18}: log_step median {median * 1e6:5.2f} us; log_epoch median {epoch * 1e3:7.2f} ms; "
+                f"all per step {per_step * 1e6:7.2f} us = {per_step / step:.3%} of a step; "
+                f"close {close * 1e3:.1f} ms"
+            )
     return True
 
 

@@ -2,6 +2,7 @@
 
 Run: python bench/nan_check.py. The check is the trainer's own expression; the step is a plain SGD step.
 """
+
 from __future__ import annotations
 
 import statistics
@@ -43,9 +44,11 @@ def measure(name: str, shape: tuple[int, ...], repeats: int = 20, **model_args) 
         if i >= 3:  # warm-up
             steps.append(step), checks.append(check), loss_only.append(only)
     step_ms, check_ms = statistics.median(steps) * 1e3, statistics.median(checks) * 1e3
-    print(f"{name} {shape}: step {step_ms:.2f} ms, loss+gradient check {check_ms:.3f} ms "
-          f"({check_ms / step_ms:.2%} of a step), loss-only check {statistics.median(loss_only) * 1e3:.3f} ms; "
-          f"medians of {repeats}")
+    print(
+        f"{name} {shape}: step {step_ms:.2f} ms, loss+gradient check {check_ms:.3f} ms "
+        f"({check_ms / step_ms:.2%} of a step), loss-only check {statistics.median(loss_only) * 1e3:.3f} ms; "
+        f"medians of {repeats}"
+    )
     return check_ms / step_ms
 
 

@@ -1,5 +1,6 @@
 """ResNet benchmarks: resnet20 training throughput with GFLOP/s against this CPU's matmul peak, and resnet50
 inference at 224x224 (batch 1 and 32) with cnnlab's inference settings against plain fp32 eager PyTorch."""
+
 from __future__ import annotations
 
 import statistics
@@ -24,12 +25,15 @@ def resnet20_training(repeats: int = 3, images: int = 2560) -> bool:
     gflops = med["cnnlab"] * RESNET20_TRAIN_GFLOP
     fp32_peak, bf16_peak = matmul_peak(torch.float32), matmul_peak(torch.bfloat16, n=1024)
     ok = ratio >= 1.8
-    print(f"  resnet20: cnnlab / conventional = {ratio:.2f}x (target >= 1.8) [{'PASS' if ok else 'FAIL'}]; "
-          f"cnnlab / plain loop = {med['cnnlab'] / med['plain']:.2f}x")
-    print(f"  resnet20 training at {gflops:.1f} GFLOP/s (0.243 GFLOP per image); this CPU's matmul peak: fp32 "
-          f"{fp32_peak:.0f} GFLOP/s, bf16 {bf16_peak:.0f} GFLOP/s (2048^3 and 1024^3 matmuls, best of 5)")
-    print(f"  conditions: {conditions(batch=BATCH, images_per_pass=images)}, cnnlab precision "
-          f"{CHOSEN.get('resnet20')}")
+    print(
+        f"  resnet20: cnnlab / conventional = {ratio:.2f}x (target >= 1.8) [{'PASS' if ok else 'FAIL'}]; "
+        f"cnnlab / plain loop = {med['cnnlab'] / med['plain']:.2f}x"
+    )
+    print(
+        f"  resnet20 training at {gflops:.1f} GFLOP/s (0.243 GFLOP per image); this CPU's matmul peak: fp32 "
+        f"{fp32_peak:.0f} GFLOP/s, bf16 {bf16_peak:.0f} GFLOP/s (2048^3 and 1024^3 matmuls, best of 5)"
+    )
+    print(f"  conditions: {conditions(batch=BATCH, images_per_pass=images)}, cnnlab precision {CHOSEN.get('resnet20')}")
     return ok
 
 
@@ -56,9 +60,13 @@ def resnet50_inference(repeats: int = 5) -> bool:
             rates["cnnlab"].append(batch * iters / (time.perf_counter() - start))
         for name, values in rates.items():
             print(f"resnet50 inference batch {batch:>2} {name:>16}: {stats(values)} img/s")
-        print(f"  ratio cnnlab / plain = {statistics.median(rates['cnnlab']) / statistics.median(rates['plain fp32 eager']):.2f}x")
-    print(f"  conditions: {conditions(input='3x224x224')}, cnnlab: eval, "
-          f"{'channels_last' if runtime.channels_last else 'NCHW'}, {runtime.precision}, inference_mode")
+        print(
+            f"  ratio cnnlab / plain = {statistics.median(rates['cnnlab']) / statistics.median(rates['plain fp32 eager']):.2f}x"
+        )
+    print(
+        f"  conditions: {conditions(input='3x224x224')}, cnnlab: eval, "
+        f"{'channels_last' if runtime.channels_last else 'NCHW'}, {runtime.precision}, inference_mode"
+    )
     return True
 
 

@@ -1,5 +1,6 @@
 """`make bench`: every benchmark, each printing its conditions and whether it met its target (the airbench94 run
 last: about an hour or more on a 2-core CPU)."""
+
 from __future__ import annotations
 
 import sys
@@ -23,7 +24,20 @@ import stream  # noqa: E402
 import throughput  # noqa: E402
 
 if __name__ == "__main__":
-    results = [formats.main(), loader.main(), throughput.main(), default_train.main(), cifar_convnet.main(),
-               resnet.main(), nan_check.main(), stream.main(), precision.main(), export.main(), serve.main(),
-               loggers.main(), ddp.main(), airbench.main()]
+    results = [
+        formats.main(),
+        loader.main(),
+        throughput.main(),
+        default_train.main(),
+        cifar_convnet.main(),
+        resnet.main(),
+        nan_check.main(),
+        stream.main(),
+        precision.main(),
+        export.main(),
+        serve.main(),
+        loggers.main(),
+        ddp.main(),
+        airbench.main(),
+    ]
     raise SystemExit(0 if all(results) else 1)

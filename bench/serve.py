@@ -6,6 +6,7 @@ The server is a real `cnnlab serve` process on 127.0.0.1 with uvicorn; the clien
 with one `requests` session each, so they share the CPU with the server (stated in the conditions).
 Run: python bench/serve.py [--seconds 60] [--requests 200]. Goal: p50 latency under 2x in-process.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,11 +52,19 @@ def free_port() -> int:
 
 def start_server(port: int, threads: int) -> subprocess.Popen:
     import requests
+
     src = str(Path(__file__).resolve().parents[1] / "src")
-    env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "OMP_NUM_THREADS": str(threads)}  # torch's intra-op threads in the server, as in this process
-    proc = subprocess.Popen([sys.executable, "-m", "cnnlab", "serve", WEIGHTS, "--port", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    env = {
+        **os.environ,
+        "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        "OMP_NUM_THREADS": str(threads),
+    }  # torch's intra-op threads in the server, as in this process
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cnnlab", "serve", WEIGHTS, "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -72,6 +81,7 @@ def start_server(port: int, threads: int) -> subprocess.Popen:
 def main(seconds: float = 60, n: int = 200, threads: int = 1) -> bool:
     import requests
     import torch
+
     torch.set_num_threads(threads)
     rng = np.random.default_rng(0)
     buffer = io.BytesIO()
@@ -107,7 +117,9 @@ def main(seconds: float = 60, n: int = 200, threads: int = 1) -> bool:
                 s = requests.Session()
                 while not stop.is_set():
                     try:
-                        ok = s.post(url, files=[("files", ("one.png", png, "image/png"))], timeout=60).status_code == 200
+                        ok = (
+                            s.post(url, files=[("files", ("one.png", png, "image/png"))], timeout=60).status_code == 200
+                        )
                     except requests.RequestException:
                         ok = False
                     with lock:
@@ -131,16 +143,24 @@ def main(seconds: float = 60, n: int = 200, threads: int = 1) -> bool:
     p50_local, p99_local = percentile(local, 50) * 1e3, percentile(local, 99) * 1e3
     p50_remote, p99_remote = percentile(remote, 50) * 1e3, percentile(remote, 99) * 1e3
     ratio = p50_remote / p50_local
-    settled = memory[len(memory) // 4:]  # after the first quarter: buffers and thread pools have grown
+    settled = memory[len(memory) // 4 :]  # after the first quarter: buffers and thread pools have grown
     growth = (max(settled) - settled[0]) / settled[0]
-    print(f"serve bench: {conditions(dtype='fp32', model=WEIGHTS, image='one 32x32 PNG', repeats=n, server='cnnlab serve (uvicorn, 1 process) on 127.0.0.1', clients=f'{CLIENTS} threads of the bench process, on the same CPU')}")
-    print(f"  in-process predict_files: p50 {p50_local:.2f} ms, p99 {p99_local:.2f} ms over {n} calls "
-          "(interleaved with the requests below)")
-    print(f"  POST /v1/predict:         p50 {p50_remote:.2f} ms, p99 {p99_remote:.2f} ms over {n} requests "
-          f"(one client); p50 ratio {ratio:.2f}x (goal < {GOAL:g}x)")
-    print(f"  {CLIENTS} clients for {elapsed:.0f} s: {served[0] / elapsed:.1f} requests/s served, {failed[0]} failed; "
-          f"server RSS {memory[0]:.0f} MB at start, {settled[0]:.0f} -> {settled[-1]:.0f} MB "
-          f"(max {max(settled):.0f}) after warm-up, {100 * growth:+.1f}%")
+    print(
+        f"serve bench: {conditions(dtype='fp32', model=WEIGHTS, image='one 32x32 PNG', repeats=n, server='cnnlab serve (uvicorn, 1 process) on 127.0.0.1', clients=f'{CLIENTS} threads of the bench process, on the same CPU')}"
+    )
+    print(
+        f"  in-process predict_files: p50 {p50_local:.2f} ms, p99 {p99_local:.2f} ms over {n} calls "
+        "(interleaved with the requests below)"
+    )
+    print(
+        f"  POST /v1/predict:         p50 {p50_remote:.2f} ms, p99 {p99_remote:.2f} ms over {n} requests "
+        f"(one client); p50 ratio {ratio:.2f}x (goal < {GOAL:g}x)"
+    )
+    print(
+        f"  {CLIENTS} clients for {elapsed:.0f} s: {served[0] / elapsed:.1f} requests/s served, {failed[0]} failed; "
+        f"server RSS {memory[0]:.0f} MB at start, {settled[0]:.0f} -> {settled[-1]:.0f} MB "
+        f"(max {max(settled):.0f}) after warm-up, {100 * growth:+.1f}%"
+    )
     met = ratio < GOAL and failed[0] == 0 and growth < 0.10
     print(f"  {'met' if met else 'NOT met'}: ratio < {GOAL:g}x, no failed request, memory within 10% after warm-up")
     return met
@@ -150,7 +170,12 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=60)
     parser.add_argument("--requests", type=int, default=200)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads in the server and in-process (default "
-                        "1: on a shared 2-core machine more threads make both wait on each other's spinning)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads in the server and in-process (default "
+        "1: on a shared 2-core machine more threads make both wait on each other's spinning)",
+    )
     args = parser.parse_args()
     raise SystemExit(0 if main(args.seconds, args.requests, args.threads) else 1)

@@ -16,6 +16,7 @@ JPEG decoders side by side, and the memory of the whole process tree as the data
 - memory: peak RSS summed over the process tree (main + workers: sampled every 20 ms, and VmHWM at the end)
   for one epoch over N and 10 N files. Target: within 25% + 64 MB.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,16 +42,28 @@ from cnnlab.data.stream import FolderStreamLoader, open_image_folder
 from cnnlab.data.transforms import _jpeg_region, decode_crop, random_resized_crop_box, resize, sample_rng
 
 SIZE, BATCH, WORKERS = 224, 32, 2
-DECODER = (f"region (_jpeg_region, libjpeg-turbo {_jpeg_region.LIBJPEG_TURBO_VERSION_NUMBER})" if _jpeg_region
-           else "whole image (the _jpeg_region extension is not built)")
+DECODER = (
+    f"region (_jpeg_region, libjpeg-turbo {_jpeg_region.LIBJPEG_TURBO_VERSION_NUMBER})"
+    if _jpeg_region
+    else "whole image (the _jpeg_region extension is not built)"
+)
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 
 def textured(width: int, height: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[0:height, 0:width]
-    base = np.stack([np.sin(x / (5 + seed % 7) + y / 13) * 60, np.cos(x / 11 - y / (3 + seed % 5)) * 60,
-                     ((x * y + seed) % 255) * 0.3], axis=-1) + 128
+    base = (
+        np.stack(
+            [
+                np.sin(x / (5 + seed % 7) + y / 13) * 60,
+                np.cos(x / 11 - y / (3 + seed % 5)) * 60,
+                ((x * y + seed) % 255) * 0.3,
+            ],
+            axis=-1,
+        )
+        + 128
+    )
     return (base + rng.normal(0, 20, base.shape)).clip(0, 255).astype(np.uint8)
 
 
@@ -95,8 +108,9 @@ class Conventional(torch.utils.data.Dataset):
 
 
 def tiny_model() -> nn.Module:
-    return nn.Sequential(nn.Conv2d(3, 8, 8, stride=8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                         nn.Linear(8, 10))
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 8, stride=8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10)
+    )
 
 
 def bench_speed(root: Path, repeats: int) -> dict[str, list[float]]:
@@ -105,18 +119,26 @@ def bench_speed(root: Path, repeats: int) -> dict[str, list[float]]:
     source = open_image_folder(root)
     model = tiny_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    loaders = {"theirs": torch.utils.data.DataLoader(Conventional(root), batch_size=BATCH, shuffle=True,
-                                                     drop_last=True, num_workers=WORKERS, persistent_workers=True)}
+    loaders = {
+        "theirs": torch.utils.data.DataLoader(
+            Conventional(root),
+            batch_size=BATCH,
+            shuffle=True,
+            drop_last=True,
+            num_workers=WORKERS,
+            persistent_workers=True,
+        )
+    }
     if transforms._jpeg_region is not None:
         region, transforms._jpeg_region = transforms._jpeg_region, None  # the workers fork without it
         try:
-            loaders["whole"] = FolderStreamLoader(source, "train", BATCH, image_size=SIZE, mean=MEAN, std=STD,
-                                                  workers=WORKERS)
+            loaders["whole"] = FolderStreamLoader(
+                source, "train", BATCH, image_size=SIZE, mean=MEAN, std=STD, workers=WORKERS
+            )
             train_on(model, opt, loaders["whole"])
         finally:
             transforms._jpeg_region = region
-    loaders["ours"] = FolderStreamLoader(source, "train", BATCH, image_size=SIZE, mean=MEAN, std=STD,
-                                         workers=WORKERS)
+    loaders["ours"] = FolderStreamLoader(source, "train", BATCH, image_size=SIZE, mean=MEAN, std=STD, workers=WORKERS)
     for batches in loaders.values():  # start every pipeline's workers, once
         train_on(model, opt, batches)
     rates = {name: [] for name in loaders}
@@ -138,6 +160,7 @@ TRAIN_SPEC = "c8k8s8,g"  # the tiny model as `cnnlab train --model cnn` builds i
 def spec_model() -> nn.Module:
     """The very model `cnnlab train` trains below, for the two plain loops."""
     from cnnlab.models import create_model
+
     return create_model("cnn", spec=TRAIN_SPEC, num_classes=10)
 
 
@@ -149,8 +172,9 @@ def _conventional_epochs(root: Path, epochs: int) -> list[float]:
     """img/s of each epoch of the conventional training loop (DataLoader + Pillow, tiny model, SGD)."""
     model = spec_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    loader = torch.utils.data.DataLoader(Conventional(root), batch_size=BATCH, shuffle=True, drop_last=True,
-                                         num_workers=WORKERS, persistent_workers=True)
+    loader = torch.utils.data.DataLoader(
+        Conventional(root), batch_size=BATCH, shuffle=True, drop_last=True, num_workers=WORKERS, persistent_workers=True
+    )
     rates = []
     for _ in range(epochs):
         start = time.perf_counter()
@@ -164,8 +188,9 @@ def _loader_epochs(root: Path, epochs: int) -> tuple[list[float], float]:
     process's CPU milliseconds per batch over epochs 2 on."""
     model = spec_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    loader = FolderStreamLoader(open_image_folder(root), "train", BATCH, image_size=SIZE, mean=MEAN, std=STD,
-                                workers=WORKERS)
+    loader = FolderStreamLoader(
+        open_image_folder(root), "train", BATCH, image_size=SIZE, mean=MEAN, std=STD, workers=WORKERS
+    )
     rates = []
     try:
         for epoch in range(epochs):
@@ -187,16 +212,32 @@ def _train_epochs(root: Path, run_dir: Path, epochs: int) -> tuple[list[float], 
     import csv
 
     from cnnlab.engine import TrainConfig, fit
-    cfg = TrainConfig(dataset="imagefolder", data_dir=str(root), data_mode="stream", model="cnn",
-                      model_args={"spec": TRAIN_SPEC}, image_size=SIZE, epochs=epochs, batch_size=BATCH,
-                      workers=WORKERS, threads=1, optimizer="sgd", lr=0.01, progress="none", eval_every=0,
-                      report=False, run_dir=str(run_dir))
+
+    cfg = TrainConfig(
+        dataset="imagefolder",
+        data_dir=str(root),
+        data_mode="stream",
+        model="cnn",
+        model_args={"spec": TRAIN_SPEC},
+        image_size=SIZE,
+        epochs=epochs,
+        batch_size=BATCH,
+        workers=WORKERS,
+        threads=1,
+        optimizer="sgd",
+        lr=0.01,
+        progress="none",
+        eval_every=0,
+        report=False,
+        run_dir=str(run_dir),
+    )
     per_epoch = len(open_image_folder(root).splits["train"]) // BATCH
     marks = {}
 
     def mark(state) -> None:  # the training process's CPU time at the end of epoch 1 and of the last
         if state.step in (per_epoch, epochs * per_epoch):
             marks[state.step] = time.process_time()
+
     summary = fit(cfg, log=lambda m: None, callbacks=[mark])
     with open(run_dir / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
@@ -217,8 +258,10 @@ def bench_train(root: Path, repeats: int, tmp: Path) -> dict[str, list[float]]:
         rates, summary, cpu_ms = _train_epochs(root, tmp / f"train{r}", TRAIN_EPOCHS)
         out["train"] += _steady(rates)
         out["train_cpu_ms"].append(cpu_ms)
-        settings.add(f"{summary['precision']} {'channels_last' if summary['channels_last'] else 'NCHW'} "
-                     f"({summary['precision_reason']}; {summary['channels_last_reason']})")
+        settings.add(
+            f"{summary['precision']} {'channels_last' if summary['channels_last'] else 'NCHW'} "
+            f"({summary['precision_reason']}; {summary['channels_last_reason']})"
+        )
     out["settings"], out["runs"] = sorted(settings), repeats
     return out
 
@@ -228,21 +271,31 @@ def report_train(rates: dict, files: int) -> bool:
     med = {k: statistics.median(rates[k]) for k in ("train", "loader", "theirs")}
     vs_theirs, vs_loader = med["train"] / med["theirs"], med["train"] / med["loader"]
     ok = vs_theirs >= 1.5 and vs_loader >= 0.8
+
     def rate(name):
         values = rates[name]
         return f"min {min(values):,.0f} / median {statistics.median(values):,.0f} img/s"
-    print(f"cnnlab train, streaming: {rate('train')}; conventional DataLoader + Pillow training loop: "
-          f"{rate('theirs')}; ratio {vs_theirs:.2f}x (target >= 1.5x); the stream loader alone (same loop as the "
-          f"conventional one): {rate('loader')}, cnnlab train at {vs_loader:.0%} of it (target >= 80%) "
-          f"[{'PASS' if ok else 'FAIL'}]")
-    print(f"  the training process's own CPU time per batch (steady state, workers not counted; median of "
-          f"{rates['runs']} runs): cnnlab train {statistics.median(rates['train_cpu_ms']):.1f} ms, the plain loop over "
-          f"the stream loader {statistics.median(rates['loader_cpu_ms']):.1f} ms")
-    print(f"  over {len(rates['train'])} steady-state epochs each (epochs 2-{TRAIN_EPOCHS} of {rates['runs']} runs); "
-          f"cnnlab train chose: {'; '.join(rates['settings'])}")
-    print(f"  conditions: {conditions(workers=WORKERS, batch=BATCH, images=files, jpeg='500x375 q90', crop=SIZE, model=f'cnn spec {TRAIN_SPEC} in all three, SGD', main_threads=1)}; cnnlab decoder: {DECODER}"
-          f"; load average {os.getloadavg()[0]:.1f} at the end ({os.cpu_count()} cores): on a shared machine "
-          "timings are noisy")
+
+    print(
+        f"cnnlab train, streaming: {rate('train')}; conventional DataLoader + Pillow training loop: "
+        f"{rate('theirs')}; ratio {vs_theirs:.2f}x (target >= 1.5x); the stream loader alone (same loop as the "
+        f"conventional one): {rate('loader')}, cnnlab train at {vs_loader:.0%} of it (target >= 80%) "
+        f"[{'PASS' if ok else 'FAIL'}]"
+    )
+    print(
+        f"  the training process's own CPU time per batch (steady state, workers not counted; median of "
+        f"{rates['runs']} runs): cnnlab train {statistics.median(rates['train_cpu_ms']):.1f} ms, the plain loop over "
+        f"the stream loader {statistics.median(rates['loader_cpu_ms']):.1f} ms"
+    )
+    print(
+        f"  over {len(rates['train'])} steady-state epochs each (epochs 2-{TRAIN_EPOCHS} of {rates['runs']} runs); "
+        f"cnnlab train chose: {'; '.join(rates['settings'])}"
+    )
+    print(
+        f"  conditions: {conditions(workers=WORKERS, batch=BATCH, images=files, jpeg='500x375 q90', crop=SIZE, model=f'cnn spec {TRAIN_SPEC} in all three, SGD', main_threads=1)}; cnnlab decoder: {DECODER}"
+        f"; load average {os.getloadavg()[0]:.1f} at the end ({os.cpu_count()} cores): on a shared machine "
+        "timings are noisy"
+    )
     return ok
 
 
@@ -289,19 +342,26 @@ def bench_decode(repeats: int) -> dict[str, dict[str, list[float]]]:
             return x.sub_(mean).div_(std)
 
         def stage_torch_resize(d, i):
-            return resize(pixels[box[1]:box[3], box[0]:box[2]], SIZE, SIZE)
+            return resize(pixels[box[1] : box[3], box[0] : box[2]], SIZE, SIZE)
 
         pixels = np.array(decoded.convert("RGB"))
-        methods = {"stage: Pillow decode only": decode_only, "stage: crop+resize (Pillow)": stage_resize,
-                   "stage: crop+resize (torch uint8, cnnlab)": stage_torch_resize,
-                   "stage: to float + normalise": stage_float,
-                   "pillow decode+crop+resize": pillow, "cnnlab decode_crop (train)": cnnlab_train,
-                   "cnnlab decode_crop (eval)": cnnlab_eval}
+        methods = {
+            "stage: Pillow decode only": decode_only,
+            "stage: crop+resize (Pillow)": stage_resize,
+            "stage: crop+resize (torch uint8, cnnlab)": stage_torch_resize,
+            "stage: to float + normalise": stage_float,
+            "pillow decode+crop+resize": pillow,
+            "cnnlab decode_crop (train)": cnnlab_train,
+            "cnnlab decode_crop (eval)": cnnlab_eval,
+        }
         if _jpeg_region is not None:
+
             def region_only(d, i):
                 width, height = Image.open(io.BytesIO(d)).size
-                return _jpeg_region.decode_region(d, 1, *random_resized_crop_box(width, height, sample_rng(0, 0, i)),
-                                                  False)
+                return _jpeg_region.decode_region(
+                    d, 1, *random_resized_crop_box(width, height, sample_rng(0, 0, i)), False
+                )
+
             methods["stage: region decode only (cnnlab, training crop)"] = region_only
         if simplejpeg is not None:
             methods["stage: simplejpeg decode only"] = lambda d, i: simplejpeg.decode_jpeg(d, colorspace="RGB")
@@ -369,8 +429,13 @@ def bench_memory(tmp: Path, pool: list[bytes], n: int) -> dict[int, dict]:
     out = {}
     for count in (n, 10 * n):
         root = write_folder(tmp / f"mem{count}", count, pool)
-        result = subprocess.run([sys.executable, __file__, "--memory-child", str(root)], capture_output=True,
-                                text=True, check=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+        result = subprocess.run(
+            [sys.executable, __file__, "--memory-child", str(root)],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+        )
         out[count] = json.loads(result.stdout.strip().splitlines()[-1])
     return out
 
@@ -388,13 +453,19 @@ def main(repeats: int = 5, files: int = 768, memory_files: int = 200, only: str 
         ours, theirs = rates["ours"], rates["theirs"]
         ratio = statistics.median(ours) / statistics.median(theirs)
         speed_ok = ratio >= 1.5
-        print(f"stream loader: {stats(ours)} img/s; conventional DataLoader: {stats(theirs)} img/s; "
-              f"ratio {ratio:.2f}x (target >= 1.5x) [{'PASS' if speed_ok else 'FAIL'}]")
+        print(
+            f"stream loader: {stats(ours)} img/s; conventional DataLoader: {stats(theirs)} img/s; "
+            f"ratio {ratio:.2f}x (target >= 1.5x) [{'PASS' if speed_ok else 'FAIL'}]"
+        )
         if "whole" in rates:
-            print(f"  stream loader decoding whole JPEGs instead of the crop's region: {stats(rates['whole'])} img/s, "
-                  f"{statistics.median(rates['whole']) / statistics.median(theirs):.2f}x the conventional pipeline")
-        print(f"  conditions: {conditions(workers=WORKERS, batch=BATCH, images=files, jpeg='500x375 q90', crop=SIZE, model='conv8x8/8 + linear, SGD', main_threads=1)}; cnnlab decoder: {DECODER}"
-              "; shared machine: timings are noisy")
+            print(
+                f"  stream loader decoding whole JPEGs instead of the crop's region: {stats(rates['whole'])} img/s, "
+                f"{statistics.median(rates['whole']) / statistics.median(theirs):.2f}x the conventional pipeline"
+            )
+        print(
+            f"  conditions: {conditions(workers=WORKERS, batch=BATCH, images=files, jpeg='500x375 q90', crop=SIZE, model='conv8x8/8 + linear, SGD', main_threads=1)}; cnnlab decoder: {DECODER}"
+            "; shared machine: timings are noisy"
+        )
         for label, times in bench_decode(repeats).items():
             parts = "; ".join(f"{k} {min(v):.2f} / {statistics.median(v):.2f}" for k, v in times.items())
             print(f"decode {label} -> {SIZE}x{SIZE}, ms per image min / median over {repeats} repeats: {parts}")
@@ -403,11 +474,13 @@ def main(repeats: int = 5, files: int = 768, memory_files: int = 200, only: str 
         mb = {k: {m: v[m] / 1024 for m in ("sampled_rss_kb", "vmhwm_kb")} for k, v in memory.items()}
         limit = 1.25 * mb[memory_files]["sampled_rss_kb"] + 64
         memory_ok = mb[10 * memory_files]["sampled_rss_kb"] <= limit
-        print(f"memory: peak RSS of main + {WORKERS} workers over one epoch: {small['files']:,} files "
-              f"{mb[memory_files]['sampled_rss_kb']:.0f} MB (sum of VmHWM {mb[memory_files]['vmhwm_kb']:.0f} MB), "
-              f"{large['files']:,} files {mb[10 * memory_files]['sampled_rss_kb']:.0f} MB (sum of VmHWM "
-              f"{mb[10 * memory_files]['vmhwm_kb']:.0f} MB); limit {limit:.0f} MB (25% + 64 MB) "
-              f"[{'PASS' if memory_ok else 'FAIL'}]")
+        print(
+            f"memory: peak RSS of main + {WORKERS} workers over one epoch: {small['files']:,} files "
+            f"{mb[memory_files]['sampled_rss_kb']:.0f} MB (sum of VmHWM {mb[memory_files]['vmhwm_kb']:.0f} MB), "
+            f"{large['files']:,} files {mb[10 * memory_files]['sampled_rss_kb']:.0f} MB (sum of VmHWM "
+            f"{mb[10 * memory_files]['vmhwm_kb']:.0f} MB); limit {limit:.0f} MB (25% + 64 MB) "
+            f"[{'PASS' if memory_ok else 'FAIL'}]"
+        )
     return train_ok and speed_ok and memory_ok
 
 
@@ -416,8 +489,11 @@ if __name__ == "__main__":
     parser.add_argument("--memory-child")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--files", type=int, default=768)
-    parser.add_argument("--only", choices=("train",), help="train: only cnnlab train against the conventional "
-                        "training loop and the loader alone")
+    parser.add_argument(
+        "--only",
+        choices=("train",),
+        help="train: only cnnlab train against the conventional training loop and the loader alone",
+    )
     args = parser.parse_args()
     if args.memory_child:
         memory_child(args.memory_child)

@@ -8,6 +8,7 @@ repository. The kernel is ipykernel's built-in `python3`, started with this very
 the user has installed. When $CNNLAB_DATA is unset and `../shared/datasets` lies next to the checkout (this
 project's CIFAR-10), the kernels look there.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,8 +54,9 @@ def kernel_environment(cache: str | Path | None = None) -> dict[str, str]:
     return env
 
 
-def execute(path: str | Path, workdir: str | Path, timeout: float = DEFAULT_TIMEOUT,
-            env: dict[str, str] | None = None) -> nbformat.NotebookNode:
+def execute(
+    path: str | Path, workdir: str | Path, timeout: float = DEFAULT_TIMEOUT, env: dict[str, str] | None = None
+) -> nbformat.NotebookNode:
     """Run every cell of the notebook at `path` in a fresh kernel working in `workdir`; return it with its outputs.
 
     A failing cell raises nbclient's CellExecutionError, which carries the cell's source and traceback; running
@@ -64,8 +66,9 @@ def execute(path: str | Path, workdir: str | Path, timeout: float = DEFAULT_TIME
     # No kernel folders: only ipykernel's built-in python3, whose command is sys.executable. A 'python3' spec the
     # user installed (jupyter kernelspec list) might start another Python, without cnnlab or another version of it.
     manager = AsyncKernelManager(kernel_name="python3", kernel_spec_manager=KernelSpecManager(kernel_dirs=[]))
-    client = NotebookClient(nb, timeout=timeout, kernel_name="python3", km=manager,
-                            resources={"metadata": {"path": str(workdir)}})
+    client = NotebookClient(
+        nb, timeout=timeout, kernel_name="python3", km=manager, resources={"metadata": {"path": str(workdir)}}
+    )
     deadline = time.monotonic() + timeout
     # cleanup_kc: shut the kernel down at the end, although the kernel manager was made here, not by nbclient
     with client.setup_kernel(env=env if env is not None else kernel_environment(), cleanup_kc=True):
@@ -100,8 +103,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.out:
             nbformat.write(nb, args.out / path.name)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"{len(paths)} notebooks: {total:.1f} s wall on {os.cpu_count()} CPUs, load average {load:.1f} at the end"
-          + (f"; executed copies in {args.out}" if args.out else ""))
+    print(
+        f"{len(paths)} notebooks: {total:.1f} s wall on {os.cpu_count()} CPUs, load average {load:.1f} at the end"
+        + (f"; executed copies in {args.out}" if args.out else "")
+    )
     return 0
 
 

@@ -1,4 +1,5 @@
 """Shared fixtures: a private cache, tiny dataset files written on the fly, and a local HTTP server."""
+
 from __future__ import annotations
 
 import gzip
@@ -20,8 +21,13 @@ from PIL import Image
 # deadline or speed health check, which a shared machine trips: tests/test_fuzz.py bounds CPU time instead.
 _NOT_WALL_CLOCK = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow], print_blob=True)
 settings.register_profile("ci", derandomize=True, database=None, **_NOT_WALL_CLOCK)
-settings.register_profile("fuzz", derandomize=False, database=None,
-                          max_examples=int(os.environ.get("FUZZ_EXAMPLES", "5000")), **_NOT_WALL_CLOCK)
+settings.register_profile(
+    "fuzz",
+    derandomize=False,
+    database=None,
+    max_examples=int(os.environ.get("FUZZ_EXAMPLES", "5000")),
+    **_NOT_WALL_CLOCK,
+)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
@@ -88,7 +94,7 @@ def write_image_folder(root: Path, classes=("circle", "square", "stripe"), per_c
             for i in range(count):
                 img = rng.integers(0, 60, (size, size, 3), dtype=np.uint8)
                 third = size // len(classes)
-                img[:, k * third:(k + 1) * third, k % 3] = 230
+                img[:, k * third : (k + 1) * third, k % 3] = 230
                 Image.fromarray(img).save(d / f"{i:03d}.png")
     return root
 
@@ -128,7 +134,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if self.path.startswith("/slow/"):  # eight pieces over 0.4 s, so that transfers overlap or can be cut
             step = max(len(data) // 8, 1)
             for i in range(0, len(data), step):
-                self.wfile.write(data[i:i + step])
+                self.wfile.write(data[i : i + step])
                 self.wfile.flush()
                 time.sleep(0.05)
             return
@@ -160,9 +166,14 @@ def http_server():
 def fashion_mnist_dir() -> Path:
     """The real Fashion-MNIST where this machine has it; CI installs Debian's package, so there it must exist."""
     import platformdirs
+
     cache = Path(_USER_CACHE or platformdirs.user_cache_dir("cnnlab")) / "datasets" / "fashion-mnist"
-    for candidate in (_USER_DATA and Path(_USER_DATA) / "fashion-mnist", _USER_DATA, cache,
-                      "/usr/share/datasets/fashion-mnist"):
+    for candidate in (
+        _USER_DATA and Path(_USER_DATA) / "fashion-mnist",
+        _USER_DATA,
+        cache,
+        "/usr/share/datasets/fashion-mnist",
+    ):
         if candidate and (Path(candidate) / "train-images-idx3-ubyte.gz").exists():
             return Path(candidate)
     if os.environ.get("CI"):

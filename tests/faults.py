@@ -1,17 +1,18 @@
 """The cnnlab command line with one fault injected, for tests that need a failure no real machine gives on cue.
 
-    CNNLAB_FAULT=checkpoint-enospc:N  python tests/faults.py train ...
-        the N-th checkpoint write fails with "No space left on device" after its first chunk
-    CNNLAB_FAULT=nan-loss:S1,S2,...   python tests/faults.py train ...
-        the training loss is NaN at these steps (counted from 1), through fit's loss_fn argument
-    CNNLAB_FAULT=nan-grad:S1,S2,...   python tests/faults.py train ...
-        the loss is finite but its gradient NaN at these steps
-    CNNLAB_FAULT=readonly-cache       python tests/faults.py data fetch ...
-        every write under $CNNLAB_CACHE fails with "Read-only file system"
-    CNNLAB_FAULT=stall-step:S:PART    python tests/faults.py train ...
-        step S stops inside its loss (PART=loss) or its backward pass (PART=backward), prints
-        "fault: stalled in step S (PART)" on stderr and waits there, for a test to kill it mid-step
+CNNLAB_FAULT=checkpoint-enospc:N  python tests/faults.py train ...
+    the N-th checkpoint write fails with "No space left on device" after its first chunk
+CNNLAB_FAULT=nan-loss:S1,S2,...   python tests/faults.py train ...
+    the training loss is NaN at these steps (counted from 1), through fit's loss_fn argument
+CNNLAB_FAULT=nan-grad:S1,S2,...   python tests/faults.py train ...
+    the loss is finite but its gradient NaN at these steps
+CNNLAB_FAULT=readonly-cache       python tests/faults.py data fetch ...
+    every write under $CNNLAB_CACHE fails with "Read-only file system"
+CNNLAB_FAULT=stall-step:S:PART    python tests/faults.py train ...
+    step S stops inside its loss (PART=loss) or its backward pass (PART=backward), prints
+    "fault: stalled in step S (PART)" on stderr and waits there, for a test to kill it mid-step
 """
+
 from __future__ import annotations
 
 import builtins
@@ -23,6 +24,7 @@ from pathlib import Path
 
 def checkpoint_enospc(n: int) -> None:
     from cnnlab.engine import checkpoint
+
     original, calls = checkpoint.write_durably, [0]
 
     def failing(fd, data, on_first_chunk=None):
@@ -33,6 +35,7 @@ def checkpoint_enospc(n: int) -> None:
                 os.close(fd)
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return original(fd, data, on_first_chunk)
+
     checkpoint.write_durably = failing
 
 
@@ -48,6 +51,7 @@ def _identity_with_backward(on_backward):
         @staticmethod
         def backward(ctx, grad):
             return on_backward(grad)
+
     return Identity.apply
 
 
@@ -56,6 +60,7 @@ def nan_loss(steps: set[int], in_gradient: bool = False):
     import torch
 
     from cnnlab.train.trainer import cross_entropy
+
     usual, calls = cross_entropy(0.1), [0]
 
     nan_gradient = _identity_with_backward(lambda grad: grad * torch.nan)
@@ -66,6 +71,7 @@ def nan_loss(steps: set[int], in_gradient: bool = False):
             return usual(nan_gradient(logits), labels)
         value = usual(logits, labels)
         return value * torch.nan if calls[0] in steps else value
+
     return loss
 
 
@@ -75,6 +81,7 @@ def stall_in_step(step: int, part: str):
     import time
 
     from cnnlab.train.trainer import cross_entropy
+
     usual, calls = cross_entropy(0.1), [0]
 
     def stall():
@@ -84,6 +91,7 @@ def stall_in_step(step: int, part: str):
     def stall_then_pass(grad):  # the backward pass stops here, before any parameter has its gradient
         stall()
         return grad
+
     stall_backward = _identity_with_backward(stall_then_pass)
 
     def loss(logits, labels):
@@ -93,6 +101,7 @@ def stall_in_step(step: int, part: str):
         if calls[0] == step and part == "backward":
             logits = stall_backward(logits)
         return usual(logits, labels)
+
     return loss
 
 
@@ -124,6 +133,7 @@ def readonly_cache() -> None:
         if inside(path) and not os.path.isdir(path):
             refuse(path)
         return real_mkdir(path, *args, **kwargs)
+
     builtins.open, os.open, os.mkdir = guarded_open, guarded_os_open, guarded_mkdir
 
 
@@ -144,4 +154,5 @@ if __name__ == "__main__":
     else:
         raise SystemExit(f"unknown fault {kind!r}")
     from cnnlab.cli import main
+
     sys.exit(main(sys.argv[1:], fit_options=fit_options))

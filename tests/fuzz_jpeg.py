@@ -10,6 +10,7 @@ point), each decode call within CPU_SECONDS. A crash is replayed input by input 
 finding are written to DIR (default: fuzz-findings/) as .jpg files, to be pinned in tests/test_fuzz.py. The
 input of index i of seed s is a pure function of (s, i): `--replay s:i` runs that one input in this process.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,8 +29,15 @@ from PIL import Image
 
 HERE = Path(__file__).resolve().parent
 CPU_SECONDS = 1.0  # per decode call
-SUBSAMPLINGS = {"4:4:4": "1x1", "4:2:2": "2x1", "4:2:0": "2x2", "4:4:0": "1x2", "4:1:1": "4x1", "4:1:0": "4x2",
-                "3x2": "3x2"}
+SUBSAMPLINGS = {
+    "4:4:4": "1x1",
+    "4:2:2": "2x1",
+    "4:2:0": "2x2",
+    "4:4:0": "1x2",
+    "4:1:1": "4x1",
+    "4:1:0": "4x2",
+    "3x2": "3x2",
+}
 
 
 def _picture(width: int, height: int, seed: int) -> np.ndarray:
@@ -67,10 +75,15 @@ def _ycck(cmyk: bytes) -> bytes:
 def seeds() -> dict[str, bytes]:
     """One small JPEG of each kind the decoders must handle."""
     rgb, odd = _picture(48, 40, 1), _picture(37, 29, 2)
-    out = {"baseline": _pillow(rgb), "progressive": _pillow(rgb, progressive=True),
-           "restart": _pillow(rgb, restart_marker_blocks=1), "grey": _pillow(rgb, "L"),
-           "grey progressive": _pillow(odd, "L", progressive=True), "cmyk": _pillow(rgb, "CMYK"),
-           "odd size 4:4:4": _pillow(odd, subsampling=0)}
+    out = {
+        "baseline": _pillow(rgb),
+        "progressive": _pillow(rgb, progressive=True),
+        "restart": _pillow(rgb, restart_marker_blocks=1),
+        "grey": _pillow(rgb, "L"),
+        "grey progressive": _pillow(odd, "L", progressive=True),
+        "cmyk": _pillow(rgb, "CMYK"),
+        "odd size 4:4:4": _pillow(odd, subsampling=0),
+    }
     out["ycck"] = _ycck(out["cmyk"])
     for orientation in range(2, 9):
         exif = Image.Exif()
@@ -81,8 +94,12 @@ def seeds() -> dict[str, bytes]:
             data = _cjpeg(odd if extra else rgb, "-sample", sample, *flags)
             if data is not None:
                 out[f"{name}{extra}"] = data
-    for name, flags in (("arithmetic", ("-arithmetic",)), ("arithmetic progressive", ("-arithmetic", "-progressive")),
-                        ("restart rows", ("-restart", "1")), ("optimized", ("-optimize",))):
+    for name, flags in (
+        ("arithmetic", ("-arithmetic",)),
+        ("arithmetic progressive", ("-arithmetic", "-progressive")),
+        ("restart rows", ("-restart", "1")),
+        ("optimized", ("-optimize",)),
+    ):
         data = _cjpeg(rgb, *flags)
         if data is not None:
             out[name] = data
@@ -90,6 +107,7 @@ def seeds() -> dict[str, bytes]:
 
 
 # ---------------------------------------------------------------- structure-aware mutation
+
 
 def segments(data: bytes) -> list[bytes]:
     """SOI, each marker segment (an SOS with its entropy-coded data), EOI and any trailing bytes, in order."""
@@ -100,10 +118,10 @@ def segments(data: bytes) -> list[bytes]:
             break
         marker = data[pos + 1]
         if marker == 0xD9 or 0xD0 <= marker <= 0xD7 or marker == 0x01 or marker == 0xFF:
-            out.append(data[pos:pos + 2])
+            out.append(data[pos : pos + 2])
             pos += 2
             continue
-        end = pos + 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
+        end = pos + 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
         if marker == 0xDA:  # the scan's data runs to the next marker that is not RST or stuffing
             scan = end
             while scan + 1 < n and not (data[scan] == 0xFF and data[scan + 1] not in (0,) + tuple(range(0xD0, 0xD8))):
@@ -116,7 +134,7 @@ def segments(data: bytes) -> list[bytes]:
 
 def _set16(segment: bytearray, at: int, value: int) -> None:
     if at + 2 <= len(segment):
-        segment[at:at + 2] = (value & 0xFFFF).to_bytes(2, "big")
+        segment[at : at + 2] = (value & 0xFFFF).to_bytes(2, "big")
 
 
 def mutate(data: bytes, rng: np.random.Generator, donors: list[bytes]) -> tuple[bytes, list[str]]:
@@ -126,22 +144,62 @@ def mutate(data: bytes, rng: np.random.Generator, donors: list[bytes]) -> tuple[
     parts = [bytearray(s) for s in segments(data)]
     done = []
     for _ in range(int(rng.integers(1, 5))):
-        kind = str(rng.choice(["frame", "sampling", "components", "table", "duplicate", "drop", "swap", "splice",
-                               "length", "entropy", "restart", "cut", "bytes"]))
+        kind = str(
+            rng.choice(
+                [
+                    "frame",
+                    "sampling",
+                    "components",
+                    "table",
+                    "duplicate",
+                    "drop",
+                    "swap",
+                    "splice",
+                    "length",
+                    "entropy",
+                    "restart",
+                    "cut",
+                    "bytes",
+                ]
+            )
+        )
         i = int(rng.integers(1, len(parts))) if len(parts) > 1 else 0
-        frames = [j for j, p in enumerate(parts) if len(p) > 9 and p[0] == 0xFF and p[1] in
-                  (0xC0, 0xC1, 0xC2, 0xC3, 0xC9, 0xCA, 0xCB)]
+        frames = [
+            j
+            for j, p in enumerate(parts)
+            if len(p) > 9 and p[0] == 0xFF and p[1] in (0xC0, 0xC1, 0xC2, 0xC3, 0xC9, 0xCA, 0xCB)
+        ]
         scans = [j for j, p in enumerate(parts) if len(p) > 4 and p[:2] == b"\xff\xda"]
         if kind == "frame" and frames:
             f = parts[frames[0]]
-            _set16(f, 5 + 2 * int(rng.integers(0, 2)), int(rng.choice([0, 1, 7, 9, 65535, 8193, 4095,
-                                                                        int(rng.integers(0, 65536))])))
+            _set16(
+                f,
+                5 + 2 * int(rng.integers(0, 2)),
+                int(rng.choice([0, 1, 7, 9, 65535, 8193, 4095, int(rng.integers(0, 65536))])),
+            )
         elif kind == "sampling" and frames:
             f = parts[frames[0]]
             at = 11 + 3 * int(rng.integers(0, max(1, f[9])))
             if at < len(f):
-                f[at] = int(rng.choice([0x11, 0x12, 0x21, 0x22, 0x41, 0x42, 0x44, 0x14, 0x31, 0x33, 0x00, 0xFF,
-                                        int(rng.integers(0, 256))]))
+                f[at] = int(
+                    rng.choice(
+                        [
+                            0x11,
+                            0x12,
+                            0x21,
+                            0x22,
+                            0x41,
+                            0x42,
+                            0x44,
+                            0x14,
+                            0x31,
+                            0x33,
+                            0x00,
+                            0xFF,
+                            int(rng.integers(0, 256)),
+                        ]
+                    )
+                )
         elif kind == "components" and frames:
             parts[frames[0]][9] = int(rng.choice([0, 1, 2, 3, 4, 5, 255]))
         elif kind == "table":
@@ -151,7 +209,7 @@ def mutate(data: bytes, rng: np.random.Generator, donors: list[bytes]) -> tuple[
                 t[int(rng.integers(4, len(t)))] = int(rng.integers(0, 256))
         elif kind == "duplicate":
             j = int(rng.choice(scans)) if scans and rng.random() < 0.6 else i
-            parts[j + 1:j + 1] = [bytearray(parts[j]) for _ in range(int(rng.choice([1, 2, 10, 70])))]
+            parts[j + 1 : j + 1] = [bytearray(parts[j]) for _ in range(int(rng.choice([1, 2, 10, 70])))]
         elif kind == "drop" and len(parts) > 2:
             del parts[i]
         elif kind == "swap" and len(parts) > 3:
@@ -172,7 +230,7 @@ def mutate(data: bytes, rng: np.random.Generator, donors: list[bytes]) -> tuple[
             s[at:at] = bytes([0xFF, 0xD0 + int(rng.integers(0, 8))])
         elif kind == "cut":
             blob = b"".join(parts)
-            parts = [bytearray(blob[:int(rng.integers(2, len(blob) + 1))])]
+            parts = [bytearray(blob[: int(rng.integers(2, len(blob) + 1))])]
         elif kind == "bytes":
             at = int(rng.integers(0, len(parts[i]) + 1))
             parts[i][at:at] = rng.integers(0, 256, int(rng.integers(1, 17)), dtype=np.uint8).tobytes()
@@ -193,12 +251,18 @@ def make_input(seed: int, index: int, kinds: dict[str, bytes]) -> tuple[bytes, s
 
 # ---------------------------------------------------------------- the checks, in the child process
 
+
 def hostile_boxes(rng: np.random.Generator) -> list[tuple[int, int, int, int, int]]:
     """(scale, left, top, right, bottom): in range, at the edges, empty, negative, huge, and bad scales."""
     big = 2**31 - 1
     out = [(int(rng.choice([1, 2, 4, 8])), 0, 0, 1, 1), (1, 0, 0, 48, 40), (8, 5, 4, 6, 5)]
-    out += [(int(rng.choice([1, 2, 4, 8, 3, 0, -8, 16])), *(int(v) for v in rng.choice(
-        [0, 1, 7, 8, 16, 17, 36, 47, 48, 64, -1, big, -big - 1], 4))) for _ in range(3)]
+    out += [
+        (
+            int(rng.choice([1, 2, 4, 8, 3, 0, -8, 16])),
+            *(int(v) for v in rng.choice([0, 1, 7, 8, 16, 17, 36, 47, 48, 64, -1, big, -big - 1], 4)),
+        )
+        for _ in range(3)
+    ]
     return out
 
 
@@ -208,6 +272,7 @@ def check_one(data: bytes, rng: np.random.Generator, tmp: Path) -> float:
     from cnnlab.data import transforms
     from cnnlab.data.images import open_image
     from cnnlab.errors import ImageError
+
     region, simple = transforms._jpeg_region, transforms._simplejpeg
     slowest = 0.0
 
@@ -279,17 +344,25 @@ def run_batch(seed: int, first: int, count: int) -> None:
 
 # ---------------------------------------------------------------- the parent
 
+
 def fuzz(seed: int, inputs: int, batch: int, out: Path | None, log=print) -> dict:
     """Run `inputs` inputs in child processes of `batch` inputs each; returns the figures and the findings."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE.parent / "src"),
-                                                                     os.environ.get("PYTHONPATH")]))}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE.parent / "src"), os.environ.get("PYTHONPATH")])),
+    }
     kinds = seeds()
     findings, crashes, slowest, tried = [], 0, (0.0, -1, ""), 0
     first = 0
     while first < inputs:
         count = min(batch, inputs - first)
-        done = subprocess.run([sys.executable, __file__, "--child", f"{seed}:{first}:{count}"], capture_output=True,
-                              text=True, env=env, timeout=600)
+        done = subprocess.run(
+            [sys.executable, __file__, "--child", f"{seed}:{first}:{count}"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=600,
+        )
         lines = done.stdout.strip().splitlines()
         if done.returncode == 0 and lines and lines[-1].startswith("{"):
             result = json.loads(lines[-1])
@@ -304,8 +377,13 @@ def fuzz(seed: int, inputs: int, batch: int, out: Path | None, log=print) -> dic
         culprit = started[-1] if started else first
         crashes += 1
         _, how = make_input(seed, culprit, kinds)
-        findings.append({"index": culprit, "how": how,
-                         "problem": f"crashed the process (exit {done.returncode}): {done.stderr.strip()[-300:]}"})
+        findings.append(
+            {
+                "index": culprit,
+                "how": how,
+                "problem": f"crashed the process (exit {done.returncode}): {done.stderr.strip()[-300:]}",
+            }
+        )
         tried += culprit - first + 1
         first = culprit + 1  # go on after it
     if out is not None and findings:
@@ -314,9 +392,14 @@ def fuzz(seed: int, inputs: int, batch: int, out: Path | None, log=print) -> dic
             data, _ = make_input(seed, f["index"], kinds)
             (out / f"seed{seed}-{f['index']}.jpg").write_bytes(data)
         (out / f"seed{seed}.json").write_text(json.dumps(findings, indent=1))
-    report = {"seed": seed, "inputs tried": tried, "crashes": crashes, "findings": findings,
-              "slowest decode call": {"cpu_s": round(slowest[0], 4), "index": slowest[1], "input": slowest[2]},
-              "seed kinds": ", ".join(sorted(kinds))}
+    report = {
+        "seed": seed,
+        "inputs tried": tried,
+        "crashes": crashes,
+        "findings": findings,
+        "slowest decode call": {"cpu_s": round(slowest[0], 4), "index": slowest[1], "input": slowest[2]},
+        "seed kinds": ", ".join(sorted(kinds)),
+    }
     log(json.dumps(report, indent=1))
     return report
 

@@ -1,5 +1,6 @@
 """Hostile files for the limit tests (tests/test_fuzz.py's bombs, tests/test_shards.py): JPEG scan bombs, tar
 members that are sparse files, and shards whose manifest matches whatever they hold."""
+
 from __future__ import annotations
 
 import hashlib
@@ -19,7 +20,7 @@ def scan_bomb(width: int, height: int, scans: int) -> bytes:
     Image.new("L", (8, 8), 128).save(buffer, "JPEG", progressive=True)
     data = buffer.getvalue()
     sof, sos, eoi = data.find(b"\xff\xc2"), data.rfind(b"\xff\xda"), data.rfind(b"\xff\xd9")
-    head = data[:sof + 5] + height.to_bytes(2, "big") + width.to_bytes(2, "big") + data[sof + 9:sos]
+    head = data[: sof + 5] + height.to_bytes(2, "big") + width.to_bytes(2, "big") + data[sof + 9 : sos]
     return head + data[sos:eoi] * (scans - data.count(b"\xff\xda") + 1) + b"\xff\xd9"
 
 
@@ -58,8 +59,9 @@ def sample(key: str, label: bytes | str, image: bytes, ext: str = "jpg") -> byte
     return tar_member(f"{key}.cls", label) + tar_member(f"{key}.{ext}", image)
 
 
-def write_shards(folder: Path, train: list[bytes], classes: list[str] | None = None, mode: str = "RGB",
-                 **manifest) -> Path:
+def write_shards(
+    folder: Path, train: list[bytes], classes: list[str] | None = None, mode: str = "RGB", **manifest
+) -> Path:
     """FOLDER/train-000000.tar of the given samples (each from `sample`, or members of one), a one-sample test
     shard, and a manifest that matches them byte for byte: what someone could hand us."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -69,10 +71,22 @@ def write_shards(folder: Path, train: list[bytes], classes: list[str] | None = N
         data = b"".join(samples) + b"\0" * 1024
         name = f"{split}-000000.tar"
         (folder / name).write_bytes(data)
-        splits[split] = {"samples": len(samples), "order": "sorted by path",
-                         "shards": [{"name": name, "samples": len(samples), "bytes": len(data),
-                                     "sha256": hashlib.sha256(data).hexdigest()}]}
-    meta = {"format": "cnnlab-shards", "version": 1, "source": "hostile", "classes": classes, "mode": mode,
-            "counts": {s: v["samples"] for s, v in splits.items()}, "splits": splits, **manifest}
+        splits[split] = {
+            "samples": len(samples),
+            "order": "sorted by path",
+            "shards": [
+                {"name": name, "samples": len(samples), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+            ],
+        }
+    meta = {
+        "format": "cnnlab-shards",
+        "version": 1,
+        "source": "hostile",
+        "classes": classes,
+        "mode": mode,
+        "counts": {s: v["samples"] for s, v in splits.items()},
+        "splits": splits,
+        **manifest,
+    }
     (folder / "manifest.json").write_text(json.dumps(meta))
     return folder

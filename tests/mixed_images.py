@@ -1,4 +1,5 @@
 """Image folders for the streaming tests: JPEG and PNG of mixed sizes and modes, and broken files."""
+
 from __future__ import annotations
 
 import io

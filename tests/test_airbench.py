@@ -1,4 +1,5 @@
 """airbench94 (Jordan 2024, arXiv 2404.00498): the net, its whitening init, the alternating flip, a short run."""
+
 import json
 import time
 
@@ -22,14 +23,26 @@ def test_layers_parameters_and_macs_at_32x32():
     shapes = {layer["name"]: layer["output_shape"] for layer in info["layers"]}
     assert shapes["whiten"] == [1, 24, 31, 31]  # 2 * 3 * 2 * 2 filters, no padding
     assert [shapes[f"layer{i}.norm2"] for i in (1, 2, 3)] == [[1, 64, 15, 15], [1, 256, 7, 7], [1, 256, 3, 3]]
-    assert info["params"] == 24 + (24 * 64 + 64 * 64 + 64 * 256 + 3 * 256 * 256) * 9 + 2 * (64 + 256 + 256) + 2560 \
+    assert (
+        info["params"]
+        == 24 + (24 * 64 + 64 * 64 + 64 * 256 + 3 * 256 * 256) * 9 + 2 * (64 + 256 + 256) + 2560
         == 1_971_352
+    )
     # each group's first conv runs before its pool: at 31, 15 and 7 pixels; the second at 15, 7 and 3
-    assert info["macs"] == (24 * 31 * 31 * 3 * 4
-                            + 64 * 31 * 31 * 24 * 9 + 64 * 15 * 15 * 64 * 9
-                            + 256 * 15 * 15 * 64 * 9 + 256 * 7 * 7 * 256 * 9
-                            + 256 * 7 * 7 * 256 * 9 + 256 * 3 * 3 * 256 * 9
-                            + 256 * 10) == 118_147_360
+    assert (
+        info["macs"]
+        == (
+            24 * 31 * 31 * 3 * 4
+            + 64 * 31 * 31 * 24 * 9
+            + 64 * 15 * 15 * 64 * 9
+            + 256 * 15 * 15 * 64 * 9
+            + 256 * 7 * 7 * 256 * 9
+            + 256 * 7 * 7 * 256 * 9
+            + 256 * 3 * 3 * 256 * 9
+            + 256 * 10
+        )
+        == 118_147_360
+    )
 
 
 def test_frozen_tensors_are_buffers_and_the_keys_are_torchs():
@@ -164,24 +177,51 @@ def _flips_by_epoch(loader, epochs):
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_alternating_flip_flips_each_image_in_every_other_epoch(channels_last):
     n = 100
-    loader = InMemoryLoader(_identified_images(n), torch.arange(n), 16, mean=[0.0], std=[1 / 255], shuffle=True,
-                            seed=3, augment=parse_augment("altflip"), channels_last=channels_last)
+    loader = InMemoryLoader(
+        _identified_images(n),
+        torch.arange(n),
+        16,
+        mean=[0.0],
+        std=[1 / 255],
+        shuffle=True,
+        seed=3,
+        augment=parse_augment("altflip"),
+        channels_last=channels_last,
+    )
     seen = _flips_by_epoch(loader, 5)
     assert all(len(seen[e]) == n for e in range(5))  # every image once per epoch
     first = torch.tensor([seen[0][i] for i in range(n)])
     assert 35 <= int(first.sum()) <= 65  # epoch 0: each image at random with p = 1/2
     for e in range(1, 5):
         assert all(seen[e][i] != seen[e - 1][i] for i in range(n))  # flipped exactly when it was not before
-    other_seed = InMemoryLoader(_identified_images(n), torch.arange(n), 16, mean=[0.0], std=[1 / 255], shuffle=True,
-                                seed=4, augment=parse_augment("altflip"))
+    other_seed = InMemoryLoader(
+        _identified_images(n),
+        torch.arange(n),
+        16,
+        mean=[0.0],
+        std=[1 / 255],
+        shuffle=True,
+        seed=4,
+        augment=parse_augment("altflip"),
+    )
     assert _flips_by_epoch(other_seed, 1)[0] != seen[0]  # a run's seed picks epoch 0's flips
 
 
 @pytest.mark.parametrize("spec", ["altflip", "crop:1:reflect,altflip"])
 def test_alternating_flip_replays_exactly_after_a_resume(spec):
     def make():
-        return InMemoryLoader(_identified_images(60), torch.arange(60), 8, mean=[0.0], std=[1 / 255], shuffle=True,
-                              drop_last=True, seed=5, augment=parse_augment(spec))
+        return InMemoryLoader(
+            _identified_images(60),
+            torch.arange(60),
+            8,
+            mean=[0.0],
+            std=[1 / 255],
+            shuffle=True,
+            drop_last=True,
+            seed=5,
+            augment=parse_augment(spec),
+        )
+
     reference = make()
     seen = [x for _ in range(4) for x, _ in reference]
     interrupted = make()
@@ -214,29 +254,41 @@ def test_the_recipe_names_what_the_engine_needs():
 def recipe_run(image_folder, run, **changes) -> TrainConfig:
     """The airbench94 recipe as `cnnlab train --recipe airbench94` sets it, shrunk to a 16x16 image folder."""
     from cnnlab.train.recipes import apply_recipe
+
     cfg = apply_recipe(TrainConfig(), "airbench94", batch_size=32)
-    values = dict(dataset="imagefolder", data_dir=str(image_folder), run_dir=str(run), batch_size=32, epochs=4,
-                  lookahead_start_epoch=1, progress="none", report=False, threads=1)
+    values = dict(
+        dataset="imagefolder",
+        data_dir=str(image_folder),
+        run_dir=str(run),
+        batch_size=32,
+        epochs=4,
+        lookahead_start_epoch=1,
+        progress="none",
+        report=False,
+        threads=1,
+    )
     values.update(changes)
     import dataclasses
+
     return dataclasses.replace(cfg, **values)
 
 
-def test_evaluations_are_left_out_of_the_training_time_and_the_times_to_accuracy(image_folder, tmp_path,
-                                                                                 monkeypatch):
+def test_evaluations_are_left_out_of_the_training_time_and_the_times_to_accuracy(image_folder, tmp_path, monkeypatch):
     """Evaluating every few steps to time a run must not slow the time it reports: each mid-epoch evaluation
     here sleeps 1.5 s, and none of that may show in train_seconds or in seconds_without_eval."""
     import linecache
     import sys
 
     import cnnlab.train.trainer as trainer
+
     evaluate, naps = trainer.evaluate, []
 
     def slow_evaluate(*args, **kwargs):
         caller = sys._getframe(2)  # evaluate_now's caller: fit, between two steps or at an epoch's end
         line = linecache.getline(caller.f_code.co_filename, caller.f_lineno)
         if caller.f_code.co_name == "fit" and "steps.paused" in "".join(
-                linecache.getline(caller.f_code.co_filename, n) for n in range(caller.f_lineno - 2, caller.f_lineno)):
+            linecache.getline(caller.f_code.co_filename, n) for n in range(caller.f_lineno - 2, caller.f_lineno)
+        ):
             assert "evaluate_now()" in line
             naps.append(1.5)
             time.sleep(1.5)
@@ -264,6 +316,7 @@ def test_the_recipe_learns_on_a_small_subset_and_times_its_accuracy(image_folder
     assert [int(line.split(",")[0]) for line in evals[1:]] == [2, 4, 8, 10]
     # cnnlab eval takes the run's test-time augmentation and precision, so it repeats the run's figure
     from cnnlab.cli import main
+
     main(["eval", str(tmp_path / "run"), "--json"])
     evaluated = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert evaluated["tta"] == 2 and evaluated["accuracy"] == summary["test_accuracy"]
@@ -276,10 +329,12 @@ def test_the_recipe_with_its_lookahead_resumes_bit_for_bit(image_folder, tmp_pat
 
     from cnnlab.engine import resume_config
     from cnnlab.train.trainer import TrainingInterrupted
+
     fit(recipe_run(image_folder, tmp_path / "a", checkpoint_every=2), log=lambda message: None)
 
     def stop(state):
         state.stop_requested = state.step == 7  # after the lookahead's snapshot (epoch 1, step 5)
+
     with pytest.raises(TrainingInterrupted):
         fit(recipe_run(image_folder, tmp_path / "b", checkpoint_every=2), callbacks=[stop], log=lambda message: None)
     fit(resume_config(tmp_path / "b"), resume=True, log=lambda message: None)
@@ -289,6 +344,7 @@ def test_the_recipe_with_its_lookahead_resumes_bit_for_bit(image_folder, tmp_pat
 
 def test_lookahead_snapshots_then_pulls_the_weights_towards_a_slow_copy():
     from cnnlab.train.lookahead import Lookahead
+
     model = torch.nn.Linear(2, 1, bias=False)
     with torch.no_grad():
         model.weight.fill_(1.0)
@@ -302,7 +358,8 @@ def test_lookahead_snapshots_then_pulls_the_weights_towards_a_slow_copy():
     ahead.after_step(12, epoch=1)  # not a multiple of 5
     assert model.weight.eq(3.0).all()
     ahead.after_step(50, epoch=1)
-    decay = 0.95 ** 5 * 0.5 ** 3
+    decay = 0.95**5 * 0.5**3
     expected = decay * 1.0 + (1 - decay) * 3.0
-    assert torch.allclose(model.weight, torch.full((1, 2), expected)) and torch.equal(ahead.snapshot["weight"],
-                                                                                      model.weight.detach())
+    assert torch.allclose(model.weight, torch.full((1, 2), expected)) and torch.equal(
+        ahead.snapshot["weight"], model.weight.detach()
+    )

@@ -1,4 +1,5 @@
 """Each batched augmentation equals a per-image reference loop under the same random draws."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -21,7 +22,7 @@ def test_random_crop_matches_pad_then_crop_per_image(batch, mode):
     for i, img in enumerate(batch):
         padded = F.pad(img.float()[None], (3, 3, 3, 3), mode="constant" if mode == "zero" else "reflect")[0]
         dy, dx = int(params["dy"][i]), int(params["dx"][i])
-        assert torch.equal(out[i].float(), padded[:, dy:dy + 10, dx:dx + 12])
+        assert torch.equal(out[i].float(), padded[:, dy : dy + 10, dx : dx + 12])
 
 
 def test_flip_matches_per_image(batch):
@@ -41,8 +42,9 @@ def test_translate_matches_per_image(batch):
         dy, dx = int(params["dy"][i]), int(params["dx"][i])
         expected = torch.zeros_like(img)
         h, w = img.shape[1:]
-        expected[:, max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = \
-            img[:, max(-dy, 0):h - max(dy, 0), max(-dx, 0):w - max(dx, 0)]
+        expected[:, max(dy, 0) : h + min(dy, 0), max(dx, 0) : w + min(dx, 0)] = img[
+            :, max(-dy, 0) : h - max(dy, 0), max(-dx, 0) : w - max(dx, 0)
+        ]
         assert torch.equal(out[i], expected)
 
 
@@ -53,7 +55,7 @@ def test_cutout_matches_per_image(batch):
     for i, img in enumerate(batch):
         cy, cx = int(params["cy"][i] * 10), int(params["cx"][i] * 12)
         expected = img.clone()
-        expected[:, max(cy - 2, 0):cy + 3, max(cx - 2, 0):cx + 3] = 0
+        expected[:, max(cy - 2, 0) : cy + 3, max(cx - 2, 0) : cx + 3] = 0
         assert torch.equal(out[i], expected)
 
 
@@ -95,13 +97,22 @@ def test_loader_drop_last_and_reproducible_shuffle():
 def test_loader_crop_path_equals_the_batched_reference(batch, channels_last):
     """The loader pads its dataset once and selects windows; the result equals RandomCrop.apply per batch."""
     labels = torch.arange(len(batch))
-    loader = InMemoryLoader(batch, labels, 5, mean=[0.0] * 3, std=[1 / 255] * 3, shuffle=True, seed=7,
-                            augment=parse_augment("crop:3:reflect,flip"), channels_last=channels_last)
+    loader = InMemoryLoader(
+        batch,
+        labels,
+        5,
+        mean=[0.0] * 3,
+        std=[1 / 255] * 3,
+        shuffle=True,
+        seed=7,
+        augment=parse_augment("crop:3:reflect,flip"),
+        channels_last=channels_last,
+    )
     order_gen, aug_gen = torch.Generator().manual_seed(7), torch.Generator().manual_seed(8)
     order = torch.randperm(len(batch), generator=order_gen)
     crop, flip = RandomCrop(3, "reflect"), HorizontalFlip()
     for i, (x, y) in enumerate(loader):
-        idx = order[i * 5:(i + 1) * 5]
+        idx = order[i * 5 : (i + 1) * 5]
         expected = crop.apply(batch[idx], crop.sample(len(idx), aug_gen))
         expected = flip.apply(expected, flip.sample(len(idx), aug_gen))
         assert torch.equal(y, labels[idx]) and torch.equal(x, expected.float())

@@ -28,26 +28,32 @@ def test_unknown_key_suggests_the_close_one():
         config_from_dict({"epoch": 1})
 
 
-@pytest.mark.parametrize("values, message", [
-    ({"epochs": "ten"}, "epochs: expected float, got str 'ten'"),
-    ({"epochs": True}, "epochs: expected float, got bool True"),
-    ({"batch_size": 12.5}, "batch_size: expected int, got float 12.5"),
-    ({"lr": [0.1]}, "lr: expected float, got list"),
-    ({"model_args": "spec"}, "model_args: expected dict"),
-])
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"epochs": "ten"}, "epochs: expected float, got str 'ten'"),
+        ({"epochs": True}, "epochs: expected float, got bool True"),
+        ({"batch_size": 12.5}, "batch_size: expected int, got float 12.5"),
+        ({"lr": [0.1]}, "lr: expected float, got list"),
+        ({"model_args": "spec"}, "model_args: expected dict"),
+    ],
+)
 def test_wrong_types_are_named(values, message):
     with pytest.raises(ConfigError, match=message.replace("(", "\\(").replace("[", "\\[")):
         config_from_dict(values)
 
 
-@pytest.mark.parametrize("values, message", [
-    ({"optimizer": "adam"}, "optimizer = 'adam' is invalid; choices: sgd, adamw"),
-    ({"momentum": 1.0}, "momentum = 1.0 is invalid: it must be in [0, 1)"),
-    ({"schedule": "multistep"}, "needs milestones"),
-    ({"augment": "crop"}, "bad augmentation 'crop'"),
-    ({"model": "vgg"}, "unknown model 'vgg'"),
-    ({"dataset": "imagenet"}, "unknown dataset 'imagenet'"),
-])
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"optimizer": "adam"}, "optimizer = 'adam' is invalid; choices: sgd, adamw"),
+        ({"momentum": 1.0}, "momentum = 1.0 is invalid: it must be in [0, 1)"),
+        ({"schedule": "multistep"}, "needs milestones"),
+        ({"augment": "crop"}, "bad augmentation 'crop'"),
+        ({"model": "vgg"}, "unknown model 'vgg'"),
+        ({"dataset": "imagenet"}, "unknown dataset 'imagenet'"),
+    ],
+)
 def test_invalid_values_fail_validation(values, message):
     with pytest.raises(Exception, match=message.replace("[", "\\[").replace(")", "\\)").replace("(", "\\(")):
         config_from_dict(values).validate()

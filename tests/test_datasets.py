@@ -17,10 +17,11 @@ from cnnlab.errors import DatasetError
 def tiny_mnist(monkeypatch, content: dict[str, bytes] | None, n_train=20, n_test=10):
     """Register a 'mnist' spec sized for test files; checksums from `content` (None: checksums that never match)."""
     spec = get_spec("mnist")
-    files = tuple(DataFile(f.name, ("sha256:" + hashlib.sha256(content[f.name]).hexdigest()) if content
-                           else "sha256:" + "0" * 64) for f in spec.files["mnist"])
-    tiny = dataclasses.replace(spec, counts={"train": n_train, "test": n_test}, files={"mnist": files},
-                               system_dirs=())
+    files = tuple(
+        DataFile(f.name, ("sha256:" + hashlib.sha256(content[f.name]).hexdigest()) if content else "sha256:" + "0" * 64)
+        for f in spec.files["mnist"]
+    )
+    tiny = dataclasses.replace(spec, counts={"train": n_train, "test": n_test}, files={"mnist": files}, system_dirs=())
     monkeypatch.setitem(CATALOG, "mnist", tiny)
     return tiny
 
@@ -97,6 +98,7 @@ def test_decoded_once_then_loaded_from_the_cache(tmp_path, monkeypatch):
 
     def no_parse(*args, **kwargs):
         raise AssertionError("decoded again")
+
     monkeypatch.setattr(datasets_module, "parse_idx", no_parse)
     second = load_dataset("mnist", tmp_path)
     assert torch.equal(first.train_images, second.train_images) and second.files == first.files
@@ -207,6 +209,7 @@ def test_the_cache_entry_holds_the_hash_of_the_bytes_it_decoded(tmp_path, monkey
         if p == path and not edited:
             edited.append(_edit_keeping_size_and_mtime(path))
         return data
+
     monkeypatch.setattr(datasets_module, "read_bytes", read_then_edit)
     first = load_dataset("mnist", tmp_path)
     second = load_dataset("mnist", tmp_path)

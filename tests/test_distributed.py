@@ -1,6 +1,7 @@
 """Training on several processes through torchrun (gloo on CPU): the global batch split over ranks, rank 0
 alone writing, restarts after a killed worker, two agents meeting over a c10d rendezvous, and a SIGTERM to
 the agent."""
+
 import os
 import signal
 import socket
@@ -19,13 +20,32 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="to
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory):
     from conftest import write_image_folder
+
     return write_image_folder(tmp_path_factory.mktemp("ddp") / "shapes", per_class=(48, 10))
 
 
 def train_args(root, run, *extra):
-    return ["train", "--dataset", "imagefolder", "--data-dir", str(root), "--model", "convnet", "--batch-size", "16",
-            "--precision", "fp32", "--channels-last", "off", "--run-dir", str(run), "--no-report",
-            "--augment", "crop:2:reflect,flip", *extra]
+    return [
+        "train",
+        "--dataset",
+        "imagefolder",
+        "--data-dir",
+        str(root),
+        "--model",
+        "convnet",
+        "--batch-size",
+        "16",
+        "--precision",
+        "fp32",
+        "--channels-last",
+        "off",
+        "--run-dir",
+        str(run),
+        "--no-report",
+        "--augment",
+        "crop:2:reflect,flip",
+        *extra,
+    ]
 
 
 def env_for(tmp_path, **extra):
@@ -42,18 +62,34 @@ def weights(run):
 
 def test_two_ranks_end_with_the_one_process_weights_and_accuracy(shapes, tmp_path):
     env = env_for(tmp_path)
-    one = subprocess.run([sys.executable, "-m", "cnnlab", *train_args(shapes, tmp_path / "one", "--epochs", "1",
-                                                                      "--threads", "1")],
-                         env=env, capture_output=True, text=True, timeout=600)
+    one = subprocess.run(
+        [sys.executable, "-m", "cnnlab", *train_args(shapes, tmp_path / "one", "--epochs", "1", "--threads", "1")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert one.returncode == 0, one.stderr
-    two = subprocess.run(torchrun("--standalone", "--nproc-per-node", "2", "-m", "cnnlab",
-                                  *train_args(shapes, tmp_path / "two", "--epochs", "1")),
-                         env=env, capture_output=True, text=True, timeout=600)
+    two = subprocess.run(
+        torchrun(
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "cnnlab",
+            *train_args(shapes, tmp_path / "two", "--epochs", "1"),
+        ),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert two.returncode == 0, two.stderr
     a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
     for k in a:  # same global batches, gradients averaged over ranks: equal up to float rounding
         assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-4 * a[k].abs().max().item()), k
     import json
+
     s1, s2 = (json.loads((tmp_path / r / "summary.json").read_text()) for r in ("one", "two"))
     assert s1["test_accuracy"] == s2["test_accuracy"] and s2["world_size"] == 2 and s2["backend"] == "gloo"
     rows = (tmp_path / "two" / "metrics.csv").read_text().splitlines()
@@ -62,9 +98,20 @@ def test_two_ranks_end_with_the_one_process_weights_and_accuracy(shapes, tmp_pat
 
 
 def test_a_batch_the_ranks_cannot_share_is_refused(shapes, tmp_path):
-    result = subprocess.run(torchrun("--standalone", "--nproc-per-node", "2", "-m", "cnnlab",
-                                     *train_args(shapes, tmp_path / "run", "--epochs", "1", "--batch-size", "15")),
-                            env=env_for(tmp_path), capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        torchrun(
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "cnnlab",
+            *train_args(shapes, tmp_path / "run", "--epochs", "1", "--batch-size", "15"),
+        ),
+        env=env_for(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode != 0
     assert "batch_size 15 cannot be split over 2 processes" in result.stderr
 
@@ -79,8 +126,11 @@ def _rank_pids(agent_pid: int) -> dict[int, int]:
             stat = (child / "stat").read_text()
             if int(stat.rsplit(")", 1)[1].split()[1]) != agent_pid:
                 continue
-            environ = dict(item.split("=", 1) for item in (child / "environ").read_bytes().decode(errors="replace")
-                           .split("\0") if "=" in item)
+            environ = dict(
+                item.split("=", 1)
+                for item in (child / "environ").read_bytes().decode(errors="replace").split("\0")
+                if "=" in item
+            )
             ranks[int(environ["RANK"])] = int(child.name)
         except (OSError, KeyError, ValueError, IndexError):
             continue
@@ -90,14 +140,40 @@ def _rank_pids(agent_pid: int) -> dict[int, int]:
 def test_a_worker_killed_mid_run_is_restarted_and_the_run_ends_bitwise_as_if_never_killed(shapes, tmp_path):
     env = env_for(tmp_path)
     common = ("--epochs", "3", "--checkpoint-every", "2", "--progress", "plain", "--log-every", "1")
-    reference = subprocess.run([sys.executable, "-m", "cnnlab", "train", "--nproc-per-node", "2",
-                                *train_args(shapes, tmp_path / "reference", *common)[1:]],
-                               env=env, capture_output=True, text=True, timeout=900)
+    reference = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cnnlab",
+            "train",
+            "--nproc-per-node",
+            "2",
+            *train_args(shapes, tmp_path / "reference", *common)[1:],
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert reference.returncode == 0, reference.stderr
     run = tmp_path / "run"
-    agent = subprocess.Popen([sys.executable, "-m", "cnnlab", "train", "--nproc-per-node", "2", "--max-restarts", "2",
-                              *train_args(shapes, run, *common)[1:]],
-                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    agent = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "cnnlab",
+            "train",
+            "--nproc-per-node",
+            "2",
+            "--max-restarts",
+            "2",
+            *train_args(shapes, run, *common)[1:],
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         killed = None
         for line in agent.stdout:  # rank 0's progress: kill rank 1 inside step 11 (of 27), after a checkpoint
@@ -132,11 +208,30 @@ def test_two_agents_over_a_c10d_rendezvous_write_one_run_folder_from_rank_0_alon
     for node in nodes:
         node.mkdir()
         env = env_for(node)  # each node its own cache folder, which must stay empty on the non-zero rank
-        procs.append(subprocess.Popen(
-            torchrun("--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
-                     "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "cnnlab-test", "-m", "cnnlab",
-                     *train_args(shapes, "run", "--epochs", "1")),
-            cwd=node, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        procs.append(
+            subprocess.Popen(
+                torchrun(
+                    "--nnodes",
+                    "2",
+                    "--nproc-per-node",
+                    "1",
+                    "--rdzv-backend",
+                    "c10d",
+                    "--rdzv-endpoint",
+                    f"127.0.0.1:{port}",
+                    "--rdzv-id",
+                    "cnnlab-test",
+                    "-m",
+                    "cnnlab",
+                    *train_args(shapes, "run", "--epochs", "1"),
+                ),
+                cwd=node,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outputs
     made = [n for n in nodes if (n / "run").exists()]
@@ -144,16 +239,30 @@ def test_two_agents_over_a_c10d_rendezvous_write_one_run_folder_from_rank_0_alon
     writer = made[0]
     other = nodes[1 - nodes.index(writer)]
     assert _files(other) == set(), f"rank 1 wrote {_files(other)}"
-    assert {"config.yaml", "metrics.csv", "last.ckpt", "model.safetensors", "model.json", "summary.json"} <= \
-        {p.name for p in (writer / "run").iterdir()}
+    assert {"config.yaml", "metrics.csv", "last.ckpt", "model.safetensors", "model.json", "summary.json"} <= {
+        p.name for p in (writer / "run").iterdir()
+    }
 
 
 def test_sigterm_to_the_agent_checkpoints_and_stops_every_rank(shapes, tmp_path):
     run = tmp_path / "run"
-    agent = subprocess.Popen([sys.executable, "-m", "cnnlab", "train", "--nproc-per-node", "2",
-                              *train_args(shapes, run, "--epochs", "5000", "--schedule", "constant", "--progress",
-                                          "plain", "--log-every", "1")[1:]],
-                             env=env_for(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    agent = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "cnnlab",
+            "train",
+            "--nproc-per-node",
+            "2",
+            *train_args(
+                shapes, run, "--epochs", "5000", "--schedule", "constant", "--progress", "plain", "--log-every", "1"
+            )[1:],
+        ],
+        env=env_for(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         lines = []
         for line in agent.stdout:
@@ -167,6 +276,7 @@ def test_sigterm_to_the_agent_checkpoints_and_stops_every_rank(shapes, tmp_path)
     assert agent.returncode == 143, "".join(lines) + rest
     assert f"cnnlab train --resume {run}" in rest
     from cnnlab.train.checkpoint import read_checkpoint
+
     state = read_checkpoint(run / "last.ckpt")
     assert state["step"] >= 4 and state["world_size"] == 2 and len(state["rng"]) == 2
     time.sleep(0.5)
@@ -175,12 +285,28 @@ def test_sigterm_to_the_agent_checkpoints_and_stops_every_rank(shapes, tmp_path)
 
 def test_resuming_at_another_world_size_continues_and_says_it_is_not_bitwise(shapes, tmp_path):
     env = env_for(tmp_path)
-    first = subprocess.run(torchrun("--standalone", "--nproc-per-node", "2", "-m", "cnnlab",
-                                    *train_args(shapes, tmp_path / "run", "--epochs", "1", "--schedule", "constant")),
-                           env=env, capture_output=True, text=True, timeout=600)
+    first = subprocess.run(
+        torchrun(
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "cnnlab",
+            *train_args(shapes, tmp_path / "run", "--epochs", "1", "--schedule", "constant"),
+        ),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert first.returncode == 0, first.stderr
-    again = subprocess.run([sys.executable, "-m", "cnnlab", "train", "--resume", str(tmp_path / "run"), "--epochs",
-                            "2"], env=env, capture_output=True, text=True, timeout=600)
+    again = subprocess.run(
+        [sys.executable, "-m", "cnnlab", "train", "--resume", str(tmp_path / "run"), "--epochs", "2"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert again.returncode == 0, again.stderr
     assert "checkpointed by 2 process(es) and resumes with 1" in again.stdout and "not bit for bit" in again.stdout
     assert len((tmp_path / "run" / "metrics.csv").read_text().splitlines()) == 3
@@ -195,8 +321,9 @@ def test_each_torchrun_attempt_meets_under_its_own_store_prefix(monkeypatch):
 
     from cnnlab.train.runtime import _restart_store
 
-    server = dist.TCPStore("127.0.0.1", 0, is_master=True, timeout=datetime.timedelta(seconds=10),
-                           wait_for_workers=False)
+    server = dist.TCPStore(
+        "127.0.0.1", 0, is_master=True, timeout=datetime.timedelta(seconds=10), wait_for_workers=False
+    )
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", str(server.port))
     monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
@@ -217,11 +344,22 @@ def test_lr_find_under_two_ranks_decides_once_and_trains_every_rank_with_it(shap
     """The ranks average their losses, so they stop the range test at the same step (a rank that stopped alone
     would leave the others waiting in DDP's all-reduce); rank 0 reports once and its suggestion is the run's lr."""
     import json
+
     env = env_for(tmp_path)
-    two = subprocess.run(torchrun("--standalone", "--nproc-per-node", "2", "-m", "cnnlab",
-                                  *train_args(shapes, tmp_path / "two", "--epochs", "1", "--lr", "find",
-                                              "--optimizer", "adamw")),
-                         env=env, capture_output=True, text=True, timeout=600)
+    two = subprocess.run(
+        torchrun(
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "cnnlab",
+            *train_args(shapes, tmp_path / "two", "--epochs", "1", "--lr", "find", "--optimizer", "adamw"),
+        ),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert two.returncode == 0, two.stderr
     summary = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["lr_find"]["suggested"] == summary["lr"]

@@ -15,6 +15,7 @@ like a checkout, so relative paths mean what they mean there: bench/, notebooks/
 the repository's, ../shared is a link to the real one beside the repository (where CIFAR-10 and MNIST lie), and
 CNNLAB_CACHE points into the folder. What an example writes (runs/, viz/, build/) stays in the folder.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -49,7 +50,7 @@ def shell_blocks(page: Path) -> list[tuple[int, str]]:
             blocks.append((start, "\n".join(body) + "\n"))
             start = None
         elif start is not None:
-            body.append(line[len(indent):] if line.startswith(indent) else line)
+            body.append(line[len(indent) :] if line.startswith(indent) else line)
     return blocks
 
 
@@ -64,9 +65,17 @@ def directives(block: str) -> dict[str, str]:
     return found
 
 
-EXAMPLES = [pytest.param(page, number, block, id=f"{page.relative_to(REPO)}:{number}",
-                         marks=[pytest.mark.slow] if "slow" in directives(block) else [])
-            for page in PAGES for number, block in shell_blocks(page)]
+EXAMPLES = [
+    pytest.param(
+        page,
+        number,
+        block,
+        id=f"{page.relative_to(REPO)}:{number}",
+        marks=[pytest.mark.slow] if "slow" in directives(block) else [],
+    )
+    for page in PAGES
+    for number, block in shell_blocks(page)
+]
 
 
 def commands(block: str) -> list[list[str]]:
@@ -90,8 +99,11 @@ def test_a_shell_example_runs_as_written(page, number, block, tmp_path, request)
     if "long" in marks:
         check_long_example(block, f"{page.name}:{number}")
         return
-    env = {**os.environ, "CNNLAB_CACHE": str(tmp_path / "cache"),
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = {
+        **os.environ,
+        "CNNLAB_CACHE": str(tmp_path / "cache"),
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
     for name in marks.get("needs", "").replace(",", " ").split():
         folder = request.getfixturevalue(NEEDS[name])  # skips here, or fails under CI, when it is missing
         if name == "fashion-mnist":  # found by the default look-up in a checkout; here the cache is fresh
@@ -99,8 +111,10 @@ def test_a_shell_example_runs_as_written(page, number, block, tmp_path, request)
     start = time.perf_counter()
     done = run_block(block, tmp_path, env)
     print(f"{page.name}:{number}: {time.perf_counter() - start:.1f} s")
-    assert done.returncode == 0, (f"{page.name}:{number} failed (exit {done.returncode}):\n{block}\n"
-                                  f"--- stdout\n{done.stdout[-3000:]}\n--- stderr\n{done.stderr[-3000:]}")
+    assert done.returncode == 0, (
+        f"{page.name}:{number} failed (exit {done.returncode}):\n{block}\n"
+        f"--- stdout\n{done.stdout[-3000:]}\n--- stderr\n{done.stderr[-3000:]}"
+    )
 
 
 def run_block(block: str, tmp_path: Path, env: dict) -> subprocess.CompletedProcess:
@@ -113,13 +127,13 @@ def run_block(block: str, tmp_path: Path, env: dict) -> subprocess.CompletedProc
         (tmp_path / "shared").symlink_to(REPO.parent / "shared")
     script = tmp_path / "example.sh"
     script.write_text("set -euo pipefail\n" + block)
-    return subprocess.run(["bash", str(script)], cwd=checkout, env=env, capture_output=True, text=True,
-                          timeout=BLOCK_TIMEOUT)
+    return subprocess.run(
+        ["bash", str(script)], cwd=checkout, env=env, capture_output=True, text=True, timeout=BLOCK_TIMEOUT
+    )
 
 
 def test_a_failing_line_fails_the_example_and_paths_resolve_as_in_a_checkout(tmp_path):
-    done = run_block("ls bench/airbench.py notebooks/execute.py\nfalse\necho not reached\n", tmp_path,
-                     dict(os.environ))
+    done = run_block("ls bench/airbench.py notebooks/execute.py\nfalse\necho not reached\n", tmp_path, dict(os.environ))
     assert done.returncode != 0 and "bench/airbench.py" in done.stdout and "not reached" not in done.stdout
 
 
@@ -129,7 +143,7 @@ def check_long_example(block: str, where: str) -> None:
 
     for argv in commands(block):
         if "cnnlab" in argv:  # `cnnlab train ...`, and `torchrun ... -m cnnlab train ...`
-            args = argv[argv.index("cnnlab") + 1:]
+            args = argv[argv.index("cnnlab") + 1 :]
             try:
                 with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
                     build_parser().parse_args(args)  # --help and usage errors print: not wanted here

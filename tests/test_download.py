@@ -1,4 +1,5 @@
 """Downloads against a local HTTP server on 127.0.0.1: no test reaches the internet."""
+
 import dataclasses
 import hashlib
 import io
@@ -20,8 +21,13 @@ def md5(data: bytes) -> str:
 def test_first_good_mirror_wins_and_each_failure_is_one_line(http_server, tmp_path):
     http_server.files["a.bin"] = b"payload" * 1000
     lines = []
-    path = download("a.bin", [f"{http_server.base}/broken/", f"{http_server.base}/ok/"], tmp_path,
-                    md5(b"payload" * 1000), log=lines.append)
+    path = download(
+        "a.bin",
+        [f"{http_server.base}/broken/", f"{http_server.base}/ok/"],
+        tmp_path,
+        md5(b"payload" * 1000),
+        log=lines.append,
+    )
     assert path.read_bytes() == b"payload" * 1000
     failures = [line for line in lines if "failed" in line]
     assert len(failures) == 1 and "/broken/a.bin" in failures[0] and "503" in failures[0]
@@ -38,8 +44,9 @@ def test_truncated_transfer_is_detected_and_the_next_mirror_used(http_server, tm
     data = bytes(range(256)) * 400
     http_server.files["a.bin"] = data
     lines = []
-    path = download("a.bin", [f"{http_server.base}/truncated/", f"{http_server.base}/ok/"], tmp_path, md5(data),
-                    log=lines.append)
+    path = download(
+        "a.bin", [f"{http_server.base}/truncated/", f"{http_server.base}/ok/"], tmp_path, md5(data), log=lines.append
+    )
     assert path.read_bytes() == data
     assert any("truncated" in line or "IncompleteRead" in line for line in lines if "failed" in line)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bin"]
@@ -61,8 +68,13 @@ def test_fetch_idx_dataset_end_to_end(http_server, tmp_path, monkeypatch):
         gz = (tmp_path / "src" / (f.name + ".gz")).read_bytes()
         http_server.files[f.name + ".gz"] = gz
         files.append(DataFile(f.name, "sha256:" + hashlib.sha256(content[f.name]).hexdigest(), None, md5(gz)))
-    tiny = dataclasses.replace(spec, counts={"train": 20, "test": 10}, files={"mnist": tuple(files)},
-                               mirrors=(f"{http_server.base}/broken/", f"{http_server.base}/ok/"), system_dirs=())
+    tiny = dataclasses.replace(
+        spec,
+        counts={"train": 20, "test": 10},
+        files={"mnist": tuple(files)},
+        mirrors=(f"{http_server.base}/broken/", f"{http_server.base}/ok/"),
+        system_dirs=(),
+    )
     monkeypatch.setitem(CATALOG, "mnist", tiny)
     with pytest.raises(DatasetError, match="not found"):
         load_dataset("mnist")
@@ -90,9 +102,12 @@ def test_fetch_cifar_archive_end_to_end(http_server, monkeypatch):
     archive = _tar({f"cifar-10-batches-py/{n}": b for n, b in batches.items()})
     http_server.files["cifar-10-python.tar.gz"] = archive
     spec = dataclasses.replace(
-        get_spec("cifar10"), counts={"train": 10, "test": 10}, mirrors=(f"{http_server.base}/ok/",),
+        get_spec("cifar10"),
+        counts={"train": 10, "test": 10},
+        mirrors=(f"{http_server.base}/ok/",),
         files={"cifar-10-batches-py": tuple(DataFile(n, "md5:" + md5(b)) for n, b in batches.items())},
-        archive=Archive("cifar-10-python.tar.gz", md5(archive), "cifar-10-batches-py"))
+        archive=Archive("cifar-10-python.tar.gz", md5(archive), "cifar-10-batches-py"),
+    )
     monkeypatch.setitem(CATALOG, "cifar10", spec)
     folder = fetch("cifar10", log=lambda m: None)
     assert sorted(p.name for p in folder.iterdir()) == ["data_batch_1", "test_batch"]
@@ -101,12 +116,15 @@ def test_fetch_cifar_archive_end_to_end(http_server, monkeypatch):
     assert data.verified and data.train_images.shape == (10, 3, 32, 32)
 
 
-@pytest.mark.parametrize("members, links", [
-    ({"../evil.txt": b"x"}, None),
-    ({"/tmp/cnnlab-evil-absolute.txt": b"x"}, None),
-    ({"folder/ok.txt": b"x"}, {"folder/link": "../../outside"}),
-    ({"folder/ok.txt": b"x"}, {"folder/abs": "/etc/passwd"}),
-])
+@pytest.mark.parametrize(
+    "members, links",
+    [
+        ({"../evil.txt": b"x"}, None),
+        ({"/tmp/cnnlab-evil-absolute.txt": b"x"}, None),
+        ({"folder/ok.txt": b"x"}, {"folder/link": "../../outside"}),
+        ({"folder/ok.txt": b"x"}, {"folder/abs": "/etc/passwd"}),
+    ],
+)
 def test_archives_escaping_the_target_are_refused(tmp_path, members, links):
     archive = tmp_path / "a.tar.gz"
     archive.write_bytes(_tar(members, links))

@@ -1,6 +1,7 @@
 """`cnnlab explain`: the page's numbers against torch.nn.functional on each layer's real input (captured here by
 hooks of the test's own), its probabilities against `cnnlab predict`, its size budget, and the page in a real
 headless Chromium (no request leaves it, a click on a unit shows the expected numbers)."""
+
 import base64
 import json
 from pathlib import Path
@@ -42,10 +43,18 @@ def weights_folder(folder: Path, name: str, classes=10, shape=(3, 32, 32), **arg
             m.weight.data.uniform_(0.5, 1.5)
             m.bias.data.uniform_(-0.2, 0.2)
     folder.mkdir(parents=True, exist_ok=True)
-    save_weights(model, folder / "model.safetensors",
-                 {"model": name, "model_args": {"num_classes": classes, **args},
-                  "classes": [f"class {i}" for i in range(classes)], "mean": [0.5] * shape[0],
-                  "std": [0.25] * shape[0], "input_shape": list(shape)})
+    save_weights(
+        model,
+        folder / "model.safetensors",
+        {
+            "model": name,
+            "model_args": {"num_classes": classes, **args},
+            "classes": [f"class {i}" for i in range(classes)],
+            "mean": [0.5] * shape[0],
+            "std": [0.25] * shape[0],
+            "input_shape": list(shape),
+        },
+    )
     return folder
 
 
@@ -53,7 +62,7 @@ def image_files(folder: Path, n: int, size=(40, 36), seed=0) -> list[Path]:
     """Smooth pictures (blobs on a gradient): they compress as photographs do, unlike uniform noise."""
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
-    yy, xx = np.mgrid[0:size[1], 0:size[0]]
+    yy, xx = np.mgrid[0 : size[1], 0 : size[0]]
     paths = []
     for k in range(n):
         img = np.zeros((size[1], size[0], 3))
@@ -76,7 +85,9 @@ def real_io(model, x) -> dict:
     def keep(name):
         def hook(module, inputs, output):
             seen.setdefault(name, (inputs[0].clone(), output.clone()))
+
         return hook
+
     model.requires_grad_(False)  # plain numbers from here on
     hooks = [m.register_forward_hook(keep(name)) for name, m in model.named_children()]
     for m in model.modules():
@@ -108,8 +119,16 @@ def test_page_numbers_equal_pytorch_on_each_layers_real_input(convnet):
     model.load_state_dict(loaded.model.state_dict())
     io = real_io(model, x)
     layers = {layer["id"]: layer for layer in data["layers"]}
-    assert [layers[k]["kind"] for k in ("0", "1", "2", "3", "4", "5", "10", "12")] == \
-        ["conv", "act", "conv", "act", "pool", "conv", "linear", "linear"]
+    assert [layers[k]["kind"] for k in ("0", "1", "2", "3", "4", "5", "10", "12")] == [
+        "conv",
+        "act",
+        "conv",
+        "act",
+        "pool",
+        "conv",
+        "linear",
+        "linear",
+    ]
     for b, im in enumerate(data["images"]):
         for name in ("0", "2", "5", "7"):  # every conv: the stored maps are F.conv2d of the layer's real input
             conv = model[int(name)]
@@ -160,8 +179,11 @@ def test_a_larger_model_shows_fewer_maps_and_says_so(tmp_path):
     # a convolution whose input maps are not all on the page: the rest's share, from PyTorch, completes the sum
     conv = {layer["id"]: layer for layer in data["layers"]}["layer1.0.conv2"]
     assert conv["held"] == data["cap"] < 16
-    with pytest.raises(ConfigError, match=r"4 image\(s\) of resnet20 need .* MB even with one map per layer, over the "
-                       r"page budget of 0.5 MB: give fewer images or --budget-mb"):
+    with pytest.raises(
+        ConfigError,
+        match=r"4 image\(s\) of resnet20 need .* MB even with one map per layer, over the "
+        r"page budget of 0.5 MB: give fewer images or --budget-mb",
+    ):
         explain_files(load_weights(folder), paths, budget=500_000)
 
 
@@ -180,9 +202,31 @@ def test_cli_explain_files_and_the_runs_test_images(tmp_path, capsys, image_fold
     assert code == 2 and "no layer 'nope' for Grad-CAM" in err
 
     run = tmp_path / "run"
-    assert main(["train", "--dataset", "imagefolder", "--data-dir", str(image_folder), "--model", "cnn",
-                 "--model-arg", "spec=c4,p,f16", "--epochs", "1", "--batch-size", "32", "--run-dir", str(run),
-                 "--progress", "plain", "--no-report"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--dataset",
+                "imagefolder",
+                "--data-dir",
+                str(image_folder),
+                "--model",
+                "cnn",
+                "--model-arg",
+                "spec=c4,p,f16",
+                "--epochs",
+                "1",
+                "--batch-size",
+                "32",
+                "--run-dir",
+                str(run),
+                "--progress",
+                "plain",
+                "--no-report",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     code = main(["explain", str(run), "--count", "4"])
     out, err = capsys.readouterr()
@@ -196,9 +240,11 @@ def test_cli_explain_files_and_the_runs_test_images(tmp_path, capsys, image_fold
 
 # ---------------------------------------------------------------------------------------------- in a browser
 
+
 def _open(browser, page):  # noqa: F811  (the imported fixture's driver)
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
+
     browser.get(page.resolve().as_uri())
     WebDriverWait(browser, 30).until(lambda d: d.find_element(By.TAG_NAME, "html").get_attribute("data-ready"))
 
@@ -206,6 +252,7 @@ def _open(browser, page):  # noqa: F811  (the imported fixture's driver)
 def test_page_in_a_real_headless_browser(browser, convnet, tmp_path):  # noqa: F811  (the imported fixture)
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
+
     folder, paths, loaded, data, page = convnet
     _open(browser, page)
     html = browser.find_element(By.TAG_NAME, "html")
@@ -232,8 +279,14 @@ def test_page_in_a_real_headless_browser(browser, convnet, tmp_path):  # noqa: F
     assert detail.is_displayed() and detail.get_attribute("data-layer") == "5"
     for i, j in [(0, 0), (7, 9), (15, 15)]:
         row, col = browser.find_element(By.ID, "pixel-row"), browser.find_element(By.ID, "pixel-col")
-        browser.execute_script("arguments[0].value = arguments[2]; arguments[1].value = arguments[3];"
-                               "arguments[1].dispatchEvent(new Event('change'));", row, col, i, j)
+        browser.execute_script(
+            "arguments[0].value = arguments[2]; arguments[1].value = arguments[3];"
+            "arguments[1].dispatchEvent(new Event('change'));",
+            row,
+            col,
+            i,
+            j,
+        )
         assert (int(detail.get_attribute("data-i")), int(detail.get_attribute("data-j"))) == (i, j)
         xin = io["5"][0][0]
         conv = model[5]
@@ -243,7 +296,7 @@ def test_page_in_a_real_headless_browser(browser, convnet, tmp_path):  # noqa: F
         assert value("detail-sum") == pytest.approx(products, abs=1e-5)
         assert value("detail-bias") == pytest.approx(conv.bias[6].item(), abs=1e-7)
         assert value("detail-stored") == pytest.approx(want, abs=1e-5)
-        window = F.pad(xin, (1, 1, 1, 1))[0, i:i + 3, j:j + 3]  # input map 0 under the kernel, zero-padded
+        window = F.pad(xin, (1, 1, 1, 1))[0, i : i + 3, j : j + 3]  # input map 0 under the kernel, zero-padded
         assert value("channel-sum-0") == pytest.approx((window * conv.weight[6, 0]).sum().item(), abs=1e-5)
         shown = browser.find_element(By.ID, "detail-value").text
         assert abs(float(shown) - want) <= 5e-5  # what a reader sees, to 4 decimals
@@ -265,6 +318,7 @@ def test_page_in_a_real_headless_browser(browser, convnet, tmp_path):  # noqa: F
     browser.find_element(By.ID, "thumb-3").click()
     assert html.get_attribute("data-image") == "3"
     from selenium.webdriver.support.select import Select
+
     Select(browser.find_element(By.ID, "cam-class")).select_by_value("4")
     assert browser.find_element(By.ID, "cam-img").get_attribute("src") == data["images"][3]["cams"]["4"]
     _shot(browser.find_element(By.ID, "overview-section"), "explain-overview.png", tmp_path)
@@ -276,6 +330,7 @@ def test_page_in_a_real_headless_browser(browser, convnet, tmp_path):  # noqa: F
 
 def test_resnet_blocks_open_with_the_shortcut_drawn(browser, tmp_path):  # noqa: F811  (the imported fixture)
     from selenium.webdriver.common.by import By
+
     folder = weights_folder(tmp_path / "resnet20", "resnet20")
     data = explain_files(load_weights(folder), image_files(tmp_path / "images", 2))
     page = write_explain_page(tmp_path / "r.html", data)
@@ -296,13 +351,16 @@ def test_resnet_blocks_open_with_the_shortcut_drawn(browser, tmp_path):  # noqa:
     assert browser.find_element(By.TAG_NAME, "html").get_attribute("data-mismatches") is None
 
 
-@pytest.mark.parametrize("name,shape,args", [
-    ("lenet5", (1, 32, 32), {}),
-    ("airbench94", (3, 32, 32), {}),
-    ("resnet18", (3, 64, 64), {}),
-    ("cnn", (3, 32, 32), {"spec": "c8b,p,c16s2,a,f32,d0.5"}),
-    ("alexnet", (3, 224, 224), {}),
-])
+@pytest.mark.parametrize(
+    "name,shape,args",
+    [
+        ("lenet5", (1, 32, 32), {}),
+        ("airbench94", (3, 32, 32), {}),
+        ("resnet18", (3, 64, 64), {}),
+        ("cnn", (3, 32, 32), {"spec": "c8b,p,c16s2,a,f32,d0.5"}),
+        ("alexnet", (3, 224, 224), {}),
+    ],
+)
 def test_every_family_gets_a_page_with_its_arithmetic(tmp_path, name, shape, args):
     folder = weights_folder(tmp_path / name, name, shape=shape, **args)
     loaded = load_weights(folder)
@@ -316,5 +374,6 @@ def test_every_family_gets_a_page_with_its_arithmetic(tmp_path, name, shape, arg
     assert data["columns"] and data["images"][0]["cams"] and sum(data["images"][0]["probs"]) == pytest.approx(1)
     assert len(explain_html(data).encode()) <= 5_000_000
     if name == "resnet18":
-        assert [c for c in data["columns"] if c.startswith("layer")] == [f"layer{s}.{k}" for s in (1, 2, 3, 4)
-                                                                          for k in (0, 1)]
+        assert [c for c in data["columns"] if c.startswith("layer")] == [
+            f"layer{s}.{k}" for s in (1, 2, 3, 4) for k in (0, 1)
+        ]

@@ -1,5 +1,6 @@
 """`cnnlab export`: every registered model through ONNX and torch.export, the CLI end to end, and the exported
 file against `cnnlab predict` on real image files."""
+
 import json
 import os
 import subprocess
@@ -68,13 +69,20 @@ def _random_model(name: str, shape, num_classes: int = 10) -> LoadedModel:
     with torch.no_grad():
         model.train()(torch.rand(16, *shape))
     model.eval()
-    meta = {"model": name, "classes": [f"class{i}" for i in range(num_classes)], "mean": [0.4] * shape[0],
-            "std": [0.25] * shape[0], "input_shape": list(shape)}
+    meta = {
+        "model": name,
+        "classes": [f"class{i}" for i in range(num_classes)],
+        "mean": [0.4] * shape[0],
+        "std": [0.25] * shape[0],
+        "input_shape": list(shape),
+    }
     return LoadedModel(model, meta, Path("unused/model.safetensors"))
 
 
-@pytest.mark.parametrize("name", [n if n in FAST else pytest.param(n, marks=pytest.mark.slow)
-                                  for n in cnnlab.list_models() if n not in LEFT_OUT])
+@pytest.mark.parametrize(
+    "name",
+    [n if n in FAST else pytest.param(n, marks=pytest.mark.slow) for n in cnnlab.list_models() if n not in LEFT_OUT],
+)
 def test_every_registered_model_exports_to_onnx_and_pt2(name):
     shape = _input_shape(name)
     loaded = _random_model(name, shape)
@@ -108,8 +116,13 @@ def test_a_graph_without_the_normalisation_is_refused_at_the_default_tolerance()
 
 
 def cnnlab_cli(*args, env, check=True):
-    result = subprocess.run([sys.executable, "-m", "cnnlab", *map(str, args)], capture_output=True, text=True,
-                            env={**os.environ, **env}, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "cnnlab", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        timeout=300,
+    )
     if check and result.returncode != 0:
         raise AssertionError(f"cnnlab {' '.join(map(str, args))} exited {result.returncode}:\n{result.stderr}")
     return result
@@ -119,13 +132,32 @@ def cnnlab_cli(*args, env, check=True):
 def trained_run(tmp_path_factory):
     """A tiny convnet trained for a few seconds through the CLI on the image-folder fixture, exported to ONNX."""
     from conftest import write_image_folder
+
     tmp = tmp_path_factory.mktemp("export")
     root = write_image_folder(tmp / "shapes")
     run = tmp / "run"
     env = {"CNNLAB_CACHE": str(tmp / "cache")}
-    cnnlab_cli("train", "--dataset", "imagefolder", "--data-dir", root, "--model", "cnn", "--model-arg",
-               "spec=c8x2,p,f32", "--epochs", "3", "--batch-size", "16", "--run-dir", run, "--progress", "none",
-               "--no-report", env=env)
+    cnnlab_cli(
+        "train",
+        "--dataset",
+        "imagefolder",
+        "--data-dir",
+        root,
+        "--model",
+        "cnn",
+        "--model-arg",
+        "spec=c8x2,p,f32",
+        "--epochs",
+        "3",
+        "--batch-size",
+        "16",
+        "--run-dir",
+        run,
+        "--progress",
+        "none",
+        "--no-report",
+        env=env,
+    )
     exported = cnnlab_cli("export", run, env=env)
     return run, root, env, exported
 
@@ -190,7 +222,9 @@ def test_export_pt2_writes_the_metadata_beside_it(trained_run, capsys):
 def test_a_refused_export_exits_2_and_leaves_the_old_file(trained_run, tmp_path, capsys, monkeypatch):
     run, root, _, _ = trained_run
     import cnnlab.infer.export as export
+
     exact = export.run_onnx
+
     def faulty(data):  # a runtime that is off by 0.01 on every logit
         run = exact(data)
         return lambda x: run(x) + 0.01
@@ -209,8 +243,10 @@ def test_a_refused_export_exits_2_and_leaves_the_old_file(trained_run, tmp_path,
 def test_an_opset_the_exporter_cannot_write_is_refused(trained_run, tmp_path, capsys):
     run, root, _, _ = trained_run
     assert main(["export", str(run), "--opset", "7", "--out", str(tmp_path / "m.onnx"), "--data-dir", str(root)]) == 2
-    assert capsys.readouterr().err.strip() == ("error: --opset 7: the ONNX exporter cannot convert this model to that "
-                                               "opset (it stays at 18); use the default 18 or another opset")
+    assert capsys.readouterr().err.strip() == (
+        "error: --opset 7: the ONNX exporter cannot convert this model to that "
+        "opset (it stays at 18); use the default 18 or another opset"
+    )
     assert not list(tmp_path.iterdir())
 
 
@@ -227,8 +263,9 @@ def test_missing_onnx_packages_name_the_extra(trained_run, tmp_path, monkeypatch
     run, _, _, _ = trained_run
     monkeypatch.setitem(sys.modules, "onnxscript", None)  # import fails as if it were not installed
     assert main(["export", str(run), "--out", str(tmp_path / "m.onnx")]) == 2
-    assert capsys.readouterr().err.strip() == ("error: ONNX export needs onnx, onnxscript and onnxruntime: "
-                                               "pip install 'cnnlab[onnx]'")
+    assert capsys.readouterr().err.strip() == (
+        "error: ONNX export needs onnx, onnxscript and onnxruntime: pip install 'cnnlab[onnx]'"
+    )
     assert not list(tmp_path.iterdir())
 
 

@@ -4,6 +4,7 @@ that --precision computes in, the threads of --threads, the device of --device, 
 
 Tiny runs on the learnable image folder of conftest (120 training images, batches of 16: 7 steps an epoch).
 """
+
 import csv
 import json
 import math
@@ -27,9 +28,21 @@ STEPS_PER_EPOCH = 7  # 120 images // 16
 
 def quick(image_folder, run_dir, **kw) -> TrainConfig:
     # precision and memory format fixed, so that no test but the one about `auto` pays for the CPU probe
-    base = dict(dataset="imagefolder", data_dir=str(image_folder), run_dir=str(run_dir), epochs=1, batch_size=16,
-                optimizer="adamw", lr=3e-3, progress="none", model="cnn", model_args={"spec": "c8,p,f16"},
-                augment="none", precision="fp32", channels_last="off")
+    base = dict(
+        dataset="imagefolder",
+        data_dir=str(image_folder),
+        run_dir=str(run_dir),
+        epochs=1,
+        batch_size=16,
+        optimizer="adamw",
+        lr=3e-3,
+        progress="none",
+        model="cnn",
+        model_args={"spec": "c8,p,f16"},
+        augment="none",
+        precision="fp32",
+        channels_last="off",
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -62,20 +75,26 @@ def cli(capsys, *args):
 
 # ---------------------------------------------------------------------------------------------- --grad-clip
 
+
 def _grad_norms(into: list):
     """A callback: the global L2 norm of the gradients the optimiser just applied (they stay on the
     parameters until the next step's zero_grad)."""
+
     def callback(state):
         grads = [p.grad for p in state.model.parameters() if p.grad is not None]
         into.append(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item())
+
     return callback
 
 
 def test_grad_clip_caps_the_global_gradient_norm_of_every_step(image_folder, tmp_path):
     clip = 0.05
     clipped, free = [], []
-    fit(quick(image_folder, tmp_path / "clipped", grad_clip=clip, weight_decay=0.0), callbacks=[_grad_norms(clipped)],
-        log=silent)
+    fit(
+        quick(image_folder, tmp_path / "clipped", grad_clip=clip, weight_decay=0.0),
+        callbacks=[_grad_norms(clipped)],
+        log=silent,
+    )
     fit(quick(image_folder, tmp_path / "free", weight_decay=0.0), callbacks=[_grad_norms(free)], log=silent)
     assert len(clipped) == len(free) == STEPS_PER_EPOCH
     assert min(free) > clip  # so every step of the clipped run had something to clip
@@ -91,6 +110,7 @@ def test_grad_clip_keeps_a_huge_learning_rate_finite_and_bounds_each_update(imag
 
     def snapshot(state):
         snapshots.append(torch.cat([p.detach().flatten() for p in state.model.parameters()]).double())
+
     summary = fit(quick(image_folder, tmp_path / "clipped", grad_clip=clip, **huge), callbacks=[snapshot], log=silent)
     assert summary["steps"] == STEPS_PER_EPOCH and math.isfinite(summary["test_loss"])
     # plain SGD moves the weights by lr x the clipped gradient: never further than lr x C
@@ -100,18 +120,20 @@ def test_grad_clip_keeps_a_huge_learning_rate_finite_and_bounds_each_update(imag
 
 # ---------------------------------------------------------------------------------------------- --max-steps
 
+
 def _learning_rates(into: list):
     def callback(state):
         into.append(state.lr)
+
     return callback
 
 
 @pytest.mark.parametrize("max_steps, epochs_column", [(10, ["1", "1.4286"]), (14, ["1", "2"])])
-def test_max_steps_stops_after_exactly_that_many_steps_and_spans_the_schedule(image_folder, tmp_path, max_steps,
-                                                                              epochs_column):
+def test_max_steps_stops_after_exactly_that_many_steps_and_spans_the_schedule(
+    image_folder, tmp_path, max_steps, epochs_column
+):
     run, lrs = tmp_path / "run", []
-    summary = fit(quick(image_folder, run, epochs=3, max_steps=max_steps), callbacks=[_learning_rates(lrs)],
-                  log=silent)
+    summary = fit(quick(image_folder, run, epochs=3, max_steps=max_steps), callbacks=[_learning_rates(lrs)], log=silent)
     assert summary["steps"] == max_steps == len(lrs)
     assert summary["epochs"] == round(max_steps / STEPS_PER_EPOCH, 4) and summary["train_seconds"] > 0
     table = rows(run)
@@ -131,6 +153,7 @@ def test_a_run_interrupted_before_max_steps_resumes_to_the_same_weights(image_fo
 
     def stop_at_9(state):
         state.stop_requested = state.step == 9
+
     with pytest.raises(TrainingInterrupted):
         fit(quick(image_folder, tmp_path / "b", **kw), callbacks=[stop_at_9], log=silent)
     assert fit(resume_config(tmp_path / "b"), resume=True, log=silent)["steps"] == 10
@@ -138,12 +161,16 @@ def test_a_run_interrupted_before_max_steps_resumes_to_the_same_weights(image_fo
     assert [r["epoch"] for r in rows(tmp_path / "b")] == ["1", "1.4286"]
 
 
-@pytest.mark.parametrize("epochs, max_steps, drops", [
-    (2, 64_000, (7, 10)),  # 14 steps run: 0.5 and 0.75 of them (10.5 rounds to even)
-    (3, 12, (6, 9)),       # capped like the paper's 64k iterations: fractions of the 12 steps run, not of 21
-])
+@pytest.mark.parametrize(
+    "epochs, max_steps, drops",
+    [
+        (2, 64_000, (7, 10)),  # 14 steps run: 0.5 and 0.75 of them (10.5 rounds to even)
+        (3, 12, (6, 9)),  # capped like the paper's 64k iterations: fractions of the 12 steps run, not of 21
+    ],
+)
 def test_he2016_recipe_divides_the_learning_rate_at_half_and_three_quarters_of_the_steps_run(
-        image_folder, tmp_path, epochs, max_steps, drops):
+    image_folder, tmp_path, epochs, max_steps, drops
+):
     cfg = apply_recipe(quick(image_folder, tmp_path / "run"), "he2016")
     assert (cfg.max_steps, cfg.milestones, cfg.milestone_unit) == (64_000, [0.5, 0.75], "fraction")
     cfg.epochs, cfg.max_steps, cfg.batch_size = epochs, max_steps, 16  # the paper's 128 is more than 120 images
@@ -157,25 +184,54 @@ def test_he2016_recipe_divides_the_learning_rate_at_half_and_three_quarters_of_t
 
 def test_he2016_recipe_on_the_command_line_takes_the_flags_over_the_recipe(image_folder, tmp_path, capsys):
     run = tmp_path / "run"
-    code, out, err = cli(capsys, "train", "--recipe", "he2016", "--dataset", "imagefolder", "--data-dir", image_folder,
-                         "--model", "cnn", "--model-arg", "spec=c8,p,f16", "--batch-size", 16, "--epochs", 3,
-                         "--max-steps", 12, "--precision", "fp32", "--channels-last", "off", "--progress", "none",
-                         "--no-report", "--run-dir", run)
+    code, out, err = cli(
+        capsys,
+        "train",
+        "--recipe",
+        "he2016",
+        "--dataset",
+        "imagefolder",
+        "--data-dir",
+        image_folder,
+        "--model",
+        "cnn",
+        "--model-arg",
+        "spec=c8,p,f16",
+        "--batch-size",
+        16,
+        "--epochs",
+        3,
+        "--max-steps",
+        12,
+        "--precision",
+        "fp32",
+        "--channels-last",
+        "off",
+        "--progress",
+        "none",
+        "--no-report",
+        "--run-dir",
+        run,
+    )
     assert code == 0, err
     assert "12 steps (1.71 epochs)" in out
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert (saved["lr"], saved["weight_decay"], saved["max_steps"], saved["epochs"]) == (0.1, 1e-4, 12, 3)
     # epoch 1 ends with step index 6, the first milestone (0.5 x 12); the partial epoch 2 at index 11
-    assert [(r["epoch"], float(r["lr"])) for r in rows(run)] == [("1", pytest.approx(0.01)),
-                                                                  ("1.7143", pytest.approx(0.001))]
+    assert [(r["epoch"], float(r["lr"])) for r in rows(run)] == [
+        ("1", pytest.approx(0.01)),
+        ("1.7143", pytest.approx(0.001)),
+    ]
     assert summary_of(run)["steps"] == 12
 
 
 # ---------------------------------------------------------------------------------------------- --eval-every
 
+
 @pytest.mark.parametrize("eval_every, evaluated", [(2, [2, 4, 5]), (0, [5])])
-def test_eval_every_fills_the_test_columns_only_in_its_epochs_and_the_last(image_folder, tmp_path, eval_every,
-                                                                            evaluated):
+def test_eval_every_fills_the_test_columns_only_in_its_epochs_and_the_last(
+    image_folder, tmp_path, eval_every, evaluated
+):
     run = tmp_path / "run"
     fit(quick(image_folder, run, epochs=5, eval_every=eval_every, val_split=0.1, max_steps=0), log=silent)
     table = rows(run)
@@ -188,6 +244,7 @@ def test_eval_every_fills_the_test_columns_only_in_its_epochs_and_the_last(image
 
 # ---------------------------------------------------------------------------------------------- --compile
 
+
 @pytest.mark.slow  # inductor compiles the forward and backward graphs: about a minute on a shared 2-core CPU
 def test_compile_trains_through_torch_compile_like_eager(image_folder, tmp_path, monkeypatch):
     compiled = []
@@ -196,6 +253,7 @@ def test_compile_trains_through_torch_compile_like_eager(image_folder, tmp_path,
     def recording_compile(model, *args, **kwargs):
         compiled.append(model)
         return real_compile(model, *args, **kwargs)
+
     monkeypatch.setattr(torch, "compile", recording_compile)
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
@@ -212,12 +270,16 @@ def test_compile_trains_through_torch_compile_like_eager(image_folder, tmp_path,
 
 # ---------------------------------------------------------------------------------------------- --threads
 
+
 def test_threads_are_used_while_training_recorded_and_restored_afterwards(image_folder, tmp_path):
     before = torch.get_num_threads()
     wanted = 1 if before != 1 else 2
     during = []
-    summary = fit(quick(image_folder, tmp_path / "run", threads=wanted),
-                  callbacks=[lambda state: during.append(torch.get_num_threads())], log=silent)
+    summary = fit(
+        quick(image_folder, tmp_path / "run", threads=wanted),
+        callbacks=[lambda state: during.append(torch.get_num_threads())],
+        log=silent,
+    )
     assert during == [wanted] * STEPS_PER_EPOCH
     assert summary["threads"] == wanted and summary_of(tmp_path / "run")["threads"] == wanted
     assert torch.get_num_threads() == before
@@ -229,13 +291,16 @@ def test_threads_are_used_while_training_recorded_and_restored_afterwards(image_
 
 # ---------------------------------------------------------------------------------------------- --precision
 
+
 def _conv_output_dtypes(model_holder: list, into: list):
     """A callback that, at the first step, hooks the first conv to record the dtype it computes in."""
+
     def callback(state):
         if not model_holder:
             model_holder.append(state.model)
             conv = next(m for m in state.model.modules() if isinstance(m, torch.nn.Conv2d))
             conv.register_forward_hook(lambda m, i, out: into.append(out.dtype) if m.training else None)
+
     return callback
 
 
@@ -253,33 +318,45 @@ def test_precision_sets_the_dtype_of_training_and_is_recorded(image_folder, tmp_
 
 def test_auto_precision_records_the_decision_measured_on_this_cpu(image_folder, tmp_path, private_cache):
     messages = []
-    summary = fit(quick(image_folder, tmp_path / "run", precision="auto", channels_last="auto", threads=1),
-                  log=messages.append)
+    summary = fit(
+        quick(image_folder, tmp_path / "run", precision="auto", channels_last="auto", threads=1), log=messages.append
+    )
     probes = json.loads((private_cache / "probe.json").read_text())
     assert len(probes) == 1
     probe = next(iter(probes.values()))
-    assert probe["threads"] == 1 and all(probe[k] > 0 for k in ("fp32_nchw_ms", "fp32_channels_last_ms",
-                                                                 "bf16_channels_last_ms"))
+    assert probe["threads"] == 1 and all(
+        probe[k] > 0 for k in ("fp32_nchw_ms", "fp32_channels_last_ms", "bf16_channels_last_ms")
+    )
     assert (summary["precision"], summary["precision_reason"]) == rt.decide_precision(probe)
-    assert (summary["channels_last"], summary["channels_last_reason"]) == \
-        rt.decide_channels_last(probe, summary["precision"])
+    assert (summary["channels_last"], summary["channels_last_reason"]) == rt.decide_channels_last(
+        probe, summary["precision"]
+    )
     assert any(m.startswith("measured this CPU once") for m in messages)
-    assert any(m.strip().startswith(f"precision {summary['precision']}: {summary['precision_reason']}")
-               for m in messages)
+    assert any(
+        m.strip().startswith(f"precision {summary['precision']}: {summary['precision_reason']}") for m in messages
+    )
 
 
 def test_decide_precision_and_channels_last_from_injected_timings():
     probe = {"fp32_nchw_ms": 10.0, "fp32_channels_last_ms": 9.0, "flags": ["avx512_bf16"]}
-    assert rt.decide_precision({**probe, "bf16_channels_last_ms": 7.5}) == \
-        ("bf16", "bf16 autocast measured 1.20x faster than fp32 on this CPU")
+    assert rt.decide_precision({**probe, "bf16_channels_last_ms": 7.5}) == (
+        "bf16",
+        "bf16 autocast measured 1.20x faster than fp32 on this CPU",
+    )
     prec, why = rt.decide_precision({**probe, "bf16_channels_last_ms": 8.0})
-    assert prec == "fp32" and why.startswith("bf16 autocast measured 1.12x the speed of fp32") and \
-        ">= 1.2x" in why and "avx512_bf16" in why
+    assert (
+        prec == "fp32"
+        and why.startswith("bf16 autocast measured 1.12x the speed of fp32")
+        and ">= 1.2x" in why
+        and "avx512_bf16" in why
+    )
     assert rt.decide_precision({**probe, "bf16_channels_last_ms": 20.0, "flags": []})[1].endswith("flags: none)")
     assert rt.decide_channels_last(probe, "bf16") == (True, "bf16 kernels of oneDNN work in channels_last")
     assert rt.decide_channels_last(probe, "fp32") == (True, "channels_last measured 1.11x faster than NCHW on this CPU")
-    assert rt.decide_channels_last({**probe, "fp32_channels_last_ms": 9.6}, "fp32") == \
-        (False, "channels_last measured 1.04x the speed of NCHW on this CPU")
+    assert rt.decide_channels_last({**probe, "fp32_channels_last_ms": 9.6}, "fp32") == (
+        False,
+        "channels_last measured 1.04x the speed of NCHW on this CPU",
+    )
 
 
 def test_cpu_probe_is_measured_once_per_thread_count_and_cached(monkeypatch, private_cache):
@@ -288,6 +365,7 @@ def test_cpu_probe_is_measured_once_per_thread_count_and_cached(monkeypatch, pri
     def fake_steps_ms(rounds=5):
         calls.extend(["fp32 NCHW", "fp32 channels_last", "bf16 channels_last"])
         return {"fp32_nchw_ms": 10.0, "fp32_channels_last_ms": 8.0, "bf16_channels_last_ms": 5.0}
+
     monkeypatch.setattr(rt, "_probe_steps_ms", fake_steps_ms)
     before = torch.get_num_threads()
     try:
@@ -295,8 +373,10 @@ def test_cpu_probe_is_measured_once_per_thread_count_and_cached(monkeypatch, pri
         first = rt.probe_cpu()
         assert len(calls) == 3 and first["threads"] == 1
         assert rt.probe_cpu() == first and len(calls) == 3  # from the cache file
-        assert rt.pick_precision("auto", torch.device("cpu")) == \
-            ("bf16", "bf16 autocast measured 1.60x faster than fp32 on this CPU")
+        assert rt.pick_precision("auto", torch.device("cpu")) == (
+            "bf16",
+            "bf16 autocast measured 1.60x faster than fp32 on this CPU",
+        )
         torch.set_num_threads(2)
         assert rt.probe_cpu()["threads"] == 2 and len(calls) == 6  # another thread count: measured again
     finally:
@@ -313,30 +393,62 @@ def test_cpu_probe_is_measured_once_per_thread_count_and_cached(monkeypatch, pri
 
 # ---------------------------------------------------------------------------------------------- --device
 
+
 def test_device_cpu_trains_on_the_cpu_and_is_recorded(image_folder, tmp_path):
     devices = []
-    summary = fit(quick(image_folder, tmp_path / "run", device="cpu"),
-                  callbacks=[lambda state: devices.append(next(state.model.parameters()).device.type)], log=silent)
+    summary = fit(
+        quick(image_folder, tmp_path / "run", device="cpu"),
+        callbacks=[lambda state: devices.append(next(state.model.parameters()).device.type)],
+        log=silent,
+    )
     assert devices == ["cpu"] * STEPS_PER_EPOCH
     assert summary["device"] == rt.device_name(torch.device("cpu"))
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["device"] == "cpu"
 
 
-@pytest.mark.parametrize("device, message", [
-    pytest.param("cuda", "device 'cuda' asked for, but PyTorch sees no CUDA GPU; use --device cpu or auto",
-                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
-    pytest.param("cuda:7", "device 'cuda:7' asked for, but PyTorch sees no CUDA GPU; use --device cpu or auto",
-                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
-    pytest.param("mps", "device 'mps' asked for, but PyTorch sees no Apple GPU (MPS); use --device cpu or auto",
-                 marks=pytest.mark.skipif(torch.backends.mps.is_available(), reason="this machine has MPS")),
-    ("cudax", "device 'cudax' is not a device name; use auto, cpu, cuda or cuda:N"),
-])
+@pytest.mark.parametrize(
+    "device, message",
+    [
+        pytest.param(
+            "cuda",
+            "device 'cuda' asked for, but PyTorch sees no CUDA GPU; use --device cpu or auto",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA"),
+        ),
+        pytest.param(
+            "cuda:7",
+            "device 'cuda:7' asked for, but PyTorch sees no CUDA GPU; use --device cpu or auto",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA"),
+        ),
+        pytest.param(
+            "mps",
+            "device 'mps' asked for, but PyTorch sees no Apple GPU (MPS); use --device cpu or auto",
+            marks=pytest.mark.skipif(torch.backends.mps.is_available(), reason="this machine has MPS"),
+        ),
+        ("cudax", "device 'cudax' is not a device name; use auto, cpu, cuda or cuda:N"),
+    ],
+)
 def test_a_device_this_machine_lacks_is_refused_before_any_work(tmp_path, capsys, device, message):
     run = tmp_path / "run"
     # a dataset folder that does not exist: the device must be refused first
-    code, out, err = cli(capsys, "train", "--device", device, "--dataset", "imagefolder", "--data-dir",
-                         tmp_path / "missing", "--model", "cnn", "--model-arg", "spec=c8,p,f16", "--progress", "none",
-                         "--no-report", "--run-dir", run)
+    code, out, err = cli(
+        capsys,
+        "train",
+        "--device",
+        device,
+        "--dataset",
+        "imagefolder",
+        "--data-dir",
+        tmp_path / "missing",
+        "--model",
+        "cnn",
+        "--model-arg",
+        "spec=c8,p,f16",
+        "--progress",
+        "none",
+        "--no-report",
+        "--run-dir",
+        run,
+    )
     assert code == 2 and err.strip() == f"error: {message}" and out == ""
     assert not run.exists()
 
@@ -346,24 +458,32 @@ def test_a_cuda_index_beyond_the_machine_s_gpus_is_refused(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert rt.pick_device("cuda:1") == torch.device("cuda", 1)
     assert rt.pick_device("cuda", local_rank=3) == torch.device("cuda", 1)
-    with pytest.raises(ConfigError, match=r"device 'cuda:2' asked for, but this machine has 2 CUDA GPU\(s\), "
-                                          r"cuda:0 to cuda:1; use --device cuda or one of those"):
+    with pytest.raises(
+        ConfigError,
+        match=r"device 'cuda:2' asked for, but this machine has 2 CUDA GPU\(s\), "
+        r"cuda:0 to cuda:1; use --device cuda or one of those",
+    ):
         rt.pick_device("cuda:2")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_device_cuda_trains_on_the_gpu(image_folder, tmp_path):
     devices = []
-    summary = fit(quick(image_folder, tmp_path / "run", device="cuda", epochs=3, model_args={"spec": "c8x2,p,f32"}),
-                  callbacks=[lambda state: devices.append(next(state.model.parameters()).device.type)], log=silent)
+    summary = fit(
+        quick(image_folder, tmp_path / "run", device="cuda", epochs=3, model_args={"spec": "c8x2,p,f32"}),
+        callbacks=[lambda state: devices.append(next(state.model.parameters()).device.type)],
+        log=silent,
+    )
     assert set(devices) == {"cuda"} and summary["device"] == torch.cuda.get_device_name()
     assert summary["test_accuracy"] >= 0.9
 
 
 # ---------------------------------------------------------------------------------------------- --resume fallback
 
-def test_a_damaged_last_checkpoint_is_reported_kept_and_resumed_from_previous_on_the_command_line(image_folder,
-                                                                                                 tmp_path, capsys):
+
+def test_a_damaged_last_checkpoint_is_reported_kept_and_resumed_from_previous_on_the_command_line(
+    image_folder, tmp_path, capsys
+):
     run = tmp_path / "run"
     kw = dict(schedule="constant", augment="flip", progress="none")  # constant: the run may be extended
     fit(quick(image_folder, tmp_path / "reference", epochs=3, **kw), log=silent)
@@ -375,8 +495,9 @@ def test_a_damaged_last_checkpoint_is_reported_kept_and_resumed_from_previous_on
 
     code, out, err = cli(capsys, "train", "--resume", run, "--epochs", 3, "--no-report")
     assert code == 0, err
-    assert f"warning: {last}: checksum mismatch: the file is truncated or corrupt; trying the previous checkpoint" \
-        in out
+    assert (
+        f"warning: {last}: checksum mismatch: the file is truncated or corrupt; trying the previous checkpoint" in out
+    )
     assert f"resuming {run} at epoch 2, step {STEPS_PER_EPOCH}" in out
     assert (run / "last.ckpt.damaged").read_bytes() == bytes(damaged)
     assert read_checkpoint(last)["step"] == 3 * STEPS_PER_EPOCH

@@ -7,6 +7,7 @@ The default suite replays a fixed seed (conftest's "ci" profile): 100 examples p
 slow suite. `make fuzz` draws fresh seeds and many more examples; what it finds becomes a fixed regression
 example here. The known bombs are each refused in a forked child whose peak RSS is measured.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -68,9 +69,11 @@ def within(cpu_seconds: float, wall_seconds: float = 30.0):
     """Fail a block that uses more than `cpu_seconds` of this process's CPU time (user and system, all
     threads): work done, which other processes on a shared machine do not inflate, unlike wall time. A
     block that hangs without using CPU is stopped by the generous wall-clock backstop."""
+
     def stop(signum, frame):
         what = f"{cpu_seconds} s of CPU time" if signum == signal.SIGPROF else f"{wall_seconds} s of wall time"
         raise TookTooLong(f"took more than {what}")
+
     previous = signal.signal(signal.SIGPROF, stop), signal.signal(signal.SIGALRM, stop)
     signal.setitimer(signal.ITIMER_PROF, cpu_seconds)
     signal.setitimer(signal.ITIMER_REAL, wall_seconds)
@@ -103,6 +106,7 @@ CAN_MEASURE_RSS = _reset_peak_rss()
 try:  # glibc hands freed heap pages back to the system, so that each measured block starts from the same state
     _malloc_trim = ctypes.CDLL(None).malloc_trim
 except (OSError, AttributeError):  # another C library: growth may then be under-counted, never over-counted
+
     def _malloc_trim(pad: int) -> int:
         return 0
 
@@ -137,15 +141,18 @@ def run(examples: int, strategy, check, regressions: tuple = ()) -> None:
     """`check` holds for `examples` drawn inputs (more under `make fuzz`) and for every regression example."""
     calls = 0
 
-    @settings(max_examples=max(examples, settings().max_examples), database=None,
-              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                     HealthCheck.function_scoped_fixture])
+    @settings(
+        max_examples=max(examples, settings().max_examples),
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture],
+    )
     @given(strategy)
     def property_holds(data):
         nonlocal calls
         calls += 1
         with within(CPU_SECONDS):
             check(data)
+
     for data in regressions:
         property_holds = example(data)(property_holds)
     property_holds()
@@ -167,7 +174,7 @@ def mutated(draw, valid: bytes):
             data[pos:pos] = draw(st.binary(min_size=1, max_size=16))
         elif data:
             chunk = draw(st.binary(min_size=1, max_size=8))
-            data[pos:pos + len(chunk)] = chunk
+            data[pos : pos + len(chunk)] = chunk
     return bytes(data)
 
 
@@ -180,6 +187,7 @@ def inputs(valid_files: list[bytes], structured=None):
 
 # ---------------------------------------------------------------- IDX
 
+
 @st.composite
 def idx_headers(draw):
     """A well-formed IDX header with arbitrary dimensions (up to 2^32-1 each) and a body of any length."""
@@ -191,7 +199,7 @@ def idx_headers(draw):
 
 # Inputs fuzzing found that once broke a parser; each is replayed in every run.
 IDX_REGRESSIONS = (
-    bytes.fromhex("00000804" "00000000" "00000004" "40000000" "80000000"),  # 0 x 4 x 2^30 x 2^31: numpy refused it
+    bytes.fromhex("0000080400000000000000044000000080000000"),  # 0 x 4 x 2^30 x 2^31: numpy refused it
 )
 
 
@@ -226,11 +234,16 @@ def check_idx_gzip(data: bytes, path: Path) -> None:
 @pytest.mark.parametrize("examples", EXAMPLES)
 def test_gzipped_idx_under_fuzzing(examples, tmp_path):
     valid = [idx_bytes(np.arange(2 * 5 * 5).reshape(2, 5, 5)), idx_bytes(np.arange(7))]
-    run(examples, inputs(valid, idx_headers()), lambda data: check_idx_gzip(data, tmp_path / "fuzz.idx.gz"),
-        IDX_REGRESSIONS)
+    run(
+        examples,
+        inputs(valid, idx_headers()),
+        lambda data: check_idx_gzip(data, tmp_path / "fuzz.idx.gz"),
+        IDX_REGRESSIONS,
+    )
 
 
 # ---------------------------------------------------------------- CIFAR, binary and python
+
 
 @st.composite
 def cifar_binary_sized(draw):
@@ -261,7 +274,8 @@ def test_cifar_binary_parser_under_fuzzing(examples):
 plain_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20) | st.binary(max_size=20),
     lambda children: st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=8), children, max_size=5),
-    max_leaves=20)
+    max_leaves=20,
+)
 
 
 @st.composite
@@ -269,8 +283,10 @@ def cifar_like_pickles(draw):
     """Pickles of dicts shaped like a CIFAR batch with wrong types, shapes and dtypes in them."""
     shape = draw(st.tuples(st.integers(0, 4), st.sampled_from([3072, 3071, 1, 0])))
     dtype = draw(st.sampled_from([np.uint8, np.int16, np.float32, np.int64]))
-    batch = {"data": np.zeros(shape, dtype=dtype) if draw(st.booleans()) else draw(plain_values),
-             draw(st.sampled_from(["labels", "fine_labels", "other"])): draw(plain_values)}
+    batch = {
+        "data": np.zeros(shape, dtype=dtype) if draw(st.booleans()) else draw(plain_values),
+        draw(st.sampled_from(["labels", "fine_labels", "other"])): draw(plain_values),
+    }
     return pickle.dumps(batch, protocol=draw(st.integers(0, pickle.HIGHEST_PROTOCOL)))
 
 
@@ -295,19 +311,27 @@ def test_cifar_python_parser_under_fuzzing(examples):
 
 # ---------------------------------------------------------------- images
 
+
 def _encoded(fmt: str, mode: str = "RGB") -> bytes:
     buffer = io.BytesIO()
-    Image.fromarray(np.random.default_rng(0).integers(0, 256, (12, 10, 3), dtype=np.uint8)).convert(mode) \
-        .save(buffer, format=fmt)
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (12, 10, 3), dtype=np.uint8)).convert(mode).save(
+        buffer, format=fmt
+    )
     return buffer.getvalue()
 
 
 def _png_claiming(width: int, height: int) -> bytes:
     """A PNG whose header claims width x height pixels; the pixel data is a few bytes."""
+
     def chunk(kind, body):
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )
 
 
 def _claimed_pixels(path: Path) -> int:
@@ -323,8 +347,15 @@ def _claimed_pixels(path: Path) -> int:
 
 @pytest.mark.parametrize("examples", EXAMPLES)
 def test_image_decoding_under_fuzzing(examples, tmp_path):
-    valid = [_encoded("PNG"), _encoded("JPEG"), _encoded("BMP"), _encoded("GIF", "P"), _encoded("PNG", "L"),
-             _png_claiming(30_000, 30_000), _png_claiming(9_000, 9_000)]
+    valid = [
+        _encoded("PNG"),
+        _encoded("JPEG"),
+        _encoded("BMP"),
+        _encoded("GIF", "P"),
+        _encoded("PNG", "L"),
+        _png_claiming(30_000, 30_000),
+        _png_claiming(9_000, 9_000),
+    ]
     path = tmp_path / "fuzz.img"
     Image.init()  # PIL imports its 40-odd format plugins on the first file of a rarer format: once, not per input
 
@@ -341,6 +372,7 @@ def test_image_decoding_under_fuzzing(examples, tmp_path):
                 return
         assert image.width * image.height <= MAX_IMAGE_PIXELS
         np.asarray(image.convert("RGB"))  # a decoded image converts
+
     run(examples, inputs(valid), check)
 
 
@@ -355,8 +387,14 @@ def _jpeg(width: int, height: int, mode: str = "RGB", **options) -> bytes:
 def test_streaming_crops_under_fuzzing(examples):
     """decode_crop, the streaming path: damaged JPEGs go through region decoding (C, over libjpeg-turbo) and
     the whole-image decoders; each call returns a crop or raises ImageError naming the file."""
-    valid = [_jpeg(40, 30), _jpeg(33, 47, subsampling=0), _jpeg(48, 40, progressive=True),
-             _jpeg(40, 24, restart_marker_blocks=2), _jpeg(30, 30, "L"), _jpeg(24, 20, "CMYK")]
+    valid = [
+        _jpeg(40, 30),
+        _jpeg(33, 47, subsampling=0),
+        _jpeg(48, 40, progressive=True),
+        _jpeg(40, 24, restart_marker_blocks=2),
+        _jpeg(30, 30, "L"),
+        _jpeg(24, 20, "CMYK"),
+    ]
 
     def check(data: bytes) -> None:
         for key, mode in ((None, "RGB"), (1, "RGB"), (2, "L")):
@@ -367,6 +405,7 @@ def test_streaming_crops_under_fuzzing(examples):
                 assert str(exc).startswith("fuzz.jpg: ")
                 continue
             assert out.shape == (16, 16, 3 if mode == "RGB" else 1) and out.dtype == np.uint8
+
     run(examples, inputs(valid), check)
 
 
@@ -383,8 +422,10 @@ def config_documents(draw):
 
 @pytest.mark.parametrize("examples", EXAMPLES)
 def test_yaml_config_under_fuzzing(examples, tmp_path):
-    valid = [b"model: resnet20\nepochs: 3\nlr: 0.1\nmodel_args: {num_classes: 10}\n",
-             b"dataset: cifar10\nmilestones: [1, 2]\nschedule: multistep\n"]
+    valid = [
+        b"model: resnet20\nepochs: 3\nlr: 0.1\nmodel_args: {num_classes: 10}\n",
+        b"dataset: cifar10\nmilestones: [1, 2]\nschedule: multistep\n",
+    ]
     path = tmp_path / "fuzz.yaml"
 
     def check(data: bytes) -> None:
@@ -394,18 +435,25 @@ def test_yaml_config_under_fuzzing(examples, tmp_path):
                 load_config(path).validate()
             except ConfigError as exc:  # and nothing else may come out of a config
                 assert str(exc)
+
     run(examples, inputs(valid, config_documents()) | st.text(max_size=300).map(str.encode), check)
 
 
 # ---------------------------------------------------------------- weights sidecar
 
+
 @pytest.fixture(scope="module")
 def weights_file(tmp_path_factory):
     folder = tmp_path_factory.mktemp("sidecar")
     model = create_model("cnn", spec="c4,p,f8", in_channels=1, num_classes=3, input_size=8)
-    meta = {"model": "cnn", "model_args": {"spec": "c4,p,f8", "in_channels": 1, "num_classes": 3,
-                                           "input_size": [8, 8]},
-            "classes": ["a", "b", "c"], "mean": [0.5], "std": [0.25], "input_shape": [1, 8, 8]}
+    meta = {
+        "model": "cnn",
+        "model_args": {"spec": "c4,p,f8", "in_channels": 1, "num_classes": 3, "input_size": [8, 8]},
+        "classes": ["a", "b", "c"],
+        "mean": [0.5],
+        "std": [0.25],
+        "input_shape": [1, 8, 8],
+    }
     save_weights(model, folder / "model.safetensors", meta)
     # PyTorch imports sympy and dynamo (1-3 s) the first time a shape check fails on the meta device: a
     # one-off import, not parsing time, so it is paid here rather than inside the first timed example
@@ -427,7 +475,7 @@ def damaged_sidecars(draw, meta: dict):
         if draw(st.integers(0, 5)) == 0:
             target.pop(key, None)
         else:
-            target[key] = draw(plain_values | st.integers(-2**40, 2**40))
+            target[key] = draw(plain_values | st.integers(-(2**40), 2**40))
     return json.dumps(meta, default=repr).encode()
 
 
@@ -446,6 +494,7 @@ def test_weights_sidecar_under_fuzzing(examples, weights_file):
                 assert "model." in str(exc)
                 return
         assert len(loaded.classes) == 3 and sum(p.numel() for p in loaded.model.parameters()) > 0
+
     try:
         run(examples, inputs([good], damaged_sidecars(meta)), check)
     finally:
@@ -453,6 +502,7 @@ def test_weights_sidecar_under_fuzzing(examples, weights_file):
 
 
 # ---------------------------------------------------------------- the known bombs, each in a forked child
+
 
 def write_gzip_bomb(path: Path, header: bytes, mib: int) -> None:
     """A valid gzip file of `header` then `mib` MiB of zeros, written in 1 MiB steps (1 GiB in about 1 MB):
@@ -486,8 +536,14 @@ class _DirectArray:
         return np.ndarray, ((2**20, 2**20), "u1")
 
 
-_SIDECAR = {"model": "cnn", "model_args": {"spec": "c4,p,f8", "in_channels": 1, "num_classes": 3, "input_size": [8, 8]},
-            "classes": ["a", "b", "c"], "mean": [0.5], "std": [0.25], "input_shape": [1, 8, 8]}
+_SIDECAR = {
+    "model": "cnn",
+    "model_args": {"spec": "c4,p,f8", "in_channels": 1, "num_classes": 3, "input_size": [8, 8]},
+    "classes": ["a", "b", "c"],
+    "mean": [0.5],
+    "std": [0.25],
+    "input_shape": [1, 8, 8],
+}
 _BOMB_IDX_HEADER = struct.pack(">IIII", 0x803, 10**7, 28, 28)  # 10 million 28x28 images: 7.8 GB
 
 
@@ -507,14 +563,19 @@ def write_bombs(folder: Path) -> None:
     (folder / "bomb.yaml").write_text("\n".join(lines))
     (folder / "valid.yaml").write_text("model: resnet20\nepochs: 3\n")
     model = create_model("cnn", spec="c4,p,f8", in_channels=1, num_classes=3, input_size=8)
-    for name, meta in (("valid-sidecar", _SIDECAR), ("sidecar", {**_SIDECAR, "model_args": {
-            **_SIDECAR["model_args"], "num_classes": 10**9}})):
+    for name, meta in (
+        ("valid-sidecar", _SIDECAR),
+        ("sidecar", {**_SIDECAR, "model_args": {**_SIDECAR["model_args"], "num_classes": 10**9}}),
+    ):
         (folder / name).mkdir()
         save_weights(model, folder / name / "model.safetensors", meta)
     for name, spec in (("spec-sidecar", "c8x100000000,g"), ("wide-spec-sidecar", "c65536x300,g")):
         (folder / name).mkdir()
-        save_weights(model, folder / name / "model.safetensors",
-                     {**_SIDECAR, "model_args": {**_SIDECAR["model_args"], "spec": spec}})
+        save_weights(
+            model,
+            folder / name / "model.safetensors",
+            {**_SIDECAR, "model_args": {**_SIDECAR["model_args"], "spec": spec}},
+        )
     write_image_bombs(folder)
     write_shard_bombs(folder)
     mnist = folder / "gzip-bomb" / "mnist"
@@ -542,17 +603,32 @@ def write_image_bombs(folder: Path) -> None:
 
 def write_shard_bombs(folder: Path) -> None:
     write_shards(folder / "valid-shards", [sample(f"{i:08d}_v", str(i % 3), small_jpeg(i)) for i in range(4)])
-    write_shards(folder / "cls-bomb", [tar_member("00000000_x.cls", b"1", 4 << 30)  # a sparse 4 GiB label
-                                       + tar_member("00000000_x.jpg", small_jpeg())])
-    write_shards(folder / "image-bomb", [tar_member(f"{i:08d}_x.cls", b"1")  # 16 sparse 250 MiB images
-                                         + tar_member(f"{i:08d}_x.jpg", small_jpeg(i), 250 << 20) for i in range(16)])
+    write_shards(
+        folder / "cls-bomb",
+        [
+            tar_member("00000000_x.cls", b"1", 4 << 30)  # a sparse 4 GiB label
+            + tar_member("00000000_x.jpg", small_jpeg())
+        ],
+    )
+    write_shards(
+        folder / "image-bomb",
+        [
+            tar_member(f"{i:08d}_x.cls", b"1")  # 16 sparse 250 MiB images
+            + tar_member(f"{i:08d}_x.jpg", small_jpeg(i), 250 << 20)
+            for i in range(16)
+        ],
+    )
     # 16 images of 24 MiB each (a JPEG, then a hole): under the image cap, so the shuffle buffer holds them
-    write_shards(folder / "buffer-bomb", [tar_member(f"{i:08d}_x.cls", b"1")
-                                          + tar_member(f"{i:08d}_x.jpg", small_jpeg(i), 24 << 20) for i in range(16)])
-    write_shards(folder / "label-bomb", [sample(f"{i:08d}_x", "999" if i == 1 else "0", small_jpeg(i))
-                                         for i in range(2)])
-    write_shards(folder / "classes-bomb", [sample("00000000_x", "0", small_jpeg())],
-                 classes=[f"{i}" for i in range(2_000_000)])
+    write_shards(
+        folder / "buffer-bomb",
+        [tar_member(f"{i:08d}_x.cls", b"1") + tar_member(f"{i:08d}_x.jpg", small_jpeg(i), 24 << 20) for i in range(16)],
+    )
+    write_shards(
+        folder / "label-bomb", [sample(f"{i:08d}_x", "999" if i == 1 else "0", small_jpeg(i)) for i in range(2)]
+    )
+    write_shards(
+        folder / "classes-bomb", [sample("00000000_x", "0", small_jpeg())], classes=[f"{i}" for i in range(2_000_000)]
+    )
 
 
 def _crop_file(path: Path):
@@ -599,61 +675,164 @@ def _load_mnist_from(folder: Path):
 
 # name: (file in the bomb folder, how cnnlab opens it, its warm-up file, the error, its message)
 BOMBS = {
-    "idx-header-claiming-1e12-items": ("huge.idx", _read_idx, "valid.idx", DatasetError,
-                                       r"huge\.idx: size 116 bytes but its header \[1000000, 1000, 1000\] implies"),
-    "pickle-opcode-claiming-200MB": ("short_batch", _read_cifar_python, "valid_batch", DatasetError,
-                                     r"short_batch: not a readable CIFAR python batch"),
-    "pickle-calling-ndarray": ("direct_batch", _read_cifar_python, "valid_batch", DatasetError,
-                               r"direct_batch: refused: calling numpy\.ndarray directly"),
-    "pickled-array-of-2^60-bytes": ("lying_batch", _read_cifar_python, "valid_batch", DatasetError,
-                                    r"lying_batch: .*cannot come from"),
-    "png-claiming-1e10-pixels": ("bomb.png", open_image, "valid.png", ImageError,
-                                 rf"bomb\.png: .*pixels.*{MAX_IMAGE_PIXELS:,}: shrink it first"),
-    "sidecar-claiming-1e9-classes": ("sidecar/model.safetensors", load_weights, "valid-sidecar/model.safetensors",
-                                     CheckpointError, r"describes a 'cnn' with .*do not belong together"),
+    "idx-header-claiming-1e12-items": (
+        "huge.idx",
+        _read_idx,
+        "valid.idx",
+        DatasetError,
+        r"huge\.idx: size 116 bytes but its header \[1000000, 1000, 1000\] implies",
+    ),
+    "pickle-opcode-claiming-200MB": (
+        "short_batch",
+        _read_cifar_python,
+        "valid_batch",
+        DatasetError,
+        r"short_batch: not a readable CIFAR python batch",
+    ),
+    "pickle-calling-ndarray": (
+        "direct_batch",
+        _read_cifar_python,
+        "valid_batch",
+        DatasetError,
+        r"direct_batch: refused: calling numpy\.ndarray directly",
+    ),
+    "pickled-array-of-2^60-bytes": (
+        "lying_batch",
+        _read_cifar_python,
+        "valid_batch",
+        DatasetError,
+        r"lying_batch: .*cannot come from",
+    ),
+    "png-claiming-1e10-pixels": (
+        "bomb.png",
+        open_image,
+        "valid.png",
+        ImageError,
+        rf"bomb\.png: .*pixels.*{MAX_IMAGE_PIXELS:,}: shrink it first",
+    ),
+    "sidecar-claiming-1e9-classes": (
+        "sidecar/model.safetensors",
+        load_weights,
+        "valid-sidecar/model.safetensors",
+        CheckpointError,
+        r"describes a 'cnn' with .*do not belong together",
+    ),
     "yaml-alias-bomb": ("bomb.yaml", load_config, "valid.yaml", ConfigError, r"bomb\.yaml: not valid YAML.*aliases"),
-    "gzip-bomb-as-mnist": ("gzip-bomb", _load_mnist_from, "gzip-bomb", DatasetError,
-                           r"train-images-idx3-ubyte\.gz: its header claims 7,840,000,016 bytes of content, but "
-                           r"this file has 47,040,016"),
-    "gzip-bomb-read-alone": ("gzip-bomb/mnist/train-images-idx3-ubyte.gz", _read_gzipped_idx, "valid.idx",
-                             DatasetError, r"its header claims 7,840,000,016 bytes of content, but [\d,]+ gzip "
-                                           r"bytes can hold at most"),
+    "gzip-bomb-as-mnist": (
+        "gzip-bomb",
+        _load_mnist_from,
+        "gzip-bomb",
+        DatasetError,
+        r"train-images-idx3-ubyte\.gz: its header claims 7,840,000,016 bytes of content, but "
+        r"this file has 47,040,016",
+    ),
+    "gzip-bomb-read-alone": (
+        "gzip-bomb/mnist/train-images-idx3-ubyte.gz",
+        _read_gzipped_idx,
+        "valid.idx",
+        DatasetError,
+        r"its header claims 7,840,000,016 bytes of content, but [\d,]+ gzip "
+        r"bytes can hold at most",
+    ),
     # issue 21: each decode path refuses a progressive JPEG of 2,001 scans claiming 8000x8000 pixels
-    "jpeg-of-2001-scans-streamed": ("scan_bomb.jpg", _crop_file, "valid.jpg", ImageError,
-                                    r"^scan_bomb\.jpg: a JPEG of more than 64 scans .*raise CNNLAB_MAX_JPEG_SCANS$"),
-    "jpeg-of-2001-scans-opened": ("scan_bomb.jpg", open_image, "valid.jpg", ImageError,
-                                  r"scan_bomb\.jpg: a JPEG of more than 64 scans"),
-    "jpeg-of-2001-scans-to-the-c-decoder": ("scan_bomb.jpg", _region_direct, "valid.jpg", ValueError,
-                                            r"^JPEG: more than 64 scans \(SOS markers\)$"),
-    "jpeg-claiming-4095x65500-to-the-c-decoder": ("tall.jpg", _region_direct, "valid.jpg", ValueError,
-                                                  r"^JPEG: claims 4095x65500 pixels, more than 67108864$"),
-    "1GiB-file-named-jpg-to-predict": ("huge.jpg", _predict_one, "valid.jpg", ImageError,
-                                       r"huge\.jpg: 1,073,741,824 bytes, more than an image file may have "
-                                       r"\(67,108,864\); shrink it, or raise CNNLAB_MAX_IMAGE_BYTES$"),
-    "jpeg-start-bytes-then-32MiB-of-junk": ("junk.jpg", open_image, "valid.jpg", ImageError,
-                                            r"junk\.jpg: more than 65,536 bytes of junk where a JPEG marker belongs"),
-    "jpeg-start-bytes-then-junk-streamed": ("junk.jpg", _crop_file, "valid.jpg", ImageError,
-                                            r"junk\.jpg: more than 65,536 bytes of junk where a JPEG marker belongs"),
+    "jpeg-of-2001-scans-streamed": (
+        "scan_bomb.jpg",
+        _crop_file,
+        "valid.jpg",
+        ImageError,
+        r"^scan_bomb\.jpg: a JPEG of more than 64 scans .*raise CNNLAB_MAX_JPEG_SCANS$",
+    ),
+    "jpeg-of-2001-scans-opened": (
+        "scan_bomb.jpg",
+        open_image,
+        "valid.jpg",
+        ImageError,
+        r"scan_bomb\.jpg: a JPEG of more than 64 scans",
+    ),
+    "jpeg-of-2001-scans-to-the-c-decoder": (
+        "scan_bomb.jpg",
+        _region_direct,
+        "valid.jpg",
+        ValueError,
+        r"^JPEG: more than 64 scans \(SOS markers\)$",
+    ),
+    "jpeg-claiming-4095x65500-to-the-c-decoder": (
+        "tall.jpg",
+        _region_direct,
+        "valid.jpg",
+        ValueError,
+        r"^JPEG: claims 4095x65500 pixels, more than 67108864$",
+    ),
+    "1GiB-file-named-jpg-to-predict": (
+        "huge.jpg",
+        _predict_one,
+        "valid.jpg",
+        ImageError,
+        r"huge\.jpg: 1,073,741,824 bytes, more than an image file may have "
+        r"\(67,108,864\); shrink it, or raise CNNLAB_MAX_IMAGE_BYTES$",
+    ),
+    "jpeg-start-bytes-then-32MiB-of-junk": (
+        "junk.jpg",
+        open_image,
+        "valid.jpg",
+        ImageError,
+        r"junk\.jpg: more than 65,536 bytes of junk where a JPEG marker belongs",
+    ),
+    "jpeg-start-bytes-then-junk-streamed": (
+        "junk.jpg",
+        _crop_file,
+        "valid.jpg",
+        ImageError,
+        r"junk\.jpg: more than 65,536 bytes of junk where a JPEG marker belongs",
+    ),
     "16-bit-png-of-16MP-opened": ("wide16.png", open_image, "valid.png", None, ""),
     "16-bit-png-of-16MP-streamed": ("wide16.png", _eval_crop_file, "valid.png", None, ""),
-    "sidecar-with-a-spec-of-1e8-layers": ("spec-sidecar/model.safetensors", load_weights,
-                                          "valid-sidecar/model.safetensors", CheckpointError,
-                                          r"model spec 'c8x100000000,g' has 100,000,001 layers, more than cnnlab "
-                                          r"builds \(1,000\); raise CNNLAB_MAX_MODEL_LAYERS if you mean it"),
-    "sidecar-with-a-spec-of-1e13-weights": ("wide-spec-sidecar/model.safetensors", load_weights,
-                                            "valid-sidecar/model.safetensors", CheckpointError,
-                                            r"holds [\d,]+ weights but its sidecar model\.json describes a 'cnn' with "
-                                            r"11,5\d\d,\d{3},\d{3},\d{3}; the two files do not belong together"),
-    "shard-with-a-4GiB-sparse-cls-member": ("cls-bomb", _train_epoch, "valid-shards", DatasetError,
-                                            r"00000000_x\.cls: a \.cls member of 4,294,967,296 bytes, more than a "
-                                            r"class index takes \(32\)"),
-    "shard-with-16-sparse-250MiB-images": ("image-bomb", _train_epoch, "valid-shards", DatasetError,
-                                           r"larger than an image file may be \(67,108,864 bytes\), not read"),
+    "sidecar-with-a-spec-of-1e8-layers": (
+        "spec-sidecar/model.safetensors",
+        load_weights,
+        "valid-sidecar/model.safetensors",
+        CheckpointError,
+        r"model spec 'c8x100000000,g' has 100,000,001 layers, more than cnnlab "
+        r"builds \(1,000\); raise CNNLAB_MAX_MODEL_LAYERS if you mean it",
+    ),
+    "sidecar-with-a-spec-of-1e13-weights": (
+        "wide-spec-sidecar/model.safetensors",
+        load_weights,
+        "valid-sidecar/model.safetensors",
+        CheckpointError,
+        r"holds [\d,]+ weights but its sidecar model\.json describes a 'cnn' with "
+        r"11,5\d\d,\d{3},\d{3},\d{3}; the two files do not belong together",
+    ),
+    "shard-with-a-4GiB-sparse-cls-member": (
+        "cls-bomb",
+        _train_epoch,
+        "valid-shards",
+        DatasetError,
+        r"00000000_x\.cls: a \.cls member of 4,294,967,296 bytes, more than a "
+        r"class index takes \(32\)",
+    ),
+    "shard-with-16-sparse-250MiB-images": (
+        "image-bomb",
+        _train_epoch,
+        "valid-shards",
+        DatasetError,
+        r"larger than an image file may be \(67,108,864 bytes\), not read",
+    ),
     "shard-with-16-images-of-24MiB": ("buffer-bomb", _train_epoch, "valid-shards", None, ""),
-    "shard-with-label-999": ("label-bomb", _train_epoch, "valid-shards", DatasetError,
-                             r"00000001_x\.cls: label 999 is not one of the manifest's 3 classes \(0 to 2\)"),
-    "shard-manifest-of-2e6-classes": ("classes-bomb", open_shards, "valid-shards", DatasetError,
-                                      r"manifest\.json: more than 16,777,216 bytes, far more than a manifest takes"),
+    "shard-with-label-999": (
+        "label-bomb",
+        _train_epoch,
+        "valid-shards",
+        DatasetError,
+        r"00000001_x\.cls: label 999 is not one of the manifest's 3 classes \(0 to 2\)",
+    ),
+    "shard-manifest-of-2e6-classes": (
+        "classes-bomb",
+        open_shards,
+        "valid-shards",
+        DatasetError,
+        r"manifest\.json: more than 16,777,216 bytes, far more than a manifest takes",
+    ),
 }
 # Peak RSS growth allowed where the bytes on disk say little: a correct result's own pixels, or a budget.
 MP16 = 4096 * 4096
@@ -676,9 +855,11 @@ BOMB_GROWTH = {
 def _bomb_size(path: Path) -> int:
     """The bytes an attacker hands over: the file, or the largest file of a dataset folder or a sidecar pair;
     for a sparse file, the bytes it takes on disk."""
+
     def size(p: Path) -> int:
         st = p.stat()
         return min(st.st_size, st.st_blocks * 512)
+
     if path.is_dir():
         return max(size(p) for p in path.rglob("*") if p.is_file())
     if path.suffix == ".safetensors":
@@ -713,9 +894,14 @@ def _refuse_in_fork(name: str, folder: Path) -> dict:
                 error, message = "nothing: accepted", ""
             except BaseException as exc:  # noqa: B036 - whatever ends it is the result
                 error, message = type(exc).__name__, str(exc)
-            result = {"error": error, "message": message, "cpu_s": time.process_time() - cpu,
-                      "wall_s": time.perf_counter() - wall, "growth": (_status_kib("VmHWM") - start) * 1024,
-                      "size": _bomb_size(folder / file)}
+            result = {
+                "error": error,
+                "message": message,
+                "cpu_s": time.process_time() - cpu,
+                "wall_s": time.perf_counter() - wall,
+                "growth": (_status_kib("VmHWM") - start) * 1024,
+                "size": _bomb_size(folder / file),
+            }
             os.write(write_end, json.dumps(result).encode())
         finally:
             os._exit(0)
@@ -752,8 +938,13 @@ def bomb_outcomes(bomb_folder) -> dict:
         if variable != "CNNLAB_SHUFFLE_BUFFER_BYTES":
             env.pop(variable, None)
     code = "import sys; sys.path.insert(0, sys.argv[1]); import test_fuzz; test_fuzz.measure_bombs(sys.argv[2])"
-    proc = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent), str(bomb_folder)],
-                          capture_output=True, text=True, env=env, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(Path(__file__).parent), str(bomb_folder)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -764,8 +955,10 @@ def test_a_known_bomb_is_refused_fast_and_small(name, bomb_outcomes):
     peak RSS, read in the child process that opened it, within a few MB of the file's size (or BOMB_GROWTH)."""
     _, _, _, error, message = BOMBS[name]
     got = bomb_outcomes[name]
-    print(f"{name}: {got['error']} after {got['cpu_s'] * 1e3:.1f} ms CPU ({got['wall_s'] * 1e3:.1f} ms wall), "
-          f"peak RSS +{got['growth'] / MiB:.2f} MiB, for a file of {got['size']:,} bytes")
+    print(
+        f"{name}: {got['error']} after {got['cpu_s'] * 1e3:.1f} ms CPU ({got['wall_s'] * 1e3:.1f} ms wall), "
+        f"peak RSS +{got['growth'] / MiB:.2f} MiB, for a file of {got['size']:,} bytes"
+    )
     if "_jpeg_region extension is not built" in got["message"]:
         pytest.skip("the _jpeg_region extension is not built here")
     if error is None:

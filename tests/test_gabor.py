@@ -1,4 +1,5 @@
 """Gabor fits of first-layer filters and the comparison with Ringach's (2002) V1 simple cells."""
+
 from __future__ import annotations
 
 import itertools
@@ -37,8 +38,7 @@ def gabor(size, x0, y0, theta_deg, f, phase_deg, sx, sy):
     t = math.radians(theta_deg)
     xp = (x - x0) * math.cos(t) + (y - y0) * math.sin(t)
     yp = -(x - x0) * math.sin(t) + (y - y0) * math.cos(t)
-    return np.exp(-xp ** 2 / (2 * sx ** 2) - yp ** 2 / (2 * sy ** 2)) * np.cos(2 * math.pi * f * xp
-                                                                               + math.radians(phase_deg))
+    return np.exp(-(xp**2) / (2 * sx**2) - yp**2 / (2 * sy**2)) * np.cos(2 * math.pi * f * xp + math.radians(phase_deg))
 
 
 def angle_error(a_deg, b_deg):
@@ -48,8 +48,10 @@ def angle_error(a_deg, b_deg):
 
 # (f, sigma_x, sigma_y) per size: envelopes that fit in the patch and at least ~0.3 carrier periods per sigma
 # (nx >= 0.3); below that a Gabor is a blob or an edge and f trades off against sigma_x, whatever the fitter.
-SHAPES = {7: [(0.22, 1.5, 2.0), (0.30, 1.2, 1.6), (0.25, 1.8, 1.2), (0.30, 1.0, 1.3)],
-          11: [(0.12, 2.8, 3.5), (0.20, 2.0, 2.6), (0.30, 1.5, 2.8), (0.16, 3.0, 2.0)]}
+SHAPES = {
+    7: [(0.22, 1.5, 2.0), (0.30, 1.2, 1.6), (0.25, 1.8, 1.2), (0.30, 1.0, 1.3)],
+    11: [(0.12, 2.8, 3.5), (0.20, 2.0, 2.6), (0.30, 1.5, 2.8), (0.16, 3.0, 2.0)],
+}
 
 
 def known_gabors(size, noise, seed=0):
@@ -58,8 +60,9 @@ def known_gabors(size, noise, seed=0):
     c = (size - 1) / 2
     for theta, (f, sx, sy), phase in itertools.product((0, 30, 75, 120, 165), SHAPES[size], (0, 90, -135)):
         truth.append((theta, f, sx, sy))
-        planes.append(gabor(size, c + 0.3, c - 0.4, theta, f, phase, sx, sy)
-                      + noise * rng.standard_normal((size, size)))
+        planes.append(
+            gabor(size, c + 0.3, c - 0.4, theta, f, phase, sx, sy) + noise * rng.standard_normal((size, size))
+        )
     return np.stack(planes), truth
 
 
@@ -92,9 +95,19 @@ def test_the_analytic_jacobian_matches_central_differences():
     rng = np.random.default_rng(5)
     xs, ys = (v.ravel().astype(np.float64) for v in np.meshgrid(np.arange(9), np.arange(7)))
     # x0, y0, theta, f, sigma_x, sigma_y, a, b, offset
-    p = np.column_stack([rng.uniform(2, 6, 6), rng.uniform(2, 5, 6), rng.uniform(-3, 3, 6), rng.uniform(0.05, 0.4, 6),
-                         rng.uniform(0.8, 4, 6), rng.uniform(0.8, 4, 6), rng.normal(size=6), rng.normal(size=6),
-                         rng.normal(size=6)])
+    p = np.column_stack(
+        [
+            rng.uniform(2, 6, 6),
+            rng.uniform(2, 5, 6),
+            rng.uniform(-3, 3, 6),
+            rng.uniform(0.05, 0.4, 6),
+            rng.uniform(0.8, 4, 6),
+            rng.uniform(0.8, 4, 6),
+            rng.normal(size=6),
+            rng.normal(size=6),
+            rng.normal(size=6),
+        ]
+    )
     _, jac = _model_and_jacobian(p, xs, ys)
     assert jac.shape == (6, 9, 63)
     for i in range(9):
@@ -119,8 +132,19 @@ def random_gabors(size, nx, trials, noise, rng):
         if f > 0.45:  # keep the carrier below Nyquist, widening the envelope instead
             sx, f = nx / 0.45, 0.45
         sy = rng.uniform(1.0, size / 4)
-        planes.append(gabor(size, c + rng.uniform(-0.5, 0.5), c + rng.uniform(-0.5, 0.5), rng.uniform(0, 180), f,
-                            rng.uniform(-180, 180), sx, sy) + noise * rng.standard_normal((size, size)))
+        planes.append(
+            gabor(
+                size,
+                c + rng.uniform(-0.5, 0.5),
+                c + rng.uniform(-0.5, 0.5),
+                rng.uniform(0, 180),
+                f,
+                rng.uniform(-180, 180),
+                sx,
+                sy,
+            )
+            + noise * rng.standard_normal((size, size))
+        )
         truth.append((sx * f, sy * f))
     return np.stack(planes), np.array(truth)
 
@@ -132,8 +156,14 @@ def check_recovery_or_flag(size, trials, seed):
     went unflagged at 7x7 and 0 of 59 at 11x11 (the slow test prints its tally)."""
     rng = np.random.default_rng(seed)
     tolerances = (0.10, DEFAULT_TOLERANCE)
-    tally = {"missed": np.zeros(2), "missed_unflagged": np.zeros(2), "flagged": 0, "flagged_covering": 0,
-             "mid_range": 0, "mid_range_pinned": 0}
+    tally = {
+        "missed": np.zeros(2),
+        "missed_unflagged": np.zeros(2),
+        "flagged": 0,
+        "flagged_covering": 0,
+        "mid_range": 0,
+        "mid_range_pinned": 0,
+    }
     for nx in V1_NX:
         planes, truth = random_gabors(size, nx, trials, noise=0.02, rng=rng)
         fits = fit_gabors(planes)
@@ -155,9 +185,11 @@ def check_recovery_or_flag(size, trials, seed):
                 tally["mid_range"] += trials
                 tally["mid_range_pinned"] += pinned.sum()
     # printed for the docs' figure (docs/v1.md): pytest tests/test_gabor.py -m slow -k 30_trials -s
-    print(f"\n{size}x{size}, {trials} trials per nx: of the nx/ny estimates that missed the truth by > 10%, "
-          f"{tally['missed_unflagged'][0]:.0f} of {tally['missed'][0]:.0f} went unflagged at a 10% tolerance; "
-          f"at {DEFAULT_TOLERANCE:.0%}: {tally['missed_unflagged'][1]:.0f} of {tally['missed'][1]:.0f}")
+    print(
+        f"\n{size}x{size}, {trials} trials per nx: of the nx/ny estimates that missed the truth by > 10%, "
+        f"{tally['missed_unflagged'][0]:.0f} of {tally['missed'][0]:.0f} went unflagged at a 10% tolerance; "
+        f"at {DEFAULT_TOLERANCE:.0%}: {tally['missed_unflagged'][1]:.0f} of {tally['missed'][1]:.0f}"
+    )
     assert np.all(tally["missed"] > 0)  # the low-nx end does produce misses to flag
     assert np.all(tally["missed_unflagged"] <= np.maximum(1, 0.05 * tally["missed"])), tally
     assert tally["flagged_covering"] >= 0.8 * tally["flagged"], tally
@@ -178,7 +210,7 @@ def test_nx_is_recovered_or_flagged_across_v1s_range_30_trials(size):
 def test_a_blob_has_an_open_nx_interval():
     # a tenth of a carrier period per sigma: f trades off against sigma_x, nothing in the data fixes nx
     plane = gabor(11, 5, 5, 30, 0.05, 90, 2.0, 2.5) + 0.02 * np.random.default_rng(6).standard_normal((11, 11))
-    fit, = fit_gabors(plane[None])
+    (fit,) = fit_gabors(plane[None])
     bounds = profile_intervals(plane[None], [fit])
     assert fit.r2 > 0.95 and bounds["nx_open"][0]
     assert bounds["nx_high"][0] / bounds["nx_low"][0] > 2
@@ -202,7 +234,7 @@ def test_colour_filters_are_reduced_to_their_gabor_plane(colour):
     assert np.corrcoef(plane.ravel(), g.ravel())[0, 1] > 0.99
     lum = filter_to_2d(weight, mode="luminance")
     assert lum == pytest.approx(0.299 * weight[0] + 0.587 * weight[1] + 0.114 * weight[2])
-    fit, = fit_gabors(weight[None])  # (K, C, k, k) weights go through the same principal component
+    (fit,) = fit_gabors(weight[None])  # (K, C, k, k) weights go through the same principal component
     assert fit == fit_gabor(filter_to_2d(weight))
     assert angle_error(fit.theta_deg, 60) < 5
     assert fit.frequency == pytest.approx(0.18, rel=0.05)
@@ -349,8 +381,12 @@ def test_analyze_filters_writes_json_and_figures(tmp_path):
     rng = np.random.default_rng(4)
     planes, _ = known_gabors(7, noise=0.02)
     colours = rng.normal(size=(12, 3))
-    weight = np.concatenate([colours[:, :, None, None] * planes[::4, None][:12],  # 12 Gabors in colour
-                             rng.standard_normal((4, 3, 7, 7))])  # and 4 noise filters
+    weight = np.concatenate(
+        [
+            colours[:, :, None, None] * planes[::4, None][:12],  # 12 Gabors in colour
+            rng.standard_normal((4, 3, 7, 7)),
+        ]
+    )  # and 4 noise filters
     result = analyze_filters(torch.tensor(weight, dtype=torch.float32), out_dir=tmp_path / "gabor")
     assert result["n_filters"] == 16 and result["filter_shape"] == [3, 7, 7]
     assert result["n_well_fit"] == 12
@@ -374,8 +410,10 @@ def test_analyze_filters_writes_json_and_figures(tmp_path):
     assert "identifiable: 12 of 12 have nx and ny pinned down" in summary and "the 12 identifiable ones:" in summary
     assert result["identifiability"]["n_well_fit_identifiable_at"].keys() == {"0.10", "0.20"}
     cmp = result["comparison"]
-    assert (f"TV distance to V1's binned (nx, ny) {cmp['tv_distance']:.2f} "
-            f"({format_permutation_p(cmp['tv_permutation_exceedances'], 9999)}, 9999 permutations)") in summary
+    assert (
+        f"TV distance to V1's binned (nx, ny) {cmp['tv_distance']:.2f} "
+        f"({format_permutation_p(cmp['tv_permutation_exceedances'], 9999)}, 9999 permutations)"
+    ) in summary
 
 
 def test_analyze_filters_takes_a_model_and_json_survives_no_well_fit_filter(tmp_path):

@@ -1,6 +1,7 @@
 """bench/gpu_check.py, the script for a lent GPU, cannot rot unseen: without CUDA it says there is nothing to
 check; its device-agnostic checks (synthetic data, resume, --deterministic through the CLI, the plain-loop
 baseline, the JSON report) run on the CPU in --cpu-smoke mode."""
+
 import json
 import subprocess
 import sys
@@ -10,13 +11,21 @@ import pytest
 import torch
 
 SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.py"
-CUDA_ONLY = {"auto-settings", "ddp-nccl", "throughput-convnet", "throughput-resnet20", "throughput-resnet50",
-             "compile", "airbench94-epoch"}
+CUDA_ONLY = {
+    "auto-settings",
+    "ddp-nccl",
+    "throughput-convnet",
+    "throughput-resnet20",
+    "throughput-resnet50",
+    "compile",
+    "airbench94-epoch",
+}
 
 
 def gpu_check(*args, timeout=900):
-    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True, timeout=timeout
+    )
 
 
 def report(folder: Path) -> dict:
@@ -55,8 +64,12 @@ def test_cpu_smoke_runs_the_device_agnostic_checks(tmp_path):
     checks = {c["name"]: c for c in out["checks"]}
     assert out["mode"] == "cpu-smoke" and out["exit_code"] == 0
     assert {n for n, c in checks.items() if c["status"] == "SKIP"} == CUDA_ONLY
-    assert {n for n, c in checks.items() if c["status"] == "PASS"} == {"data-on-device", "resume", "deterministic",
-                                                                         "throughput-cnn"}
+    assert {n for n, c in checks.items() if c["status"] == "PASS"} == {
+        "data-on-device",
+        "resume",
+        "deterministic",
+        "throughput-cnn",
+    }
     data = checks["data-on-device"]["figures"]
     assert data["train_images_device"] == "cpu" and data["train_images_dtype"] == "torch.uint8"
     assert checks["resume"]["figures"]["bitwise_equal"] is True
@@ -64,6 +77,7 @@ def test_cpu_smoke_runs_the_device_agnostic_checks(tmp_path):
     speed = checks["throughput-cnn"]["figures"]
     assert min(speed["img_per_s"]["cnnlab"] + speed["img_per_s"]["plain_fp32"]) > 0
     assert speed["ratio_cnnlab_vs_plain_fp32"] == pytest.approx(
-        speed["median"]["cnnlab"] / speed["median"]["plain_fp32"])
+        speed["median"]["cnnlab"] / speed["median"]["plain_fp32"]
+    )
     lines = [line for line in result.stdout.splitlines() if line[:4] in ("PASS", "FAIL", "SKIP")]
     assert len(lines) == 11 and all(line.startswith(("PASS", "SKIP")) for line in lines)

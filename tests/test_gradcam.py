@@ -1,5 +1,6 @@
 """Grad-CAM: its numbers against a direct computation, the layer it picks on every registered model, and on a
 net trained for a few seconds, that it points at the quadrant that decides the class."""
+
 import numpy as np
 import pytest
 import torch
@@ -29,13 +30,13 @@ def test_values_equal_a_direct_computation_on_a_tiny_net():
     torch.manual_seed(0)
     net = Tiny()
     x = torch.randn(3, 2, 6, 6)
-    maps = F.relu(F.conv2d(x, net.conv.weight, net.conv.bias))            # (3, 3, 4, 4)
+    maps = F.relu(F.conv2d(x, net.conv.weight, net.conv.bias))  # (3, 3, 4, 4)
     logits = net.fc(maps.flatten(1))
     for target in (None, 4, [0, 2, 1]):
         results = grad_cam(net, x, layer="relu", target=target)
         wanted = logits.argmax(1).tolist() if target is None else [target] * 3 if isinstance(target, int) else target
         for i, r in enumerate(results):
-            row = net.fc.weight[wanted[i]].detach().view(3, 4, 4)       # d logit / d maps, no autograd needed
+            row = net.fc.weight[wanted[i]].detach().view(3, 4, 4)  # d logit / d maps, no autograd needed
             alpha = row.mean(dim=(1, 2))
             raw = F.relu((alpha[:, None, None] * maps[i].detach()).sum(0))
             assert r.target == wanted[i] and r.layer == "relu"
@@ -58,15 +59,18 @@ def test_bad_layer_and_class_are_named():
         grad_cam(net, x, layer="fc")
 
 
-@pytest.mark.parametrize("name,kwargs,shape,want", [
-    ("convnet", {}, (3, 32, 32), "8"),                       # the ReLU after the last conv, before the head
-    ("cnn", {"spec": "c8,p,c16,p,f32"}, (3, 32, 32), "4"),
-    ("lenet5", {}, (1, 32, 32), "act3"),                     # c5 gives 1x1 maps: the stage before it
-    ("resnet20", {}, (3, 32, 32), "layer3"),
-    ("resnet18", {}, (3, 64, 64), "layer4"),
-    ("airbench94", {}, (3, 32, 32), "layer3"),
-    ("alexnet", {"num_classes": 10}, (3, 224, 224), "features"),
-])
+@pytest.mark.parametrize(
+    "name,kwargs,shape,want",
+    [
+        ("convnet", {}, (3, 32, 32), "8"),  # the ReLU after the last conv, before the head
+        ("cnn", {"spec": "c8,p,c16,p,f32"}, (3, 32, 32), "4"),
+        ("lenet5", {}, (1, 32, 32), "act3"),  # c5 gives 1x1 maps: the stage before it
+        ("resnet20", {}, (3, 32, 32), "layer3"),
+        ("resnet18", {}, (3, 64, 64), "layer4"),
+        ("airbench94", {}, (3, 32, 32), "layer3"),
+        ("alexnet", {"num_classes": 10}, (3, 224, 224), "features"),
+    ],
+)
 def test_default_layer_is_the_last_conv_stage(name, kwargs, shape, want):
     torch.manual_seed(0)
     model = create_model(name, **kwargs)
@@ -75,8 +79,22 @@ def test_default_layer_is_the_last_conv_stage(name, kwargs, shape, want):
 
 
 def test_every_registered_model_has_a_default_layer():
-    deep = {"resnet34", "resnet101", "resnet152", "resnet1202", "resnext50_32x4d", "wide_resnet50_2", "resnet32",
-            "resnet44", "resnet56", "resnet110", "plain32", "plain44", "plain56", "plain110"}  # deeper copies of others
+    deep = {
+        "resnet34",
+        "resnet101",
+        "resnet152",
+        "resnet1202",
+        "resnext50_32x4d",
+        "wide_resnet50_2",
+        "resnet32",
+        "resnet44",
+        "resnet56",
+        "resnet110",
+        "plain32",
+        "plain44",
+        "plain56",
+        "plain110",
+    }  # deeper copies of others
     shapes = {"alexnet": (3, 96, 96), "lenet5": (1, 32, 32), "resnet18": (3, 64, 64), "resnet50": (3, 64, 64)}
     for name in sorted(set(list_models()) - deep):
         with torch.device("meta"):
@@ -140,25 +158,47 @@ def test_overlay_keeps_the_image_where_the_cam_is_zero():
 def test_cli_viz_cam_writes_one_overlay_per_image(tmp_path, capsys):
     from cnnlab.cli import main
     from cnnlab.infer.weights import save_weights
+
     torch.manual_seed(0)
     model = create_model("cnn", spec="c4,p,f8", input_size=16, num_classes=3)
-    save_weights(model, tmp_path / "model.safetensors",
-                 {"model": "cnn", "model_args": {"spec": "c4,p,f8", "input_size": 16, "num_classes": 3},
-                  "classes": ["a", "b", "c"], "mean": [0.5] * 3, "std": [0.25] * 3, "input_shape": [3, 16, 16]})
+    save_weights(
+        model,
+        tmp_path / "model.safetensors",
+        {
+            "model": "cnn",
+            "model_args": {"spec": "c4,p,f8", "input_size": 16, "num_classes": 3},
+            "classes": ["a", "b", "c"],
+            "mean": [0.5] * 3,
+            "std": [0.25] * 3,
+            "input_shape": [3, 16, 16],
+        },
+    )
     rng = np.random.default_rng(0)
     for name in ("one.png", "two.png"):
         Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(tmp_path / name)
     (tmp_path / "bad.png").write_bytes(b"not an image")
-    code = main(["viz", "cam", str(tmp_path / "model.safetensors"), str(tmp_path / "one.png"),
-                 str(tmp_path / "two.png"), "--class", "b", "--out", str(tmp_path / "cams")])
+    code = main(
+        [
+            "viz",
+            "cam",
+            str(tmp_path / "model.safetensors"),
+            str(tmp_path / "one.png"),
+            str(tmp_path / "two.png"),
+            "--class",
+            "b",
+            "--out",
+            str(tmp_path / "cams"),
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0
     written = sorted(p.name for p in (tmp_path / "cams").iterdir())
     assert written == ["cam-one-b.png", "cam-two-b.png"], written
     assert "layer 1," in out and "class b" in out  # the ReLU after the only conv
     assert Image.open(tmp_path / "cams" / "cam-one-b.png").size == (16 * 8, 16 * 8)
-    code = main(["viz", "cam", str(tmp_path / "model.safetensors"), str(tmp_path / "bad.png"),
-                 "--out", str(tmp_path / "cams2")])
+    code = main(
+        ["viz", "cam", str(tmp_path / "model.safetensors"), str(tmp_path / "bad.png"), "--out", str(tmp_path / "cams2")]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "bad.png: not a readable image" in err
     code = main(["viz", "cam", str(tmp_path / "model.safetensors"), str(tmp_path / "one.png"), "--class", "zebra"])

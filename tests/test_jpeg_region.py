@@ -1,6 +1,7 @@
 """Region-of-interest JPEG decoding (the _jpeg_region extension): only a training crop's region is decoded, and
 its pixels are those of a full decode, whatever the chroma subsampling, scan order, restart markers, DCT scale or
 crop position; a file cut short fails whatever the crop."""
+
 from __future__ import annotations
 
 import io
@@ -18,15 +19,19 @@ from cnnlab.data.transforms import decode_crop, random_resized_crop_box, sample_
 from cnnlab.errors import ImageError
 
 region = transforms._jpeg_region
-needs_region = pytest.mark.skipif(region is None, reason="the _jpeg_region extension is not built here (it needs "
-                                                         "a C compiler and libjpeg's headers when cnnlab is installed)")
+needs_region = pytest.mark.skipif(
+    region is None,
+    reason="the _jpeg_region extension is not built here (it needs "
+    "a C compiler and libjpeg's headers when cnnlab is installed)",
+)
 
 
 def test_the_region_decoder_is_built_where_ci_runs():
     if not os.environ.get("CI"):
         pytest.skip("CI installs gcc and libjpeg-dev; elsewhere the extension is optional")
-    assert region is not None, ("cnnlab.data._jpeg_region did not build: install gcc and libjpeg-dev, "
-                                "then pip install -e .")
+    assert region is not None, (
+        "cnnlab.data._jpeg_region did not build: install gcc and libjpeg-dev, then pip install -e ."
+    )
 
 
 def full_decode(data: bytes, scale: int, gray: bool) -> np.ndarray:
@@ -39,10 +44,13 @@ def full_decode(data: bytes, scale: int, gray: bool) -> np.ndarray:
 
 
 FLAVOURS = {
-    "4:2:0": dict(subsampling=2), "4:2:2": dict(subsampling=1), "4:4:4": dict(subsampling=0),
+    "4:2:0": dict(subsampling=2),
+    "4:2:2": dict(subsampling=1),
+    "4:4:4": dict(subsampling=0),
     "progressive 4:2:0": dict(subsampling=2, progressive=True),
     "restart markers": dict(subsampling=2, restart_marker_blocks=3),
-    "grey": dict(), "grey progressive": dict(progressive=True),
+    "grey": dict(),
+    "grey progressive": dict(progressive=True),
 }
 
 
@@ -77,13 +85,13 @@ def test_bad_regions_and_bad_data_are_value_errors():
     with pytest.raises(ValueError, match="^JPEG: "):
         region.decode_region(b"\xff\xd8 not a jpeg at all", 1, 0, 0, 1, 1, False)
     with pytest.raises(ValueError, match="^JPEG: Premature end of JPEG file"):
-        region.decode_region(data[:len(data) // 2], 1, 0, 0, 64, 48, False)
+        region.decode_region(data[: len(data) // 2], 1, 0, 0, 64, 48, False)
 
 
 @needs_region
 def test_a_jpeg_cut_short_fails_even_when_the_crop_lies_above_the_cut():
     data = jpeg_bytes(textured(300, 200, 3))
-    cut = data[:int(len(data) * 0.9)]  # the bottom rows are missing, the top ones decode
+    cut = data[: int(len(data) * 0.9)]  # the bottom rows are missing, the top ones decode
     assert len(region.decode_region(cut, 1, 0, 0, 50, 20, False)) == 50 * 20 * 3  # the decoder stops above the cut
     for index in range(20):  # decode_crop decodes a file without its end marker whole, and fails on it
         with pytest.raises(ImageError, match=r"^cut\.jpg: not a readable image"):
@@ -96,16 +104,25 @@ def test_trailing_bytes_after_the_end_marker_fall_back_to_a_whole_decode(monkeyp
     fast = [decode_crop(data, "x.jpg", 64, "RGB", rng=sample_rng(0, 0, i)) for i in range(5)]
     monkeypatch.setattr(transforms, "_jpeg_region", None)
     monkeypatch.setattr(transforms, "_simplejpeg", None)
-    assert all(np.array_equal(a, decode_crop(data, "x.jpg", 64, "RGB", rng=sample_rng(0, 0, i)))
-               for i, a in enumerate(fast))
+    assert all(
+        np.array_equal(a, decode_crop(data, "x.jpg", 64, "RGB", rng=sample_rng(0, 0, i))) for i, a in enumerate(fast)
+    )
 
 
 # Every chroma subsampling libjpeg-turbo writes (TurboJPEG's TJSAMP_* and cjpeg -sample), luma factors first
-SUBSAMPLINGS = {"4:4:4": "1x1", "4:2:2": "2x1", "4:2:0": "2x2", "4:4:0": "1x2", "4:1:1": "4x1", "4:1:0": "4x2",
-                "grey": None}
-needs_cjpeg = pytest.mark.skipif(shutil.which("cjpeg") is None and not os.environ.get("CI"),
-                                 reason="cjpeg (Debian's libjpeg-turbo-progs) writes 4:4:0, 4:1:1 and 4:1:0; "
-                                        "Pillow cannot")
+SUBSAMPLINGS = {
+    "4:4:4": "1x1",
+    "4:2:2": "2x1",
+    "4:2:0": "2x2",
+    "4:4:0": "1x2",
+    "4:1:1": "4x1",
+    "4:1:0": "4x2",
+    "grey": None,
+}
+needs_cjpeg = pytest.mark.skipif(
+    shutil.which("cjpeg") is None and not os.environ.get("CI"),
+    reason="cjpeg (Debian's libjpeg-turbo-progs) writes 4:4:0, 4:1:1 and 4:1:0; Pillow cannot",
+)
 
 
 def cjpeg(pixels: np.ndarray, sample: str | None, *options: str) -> bytes:
@@ -134,16 +151,21 @@ def test_every_subsampling_gives_a_full_decodes_pixels_at_every_scale_and_offset
     gray = subsampling == "grey"
     for width, height in [(97, 61)] if progressive else [(333, 251), (97, 61)]:  # progressive: 3x slower
         pixels = textured(width, height, width)
-        data = cjpeg(pixels[:, :, 0] if gray else pixels, SUBSAMPLINGS[subsampling],
-                     *(["-progressive"] if progressive else []))
+        data = cjpeg(
+            pixels[:, :, 0] if gray else pixels, SUBSAMPLINGS[subsampling], *(["-progressive"] if progressive else [])
+        )
         for scale in (1, 2, 4, 8):
             full = full_decode(data, scale, gray)
             h, w = full.shape[:2]
             for left, top, right, bottom in edge_boxes(w, h):
                 got = region.decode_region(data, scale, left, top, right, bottom, gray)
                 want = full[top:bottom, left:right]
-                assert np.array_equal(np.frombuffer(got, np.uint8).reshape(want.shape), want), \
-                    (subsampling, width, scale, (left, top, right, bottom))
+                assert np.array_equal(np.frombuffer(got, np.uint8).reshape(want.shape), want), (
+                    subsampling,
+                    width,
+                    scale,
+                    (left, top, right, bottom),
+                )
 
 
 @needs_region
@@ -163,8 +185,9 @@ def test_training_crops_equal_pillows_for_every_subsampling(subsampling, monkeyp
 @pytest.mark.slow
 @needs_region
 @needs_cjpeg
-@pytest.mark.parametrize("sample", ["3x1", "3x2", "1x3", "2x3", "1x4", "2x4", "2x2,2x1,1x1", "2x1,1x2,1x1",
-                                    "1x1,2x2,2x2", "1x2,1x1,1x2"])
+@pytest.mark.parametrize(
+    "sample", ["3x1", "3x2", "1x3", "2x3", "1x4", "2x4", "2x2,2x1,1x1", "2x1,1x2,1x1", "1x1,2x2,2x2", "1x2,1x1,1x2"]
+)
 def test_unusual_sampling_factors_cjpeg_writes_are_exact_too(sample):
     """Beyond TurboJPEG's subsamplings: factors of 3, tall luma, and chroma sampled above 1x1."""
     data = cjpeg(textured(333, 251, 8), sample)
@@ -174,5 +197,8 @@ def test_unusual_sampling_factors_cjpeg_writes_are_exact_too(sample):
         for left, top, right, bottom in edge_boxes(w, h):
             got = region.decode_region(data, scale, left, top, right, bottom, False)
             want = full[top:bottom, left:right]
-            assert np.array_equal(np.frombuffer(got, np.uint8).reshape(want.shape), want), \
-                (sample, scale, (left, top, right, bottom))
+            assert np.array_equal(np.frombuffer(got, np.uint8).reshape(want.shape), want), (
+                sample,
+                scale,
+                (left, top, right, bottom),
+            )

@@ -7,6 +7,7 @@ A step is too short to hit by timing on a loaded machine: there the run stops it
 step, in its loss or its backward pass (tests/faults.py stall-step), and is killed while it waits; the
 step before it has printed its progress line, that step has not, and the last checkpoint is older.
 """
+
 import os
 import random
 import signal
@@ -31,20 +32,43 @@ FAULTS = str(Path(__file__).with_name("faults.py"))
 def train_args(root, run, *extra):
     # 120 training images in batches of 8: 15 steps an epoch. A wide dense layer makes the checkpoint
     # about 8 MB, so that its write lasts long enough to be hit; 900 test images do the same for evaluation.
-    return [sys.executable, "-m", "cnnlab", "train", "--dataset", "imagefolder", "--data-dir", str(root),
-            "--model", "cnn", "--model-arg", "spec=c16x2,p,f1024", "--batch-size", "8", "--epochs", str(EPOCHS),
-            "--checkpoint-every", str(CHECKPOINT_EVERY), "--augment", "crop:2:reflect,flip",
-            "--run-dir", str(run), *extra]
+    return [
+        sys.executable,
+        "-m",
+        "cnnlab",
+        "train",
+        "--dataset",
+        "imagefolder",
+        "--data-dir",
+        str(root),
+        "--model",
+        "cnn",
+        "--model-arg",
+        "spec=c16x2,p,f1024",
+        "--batch-size",
+        "8",
+        "--epochs",
+        str(EPOCHS),
+        "--checkpoint-every",
+        str(CHECKPOINT_EVERY),
+        "--augment",
+        "crop:2:reflect,flip",
+        "--run-dir",
+        str(run),
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     from conftest import write_image_folder
+
     tmp = tmp_path_factory.mktemp("kill")
     root = write_image_folder(tmp / "shapes", per_class=(40, 300))
     env = {**os.environ, "CNNLAB_CACHE": str(tmp / "cache"), "CNNLAB_TRACE": "1"}
-    subprocess.run(train_args(root, tmp / "reference", "--progress", "none"), env=env, check=True,
-                   capture_output=True, timeout=600)
+    subprocess.run(
+        train_args(root, tmp / "reference", "--progress", "none"), env=env, check=True, capture_output=True, timeout=600
+    )
     return root, load_file(tmp / "reference" / "model.safetensors"), env
 
 
@@ -67,8 +91,11 @@ def _kill_and_resume(reference, tmp_path, phase: str, seed: int):
     root, expected, env = reference
     run = tmp_path / "run"
     rng = random.Random(f"{phase}-{seed}")
-    total = {"step": EPOCHS * STEPS_PER_EPOCH, "evaluate": EPOCHS,
-             "checkpoint": EPOCHS * -(-STEPS_PER_EPOCH // CHECKPOINT_EVERY)}[phase]
+    total = {
+        "step": EPOCHS * STEPS_PER_EPOCH,
+        "evaluate": EPOCHS,
+        "checkpoint": EPOCHS * -(-STEPS_PER_EPOCH // CHECKPOINT_EVERY),
+    }[phase]
     target = rng.randrange(1, total - 1)  # never the last one: the kill must land before the run ends
     command = train_args(root, run, "--progress", "plain", "--log-every", "1")
     marker, occurrence = {"checkpoint": "trace: checkpoint-write", "evaluate": "trace: evaluate"}.get(phase), target
@@ -86,7 +113,7 @@ def _kill_and_resume(reference, tmp_path, phase: str, seed: int):
     assert not (run / "model.safetensors").exists(), "the kill came after the run had finished"
     if phase == "step":  # inside the step: the one before it finished and was checkpointed as usual, it did not
         progress = [line for line in printed if line.startswith("step ")]
-        assert (progress[-1].startswith(f"step {target - 1}/") if target > 1 else not progress), progress[-1:]
+        assert progress[-1].startswith(f"step {target - 1}/") if target > 1 else not progress, progress[-1:]
         assert not any(line.startswith(f"step {target}/") for line in printed), f"step {target} had finished"
         checkpointed = CHECKPOINT_EVERY * ((target - 1) // CHECKPOINT_EVERY)  # the last checkpoint before it
         assert (read_checkpoint(run / "last.ckpt")["step"] if (run / "last.ckpt").exists() else 0) == checkpointed
@@ -98,8 +125,13 @@ def _kill_and_resume(reference, tmp_path, phase: str, seed: int):
         rows = (run / "metrics.csv").read_text().splitlines()[1:] if (run / "metrics.csv").exists() else []
         assert len(rows) == epoch - 1, f"the evaluation of epoch {epoch} had already finished"
 
-    resumed = subprocess.run([sys.executable, "-m", "cnnlab", "train", "--resume", str(run), "--progress", "none"],
-                             env=env, capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(
+        [sys.executable, "-m", "cnnlab", "train", "--resume", str(run), "--progress", "none"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert resumed.returncode == 0, resumed.stderr
     got = load_file(run / "model.safetensors")
     assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in expected)

@@ -1,4 +1,5 @@
 """LeNet-5 (LeCun et al. 1998): the modern form's 61,706 parameters, the paper's C3 connection table."""
+
 import pytest
 import torch
 
@@ -17,18 +18,25 @@ def test_modern_lenet5_has_61706_parameters_layer_by_layer():
     assert isinstance(model, LeNet5)
     # C1 6*(1*25+1), C3 16*(6*25+1), C5 120*(16*25+1), F6 84*(120+1), output 10*(84+1)
     assert [_params(m) for m in (model.c1, model.c3, model.c5, model.f6, model.output)] == [
-        156, 2_416, 48_120, 10_164, 850]
+        156,
+        2_416,
+        48_120,
+        10_164,
+        850,
+    ]
     assert _params(model) == 61_706
 
 
 def test_connection_table_is_table_one_of_the_paper():
     # Table I read row by row: the C3 maps (columns) that each S2 map (row) feeds, X = connected
-    rows = ["X   XXX  XXXX XX",
-            "XX   XXX  XXXX X",
-            "XXX   XXX  X XXX",
-            " XXX  XXXX  X XX",
-            "  XXX  XXXX XX X",
-            "   XXX  XXXX XXX"]
+    rows = [
+        "X   XXX  XXXX XX",
+        "XX   XXX  XXXX X",
+        "XXX   XXX  X XXX",
+        " XXX  XXXX  X XX",
+        "  XXX  XXXX XX X",
+        "   XXX  XXXX XXX",
+    ]
     table = [tuple(i for i in range(6) if rows[i][j] == "X") for j in range(16)]
     assert table == list(LENET5_C3_TABLE)
 

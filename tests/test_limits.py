@@ -1,6 +1,7 @@
 """The limits on files someone handed us (cnnlab.data.images.Limits): each one refuses in every path that reads
 such a file, names the file, the limit and the setting that raises it, and raising it lets the file through.
 The bombs themselves, measured in a child process (time and peak RSS), are in test_fuzz.py's BOMBS."""
+
 from __future__ import annotations
 
 import base64
@@ -57,11 +58,20 @@ def test_the_marker_walk_reads_the_frame_and_counts_scans():
     thumbnail = Image.Exif()
     thumbnail[0x0112] = 1
     got = jpeg_structure(baseline, "b.jpg")
-    assert (got.width, got.height, got.sampling, got.scans, got.progressive) == (50, 30, ((2, 2), (1, 1), (1, 1)),
-                                                                                  1, False)
+    assert (got.width, got.height, got.sampling, got.scans, got.progressive) == (
+        50,
+        30,
+        ((2, 2), (1, 1), (1, 1)),
+        1,
+        False,
+    )
     got = jpeg_structure(progressive, "p.jpg")
-    assert got.sampling == ((2, 1), (1, 1), (1, 1)) and got.progressive and got.scans == progressive.count(
-        b"\xff\xda") and 5 <= got.scans <= 12
+    assert (
+        got.sampling == ((2, 1), (1, 1), (1, 1))
+        and got.progressive
+        and got.scans == progressive.count(b"\xff\xda")
+        and 5 <= got.scans <= 12
+    )
     # a marker's bytes inside an APP segment (an EXIF thumbnail, a comment) are not counted
     with_comment = baseline[:2] + b"\xff\xfe\x00\x0a\xff\xda\xff\xda\xff\xda" + baseline[2:]
     assert jpeg_structure(with_comment, "c.jpg").scans == 1
@@ -71,8 +81,9 @@ def test_the_marker_walk_reads_the_frame_and_counts_scans():
 
 # Found by coverage-guided fuzzing (atheris over the marker walk): a frame header cut by the end of the file
 # raised IndexError from the walk.
-WALK_REGRESSIONS = [base64.b64decode("/9j/4AAQSkZJRgAeHh4eHh4eHh4eHh7kwhjoQwum6ukX4uFuUoRmIJbn9XfM5HTsi5aCX7uTfOLPdcLm/////8"
-                                     "99v45//9k=")]
+WALK_REGRESSIONS = [
+    base64.b64decode("/9j/4AAQSkZJRgAeHh4eHh4eHh4eHh7kwhjoQwum6ukX4uFuUoRmIJbn9XfM5HTsi5aCX7uTfOLPdcLm/////899v45//9k=")
+]
 
 
 @pytest.mark.parametrize("data", WALK_REGRESSIONS)
@@ -121,8 +132,11 @@ def test_junk_where_a_marker_belongs_is_bounded(tmp_path):
     assert jpeg_structure(a_little, "a.jpg").width == 40
     assert np.asarray(Image.open(io.BytesIO(a_little))).shape == (30, 40, 3)
     junk = good[:cut] + bytes(range(1, 255)) * 300 + good[cut:]  # 76 KB of junk
-    with pytest.raises(ImageError, match=rf"^j\.jpg: more than 65,536 bytes of junk where a JPEG marker belongs "
-                                         rf"\(offset {cut}\); the file is damaged: re-encode or remove it$"):
+    with pytest.raises(
+        ImageError,
+        match=rf"^j\.jpg: more than 65,536 bytes of junk where a JPEG marker belongs "
+        rf"\(offset {cut}\); the file is damaged: re-encode or remove it$",
+    ):
         check_encoded(junk, "j.jpg")
 
 
@@ -131,8 +145,10 @@ def test_the_file_size_cap_is_checked_before_reading(tmp_path, monkeypatch):
     path.write_bytes(jpeg_bytes(textured(64, 64, 4)))
     size = path.stat().st_size
     monkeypatch.setenv("CNNLAB_MAX_IMAGE_BYTES", str(size - 1))
-    message = rf"big\.jpg: {size:,} bytes, more than an image file may have \({size - 1:,}\); shrink it, or raise " \
-              r"CNNLAB_MAX_IMAGE_BYTES$"
+    message = (
+        rf"big\.jpg: {size:,} bytes, more than an image file may have \({size - 1:,}\); shrink it, or raise "
+        r"CNNLAB_MAX_IMAGE_BYTES$"
+    )
     for read in (read_image_file, open_image, lambda p: load_image(p, (3, 16, 16))):
         with pytest.raises(ImageError, match=message):
             read(path)
@@ -165,19 +181,26 @@ def test_wide_modes_keep_their_top_8_bits_without_wide_copies():
 
 def test_a_sidecar_over_the_parameter_cap_is_refused_before_building(tmp_path, monkeypatch):
     model = create_model("cnn", spec="c4,p,f8", in_channels=1, num_classes=3, input_size=8)
-    meta = {"model": "cnn", "model_args": {"spec": "c4,p,f8", "in_channels": 1, "num_classes": 3,
-                                           "input_size": [8, 8]},
-            "classes": ["a", "b", "c"], "mean": [0.5], "std": [0.25], "input_shape": [1, 8, 8]}
+    meta = {
+        "model": "cnn",
+        "model_args": {"spec": "c4,p,f8", "in_channels": 1, "num_classes": 3, "input_size": [8, 8]},
+        "classes": ["a", "b", "c"],
+        "mean": [0.5],
+        "std": [0.25],
+        "input_shape": [1, 8, 8],
+    }
     save_weights(model, tmp_path / "model.safetensors", meta)
     held = sum(p.numel() for p in model.state_dict().values())
     monkeypatch.setenv("CNNLAB_MAX_MODEL_PARAMETERS", str(held - 1))
-    with pytest.raises(CheckpointError, match=rf"model\.json: its spec describes {held:,} weights, more than cnnlab "
-                                              rf"loads \({held - 1:,}\); the sidecar is damaged, or raise "
-                                              r"CNNLAB_MAX_MODEL_PARAMETERS$"):
+    with pytest.raises(
+        CheckpointError,
+        match=rf"model\.json: its spec describes {held:,} weights, more than cnnlab "
+        rf"loads \({held - 1:,}\); the sidecar is damaged, or raise "
+        r"CNNLAB_MAX_MODEL_PARAMETERS$",
+    ):
         load_weights(tmp_path / "model.safetensors")
     monkeypatch.setenv("CNNLAB_MAX_MODEL_PARAMETERS", str(held))
     assert len(load_weights(tmp_path / "model.safetensors").classes) == 3
-    (tmp_path / "model.json").write_text(json.dumps({**meta, "model": "cifar_resnet",
-                                                     "model_args": {"depth": 10**9}}))
+    (tmp_path / "model.json").write_text(json.dumps({**meta, "model": "cifar_resnet", "model_args": {"depth": 10**9}}))
     with pytest.raises(CheckpointError, match=r"depth 1,000,000,000 is more layers than cnnlab builds \(1,000\)"):
         load_weights(tmp_path / "model.safetensors")

@@ -1,5 +1,6 @@
 """Experiment loggers: driven as a training run drives them (hyperparameters, steps, epochs, summary, close, and a
 resume from an earlier checkpoint), then read back with TensorBoard's and MLflow's own readers."""
+
 from __future__ import annotations
 
 import contextlib
@@ -38,9 +39,16 @@ def loss_at(step: int, offset: float = 0.0) -> float:
 
 def row(epoch: int, evaluated: bool) -> dict:
     """A metrics.csv row as the trainer writes it: test cells empty in epochs without an evaluation."""
-    return {"epoch": epoch, "lr": 0.05, "train_loss": 1.0 / epoch, "train_acc": 0.5 + epoch / 10,
-            "test_loss": 0.4 / epoch if evaluated else "", "test_acc": 0.6 + epoch / 10 if evaluated else "",
-            "seconds": 2.0, "img_per_s": 640.0}
+    return {
+        "epoch": epoch,
+        "lr": 0.05,
+        "train_loss": 1.0 / epoch,
+        "train_acc": 0.5 + epoch / 10,
+        "test_loss": 0.4 / epoch if evaluated else "",
+        "test_acc": 0.6 + epoch / 10 if evaluated else "",
+        "seconds": 2.0,
+        "img_per_s": 640.0,
+    }
 
 
 def train(group: LoggerGroup, first_step: int, last_step: int, offset: float = 0.0, eval_every: int = 2) -> None:
@@ -52,11 +60,21 @@ def train(group: LoggerGroup, first_step: int, last_step: int, offset: float = 0
             group.log_epoch(epoch, step, row(epoch, evaluated=epoch % eval_every == 0))
 
 
-SUMMARY = {"test_accuracy": 0.8, "test_loss": 0.2, "test_top5": None, "epochs": 2, "steps": 20, "wall_seconds": 4.5,
-           "device": "cpu", "versions": {"torch": torch.__version__}, "deterministic": {"requested": False}}
+SUMMARY = {
+    "test_accuracy": 0.8,
+    "test_loss": 0.2,
+    "test_top5": None,
+    "epochs": 2,
+    "steps": 20,
+    "wall_seconds": 4.5,
+    "device": "cpu",
+    "versions": {"torch": torch.__version__},
+    "deterministic": {"requested": False},
+}
 
 
 # ---------------------------------------------------------------- names and packages
+
 
 def test_logger_names_are_parsed_from_a_comma_separated_list():
     assert parse_loggers("csv, TensorBoard,,tensorboard") == ["csv", "tensorboard"]
@@ -67,12 +85,15 @@ def test_logger_names_are_parsed_from_a_comma_separated_list():
 def test_an_unknown_logger_is_refused_listing_the_valid_ones():
     with pytest.raises(ConfigError) as info:
         check_loggers("tensorboard,wandb")
-    assert str(info.value) == ("unknown logger 'wandb'; choose from csv, tensorboard, mlflow "
-                               "(several comma-separated, e.g. 'tensorboard,mlflow')")
+    assert str(info.value) == (
+        "unknown logger 'wandb'; choose from csv, tensorboard, mlflow "
+        "(several comma-separated, e.g. 'tensorboard,mlflow')"
+    )
 
 
-@pytest.mark.parametrize("logger, module", [("tensorboard", "tensorboard"), ("mlflow", "mlflow"),
-                                            ("mlflow", "sqlalchemy")])
+@pytest.mark.parametrize(
+    "logger, module", [("tensorboard", "tensorboard"), ("mlflow", "mlflow"), ("mlflow", "sqlalchemy")]
+)
 def test_a_missing_package_is_one_line_naming_the_extra(monkeypatch, logger, module):
     for installed in ("tensorboard", "mlflow", "sqlalchemy", "alembic"):
         # Import what is there first, so that only `module` goes missing and comes back whole afterwards
@@ -107,6 +128,7 @@ def test_the_config_becomes_flat_hyperparameters():
 
 
 # ---------------------------------------------------------------- the group: batching, tensors, status
+
 
 class Recorder:
     """A logger that remembers what it was handed."""
@@ -149,8 +171,13 @@ def test_the_summary_keeps_its_numbers_and_ends_the_run_finished():
         group.log_summary(SUMMARY)
     step, values = recorder.batches[-1][-1]
     assert step == 20
-    assert values == {"summary/test_accuracy": 0.8, "summary/test_loss": 0.2, "summary/epochs": 2,
-                      "summary/steps": 20, "summary/wall_seconds": 4.5}
+    assert values == {
+        "summary/test_accuracy": 0.8,
+        "summary/test_loss": 0.2,
+        "summary/epochs": 2,
+        "summary/steps": 20,
+        "summary/wall_seconds": 4.5,
+    }
     assert recorder.status == "FINISHED"
 
 
@@ -177,17 +204,22 @@ def test_a_logger_failing_mid_run_is_switched_off_and_the_others_go_on():
         group.log_summary(SUMMARY)
         group.close()
     assert [str(w.message) for w in caught] == [
-        ("Broken failed and is switched off for the rest of this run (OSError: [Errno 28] No space left on "
-         "device); metrics.csv still gets every epoch")]
+        (
+            "Broken failed and is switched off for the rest of this run (OSError: [Errno 28] No space left on "
+            "device); metrics.csv still gets every epoch"
+        )
+    ]
     assert broken.status is None and recorder.status == "FINISHED"
     assert sum(len(batch) for batch in recorder.batches) == 20 + 2 + 1  # steps, epoch rows, summary
 
 
 # ---------------------------------------------------------------- TensorBoard
 
+
 def scalars(log_dir) -> dict[str, list[tuple[int, float]]]:
     require("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     accumulator = EventAccumulator(str(log_dir))
     accumulator.Reload()
     return {tag: [(e.step, e.value) for e in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]}
@@ -209,6 +241,7 @@ def test_tensorboard_reader_finds_steps_epochs_summary_and_hparams(tmp_path):
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from tensorboard.plugins.hparams import plugin_data_pb2
+
     accumulator = EventAccumulator(str(tmp_path / "tensorboard"))
     accumulator.Reload()
     content = accumulator.PluginTagToContent("hparams")["_hparams_/session_start_info"]
@@ -239,6 +272,7 @@ def test_tensorboard_after_a_resume_from_an_earlier_step_has_each_step_once(tmp_
 
 # ---------------------------------------------------------------- MLflow
 
+
 @pytest.fixture(scope="module")
 def mlflow_uri(tmp_path_factory):
     """One SQLite store for the module: creating its tables takes seconds."""
@@ -248,6 +282,7 @@ def mlflow_uri(tmp_path_factory):
 
 def mlflow_run(run_dir, uri):
     from mlflow.tracking import MlflowClient
+
     record = json.loads((run_dir / "mlflow.json").read_text())
     client = MlflowClient(uri)
     return client, client.get_run(record["run_id"]), record
@@ -260,8 +295,9 @@ def history(client, run_id, key) -> list[tuple[int, float]]:
 def test_mlflow_client_finds_the_run_its_config_and_its_metrics(tmp_path, mlflow_uri):
     run_dir = tmp_path / "convnet-run"
     run_dir.mkdir()
-    with build_loggers(["mlflow"], run_dir, config=config(), resume=False, start_step=0,
-                       mlflow_uri=mlflow_uri) as group:
+    with build_loggers(
+        ["mlflow"], run_dir, config=config(), resume=False, start_step=0, mlflow_uri=mlflow_uri
+    ) as group:
         train(group, 1, 20)
         group.log_summary(SUMMARY)
     client, run, record = mlflow_run(run_dir, mlflow_uri)
@@ -316,10 +352,12 @@ def test_a_resume_logs_only_where_its_own_settings_say(tmp_path, mlflow_uri, mon
         (tmp_path / "mlflow.json").write_text(json.dumps({**record, "tracking_uri": planted}))
         with pytest.raises(ConfigError) as info:
             build_loggers("mlflow", tmp_path, config=config(), resume=True, start_step=5)
-        assert str(info.value) == (f"{tmp_path / 'mlflow.json'}: this run logged to MLflow at {planted}, but this "
-                                   f"resume's tracking URI is {mlflow_uri}; to continue that MLflow run, set "
-                                   f"MLFLOW_TRACKING_URI={planted} (only if you trust it), or delete mlflow.json to "
-                                   "start a new one here")
+        assert str(info.value) == (
+            f"{tmp_path / 'mlflow.json'}: this run logged to MLflow at {planted}, but this "
+            f"resume's tracking URI is {mlflow_uri}; to continue that MLflow run, set "
+            f"MLFLOW_TRACKING_URI={planted} (only if you trust it), or delete mlflow.json to "
+            "start a new one here"
+        )
     assert not (tmp_path / "elsewhere").exists()
     monkeypatch.delenv("MLFLOW_TRACKING_URI")  # MLflow's default store, in the working folder: not the record's
     monkeypatch.chdir(tmp_path)
@@ -357,19 +395,23 @@ def test_tracking_uris_are_made_absolute(tmp_path, monkeypatch):
 
 def test_a_resume_whose_mlflow_run_is_gone_says_what_to_do(tmp_path, mlflow_uri, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_uri)
-    (tmp_path / "mlflow.json").write_text(json.dumps({"tracking_uri": mlflow_uri, "experiment_id": "1",
-                                                      "run_id": "0123456789abcdef0123456789abcdef"}))
+    (tmp_path / "mlflow.json").write_text(
+        json.dumps({"tracking_uri": mlflow_uri, "experiment_id": "1", "run_id": "0123456789abcdef0123456789abcdef"})
+    )
     with pytest.raises(ConfigError) as info:
         build_loggers("mlflow", tmp_path, config=config(), resume=True, start_step=10)
-    assert str(info.value) == (f"{tmp_path / 'mlflow.json'}: MLflow run 0123456789abcdef0123456789abcdef is not "
-                               f"in {mlflow_uri}; correct tracking_uri there, or delete the file to start a new "
-                               "MLflow run")
+    assert str(info.value) == (
+        f"{tmp_path / 'mlflow.json'}: MLflow run 0123456789abcdef0123456789abcdef is not "
+        f"in {mlflow_uri}; correct tracking_uri there, or delete the file to start a new "
+        "MLflow run"
+    )
     (tmp_path / "mlflow.json").write_text("{")
     with pytest.raises(ConfigError, match=r"mlflow.json: not the MLflow record cnnlab writes .*delete it"):
         build_loggers("mlflow", tmp_path, config=config(), resume=True, start_step=10)
 
 
 # ---------------------------------------------------------------- through a real training run
+
 
 def test_a_two_epoch_run_reaches_tensorboard_and_mlflow_through_the_cli(tmp_path, mlflow_uri):
     require("tensorboard")
@@ -379,13 +421,41 @@ def test_a_two_epoch_run_reaches_tensorboard_and_mlflow_through_the_cli(tmp_path
     from conftest import write_image_folder
     from mlflow.tracking import MlflowClient
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     root = write_image_folder(tmp_path / "shapes")
     run = tmp_path / "run"
     env = {**os.environ, "CNNLAB_CACHE": str(tmp_path / "cache"), "MLFLOW_TRACKING_URI": mlflow_uri}
-    result = subprocess.run([sys.executable, "-m", "cnnlab", "train", "--dataset", "imagefolder", "--data-dir", str(root),
-                             "--model", "cnn", "--model-arg", "spec=c8,p,f16", "--epochs", "2", "--batch-size", "16",
-                             "--run-dir", str(run), "--progress", "none", "--no-report", "--logger",
-                             "tensorboard,mlflow"], capture_output=True, text=True, env=env, timeout=600)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cnnlab",
+            "train",
+            "--dataset",
+            "imagefolder",
+            "--data-dir",
+            str(root),
+            "--model",
+            "cnn",
+            "--model-arg",
+            "spec=c8,p,f16",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "16",
+            "--run-dir",
+            str(run),
+            "--progress",
+            "none",
+            "--no-report",
+            "--logger",
+            "tensorboard,mlflow",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr
     accumulator = EventAccumulator(str(run / "tensorboard"))
     accumulator.Reload()

@@ -11,8 +11,21 @@ from cnnlab.models.summary import summarize
 def test_convnet_has_the_lecture_layers_and_parameter_count():
     model = create_model("convnet")
     kinds = [type(m).__name__ for m in model]
-    assert kinds == ["Conv2d", "ReLU", "Conv2d", "ReLU", "MaxPool2d", "Conv2d", "ReLU", "Conv2d", "ReLU",
-                     "Flatten", "Linear", "ReLU", "Linear"]
+    assert kinds == [
+        "Conv2d",
+        "ReLU",
+        "Conv2d",
+        "ReLU",
+        "MaxPool2d",
+        "Conv2d",
+        "ReLU",
+        "Conv2d",
+        "ReLU",
+        "Flatten",
+        "Linear",
+        "ReLU",
+        "Linear",
+    ]
     assert sum(p.numel() for p in model.parameters()) == 264_884
     assert model[10].in_features == 16 * 16 * 8
 
@@ -41,12 +54,15 @@ def test_spec_builds_custom_networks():
     assert model.forward_head(model.forward_features(torch.zeros(1, 3, 32, 32))).shape == (1, 5)
 
 
-@pytest.mark.parametrize("spec, message", [
-    ("c5x2,q", "bad token 'q'"),
-    ("", "empty model spec"),
-    ("f10,c5", "cannot follow a dense layer"),
-    ("p,p,p,p,p,p", "shrinks"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("c5x2,q", "bad token 'q'"),
+        ("", "empty model spec"),
+        ("f10,c5", "cannot follow a dense layer"),
+        ("p,p,p,p,p,p", "shrinks"),
+    ],
+)
 def test_bad_specs_are_named(spec, message):
     with pytest.raises(ModelError, match=message):
         create_model("cnn", spec=spec)
@@ -70,14 +86,22 @@ def test_public_api():
 
 # torchvision's alexnet state dict, key by key: a file saved from torchvision loads with strict=True.
 ALEXNET_STATE = [
-    ("features.0.weight", (64, 3, 11, 11)), ("features.0.bias", (64,)),
-    ("features.3.weight", (192, 64, 5, 5)), ("features.3.bias", (192,)),
-    ("features.6.weight", (384, 192, 3, 3)), ("features.6.bias", (384,)),
-    ("features.8.weight", (256, 384, 3, 3)), ("features.8.bias", (256,)),
-    ("features.10.weight", (256, 256, 3, 3)), ("features.10.bias", (256,)),
-    ("classifier.1.weight", (4096, 9216)), ("classifier.1.bias", (4096,)),
-    ("classifier.4.weight", (4096, 4096)), ("classifier.4.bias", (4096,)),
-    ("classifier.6.weight", (1000, 4096)), ("classifier.6.bias", (1000,)),
+    ("features.0.weight", (64, 3, 11, 11)),
+    ("features.0.bias", (64,)),
+    ("features.3.weight", (192, 64, 5, 5)),
+    ("features.3.bias", (192,)),
+    ("features.6.weight", (384, 192, 3, 3)),
+    ("features.6.bias", (384,)),
+    ("features.8.weight", (256, 384, 3, 3)),
+    ("features.8.bias", (256,)),
+    ("features.10.weight", (256, 256, 3, 3)),
+    ("features.10.bias", (256,)),
+    ("classifier.1.weight", (4096, 9216)),
+    ("classifier.1.bias", (4096,)),
+    ("classifier.4.weight", (4096, 4096)),
+    ("classifier.4.bias", (4096,)),
+    ("classifier.6.weight", (1000, 4096)),
+    ("classifier.6.bias", (1000,)),
 ]
 
 
@@ -108,19 +132,38 @@ def test_alexnet_keywords_and_the_smallest_input_it_takes():
 def test_alexnet_maps_224_pixels_to_6x6_features_and_its_published_macs():
     info = summarize(create_model("alexnet"), (3, 224, 224))
     assert [layer["output_shape"] for layer in info["layers"] if layer["type"] == "MaxPool2d"] == [
-        [1, 64, 27, 27], [1, 192, 13, 13], [1, 256, 6, 6]]
+        [1, 64, 27, 27],
+        [1, 192, 13, 13],
+        [1, 256, 6, 6],
+    ]
     assert info["macs"] == 714_188_480  # torchvision's model card: 0.71 GFLOPS (counted as MACs there)
 
 
 # Parameter counts as published (torchvision's model cards for the ImageNet nets at 1000 classes; He et al.
 # 2016, Table 6, for the CIFAR nets at 10 classes with option-A shortcuts; the lecture for convnet).
 PUBLISHED_PARAMS = {
-    "convnet": 264_884, "convnet_module": 264_884,
-    "resnet18": 11_689_512, "resnet34": 21_797_672, "resnet50": 25_557_032, "resnet101": 44_549_160,
-    "resnet152": 60_192_808, "wide_resnet50_2": 68_883_240, "resnext50_32x4d": 25_028_904,
-    "resnet20": 269_722, "resnet32": 464_154, "resnet44": 658_586, "resnet56": 853_018, "resnet110": 1_727_962,
-    "resnet1202": 19_421_274, "plain20": 269_722, "plain32": 464_154, "plain44": 658_586, "plain56": 853_018,
-    "plain110": 1_727_962, "cifar_resnet": 269_722, "cifar_plain": 269_722,  # depth 20 by default
+    "convnet": 264_884,
+    "convnet_module": 264_884,
+    "resnet18": 11_689_512,
+    "resnet34": 21_797_672,
+    "resnet50": 25_557_032,
+    "resnet101": 44_549_160,
+    "resnet152": 60_192_808,
+    "wide_resnet50_2": 68_883_240,
+    "resnext50_32x4d": 25_028_904,
+    "resnet20": 269_722,
+    "resnet32": 464_154,
+    "resnet44": 658_586,
+    "resnet56": 853_018,
+    "resnet110": 1_727_962,
+    "resnet1202": 19_421_274,
+    "plain20": 269_722,
+    "plain32": 464_154,
+    "plain44": 658_586,
+    "plain56": 853_018,
+    "plain110": 1_727_962,
+    "cifar_resnet": 269_722,
+    "cifar_plain": 269_722,  # depth 20 by default
     "resnet18_small_stem": 11_173_962,  # the latter as in kuangliu's pytorch-cifar
     "alexnet": 61_100_840,
     "lenet5": 61_706,  # the modern LeNet-5 (full C3, linear output): 156 + 2,416 + 48,120 + 10,164 + 850
@@ -186,7 +229,9 @@ CHAOTIC_AT_INIT = {"plain32", "plain44", "plain56", "plain110"}
 def test_bf16_autocast_with_channels_last_agrees_with_fp32(name):
     torch.manual_seed(0)
     # residual branches start at zero (a common init), which keeps an untrained deep net's activations in range
-    kwargs = {"zero_init_residual": True} if accepts(name, "zero_init_residual") and not name.startswith("plain") else {}
+    kwargs = (
+        {"zero_init_residual": True} if accepts(name, "zero_init_residual") and not name.startswith("plain") else {}
+    )
     model = create_model(name, num_classes=10, **kwargs)
     x = torch.randn(4, *_test_input(model))
     with torch.no_grad():

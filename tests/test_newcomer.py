@@ -1,4 +1,5 @@
 """What a newcomer hit in the first hour, following the README (issue 9's findings), each as it now behaves."""
+
 import json
 
 import pytest
@@ -24,13 +25,26 @@ def run_cli(capsys, *args) -> tuple[int, str, str]:
 def trained(tmp_path_factory):
     """A run trained on an image folder given with --data-dir, as a CIFAR run with ../shared/datasets would be."""
     from conftest import write_image_folder
+
     tmp = tmp_path_factory.mktemp("newcomer")
     root = write_image_folder(tmp / "shapes")
     cache = tmp / "cache"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("CNNLAB_CACHE", str(cache))
-        fit(TrainConfig(dataset="imagefolder", data_dir=str(root), run_dir=str(tmp / "run"), epochs=1, batch_size=16,
-                        model="cnn", model_args={"spec": "c8,p,f16"}, progress="none", report=False), log=silent)
+        fit(
+            TrainConfig(
+                dataset="imagefolder",
+                data_dir=str(root),
+                run_dir=str(tmp / "run"),
+                epochs=1,
+                batch_size=16,
+                model="cnn",
+                model_args={"spec": "c8,p,f16"},
+                progress="none",
+                report=False,
+            ),
+            log=silent,
+        )
     return tmp / "run", root, cache
 
 
@@ -59,18 +73,48 @@ def test_a_model_too_large_for_the_images_is_refused_before_any_work_and_leaves_
 
 def test_image_size_upsamples_the_batches_so_that_such_a_model_can_train(trained, tmp_path):
     _, root, _ = trained
-    summary = fit(TrainConfig(dataset="imagefolder", data_dir=str(root), run_dir=str(tmp_path / "r"), epochs=1,
-                              batch_size=16, model="alexnet", image_size=64, max_steps=2, progress="none",
-                              report=False), log=silent)
+    summary = fit(
+        TrainConfig(
+            dataset="imagefolder",
+            data_dir=str(root),
+            run_dir=str(tmp_path / "r"),
+            epochs=1,
+            batch_size=16,
+            model="alexnet",
+            image_size=64,
+            max_steps=2,
+            progress="none",
+            report=False,
+        ),
+        log=silent,
+    )
     assert summary["steps"] == 2
     assert json.loads((tmp_path / "r" / "model.json").read_text())["input_shape"] == [3, 64, 64]
 
 
 def test_max_steps_mid_epoch_reports_the_steps_writes_a_row_and_times_the_training(trained, tmp_path, capsys):
     _, root, _ = trained
-    code, out, _ = run_cli(capsys, "train", "--dataset", "imagefolder", "--data-dir", root, "--model", "cnn",
-                           "--model-arg", "spec=c8,p,f16", "--batch-size", "16", "--max-steps", "4", "--run-dir",
-                           tmp_path / "r", "--progress", "none", "--no-report")
+    code, out, _ = run_cli(
+        capsys,
+        "train",
+        "--dataset",
+        "imagefolder",
+        "--data-dir",
+        root,
+        "--model",
+        "cnn",
+        "--model-arg",
+        "spec=c8,p,f16",
+        "--batch-size",
+        "16",
+        "--max-steps",
+        "4",
+        "--run-dir",
+        tmp_path / "r",
+        "--progress",
+        "none",
+        "--no-report",
+    )
     assert code == 0 and "after 4 steps (0.57 epochs)" in out
     rows = (tmp_path / "r" / "metrics.csv").read_text().splitlines()
     assert len(rows) == 2 and rows[1].startswith("0.5714,")
@@ -80,6 +124,7 @@ def test_max_steps_mid_epoch_reports_the_steps_writes_a_row_and_times_the_traini
 
 def test_your_own_images_are_not_called_unverified(trained):
     from cnnlab.data import load_dataset
+
     _, root, _ = trained
     text = load_dataset("imagefolder", root).describe()
     assert "UNVERIFIED" not in text and "your own files" in text

@@ -1,6 +1,7 @@
 """The lecture's notebooks: each runs top to bottom in a fresh kernel (nbclient, this interpreter), in a temporary
 working folder with a temporary cnnlab cache, and fails with the failing cell's error; and none is committed with
 outputs."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -12,8 +13,14 @@ from pathlib import Path
 import pytest
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
-LECTURE_PARTS = ["01-convolutions", "02-pooling", "03-complete-network", "04-learned-features",
-                 "05-residual-networks", "06-inside-your-network"]
+LECTURE_PARTS = [
+    "01-convolutions",
+    "02-pooling",
+    "03-complete-network",
+    "04-learned-features",
+    "05-residual-networks",
+    "06-inside-your-network",
+]
 NEEDS_CIFAR10 = {"03-complete-network", "04-learned-features", "05-residual-networks", "06-inside-your-network"}
 
 nbformat = pytest.importorskip("nbformat")
@@ -43,14 +50,17 @@ def test_committed_notebooks_hold_no_outputs_and_end_with_how_to_go_further(name
     nbformat.validate(nb)
     code = [c for c in nb.cells if c.cell_type == "code"]
     with_outputs = [i for i, c in enumerate(code) if c.outputs or c.execution_count is not None]
-    assert not with_outputs, f"{name}: code cells {with_outputs} hold outputs or execution counts; clear them " \
-                             "(Jupyter: Edit > Clear Outputs of All Cells) before committing"
+    assert not with_outputs, (
+        f"{name}: code cells {with_outputs} hold outputs or execution counts; clear them "
+        "(Jupyter: Edit > Clear Outputs of All Cells) before committing"
+    )
     assert nb.metadata.kernelspec.name == "python3"
     assert nb.cells[-1].cell_type == "markdown" and nb.cells[-1].source.startswith("## Going further")
 
 
 def test_the_kernel_is_ipykernels_own_python3_started_with_this_interpreter():
     from jupyter_client.kernelspec import KernelSpecManager
+
     spec = KernelSpecManager(kernel_dirs=[]).get_kernel_spec("python3")  # as execute.py asks for it
     assert spec.argv[0] == sys.executable and spec.argv[1:3] == ["-m", "ipykernel_launcher"]
 
@@ -59,6 +69,7 @@ def test_the_kernel_is_ipykernels_own_python3_started_with_this_interpreter():
 @pytest.mark.parametrize("name", LECTURE_PARTS)
 def test_notebook_runs_top_to_bottom_in_a_fresh_kernel(name, tmp_path, notebook_cache, request):
     from nbclient.exceptions import CellExecutionError, CellTimeoutError
+
     runner = _runner()
     env = runner.kernel_environment(cache=notebook_cache)
     if name in NEEDS_CIFAR10:
@@ -76,6 +87,7 @@ def test_notebook_runs_top_to_bottom_in_a_fresh_kernel(name, tmp_path, notebook_
 
 def _repository_state() -> str:
     """Untracked and modified files in the checkout (none of them the notebook's business)."""
-    result = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=NOTEBOOKS.parent,
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=all"], cwd=NOTEBOOKS.parent, capture_output=True, text=True
+    )
     return result.stdout if result.returncode == 0 else ""

@@ -10,8 +10,12 @@ def test_no_weight_decay_on_biases_and_norms():
     decay, no_decay = param_groups(model, 5e-4)
     assert decay["weight_decay"] == 5e-4 and no_decay["weight_decay"] == 0
     assert all(p.dim() >= 2 for p in decay["params"])
-    assert {id(p) for p in no_decay["params"]} == {id(model[1].weight), id(model[1].bias), id(model[5].bias),
-                                                    id(model[7].bias)}
+    assert {id(p) for p in no_decay["params"]} == {
+        id(model[1].weight),
+        id(model[1].bias),
+        id(model[5].bias),
+        id(model[7].bias),
+    }
 
 
 def test_optimizers():
@@ -38,24 +42,37 @@ def test_cosine_with_warmup():
 def test_multistep_by_epochs_and_by_iterations():
     by_epoch = build_schedule("multistep", 0.1, 1000, steps_per_epoch=100, milestones=[5, 8])
     assert [by_epoch(s) for s in (499, 500, 800)] == pytest.approx([0.1, 0.01, 0.001])
-    by_iter = build_schedule("multistep", 0.1, 1000, steps_per_epoch=100, milestones=[320, 480],
-                             milestone_unit="iteration")
+    by_iter = build_schedule(
+        "multistep", 0.1, 1000, steps_per_epoch=100, milestones=[320, 480], milestone_unit="iteration"
+    )
     assert [by_iter(s) for s in (319, 320, 480)] == pytest.approx([0.1, 0.01, 0.001])
 
 
 def test_fraction_milestones_scale_with_the_run_and_constant_warmup():
-    full = build_schedule("multistep", 0.1, 64_000, steps_per_epoch=390, milestones=[0.5, 0.75],
-                          milestone_unit="fraction", warmup_epochs=1.0, warmup_lr=0.01, warmup="constant")
-    assert [full(s) for s in (0, 389, 390, 31_999, 32_000, 48_000)] == \
-        pytest.approx([0.01, 0.01, 0.1, 0.1, 0.01, 0.001])
-    short = build_schedule("multistep", 0.1, 7_800, steps_per_epoch=390, milestones=[0.5, 0.75],
-                           milestone_unit="fraction")
+    full = build_schedule(
+        "multistep",
+        0.1,
+        64_000,
+        steps_per_epoch=390,
+        milestones=[0.5, 0.75],
+        milestone_unit="fraction",
+        warmup_epochs=1.0,
+        warmup_lr=0.01,
+        warmup="constant",
+    )
+    assert [full(s) for s in (0, 389, 390, 31_999, 32_000, 48_000)] == pytest.approx(
+        [0.01, 0.01, 0.1, 0.1, 0.01, 0.001]
+    )
+    short = build_schedule(
+        "multistep", 0.1, 7_800, steps_per_epoch=390, milestones=[0.5, 0.75], milestone_unit="fraction"
+    )
     assert [short(s) for s in (3_899, 3_900, 5_850)] == pytest.approx([0.1, 0.01, 0.001])
 
 
 def test_he2016_recipe():
     from cnnlab.engine import TrainConfig
     from cnnlab.train.recipes import apply_recipe
+
     cfg = apply_recipe(TrainConfig(model="resnet20"), "he2016")
     assert (cfg.batch_size, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.max_steps) == (128, 0.1, 0.9, 1e-4, 64_000)
     assert cfg.augment == "crop:4:zero,flip" and cfg.warmup_epochs == 0
@@ -66,12 +83,24 @@ def test_he2016_recipe():
 def test_fast_recipe_is_what_the_readme_says():
     from cnnlab.engine import TrainConfig
     from cnnlab.train.recipes import apply_recipe
+
     cfg = apply_recipe(TrainConfig(model="resnet20"), "fast")
-    assert (cfg.batch_size, cfg.optimizer, cfg.lr, cfg.momentum, cfg.nesterov, cfg.weight_decay) == \
-        (128, "sgd", 0.2, 0.9, True, 5e-4)
+    assert (cfg.batch_size, cfg.optimizer, cfg.lr, cfg.momentum, cfg.nesterov, cfg.weight_decay) == (
+        128,
+        "sgd",
+        0.2,
+        0.9,
+        True,
+        5e-4,
+    )
     assert (cfg.schedule, cfg.lr_start_factor, cfg.lr_peak_fraction, cfg.lr_end_factor) == ("onecycle", 0.04, 0.25, 0)
-    assert (cfg.label_smoothing, cfg.augment, cfg.epochs, cfg.tta, cfg.lookahead_every) == \
-        (0.1, "crop:4:reflect,flip", 30, 1, 0)
+    assert (cfg.label_smoothing, cfg.augment, cfg.epochs, cfg.tta, cfg.lookahead_every) == (
+        0.1,
+        "crop:4:reflect,flip",
+        30,
+        1,
+        0,
+    )
     assert (cfg.max_steps, cfg.warmup_epochs) == (0, 0)  # nothing that would not scale with --epochs
 
 
@@ -82,9 +111,21 @@ def test_fast_recipe_rescales_with_epochs_and_learns(image_folder, tmp_path):
 
     from cnnlab.engine import TrainConfig, fit
     from cnnlab.train.recipes import apply_recipe
-    cfg = dataclasses.replace(apply_recipe(TrainConfig(), "fast"), model="resnet20", dataset="imagefolder",
-                              data_dir=str(image_folder), run_dir=str(tmp_path / "run"), epochs=4, batch_size=24,
-                              progress="none", report=False, threads=1, precision="fp32", channels_last="off")
+
+    cfg = dataclasses.replace(
+        apply_recipe(TrainConfig(), "fast"),
+        model="resnet20",
+        dataset="imagefolder",
+        data_dir=str(image_folder),
+        run_dir=str(tmp_path / "run"),
+        epochs=4,
+        batch_size=24,
+        progress="none",
+        report=False,
+        threads=1,
+        precision="fp32",
+        channels_last="off",
+    )
     summary = fit(cfg, log=lambda message: None)
     assert summary["test_accuracy"] >= 0.8 and summary["test_tta"] == 1  # three classes: chance is 1/3
     rows = list(csv.DictReader((tmp_path / "run" / "metrics.csv").open()))

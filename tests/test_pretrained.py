@@ -1,5 +1,6 @@
 """The weights that come with the package: each file against its registry entry, each model against its test
 set, and the names wherever a run folder or weights file is taken."""
+
 from __future__ import annotations
 
 import hashlib
@@ -49,8 +50,9 @@ def test_each_packaged_file_matches_its_registry_entry(name):
     assert words[words.index("--model") + 1] == entry.model
     assert entry.precision in ("fp32", "bf16") and entry.torch.startswith("2.")
     loaded = load_weights(name)
-    assert sum(t.numel() for t in loaded.model.state_dict().values()) == \
-        sum(t.numel() for t in load_file(entry.path).values())
+    assert sum(t.numel() for t in loaded.model.state_dict().values()) == sum(
+        t.numel() for t in load_file(entry.path).values()
+    )
 
 
 @pytest.mark.integration
@@ -124,8 +126,11 @@ def test_create_model_loads_packaged_weights_by_dataset():
 def test_create_model_still_takes_a_weights_file_and_names_what_is_packaged(tmp_path):
     torch.save(create_model("resnet20", num_classes=3).state_dict(), tmp_path / "mine.pth")
     assert create_model("resnet20", weights=tmp_path / "mine.pth", num_classes=3).fc.out_features == 3
-    with pytest.raises(CheckpointError, match="weights='imagenet': no such file, and no packaged weights of that "
-                                              "name; packaged for 'resnet20': cifar10"):
+    with pytest.raises(
+        CheckpointError,
+        match="weights='imagenet': no such file, and no packaged weights of that "
+        "name; packaged for 'resnet20': cifar10",
+    ):
         create_model("resnet20", weights="imagenet")
     with pytest.raises(ModelError, match="packaged weights 'resnet20-cifar10' do not fit num_classes=5 .they have 10."):
         create_model("resnet20", weights="cifar10", num_classes=5)
@@ -145,8 +150,11 @@ def test_a_damaged_file_is_refused_and_says_to_reinstall(damaged_install, photo,
     data = bytearray(path.read_bytes())
     data[-1] ^= 1  # one bit of one weight: a file that still parses, with a wrong value in it
     path.write_bytes(bytes(data))
-    with pytest.raises(CheckpointError, match=r"lenet5-mnist.safetensors: sha256 \w{12}… but the registry of packaged "
-                                              r"weights expects \w{12}…; the cnnlab install is damaged"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"lenet5-mnist.safetensors: sha256 \w{12}… but the registry of packaged "
+        r"weights expects \w{12}…; the cnnlab install is damaged",
+    ):
         load_weights("lenet5-mnist")
     with pytest.raises(CheckpointError, match="the cnnlab install is damaged"):
         create_model("lenet5", weights="mnist")
@@ -172,9 +180,24 @@ def test_a_built_wheel_contains_the_weights_and_their_registry(tmp_path):
     shutil.copy(ROOT / "pyproject.toml", project)
     shutil.copy(ROOT / "README.md", project)
     shutil.copytree(ROOT / "src", project / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q",
-                    "-w", str(tmp_path / "dist"), str(project)], check=True, capture_output=True)
-    wheel, = (tmp_path / "dist").glob("cnnlab-*.whl")
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "-q",
+            "-w",
+            str(tmp_path / "dist"),
+            str(project),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    (wheel,) = (tmp_path / "dist").glob("cnnlab-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     assert "cnnlab/weights/registry.json" in names
     for entry in ENTRIES:

@@ -1,5 +1,6 @@
 """Reliability and security through the real command line: full disks, NaN losses, hostile files,
 concurrent and interrupted downloads, read-only caches, prediction over thousands of files, determinism."""
+
 from __future__ import annotations
 
 import hashlib
@@ -36,20 +37,39 @@ def cnnlab(*args, env=None, fault=None, timeout=300):
         env["CNNLAB_FAULT"] = fault
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).parent), env.get("PYTHONPATH")]))
         command = [sys.executable, FAULTS]
-    return subprocess.run(command + [str(a) for a in args], capture_output=True, text=True, env=env,
-                          timeout=timeout)
+    return subprocess.run(command + [str(a) for a in args], capture_output=True, text=True, env=env, timeout=timeout)
 
 
 def train_args(root, run, *extra):
     # 120 images in batches of 8: 15 steps an epoch, a checkpoint every 5 steps
-    return ["train", "--dataset", "imagefolder", "--data-dir", root, "--model", "cnn", "--model-arg",
-            "spec=c8x2,p,f32", "--batch-size", "8", "--epochs", "2", "--checkpoint-every", "5",
-            "--progress", "none", "--run-dir", run, *extra]
+    return [
+        "train",
+        "--dataset",
+        "imagefolder",
+        "--data-dir",
+        root,
+        "--model",
+        "cnn",
+        "--model-arg",
+        "spec=c8x2,p,f32",
+        "--batch-size",
+        "8",
+        "--epochs",
+        "2",
+        "--checkpoint-every",
+        "5",
+        "--progress",
+        "none",
+        "--run-dir",
+        run,
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory):
     from conftest import write_image_folder
+
     tmp = tmp_path_factory.mktemp("reliability")
     root = write_image_folder(tmp / "shapes")
     env = {"CNNLAB_CACHE": str(tmp / "cache")}
@@ -64,6 +84,7 @@ def same_weights(a: Path, b: Path) -> bool:
 
 
 # ---------------------------------------------------------------- full disk
+
 
 def test_a_full_disk_during_a_checkpoint_keeps_the_last_one_and_says_how_to_go_on(shapes, tmp_path):
     root, reference, env = shapes
@@ -81,6 +102,7 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_last_one_and_says_how_to_go_o
 
 
 # ---------------------------------------------------------------- NaN and infinite losses
+
 
 def test_a_nan_loss_stops_the_run_with_its_step_by_default(shapes, tmp_path):
     root, _, env = shapes
@@ -104,8 +126,7 @@ def test_a_nan_gradient_under_a_finite_loss_stops_the_run_too(shapes, tmp_path):
 def test_on_nan_skip_skips_up_to_n_steps_and_says_so(shapes, tmp_path):
     root, _, env = shapes
     run = tmp_path / "run"
-    result = cnnlab(*train_args(root, run, "--on-nan", "skip", "--max-nan-skips", "2"), env=env,
-                    fault="nan-loss:4,20")
+    result = cnnlab(*train_args(root, run, "--on-nan", "skip", "--max-nan-skips", "2"), env=env, fault="nan-loss:4,20")
     assert result.returncode == 0, result.stderr
     assert "step 4 (epoch 1): the loss is nan; update skipped (1 of 2 allowed" in result.stdout
     assert "step 20 (epoch 2): the loss is nan; update skipped (2 of 2 allowed" in result.stdout
@@ -117,14 +138,16 @@ def test_on_nan_skip_skips_up_to_n_steps_and_says_so(shapes, tmp_path):
 def test_on_nan_skip_stops_once_the_allowance_is_spent(shapes, tmp_path):
     root, _, env = shapes
     run = tmp_path / "run"
-    result = cnnlab(*train_args(root, run, "--on-nan", "skip", "--max-nan-skips", "2"), env=env,
-                    fault="nan-loss:2,3,12")
+    result = cnnlab(
+        *train_args(root, run, "--on-nan", "skip", "--max-nan-skips", "2"), env=env, fault="nan-loss:2,3,12"
+    )
     assert result.returncode == 2
     assert "step 12 (epoch 1): the loss is nan; training stopped after 2 skipped steps" in result.stderr
     assert read_checkpoint(run / "last.ckpt")["step"] == 10
 
 
 # ---------------------------------------------------------------- hostile files
+
 
 def _framed(payload: bytes) -> bytes:
     """A checkpoint with a valid header and checksum around `payload`: the checksum is no defence."""
@@ -135,8 +158,9 @@ def test_a_checkpoint_whose_pickle_would_run_code_is_refused_on_resume(shapes, t
     root, reference, env = shapes
     run = tmp_path / "run"
     run.mkdir()
-    (run / "config.yaml").write_bytes((reference / "config.yaml").read_bytes().replace(
-        str(reference).encode(), str(run).encode()))
+    (run / "config.yaml").write_bytes(
+        (reference / "config.yaml").read_bytes().replace(str(reference).encode(), str(run).encode())
+    )
     marker = tmp_path / "pwned"
     buffer = io.BytesIO()
     torch.save({"model": CodeRunningPickle(marker)}, buffer)  # torch.save pickles the object as is
@@ -165,8 +189,18 @@ def test_a_cifar_batch_whose_pickle_would_run_code_is_refused_by_train(tmp_path)
     for name in ["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch"]:
         (folder / name).write_bytes(good)
     (folder / "data_batch_3").write_bytes(pickle.dumps({"data": CodeRunningPickle(marker), "labels": []}))
-    result = cnnlab("train", "--dataset", "cifar10", "--data-dir", tmp_path / "data", "--epochs", "1",
-                    "--run-dir", tmp_path / "run", env={"CNNLAB_CACHE": str(tmp_path / "cache")})
+    result = cnnlab(
+        "train",
+        "--dataset",
+        "cifar10",
+        "--data-dir",
+        tmp_path / "data",
+        "--epochs",
+        "1",
+        "--run-dir",
+        tmp_path / "run",
+        env={"CNNLAB_CACHE": str(tmp_path / "cache")},
+    )
     assert result.returncode == 2
     assert "data_batch_3: refused: global 'io.open' is not allowed" in result.stderr
     assert not marker.exists()
@@ -177,13 +211,22 @@ def _safetensors_with_header(header: dict | bytes, body: bytes = b"", claimed_le
     return struct.pack("<Q", len(raw) if claimed_length is None else claimed_length) + raw + body
 
 
-@pytest.mark.parametrize("content, why", [
-    (_safetensors_with_header({"conv.weight": {"dtype": "F32", "shape": [1000, 1000], "data_offsets": [0, 4000000]}},
-                              b"\0" * 64), "offsets beyond the end of the file"),
-    (_safetensors_with_header(b'{"a":', claimed_length=1 << 40), "a header larger than the file"),
-    (_safetensors_with_header({"w": {"dtype": "F32", "shape": [4], "data_offsets": [8, 4]}}, b"\0" * 16),
-     "offsets that run backwards"),
-])
+@pytest.mark.parametrize(
+    "content, why",
+    [
+        (
+            _safetensors_with_header(
+                {"conv.weight": {"dtype": "F32", "shape": [1000, 1000], "data_offsets": [0, 4000000]}}, b"\0" * 64
+            ),
+            "offsets beyond the end of the file",
+        ),
+        (_safetensors_with_header(b'{"a":', claimed_length=1 << 40), "a header larger than the file"),
+        (
+            _safetensors_with_header({"w": {"dtype": "F32", "shape": [4], "data_offsets": [8, 4]}}, b"\0" * 16),
+            "offsets that run backwards",
+        ),
+    ],
+)
 def test_a_safetensors_file_with_a_lying_header_is_refused(shapes, tmp_path, content, why):
     root, reference, env = shapes
     run = tmp_path / "run"
@@ -198,25 +241,34 @@ def test_a_safetensors_file_with_a_lying_header_is_refused(shapes, tmp_path, con
 
 # ---------------------------------------------------------------- datasets
 
+
 def _tiny_mnist(http_server, tmp_path, prefix="ok"):
     """The mnist spec pointed at fixture files on the local server, with their real checksums."""
     import dataclasses
 
     from cnnlab.data.catalog import get_spec
+
     content = write_idx_dataset(tmp_path / "src", 20, 10)
     files = []
     for name in content:
         gz = (tmp_path / "src" / (name + ".gz")).read_bytes()
         http_server.files[name + ".gz"] = gz
-        files.append(DataFile(name, "sha256:" + hashlib.sha256(content[name]).hexdigest(), None,
-                              hashlib.md5(gz).hexdigest()))
-    return dataclasses.replace(get_spec("mnist"), counts={"train": 20, "test": 10}, files={"mnist": tuple(files)},
-                               mirrors=(f"{http_server.base}/{prefix}/",), system_dirs=())
+        files.append(
+            DataFile(name, "sha256:" + hashlib.sha256(content[name]).hexdigest(), None, hashlib.md5(gz).hexdigest())
+        )
+    return dataclasses.replace(
+        get_spec("mnist"),
+        counts={"train": 20, "test": 10},
+        files={"mnist": tuple(files)},
+        mirrors=(f"{http_server.base}/{prefix}/",),
+        system_dirs=(),
+    )
 
 
 def _fetch_in_child(spec, cache, queue):
     os.environ["CNNLAB_CACHE"] = str(cache)
     from cnnlab.data.datasets import fetch
+
     try:
         queue.put(str(fetch("mnist", spec=spec, log=lambda m: None)))
     except Exception as exc:  # reported to the parent, which fails the test
@@ -254,6 +306,7 @@ def test_a_download_killed_midway_restarts_cleanly(http_server, tmp_path):
     assert list(folder.glob(".*.part")), "the kill should land mid-transfer"
     os.environ["CNNLAB_CACHE"] = str(cache)
     from cnnlab.data.datasets import fetch
+
     messages = []
     assert fetch("mnist", spec=spec, log=messages.append) == folder
     assert not list(folder.glob(".*.part")), "the partial download was left behind"
@@ -273,6 +326,7 @@ def test_a_full_cache_during_a_download_leaves_nothing_behind(http_server, tmp_p
     import errno
 
     from cnnlab.data import download as download_module
+
     spec = _tiny_mnist(http_server, tmp_path)
     real_fdopen = os.fdopen
 
@@ -285,16 +339,20 @@ def test_a_full_cache_during_a_download_leaves_nothing_behind(http_server, tmp_p
 
         def close(self):
             self.file.close()
+
     monkeypatch.setattr(download_module.os, "fdopen", lambda fd, mode="r": FullDisk(fd))
     from cnnlab.data.datasets import fetch
     from cnnlab.errors import DatasetError
+
     with pytest.raises(DatasetError, match="no space left in .*mnist while downloading .*set CNNLAB_CACHE"):
         fetch("mnist", spec=spec, log=lambda m: None)
     from cnnlab.data.datasets import cache_dir
+
     assert not [p for p in cache_dir().rglob("*") if p.is_file() and "locks" not in p.parts]
 
 
 # ---------------------------------------------------------------- predict under load
+
 
 def _image_folder_with_bad_files(folder: Path, count: int, bad_every: int = 100) -> list[Path]:
     """`count` small PNGs; every `bad_every`-th file is broken in one of four ways. Returns the bad files."""
@@ -317,15 +375,23 @@ def _image_folder_with_bad_files(folder: Path, count: int, bad_every: int = 100)
 
 def _predict_with_peak_memory(run: Path, folder: Path, env: dict) -> tuple[subprocess.CompletedProcess, int]:
     """`cnnlab predict` in a child that reports its own peak resident memory (kB) on its last line."""
-    code = ("import resource, sys; from cnnlab.cli import main; rc = main(sys.argv[1:]); "
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr); sys.exit(rc)")
-    result = subprocess.run([sys.executable, "-c", code, "predict", str(run), str(folder), "--top-k", "1"],
-                            capture_output=True, text=True, env={**os.environ, **env}, timeout=900)
+    code = (
+        "import resource, sys; from cnnlab.cli import main; rc = main(sys.argv[1:]); "
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr); sys.exit(rc)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, "predict", str(run), str(folder), "--top-k", "1"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        timeout=900,
+    )
     return result, int(result.stderr.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("count", [pytest.param(1000, id="1000"),
-                                   pytest.param(10000, id="10000", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "count", [pytest.param(1000, id="1000"), pytest.param(10000, id="10000", marks=pytest.mark.slow)]
+)
 def test_predict_over_thousands_of_files_with_one_percent_bad(shapes, tmp_path, count):
     _, reference, env = shapes
     bad = _image_folder_with_bad_files(tmp_path / "many", count)
@@ -342,6 +408,7 @@ def test_predict_over_thousands_of_files_with_one_percent_bad(shapes, tmp_path, 
 
 # ---------------------------------------------------------------- determinism
 
+
 def test_deterministic_runs_are_bitwise_equal_and_record_their_seeds_and_versions(shapes, tmp_path):
     root, _, env = shapes
     for name in ("a", "b"):
@@ -350,14 +417,19 @@ def test_deterministic_runs_are_bitwise_equal_and_record_their_seeds_and_version
     assert same_weights(tmp_path / "a", tmp_path / "b")
     summary = json.loads((tmp_path / "a" / "summary.json").read_text())
     assert summary["seed"] == 3 and summary["seeds"]["data_order"] == 4
-    assert summary["deterministic"] == {"requested": True, "deterministic_algorithms": True,
-                                        "cudnn_benchmark": False, "cudnn_deterministic": True}
+    assert summary["deterministic"] == {
+        "requested": True,
+        "deterministic_algorithms": True,
+        "cudnn_benchmark": False,
+        "cudnn_deterministic": True,
+    }
     assert summary["versions"]["torch"] == torch.__version__ and summary["versions"]["cnnlab"]
 
 
 def test_a_run_folder_in_use_is_not_resumed_by_a_second_process(shapes, tmp_path):
     import fcntl
     import shutil
+
     root, reference, env = shapes
     run = tmp_path / "run"
     shutil.copytree(reference, run)

@@ -1,4 +1,5 @@
 """ResNets: torchvision's checkpoint layout, the paper's MACs, shortcut options and plain twins."""
+
 import pytest
 import torch
 from conftest import CodeRunningPickle
@@ -24,10 +25,16 @@ def torchvision_keys(layers: list[int], bottleneck: bool) -> set[str]:
     return keys
 
 
-@pytest.mark.parametrize("name, layers, bottleneck", [
-    ("resnet18", [2, 2, 2, 2], False), ("resnet34", [3, 4, 6, 3], False), ("resnet50", [3, 4, 6, 3], True),
-    ("resnet101", [3, 4, 23, 3], True), ("resnet152", [3, 8, 36, 3], True),
-])
+@pytest.mark.parametrize(
+    "name, layers, bottleneck",
+    [
+        ("resnet18", [2, 2, 2, 2], False),
+        ("resnet34", [3, 4, 6, 3], False),
+        ("resnet50", [3, 4, 6, 3], True),
+        ("resnet101", [3, 4, 23, 3], True),
+        ("resnet152", [3, 8, 36, 3], True),
+    ],
+)
 def test_state_dict_keys_follow_torchvision(name, layers, bottleneck):
     state = create_model(name).state_dict()
     assert set(state) == torchvision_keys(layers, bottleneck)
@@ -39,8 +46,10 @@ def test_state_dict_keys_follow_torchvision(name, layers, bottleneck):
         assert state["layer3.0.downsample.0.weight"].shape == (256, 128, 1, 1)
 
 
-@pytest.mark.parametrize("name, gmacs", [("resnet18", 1.814), ("resnet34", 3.664), ("resnet50", 4.089),
-                                         ("resnet101", 7.801), ("resnet152", 11.514)])
+@pytest.mark.parametrize(
+    "name, gmacs",
+    [("resnet18", 1.814), ("resnet34", 3.664), ("resnet50", 4.089), ("resnet101", 7.801), ("resnet152", 11.514)],
+)
 def test_macs_at_224_match_the_published_figures(name, gmacs):
     macs = summarize(create_model(name), (3, 224, 224))["macs"]
     assert abs(macs / 1e9 - gmacs) / gmacs < 0.01
@@ -141,6 +150,7 @@ def test_small_stem_and_in_channels():
 
 def test_bad_depth_and_shortcut():
     from cnnlab.models.cifar_resnet import CifarResNet
+
     with pytest.raises(ModelError, match="depth 21 is not 6n\\+2"):
         CifarResNet(21)
     with pytest.raises(ModelError, match="shortcut 'D' is not one of"):

@@ -1,5 +1,6 @@
 """The notebook-facing API: `train` returns the finished run, `open_run` reads one back, the highest-loss test
 images come from the run's own predictions, and figures show themselves in a notebook."""
+
 import sys
 
 import numpy as np
@@ -16,13 +17,25 @@ from cnnlab.errors import CheckpointError, ConfigError
 def trained(tmp_path_factory):
     """A small `cnn` trained on the three-class image folder, through `cnnlab.train`."""
     from conftest import write_image_folder
+
     tmp = tmp_path_factory.mktemp("runs")
     root = write_image_folder(tmp / "shapes")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("CNNLAB_CACHE", str(tmp / "cache"))
-        run = cnnlab.train(dataset="imagefolder", data_dir=str(root), run_dir=str(tmp / "run"), epochs=2,
-                           batch_size=16, optimizer="adamw", lr=3e-3, progress="none", model="cnn",
-                           model_args={"spec": "c8x2,p,f32"}, augment="none", log=lambda m: None)
+        run = cnnlab.train(
+            dataset="imagefolder",
+            data_dir=str(root),
+            run_dir=str(tmp / "run"),
+            epochs=2,
+            batch_size=16,
+            optimizer="adamw",
+            lr=3e-3,
+            progress="none",
+            model="cnn",
+            model_args={"spec": "c8x2,p,f32"},
+            augment="none",
+            log=lambda m: None,
+        )
     return run, root, tmp / "cache"
 
 
@@ -64,6 +77,7 @@ def test_highest_loss_images_are_the_top_losses_with_their_pixels(trained, monke
     assert worst["images"].shape == (5, 3, 16, 16) and worst["images"].dtype == torch.uint8
     # the pixels are those of the test split's image at that index, as the image folder holds it
     from cnnlab.data import load_dataset
+
     data = load_dataset("imagefolder", root, log=lambda m: None)
     assert torch.equal(worst["images"], data.test_images[worst["indices"]])
 
@@ -72,6 +86,7 @@ def test_highest_loss_images_refuse_predictions_of_other_data(trained, tmp_path,
     import shutil
 
     from conftest import write_image_folder
+
     run, _, cache = trained
     monkeypatch.setenv("CNNLAB_CACHE", str(cache))
     copy = tmp_path / "run"
@@ -83,13 +98,16 @@ def test_highest_loss_images_refuse_predictions_of_other_data(trained, tmp_path,
 
 def test_plot_highest_loss_titles_each_image_with_its_classes_and_loss(trained, monkeypatch):
     from cnnlab.viz.plots import plot_highest_loss
+
     run, _, cache = trained
     monkeypatch.setenv("CNNLAB_CACHE", str(cache))
     fig = plot_highest_loss(run, k=4)
     texts = [t.get_text() for ax in fig.axes for t in ax.texts]
     worst = highest_loss_images(run, k=4)
-    assert texts == [f"true {run.classes[t]}\npred {run.classes[p]}\nloss {v:.2f}"
-                     for t, p, v in zip(worst["labels"], worst["preds"], worst["losses"].tolist())]
+    assert texts == [
+        f"true {run.classes[t]}\npred {run.classes[p]}\nloss {v:.2f}"
+        for t, p, v in zip(worst["labels"], worst["preds"], worst["losses"].tolist())
+    ]
     assert fig.axes[0].get_title() == "The 4 test images with the highest loss"
 
 
@@ -97,6 +115,7 @@ def test_cnnlab_figures_show_themselves_as_png_in_a_notebook():
     import io
 
     from cnnlab.viz.figure import png_bytes, subplots
+
     fig, ax = subplots(figsize=(2, 1))
     ax.plot([0, 1], [1, 0])
     png = fig._repr_png_()  # what Jupyter calls to draw a cell's value
@@ -108,6 +127,7 @@ def test_show_displays_figures_and_image_files_in_order(tmp_path, monkeypatch):
     import IPython.display
 
     from cnnlab.viz.figure import png_bytes, show, subplots
+
     shown = []
     monkeypatch.setattr(IPython.display, "display", lambda *objs: shown.extend(objs))
     fig, _ = subplots(figsize=(1, 1))
@@ -121,6 +141,7 @@ def test_show_displays_figures_and_image_files_in_order(tmp_path, monkeypatch):
 def test_show_refuses_what_it_cannot_display(tmp_path, monkeypatch):
     pytest.importorskip("IPython")
     from cnnlab.viz.figure import show
+
     with pytest.raises(ConfigError, match=r"show\(\) takes figures and .png or .gif files; got 'notes.txt'"):
         show("notes.txt")
     monkeypatch.setitem(sys.modules, "IPython.display", None)  # as without IPython
@@ -130,6 +151,7 @@ def test_show_refuses_what_it_cannot_display(tmp_path, monkeypatch):
 
 def test_step_losses_are_drawn_raw_and_as_a_trailing_mean_per_run():
     from cnnlab.viz.report import plot_step_losses
+
     losses = {"plain": [4.0, 2.0, 3.0, 1.0], "residual": [1.0, 1.0]}
     ax = plot_step_losses(losses, window=2).axes[0]
     raw, mean = ax.lines[0], ax.lines[1]

@@ -1,5 +1,6 @@
 """The seams between training, evaluation, prediction and export, through the command line: one preprocessing
 per run, recipes that mean what they say, runs that remember where their data was, files readable by others."""
+
 import json
 import os
 import stat
@@ -24,7 +25,7 @@ def write_non_square_folder(root: Path, per_class=(24, 8), seed=0) -> Path:
             for i in range(count):
                 w, h = sizes[(i + k) % len(sizes)]
                 img = rng.integers(0, 80, (h, w, 3), dtype=np.uint8)
-                img[:, k * w // 3:(k + 1) * w // 3, :] += 120
+                img[:, k * w // 3 : (k + 1) * w // 3, :] += 120
                 ext = "jpg" if i % 2 else "png"
                 Image.fromarray(img).save(d / f"{i:03d}.{ext}", quality=90)
     return root
@@ -37,9 +38,32 @@ def run_cli(capsys, *argv) -> tuple[int, str]:
 
 
 def train_folder(capsys, root: Path, run_dir: Path, *extra) -> None:
-    code, _ = run_cli(capsys, "train", "--dataset", "imagefolder", "--data-dir", root, "--model", "cnn",
-                      "--model-arg", "spec=c8,p,c8,g", "--epochs", 1, "--batch-size", 16, "--progress", "none",
-                      "--no-report", "--workers", 0, "--run-dir", run_dir, "--threads", 1, *extra)
+    code, _ = run_cli(
+        capsys,
+        "train",
+        "--dataset",
+        "imagefolder",
+        "--data-dir",
+        root,
+        "--model",
+        "cnn",
+        "--model-arg",
+        "spec=c8,p,c8,g",
+        "--epochs",
+        1,
+        "--batch-size",
+        16,
+        "--progress",
+        "none",
+        "--no-report",
+        "--workers",
+        0,
+        "--run-dir",
+        run_dir,
+        "--threads",
+        1,
+        *extra,
+    )
     assert code == 0
 
 
@@ -98,6 +122,7 @@ def test_exported_onnx_agrees_with_predict_at_its_defaults(tmp_path, capsys):
         assert batch["top1_agree"] == len(images)
         assert batch["max_prob_diff"] < 1e-4
     import onnx
+
     meta = {p.key: p.value for p in onnx.load(run / "model.onnx").metadata_props}
     assert json.loads(meta["preprocess"]) == load_weights(run).preprocess.to_dict()
     assert "shorter side to 27, centre 24x24" in meta["preprocess_outside_the_graph"]  # streamed: 24 / 0.875
@@ -105,11 +130,34 @@ def test_exported_onnx_agrees_with_predict_at_its_defaults(tmp_path, capsys):
 
 def test_recipe_imagenet_scales_lr_with_the_batch_size_and_metrics_say_so(tmp_path, capsys):
     run = tmp_path / "run"
-    code, _ = run_cli(capsys, "train", "--recipe", "imagenet", "--batch-size", 512, "--model", "convnet",
-                      "--dataset", "synthetic-cifar", "--train-subset", 1536, "--epochs", 3, "--progress", "none",
-                      "--no-report", "--run-dir", run, "--threads", 1, "--augment", "none")
+    code, _ = run_cli(
+        capsys,
+        "train",
+        "--recipe",
+        "imagenet",
+        "--batch-size",
+        512,
+        "--model",
+        "convnet",
+        "--dataset",
+        "synthetic-cifar",
+        "--train-subset",
+        1536,
+        "--epochs",
+        3,
+        "--progress",
+        "none",
+        "--no-report",
+        "--run-dir",
+        run,
+        "--threads",
+        1,
+        "--augment",
+        "none",
+    )
     assert code == 0
     from cnnlab.train.config import load_config
+
     assert load_config(run / "config.yaml").lr == pytest.approx(0.2)
     rows = (run / "metrics.csv").read_text().splitlines()
     header, first = rows[0].split(","), rows[1].split(",")
@@ -118,6 +166,7 @@ def test_recipe_imagenet_scales_lr_with_the_batch_size_and_metrics_say_so(tmp_pa
 
 def test_recipe_lr_given_by_flag_is_not_scaled(tmp_path):
     from cnnlab.train.recipes import build_config
+
     assert build_config("imagenet", flags={"batch_size": 512}).lr == pytest.approx(0.2)
     assert build_config("imagenet", flags={"batch_size": 512, "lr": 0.05}).lr == pytest.approx(0.05)
     assert build_config("imagenet", flags={"batch_size": 128}).lr == pytest.approx(0.05)
@@ -138,10 +187,22 @@ def test_airbench94_metrics_record_the_rates_sgd_applied(tmp_path, monkeypatch):
     def recording_step(self, *args, **kwargs):
         applied.append({g.get("name", f"group{i}"): g["lr"] for i, g in enumerate(self.param_groups)})
         return step(self, *args, **kwargs)
+
     monkeypatch.setattr(torch.optim.SGD, "step", recording_step)
-    cfg = build_config("airbench94", flags={"dataset": "synthetic-cifar", "train_subset": 2048, "epochs": 2,
-                                            "batch_size": 512, "progress": "none", "report": False,
-                                            "run_dir": str(tmp_path / "run"), "threads": 1, "tta": 0})
+    cfg = build_config(
+        "airbench94",
+        flags={
+            "dataset": "synthetic-cifar",
+            "train_subset": 2048,
+            "epochs": 2,
+            "batch_size": 512,
+            "progress": "none",
+            "report": False,
+            "run_dir": str(tmp_path / "run"),
+            "threads": 1,
+            "tta": 0,
+        },
+    )
     fit(cfg, log=lambda m: None)
     rows = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
     header = rows[0].split(",")
@@ -181,8 +242,15 @@ def test_checkpoints_weights_and_the_dataset_cache_are_readable_by_others_under_
     finally:
         os.umask(old)
     cache = Path(os.environ["CNNLAB_CACHE"])
-    files = [run / "last.ckpt", run / "model.safetensors", run / "model.json", run / "config.yaml",
-             run / "metrics.csv", run / "summary.json", *cache.rglob("*.safetensors")]
+    files = [
+        run / "last.ckpt",
+        run / "model.safetensors",
+        run / "model.json",
+        run / "config.yaml",
+        run / "metrics.csv",
+        run / "summary.json",
+        *cache.rglob("*.safetensors"),
+    ]
     assert len(files) > 6
     for path in files:
         assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
@@ -201,6 +269,7 @@ def test_eval_of_packaged_weights_without_their_data_says_how_to_point_at_it(tmp
 
 def test_packaged_commands_name_no_machine_folder(capsys):
     from cnnlab.models.packaged import list_packaged
+
     for entry in list_packaged():
         assert not any(part in entry.command for part in ("/work/", "/tmp/", "/home/", "/root/")), entry.command
         assert not entry.record["data"]["source"].startswith(("/work", "/tmp", "/home", "/root"))

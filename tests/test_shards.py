@@ -75,8 +75,7 @@ def test_every_sample_once_per_epoch_across_two_ranks_of_two_workers(tmp_path):
     assert len(source.shards("train")) >= 8
     seen = []
     for epoch in range(2):
-        ranks = [train_loader(source, 8, rank=r, world_size=2, workers=2, shuffle_buffer=5, seed=1)
-                 for r in range(2)]
+        ranks = [train_loader(source, 8, rank=r, world_size=2, workers=2, shuffle_buffer=5, seed=1) for r in range(2)]
         for rank in ranks:
             rank.epoch = epoch
         numbers = [[n for x, _ in rank for n in sample_numbers(x)] for rank in ranks]
@@ -133,8 +132,11 @@ def test_a_corrupt_shard_is_named_with_the_fix(tmp_path):
     data[700] ^= 0xFF  # one flipped bit-pattern inside an image member: same size, other hash
     first.write_bytes(bytes(data))
     source = open_shards(tmp_path / "out")
-    with pytest.raises(DatasetError, match=rf"{first}: sha256 \w+\.\.\. differs from the manifest's \w+\.\.\.; "
-                                           r"the shard is corrupt: copy it again, or re-run 'cnnlab data pack"):
+    with pytest.raises(
+        DatasetError,
+        match=rf"{first}: sha256 \w+\.\.\. differs from the manifest's \w+\.\.\.; "
+        r"the shard is corrupt: copy it again, or re-run 'cnnlab data pack",
+    ):
         list(train_loader(source, 2, workers=1, max_bad_images=12))
     first.write_bytes(bytes(data[:-1024]))
     with pytest.raises(DatasetError, match=rf"{first}: [\d,]+ bytes, the manifest says [\d,]+; the shard is truncated"):
@@ -173,6 +175,7 @@ def test_channel_stats_from_shards(tmp_path):
 
 # ---------------------------------------------------------------- hostile shards (issue 21)
 
+
 def train_epoch(folder):
     return list(train_loader(open_shards(folder), 1))
 
@@ -180,36 +183,60 @@ def train_epoch(folder):
 @pytest.mark.parametrize("label", ["999", "3", "-1", "-100", str(2**70), "x", ""])
 def test_a_label_outside_the_manifests_classes_is_refused_by_name(tmp_path, label):
     """The loss took -100 as "ignore", failed on 999 with an IndexError and on 2**70 with an OverflowError."""
-    folder = write_shards(tmp_path / "s", [sample(f"{i:08d}_x", label if i == 1 else "0", small_jpeg(i))
-                                           for i in range(2)])
-    shown = rf"label {label} is not one of the manifest's 3 classes \(0 to 2\)" if label.lstrip("-").isdigit() \
+    folder = write_shards(
+        tmp_path / "s", [sample(f"{i:08d}_x", label if i == 1 else "0", small_jpeg(i)) for i in range(2)]
+    )
+    shown = (
+        rf"label {label} is not one of the manifest's 3 classes \(0 to 2\)"
+        if label.lstrip("-").isdigit()
         else rf"label b'{label}' is not a class index"
-    with pytest.raises(DatasetError, match=rf"train-000000\.tar:00000001_x\.cls: {shown}; copy it again, or "
-                                           r"re-run 'cnnlab data pack"):
+    )
+    with pytest.raises(
+        DatasetError,
+        match=rf"train-000000\.tar:00000001_x\.cls: {shown}; copy it again, or "
+        r"re-run 'cnnlab data pack",
+    ):
         train_epoch(folder)
 
 
 def test_a_key_seen_twice_is_refused(tmp_path):
     folder = write_shards(tmp_path / "s", [sample(f"{i:08d}_x", "0", small_jpeg(i)) for i in (0, 1, 0)])
-    with pytest.raises(DatasetError, match=r"train-000000\.tar: key '00000000_x' appears twice \('00000000_x\.cls'\); "
-                                           "a shard holds each sample once"):
+    with pytest.raises(
+        DatasetError,
+        match=r"train-000000\.tar: key '00000000_x' appears twice \('00000000_x\.cls'\); "
+        "a shard holds each sample once",
+    ):
         train_epoch(folder)
-    two_labels = write_shards(tmp_path / "t", [sample("00000000_x", "0", small_jpeg())
-                                               + tar_member("00000000_x.cls", b"1")])
+    two_labels = write_shards(
+        tmp_path / "t", [sample("00000000_x", "0", small_jpeg()) + tar_member("00000000_x.cls", b"1")]
+    )
     with pytest.raises(DatasetError, match=r"00000000_x\.cls: a second \.cls member for one sample"):
         train_epoch(two_labels)
 
 
-@pytest.mark.parametrize("change,message", [
-    ({"mode": "CMYK"}, r"mode 'CMYK', expected 'RGB' or 'L'"),
-    ({"classes": [str(i) for i in range(100_001)]},
-     r"lists 100,001 classes, more than cnnlab trains on \(100,000\); .*, or raise CNNLAB_MAX_CLASSES$"),
-    ({"classes": []}, r"'classes' must be a non-empty list of class names"),
-    ({"classes": ["a", "a"]}, r"a class is listed twice"),
-    ({"splits": {"train": {"samples": 1, "shards": [{"name": "../../etc/passwd", "samples": 1, "bytes": 1,
-                                                     "sha256": ""}]}}},
-     r"a train shard entry is malformed \(each needs a name like train-000000\.tar"),
-])
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"mode": "CMYK"}, r"mode 'CMYK', expected 'RGB' or 'L'"),
+        (
+            {"classes": [str(i) for i in range(100_001)]},
+            r"lists 100,001 classes, more than cnnlab trains on \(100,000\); .*, or raise CNNLAB_MAX_CLASSES$",
+        ),
+        ({"classes": []}, r"'classes' must be a non-empty list of class names"),
+        ({"classes": ["a", "a"]}, r"a class is listed twice"),
+        (
+            {
+                "splits": {
+                    "train": {
+                        "samples": 1,
+                        "shards": [{"name": "../../etc/passwd", "samples": 1, "bytes": 1, "sha256": ""}],
+                    }
+                }
+            },
+            r"a train shard entry is malformed \(each needs a name like train-000000\.tar",
+        ),
+    ],
+)
 def test_a_manifests_classes_mode_and_shards_are_validated(tmp_path, change, message):
     folder = write_shards(tmp_path / "s", [sample("00000000_x", "0", small_jpeg())])
     manifest = json.loads((folder / "manifest.json").read_text())
@@ -220,8 +247,13 @@ def test_a_manifests_classes_mode_and_shards_are_validated(tmp_path, change, mes
 
 def test_the_shuffle_buffer_keeps_its_byte_budget_and_every_sample(tmp_path, monkeypatch):
     """With a budget of two samples' bytes, the buffer still emits every sample once per epoch."""
-    folder = write_shards(tmp_path / "s", [tar_member(f"{i:08d}_x.cls", str(i % 3).encode())
-                                           + tar_member(f"{i:08d}_x.jpg", small_jpeg(i), 1 << 20) for i in range(12)])
+    folder = write_shards(
+        tmp_path / "s",
+        [
+            tar_member(f"{i:08d}_x.cls", str(i % 3).encode()) + tar_member(f"{i:08d}_x.jpg", small_jpeg(i), 1 << 20)
+            for i in range(12)
+        ],
+    )
     monkeypatch.setenv("CNNLAB_SHUFFLE_BUFFER_BYTES", "2MiB")
     loader = train_loader(open_shards(folder), 1)
     labels = sorted(int(y) for _, y in loader)

@@ -128,7 +128,9 @@ def test_batches_through_shared_slots_equal_decoding_in_process_while_workers_ra
         for step, ((x, y), (x0, y0)) in enumerate(zip(batches, reference_batches)):
             assert torch.equal(x, x0) and torch.equal(y, y0), (epoch, step)
     evaluation = loader(source, "test", batch=3, workers=2)
-    assert torch.equal(torch.cat([x for x, _ in evaluation]), torch.cat([x for x, _ in loader(source, "test", batch=3)]))
+    assert torch.equal(
+        torch.cat([x for x, _ in evaluation]), torch.cat([x for x, _ in loader(source, "test", batch=3)])
+    )
 
 
 def _roundtrip(state, tmp_path):
@@ -160,8 +162,11 @@ def test_evaluation_over_ranks_sees_every_image_once(tmp_path):
 
 def test_a_batch_size_the_world_size_does_not_divide_is_refused(tmp_path):
     source = open_image_folder(write_image_folder(tmp_path / "f", per_class=(4, 1), size=8))
-    with pytest.raises(ConfigError, match=r"batch size 10 cannot be split evenly over 4 processes; "
-                                          r"choose a multiple of 4 \(e.g. 8\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"batch size 10 cannot be split evenly over 4 processes; "
+        r"choose a multiple of 4 \(e.g. 8\)",
+    ):
         loader(source, batch=10, world_size=4, rank=1)
 
 
@@ -176,7 +181,9 @@ def test_bad_images_are_skipped_counted_named_and_limited(mixed):
     list(train)  # a second epoch meets the same files: still counted once each
     assert train.bad_count == 2 and train.state_dict()["bad_images"]
     strict = loader(source, batch=6, max_bad_images=1)
-    with pytest.raises(TooManyBadImages, match=r"2 unreadable images, more than the 1 allowed .* raise --max-bad-images"):
+    with pytest.raises(
+        TooManyBadImages, match=r"2 unreadable images, more than the 1 allowed .* raise --max-bad-images"
+    ):
         list(strict)
     # the default threshold is 0.1% of the split, at least one image
     assert loader(source).max_bad_images == 1
@@ -205,8 +212,10 @@ def test_choose_data_mode_says_why(tmp_path, mixed):
     mode, reason = choose_data_mode(mixed)
     assert mode == "stream" and "no readable header" in reason  # the corrupt file
     uniform = write_image_folder(tmp_path / "u", per_class=(4, 2), size=16)
-    assert choose_data_mode(uniform) == ("memory", "data mode memory: 18 images of 3x16x16 decode to 13.5 KiB, within "
-                                                   "the 2.0 GiB memory budget (--memory-budget)")
+    assert choose_data_mode(uniform) == (
+        "memory",
+        "data mode memory: 18 images of 3x16x16 decode to 13.5 KiB, within the 2.0 GiB memory budget (--memory-budget)",
+    )
     mode, reason = choose_data_mode(uniform, budget=parse_bytes("10KB"))
     assert mode == "stream" and "over the 9.8 KiB memory budget" in reason
     mode, reason = choose_data_mode(uniform, image_size=64, budget=parse_bytes("100KB"))
@@ -241,6 +250,9 @@ def test_sampled_channel_stats_of_a_numbered_folder(tmp_path):
 
 def test_numbered_samples_each_seen_once_per_epoch(tmp_path):
     source = open_image_folder(write_numbered_folder(tmp_path / "n", 24, 2))
-    seen = [n for x, _ in FolderStreamLoader(source, "train", 8, image_size=8, mean=[0] * 3, std=[1] * 3,
-                                             workers=2) for n in sample_numbers(x)]
+    seen = [
+        n
+        for x, _ in FolderStreamLoader(source, "train", 8, image_size=8, mean=[0] * 3, std=[1] * 3, workers=2)
+        for n in sample_numbers(x)
+    ]
     assert sorted(seen) == list(range(24))

@@ -1,5 +1,6 @@
 """Streamed batches for channels_last models: the workers write (N, H, W, C) and the main process normalises
 them as flat rows; the batches equal the NCHW ones bit for bit, also after a loader switches layout."""
+
 import torch
 from conftest import write_image_folder
 
@@ -7,8 +8,18 @@ from cnnlab.data.stream import FolderStreamLoader, open_image_folder
 
 
 def _batches(source, workers, channels_last, train=True, switch_to=None):
-    loader = FolderStreamLoader(source, "train" if train else "test", 8, image_size=20, mean=[0.5, 0.4, 0.3],
-                                std=[0.2, 0.25, 0.3], workers=workers, channels_last=channels_last, train=train, seed=3)
+    loader = FolderStreamLoader(
+        source,
+        "train" if train else "test",
+        8,
+        image_size=20,
+        mean=[0.5, 0.4, 0.3],
+        std=[0.2, 0.25, 0.3],
+        workers=workers,
+        channels_last=channels_last,
+        train=train,
+        seed=3,
+    )
     if switch_to is not None:  # as a run does when its own model's probe picks the other memory format
         loader.use_channels_last(switch_to)
     try:

@@ -1,5 +1,6 @@
 """Training and evaluation on streamed data through `cnnlab.fit` and the CLI: image folders of mixed sizes and
 modes, bad images counted and bounded, resume bitwise in stream mode, packed shards, and two ranks on shards."""
+
 import json
 import os
 import subprocess
@@ -21,9 +22,22 @@ def silent(message):
 
 
 def streamed(root, run, **kw) -> TrainConfig:
-    base = dict(dataset="imagefolder", data_dir=str(root), run_dir=str(run), epochs=2, batch_size=8, image_size=24,
-                model="cnn", model_args={"spec": "c8,p,c8,p,f16"}, optimizer="adamw", lr=3e-3, progress="none",
-                report=False, workers=2, data_mode="stream")
+    base = dict(
+        dataset="imagefolder",
+        data_dir=str(root),
+        run_dir=str(run),
+        epochs=2,
+        batch_size=8,
+        image_size=24,
+        model="cnn",
+        model_args={"spec": "c8,p,c8,p,f16"},
+        optimizer="adamw",
+        lr=3e-3,
+        progress="none",
+        report=False,
+        workers=2,
+        data_mode="stream",
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -51,6 +65,7 @@ def test_a_streamed_run_resumes_bit_for_bit(tmp_path):
 
     def stop_at_4(state):
         state.stop_requested = state.step == 4
+
     with pytest.raises(TrainingInterrupted):
         fit(streamed(root, tmp_path / "b", checkpoint_every=3), callbacks=[stop_at_4], log=silent)
     fit(resume_config(tmp_path / "b"), resume=True, log=silent)
@@ -59,8 +74,13 @@ def test_a_streamed_run_resumes_bit_for_bit(tmp_path):
 
 
 def cnnlab(*args, env):
-    result = subprocess.run([sys.executable, "-m", "cnnlab", *map(str, args)], capture_output=True, text=True,
-                            env={**os.environ, **env}, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-m", "cnnlab", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr
     return result
 
@@ -72,9 +92,35 @@ def test_training_from_packed_shards_and_evaluating_the_run(tmp_path):
     manifest = json.loads((tmp_path / "shards" / "manifest.json").read_text())
     assert len(manifest["splits"]["train"]["shards"]) > 2
     run = tmp_path / "run"
-    cnnlab("train", "--dataset", "shards", "--data-dir", tmp_path / "shards", "--model", "cnn", "--model-arg",
-           "spec=c8,p,f16", "--image-size", "24", "--epochs", "3", "--batch-size", "8", "--optimizer", "adamw",
-           "--lr", "0.003", "--run-dir", run, "--progress", "none", "--no-report", "--workers", "2", env=env)
+    cnnlab(
+        "train",
+        "--dataset",
+        "shards",
+        "--data-dir",
+        tmp_path / "shards",
+        "--model",
+        "cnn",
+        "--model-arg",
+        "spec=c8,p,f16",
+        "--image-size",
+        "24",
+        "--epochs",
+        "3",
+        "--batch-size",
+        "8",
+        "--optimizer",
+        "adamw",
+        "--lr",
+        "0.003",
+        "--run-dir",
+        run,
+        "--progress",
+        "none",
+        "--no-report",
+        "--workers",
+        "2",
+        env=env,
+    )
     summary = json.loads((run / "summary.json").read_text())
     assert summary["data_mode"] == "stream" and summary["test_accuracy"] >= 0.8  # 3 separable classes
     evaluated = cnnlab("eval", run, "--json", env=env)
@@ -87,10 +133,41 @@ def test_resnet18_takes_a_few_steps_on_two_ranks_from_shards(tmp_path):
     cnnlab("data", "pack", root, tmp_path / "shards", "--shard-size", "10KB", env=env)
     run = tmp_path / "run"
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "cnnlab",
-         "train", "--dataset", "shards", "--data-dir", str(tmp_path / "shards"), "--model", "resnet18",
-         "--image-size", "32", "--batch-size", "8", "--max-steps", "3", "--run-dir", str(run), "--progress", "none",
-         "--no-report", "--workers", "1"], capture_output=True, text=True, env={**os.environ, **env}, timeout=600)
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "cnnlab",
+            "train",
+            "--dataset",
+            "shards",
+            "--data-dir",
+            str(tmp_path / "shards"),
+            "--model",
+            "resnet18",
+            "--image-size",
+            "32",
+            "--batch-size",
+            "8",
+            "--max-steps",
+            "3",
+            "--run-dir",
+            str(run),
+            "--progress",
+            "none",
+            "--no-report",
+            "--workers",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 3 and summary["world_size"] == 2 and summary["data_mode"] == "stream"

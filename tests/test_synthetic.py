@@ -1,5 +1,6 @@
 """The synthetic datasets: the same bytes from the same recipe, real datasets' shapes, learnable classes that
 survive a flip, and labelled as synthetic wherever a user looks."""
+
 import json
 
 import pytest
@@ -60,9 +61,21 @@ def test_the_named_datasets_have_the_shapes_of_the_real_ones():
 
 
 def test_fit_learns_synthetic_cifar_and_the_summary_says_it_is_synthetic(tmp_path):
-    cfg = TrainConfig(model="cnn", model_args={"spec": "c8,p,c16,p,f32"}, dataset="synthetic-cifar", train_subset=512,
-                      batch_size=32, epochs=2, optimizer="adamw", lr=3e-3, precision="fp32", channels_last="off",
-                      progress="none", report=False, run_dir=str(tmp_path / "run"))
+    cfg = TrainConfig(
+        model="cnn",
+        model_args={"spec": "c8,p,c16,p,f32"},
+        dataset="synthetic-cifar",
+        train_subset=512,
+        batch_size=32,
+        epochs=2,
+        optimizer="adamw",
+        lr=3e-3,
+        precision="fp32",
+        channels_last="off",
+        progress="none",
+        report=False,
+        run_dir=str(tmp_path / "run"),
+    )
     summary = fit(cfg, log=lambda m: None)
     assert summary["test_accuracy"] >= 0.9  # 10 classes, chance 0.1; 1.0 when written
     assert summary["augment"] == "crop:4:reflect,flip"  # CIFAR's default augmentation

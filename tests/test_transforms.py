@@ -97,8 +97,11 @@ def test_large_jpeg_is_decoded_in_draft_mode_only_when_the_crop_keeps_full_resol
     data = jpeg_bytes(np.tile(textured(250, 188, 3), (8, 8, 1)))  # 2000 x 1504
     calls = []
     original = JpegImagePlugin.JpegImageFile.draft
-    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft",
-                        lambda self, mode, size: calls.append(size) or original(self, mode, size))
+    monkeypatch.setattr(
+        JpegImagePlugin.JpegImageFile,
+        "draft",
+        lambda self, mode, size: calls.append(size) or original(self, mode, size),
+    )
     fast = decode_crop(data, "big.jpg", 224, "RGB")
     # the eval box is 1316 pixels wide in the original: 1/4 scale still gives 329 >= 224 pixels
     assert calls == [(500, 376)]
@@ -138,13 +141,15 @@ def test_undecodable_and_oversized_images_raise_image_error(monkeypatch):
     with pytest.raises(ImageError, match=r"^bad\.jpg: not a readable image"):
         decode_crop(b"\xff\xd8 not a jpeg", "bad.jpg", 32, "RGB")
     monkeypatch.setenv("CNNLAB_MAX_IMAGE_PIXELS", "100")
-    with pytest.raises(ImageError, match=r"big\.png: claims 20x20 pixels, more than cnnlab opens \(100\): "
-                                         r"shrink it first, or raise CNNLAB_MAX_IMAGE_PIXELS$"):
+    with pytest.raises(
+        ImageError,
+        match=r"big\.png: claims 20x20 pixels, more than cnnlab opens \(100\): "
+        r"shrink it first, or raise CNNLAB_MAX_IMAGE_PIXELS$",
+    ):
         decode_crop(png_bytes(np.zeros((20, 20, 3), np.uint8)), "big.png", 8, "RGB")
 
 
-DECODERS = {"region": {}, "simplejpeg": {"_jpeg_region": None},
-            "pillow": {"_jpeg_region": None, "_simplejpeg": None}}
+DECODERS = {"region": {}, "simplejpeg": {"_jpeg_region": None}, "pillow": {"_jpeg_region": None, "_simplejpeg": None}}
 
 
 @pytest.mark.parametrize("decoder", ["region", "simplejpeg"])
@@ -154,17 +159,26 @@ def test_every_jpeg_decoder_gives_pillows_pixels_at_every_scale(monkeypatch, tmp
     if decoder == "simplejpeg":
         pytest.importorskip("simplejpeg")
     files = write_mixed_folder(tmp_path, bad=True)
-    images = [jpeg_bytes(np.tile(textured(250, 188, 3), (8, 8, 1))), jpeg_bytes(textured(300, 240, 4)),
-              jpeg_bytes(textured(160, 120, 5)[:, :, 0]), jpeg_bytes(textured(333, 251, 6), subsampling=0),
-              jpeg_bytes(textured(301, 207, 7), subsampling=1, progressive=True),
-              files["rotated"].read_bytes(), files["cmyk"].read_bytes()]
+    images = [
+        jpeg_bytes(np.tile(textured(250, 188, 3), (8, 8, 1))),
+        jpeg_bytes(textured(300, 240, 4)),
+        jpeg_bytes(textured(160, 120, 5)[:, :, 0]),
+        jpeg_bytes(textured(333, 251, 6), subsampling=0),
+        jpeg_bytes(textured(301, 207, 7), subsampling=1, progressive=True),
+        files["rotated"].read_bytes(),
+        files["cmyk"].read_bytes(),
+    ]
 
     def decode_all(overrides: dict) -> list[np.ndarray]:
         with monkeypatch.context() as m:
             for name, value in overrides.items():
                 m.setattr(transforms, name, value)
-            return [decode_crop(data, "x.jpg", 64, mode, rng=None if key is None else sample_rng(0, 0, key))
-                    for data in images for mode in ("RGB", "L") for key in (None, *range(12))]
+            return [
+                decode_crop(data, "x.jpg", 64, mode, rng=None if key is None else sample_rng(0, 0, key))
+                for data in images
+                for mode in ("RGB", "L")
+                for key in (None, *range(12))
+            ]
 
     for fast, slow in zip(decode_all(DECODERS[decoder]), decode_all(DECODERS["pillow"])):
         assert np.array_equal(fast, slow)
@@ -174,5 +188,6 @@ def test_every_jpeg_decoder_gives_pillows_pixels_at_every_scale(monkeypatch, tmp
                 m.setattr(transforms, attr, value)
             for key in (None, 0, 1, 2):
                 with pytest.raises(ImageError, match="not a readable image"):
-                    decode_crop(files[name].read_bytes(), name, 32, "RGB",
-                                rng=None if key is None else sample_rng(0, 0, key))
+                    decode_crop(
+                        files[name].read_bytes(), name, 32, "RGB", rng=None if key is None else sample_rng(0, 0, key)
+                    )

@@ -1,4 +1,5 @@
 """Test-time augmentation equals the weighted mean of the explicitly transformed images' logits."""
+
 import pytest
 import torch
 
@@ -27,9 +28,14 @@ def model_and_batch():
 
 
 def test_views_and_weights_are_the_papers():
-    assert [tuple(v) for v in tta_views(2)] == [(0.25, False, 0, 0), (0.25, True, 0, 0),
-                                                (0.125, False, -1, -1), (0.125, True, -1, -1),
-                                                (0.125, False, 1, 1), (0.125, True, 1, 1)]
+    assert [tuple(v) for v in tta_views(2)] == [
+        (0.25, False, 0, 0),
+        (0.25, True, 0, 0),
+        (0.125, False, -1, -1),
+        (0.125, True, -1, -1),
+        (0.125, False, 1, 1),
+        (0.125, True, 1, 1),
+    ]
     assert all(sum(v.weight for v in views) == 1.0 for views in TTA_LEVELS.values())
     with pytest.raises(ConfigError, match="TTA level 3 is invalid"):
         tta_views(3)
@@ -54,8 +60,9 @@ def test_tta_keeps_channels_last_and_works_under_autocast(model_and_batch):
     model, x = model_and_batch
     reference = tta_logits(model, x, 2)
     seen = []
-    hook = model[0].register_forward_pre_hook(lambda m, args: seen.append(
-        args[0].is_contiguous(memory_format=torch.channels_last)))
+    hook = model[0].register_forward_pre_hook(
+        lambda m, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last))
+    )
     fast = model.to(memory_format=torch.channels_last)
     try:
         out = tta_logits(fast, x.contiguous(memory_format=torch.channels_last), 2)

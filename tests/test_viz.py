@@ -1,4 +1,5 @@
 """Filters, feature maps, the run report and the viz commands, on a model trained by `cnnlab train`."""
+
 import json
 import os
 import re
@@ -31,8 +32,13 @@ def _in_tmp(tmp_path, monkeypatch):
 
 
 def cnnlab(*args, env=None, check=True):
-    result = subprocess.run([sys.executable, "-m", "cnnlab", *map(str, args)], capture_output=True, text=True,
-                            env={**os.environ, **(env or {})}, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-m", "cnnlab", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=600,
+    )
     if check:
         assert result.returncode == 0, result.stderr
     return result
@@ -42,12 +48,30 @@ def cnnlab(*args, env=None, check=True):
 def run(tmp_path_factory):
     """A model with 7x7 first-layer filters, trained through the CLI, report included."""
     from conftest import write_image_folder
+
     tmp = tmp_path_factory.mktemp("viz")
     root = write_image_folder(tmp / "shapes", per_class=(40, 10), size=24)
     env = {"CNNLAB_CACHE": str(tmp / "cache")}
-    result = cnnlab("train", "--dataset", "imagefolder", "--data-dir", root, "--model", "cnn", "--model-arg",
-                    "spec=c16k7,p,c16,p,f32", "--epochs", "3", "--batch-size", "16", "--run-dir", tmp / "run",
-                    "--progress", "none", env=env)
+    result = cnnlab(
+        "train",
+        "--dataset",
+        "imagefolder",
+        "--data-dir",
+        root,
+        "--model",
+        "cnn",
+        "--model-arg",
+        "spec=c16k7,p,c16,p,f32",
+        "--epochs",
+        "3",
+        "--batch-size",
+        "16",
+        "--run-dir",
+        tmp / "run",
+        "--progress",
+        "none",
+        env=env,
+    )
     assert "report: " in result.stdout
     image = tmp / "one.png"
     shutil.copy(next((root / "test" / "circle").iterdir()), image)
@@ -87,8 +111,11 @@ def test_bad_layer_and_model_without_convolutions_are_named():
 def test_feature_maps_capture_the_named_layers_and_remove_their_hooks():
     model = create_model("resnet20")
     maps = feature_maps(model, torch.randn(1, 3, 32, 32), ["conv1", "layer2.0", "layer3"])
-    assert {k: tuple(v.shape) for k, v in maps.items()} == {"conv1": (1, 16, 32, 32), "layer2.0": (1, 32, 16, 16),
-                                                            "layer3": (1, 64, 8, 8)}
+    assert {k: tuple(v.shape) for k, v in maps.items()} == {
+        "conv1": (1, 16, 32, 32),
+        "layer2.0": (1, 32, 16, 16),
+        "layer3": (1, 64, 8, 8),
+    }
     assert all(not m._forward_hooks for m in model.modules())
     with pytest.raises(ModelError, match="no layer 'nope'; valid layers: conv1, bn1"):
         feature_maps(model, torch.randn(1, 3, 32, 32), ["nope"])
@@ -100,6 +127,7 @@ def test_feature_maps_capture_the_named_layers_and_remove_their_hooks():
 
         def forward(self, x):
             return self.conv(x).view(-1, 7)
+
     broken = Broken()
     with pytest.raises(RuntimeError):
         feature_maps(broken, torch.randn(1, 3, 8, 8), ["conv"])
@@ -155,14 +183,28 @@ def test_default_feature_layers_reach_the_last_conv_layer_and_rows_name_the_laye
 
 def test_a_failed_viz_command_leaves_no_folder_behind(tmp_path):
     from cnnlab.infer.weights import save_weights
+
     model = create_model("convnet", in_channels=1, input_size=[28, 28])
-    save_weights(model, tmp_path / "model.safetensors", {
-        "model": "convnet", "model_args": {"in_channels": 1, "input_size": [28, 28]},
-        "classes": [str(i) for i in range(10)], "mean": [0.5], "std": [0.5], "input_shape": [1, 28, 28]})
+    save_weights(
+        model,
+        tmp_path / "model.safetensors",
+        {
+            "model": "convnet",
+            "model_args": {"in_channels": 1, "input_size": [28, 28]},
+            "classes": [str(i) for i in range(10)],
+            "mean": [0.5],
+            "std": [0.5],
+            "input_shape": [1, 28, 28],
+        },
+    )
     assert cnnlab("viz", "gabor", tmp_path / "model.safetensors", check=False).returncode == 2  # 3x3 filters
     assert cnnlab("viz", "conv", "--filters", "9", check=False).returncode == 2
-    assert cnnlab("viz", "conv", "--image", tmp_path / "missing.png", "--out", tmp_path / "a" / "b",
-                  check=False).returncode == 2
+    assert (
+        cnnlab(
+            "viz", "conv", "--image", tmp_path / "missing.png", "--out", tmp_path / "a" / "b", check=False
+        ).returncode
+        == 2
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.json", "model.safetensors"]  # no ./viz, no a/b
     out = cnnlab("viz", "filters", tmp_path / "model.safetensors").stdout  # the default folder, once there is a file
     assert out.endswith("-> viz/filters-0.png\n") and (tmp_path / "viz" / "filters-0.png").is_file()
@@ -170,10 +212,20 @@ def test_a_failed_viz_command_leaves_no_folder_behind(tmp_path):
 
 def test_gabor_refuses_3x3_filters_and_says_what_to_train(tmp_path):
     from cnnlab.infer.weights import save_weights
+
     model = create_model("convnet", in_channels=1, input_size=[28, 28])
-    save_weights(model, tmp_path / "model.safetensors", {
-        "model": "convnet", "model_args": {"in_channels": 1, "input_size": [28, 28]}, "classes": [str(i) for i in range(10)], "mean": [0.5], "std": [0.5],
-        "input_shape": [1, 28, 28]})
+    save_weights(
+        model,
+        tmp_path / "model.safetensors",
+        {
+            "model": "convnet",
+            "model_args": {"in_channels": 1, "input_size": [28, 28]},
+            "classes": [str(i) for i in range(10)],
+            "mean": [0.5],
+            "std": [0.5],
+            "input_shape": [1, 28, 28],
+        },
+    )
     bad = cnnlab("viz", "gabor", tmp_path / "model.safetensors", check=False)
     assert bad.returncode == 2 and "3x3" in bad.stderr and "5x5" in bad.stderr and "resnet18" in bad.stderr
 
@@ -181,17 +233,29 @@ def test_gabor_refuses_3x3_filters_and_says_what_to_train(tmp_path):
 def test_report_holds_every_section_with_embedded_images_only(run):
     run_dir, _, _ = run
     page = (run_dir / "report.html").read_text()
-    for section in ("Configuration and environment", "Model: cnn", "Training curves", "Test results",
-                    "Per-class accuracy", "Most confused pairs", "Highest-loss test images",
-                    "First-layer filters", "Compared with macaque V1 simple cells"):
+    for section in (
+        "Configuration and environment",
+        "Model: cnn",
+        "Training curves",
+        "Test results",
+        "Per-class accuracy",
+        "Most confused pairs",
+        "Highest-loss test images",
+        "First-layer filters",
+        "Compared with macaque V1 simple cells",
+    ):
         assert section in page, section
     assert page.count("<img ") == page.count('src="data:image/png;base64,') >= 6
     assert "http://" not in page and "https://" not in page  # nothing fetched from the network
     cells = re.findall(r"<td>([^<]*)</td>", page)
     assert "wall_seconds" in cells and "threads" in cells
     # a float is rounded when it shows at most 2 decimals (93.33%) or at most 4 significant digits (0.0001235)
-    too_precise = [n for cell in cells for n in re.findall(r"\d+\.\d+", cell)
-                   if len(n.split(".")[1]) > 2 and len(n.replace(".", "").lstrip("0")) > 4]
+    too_precise = [
+        n
+        for cell in cells
+        for n in re.findall(r"\d+\.\d+", cell)
+        if len(n.split(".")[1]) > 2 and len(n.replace(".", "").lstrip("0")) > 4
+    ]
     assert not too_precise, too_precise  # e.g. wall_seconds 11.96, not 11.962228814000127
 
 
@@ -207,12 +271,20 @@ def test_report_in_a_real_headless_browser(run, tmp_path):
         pytest.skip("no chromium on this machine (apt-get install chromium)")
     run_dir, _, _ = run
     url = (run_dir / "report.html").resolve().as_uri()
-    flags = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-             f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000"]
-    dom = subprocess.run(flags + ["--enable-logging=stderr", "--v=0", "--dump-dom", url], capture_output=True,
-                         text=True, timeout=120)
+    flags = [
+        browser,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--virtual-time-budget=5000",
+    ]
+    dom = subprocess.run(
+        flags + ["--enable-logging=stderr", "--v=0", "--dump-dom", url], capture_output=True, text=True, timeout=120
+    )
     assert dom.returncode == 0, dom.stderr[-2000:]
-    body = dom.stdout[dom.stdout.index("<body"):].split(">", 1)[0]
+    body = dom.stdout[dom.stdout.index("<body") :].split(">", 1)[0]
     images = body.split('data-images="')[1].split('"')[0]
     decoded, total = map(int, images.split("/"))
     assert total >= 6 and decoded == total, images
@@ -220,8 +292,9 @@ def test_report_in_a_real_headless_browser(run, tmp_path):
     console_errors = [line for line in dom.stderr.splitlines() if "CONSOLE" in line and "rror" in line]
     assert not console_errors, console_errors
     shot = tmp_path / "report.png"
-    subprocess.run(flags + [f"--screenshot={shot}", "--window-size=1200,2400", url], capture_output=True,
-                   timeout=120, check=True)
+    subprocess.run(
+        flags + [f"--screenshot={shot}", "--window-size=1200,2400", url], capture_output=True, timeout=120, check=True
+    )
     pixels = np.asarray(Image.open(shot).convert("L"), dtype=np.float32)
     assert pixels.std() > 10 and (pixels < 128).mean() > 0.01  # text and figures, not a blank page
 
@@ -235,11 +308,29 @@ def test_filters_of_an_alexnet_checkpoint_as_torchvision_saves_it(tmp_path):
 
 def test_no_report_skips_the_page(run, tmp_path):
     from conftest import write_image_folder
+
     root = write_image_folder(tmp_path / "shapes")
-    result = cnnlab("train", "--dataset", "imagefolder", "--data-dir", root, "--model", "cnn", "--model-arg",
-                    "spec=c4,p,f8", "--epochs", "1", "--batch-size", "16", "--run-dir", tmp_path / "run",
-                    "--progress", "none",
-                    "--no-report", env=run[2])
+    result = cnnlab(
+        "train",
+        "--dataset",
+        "imagefolder",
+        "--data-dir",
+        root,
+        "--model",
+        "cnn",
+        "--model-arg",
+        "spec=c4,p,f8",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "16",
+        "--run-dir",
+        tmp_path / "run",
+        "--progress",
+        "none",
+        "--no-report",
+        env=run[2],
+    )
     assert "report:" not in result.stdout and not (tmp_path / "run" / "report.html").exists()
     assert (tmp_path / "run" / "model.safetensors").is_file()
 
@@ -249,13 +340,20 @@ def test_the_report_shows_the_runs_own_evaluation_and_rescores_identically_witho
     from cnnlab.infer.test_split import open_test_split
     from cnnlab.infer.weights import load_weights
     from cnnlab.viz.report import hardest_examples, run_evaluation
+
     run_dir, _, env = run
     summary = json.loads((run_dir / "summary.json").read_text())
     loaded = load_weights(run_dir)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("CNNLAB_CACHE", env["CNNLAB_CACHE"])
-        split = open_test_split("imagefolder", yaml_data_dir(run_dir), input_shape=loaded.input_shape,
-                                mean=loaded.mean, std=loaded.std, runtime=inference_runtime("cpu", summary["precision"]))
+        split = open_test_split(
+            "imagefolder",
+            yaml_data_dir(run_dir),
+            input_shape=loaded.input_shape,
+            mean=loaded.mean,
+            std=loaded.std,
+            runtime=inference_runtime("cpu", summary["precision"]),
+        )
     own = run_evaluation(run_dir, loaded, split, summary)
     assert own["source"] == "the run's own evaluation" and own["accuracy"] == summary["test_accuracy"]
     again = run_evaluation(run_dir, loaded, split, {"precision": summary["precision"]})  # as if nothing was saved
@@ -264,10 +362,13 @@ def test_the_report_shows_the_runs_own_evaluation_and_rescores_identically_witho
     assert torch.equal(again["preds"], own["preds"]) and torch.allclose(again["losses"], own["losses"], atol=1e-5)
     top, losses, _ = hardest_examples(own, k=5)
     assert losses.tolist() == sorted(own["losses"].tolist(), reverse=True)[:5]
-    assert "the run&#x27;s own evaluation" in (run_dir / "report.html").read_text() or \
-        "the run's own evaluation" in (run_dir / "report.html").read_text()
+    assert (
+        "the run&#x27;s own evaluation" in (run_dir / "report.html").read_text()
+        or "the run's own evaluation" in (run_dir / "report.html").read_text()
+    )
 
 
 def yaml_data_dir(run_dir):
     import yaml
+
     return yaml.safe_load((run_dir / "config.yaml").read_text())["data_dir"]

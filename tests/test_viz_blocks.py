@@ -1,4 +1,5 @@
 """Residual blocks drawn with the shapes they give, and the receptive fields of a chain of conv and pool layers."""
+
 import pytest
 import torch
 import torch.nn as nn
@@ -43,8 +44,16 @@ def test_plot_blocks_draws_each_block_with_its_shapes_and_cost(resnet34, resnet5
     fig = plot_blocks([("basic", resnet34.layer1[1], (64, 56, 56)), ("bottleneck", resnet50.layer1[1], (256, 56, 56))])
     basic, bottleneck = fig.axes
     texts = {t.get_text() for t in bottleneck.texts}
-    assert {"input 256x56x56", "1x1 conv, 64, BN, ReLU", "64x56x56", "1x1 conv, 256, BN", "256x56x56", "identity",
-            "+", "output 256x56x56"} <= texts
+    assert {
+        "input 256x56x56",
+        "1x1 conv, 64, BN, ReLU",
+        "64x56x56",
+        "1x1 conv, 256, BN",
+        "256x56x56",
+        "identity",
+        "+",
+        "output 256x56x56",
+    } <= texts
     assert bottleneck.get_title() == "bottleneck\n70,400 parameters, 218.4 M MACs per image"
     assert basic.get_title().startswith("basic\n73,984 parameters")
 
@@ -59,7 +68,12 @@ def test_something_that_is_no_residual_block_is_refused_with_an_example():
 def test_receptive_fields_of_the_lecture_network_grow_faster_after_pooling():
     rows = receptive_fields(create_model("convnet"))
     assert [(r["type"], r["size"][0], r["step"][0]) for r in rows] == [
-        ("Conv2d", 3, 1), ("Conv2d", 5, 1), ("MaxPool2d", 6, 2), ("Conv2d", 10, 2), ("Conv2d", 14, 2)]
+        ("Conv2d", 3, 1),
+        ("Conv2d", 5, 1),
+        ("MaxPool2d", 6, 2),
+        ("Conv2d", 10, 2),
+        ("Conv2d", 14, 2),
+    ]
     unpooled = receptive_fields(create_model("cnn", spec="c5x2,c8x2,f128"))
     assert [r["size"] for r in unpooled] == [(3, 3), (5, 5), (7, 7), (9, 9)]
     assert [r["size"] for r in receptive_fields(create_model("convnet_module"))] == [r["size"] for r in rows]
@@ -67,8 +81,13 @@ def test_receptive_fields_of_the_lecture_network_grow_faster_after_pooling():
 
 def test_receptive_fields_match_the_input_pixels_that_move_an_output_unit():
     # Linear layers with positive weights: every input pixel in the field changes the centre unit, none outside.
-    chain = nn.Sequential(nn.Conv2d(1, 1, 3, padding=1), nn.AvgPool2d(2), nn.Conv2d(1, 1, (5, 3), padding=(2, 1)),
-                          nn.Conv2d(1, 1, 3, stride=2, padding=2, dilation=2), nn.AvgPool2d(3, stride=1))
+    chain = nn.Sequential(
+        nn.Conv2d(1, 1, 3, padding=1),
+        nn.AvgPool2d(2),
+        nn.Conv2d(1, 1, (5, 3), padding=(2, 1)),
+        nn.Conv2d(1, 1, 3, stride=2, padding=2, dilation=2),
+        nn.AvgPool2d(3, stride=1),
+    )
     for m in chain:
         if isinstance(m, nn.Conv2d):
             nn.init.constant_(m.weight, 1.0)
@@ -87,14 +106,27 @@ def test_receptive_fields_refuse_networks_with_shortcuts():
 
 def test_a_summary_at_depth_1_adds_the_layers_up_into_resnet_50s_stages(resnet50):
     from cnnlab.models.summary import summarize
+
     model = resnet50  # at 64x64 rather than 224x224: the same layers, 12x fewer MACs to wait for
     full, stages = summarize(model, (3, 64, 64)), summarize(model, (3, 64, 64), depth=1)
     assert [(r["name"], r["type"]) for r in stages["layers"]] == [
-        ("conv1", "Conv2d"), ("bn1", "BatchNorm2d"), ("relu", "ReLU"), ("maxpool", "MaxPool2d"),
-        ("layer1", "Sequential"), ("layer2", "Sequential"), ("layer3", "Sequential"), ("layer4", "Sequential"),
-        ("avgpool", "AdaptiveAvgPool2d"), ("fc", "Linear")]
-    assert [r["output_shape"] for r in stages["layers"][4:8]] == [[1, 256, 16, 16], [1, 512, 8, 8],
-                                                                  [1, 1024, 4, 4], [1, 2048, 2, 2]]
+        ("conv1", "Conv2d"),
+        ("bn1", "BatchNorm2d"),
+        ("relu", "ReLU"),
+        ("maxpool", "MaxPool2d"),
+        ("layer1", "Sequential"),
+        ("layer2", "Sequential"),
+        ("layer3", "Sequential"),
+        ("layer4", "Sequential"),
+        ("avgpool", "AdaptiveAvgPool2d"),
+        ("fc", "Linear"),
+    ]
+    assert [r["output_shape"] for r in stages["layers"][4:8]] == [
+        [1, 256, 16, 16],
+        [1, 512, 8, 8],
+        [1, 1024, 4, 4],
+        [1, 2048, 2, 2],
+    ]
     assert sum(r["params"] for r in stages["layers"]) == stages["params"] == 25_557_032
     assert sum(r["macs"] for r in stages["layers"]) == stages["macs"] == full["macs"]
     layer2 = [r for r in stages["layers"] if r["name"] == "layer2"][0]
@@ -103,6 +135,7 @@ def test_a_summary_at_depth_1_adds_the_layers_up_into_resnet_50s_stages(resnet50
 
 def test_a_summary_at_depth_2_lists_resnet_34s_blocks_3_4_6_3(resnet34):
     from cnnlab.models.summary import summarize
+
     rows = summarize(resnet34, (3, 64, 64), depth=2)["layers"]
     blocks = [r["name"].split(".")[0] for r in rows if r["type"] == "BasicBlock"]
     assert [blocks.count(f"layer{i}") for i in range(1, 5)] == [3, 4, 6, 3]

@@ -23,18 +23,23 @@ from cnnlab.viz.slides import render_conv
 GIF_LIMIT = 2 * 1024 * 1024  # bytes: the slides embed these GIFs
 
 
-@pytest.mark.parametrize("C, H, W, K, kh, kw, stride, padding, bias", [
-    (1, 5, 5, 1, 3, 3, 1, 0, False),
-    (3, 7, 6, 4, 3, 3, 2, 1, True),
-    (2, 8, 9, 3, 5, 3, 1, 2, True),
-    (3, 6, 6, 2, 1, 1, 1, 0, True),
-    (4, 9, 7, 2, 3, 2, 3, 1, False),
-    (2, 4, 4, 3, 4, 4, 1, 0, True),  # the filter covers the whole input: one output number per filter
-])
+@pytest.mark.parametrize(
+    "C, H, W, K, kh, kw, stride, padding, bias",
+    [
+        (1, 5, 5, 1, 3, 3, 1, 0, False),
+        (3, 7, 6, 4, 3, 3, 2, 1, True),
+        (2, 8, 9, 3, 5, 3, 1, 2, True),
+        (3, 6, 6, 2, 1, 1, 1, 0, True),
+        (4, 9, 7, 2, 3, 2, 3, 1, False),
+        (2, 4, 4, 3, 4, 4, 1, 0, True),  # the filter covers the whole input: one output number per filter
+    ],
+)
 def test_conv_by_hand_equals_torch(C, H, W, K, kh, kw, stride, padding, bias):
     g = torch.Generator().manual_seed(C * 100 + H * 10 + kh)
-    x, w = torch.randn(C, H, W, generator=g, dtype=torch.float64), torch.randn(K, C, kh, kw, generator=g,
-                                                                                dtype=torch.float64)
+    x, w = (
+        torch.randn(C, H, W, generator=g, dtype=torch.float64),
+        torch.randn(K, C, kh, kw, generator=g, dtype=torch.float64),
+    )
     b = torch.randn(K, generator=g, dtype=torch.float64) if bias else None
     want = F.conv2d(x[None], w, b, stride=stride, padding=padding)[0]
     got = conv2d_by_hand(x.numpy(), w.numpy(), None if b is None else b.numpy(), stride=stride, padding=padding)
@@ -59,8 +64,9 @@ def test_numeric_example_is_cs231ns_and_matches_torch():
     assert ex.weight.shape == (2, 3, 3, 3) and set(np.unique(ex.weight)) <= {-1, 0, 1}
     assert ex.bias.tolist() == [1, 0] and (ex.stride, ex.padding) == (2, 1)
     assert ex.out.shape == (2, 3, 3)  # 3x3x2 in the lecture's (H, W, K) order
-    want = F.conv2d(torch.from_numpy(ex.x)[None], torch.from_numpy(ex.weight), torch.from_numpy(ex.bias),
-                    stride=2, padding=1)[0]
+    want = F.conv2d(
+        torch.from_numpy(ex.x)[None], torch.from_numpy(ex.weight), torch.from_numpy(ex.bias), stride=2, padding=1
+    )[0]
     assert np.array_equal(ex.out, want.numpy())
     assert np.array_equal(numeric_example(0).x, ex.x) and not np.array_equal(numeric_example(1).x, ex.x)
 
@@ -71,8 +77,14 @@ def test_colour_filters_do_what_their_names_say():
     flat = np.full((3, 5, 5), 0.6)  # a uniform grey: no edges, no colour contrast, no detail
     centre = conv2d_by_hand(flat, bank)[:, 1, 1]  # no padding: every window lies inside the image
     response = dict(zip(names, centre))
-    for name in ("vertical edge", "horizontal edge", "red - green", "blue - yellow", "diagonal edge",
-                 "centre - surround"):
+    for name in (
+        "vertical edge",
+        "horizontal edge",
+        "red - green",
+        "blue - yellow",
+        "diagonal edge",
+        "centre - surround",
+    ):
         assert response[name] == pytest.approx(0, abs=1e-12), name
     assert response["blur"] == pytest.approx(0.6) and response["sharpen"] == pytest.approx(0.6)
     red = np.zeros((3, 3, 3))
@@ -84,8 +96,13 @@ def test_colour_filters_do_what_their_names_say():
 
 def test_render_conv_writes_the_slides(tmp_path):
     paths = render_conv(tmp_path / "slides", filters=3, max_frames=4)
-    assert [p.name for p in paths] == ["conv_gray.gif", "conv_gray.png", "conv_color.gif", "conv_color.png",
-                                       "conv_numeric.png"]
+    assert [p.name for p in paths] == [
+        "conv_gray.gif",
+        "conv_gray.png",
+        "conv_color.gif",
+        "conv_color.png",
+        "conv_numeric.png",
+    ]
     for p in paths:
         with Image.open(p) as im:
             im.verify()
@@ -134,8 +151,10 @@ def test_unreadable_images_are_named(tmp_path):
     assert not (tmp_path / "slides").exists()
 
 
-@pytest.mark.parametrize("kernel, stride, shape", [(2, 2, (3, 8, 8)), (2, 2, (2, 7, 9)), (3, 2, (2, 9, 9)),
-                                                   (2, 1, (1, 5, 6)), (3, 3, (1, 9, 9))])
+@pytest.mark.parametrize(
+    "kernel, stride, shape",
+    [(2, 2, (3, 8, 8)), (2, 2, (2, 7, 9)), (3, 2, (2, 9, 9)), (2, 1, (1, 5, 6)), (3, 3, (1, 9, 9))],
+)
 def test_max_pool_by_hand_equals_torch_with_indices(kernel, stride, shape):
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(sum(shape)), dtype=torch.float64)
     want, want_idx = F.max_pool2d(x[None], kernel, stride, return_indices=True)
@@ -177,6 +196,7 @@ def test_render_pool_on_an_odd_sized_map_drops_the_last_row_and_column(tmp_path)
 
 def test_an_animation_into_a_folder_not_made_yet_makes_it_and_returns_the_map(tmp_path):
     from cnnlab.viz.slides import animate_conv_gray
+
     image = np.arange(16).reshape(4, 4) % 10
     out = animate_conv_gray(image, VERTICAL_EDGE, tmp_path / "new" / "a.gif", tmp_path / "new" / "a.png", max_frames=4)
     assert Image.open(tmp_path / "new" / "a.gif").n_frames == 4 and (tmp_path / "new" / "a.png").is_file()

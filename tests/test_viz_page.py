@@ -1,5 +1,6 @@
 """The interactive convolution page (`cnnlab viz conv --html`): its numbers against PyTorch, and the page itself
 driven in a real headless Chromium through Selenium (Debian's chromium and chromium-driver)."""
+
 import json
 import os
 import shutil
@@ -84,8 +85,9 @@ def test_page_is_self_contained(tmp_path):
 def test_cli_writes_the_page_for_your_image_and_fails_cleanly(tmp_path, capsys):
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(tmp_path / "cat <b>.png")
-    code, out, _ = cnnlab(capsys, "viz", "conv", "--html", "--image", tmp_path / "cat <b>.png", "--filters", "3",
-                          "--size", "6")
+    code, out, _ = cnnlab(
+        capsys, "viz", "conv", "--html", "--image", tmp_path / "cat <b>.png", "--filters", "3", "--size", "6"
+    )
     page = (tmp_path / "viz" / "conv.html").read_text()
     assert code == 0 and out.strip() == "viz/conv.html"
     data = json.loads(page.split('<script id="cnnlab-data" type="application/json">')[1].split("</script>")[0])
@@ -105,14 +107,24 @@ def test_cli_writes_the_page_for_your_image_and_fails_cleanly(tmp_path, capsys):
 
 # ---------------------------------------------------------------------------------------------- in a browser
 
-BROWSER_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+BROWSER_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 def _missing(what: str):
     if os.environ.get("CI"):
-        pytest.fail(f"{what} is missing in CI: .ci/run should install Debian's chromium and chromium-driver, and "
-                    "the test extra selenium")
+        pytest.fail(
+            f"{what} is missing in CI: .ci/run should install Debian's chromium and chromium-driver, and "
+            "the test extra selenium"
+        )
     pytest.skip(f"{what} is missing on this machine (apt-get install chromium chromium-driver; pip install selenium)")
 
 
@@ -129,8 +141,11 @@ def browser(tmp_path):
         _missing("chromium" if chromium is None else "chromedriver")
     options = webdriver.ChromeOptions()
     options.binary_location = chromium  # both paths given: Selenium never looks for (or downloads) a browser
-    for flag in BROWSER_FLAGS + [f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1280,2200",
-                                 "--force-device-scale-factor=1"]:
+    for flag in BROWSER_FLAGS + [
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--window-size=1280,2200",
+        "--force-device-scale-factor=1",
+    ]:
         options.add_argument(flag)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(service=Service(driver_path), options=options)
@@ -213,8 +228,9 @@ def test_page_in_a_real_headless_browser(browser, tmp_path):
             click("conv-step")
             conv_matches(x, w, b, stride, padding)
     # the slider jumps to the last window: every output number is then shown, and equals PyTorch's
-    browser.execute_script("var r = document.getElementById('conv-position'); r.value = r.max;"
-                           "r.dispatchEvent(new Event('input'));")
+    browser.execute_script(
+        "var r = document.getElementById('conv-position'); r.value = r.max;r.dispatchEvent(new Event('input'));"
+    )
     want = F.conv2d(x[None], w, b, stride=2, padding=2)[0]
     K, Ho, Wo = want.shape
     assert conv_matches(x, w, b, 2, 2) == (K - 1, Ho - 1, Wo - 1)
@@ -243,7 +259,7 @@ def test_page_in_a_real_headless_browser(browser, tmp_path):
         k, i, j = (data("pool-current", key) for key in "kij")
         assert (k, i, j) == (1, step // 3, step % 3)
         assert int(text("pool-value")) == pooled[k, i, j] and text(f"p-{i}-{j}") == text("pool-value")
-        window = relu[0, k, 2 * i:2 * i + 2, 2 * j:2 * j + 2].flatten().tolist()
+        window = relu[0, k, 2 * i : 2 * i + 2, 2 * j : 2 * j + 2].flatten().tolist()
         assert [float(v) for v in text("pool-window").split(", ")] == window
         click("pool-step")
     _shot(browser.find_element(By.ID, "pool"), "conv-page-pool.png", tmp_path)
@@ -259,6 +275,7 @@ def test_page_in_a_real_headless_browser(browser, tmp_path):
     errors = [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
     assert not errors, errors
     unlabeled = browser.execute_script(
-        "return Array.from(document.querySelectorAll('select, input')).filter(e => !e.labels.length).map(e => e.id)")
+        "return Array.from(document.querySelectorAll('select, input')).filter(e => !e.labels.length).map(e => e.id)"
+    )
     assert unlabeled == []  # every control has a label a screen reader can read
     assert conv_shot.stat().st_size < 400_000

@@ -9,6 +9,7 @@ Optional, not part of `make fuzz` (atheris is not a dependency of cnnlab):
 
 A crash file it writes is a finding: pin it in tests/test_limits.py (WALK_REGRESSIONS) once fixed.
 """
+
 import sys
 import time
 

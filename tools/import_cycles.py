@@ -5,6 +5,7 @@ status 1 if there is any.
 
     python tools/import_cycles.py [--module-level] [src/cnnlab]
 """
+
 from __future__ import annotations
 
 import ast
@@ -22,7 +23,7 @@ def imports(root: Path, path: Path, modules: set[str], module_level: bool) -> se
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found = set()
     tree = ast.parse(path.read_text())
-    for node in (tree.body if module_level else ast.walk(tree)):
+    for node in tree.body if module_level else ast.walk(tree):
         targets = []
         if isinstance(node, ast.Import):
             targets = [a.name for a in node.names]
@@ -73,6 +74,7 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
                     break
             if len(comp) > 1:
                 out.append(sorted(comp))
+
     sys.setrecursionlimit(10000)
     for v in graph:
         if v not in index:

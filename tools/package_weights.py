@@ -5,6 +5,7 @@
 The entry takes its figures from the run's own summary.json (test accuracy, test-time augmentation, precision,
 seconds, CPU, threads, torch version) and the file's sha256, which `cnnlab` checks whenever it loads the file.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,18 +46,33 @@ def main(argv: list[str] | None = None) -> int:
     shutil.copyfile(run / "model.json", WEIGHTS / f"{args.name}.json")
     trained = datetime.datetime.fromtimestamp(weights.stat().st_mtime, datetime.timezone.utc)
     entry = {
-        "name": args.name, "model": meta["model"], "dataset": meta["dataset"],
-        "file": f"{args.name}.safetensors", "sha256": _sha256(WEIGHTS / f"{args.name}.safetensors"),
-        "sidecar": f"{args.name}.json", "sidecar_sha256": _sha256(WEIGHTS / f"{args.name}.json"),
-        "bytes": weights.stat().st_size, "test_accuracy": summary["test_accuracy"], "tta": summary["test_tta"],
-        "precision": summary["precision"], "precision_reason": summary["precision_reason"],
-        "command": args.command, "seed": summary["seed"], "epochs": summary["epochs"],
-        "train_seconds": round(summary["train_seconds"], 1), "wall_seconds": round(summary["wall_seconds"], 1),
-        "cpu": summary["device"], "threads": summary["threads"], "torch": summary["versions"]["torch"],
+        "name": args.name,
+        "model": meta["model"],
+        "dataset": meta["dataset"],
+        "file": f"{args.name}.safetensors",
+        "sha256": _sha256(WEIGHTS / f"{args.name}.safetensors"),
+        "sidecar": f"{args.name}.json",
+        "sidecar_sha256": _sha256(WEIGHTS / f"{args.name}.json"),
+        "bytes": weights.stat().st_size,
+        "test_accuracy": summary["test_accuracy"],
+        "tta": summary["test_tta"],
+        "precision": summary["precision"],
+        "precision_reason": summary["precision_reason"],
+        "command": args.command,
+        "seed": summary["seed"],
+        "epochs": summary["epochs"],
+        "train_seconds": round(summary["train_seconds"], 1),
+        "wall_seconds": round(summary["wall_seconds"], 1),
+        "cpu": summary["device"],
+        "threads": summary["threads"],
+        "torch": summary["versions"]["torch"],
         "cnnlab": summary["versions"]["cnnlab"] + (f" ({args.commit})" if args.commit else ""),
         "trained": trained.strftime("%Y-%m-%d"),
-        "data": {"source": summary["dataset"]["source"], "verified": summary["dataset"]["verified"],
-                 "files": {Path(f["file"]).name: f["sha256"] for f in summary["dataset"]["files"]}},
+        "data": {
+            "source": summary["dataset"]["source"],
+            "verified": summary["dataset"]["verified"],
+            "files": {Path(f["file"]).name: f["sha256"] for f in summary["dataset"]["files"]},
+        },
         "note": "timed on a 2-core machine shared with other jobs: the seconds are indicative only",
     }
     registry_path = WEIGHTS / "registry.json"
@@ -64,8 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     registry["weights"] = [e for e in registry["weights"] if e["name"] != args.name] + [entry]
     registry["weights"].sort(key=lambda e: e["name"])
     registry_path.write_text(json.dumps(registry, indent=2) + "\n")
-    print(f"{args.name}: {entry['test_accuracy']:.4f} test accuracy, {entry['bytes']:,} bytes, sha256 "
-          f"{entry['sha256'][:12]}… -> {registry_path}")
+    print(
+        f"{args.name}: {entry['test_accuracy']:.4f} test accuracy, {entry['bytes']:,} bytes, sha256 "
+        f"{entry['sha256'][:12]}… -> {registry_path}"
+    )
     return 0
 
 

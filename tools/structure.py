@@ -9,6 +9,7 @@
 - places that resize a decoded image (Pillow's `.resize(`, torch's `F.interpolate(`) outside models;
 - cli.py's lines; import cycles (tools/import_cycles.py); repeated blocks of 6+ lines in src/ (`duplicates`).
 """
+
 from __future__ import annotations
 
 import ast
@@ -36,8 +37,11 @@ def whole_config_functions() -> list[str]:
 def run_file_names() -> list[str]:
     sys.path.insert(0, "src")
     from cnnlab.run import RUN_FILES
+
     names = [n for n in RUN_FILES.values() if "." in n]  # file names; folder names like 'viz' are common words
-    pattern = re.compile("|".join(re.escape(f'"{n}"') + "|" + re.escape(f"'{n}'") + "|" + re.escape(f"/ \"{n}") for n in names))
+    pattern = re.compile(
+        "|".join(re.escape(f'"{n}"') + "|" + re.escape(f"'{n}'") + "|" + re.escape(f'/ "{n}') for n in names)
+    )
     return sorted(str(p) for p in SRC.rglob("*.py") if p != SRC / "engine" / "run.py" and pattern.search(p.read_text()))
 
 
@@ -71,8 +75,9 @@ def main() -> int:
     print(f"cli.py: {len((SRC / 'cli.py').read_text().splitlines())} lines")
     subprocess.run([sys.executable, "tools/import_cycles.py", str(SRC)])
     if shutil.which("duplicates"):
-        out = subprocess.run(["duplicates", "--repo", str(SRC), "--most", "40", "--seconds", "60"],
-                             capture_output=True, text=True).stdout
+        out = subprocess.run(
+            ["duplicates", "--repo", str(SRC), "--most", "40", "--seconds", "60"], capture_output=True, text=True
+        ).stdout
         print("repeated blocks of 6+ lines in src/: " + (out.splitlines() or ["?"])[0])
         print("\n".join("  " + line for line in out.splitlines()[1:]))
     return 0

@@ -4,6 +4,7 @@ write results from.
 A result is written to a temporary file in the same folder, flushed and fsynced, then renamed over its
 name, so a reader (or a run killed mid-write) sees the old file or the new one, never half of one.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -44,7 +45,7 @@ def write_durably(fd: int, data: bytes, on_first_chunk: Callable[[], None] | Non
     with os.fdopen(fd, "wb") as f:
         view = memoryview(data)
         for offset in range(0, max(len(view), 1), _CHUNK):
-            f.write(view[offset:offset + _CHUNK])
+            f.write(view[offset : offset + _CHUNK])
             if offset == 0 and on_first_chunk is not None:
                 on_first_chunk()
         f.flush()
@@ -52,8 +53,9 @@ def write_durably(fd: int, data: bytes, on_first_chunk: Callable[[], None] | Non
 
 
 @contextlib.contextmanager
-def atomic_file(path: str | Path, *, suffix: str = ".tmp",
-                before_replace: Callable[[], None] | None = None) -> Iterator[Path]:
+def atomic_file(
+    path: str | Path, *, suffix: str = ".tmp", before_replace: Callable[[], None] | None = None
+) -> Iterator[Path]:
     """The one atomic writer: yields a temporary path in `path`'s folder, with the mode a plain `open()` gives
     (0644 under umask 022; mkstemp's own is 0600), for the caller to write. On a clean exit the file is fsynced,
     `before_replace` runs (a checkpoint rotates its predecessor there), and it is renamed over `path`. On any
@@ -81,8 +83,13 @@ def atomic_file(path: str | Path, *, suffix: str = ".tmp",
         raise
 
 
-def save_atomic(data: bytes, path: str | Path, *, before_replace: Callable[[], None] | None = None,
-                on_first_chunk: Callable[[], None] | None = None) -> Path:
+def save_atomic(
+    data: bytes,
+    path: str | Path,
+    *,
+    before_replace: Callable[[], None] | None = None,
+    on_first_chunk: Callable[[], None] | None = None,
+) -> Path:
     """Write `data` to `path` through `atomic_file`: complete or absent, readable as any file."""
     with atomic_file(path, before_replace=before_replace) as tmp:
         write_durably(os.open(tmp, os.O_WRONLY), data, on_first_chunk)

@@ -14,6 +14,7 @@ resume and the experiment runner read it through a `Run`.
       mlflow.json, tensorboard/ the loggers' records
       lr_find.json, lr_find.png the learning-rate finder's curve (train --lr find, cnnlab lr-find RUN_DIR)
 """
+
 from __future__ import annotations
 
 import csv
@@ -29,13 +30,28 @@ from .train.config import TrainConfig, load_config
 __all__ = ["Run", "open_run", "read_metrics", "is_run_folder", "RUN_FILES"]
 
 RUN_FILES = {
-    "config": "config.yaml", "checkpoint": "last.ckpt", "previous_checkpoint": "previous.ckpt",
-    "damaged_checkpoint": "last.ckpt.damaged", "metrics": "metrics.csv", "evals": "evals.csv",
-    "weights": "model.safetensors", "sidecar": "model.json", "predictions": "predictions.safetensors",
-    "summary": "summary.json", "report": "report.html", "report_figures": "report", "eval": "eval.json",
-    "confusion": "confusion.png", "viz": "viz", "mlflow": "mlflow.json", "tensorboard": "tensorboard",
-    "lr_find": "lr_find.json", "lr_find_plot": "lr_find.png", "explain": "explain.html",
-    "lock": ".lock", "launch_stamp": ".torchrun-launch",
+    "config": "config.yaml",
+    "checkpoint": "last.ckpt",
+    "previous_checkpoint": "previous.ckpt",
+    "damaged_checkpoint": "last.ckpt.damaged",
+    "metrics": "metrics.csv",
+    "evals": "evals.csv",
+    "weights": "model.safetensors",
+    "sidecar": "model.json",
+    "predictions": "predictions.safetensors",
+    "summary": "summary.json",
+    "report": "report.html",
+    "report_figures": "report",
+    "eval": "eval.json",
+    "confusion": "confusion.png",
+    "viz": "viz",
+    "mlflow": "mlflow.json",
+    "tensorboard": "tensorboard",
+    "lr_find": "lr_find.json",
+    "lr_find_plot": "lr_find.png",
+    "explain": "explain.html",
+    "lock": ".lock",
+    "launch_stamp": ".torchrun-launch",
 }
 
 
@@ -73,9 +89,11 @@ class Run:
     def require(self, *roles: str) -> None:
         for role in roles:
             if not self.file(role).is_file():
-                raise CheckpointError(f"{self.path}: no {RUN_FILES[role]}; give a folder that a finished "
-                                      "'cnnlab train' (or fit) wrote" if role in ("config", "summary", "weights")
-                                      else f"{self.file(role)}: missing")
+                raise CheckpointError(
+                    f"{self.path}: no {RUN_FILES[role]}; give a folder that a finished 'cnnlab train' (or fit) wrote"
+                    if role in ("config", "summary", "weights")
+                    else f"{self.file(role)}: missing"
+                )
 
     # ------------------------------------------------------------------ what the run recorded
     @functools.cached_property
@@ -111,6 +129,7 @@ class Run:
     def weights(self):
         """model.safetensors with its sidecar: the model (on the CPU, in eval mode), classes, preprocessing."""
         from .infer.weights import load_weights
+
         return load_weights(self.path)
 
     @property
@@ -124,10 +143,13 @@ class Run:
     def predictions(self) -> dict[str, torch.Tensor]:
         """Each test image's `losses`, `preds` and `labels` from the run's final evaluation, in the split's order."""
         from safetensors.torch import load_file
+
         path = self.file("predictions")
         if not path.is_file():
-            raise CheckpointError(f"{path}: missing; it is written at the end of training (an unfinished run, or "
-                                  "one made by an older cnnlab: score it again with 'cnnlab eval')")
+            raise CheckpointError(
+                f"{path}: missing; it is written at the end of training (an unfinished run, or "
+                "one made by an older cnnlab: score it again with 'cnnlab eval')"
+            )
         return load_file(path)
 
 

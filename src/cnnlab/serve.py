@@ -28,7 +28,7 @@ from .errors import CnnlabError, ConfigError
 __all__ = ["create_app", "serve", "MAX_UPLOAD_BYTES", "MAX_FILES"]
 
 MAX_UPLOAD_BYTES = 20 << 20  # per file: a large photograph; the pixel limit of open_image applies after it
-MAX_FILES = 64               # per request: a batch, not a dataset (use 'cnnlab predict' for folders)
+MAX_FILES = 64  # per request: a batch, not a dataset (use 'cnnlab predict' for folders)
 _SAFE_SUFFIX = re.compile(r"^\.[A-Za-z0-9]{1,8}$")
 
 
@@ -71,11 +71,21 @@ class _BodyLimit:
 
     async def _refuse(self, send, size: int):
         import json
-        body = json.dumps({"detail": f"request body of {size:,}+ bytes is over the limit of {self.limit:,} bytes "
-                                     f"({MAX_FILES} files of at most {MAX_UPLOAD_BYTES:,} bytes); send fewer or "
-                                     "smaller files"}).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+
+        body = json.dumps(
+            {
+                "detail": f"request body of {size:,}+ bytes is over the limit of {self.limit:,} bytes "
+                f"({MAX_FILES} files of at most {MAX_UPLOAD_BYTES:,} bytes); send fewer or "
+                "smaller files"
+            }
+        ).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
 
@@ -89,8 +99,14 @@ def _status_for(error: str) -> int:
     return 413 if "more than cnnlab opens" in error or "too many pixels" in error or "too large" in error else 400
 
 
-def create_app(loaded, *, test_images: tuple[list[np.ndarray], list[str], list[int]] | None = None,
-               max_upload_bytes: int = MAX_UPLOAD_BYTES, max_files: int = MAX_FILES, cam_layer: str | None = None):
+def create_app(
+    loaded,
+    *,
+    test_images: tuple[list[np.ndarray], list[str], list[int]] | None = None,
+    max_upload_bytes: int = MAX_UPLOAD_BYTES,
+    max_files: int = MAX_FILES,
+    cam_layer: str | None = None,
+):
     """The FastAPI app for a loaded model (`cnnlab.infer.weights.LoadedModel`); `test_images` (pixels, names,
     labels) are offered on the page to pick from."""
     from fastapi import FastAPI, File, Form, HTTPException, UploadFile
@@ -104,8 +120,11 @@ def create_app(loaded, *, test_images: tuple[list[np.ndarray], list[str], list[i
     # longer enter the autograd graph Grad-CAM needs
     explained = copy.copy(loaded)
     explained.model = copy.deepcopy(loaded.model)
-    app = FastAPI(title="cnnlab serve", version=__version__,
-                  description=f"Predictions and the explain page for {loaded.meta['model']} ({loaded.path}).")
+    app = FastAPI(
+        title="cnnlab serve",
+        version=__version__,
+        description=f"Predictions and the explain page for {loaded.meta['model']} ({loaded.path}).",
+    )
     pictures, names, labels = test_images or ([], [], [])
     with lock:
         if pictures:
@@ -118,6 +137,7 @@ def create_app(loaded, *, test_images: tuple[list[np.ndarray], list[str], list[i
         # one prediction before the first request: inference settles its runtime once (a measured CPU probe, cached
         # for later runs), which the first client would otherwise wait for
         from PIL import Image
+
         grey = Image.new("L" if loaded.input_shape[0] == 1 else "RGB", loaded.input_shape[:0:-1], 128)
         grey.save(Path(tmp) / "warm-up.png")
         predict_files(loaded, [Path(tmp) / "warm-up.png"], top_k=1, precision="fp32")
@@ -130,8 +150,13 @@ def create_app(loaded, *, test_images: tuple[list[np.ndarray], list[str], list[i
             name = upload.filename or f"file {k}"
             data = upload.file.read(max_upload_bytes + 1)
             if len(data) > max_upload_bytes:
-                bad.append({"file": name, "error": f"{name}: over the upload limit of {max_upload_bytes:,} bytes; "
-                                                   "send a smaller file", "status": 413})
+                bad.append(
+                    {
+                        "file": name,
+                        "error": f"{name}: over the upload limit of {max_upload_bytes:,} bytes; send a smaller file",
+                        "status": 413,
+                    }
+                )
                 continue
             suffix = Path(name).suffix
             path = folder / f"{k:04d}{suffix if _SAFE_SUFFIX.match(suffix) else ''}"
@@ -157,12 +182,20 @@ def create_app(loaded, *, test_images: tuple[list[np.ndarray], list[str], list[i
     @app.get("/v1/model")
     def model_info() -> dict:
         """The model, its classes and the preprocessing every request goes through."""
-        return {"model": loaded.meta["model"], "model_args": loaded.meta.get("model_args", {}),
-                "classes": loaded.classes, "input_shape": list(loaded.input_shape),
-                "preprocessing": loaded.preprocess.to_dict(),
-                "weights": str(loaded.path.name), "version": __version__,
-                "limits": {"max_upload_bytes": max_upload_bytes, "max_files": max_files,
-                           "max_image_pixels": MAX_IMAGE_PIXELS}}
+        return {
+            "model": loaded.meta["model"],
+            "model_args": loaded.meta.get("model_args", {}),
+            "classes": loaded.classes,
+            "input_shape": list(loaded.input_shape),
+            "preprocessing": loaded.preprocess.to_dict(),
+            "weights": str(loaded.path.name),
+            "version": __version__,
+            "limits": {
+                "max_upload_bytes": max_upload_bytes,
+                "max_files": max_files,
+                "max_image_pixels": MAX_IMAGE_PIXELS,
+            },
+        }
 
     # B008: File()/Form() as a default is FastAPI's way to declare where a parameter comes from, not a shared value
     @app.post("/v1/predict")
@@ -170,8 +203,9 @@ def create_app(loaded, *, test_images: tuple[list[np.ndarray], list[str], list[i
         """Top-k classes of each file, as `cnnlab predict --json` gives them; unreadable files are listed in
         `skipped` with the reason. 400 (or 413 for a file over a limit) when no file could be classified."""
         if len(files) > max_files:
-            raise HTTPException(413, f"{len(files)} files in one request, over the limit of {max_files}; "
-                                     "send them in several requests")
+            raise HTTPException(
+                413, f"{len(files)} files in one request, over the limit of {max_files}; send them in several requests"
+            )
         if top_k < 1:
             raise HTTPException(422, f"top_k={top_k}: give 1 or more classes to show")
         with tempfile.TemporaryDirectory(prefix="cnnlab-serve-") as tmp:
@@ -181,8 +215,14 @@ def create_app(loaded, *, test_images: tuple[list[np.ndarray], list[str], list[i
                 results, bad = predict_files(loaded, paths, top_k=top_k, precision="fp32") if paths else ([], [])
         for r in results:
             r["file"] = original[Path(r["file"])]
-        skipped = too_large + [{"file": original[Path(b["file"])], "error": renamed(b["error"], original),
-                                "status": _status_for(b["error"])} for b in bad]
+        skipped = too_large + [
+            {
+                "file": original[Path(b["file"])],
+                "error": renamed(b["error"], original),
+                "status": _status_for(b["error"]),
+            }
+            for b in bad
+        ]
         if not results:
             statuses = {s["status"] for s in skipped}
             raise HTTPException(413 if statuses == {413} else 400, {"results": [], "skipped": skipped})
@@ -202,6 +242,7 @@ def create_app(loaded, *, test_images: tuple[list[np.ndarray], list[str], list[i
                 if too_large:
                     raise HTTPException(413, too_large[0]["error"])
                 from .errors import ImageError
+
                 try:
                     images = [load_image(paths[0], loaded.preprocess)[0]]
                 except ImageError as exc:
@@ -221,24 +262,32 @@ def create_app(loaded, *, test_images: tuple[list[np.ndarray], list[str], list[i
 def serve(loaded, host: str = "127.0.0.1", port: int = 8000, log=print, **options) -> None:
     """Run the app under uvicorn until Ctrl-C or SIGTERM (uvicorn finishes the requests in flight, then stops)."""
     import uvicorn
+
     try:
         loopback = ipaddress.ip_address(host).is_loopback
     except ValueError:
         loopback = host == "localhost"
     if not loopback:
-        log(f"warning: listening on {host}: anyone who can reach this address can use the model; there is no "
-            "authentication (the default, 127.0.0.1, answers this machine only)")
+        log(
+            f"warning: listening on {host}: anyone who can reach this address can use the model; there is no "
+            "authentication (the default, 127.0.0.1, answers this machine only)"
+        )
     asgi, _ = create_app(loaded, **options)
     config = uvicorn.Config(asgi, host=host, port=port, log_level="warning", workers=1, access_log=False)
     server = uvicorn.Server(config)
-    log(f"serving {loaded.meta['model']} on http://{host}:{port}/ (API: /v1/predict, /v1/model, /healthz; "
-        f"OpenAPI: /docs, /openapi.json); Ctrl-C stops")
+    log(
+        f"serving {loaded.meta['model']} on http://{host}:{port}/ (API: /v1/predict, /v1/model, /healthz; "
+        f"OpenAPI: /docs, /openapi.json); Ctrl-C stops"
+    )
     # uvicorn catches SIGINT and SIGTERM, finishes the requests in flight, then raises the signal again for the
     # handler it found: this one takes it as the end of a clean stop (not a KeyboardInterrupt, not a kill)
     received: list[int] = []
     main_thread = threading.current_thread() is threading.main_thread()
-    previous = {sig: signal.signal(sig, lambda s, frame: received.append(s)) for sig in (signal.SIGINT, signal.SIGTERM)
-                } if main_thread else {}
+    previous = (
+        {sig: signal.signal(sig, lambda s, frame: received.append(s)) for sig in (signal.SIGINT, signal.SIGTERM)}
+        if main_thread
+        else {}
+    )
     try:
         server.run()
     finally:
@@ -258,13 +307,22 @@ def serve_command(args) -> int:
     test_images = None
     if is_run_folder(args.target):
         from .viz.explain import pick_test_images
+
         try:
-            test_images = pick_test_images(args.target, loaded, 16, args.data_dir,
-                                           log=lambda m: print(m, file=sys.stderr))
+            test_images = pick_test_images(
+                args.target, loaded, 16, args.data_dir, log=lambda m: print(m, file=sys.stderr)
+            )
         except CnnlabError as exc:  # the page still takes uploads
             print(f"note: no test images to pick on the page ({exc})", file=sys.stderr)
     if args.max_upload_mb <= 0:
         raise ConfigError(f"--max-upload-mb {args.max_upload_mb}: give a positive size in MB")
-    serve(loaded, args.host, args.port, log=lambda m: print(m, file=sys.stderr, flush=True),
-          test_images=test_images, cam_layer=args.layer, max_upload_bytes=int(args.max_upload_mb * 1e6))
+    serve(
+        loaded,
+        args.host,
+        args.port,
+        log=lambda m: print(m, file=sys.stderr, flush=True),
+        test_images=test_images,
+        cam_layer=args.layer,
+        max_upload_bytes=int(args.max_upload_mb * 1e6),
+    )
     return 0

@@ -5,6 +5,7 @@ Each augmentation draws its random parameters for the whole batch in `sample` an
 dtype (uint8 in the loader, before normalisation) and on any device. An op whose `uses_index` is true
 (AlternatingFlip) also gets each image's dataset index and the epoch: `sample(n, generator, index=, epoch=)`.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -14,12 +15,23 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 
-__all__ = ["RandomCrop", "HorizontalFlip", "AlternatingFlip", "Translate", "Cutout", "Compose", "parse_augment",
-           "AUGMENT_HELP", "sample_part"]
+__all__ = [
+    "RandomCrop",
+    "HorizontalFlip",
+    "AlternatingFlip",
+    "Translate",
+    "Cutout",
+    "Compose",
+    "parse_augment",
+    "AUGMENT_HELP",
+    "sample_part",
+]
 
-AUGMENT_HELP = ("comma-separated: crop:PAD[:zero|reflect] (random crop after padding), flip (horizontal, p=0.5), "
-                "altflip (each image flipped in every other epoch, Jordan 2024), "
-                "translate:PIXELS (random shift, zero fill), cutout:SIZE (zero a random square); 'none' for none")
+AUGMENT_HELP = (
+    "comma-separated: crop:PAD[:zero|reflect] (random crop after padding), flip (horizontal, p=0.5), "
+    "altflip (each image flipped in every other epoch, Jordan 2024), "
+    "translate:PIXELS (random shift, zero fill), cutout:SIZE (zero a random square); 'none' for none"
+)
 
 
 def _randint(low: int, high: int, n: int, generator: torch.Generator) -> torch.Tensor:
@@ -51,6 +63,7 @@ class RandomCrop:
     `apply_padded` takes images padded beforehand, so a loader can pad its whole dataset once and
     leave only the window selection in the step.
     """
+
     padding: int
     mode: str = "zero"
 
@@ -116,6 +129,7 @@ class AlternatingFlip:
     Epoch 0's choice is a hash of the image's index and the seed the generator was seeded with, not a draw:
     nothing needs saving for a resumed run to replay it, and the generator's other draws are left untouched.
     """
+
     uses_index = True
 
     def first_epoch_flips(self, index: torch.Tensor, seed: int) -> torch.Tensor:
@@ -123,11 +137,14 @@ class AlternatingFlip:
         key = _mix32(low ^ _mix32(high))  # both halves of a 64-bit seed count
         return (_mix32((index.long() & _MASK32) ^ key.to(index.device)) & 1).bool()
 
-    def sample(self, n: int, generator: torch.Generator, *, index: torch.Tensor | None = None,
-               epoch: int | None = None) -> dict[str, torch.Tensor]:
+    def sample(
+        self, n: int, generator: torch.Generator, *, index: torch.Tensor | None = None, epoch: int | None = None
+    ) -> dict[str, torch.Tensor]:
         if index is None or epoch is None:
-            raise ConfigError("altflip needs each image's dataset index and the epoch: use it through "
-                              "InMemoryLoader, or call Compose(...)(x, generator, index=..., epoch=...)")
+            raise ConfigError(
+                "altflip needs each image's dataset index and the epoch: use it through "
+                "InMemoryLoader, or call Compose(...)(x, generator, index=..., epoch=...)"
+            )
         if len(index) != n:
             raise ValueError(f"altflip: {len(index)} indices for a batch of {n} images")
         return {"flip": self.first_epoch_flips(index, generator.initial_seed()) ^ bool(epoch % 2)}
@@ -140,11 +157,14 @@ class AlternatingFlip:
 @dataclass
 class Translate:
     """Shift by up to `max_shift` pixels in each direction, filling with zeros."""
+
     max_shift: int
 
     def sample(self, n: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        return {"dy": _randint(-self.max_shift, self.max_shift, n, generator),
-                "dx": _randint(-self.max_shift, self.max_shift, n, generator)}
+        return {
+            "dy": _randint(-self.max_shift, self.max_shift, n, generator),
+            "dx": _randint(-self.max_shift, self.max_shift, n, generator),
+        }
 
     def apply(self, x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
         return shift_images(x, -p["dy"], -p["dx"])
@@ -153,6 +173,7 @@ class Translate:
 @dataclass
 class Cutout:
     """Zero a `size` x `size` square centred at a random pixel, clipped at the borders (DeVries & Taylor 2017)."""
+
     size: int
 
     def sample(self, n: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -181,9 +202,16 @@ class Compose:
     def __init__(self, ops: list):
         self.ops = ops
 
-    def __call__(self, x: torch.Tensor, generator: torch.Generator, part: slice | None = None,
-                 total: int | None = None, *, index: torch.Tensor | None = None,
-                 epoch: int | None = None) -> torch.Tensor:
+    def __call__(
+        self,
+        x: torch.Tensor,
+        generator: torch.Generator,
+        part: slice | None = None,
+        total: int | None = None,
+        *,
+        index: torch.Tensor | None = None,
+        epoch: int | None = None,
+    ) -> torch.Tensor:
         """Augment `x`. In a distributed run `x` is one rank's `part` of a global batch of `total` images:
         draws are made for the whole global batch and sliced, so every rank sees what one process would.
         `index` (the images' positions in the dataset) and `epoch` reach only the ops that use them, which

@@ -1,11 +1,12 @@
 """`cnnlab data`: list, fetch, inspect or pack datasets (the CLI only dispatches here)."""
+
 from __future__ import annotations
 
 from pathlib import Path
 
 from ..errors import CnnlabError, ConfigError
 
-__all__ = ["data_command"]
+__all__ = ["data_command", "add_data_parser"]
 
 
 def data_command(args) -> int:
@@ -16,8 +17,11 @@ def data_command(args) -> int:
     if args.action == "list":
         for spec in CATALOG.values():
             try:
-                _, folder, paths = locate(spec, args.data_dir) if spec.format not in ("imagefolder", "shards", "synthetic") \
+                _, folder, paths = (
+                    locate(spec, args.data_dir)
+                    if spec.format not in ("imagefolder", "shards", "synthetic")
                     else (None, None, [])
+                )
                 size = sum(p.stat().st_size for p in paths)
                 where = f"found in {folder} ({size / 2**20:.1f} MiB)" if folder else spec.how_to_get
             except DatasetError:
@@ -27,11 +31,14 @@ def data_command(args) -> int:
         return 0
     if args.action == "pack":
         from .shards import pack_image_folder
+
         if not args.name or not args.dest:
             raise ConfigError("'cnnlab data pack ROOT OUT': give the image folder and the folder for the shards")
         manifest = pack_image_folder(args.name, args.dest, args.shard_size)
-        print(f"{sum(manifest['counts'].values()):,} images of {len(manifest['classes'])} classes packed into "
-              f"{args.dest}; train from them with --dataset shards --data-dir {args.dest}")
+        print(
+            f"{sum(manifest['counts'].values()):,} images of {len(manifest['classes'])} classes packed into "
+            f"{args.dest}; train from them with --dataset shards --data-dir {args.dest}"
+        )
         return 0
     if not args.name:
         raise CnnlabError(f"'cnnlab data {args.action}' needs a dataset name: {', '.join(CATALOG)}")
@@ -67,7 +74,25 @@ def data_command(args) -> int:
     if not args.out:
         print("(add --out FILE.png for a montage of training samples per class)")
         return 0
-    plot_montage(data.train_images, data.train_labels, data.classes, Path(args.out),
-                 title=f"{args.name}: training samples")
+    plot_montage(
+        data.train_images, data.train_labels, data.classes, Path(args.out), title=f"{args.name}: training samples"
+    )
     print(f"montage written to {args.out}")
     return 0
+
+
+def add_data_parser(sub) -> None:
+    """The parser of `cnnlab data list|fetch|info|pack`."""
+    p = sub.add_parser(
+        "data",
+        help="list, fetch, inspect or pack datasets",
+        description="pack ROOT OUT: an image folder (ROOT/train|test/<class>/*) into WebDataset tar "
+        "shards (the files' own bytes, KEY.<ext> + KEY.cls) and OUT/manifest.json",
+    )
+    p.add_argument("action", choices=("list", "fetch", "info", "pack"))
+    p.add_argument("name", nargs="?", metavar="NAME|ROOT")
+    p.add_argument("dest", nargs="?", metavar="OUT", help="pack: the folder for the shards and the manifest")
+    p.add_argument("--shard-size", default="256MB", help="pack: bytes per shard, e.g. 256MB or 1GiB")
+    p.add_argument("--data-dir")
+    p.add_argument("--download", action="store_true", help="info: download the dataset if it is missing")
+    p.add_argument("--out", help="info: where to write the montage PNG")

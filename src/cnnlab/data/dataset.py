@@ -1,4 +1,5 @@
 """A dataset decoded into memory: what every named dataset, image folder and synthetic set loads as."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -13,6 +14,7 @@ __all__ = ["Dataset"]
 @dataclass
 class Dataset:
     """A dataset decoded into memory: uint8 images (N, C, H, W) and int64 labels per split."""
+
     name: str
     classes: list[str]
     train_images: torch.Tensor
@@ -36,9 +38,14 @@ class Dataset:
         return self.decoded_by or Preprocess.squash(*self.shape)
 
     def describe(self) -> str:
-        state = {True: "verified", None: "your own files: no publisher checksum to verify against",
-                 False: "UNVERIFIED (bytes differ from the publisher's; structure checked)"}[self.verified]
+        state = {
+            True: "verified",
+            None: "your own files: no publisher checksum to verify against",
+            False: "UNVERIFIED (bytes differ from the publisher's; structure checked)",
+        }[self.verified]
         if self.synthetic:
             state = "SYNTHETIC: class patterns plus noise, generated in memory; not real data"
-        return (f"{self.name}: {len(self.train_labels):,} train / {len(self.test_labels):,} test images of "
-                f"{'x'.join(map(str, self.shape))}, {len(self.classes)} classes, from {self.source} [{state}]")
+        return (
+            f"{self.name}: {len(self.train_labels):,} train / {len(self.test_labels):,} test images of "
+            f"{'x'.join(map(str, self.shape))}, {len(self.classes)} classes, from {self.source} [{state}]"
+        )

@@ -3,6 +3,7 @@
 Look-up order: `data_dir`, `$CNNLAB_DATA`, the user cache, well-known system folders; a download
 into the cache happens only when asked for (`download=True` or `cnnlab data fetch`).
 """
+
 from __future__ import annotations
 
 import functools
@@ -87,8 +88,7 @@ def locate(spec: DatasetSpec, data_dir: str | os.PathLike | None = None) -> tupl
             return layout, folder, paths  # type: ignore[return-value]
         if str(folder) not in looked:
             looked.append(str(folder))
-    raise DatasetError(f"dataset {spec.name!r} not found; looked in: {', '.join(looked)}. "
-                       f"To get it: {spec.how_to_get}")
+    raise DatasetError(f"dataset {spec.name!r} not found; looked in: {', '.join(looked)}. To get it: {spec.how_to_get}")
 
 
 def _checksum_matches(data: bytes, want: str | None) -> bool:
@@ -98,12 +98,12 @@ def _checksum_matches(data: bytes, want: str | None) -> bool:
     return hashlib.new(algorithm, data).hexdigest() == hexdigest
 
 
-def _decode(spec: DatasetSpec, layout: str, paths: list[Path]) -> tuple[dict[str, np.ndarray], list[dict], bool,
-                                                                        list[str]]:
+def _decode(
+    spec: DatasetSpec, layout: str, paths: list[Path]
+) -> tuple[dict[str, np.ndarray], list[dict], bool, list[str]]:
     """Parse every file, checking content checksums; returns arrays, per-file records, all-verified, and the
     sha256 of each file as it lay on disk when it was read (what the cache entry is checked against)."""
-    arrays: dict[str, list[np.ndarray]] = {"train_images": [], "train_labels": [], "test_images": [],
-                                          "test_labels": []}
+    arrays: dict[str, list[np.ndarray]] = {"train_images": [], "train_labels": [], "test_images": [], "test_labels": []}
     records, all_verified, sources = [], True, []
     # No file of a dataset holds more than the whole dataset: the bound for files the catalog gives no size
     max_content = sum(spec.counts.values()) * (math.prod(spec.shape) + _OVERHEAD_PER_IMAGE) + (1 << 20)
@@ -114,8 +114,13 @@ def _decode(spec: DatasetSpec, layout: str, paths: list[Path]) -> tuple[dict[str
         sources.append(source.hexdigest())
         verified = _checksum_matches(data, f.content)
         all_verified &= verified
-        records.append({"file": str(path), "sha256": hashlib.sha256(data).hexdigest(),
-                        "status": "verified" if verified else "unverified"})
+        records.append(
+            {
+                "file": str(path),
+                "sha256": hashlib.sha256(data).hexdigest(),
+                "status": "verified" if verified else "unverified",
+            }
+        )
         split = "test" if f.name.startswith(("t10k", "test")) else "train"
         if spec.format == "idx":
             array = parse_idx(data, path)
@@ -145,18 +150,23 @@ def _check_structure(spec: DatasetSpec, arrays: dict[str, np.ndarray], folder: P
     for split, expected in spec.counts.items():
         images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
         if len(images) != expected or len(labels) != expected:
-            raise DatasetError(f"{folder}: {split} split has {len(images):,} images and {len(labels):,} labels, "
-                               f"expected {expected:,} of each; the copy is incomplete")
+            raise DatasetError(
+                f"{folder}: {split} split has {len(images):,} images and {len(labels):,} labels, "
+                f"expected {expected:,} of each; the copy is incomplete"
+            )
         if tuple(images.shape[1:]) != spec.shape:
             raise DatasetError(f"{folder}: {split} images have shape {images.shape[1:]}, expected {spec.shape}")
         if labels.min() < 0 or labels.max() >= n_classes:
-            raise DatasetError(f"{folder}: {split} labels range over {labels.min()}..{labels.max()}, "
-                               f"expected 0..{n_classes - 1}")
+            raise DatasetError(
+                f"{folder}: {split} labels range over {labels.min()}..{labels.max()}, expected 0..{n_classes - 1}"
+            )
         if spec.format.startswith("cifar"):  # CIFAR is exactly balanced
             counts = np.bincount(labels, minlength=n_classes)
             if not (counts == expected // n_classes).all():
-                raise DatasetError(f"{folder}: {split} split is not balanced ({counts.min()}..{counts.max()} images "
-                                   f"per class, expected {expected // n_classes}); the copy is corrupt")
+                raise DatasetError(
+                    f"{folder}: {split} split is not balanced ({counts.min()}..{counts.max()} images "
+                    f"per class, expected {expected // n_classes}); the copy is corrupt"
+                )
 
 
 def _class_names(spec: DatasetSpec, folder: Path) -> list[str]:
@@ -192,21 +202,31 @@ def _write_cache(path: Path, tensors: dict[str, torch.Tensor], meta: dict) -> No
         with atomic_file(path) as tmp:
             save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"cnnlab": json.dumps(meta)})
     except (OSError, SafetensorError) as exc:  # read-only or full: decode again next time
-        print(f"note: cannot write the dataset cache {path} ({getattr(exc, 'strerror', None) or exc}); set "
-              "CNNLAB_CACHE to a writable folder with space")
+        print(
+            f"note: cannot write the dataset cache {path} ({getattr(exc, 'strerror', None) or exc}); set "
+            "CNNLAB_CACHE to a writable folder with space"
+        )
 
 
-def load_dataset(name: str, data_dir: str | os.PathLike | None = None, download: bool = False,
-                 log: Callable[[str], None] = print, write_cache: bool = True, image_size: int | None = None,
-                 preprocess: Preprocess | None = None) -> Dataset:
+def load_dataset(
+    name: str,
+    data_dir: str | os.PathLike | None = None,
+    download: bool = False,
+    log: Callable[[str], None] = print,
+    write_cache: bool = True,
+    image_size: int | None = None,
+    preprocess: Preprocess | None = None,
+) -> Dataset:
     """Find (or, when `download`, fetch), verify, decode once and cache a named dataset. With
     `write_cache=False` nothing is written (the other ranks of a distributed run write no files).
     Image folders: `image_size` resizes the shorter side to it and keeps the centre square, instead of the
     most common size; `preprocess` (a trained model's, from its sidecar) decodes exactly as training did."""
     spec = get_spec(name)
     if spec.format == "shards":
-        raise DatasetError("shards are streamed, never decoded into memory: train with --dataset shards "
-                           "--data-dir OUT (the folder 'cnnlab data pack' wrote)")
+        raise DatasetError(
+            "shards are streamed, never decoded into memory: train with --dataset shards "
+            "--data-dir OUT (the folder 'cnnlab data pack' wrote)"
+        )
     if spec.format == "synthetic":  # nothing to find or cache: generated from its recipe in about a second
         return make_synthetic(name, spec.shape, len(spec.classes), spec.counts["train"], spec.counts["test"])
     try:
@@ -232,16 +252,26 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, download:
                 if meta["sources"] == _sha256_of_files(paths):
                     tensors = {k: f.get_tensor(k) for k in f.keys()}
                     decoded_by = Preprocess.from_dict(meta["decoded_by"]) if meta.get("decoded_by") else None
-                    return Dataset(name, meta["classes"], tensors["train_images"], tensors["train_labels"],
-                                   tensors["test_images"], tensors["test_labels"], str(folder), meta["verified"],
-                                   meta["files"], decoded_by=decoded_by)
+                    return Dataset(
+                        name,
+                        meta["classes"],
+                        tensors["train_images"],
+                        tensors["train_labels"],
+                        tensors["test_images"],
+                        tensors["test_labels"],
+                        str(folder),
+                        meta["verified"],
+                        meta["files"],
+                        decoded_by=decoded_by,
+                    )
             log(f"note: the files of {name} in {folder} changed since they were cached; decoding again")
         except Exception as exc:  # a damaged cache is rebuilt, never trusted
             log(f"note: ignoring unreadable cache {cache_file} ({type(exc).__name__}); decoding again")
     if spec.format == "imagefolder":
         sources = _sha256_of_files(paths)  # before decoding: a file changed meanwhile mismatches next time
-        arrays, classes, records, decoded_by = decode_image_folder(folder, paths, log=log, image_size=image_size,
-                                                                   preprocess=preprocess)
+        arrays, classes, records, decoded_by = decode_image_folder(
+            folder, paths, log=log, image_size=image_size, preprocess=preprocess
+        )
         verified = None
     else:
         arrays, records, verified, sources = _decode(spec, layout, paths)
@@ -250,11 +280,29 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, download:
     for k in ("train_labels", "test_labels"):
         tensors[k] = tensors[k].to(torch.int64)
     if write_cache:
-        _write_cache(cache_file, tensors, {"classes": classes, "verified": verified, "files": records,
-                                           "sources": sources,
-                                           "decoded_by": _geometry(decoded_by) if decoded_by else None})
-    return Dataset(name, classes, tensors["train_images"], tensors["train_labels"], tensors["test_images"],
-                   tensors["test_labels"], str(folder), verified, records, decoded_by=decoded_by)
+        _write_cache(
+            cache_file,
+            tensors,
+            {
+                "classes": classes,
+                "verified": verified,
+                "files": records,
+                "sources": sources,
+                "decoded_by": _geometry(decoded_by) if decoded_by else None,
+            },
+        )
+    return Dataset(
+        name,
+        classes,
+        tensors["train_images"],
+        tensors["train_labels"],
+        tensors["test_images"],
+        tensors["test_labels"],
+        str(folder),
+        verified,
+        records,
+        decoded_by=decoded_by,
+    )
 
 
 def _geometry(preprocess: Preprocess) -> dict:
@@ -273,8 +321,10 @@ def fetch(name: str, *, log: Callable[[str], None] = print, spec: DatasetSpec | 
         lock.parent.mkdir(parents=True, exist_ok=True)
         lock.touch()
     except OSError as exc:
-        raise DatasetError(f"cannot write to the cache {cache_dir()} ({exc.strerror}); set CNNLAB_CACHE to a "
-                           "writable folder, or place the dataset's files yourself and pass --data-dir") from None
+        raise DatasetError(
+            f"cannot write to the cache {cache_dir()} ({exc.strerror}); set CNNLAB_CACHE to a "
+            "writable folder, or place the dataset's files yourself and pass --data-dir"
+        ) from None
     with file_lock(lock):
         if spec.archive is None:  # files one by one into <root>/<layout>/
             layout = next(iter(spec.files))

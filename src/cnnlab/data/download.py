@@ -1,4 +1,5 @@
 """Downloads: streamed to a temporary file, verified, then renamed; archives extracted safely."""
+
 from __future__ import annotations
 
 import hashlib
@@ -46,8 +47,15 @@ def _fetch_one(url: str, dest: Path, md5: str, timeout: float) -> None:
             raise DatasetError(f"md5 {h.hexdigest()} expected {md5}")
 
 
-def download(filename: str, mirrors: tuple[str, ...] | list[str], dest_dir: Path, md5: str, *,
-             log: Callable[[str], None] = print, timeout: float = 60.0) -> Path:
+def download(
+    filename: str,
+    mirrors: tuple[str, ...] | list[str],
+    dest_dir: Path,
+    md5: str,
+    *,
+    log: Callable[[str], None] = print,
+    timeout: float = 60.0,
+) -> Path:
     """Download `filename` from the first mirror that delivers the right bytes; one line per failed mirror."""
     dest_dir = Path(dest_dir)
     dest = dest_dir / filename
@@ -58,8 +66,9 @@ def download(filename: str, mirrors: tuple[str, ...] | list[str], dest_dir: Path
         probe = tempfile.NamedTemporaryFile(dir=dest_dir, prefix=".write-test-")
         probe.close()
     except OSError as exc:
-        raise DatasetError(f"cannot write to {dest_dir} ({exc.strerror}); set CNNLAB_CACHE or --data-dir "
-                           "to a writable folder") from None
+        raise DatasetError(
+            f"cannot write to {dest_dir} ({exc.strerror}); set CNNLAB_CACHE or --data-dir to a writable folder"
+        ) from None
     # The callers hold the dataset's lock, so a partial file here was left by a download that was killed.
     for partial in dest_dir.glob(f".{filename}.*.part"):
         partial.unlink(missing_ok=True)
@@ -77,12 +86,16 @@ def download(filename: str, mirrors: tuple[str, ...] | list[str], dest_dir: Path
             else:
                 reason = getattr(exc, "reason", None) or exc
             if isinstance(exc, OSError) and getattr(exc, "errno", None) == 28:  # ENOSPC
-                raise DatasetError(f"no space left in {dest_dir} while downloading {filename}; "
-                                   "free some space or set CNNLAB_CACHE elsewhere") from None
+                raise DatasetError(
+                    f"no space left in {dest_dir} while downloading {filename}; "
+                    "free some space or set CNNLAB_CACHE elsewhere"
+                ) from None
             failures.append(url)
             log(f"  failed: {url}: {reason}")
-    raise DatasetError(f"could not download {filename}: all {len(failures)} mirror(s) failed "
-                       f"({', '.join(failures)}); check your connection, or place the file in {dest_dir} yourself")
+    raise DatasetError(
+        f"could not download {filename}: all {len(failures)} mirror(s) failed "
+        f"({', '.join(failures)}); check your connection, or place the file in {dest_dir} yourself"
+    )
 
 
 def _check_member(member: tarfile.TarInfo, target: Path) -> None:
@@ -91,11 +104,13 @@ def _check_member(member: tarfile.TarInfo, target: Path) -> None:
     if os.path.isabs(name) or ".." in Path(name).parts or not resolved.is_relative_to(target):
         raise DatasetError(f"archive member {name!r} would land outside {target}; refusing the archive")
     if member.issym() or member.islnk():
-        link_target = (resolved.parent / member.linkname).resolve() if member.issym() \
-            else (target / member.linkname).resolve()
+        link_target = (
+            (resolved.parent / member.linkname).resolve() if member.issym() else (target / member.linkname).resolve()
+        )
         if os.path.isabs(member.linkname) or not link_target.is_relative_to(target):
-            raise DatasetError(f"archive member {name!r} links to {member.linkname!r} outside {target}; "
-                               "refusing the archive")
+            raise DatasetError(
+                f"archive member {name!r} links to {member.linkname!r} outside {target}; refusing the archive"
+            )
     if not (member.isfile() or member.isdir() or member.issym() or member.islnk()):
         raise DatasetError(f"archive member {name!r} is a device or fifo; refusing the archive")
 
@@ -120,8 +135,10 @@ def extract_archive(archive: Path, target: Path, folder: str) -> Path:
         except (tarfile.TarError, EOFError) as exc:
             raise DatasetError(f"{archive}: not a readable archive ({exc}); delete it and fetch again") from None
         except OSError as exc:  # a full or read-only cache; the staging folder is removed below
-            raise DatasetError(f"cannot extract {archive.name} into {target} ({exc.strerror}); free some space or "
-                               "set CNNLAB_CACHE to another folder") from None
+            raise DatasetError(
+                f"cannot extract {archive.name} into {target} ({exc.strerror}); free some space or "
+                "set CNNLAB_CACHE to another folder"
+            ) from None
         if not (staging / folder).is_dir():
             raise DatasetError(f"{archive}: holds no folder {folder!r}; delete it and fetch again")
         final = target / folder

@@ -3,6 +3,7 @@
 Every parser checks sizes against the header before allocating, and raises `DatasetError`
 naming the file and what is wrong.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -20,8 +21,15 @@ import numpy as np
 
 from ..errors import DatasetError
 
-__all__ = ["read_bytes", "idx_length", "parse_idx", "parse_cifar_binary", "parse_cifar_python", "RestrictedUnpickler",
-           "ForbiddenGlobal"]
+__all__ = [
+    "read_bytes",
+    "idx_length",
+    "parse_idx",
+    "parse_cifar_binary",
+    "parse_cifar_python",
+    "RestrictedUnpickler",
+    "ForbiddenGlobal",
+]
 
 # Decompressing more than this from one file means the file is not what it claims (a gzip bomb); callers
 # that know the file (the catalog's sizes, a header) pass a tighter bound.
@@ -33,8 +41,14 @@ _CHUNK = 1 << 20  # decompressed bytes per step
 _HEAD = 64  # enough decompressed bytes for any header a caller checks (IDX: at most 20)
 
 
-def read_bytes(path: Path, size: int | None = None, *, implied_size: Callable[[bytes], int] | None = None,
-               limit: int = _MAX_DECOMPRESSED, digest=None) -> bytes:
+def read_bytes(
+    path: Path,
+    size: int | None = None,
+    *,
+    implied_size: Callable[[bytes], int] | None = None,
+    limit: int = _MAX_DECOMPRESSED,
+    digest=None,
+) -> bytes:
     """The file's content, gunzipped if it is gzip (by its magic bytes, not its name).
 
     `size` is the exact length a known file's content has; `implied_size(head)` returns the length its
@@ -65,8 +79,10 @@ def read_bytes(path: Path, size: int | None = None, *, implied_size: Callable[[b
         return raw
     ceiling = min(limit, _DEFLATE_MAX_RATIO * len(raw))
     if size is not None and size > ceiling:
-        raise DatasetError(f"{path}: {len(raw):,} gzip bytes cannot hold the {size:,} bytes this file has; the file "
-                           "is truncated or corrupt: delete it and fetch it again")
+        raise DatasetError(
+            f"{path}: {len(raw):,} gzip bytes cannot hold the {size:,} bytes this file has; the file "
+            "is truncated or corrupt: delete it and fetch it again"
+        )
     try:
         with gzip.GzipFile(fileobj=io.BytesIO(raw)) as stream:
             head = stream.read(_HEAD)
@@ -74,10 +90,15 @@ def read_bytes(path: Path, size: int | None = None, *, implied_size: Callable[[b
             if implied_size is not None:
                 claimed = implied_size(head)
                 if claimed > ceiling or (size is not None and claimed != size):
-                    expected = f"this file has {size:,}" if size is not None else \
-                        f"{len(raw):,} gzip bytes can hold at most {ceiling:,}"
-                    raise DatasetError(f"{path}: its header claims {claimed:,} bytes of content, but {expected}; "
-                                       "the file is corrupt: delete it and fetch it again")
+                    expected = (
+                        f"this file has {size:,}"
+                        if size is not None
+                        else f"{len(raw):,} gzip bytes can hold at most {ceiling:,}"
+                    )
+                    raise DatasetError(
+                        f"{path}: its header claims {claimed:,} bytes of content, but {expected}; "
+                        "the file is corrupt: delete it and fetch it again"
+                    )
                 stop = claimed
             chunks, produced = [head], len(head)
             while produced <= stop and len(chunks[-1]):  # one byte past `stop` tells a longer stream
@@ -88,8 +109,10 @@ def read_bytes(path: Path, size: int | None = None, *, implied_size: Callable[[b
     if produced > stop:
         if size is None and implied_size is None:
             raise DatasetError(f"{path}: decompresses to more than {stop:,} bytes; not a dataset file")
-        raise DatasetError(f"{path}: decompresses to more than the {stop:,} bytes it should hold; the file is "
-                           "corrupt: delete it and fetch it again")
+        raise DatasetError(
+            f"{path}: decompresses to more than the {stop:,} bytes it should hold; the file is "
+            "corrupt: delete it and fetch it again"
+        )
     data = b"".join(chunks)
     if size is not None and len(data) != size:
         raise _wrong_size(path, len(data), size)
@@ -97,8 +120,10 @@ def read_bytes(path: Path, size: int | None = None, *, implied_size: Callable[[b
 
 
 def _wrong_size(path: Path, got: int, want: int) -> DatasetError:
-    return DatasetError(f"{path}: {got:,} bytes (decompressed), expected {want:,}; the file is truncated or "
-                        "corrupt: delete it and fetch it again")
+    return DatasetError(
+        f"{path}: {got:,} bytes (decompressed), expected {want:,}; the file is truncated or "
+        "corrupt: delete it and fetch it again"
+    )
 
 
 def _idx_header(data: bytes, path: Path | str) -> tuple[int, list[int]]:
@@ -107,17 +132,20 @@ def _idx_header(data: bytes, path: Path | str) -> tuple[int, list[int]]:
         raise DatasetError(f"{path}: {len(data)} bytes, too short for an IDX header")
     zero, dtype, ndim = int.from_bytes(data[:2], "big"), data[2], data[3]
     if zero != 0 or dtype != 0x08 or not 1 <= ndim <= 4:
-        raise DatasetError(f"{path}: not an IDX file of unsigned bytes (magic {data[:4].hex()}, "
-                           "expected 000008 followed by 1-4 dimensions)")
+        raise DatasetError(
+            f"{path}: not an IDX file of unsigned bytes (magic {data[:4].hex()}, "
+            "expected 000008 followed by 1-4 dimensions)"
+        )
     header = 4 + 4 * ndim
     if len(data) < header:
         raise DatasetError(f"{path}: truncated IDX header ({len(data)} of {header} bytes)")
-    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
     # An empty dimension makes the product 0 whatever the others claim (2^31 say), so the size check would
     # pass and numpy would refuse the shape; no dataset file is empty.
     if 0 in dims:
-        raise DatasetError(f"{path}: its header {dims} has a dimension of 0; an IDX dataset file is never "
-                           "empty: the file is corrupt")
+        raise DatasetError(
+            f"{path}: its header {dims} has a dimension of 0; an IDX dataset file is never empty: the file is corrupt"
+        )
     return header, dims
 
 
@@ -132,8 +160,10 @@ def parse_idx(data: bytes, path: Path | str) -> np.ndarray:
     header, dims = _idx_header(data, path)
     expected = header + math.prod(dims)
     if len(data) != expected:  # with no dimension 0, each dimension is then at most the file's size
-        raise DatasetError(f"{path}: size {len(data)} bytes but its header {dims} implies {expected}; "
-                           "the file is truncated or corrupt: delete it and fetch it again")
+        raise DatasetError(
+            f"{path}: size {len(data)} bytes but its header {dims} implies {expected}; "
+            "the file is truncated or corrupt: delete it and fetch it again"
+        )
     return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)
 
 
@@ -141,8 +171,10 @@ def parse_cifar_binary(data: bytes, path: Path | str, label_bytes: int) -> tuple
     """Records of `label_bytes` label bytes then 3x32x32 pixel bytes; returns (N,3,32,32) and the last label."""
     record = label_bytes + 3 * 32 * 32
     if len(data) == 0 or len(data) % record:
-        raise DatasetError(f"{path}: size {len(data)} bytes is not a whole number of {record}-byte CIFAR records; "
-                           "the file is truncated or corrupt: delete it and fetch it again")
+        raise DatasetError(
+            f"{path}: size {len(data)} bytes is not a whole number of {record}-byte CIFAR records; "
+            "the file is truncated or corrupt: delete it and fetch it again"
+        )
     rows = np.frombuffer(data, dtype=np.uint8).reshape(-1, record)
     # CIFAR-100's binary records hold the coarse label, then the fine one; we train on the fine labels.
     return rows[:, label_bytes:].reshape(-1, 3, 32, 32), rows[:, label_bytes - 1].astype(np.int64)
@@ -169,8 +201,11 @@ class RestrictedUnpickler(pickle.Unpickler):
     """
 
     _ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("_codecs", "encode"),
     }
 
     def __init__(self, file, *, size_limit: int, **kwargs):
@@ -182,6 +217,7 @@ class RestrictedUnpickler(pickle.Unpickler):
             raise ForbiddenGlobal(f"global '{module}.{name}' is not allowed in a CIFAR batch")
         if module == "_codecs":
             import _codecs
+
             return _codecs.encode
         if module.endswith("multiarray"):
             return self._reconstruct
@@ -203,8 +239,10 @@ class RestrictedUnpickler(pickle.Unpickler):
         if subtype is not _NdarrayToken:
             raise ForbiddenGlobal(f"array subclass {subtype!r} is not allowed in a CIFAR batch")
         dims = shape if isinstance(shape, tuple) else (shape,)
-        if not all(isinstance(d, int) and d >= 0 for d in dims) or \
-                math.prod(dims) * self._dtype(dtype).itemsize > self.size_limit:
+        if (
+            not all(isinstance(d, int) and d >= 0 for d in dims)
+            or math.prod(dims) * self._dtype(dtype).itemsize > self.size_limit
+        ):
             raise pickle.UnpicklingError(f"an array of shape {dims} cannot come from {self.size_limit} bytes")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -244,8 +282,7 @@ def parse_cifar_python(data: bytes, path: Path | str, label_key: str) -> tuple[n
     """A CIFAR python batch: {'data': (N, 3072) uint8, label_key: [N ints]} -> (N,3,32,32), (N,)."""
     obj = _unpickle(data, path)
     images, labels = obj.get("data"), obj.get(label_key)
-    if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 2 \
-            or images.shape[1] != 3072:
+    if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 2 or images.shape[1] != 3072:
         raise DatasetError(f"{path}: 'data' is not an (N, 3072) uint8 array")
     try:
         labels = np.asarray(labels, dtype=np.int64)

@@ -1,5 +1,6 @@
 """Your own images as a dataset: ROOT/<split>/<class>/*.png|jpg|..., decoded once into uint8 tensors
 (memory mode) or listed for per-sample decoding (stream mode, see stream.py)."""
+
 from __future__ import annotations
 
 from collections import Counter
@@ -13,8 +14,14 @@ from .images import open_encoded, read_image_file
 from .preprocess import Preprocess
 from .transforms import GRAY_MODES
 
-__all__ = ["IMAGE_EXTENSIONS", "image_folder_files", "decode_image_folder", "TEST_SPLITS", "image_folder_classes",
-           "split_of"]
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "image_folder_files",
+    "decode_image_folder",
+    "TEST_SPLITS",
+    "image_folder_classes",
+    "split_of",
+]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 TEST_SPLITS = ("test", "val")
@@ -26,8 +33,10 @@ def _split_dirs(root: Path) -> tuple[Path, Path]:
     train = root / "train"
     test = next((root / s for s in TEST_SPLITS if (root / s).is_dir()), None)
     if not train.is_dir() or test is None:
-        raise DatasetError(f"image folder {root} needs a 'train' and a 'test' (or 'val') sub-folder, each with one "
-                           f"folder per class; found: {sorted(p.name for p in root.iterdir()) or 'nothing'}")
+        raise DatasetError(
+            f"image folder {root} needs a 'train' and a 'test' (or 'val') sub-folder, each with one "
+            f"folder per class; found: {sorted(p.name for p in root.iterdir()) or 'nothing'}"
+        )
     return train, test
 
 
@@ -64,8 +73,10 @@ def image_folder_files(root: Path) -> list[Path]:
         raise DatasetError(f"empty class folder(s): {', '.join(empty)}; add images or remove the folder(s)")
     if strays:
         shown = ", ".join(str(p) for p in strays[:5]) + (f" and {len(strays) - 5} more" if len(strays) > 5 else "")
-        raise DatasetError(f"non-image file(s) in the image folder: {shown}; move them out "
-                           f"(images end in {', '.join(IMAGE_EXTENSIONS)})")
+        raise DatasetError(
+            f"non-image file(s) in the image folder: {shown}; move them out "
+            f"(images end in {', '.join(IMAGE_EXTENSIONS)})"
+        )
     return files
 
 
@@ -82,9 +93,13 @@ def _peek(path: Path) -> tuple[str, tuple[int, int]]:
         raise DatasetError(f"{path}: not a readable image ({type(exc).__name__}); remove or replace it") from None
 
 
-def decode_image_folder(root: Path, files: list[Path], log: Callable[[str], None] = print,
-                        image_size: int | None = None, preprocess: Preprocess | None = None
-                        ) -> tuple[dict[str, np.ndarray], list[str], list[dict], Preprocess]:
+def decode_image_folder(
+    root: Path,
+    files: list[Path],
+    log: Callable[[str], None] = print,
+    image_size: int | None = None,
+    preprocess: Preprocess | None = None,
+) -> tuple[dict[str, np.ndarray], list[str], list[dict], Preprocess]:
     """Decode all images to one mode (L if all are greyscale, else RGB) and one size: with `image_size`, the
     shorter side resized to it and the centre square kept; without, the most common size (others resized).
     A given `preprocess` (a trained model's) decides both instead. Returns the arrays, the classes, the file
@@ -99,8 +114,10 @@ def decode_image_folder(root: Path, files: list[Path], log: Callable[[str], None
             (w, h), _ = Counter(im_size for _, im_size in headers).most_common(1)[0]
             resized = sum(im_size != (w, h) for _, im_size in headers)
             if resized:
-                log(f"note: {resized} of {len(headers)} images resized to {w}x{h}, the most common size; "
-                    "choose the size with --image-size")
+                log(
+                    f"note: {resized} of {len(headers)} images resized to {w}x{h}, the most common size; "
+                    "choose the size with --image-size"
+                )
             preprocess = Preprocess.squash(channels, h, w)
         else:
             preprocess = Preprocess.centre_crop(channels, image_size)

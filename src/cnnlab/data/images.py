@@ -4,6 +4,7 @@ opener checks a file's size before reading it and an image's header before decod
 Each limit has a default that real data stays far below and an environment variable that raises it (read on
 every call, so DataLoader workers see it too); docs/limits.md lists them and what each protects.
 """
+
 from __future__ import annotations
 
 import io
@@ -18,8 +19,19 @@ from PIL import Image
 
 from ..errors import ConfigError, ImageError
 
-__all__ = ["open_image", "open_encoded", "read_image_file", "check_encoded", "jpeg_structure", "JpegStructure",
-           "Limits", "limits", "MAX_IMAGE_PIXELS", "parse_bytes", "to_8bit"]
+__all__ = [
+    "open_image",
+    "open_encoded",
+    "read_image_file",
+    "check_encoded",
+    "jpeg_structure",
+    "JpegStructure",
+    "Limits",
+    "limits",
+    "MAX_IMAGE_PIXELS",
+    "parse_bytes",
+    "to_8bit",
+]
 
 # 64 megapixels: far beyond any training or test image. A few-kilobyte PNG can claim 100,000 x 100,000 pixels;
 # that is refused before decoding.
@@ -30,6 +42,7 @@ MiB = 1 << 20
 @dataclass(frozen=True)
 class Limits:
     """Every limit on a file someone handed us. `limits()` applies the environment's overrides."""
+
     # bytes of one image file (a folder's file, a tar member, a predict input), checked before it is read:
     # a 1 GB file named .jpg is refused unread. A 64 MP photo at the best JPEG quality takes about 30 MB.
     image_bytes: int = 64 * MiB
@@ -60,10 +73,15 @@ class Limits:
 
 
 # The environment variable of each configurable limit (the others guard against damaged files only).
-ENVIRONMENT = {"image_bytes": "CNNLAB_MAX_IMAGE_BYTES", "image_pixels": "CNNLAB_MAX_IMAGE_PIXELS",
-               "jpeg_scans": "CNNLAB_MAX_JPEG_SCANS", "shuffle_buffer_bytes": "CNNLAB_SHUFFLE_BUFFER_BYTES",
-               "classes": "CNNLAB_MAX_CLASSES", "model_layers": "CNNLAB_MAX_MODEL_LAYERS",
-               "model_parameters": "CNNLAB_MAX_MODEL_PARAMETERS"}
+ENVIRONMENT = {
+    "image_bytes": "CNNLAB_MAX_IMAGE_BYTES",
+    "image_pixels": "CNNLAB_MAX_IMAGE_PIXELS",
+    "jpeg_scans": "CNNLAB_MAX_JPEG_SCANS",
+    "shuffle_buffer_bytes": "CNNLAB_SHUFFLE_BUFFER_BYTES",
+    "classes": "CNNLAB_MAX_CLASSES",
+    "model_layers": "CNNLAB_MAX_MODEL_LAYERS",
+    "model_parameters": "CNNLAB_MAX_MODEL_PARAMETERS",
+}
 _BYTES = ("image_bytes", "shuffle_buffer_bytes")
 
 
@@ -119,6 +137,7 @@ def raise_hint(name: str) -> str:
 
 # ---------------------------------------------------------------- reading bytes
 
+
 def read_image_file(path: str | Path, lim: Limits | None = None) -> bytes:
     """The bytes of an image file, refused unread when larger than the cap (a device or a growing file is
     read only up to it)."""
@@ -142,15 +161,19 @@ def read_image_file(path: str | Path, lim: Limits | None = None) -> bytes:
 
 
 def _too_large(name, size: int, lim: Limits) -> ImageError:
-    return ImageError(f"{name}: {size:,} bytes, more than an image file may have ({lim.image_bytes:,}); "
-                      f"shrink it, or {raise_hint('image_bytes')}")
+    return ImageError(
+        f"{name}: {size:,} bytes, more than an image file may have ({lim.image_bytes:,}); "
+        f"shrink it, or {raise_hint('image_bytes')}"
+    )
 
 
 # ---------------------------------------------------------------- JPEG structure, without decoding
 
+
 @dataclass(frozen=True)
 class JpegStructure:
     """What a JPEG's markers say, read without decoding: the frame and the number of scans."""
+
     width: int
     height: int
     sampling: tuple[tuple[int, int], ...]  # (horizontal, vertical) factor of each component
@@ -185,34 +208,44 @@ def jpeg_structure(data: bytes, name: str, lim: Limits | None = None) -> JpegStr
         m = _MARKER.search(data, pos, min(n, pos + lim.jpeg_junk_bytes - junk + 2))
         if m is None:
             if n - pos > lim.jpeg_junk_bytes - junk:
-                raise ImageError(f"{name}: more than {lim.jpeg_junk_bytes:,} bytes of junk where a JPEG marker "
-                                 f"belongs (offset {pos:,}); the file is damaged: re-encode or remove it")
+                raise ImageError(
+                    f"{name}: more than {lim.jpeg_junk_bytes:,} bytes of junk where a JPEG marker "
+                    f"belongs (offset {pos:,}); the file is damaged: re-encode or remove it"
+                )
             break
         junk += m.start() - pos
         marker, pos = data[m.start() + 1], m.end()
         markers += 1
         if markers > lim.jpeg_markers:
-            raise ImageError(f"{name}: more than {lim.jpeg_markers:,} JPEG markers; the file is damaged or "
-                             "hostile: re-encode or remove it")
+            raise ImageError(
+                f"{name}: more than {lim.jpeg_markers:,} JPEG markers; the file is damaged or "
+                "hostile: re-encode or remove it"
+            )
         if marker == 0xD9:  # EOI
             break
         if marker in _STANDALONE or marker == 0xD8:
             continue
         if pos + 2 > n:
             break
-        end = pos + int.from_bytes(view[pos:pos + 2], "big")
+        end = pos + int.from_bytes(view[pos : pos + 2], "big")
         if marker in _FRAMES and frame is None and end - pos >= 8 and pos + 8 <= n:  # a whole frame header
             count = data[pos + 7]
             factors = tuple((data[i + 1] >> 4, data[i + 1] & 15) for i in range(pos + 8, min(end, n) - 2, 3))
-            frame = (marker, int.from_bytes(view[pos + 3:pos + 5], "big"),
-                     int.from_bytes(view[pos + 5:pos + 7], "big"), factors[:count])
+            frame = (
+                marker,
+                int.from_bytes(view[pos + 3 : pos + 5], "big"),
+                int.from_bytes(view[pos + 5 : pos + 7], "big"),
+                factors[:count],
+            )
         pos = end
         if marker == 0xDA:  # SOS: the entropy-coded data runs to the next marker
             scans += 1
             if scans > lim.jpeg_scans:
-                raise ImageError(f"{name}: a JPEG of more than {lim.jpeg_scans} scans (each one a pass over the "
-                                 f"whole image; real files have about 10): re-encode it, or "
-                                 f"{raise_hint('jpeg_scans')}")
+                raise ImageError(
+                    f"{name}: a JPEG of more than {lim.jpeg_scans} scans (each one a pass over the "
+                    f"whole image; real files have about 10): re-encode it, or "
+                    f"{raise_hint('jpeg_scans')}"
+                )
             m = _END_OF_SCAN.search(data, pos)
             if m is None:
                 break
@@ -238,8 +271,10 @@ def check_encoded(data: bytes, name: str, lim: Limits | None = None) -> JpegStru
 def check_pixels(width: int, height: int, name, lim: Limits | None = None) -> None:
     lim = lim or limits()
     if width * height > lim.image_pixels:
-        raise ImageError(f"{name}: claims {width}x{height} pixels, more than cnnlab opens ({lim.image_pixels:,}): "
-                         f"shrink it first, or {raise_hint('image_pixels')}")
+        raise ImageError(
+            f"{name}: claims {width}x{height} pixels, more than cnnlab opens ({lim.image_pixels:,}): "
+            f"shrink it first, or {raise_hint('image_pixels')}"
+        )
 
 
 def open_encoded(data: bytes, name, lim: Limits | None = None) -> Image.Image:
@@ -266,8 +301,9 @@ def open_image(path: str | Path) -> Image.Image:
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:  # PIL's own, larger limit
-        raise ImageError(f"{path}: too many pixels ({exc}); cnnlab opens at most {lim.image_pixels:,}: "
-                         "shrink it first") from None
+        raise ImageError(
+            f"{path}: too many pixels ({exc}); cnnlab opens at most {lim.image_pixels:,}: shrink it first"
+        ) from None
     except MemoryError:
         raise ImageError(f"{path}: too large to decode") from None
     except Exception as exc:  # decoders raise many types on malformed data (OSError, SyntaxError, struct.error...)
@@ -290,5 +326,5 @@ def to_8bit(im: Image.Image) -> np.ndarray:
     rows = max(1, _BAND_BYTES // max(1, 4 * w))
     for y in range(0, h, rows):
         band = np.asarray(im.crop((0, y, w, min(h, y + rows))))
-        out[y:y + rows] = np.clip(band if im.mode == "F" else band >> 8, 0, 255)
+        out[y : y + rows] = np.clip(band if im.mode == "F" else band >> 8, 0, 255)
     return out

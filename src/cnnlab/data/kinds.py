@@ -1,6 +1,7 @@
 """What kind of source a dataset is, decided once from its catalogue entry and the data mode: a named dataset
 decoded into memory, an image folder in memory or streamed, packed shards (always streamed), or synthetic data.
 Everything outside data/ asks this instead of comparing dataset names."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -1,4 +1,5 @@
 """An in-memory batched loader: the whole dataset is one uint8 tensor, augmented a batch at a time."""
+
 from __future__ import annotations
 
 import math
@@ -32,16 +33,32 @@ class InMemoryLoader:
     `resize` scales every batch to (H, W) on the device, for models that need larger input than the data's.
     """
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, *, mean, std,
-                 shuffle: bool = False, drop_last: bool = False, seed: int = 0, augment: Compose | None = None,
-                 device: torch.device | str = "cpu", channels_last: bool = False, rank: int = 0,
-                 world_size: int = 1, resize: tuple[int, int] | None = None):
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        batch_size: int,
+        *,
+        mean,
+        std,
+        shuffle: bool = False,
+        drop_last: bool = False,
+        seed: int = 0,
+        augment: Compose | None = None,
+        device: torch.device | str = "cpu",
+        channels_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+        resize: tuple[int, int] | None = None,
+    ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if shuffle and batch_size % world_size:
-            raise ConfigError(f"batch_size {batch_size} cannot be split over {world_size} processes; --batch-size is "
-                              f"the global batch: choose a multiple of {world_size}, e.g. "
-                              f"{max(world_size, batch_size // world_size * world_size)}")
+            raise ConfigError(
+                f"batch_size {batch_size} cannot be split over {world_size} processes; --batch-size is "
+                f"the global batch: choose a multiple of {world_size}, e.g. "
+                f"{max(world_size, batch_size // world_size * world_size)}"
+            )
         self.rank, self.world_size, self.resize = rank, world_size, tuple(resize) if resize else None
         if not shuffle and world_size > 1:  # evaluation: this rank's consecutive share of the split
             share = slice(len(labels) * rank // world_size, len(labels) * (rank + 1) // world_size)
@@ -119,30 +136,35 @@ class InMemoryLoader:
             local = self.batch_size // self.world_size
             part = slice(self.rank * local, (self.rank + 1) * local)
         for i in range(self.position, len(self)):
-            global_idx = order[i * self.batch_size: (i + 1) * self.batch_size]
+            global_idx = order[i * self.batch_size : (i + 1) * self.batch_size]
             idx = global_idx if part is None else global_idx[part]
             x = self.images.index_select(0, idx)  # much faster than images[idx] on CPU
             if self.channels_last:
                 x = x.permute(0, 3, 1, 2)
             if self._crop is not None:
-                x = self._crop.apply_padded(x, sample_part(self._crop, len(idx), self.aug_generator, part,
-                                                           len(global_idx)))
+                x = self._crop.apply_padded(
+                    x, sample_part(self._crop, len(idx), self.aug_generator, part, len(global_idx))
+                )
             if self.augment:  # the indices and the epoch reach only ops that use them (AlternatingFlip)
                 x = self.augment(x, self.aug_generator, part, len(global_idx), index=idx, epoch=self.epoch)
             self.position = i + 1
             x = self.normalize(x)
             if self.resize and tuple(x.shape[-2:]) != self.resize:
-                x = F.interpolate(x, size=self.resize, mode="bilinear", align_corners=False,
-                                  antialias=self.resize[0] < x.shape[-2])
+                x = F.interpolate(
+                    x, size=self.resize, mode="bilinear", align_corners=False, antialias=self.resize[0] < x.shape[-2]
+                )
                 x = x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
             yield x, self.labels.index_select(0, idx)
         self.epoch += 1
         self.position = 0
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position,
-                "generator": self._epoch_start_state if self.position else self.generator.get_state(),
-                "aug_generator": self.aug_generator.get_state()}
+        return {
+            "epoch": self.epoch,
+            "position": self.position,
+            "generator": self._epoch_start_state if self.position else self.generator.get_state(),
+            "aug_generator": self.aug_generator.get_state(),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])

@@ -10,6 +10,7 @@ Two resize rules cover every dataset cnnlab trains on:
 Pixels come from one decoder (`transforms.eval_pixels`: EXIF orientation, one colour conversion, JPEG DCT scaling
 where exact enough, torch's antialiased uint8 resize), so the same file gives the same input everywhere.
 """
+
 from __future__ import annotations
 
 import math
@@ -41,6 +42,7 @@ def normalise(images: torch.Tensor, mean, std) -> torch.Tensor:
 @dataclass(frozen=True)
 class Preprocess:
     """Resize rule, crop size, colour mode and normalisation of one model's input."""
+
     size: tuple[int, int]  # (H, W) the model takes
     channels: int  # 1: greyscale ("L"), 3: RGB
     resize: str = "squash"  # see RESIZE_RULES
@@ -57,8 +59,10 @@ class Preprocess:
         if self.resize not in RESIZE_RULES:
             raise ValueError(f"resize rule {self.resize!r}: one of {', '.join(RESIZE_RULES)}")
         if self.resize == "shorter" and not (self.resize_to and max(h, w) <= self.resize_to <= _MAX_SIDE):
-            raise ValueError(f"resize_to {self.resize_to}: the shorter side must be resized to at least the crop "
-                             f"{self.size} and at most {_MAX_SIDE}")
+            raise ValueError(
+                f"resize_to {self.resize_to}: the shorter side must be resized to at least the crop "
+                f"{self.size} and at most {_MAX_SIDE}"
+            )
 
     # ------------------------------------------------------------------ the rules of each kind of data
     @classmethod
@@ -73,8 +77,9 @@ class Preprocess:
     @classmethod
     def imagenet_eval(cls, size: int = 224, channels: int = 3) -> Preprocess:
         """torchvision's ImageNet evaluation: shorter side to 256 (for 224), centre crop, ImageNet's statistics."""
-        return replace(cls.centre_crop(channels, size, EVAL_CROP_FRACTION),
-                       mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+        return replace(
+            cls.centre_crop(channels, size, EVAL_CROP_FRACTION), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)
+        )
 
     def with_stats(self, mean, std) -> Preprocess:
         return replace(self, mean=tuple(float(v) for v in mean), std=tuple(float(v) for v in std))
@@ -89,8 +94,14 @@ class Preprocess:
         return (self.channels, *self.size)
 
     def to_dict(self) -> dict:
-        return {"resize": self.resize, "resize_to": self.resize_to, "size": list(self.size),
-                "mode": self.mode, "mean": list(self.mean or ()), "std": list(self.std or ())}
+        return {
+            "resize": self.resize,
+            "resize_to": self.resize_to,
+            "size": list(self.size),
+            "mode": self.mode,
+            "mean": list(self.mean or ()),
+            "std": list(self.std or ()),
+        }
 
     @classmethod
     def from_dict(cls, d: dict) -> Preprocess:
@@ -129,8 +140,11 @@ class Preprocess:
 
     def describe(self) -> str:
         h, w = self.size
-        how = (f"whole image to {w}x{h}" if self.resize == "squash" else
-               f"shorter side to {self.resize_to}, centre {w}x{h}")
+        how = (
+            f"whole image to {w}x{h}"
+            if self.resize == "squash"
+            else f"shorter side to {self.resize_to}, centre {w}x{h}"
+        )
         return f"{how}, {self.mode}" + (f", mean {_fmt(self.mean)} std {_fmt(self.std)}" if self.mean else "")
 
     # ------------------------------------------------------------------ applying it

@@ -4,6 +4,7 @@ KEY.cls (the class index as text), with a JSON manifest, and a streaming reader 
 Written and read with the standard library's tarfile (no member is ever extracted to disk), so a shard is
 readable by any tar tool and by the `webdataset` package, which cnnlab does not need.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -70,8 +71,9 @@ def _write_shard(path: Path, samples: list[tuple[str, str, bytes, int]]) -> dict
     return {"name": path.name, "samples": len(samples), "bytes": writer.bytes, "sha256": writer.sha.hexdigest()}
 
 
-def pack_image_folder(root: str | Path, out: str | Path, shard_size: int | str = "256MB",
-                      log: Callable[[str], None] = print) -> dict:
+def pack_image_folder(
+    root: str | Path, out: str | Path, shard_size: int | str = "256MB", log: Callable[[str], None] = print
+) -> dict:
     """Pack ROOT/train|test/<class>/* into OUT/{train,test}-NNNNNN.tar and OUT/manifest.json; returns the
     manifest. Training samples go in a fixed shuffled order (seed 0), test samples in sorted order."""
     root, out = Path(root), Path(out)
@@ -111,13 +113,24 @@ def pack_image_folder(root: str | Path, out: str | Path, shard_size: int | str =
             pending_bytes += size
         if pending:
             shards.append(_write_shard(out / f"{split}-{len(shards):06d}.tar", pending))
-        splits[split] = {"samples": len(paths), "shards": shards,
-                         "order": f"shuffled (seed {PACK_SEED})" if split == "train" else "sorted by path"}
-        log(f"{split}: {len(paths):,} images in {len(shards)} shard(s), "
-            f"{sum(s['bytes'] for s in shards) / 2**20:.1f} MiB")
-    manifest = {"format": "cnnlab-shards", "version": FORMAT_VERSION, "source": str(root), "classes": classes,
-                "mode": "L" if gray else "RGB", "counts": {s: v["samples"] for s, v in splits.items()},
-                "splits": splits}
+        splits[split] = {
+            "samples": len(paths),
+            "shards": shards,
+            "order": f"shuffled (seed {PACK_SEED})" if split == "train" else "sorted by path",
+        }
+        log(
+            f"{split}: {len(paths):,} images in {len(shards)} shard(s), "
+            f"{sum(s['bytes'] for s in shards) / 2**20:.1f} MiB"
+        )
+    manifest = {
+        "format": "cnnlab-shards",
+        "version": FORMAT_VERSION,
+        "source": str(root),
+        "classes": classes,
+        "mode": "L" if gray else "RGB",
+        "counts": {s: v["samples"] for s, v in splits.items()},
+        "splits": splits,
+    }
     save_atomic(json.dumps(manifest, indent=1).encode(), out / MANIFEST)
     current = {s["name"] for v in splits.values() for s in v["shards"]}
     for stale in out.iterdir():  # shards of an earlier, larger pack into the same folder
@@ -129,6 +142,7 @@ def pack_image_folder(root: str | Path, out: str | Path, shard_size: int | str =
 @dataclass
 class ShardSource:
     """A packed dataset: its manifest, checked against the shard files on disk."""
+
     root: Path
     manifest: dict
 
@@ -181,8 +195,10 @@ def open_shards(root: str | Path) -> ShardSource:
     if not isinstance(manifest, dict):
         raise DatasetError(f"{path}: not a JSON object; {fix}")
     if manifest.get("format") != "cnnlab-shards" or manifest.get("version") != FORMAT_VERSION:
-        raise DatasetError(f"{path}: format {manifest.get('format')!r} version {manifest.get('version')!r}, "
-                           f"expected cnnlab-shards version {FORMAT_VERSION}; {fix}")
+        raise DatasetError(
+            f"{path}: format {manifest.get('format')!r} version {manifest.get('version')!r}, "
+            f"expected cnnlab-shards version {FORMAT_VERSION}; {fix}"
+        )
     _check_manifest(manifest, path, fix, lim)
     for split in ("train", "test"):
         for entry in manifest["splits"][split]["shards"]:
@@ -190,13 +206,16 @@ def open_shards(root: str | Path) -> ShardSource:
             if not shard.is_file():
                 raise DatasetError(f"{shard} is missing; copy it again or {fix}")
             if shard.stat().st_size != entry["bytes"]:
-                raise DatasetError(f"{shard}: {shard.stat().st_size:,} bytes, the manifest says {entry['bytes']:,}; "
-                                   f"the shard is truncated or corrupt: copy it again or {fix}")
+                raise DatasetError(
+                    f"{shard}: {shard.stat().st_size:,} bytes, the manifest says {entry['bytes']:,}; "
+                    f"the shard is truncated or corrupt: copy it again or {fix}"
+                )
     return ShardSource(root, manifest)
 
 
 def _check_manifest(manifest: dict, path: Path, fix: str, lim) -> None:
     """Every field the loader uses, with its type and range: a manifest is a file someone handed us."""
+
     def whole(v) -> bool:
         return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
@@ -204,24 +223,36 @@ def _check_manifest(manifest: dict, path: Path, fix: str, lim) -> None:
     if not (isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)):
         raise DatasetError(f"{path}: 'classes' must be a non-empty list of class names; {fix}")
     if len(classes) > lim.classes:
-        raise DatasetError(f"{path}: lists {len(classes):,} classes, more than cnnlab trains on ({lim.classes:,}); "
-                           f"{fix}, or {raise_hint('classes')}")
+        raise DatasetError(
+            f"{path}: lists {len(classes):,} classes, more than cnnlab trains on ({lim.classes:,}); "
+            f"{fix}, or {raise_hint('classes')}"
+        )
     if len(set(classes)) != len(classes):
         raise DatasetError(f"{path}: a class is listed twice; {fix}")
     if manifest.get("mode") not in ("RGB", "L"):
         raise DatasetError(f"{path}: mode {str(manifest.get('mode'))[:40]!r}, expected 'RGB' or 'L'; {fix}")
     splits: Any = manifest.get("splits")  # JSON of any shape until checked here
     for split in ("train", "test"):
-        entries = splits.get(split, {}).get("shards") if isinstance(splits, dict) and isinstance(
-            splits.get(split), dict) else None
+        entries = (
+            splits.get(split, {}).get("shards")
+            if isinstance(splits, dict) and isinstance(splits.get(split), dict)
+            else None
+        )
         if not entries:
             raise DatasetError(f"{path} lists no {split} shards; {fix}")
         if not isinstance(entries, list) or not all(
-                isinstance(e, dict) and isinstance(e.get("name"), str) and _SHARD_NAME.fullmatch(e["name"])
-                and whole(e.get("samples")) and whole(e.get("bytes")) and isinstance(e.get("sha256"), str)
-                for e in entries):
-            raise DatasetError(f"{path}: a {split} shard entry is malformed (each needs a name like "
-                               f"{split}-000000.tar, samples, bytes and sha256); {fix}")
+            isinstance(e, dict)
+            and isinstance(e.get("name"), str)
+            and _SHARD_NAME.fullmatch(e["name"])
+            and whole(e.get("samples"))
+            and whole(e.get("bytes"))
+            and isinstance(e.get("sha256"), str)
+            for e in entries
+        ):
+            raise DatasetError(
+                f"{path}: a {split} shard entry is malformed (each needs a name like "
+                f"{split}-000000.tar, samples, bytes and sha256); {fix}"
+            )
         if not whole(splits[split].get("samples")) or splits[split]["samples"] != sum(e["samples"] for e in entries):
             raise DatasetError(f"{path}: the {split} sample count differs from its shards' total; {fix}")
 
@@ -244,13 +275,15 @@ def _label(raw: bytes, classes: int | None, name: str, fix: str) -> int:
         raise DatasetError(f"{name}: label {text[:32]!r} is not a class index; {fix}")
     label = int(text)
     if classes is not None and not 0 <= label < classes:
-        raise DatasetError(f"{name}: label {label} is not one of the manifest's {classes} classes "
-                           f"(0 to {classes - 1}); {fix}")
+        raise DatasetError(
+            f"{name}: label {label} is not one of the manifest's {classes} classes (0 to {classes - 1}); {fix}"
+        )
     return label
 
 
-def read_shard(path: Path, entry: dict, first: int = 0, stop: int | None = None, classes: int | None = None
-               ) -> Iterator[tuple[int, str, bytes | None, int]]:
+def read_shard(
+    path: Path, entry: dict, first: int = 0, stop: int | None = None, classes: int | None = None
+) -> Iterator[tuple[int, str, bytes | None, int]]:
     """Yield (member index, member name, image bytes, label) of samples first..stop-1 of one shard, reading
     the whole file sequentially so that its sha256 is checked against the manifest entry at the end.
     Image bytes are None for a member over the image size cap (images.Limits), judged on its header: such a
@@ -286,8 +319,10 @@ def read_shard(path: Path, entry: dict, first: int = 0, stop: int | None = None,
                                 yield n, done[0][0], done[0][1], done[1]
                             n += 1
                         if k in seen:
-                            raise DatasetError(f"{path}: key {k[:80]!r} appears twice ({member.name[:100]!r}); "
-                                               f"a shard holds each sample once: {fix}")
+                            raise DatasetError(
+                                f"{path}: key {k[:80]!r} appears twice ({member.name[:100]!r}); "
+                                f"a shard holds each sample once: {fix}"
+                            )
                         seen.add(k)
                         key, image, label = k, None, None
                     wanted = first <= n < stop
@@ -296,8 +331,10 @@ def read_shard(path: Path, entry: dict, first: int = 0, stop: int | None = None,
                         if label is not None:
                             raise DatasetError(f"{name}: a second .cls member for one sample; {fix}")
                         if member.size > lim.label_bytes:  # the header's size: a sparse 4 GiB member is not read
-                            raise DatasetError(f"{name}: a .cls member of {member.size:,} bytes, more than a class "
-                                               f"index takes ({lim.label_bytes}); {fix}")
+                            raise DatasetError(
+                                f"{name}: a .cls member of {member.size:,} bytes, more than a class "
+                                f"index takes ({lim.label_bytes}); {fix}"
+                            )
                         label = _label(tar.extractfile(member).read(), classes, name, fix)
                     elif image is None:
                         big = member.size > lim.image_bytes
@@ -318,8 +355,10 @@ def read_shard(path: Path, entry: dict, first: int = 0, stop: int | None = None,
         raise DatasetError(f"{path}: {n} samples, the manifest says {entry['samples']}; {fix}")
     digest = reader.sha.hexdigest()
     if digest != entry["sha256"]:
-        raise DatasetError(f"{path}: sha256 {digest[:12]}... differs from the manifest's {entry['sha256'][:12]}...; "
-                           f"the shard is corrupt: {fix}")
+        raise DatasetError(
+            f"{path}: sha256 {digest[:12]}... differs from the manifest's {entry['sha256'][:12]}...; "
+            f"the shard is corrupt: {fix}"
+        )
 
 
 def _segments(counts: np.ndarray, order: np.ndarray, start: int, stop: int) -> list[tuple[int, int, int]]:
@@ -346,8 +385,9 @@ class _ShardBatches(torch.utils.data.IterableDataset):
         self.entries = entries
         self.counts = np.asarray([e["samples"] for e in entries], dtype=np.int64)
         self.uid_base = np.concatenate([[0], np.cumsum(self.counts)[:-1]])  # sample index in packed order
-        self.transform = ImageTransform(loader.image_size, source.mode, train=loader.train, seed=loader.seed,
-                                        draft=loader.draft)
+        self.transform = ImageTransform(
+            loader.image_size, source.mode, train=loader.train, seed=loader.seed, draft=loader.draft
+        )
         self.train, self.seed, self.buffer = loader.train, loader.seed, loader.shuffle_buffer
         self.buffer_bytes = limits().shuffle_buffer_bytes  # read here: workers get the main process's limits
         self.classes = len(source.classes)
@@ -366,8 +406,9 @@ class _ShardBatches(torch.utils.data.IterableDataset):
     def _samples(self, segments) -> Iterator[tuple[int, str, bytes | None, int]]:
         for shard, first, stop in segments:
             base = int(self.uid_base[shard])
-            for n, name, data, label in read_shard(self.root / self.entries[shard]["name"], self.entries[shard],
-                                                    first, stop, self.classes):
+            for n, name, data, label in read_shard(
+                self.root / self.entries[shard]["name"], self.entries[shard], first, stop, self.classes
+            ):
                 yield base + n, name, data, label
 
     def _shuffled(self, samples, rng: np.random.Generator):
@@ -401,8 +442,10 @@ class _ShardBatches(torch.utils.data.IterableDataset):
         for uid, name, data, _ in samples:
             try:
                 if data is None:
-                    raise ImageError(f"{name}: larger than an image file may be ({limits().image_bytes:,} bytes), "
-                                     f"not read; {raise_hint('image_bytes')} to read it")
+                    raise ImageError(
+                        f"{name}: larger than an image file may be ({limits().image_bytes:,} bytes), "
+                        f"not read; {raise_hint('image_bytes')} to read it"
+                    )
                 pixels.append(self.transform(data, name, epoch, uid))
             except ImageError as exc:
                 pixels.append(None)
@@ -460,11 +503,27 @@ class ShardLoader(StreamingLoader):
     test samples once, in order. Shards are checked against their manifest sha256 as they are read.
     """
 
-    def __init__(self, source: ShardSource, split: str, batch_size: int, *, image_size: int, mean, std,
-                 train: bool | None = None, seed: int = 0, workers: int = 0, rank: int = 0, world_size: int = 1,
-                 device: torch.device | str = "cpu", channels_last: bool = False,
-                 max_bad_images: int | None = None, shuffle_buffer: int = 1000, streams: int | None = None,
-                 draft: bool = True):
+    def __init__(
+        self,
+        source: ShardSource,
+        split: str,
+        batch_size: int,
+        *,
+        image_size: int,
+        mean,
+        std,
+        train: bool | None = None,
+        seed: int = 0,
+        workers: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        device: torch.device | str = "cpu",
+        channels_last: bool = False,
+        max_bad_images: int | None = None,
+        shuffle_buffer: int = 1000,
+        streams: int | None = None,
+        draft: bool = True,
+    ):
         if split not in ("train", "test"):
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
         if shuffle_buffer < 1:
@@ -473,21 +532,37 @@ class ShardLoader(StreamingLoader):
         self.train = split == "train" if train is None else train
         self.seed, self.shuffle_buffer, self.draft = seed, shuffle_buffer, draft
         self._requested_workers = workers
-        super().__init__(batch_size, mean=mean, std=std, channels=source.channels, image_size=image_size,
-                         split_size=source.count(split), rank=rank, world_size=world_size, workers=workers,
-                         device=device, channels_last=channels_last, max_bad_images=max_bad_images)
+        super().__init__(
+            batch_size,
+            mean=mean,
+            std=std,
+            channels=source.channels,
+            image_size=image_size,
+            split_size=source.count(split),
+            rank=rank,
+            world_size=world_size,
+            workers=workers,
+            device=device,
+            channels_last=channels_last,
+            max_bad_images=max_bad_images,
+        )
         self._set_streams(streams or max(workers, 1))
         if self.train and len(self) == 0:
-            raise DatasetError(f"{source.count(split):,} training samples cannot give each of {world_size} "
-                               f"process(es) x {self.streams} stream(s) one batch of {self.local_batch}; lower "
-                               "the batch size or the number of workers")
+            raise DatasetError(
+                f"{source.count(split):,} training samples cannot give each of {world_size} "
+                f"process(es) x {self.streams} stream(s) one batch of {self.local_batch}; lower "
+                "the batch size or the number of workers"
+            )
 
     def _set_streams(self, streams: int) -> None:
         """Streams fix the sample order; workers must divide them, so use the most workers that do."""
         self.streams = streams
         wanted = max(self._requested_workers, 1)
-        self.workers = 0 if self._requested_workers == 0 else max(d for d in range(1, streams + 1)
-                                                                   if streams % d == 0 and d <= wanted)
+        self.workers = (
+            0
+            if self._requested_workers == 0
+            else max(d for d in range(1, streams + 1) if streams % d == 0 and d <= wanted)
+        )
 
     def _eval_counts(self) -> list[int]:
         n, w, k = self.source.count(self.split), self.world_size, max(self.workers, 1)
@@ -496,8 +571,9 @@ class ShardLoader(StreamingLoader):
 
     def __len__(self) -> int:
         if self.train:
-            return self.streams * batches_per_stream(self.source.count(self.split), self.world_size, self.streams,
-                                                     self.local_batch)
+            return self.streams * batches_per_stream(
+                self.source.count(self.split), self.world_size, self.streams, self.local_batch
+            )
         return sum(math.ceil(c / self.local_batch) for c in self._eval_counts())
 
     def _items(self):
@@ -505,13 +581,21 @@ class ShardLoader(StreamingLoader):
         return iter(self._dataloader(_ShardBatches(self), persistent=False))
 
     def state_dict(self) -> dict:
-        return {"kind": "shards", "seed": self.seed, "streams": self.streams, "shuffle_buffer": self.shuffle_buffer,
-                "samples_consumed": self.position * self.batch_size, **self._base_state()}
+        return {
+            "kind": "shards",
+            "seed": self.seed,
+            "streams": self.streams,
+            "shuffle_buffer": self.shuffle_buffer,
+            "samples_consumed": self.position * self.batch_size,
+            **self._base_state(),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self._load_base_state(state, "shards")
         for key in ("seed", "shuffle_buffer"):
             if int(state[key]) != getattr(self, key):
-                raise DatasetError(f"the run was started with {key} {state[key]}, not {getattr(self, key)}: "
-                                   f"resume with the same {key} to replay the same batches")
+                raise DatasetError(
+                    f"the run was started with {key} {state[key]}, not {getattr(self, key)}: "
+                    f"resume with the same {key} to replay the same batches"
+                )
         self._set_streams(int(state["streams"]))

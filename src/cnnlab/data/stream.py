@@ -4,6 +4,7 @@ The loaders here have InMemoryLoader's interface (global batch size split over `
 `position`, `state_dict`), but the file list is all they hold: workers decode, crop and flip each image
 (transforms.py), batches travel as uint8 (N, C, H, W), and normalisation happens on the device.
 """
+
 from __future__ import annotations
 
 import math
@@ -21,9 +22,18 @@ from .imagefolder import image_folder_classes, image_folder_files, split_of
 from .images import open_encoded, parse_bytes, read_image_file
 from .transforms import GRAY_MODES, ImageTransform
 
-__all__ = ["DEFAULT_MEMORY_BUDGET", "BAD_IMAGE_FRACTION", "TooManyBadImages", "ImageFolderSource",
-           "open_image_folder", "choose_data_mode", "parse_bytes", "StreamingLoader", "FolderStreamLoader",
-           "sample_channel_stats"]
+__all__ = [
+    "DEFAULT_MEMORY_BUDGET",
+    "BAD_IMAGE_FRACTION",
+    "TooManyBadImages",
+    "ImageFolderSource",
+    "open_image_folder",
+    "choose_data_mode",
+    "parse_bytes",
+    "StreamingLoader",
+    "FolderStreamLoader",
+    "sample_channel_stats",
+]
 
 DEFAULT_MEMORY_BUDGET = 2 * 2**30  # bytes of decoded uint8 pixels (train + test) that auto keeps in RAM
 BAD_IMAGE_FRACTION = 0.001  # default max_bad_images: 0.1% of the split, at least 1
@@ -56,7 +66,7 @@ class _StringTable:
         return len(self._offsets) - 1
 
     def __getitem__(self, i: int) -> str:
-        return self._data[self._offsets[i]:self._offsets[i + 1]].tobytes().decode()
+        return self._data[self._offsets[i] : self._offsets[i + 1]].tobytes().decode()
 
 
 @dataclass
@@ -71,6 +81,7 @@ class _FolderSplit:
 @dataclass
 class ImageFolderSource:
     """An image folder listed, not decoded: classes, per-split file lists and labels, and the colour mode."""
+
     root: Path
     classes: list[str]
     splits: dict[str, _FolderSplit]  # "train", "test"
@@ -131,16 +142,20 @@ def open_image_folder(root: str | Path, mode: str | None = None, sample: int = 2
     return ImageFolderSource(root, classes, splits, mode)
 
 
-def choose_data_mode(root: str | Path, requested: str = "auto", image_size: int | None = None,
-                     budget: int = DEFAULT_MEMORY_BUDGET) -> tuple[str, str]:
+def choose_data_mode(
+    root: str | Path, requested: str = "auto", image_size: int | None = None, budget: int = DEFAULT_MEMORY_BUDGET
+) -> tuple[str, str]:
     """Decide between "memory" (decode everything once) and "stream" (decode per sample); returns the choice
     and a one-line reason to print. auto keeps memory mode when all images share one size, every header is
     readable and the decoded train + test pixels fit in `budget` bytes (default 2 GiB, --memory-budget)."""
     if requested not in ("auto", "memory", "stream"):
         raise ConfigError(f"data mode {requested!r}: choose auto, memory or stream")
     if requested != "auto":
-        how = ("every image decoded into RAM once" if requested == "memory"
-               else "images decoded per sample in the loader's workers")
+        how = (
+            "every image decoded into RAM once"
+            if requested == "memory"
+            else "images decoded per sample in the loader's workers"
+        )
         return requested, f"data mode {requested} (as asked): {how}"
     root = Path(root)
     files = image_folder_files(root)
@@ -150,8 +165,10 @@ def choose_data_mode(root: str | Path, requested: str = "auto", image_size: int 
     for path in files:
         header = _header(path)
         if header is None:
-            return "stream", (f"data mode stream: {path} has no readable header; stream mode skips bad images "
-                              "(up to --max-bad-images), memory mode refuses them")
+            return "stream", (
+                f"data mode stream: {path} has no readable header; stream mode skips bad images "
+                "(up to --max-bad-images), memory mode refuses them"
+            )
         size, mode = header
         sizes.add(size)
         gray &= mode in GRAY_MODES
@@ -160,19 +177,27 @@ def choose_data_mode(root: str | Path, requested: str = "auto", image_size: int 
             return "stream", f"data mode stream: the images differ in size ({shown}, ...); memory mode needs one size"
         w, h = (image_size, image_size) if image_size else next(iter(sizes))
         if n * w * h > budget:  # even at one channel the decoded split would not fit
-            return "stream", (f"data mode stream: {n:,} decoded images of {w}x{h} need at least {_human(n * w * h)}, "
-                              f"over the {_human(budget)} memory budget (--memory-budget)")
+            return "stream", (
+                f"data mode stream: {n:,} decoded images of {w}x{h} need at least {_human(n * w * h)}, "
+                f"over the {_human(budget)} memory budget (--memory-budget)"
+            )
     if image_size is not None and len(sizes) > 1:
-        return "stream", (f"data mode stream: the images differ in size ({len(sizes)} sizes); streaming crops "
-                          f"them to {image_size}x{image_size} per sample")
+        return "stream", (
+            f"data mode stream: the images differ in size ({len(sizes)} sizes); streaming crops "
+            f"them to {image_size}x{image_size} per sample"
+        )
     c = 1 if gray else 3
     w, h = (image_size, image_size) if image_size else next(iter(sizes))
     need = n * c * w * h
     if need > budget:
-        return "stream", (f"data mode stream: {n:,} decoded images of {c}x{h}x{w} need {_human(need)}, over the "
-                          f"{_human(budget)} memory budget (--memory-budget)")
-    return "memory", (f"data mode memory: {n:,} images of {c}x{h}x{w} decode to {_human(need)}, within the "
-                      f"{_human(budget)} memory budget (--memory-budget)")
+        return "stream", (
+            f"data mode stream: {n:,} decoded images of {c}x{h}x{w} need {_human(need)}, over the "
+            f"{_human(budget)} memory budget (--memory-budget)"
+        )
+    return "memory", (
+        f"data mode memory: {n:,} images of {c}x{h}x{w} decode to {_human(need)}, within the "
+        f"{_human(budget)} memory budget (--memory-budget)"
+    )
 
 
 # What a worker hands the main process for one batch: uint8 pixels (n, C, H, W), or the index of the shared
@@ -181,8 +206,9 @@ def choose_data_mode(root: str | Path, requested: str = "auto", image_size: int 
 _Item = tuple  # (torch.Tensor | int | None, torch.Tensor, list[tuple[str, str]], str | None)
 
 
-def assemble_batch(pixels: Sequence[np.ndarray | None], labels: Sequence[int], fill: bool,
-                   out: torch.Tensor | None = None) -> tuple:
+def assemble_batch(
+    pixels: Sequence[np.ndarray | None], labels: Sequence[int], fill: bool, out: torch.Tensor | None = None
+) -> tuple:
     """Stack decoded samples (C, H, W) into (n, C, H, W) uint8 (into `out[:n]` when given) and int64 labels. A
     failed sample (None) is replaced by a copy of the nearest readable sample of the batch, previous first
     (fill: training batches keep their shape), or dropped (evaluation counts each readable image once). None
@@ -198,7 +224,7 @@ def assemble_batch(pixels: Sequence[np.ndarray | None], labels: Sequence[int], f
     if out is None:
         x = torch.from_numpy(np.stack(kept))
     else:
-        x = out[:len(keep)]
+        x = out[: len(keep)]
         np.stack(kept, out=x.numpy())
     y = torch.as_tensor([labels[i] for i in keep], dtype=torch.int64)
     return x, y
@@ -243,16 +269,31 @@ class StreamingLoader:
     """What the folder and shard loaders share: the global batch split over ranks, the transfer of uint8
     batches and their normalisation on the device, the record of bad images and its threshold."""
 
-    def __init__(self, batch_size: int, *, mean, std, channels: int, image_size: int, split_size: int,
-                 rank: int = 0, world_size: int = 1, workers: int = 0, device: torch.device | str = "cpu",
-                 channels_last: bool = False, max_bad_images: int | None = None):
+    def __init__(
+        self,
+        batch_size: int,
+        *,
+        mean,
+        std,
+        channels: int,
+        image_size: int,
+        split_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        workers: int = 0,
+        device: torch.device | str = "cpu",
+        channels_last: bool = False,
+        max_bad_images: int | None = None,
+    ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in 0..world_size-1 (world_size {world_size})")
         if batch_size % world_size:
-            raise ConfigError(f"batch size {batch_size} cannot be split evenly over {world_size} processes; "
-                              f"choose a multiple of {world_size} (e.g. {batch_size - batch_size % world_size or world_size})")
+            raise ConfigError(
+                f"batch size {batch_size} cannot be split evenly over {world_size} processes; "
+                f"choose a multiple of {world_size} (e.g. {batch_size - batch_size % world_size or world_size})"
+            )
         if workers < 0:
             raise ValueError(f"workers must be >= 0, got {workers}")
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
@@ -262,8 +303,9 @@ class StreamingLoader:
         self.channels_last = channels_last
         self.image_size = image_size
         # float: a distributed run sets it to inf and checks the ranks' sum instead
-        self.max_bad_images: float = (max(1, math.ceil(BAD_IMAGE_FRACTION * split_size)) if max_bad_images is None
-                                      else int(max_bad_images))
+        self.max_bad_images: float = (
+            max(1, math.ceil(BAD_IMAGE_FRACTION * split_size)) if max_bad_images is None else int(max_bad_images)
+        )
         self.epoch = 0  # epochs completed
         self.position = 0  # batches of the current epoch already handed out
         self._bad: dict[str, str] = {}
@@ -295,7 +337,8 @@ class StreamingLoader:
             raise TooManyBadImages(
                 f"{total} unreadable images, more than the {limit} allowed (max_bad_images; the "
                 f"default is {BAD_IMAGE_FRACTION:.1%} of the split). First: {shown}. Remove or replace them, "
-                "or raise --max-bad-images")
+                "or raise --max-bad-images"
+            )
 
     def _record_bad(self, bad: list) -> None:
         for name, error in bad:
@@ -330,8 +373,9 @@ class StreamingLoader:
         key = (h, w)
         if getattr(self, "_rows_key", None) != key:
             c = self._scale.shape[1]
-            self._rows = tuple(t.reshape(1, 1, c).expand(h, w, c).reshape(1, -1).contiguous()
-                               for t in (self._scale, self._shift))
+            self._rows = tuple(
+                t.reshape(1, 1, c).expand(h, w, c).reshape(1, -1).contiguous() for t in (self._scale, self._shift)
+            )
             self._rows_key = key
         return self._rows
 
@@ -347,8 +391,9 @@ class StreamingLoader:
             if isinstance(pixels, int):  # a shared slot: normalize() below copies it out before the next batch
                 pixels, labels = self._slots.batch(pixels, len(labels), hwc), torch.from_numpy(labels)
             if pixels is None:
-                raise DatasetError(f"every image of a batch failed to decode ({bad[0][0]}: {bad[0][1]}, ...); "
-                                   "check the dataset")
+                raise DatasetError(
+                    f"every image of a batch failed to decode ({bad[0][0]}: {bad[0][1]}, ...); check the dataset"
+                )
             x = pixels.to(self.device, non_blocking=True)
             y = labels.to(self.device, non_blocking=True)
             self.position += 1
@@ -357,10 +402,18 @@ class StreamingLoader:
         self.position = 0
 
     def _dataloader(self, dataset, sampler=None, persistent: bool = True) -> torch.utils.data.DataLoader:
-        kwargs: dict[str, Any] = ({"prefetch_factor": PREFETCH_FACTOR, "persistent_workers": persistent} if self.workers
-                                  else {})
-        return torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=None, num_workers=self.workers,
-                                           collate_fn=_identity, pin_memory=self.device.type == "cuda", **kwargs)
+        kwargs: dict[str, Any] = (
+            {"prefetch_factor": PREFETCH_FACTOR, "persistent_workers": persistent} if self.workers else {}
+        )
+        return torch.utils.data.DataLoader(
+            dataset,
+            sampler=sampler,
+            batch_size=None,
+            num_workers=self.workers,
+            collate_fn=_identity,
+            pin_memory=self.device.type == "cuda",
+            **kwargs,
+        )
 
     def close(self) -> None:
         """Stop the worker processes now (they also stop when the loader is deleted)."""
@@ -369,17 +422,26 @@ class StreamingLoader:
             iterator._shutdown_workers()
 
     def _base_state(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position, "batch_size": self.batch_size,
-                "world_size": self.world_size, "bad_images": [[f, e] for f, e in self._bad.items()]}
+        return {
+            "epoch": self.epoch,
+            "position": self.position,
+            "batch_size": self.batch_size,
+            "world_size": self.world_size,
+            "bad_images": [[f, e] for f, e in self._bad.items()],
+        }
 
     def _load_base_state(self, state: dict, kind: str) -> None:
         if state.get("kind") != kind:
-            raise DatasetError(f"the checkpoint's loader state is for {state.get('kind', 'an in-memory')} data, "
-                               f"not {kind}; resume with the data mode the run started with")
+            raise DatasetError(
+                f"the checkpoint's loader state is for {state.get('kind', 'an in-memory')} data, "
+                f"not {kind}; resume with the data mode the run started with"
+            )
         for key in ("batch_size", "world_size"):
             if int(state[key]) != getattr(self, key):
-                raise DatasetError(f"the run was started with {key} {state[key]}, not {getattr(self, key)}: "
-                                   f"resume with the same {key} to replay the same batches")
+                raise DatasetError(
+                    f"the run was started with {key} {state[key]}, not {getattr(self, key)}: "
+                    f"resume with the same {key} to replay the same batches"
+                )
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
         self._bad = {str(f): str(e) for f, e in state["bad_images"]}
 
@@ -387,8 +449,14 @@ class StreamingLoader:
 class _FolderBatches(torch.utils.data.Dataset):
     """Decodes one rank's slice of a batch, keyed (epoch, split indices); runs in a DataLoader worker."""
 
-    def __init__(self, root: Path, split: _FolderSplit, transform: ImageTransform, fill: bool,
-                 slots: _SharedBatchSlots | None = None):
+    def __init__(
+        self,
+        root: Path,
+        split: _FolderSplit,
+        transform: ImageTransform,
+        fill: bool,
+        slots: _SharedBatchSlots | None = None,
+    ):
         self.root, self.split, self.transform, self.fill, self.slots = root, split, transform, fill, slots
 
     def __getitem__(self, key: tuple[int, np.ndarray, int | None, bool]) -> _Item:
@@ -426,27 +494,54 @@ class FolderStreamLoader(StreamingLoader):
     """Streams one split of an image folder: training batches (shuffled, RandomResizedCrop + flip, drop_last)
     when `train`, else evaluation batches (in order, resize + centre crop, every image once)."""
 
-    def __init__(self, source: ImageFolderSource, split: str, batch_size: int, *, image_size: int, mean, std,
-                 train: bool | None = None, seed: int = 0, workers: int = 0, rank: int = 0, world_size: int = 1,
-                 device: torch.device | str = "cpu", channels_last: bool = False,
-                 max_bad_images: int | None = None, indices: Sequence[int] | np.ndarray | None = None,
-                 draft: bool = True):
+    def __init__(
+        self,
+        source: ImageFolderSource,
+        split: str,
+        batch_size: int,
+        *,
+        image_size: int,
+        mean,
+        std,
+        train: bool | None = None,
+        seed: int = 0,
+        workers: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        device: torch.device | str = "cpu",
+        channels_last: bool = False,
+        max_bad_images: int | None = None,
+        indices: Sequence[int] | np.ndarray | None = None,
+        draft: bool = True,
+    ):
         if split not in source.splits:
             raise ValueError(f"split must be one of {list(source.splits)}, got {split!r}")
         self.source, self.split = source, split
         self.train = split == "train" if train is None else train
         self.seed = seed
-        self.indices = (np.arange(source.count(split)) if indices is None
-                        else np.asarray(indices, dtype=np.int64))
-        super().__init__(batch_size, mean=mean, std=std, channels=source.channels, image_size=image_size,
-                         split_size=len(self.indices), rank=rank, world_size=world_size, workers=workers,
-                         device=device, channels_last=channels_last, max_bad_images=max_bad_images)
+        self.indices = np.arange(source.count(split)) if indices is None else np.asarray(indices, dtype=np.int64)
+        super().__init__(
+            batch_size,
+            mean=mean,
+            std=std,
+            channels=source.channels,
+            image_size=image_size,
+            split_size=len(self.indices),
+            rank=rank,
+            world_size=world_size,
+            workers=workers,
+            device=device,
+            channels_last=channels_last,
+            max_bad_images=max_bad_images,
+        )
         transform = ImageTransform(image_size, source.mode, train=self.train, seed=seed, draft=draft)
-        self._slots = (_SharedBatchSlots(PREFETCH_FACTOR * workers, (self.local_batch, source.channels, image_size,
-                                                                     image_size)) if workers else None)
+        self._slots = (
+            _SharedBatchSlots(PREFETCH_FACTOR * workers, (self.local_batch, source.channels, image_size, image_size))
+            if workers
+            else None
+        )
         self._hwc = channels_last  # workers write (N, H, W, C): the decoder's own layout, normalised as rows
-        self._dataset = _FolderBatches(source.root, source.splits[split], transform, fill=self.train,
-                                       slots=self._slots)
+        self._dataset = _FolderBatches(source.root, source.splits[split], transform, fill=self.train, slots=self._slots)
         self._loader = self._dataloader(self._dataset, _EpochPlan(self))
 
     def __len__(self) -> int:
@@ -463,7 +558,9 @@ class FolderStreamLoader(StreamingLoader):
             return [slice(start, min(start + step, hi)) for start in range(lo, hi, step)]
         out = []
         for start in range(0, n - size + 1, size):
-            out.append(slice(start + self.rank * size // self.world_size, start + (self.rank + 1) * size // self.world_size))
+            out.append(
+                slice(start + self.rank * size // self.world_size, start + (self.rank + 1) * size // self.world_size)
+            )
         return out
 
     def _order(self, epoch: int) -> np.ndarray:
@@ -477,7 +574,7 @@ class FolderStreamLoader(StreamingLoader):
 
     def _plan(self):
         epoch, order, hwc = self.epoch, self._order(self.epoch), self._hwc
-        for part in self._slices()[self.position:]:
+        for part in self._slices()[self.position :]:
             yield epoch, order[part], None if self._slots is None else self._slots.take(), hwc
 
     def _items(self):

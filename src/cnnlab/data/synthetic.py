@@ -6,6 +6,7 @@ the class, upsampled to the image size); an image is its class's pattern plus on
 A small convnet separates the classes within an epoch, so a run's accuracy still shows whether it learned.
 The same name, shape, counts and seed give the same bytes on every machine (all draws are on the CPU).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -32,8 +33,8 @@ def _patterns(num_classes: int, shape: tuple[int, int, int], generator: torch.Ge
     grid = torch.cat([half, half.flip(-1)], dim=-1)  # mirrored: a flipped image keeps its class
     patterns = torch.empty(num_classes, c, h, w, dtype=torch.uint8)
     for start in range(0, num_classes, 64):  # bounds the float intermediate (1,000 ImageNet-sized classes: 600 MB)
-        smooth = F.interpolate(grid[start:start + 64], size=(h, w), mode="bilinear", align_corners=True)
-        patterns[start:start + 64] = (128 - _NOISE_AMPLITUDE + _PATTERN_AMPLITUDE * smooth).round().to(torch.uint8)
+        smooth = F.interpolate(grid[start : start + 64], size=(h, w), mode="bilinear", align_corners=True)
+        patterns[start : start + 64] = (128 - _NOISE_AMPLITUDE + _PATTERN_AMPLITUDE * smooth).round().to(torch.uint8)
     return patterns
 
 
@@ -42,8 +43,7 @@ def _split(patterns: torch.Tensor, count: int, generator: torch.Generator) -> tu
     num_classes, c, h, w = patterns.shape
     labels = (torch.arange(count) % num_classes)[torch.randperm(count, generator=generator)]
     # noise stored shifted by +48 (and patterns by -48) so that their sum, in [20, 236], is exact in uint8
-    noise = torch.randint(0, 2 * _NOISE_AMPLITUDE + 1, (_NOISE_FIELDS, c, h, w), generator=generator,
-                          dtype=torch.uint8)
+    noise = torch.randint(0, 2 * _NOISE_AMPLITUDE + 1, (_NOISE_FIELDS, c, h, w), generator=generator, dtype=torch.uint8)
     which = torch.randint(0, _NOISE_FIELDS, (count,), generator=generator)
     images = torch.empty(count, c, h, w, dtype=torch.uint8)
     chunk = max(1, (1 << 25) // (c * h * w))  # 32 MB of images at a time: caches, not RAM, hold the pieces
@@ -53,17 +53,31 @@ def _split(patterns: torch.Tensor, count: int, generator: torch.Generator) -> tu
     return images, labels
 
 
-def make_synthetic(name: str = "synthetic", shape: tuple[int, int, int] = (3, 32, 32), num_classes: int = 10,
-                   train: int = 50_000, test: int = 10_000, seed: int = 0):
+def make_synthetic(
+    name: str = "synthetic",
+    shape: tuple[int, int, int] = (3, 32, 32),
+    num_classes: int = 10,
+    train: int = 50_000,
+    test: int = 10_000,
+    seed: int = 0,
+):
     """A `cnnlab.data.Dataset` of generated class patterns plus noise (see the module docstring); the test split
     uses noise fields the training split never saw."""
 
     c, h, w = shape
     if min(c, h, w) < 1 or num_classes < 1 or train < 1 or test < 1:
-        raise ConfigError(f"make_synthetic: shape {tuple(shape)}, {num_classes} classes, {train} train and {test} "
-                          "test images: every number must be at least 1")
-    params = {"version": SYNTHETIC_VERSION, "shape": list(shape), "classes": num_classes, "train": train,
-              "test": test, "seed": seed}
+        raise ConfigError(
+            f"make_synthetic: shape {tuple(shape)}, {num_classes} classes, {train} train and {test} "
+            "test images: every number must be at least 1"
+        )
+    params = {
+        "version": SYNTHETIC_VERSION,
+        "shape": list(shape),
+        "classes": num_classes,
+        "train": train,
+        "test": test,
+        "seed": seed,
+    }
     generator = torch.Generator().manual_seed(seed)
     patterns = _patterns(num_classes, (c, h, w), generator)
     train_images, train_labels = _split(patterns, train, torch.Generator().manual_seed(seed + 1))
@@ -71,6 +85,15 @@ def make_synthetic(name: str = "synthetic", shape: tuple[int, int, int] = (3, 32
     # No file backs the data: its identity (for run fingerprints and resume checks) is the generator's recipe.
     recipe = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()
     record = {"file": f"generated in memory: {json.dumps(params)}", "sha256": recipe, "status": "synthetic"}
-    return Dataset(name, [f"pattern{i}" for i in range(num_classes)], train_images, train_labels, test_images,
-                   test_labels, source="cnnlab.data.synthetic (generated in memory, not real images)", verified=None,
-                   files=[record], synthetic=True)
+    return Dataset(
+        name,
+        [f"pattern{i}" for i in range(num_classes)],
+        train_images,
+        train_labels,
+        test_images,
+        test_labels,
+        source="cnnlab.data.synthetic (generated in memory, not real images)",
+        verified=None,
+        files=[record],
+        synthetic=True,
+    )

@@ -16,6 +16,7 @@ uint8 tensors): about 3.5x faster than Pillow's resize here, and within 2 levels
 Every random draw comes from a generator keyed by (seed, epoch, sample index), so a sample's crop does not
 depend on which worker decodes it or on what was decoded before: a resumed run replays it exactly.
 """
+
 from __future__ import annotations
 
 import math
@@ -40,8 +41,18 @@ try:  # libjpeg-turbo bindings: whole JPEGs to the same pixels as Pillow's decod
 except ImportError:
     _simplejpeg = None
 
-__all__ = ["GRAY_MODES", "EVAL_CROP_FRACTION", "sample_rng", "random_resized_crop_box", "eval_resize", "eval_pixels",
-           "to_model_mode", "resize", "decode_crop", "ImageTransform"]
+__all__ = [
+    "GRAY_MODES",
+    "EVAL_CROP_FRACTION",
+    "sample_rng",
+    "random_resized_crop_box",
+    "eval_resize",
+    "eval_pixels",
+    "to_model_mode",
+    "resize",
+    "decode_crop",
+    "ImageTransform",
+]
 
 # Modes a greyscale file opens in; a dataset whose images are all in one of these trains on 1 channel.
 GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N")
@@ -54,8 +65,9 @@ def sample_rng(seed: int, epoch: int, index: int, salt: int = 0) -> np.random.Ge
     return np.random.default_rng([seed, epoch, index, salt])
 
 
-def random_resized_crop_box(width: int, height: int, rng: np.random.Generator, scale=(0.08, 1.0),
-                            ratio=(3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+def random_resized_crop_box(
+    width: int, height: int, rng: np.random.Generator, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)
+) -> tuple[int, int, int, int]:
     """torchvision's RandomResizedCrop.get_params: 10 tries at an area in `scale` and a log-uniform aspect
     ratio in `ratio`, else a centre crop clamped to `ratio`. Returns the box (left, top, right, bottom)."""
     area = width * height
@@ -112,17 +124,24 @@ def to_model_mode(im: Image.Image, mode: str) -> Image.Image:
 
 
 # EXIF Orientation -> the transpose that shows the image upright (the EXIF 2.3 table, as ImageOps uses it)
-_UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
-            5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
-            8: Image.Transpose.ROTATE_90}
+_UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 
 
 def _jpeg_pixels(data: bytes, scale: int, box: tuple[int, int, int, int], gray: bool) -> np.ndarray:
     """The box (coordinates at 1/scale) of a JPEG, decoded by _jpeg_region: (h, w, C) uint8, contiguous."""
     left, top, right, bottom = box
     lim = limits()
-    pixels = _jpeg_region.decode_region(data, scale, left, top, right, bottom, gray, max_pixels=lim.image_pixels,
-                                        max_scans=lim.jpeg_scans)
+    pixels = _jpeg_region.decode_region(
+        data, scale, left, top, right, bottom, gray, max_pixels=lim.image_pixels, max_scans=lim.jpeg_scans
+    )
     return np.frombuffer(pixels, np.uint8).reshape(bottom - top, right - left, 1 if gray else 3)
 
 
@@ -135,8 +154,9 @@ def _decode_whole(im: Image.Image, data: bytes, scale: int, orientation: int, mo
         if _jpeg_region is not None:
             pixels = _jpeg_pixels(data, scale, (0, 0, -(-w // scale), -(-h // scale)), im.mode == "L")
         elif _simplejpeg is not None:
-            pixels = _simplejpeg.decode_jpeg(data, colorspace="RGB" if im.mode == "RGB" else "GRAY",
-                                             min_width=w // scale, min_height=h // scale)
+            pixels = _simplejpeg.decode_jpeg(
+                data, colorspace="RGB" if im.mode == "RGB" else "GRAY", min_width=w // scale, min_height=h // scale
+            )
             if pixels.shape[:2] != (-(-h // scale), -(-w // scale)):  # libjpeg-turbo's k/8 factors can differ
                 pixels = None
     if pixels is not None:
@@ -164,14 +184,20 @@ def _scaled_box(box, sx: float, sy: float, width: int, height: int) -> tuple[int
     return left, top, right, min(max(int(round(box[3] * sy)), top + 1), height)
 
 
-def _decode_box(im: Image.Image, data: bytes, scale: int, box: tuple[int, int, int, int], orientation: int,
-                mode: str) -> np.ndarray:
+def _decode_box(
+    im: Image.Image, data: bytes, scale: int, box: tuple[int, int, int, int], orientation: int, mode: str
+) -> np.ndarray:
     """The pixels of a training crop `box` (upright, full-size coordinates), decoded at 1/`scale`. An upright
     JPEG in `mode` has only the crop's region decoded; one that does not end with its EOI marker is decoded
     whole, so that a truncated file fails whatever the crop (decoding stops below the region)."""
     width, height = (im.size[1], im.size[0]) if orientation in (5, 6, 7, 8) else im.size
-    if (_jpeg_region is not None and im.format == "JPEG" and im.mode == mode and orientation not in _UPRIGHT
-            and bytes(data[-2:]) == b"\xff\xd9"):
+    if (
+        _jpeg_region is not None
+        and im.format == "JPEG"
+        and im.mode == mode
+        and orientation not in _UPRIGHT
+        and bytes(data[-2:]) == b"\xff\xd9"
+    ):
         w, h = -(-width // scale), -(-height // scale)
         return _jpeg_pixels(data, scale, _scaled_box(box, w / width, h / height, w, h), mode == "L")
     pixels = _decode_whole(im, data, scale, orientation, mode)
@@ -228,8 +254,16 @@ def _draft_scale(im: Image.Image, reduction: float, draft: bool) -> int:
     return next((s for s in (8, 4, 2) if s <= reduction), 1)
 
 
-def eval_pixels(data: bytes, name: str, size: tuple[int, int], mode: str, rule: str = "shorter",
-                resize_to: int | None = None, *, draft: bool = True) -> np.ndarray:
+def eval_pixels(
+    data: bytes,
+    name: str,
+    size: tuple[int, int],
+    mode: str,
+    rule: str = "shorter",
+    resize_to: int | None = None,
+    *,
+    draft: bool = True,
+) -> np.ndarray:
     """The evaluation input (C, H, W) uint8 of an encoded image: EXIF orientation applied, converted to `mode`,
     then `rule` "squash" (whole image to H x W) or "shorter" (shorter side to `resize_to`, torchvision's
     rounding, then the centre H x W). The only place cnnlab resizes a file for evaluation or prediction."""
@@ -244,12 +278,21 @@ def eval_pixels(data: bytes, name: str, size: tuple[int, int], mode: str, rule: 
         new_w, new_h, left, top = eval_resize(width, height, resize_to, (h, w))
         scale = _draft_scale(im, min(width, height) / resize_to, draft)
         pixels = resize(_decode_whole(im, data, scale, orientation, mode), new_h, new_w)
-        return pixels[:, top:top + h, left:left + w].contiguous().numpy()
+        return pixels[:, top : top + h, left : left + w].contiguous().numpy()
+
     return _decode_guarded(data, name, work)
 
 
-def decode_crop(data: bytes, name: str, size: int, mode: str, *, rng: np.random.Generator | None = None,
-                draft: bool = True, channels_first: bool = False) -> np.ndarray:
+def decode_crop(
+    data: bytes,
+    name: str,
+    size: int,
+    mode: str,
+    *,
+    rng: np.random.Generator | None = None,
+    draft: bool = True,
+    channels_first: bool = False,
+) -> np.ndarray:
     """Decode an encoded image to (size, size, C) uint8, or (C, size, size) with `channels_first` (the layout
     streamed batches travel in: torch's resize writes it, and no transpose is needed on either side): a
     RandomResizedCrop + flip drawn from `rng`, or the evaluation centre crop (`eval_pixels`) when `rng` is None.
@@ -272,12 +315,14 @@ def decode_crop(data: bytes, name: str, size: int, mode: str, *, rng: np.random.
         if flip:
             pixels = pixels.flip(-1)
         return (pixels if channels_first else pixels.permute(1, 2, 0)).contiguous().numpy()
+
     return _decode_guarded(data, name, work)
 
 
 @dataclass(frozen=True)
 class ImageTransform:
     """What a loader applies to each sample: a training crop (keyed by seed, epoch, index) or the eval crop."""
+
     size: int
     mode: str = "RGB"  # "RGB" or "L"
     train: bool = True
@@ -294,10 +339,10 @@ class ImageTransform:
     def channels(self) -> int:
         return 1 if self.mode == "L" else 3
 
-    def __call__(self, data: bytes, name: str, epoch: int, index: int, salt: int = 0,
-                 channels_first: bool = True) -> np.ndarray:
+    def __call__(
+        self, data: bytes, name: str, epoch: int, index: int, salt: int = 0, channels_first: bool = True
+    ) -> np.ndarray:
         """(C, size, size) uint8, or (size, size, C) without `channels_first` (for channels_last batches: the
         layout the resize writes, so no transpose at all)."""
         rng = sample_rng(self.seed, epoch, index, salt) if self.train else None
-        return decode_crop(data, name, self.size, self.mode, rng=rng, draft=self.draft,
-                           channels_first=channels_first)
+        return decode_crop(data, name, self.size, self.mode, rng=rng, draft=self.draft, channels_first=channels_first)

@@ -1,4 +1,5 @@
 """Run an experiment, print its members' commands, or gather its results from the member folders."""
+
 from __future__ import annotations
 
 import json
@@ -34,6 +35,7 @@ def _figure_title(results: dict) -> str:
 
     def gap(side: dict) -> str:
         return f"{side['deepest']} - {side['shallowest']}: {100 * side['difference']:+.1f} points"
+
     return f"final training error, deepest - shallowest: {gap(v['plain'])} (plain), {gap(v['residual'])} (ResNets)"
 
 
@@ -57,8 +59,9 @@ def gather(folder: str | Path, log: Callable[[str], None] = print) -> dict:
     return results
 
 
-def member_commands(folder: Path, spec: ExperimentSpec, devices: Sequence[str] = (),
-                    execution: Sequence[str] = ()) -> list[str]:
+def member_commands(
+    folder: Path, spec: ExperimentSpec, devices: Sequence[str] = (), execution: Sequence[str] = ()
+) -> list[str]:
     """One runnable `cnnlab train` line per member (a resume for a member already started)."""
     lines = []
     for i, member in enumerate(spec.members):
@@ -67,9 +70,17 @@ def member_commands(folder: Path, spec: ExperimentSpec, devices: Sequence[str] =
     return lines
 
 
-def run_experiment(folder: Path, spec: ExperimentSpec, command: str, *, jobs: int = 1, devices: Sequence[str] = (),
-                   execution: Sequence[str] = (), print_commands: bool = False,
-                   log: Callable[[str], None] = print) -> dict | None:
+def run_experiment(
+    folder: Path,
+    spec: ExperimentSpec,
+    command: str,
+    *,
+    jobs: int = 1,
+    devices: Sequence[str] = (),
+    execution: Sequence[str] = (),
+    print_commands: bool = False,
+    log: Callable[[str], None] = print,
+) -> dict | None:
     """Record the spec (or check it against the folder's), then train what is missing and gather the results;
     with `print_commands`, print the member commands and the gather command instead of training."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -81,8 +92,10 @@ def run_experiment(folder: Path, spec: ExperimentSpec, command: str, *, jobs: in
             gather_line = shlex.join([sys.executable, "-m", "cnnlab", "experiment", "gather", str(folder.resolve())])
             print(f"# when every member has finished: {gather_line}", file=sys.stderr)
             return None
-        log(f"experiment folder {folder} ({len(spec.members)} members); to continue after an interruption, run "
-            "the same command again")
+        log(
+            f"experiment folder {folder} ({len(spec.members)} members); to continue after an interruption, run "
+            "the same command again"
+        )
         start = time.monotonic()
         run_members(folder, spec, jobs=jobs, devices=devices, execution=execution, log=log)
         results = gather(folder, log=log)

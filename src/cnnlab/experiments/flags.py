@@ -1,4 +1,5 @@
 """From the experiment's command-line values to each member's `cnnlab train` flags, checked before any work starts."""
+
 from __future__ import annotations
 
 import argparse
@@ -46,8 +47,9 @@ def _as_flags(values: dict) -> list[str]:
     return out
 
 
-def member_train_args(values: dict, recipe: str | None, refused: dict[str, str],
-                      models: tuple[str, ...] = ()) -> tuple[list[str], list[str], list[str]]:
+def member_train_args(
+    values: dict, recipe: str | None, refused: dict[str, str], models: tuple[str, ...] = ()
+) -> tuple[list[str], list[str], list[str]]:
     """(flags every member gets, those of them given on the command line, flags that only say how to run):
     `values` holds the train flags given on the command line (raw text, as argparse left them). A flag in
     `refused` gets its message; bad values fail here."""

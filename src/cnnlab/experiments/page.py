@@ -1,4 +1,5 @@
 """experiment.html: one self-contained page (figures as data: URIs, nothing fetched) with the results table."""
+
 from __future__ import annotations
 
 import base64
@@ -33,12 +34,26 @@ def plot_error_curves(members: list[dict], title: str = "") -> bytes:
         for m in sorted((m for m in members if m["kind"] == kind and m.get("curves")), key=lambda m: m["depth"]):
             c = m["curves"]
             train = [100 * e for e in c["train_error"]]
-            ax.plot(c["iterations"], train, color=colour[m["depth"]], linewidth=1, linestyle="--", marker="o",
-                    markersize=3, markerfacecolor="none")
+            ax.plot(
+                c["iterations"],
+                train,
+                color=colour[m["depth"]],
+                linewidth=1,
+                linestyle="--",
+                marker="o",
+                markersize=3,
+                markerfacecolor="none",
+            )
             tested = [(i, 100 * e) for i, e in zip(c["iterations"], c["test_error"]) if e is not None]
             if tested:
-                ax.plot(*zip(*tested), color=colour[m["depth"]], linewidth=2.5, marker="o", markersize=3,
-                        label=f"{label}-{m['depth']}")
+                ax.plot(
+                    *zip(*tested),
+                    color=colour[m["depth"]],
+                    linewidth=2.5,
+                    marker="o",
+                    markersize=3,
+                    label=f"{label}-{m['depth']}",
+                )
             top = max([top, *train, *(e for _, e in tested)])
         ax.set_title(name)
         ax.set_xlabel("iterations")
@@ -89,8 +104,10 @@ def _seconds(x: float | None) -> str:
 
 
 def _page(title: str, body: str) -> str:
-    return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
-            f"{_STYLE}{_CHECK}</head>\n<body>\n<h1>{html.escape(title)}</h1>\n{body}\n</body></html>\n")
+    return (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+        f"{_STYLE}{_CHECK}</head>\n<body>\n<h1>{html.escape(title)}</h1>\n{body}\n</body></html>\n"
+    )
 
 
 def _command(results: dict) -> str:
@@ -104,41 +121,53 @@ def degradation_page(results: dict, figure_png: bytes, path: Path) -> Path:
         paper = "" if m["paper_test_error_percent"] is None else f"{m['paper_test_error_percent']:.2f}"
         report = Run(path.parent / m["run_dir"]).file("report")  # a member trained with --no-report has none
         target = f"{m['run_dir']}/{report.name}" if report.is_file() else f"{m['run_dir']}/"
-        link = f"<a href=\"{html.escape(target)}\">{html.escape(m['run_dir'])}/</a>"
-        rows.append(f"<tr><td>{html.escape(m['name'])}</td><td>{m['kind']}</td><td>{m['depth']}</td>"
-                    f"<td>{_pct(m['train_error'])}</td><td>{_pct(m['test_error'])}</td><td>{paper}</td>"
-                    f"<td>{_seconds(m['wall_seconds'])}</td><td>{m['status']}</td><td>{link}</td></tr>")
+        link = f'<a href="{html.escape(target)}">{html.escape(m["run_dir"])}/</a>'
+        rows.append(
+            f"<tr><td>{html.escape(m['name'])}</td><td>{m['kind']}</td><td>{m['depth']}</td>"
+            f"<td>{_pct(m['train_error'])}</td><td>{_pct(m['test_error'])}</td><td>{paper}</td>"
+            f"<td>{_seconds(m['wall_seconds'])}</td><td>{m['status']}</td><td>{link}</td></tr>"
+        )
     image = base64.b64encode(figure_png).decode()
     body = (
-        f"<p class=\"verdict\">{html.escape(v['summary'])}</p>"
+        f'<p class="verdict">{html.escape(v["summary"])}</p>'
         "<h2>Training and test error</h2>"
-        f"<img alt=\"training and test error of plain nets and ResNets against iterations\" "
-        f"src=\"data:image/png;base64,{image}\">"
-        "<p class=\"note\">In the style of He et al. 2016, Fig. 6: dashed lines training error (running, on the "
+        f'<img alt="training and test error of plain nets and ResNets against iterations" '
+        f'src="data:image/png;base64,{image}">'
+        '<p class="note">In the style of He et al. 2016, Fig. 6: dashed lines training error (running, on the '
         "augmented batches of each epoch), bold lines test error, at the end of each epoch.</p>"
         "<h2>Results</h2><table><tr><th>member</th><th>kind</th><th>depth</th><th>training error (%)</th>"
         "<th>test error (%)</th><th>paper's test error (%)</th><th>wall time (s)</th><th>status</th>"
         f"<th>run folder</th></tr>{''.join(rows)}</table>"
-        f"<p class=\"note\">Paper: {html.escape(results['paper']['source'])}. The paper's figures come from 64k "
+        f'<p class="note">Paper: {html.escape(results["paper"]["source"])}. The paper\'s figures come from 64k '
         "iterations on all 50,000 training images; a shorter budget gives higher errors.</p>"
-        f"<p class=\"note\">Verdict rule: {html.escape(v['criterion'])}; tolerance {v['tolerance']} "
+        f'<p class="note">Verdict rule: {html.escape(v["criterion"])}; tolerance {v["tolerance"]} '
         "(fraction).</p>"
         + _command(results)
-        + f"<h2>Verdict (as in results.json)</h2><pre>{html.escape(json.dumps(v, indent=2))}</pre>")
+        + f"<h2>Verdict (as in results.json)</h2><pre>{html.escape(json.dumps(v, indent=2))}</pre>"
+    )
     save_atomic(_page("Degradation: plain nets against ResNets", body).encode(), path)
     return path
 
 
 def seeds_page(results: dict, path: Path) -> Path:
     s = results["test_accuracy"]
-    rows = "".join(f"<tr><td>{html.escape(r['name'])}</td><td>{r['seed']}</td><td>{_pct(r['test_accuracy'])}</td>"
-                   f"<td>{_seconds(r['wall_seconds'])}</td><td>{r['status']}</td></tr>" for r in results["runs"])
-    line = (f"{s['n']} run(s): test accuracy mean {_pct(s['mean'])}%"
-            + (f", sample std {_pct(s['std'])} points" if s["std"] is not None else "")
-            + (f", {s['at_or_above']} of {s['n']} at or above {_pct(s['threshold'])}%" if s["threshold"] is not None
-               else ""))
-    body = (f"<p class=\"verdict\">{html.escape(line)}</p><h2>Runs</h2><table><tr><th>run</th><th>seed</th>"
-            f"<th>test accuracy (%)</th><th>wall time (s)</th><th>status</th></tr>{rows}</table>"
-            + _command(results))
+    rows = "".join(
+        f"<tr><td>{html.escape(r['name'])}</td><td>{r['seed']}</td><td>{_pct(r['test_accuracy'])}</td>"
+        f"<td>{_seconds(r['wall_seconds'])}</td><td>{r['status']}</td></tr>"
+        for r in results["runs"]
+    )
+    line = (
+        f"{s['n']} run(s): test accuracy mean {_pct(s['mean'])}%"
+        + (f", sample std {_pct(s['std'])} points" if s["std"] is not None else "")
+        + (
+            f", {s['at_or_above']} of {s['n']} at or above {_pct(s['threshold'])}%"
+            if s["threshold"] is not None
+            else ""
+        )
+    )
+    body = (
+        f'<p class="verdict">{html.escape(line)}</p><h2>Runs</h2><table><tr><th>run</th><th>seed</th>'
+        f"<th>test accuracy (%)</th><th>wall time (s)</th><th>status</th></tr>{rows}</table>" + _command(results)
+    )
     save_atomic(_page("Seeds: one recipe, several seeds", body).encode(), path)
     return path

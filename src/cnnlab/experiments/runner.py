@@ -4,6 +4,7 @@ The folder holds `experiment.json` (what to train: the members and their flags),
 `logs/` and the results. Running the same command again continues where it stopped: finished members are kept,
 an interrupted one resumes from its checkpoint (`cnnlab train --resume`), the others start.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -24,8 +25,19 @@ from ..errors import CnnlabError, ConfigError
 from ..files import file_lock, save_atomic
 from ..run import Run, is_run_folder
 
-__all__ = ["Member", "ExperimentSpec", "member_state", "member_command", "write_spec", "load_spec", "run_members",
-           "train_command", "SPEC_FILE", "ExperimentInterrupted", "ExperimentFailed"]
+__all__ = [
+    "Member",
+    "ExperimentSpec",
+    "member_state",
+    "member_command",
+    "write_spec",
+    "load_spec",
+    "run_members",
+    "train_command",
+    "SPEC_FILE",
+    "ExperimentInterrupted",
+    "ExperimentFailed",
+]
 
 SPEC_FILE = "experiment.json"
 # Flags that say how a member runs, not what it computes: a rerun may change them, and they stay out of the spec.
@@ -47,6 +59,7 @@ class ExperimentFailed(CnnlabError):
 @dataclass
 class Member:
     """One training run of an experiment: its folder name and its `cnnlab train` flags (no --run-dir)."""
+
     name: str
     args: list[str]
     info: dict = field(default_factory=dict)  # what the results need: depth, kind, seed, ...
@@ -55,13 +68,13 @@ class Member:
 @dataclass
 class ExperimentSpec:
     """What an experiment trains; two commands that produce equal specs drive the same folder."""
+
     experiment: str
     members: list[Member]
     options: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
-        return {"experiment": self.experiment, "options": self.options,
-                "members": [asdict(m) for m in self.members]}
+        return {"experiment": self.experiment, "options": self.options, "members": [asdict(m) for m in self.members]}
 
     @classmethod
     def from_json(cls, data: dict) -> ExperimentSpec:
@@ -128,8 +141,10 @@ def load_spec(folder: Path) -> tuple[ExperimentSpec, dict]:
         record = json.loads(path.read_text())
         return ExperimentSpec.from_json(record), record
     except FileNotFoundError:
-        raise ConfigError(f"{folder}: not an experiment folder (no {SPEC_FILE}); give the folder that "
-                          "'cnnlab experiment' made (its --out)") from None
+        raise ConfigError(
+            f"{folder}: not an experiment folder (no {SPEC_FILE}); give the folder that "
+            "'cnnlab experiment' made (its --out)"
+        ) from None
     except (ValueError, KeyError, TypeError) as exc:
         raise ConfigError(f"{path}: not a valid experiment record ({exc})") from None
 
@@ -141,13 +156,19 @@ def write_spec(folder: Path, spec: ExperimentSpec, command: str) -> None:
         old, record = load_spec(folder)
         differences = _spec_differences(old, spec)
         if differences:
-            raise ConfigError(f"{folder} holds a different experiment: {'; '.join(differences)}. It was made by: "
-                              f"{record.get('command', '?')}. Repeat that command to continue it, or choose "
-                              "another --out for the new one")
+            raise ConfigError(
+                f"{folder} holds a different experiment: {'; '.join(differences)}. It was made by: "
+                f"{record.get('command', '?')}. Repeat that command to continue it, or choose "
+                "another --out for the new one"
+            )
         return
     folder.mkdir(parents=True, exist_ok=True)
-    record = {**spec.to_json(), "command": command, "cnnlab_version": __version__,
-              "created": time.strftime("%Y-%m-%d %H:%M:%S")}
+    record = {
+        **spec.to_json(),
+        "command": command,
+        "cnnlab_version": __version__,
+        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
     save_atomic(json.dumps(record, indent=2).encode(), path)
 
 
@@ -158,8 +179,9 @@ def experiment_lock(folder: Path):
         with file_lock(folder / ".lock", wait=False):
             yield
     except BlockingIOError:
-        raise ConfigError(f"{folder} is being run by another 'cnnlab experiment' process; wait for it to finish "
-                          "or stop it first") from None
+        raise ConfigError(
+            f"{folder} is being run by another 'cnnlab experiment' process; wait for it to finish or stop it first"
+        ) from None
 
 
 def _wait_for_run_folder(run_dir: Path, log: Callable[[str], None], timeout: float = 120.0) -> None:
@@ -174,12 +196,16 @@ def _wait_for_run_folder(run_dir: Path, log: Callable[[str], None], timeout: flo
                 return
         except BlockingIOError:
             if time.monotonic() > deadline:
-                raise ConfigError(f"{run_dir} is still in use by another cnnlab process after {timeout:.0f} s; "
-                                  "stop that process (it may be a member left running by an earlier runner) "
-                                  "and run the command again") from None
+                raise ConfigError(
+                    f"{run_dir} is still in use by another cnnlab process after {timeout:.0f} s; "
+                    "stop that process (it may be a member left running by an earlier runner) "
+                    "and run the command again"
+                ) from None
             if not said:
-                log(f"waiting for the process still holding {run_dir} (a member of an earlier runner, saving "
-                    "its checkpoint?)")
+                log(
+                    f"waiting for the process still holding {run_dir} (a member of an earlier runner, saving "
+                    "its checkpoint?)"
+                )
                 said = True
             time.sleep(0.5)
 
@@ -201,8 +227,15 @@ def _log_tail(path: Path, lines: int = 5) -> str:
     return "\n".join("    " + line for line in text[-lines:])
 
 
-def run_members(folder: Path, spec: ExperimentSpec, *, jobs: int = 1, devices: Sequence[str] = (),
-                execution: Sequence[str] = (), log: Callable[[str], None] = print) -> dict[str, str]:
+def run_members(
+    folder: Path,
+    spec: ExperimentSpec,
+    *,
+    jobs: int = 1,
+    devices: Sequence[str] = (),
+    execution: Sequence[str] = (),
+    log: Callable[[str], None] = print,
+) -> dict[str, str]:
     """Train every member not finished yet, `jobs` at a time; returns each member's state afterwards.
 
     Member i runs on devices[i % len(devices)] (no more than ceil(jobs / len(devices)) at once on one device).
@@ -232,9 +265,14 @@ def run_members(folder: Path, spec: ExperimentSpec, *, jobs: int = 1, devices: S
             out.flush()
             # A session of its own: Ctrl-C reaches the runner only, which then stops each member with one
             # SIGTERM (a second signal would stop a member without its checkpoint).
-            process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                       start_new_session=True,
-                                       preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+            process = subprocess.Popen(
+                command,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+            )
         running[member.name] = (process, device, time.monotonic())
         where = f" on {device}" if device else ""
         log(f"[{index + 1}/{total}] {member.name}: {how}{where} (log: {log_path})")
@@ -246,8 +284,7 @@ def run_members(folder: Path, spec: ExperimentSpec, *, jobs: int = 1, devices: S
         log_path = folder / "logs" / f"{name}.log"
         if code == 0 and states[name] == "finished":
             summary = Run(run_dir).summary
-            log(f"{name}: finished, test accuracy {summary['test_accuracy']:.4f}, "
-                f"{time.monotonic() - start:.0f} s")
+            log(f"{name}: finished, test accuracy {summary['test_accuracy']:.4f}, {time.monotonic() - start:.0f} s")
         else:
             failed.append(name)
             log(f"{name}: failed (exit code {code}); the end of {log_path}:\n{_log_tail(log_path)}")
@@ -283,9 +320,12 @@ def run_members(folder: Path, spec: ExperimentSpec, *, jobs: int = 1, devices: S
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     if stop:
-        raise ExperimentInterrupted(f"stopped; the members checkpointed. Run the same command again to continue "
-                                    f"{folder}", 128 + stop[0])
+        raise ExperimentInterrupted(
+            f"stopped; the members checkpointed. Run the same command again to continue {folder}", 128 + stop[0]
+        )
     if failed:
-        raise ExperimentFailed(f"{len(failed)} member(s) failed: {', '.join(failed)} (logs in {folder / 'logs'}); "
-                               "run the same command again to retry them from their checkpoints")
+        raise ExperimentFailed(
+            f"{len(failed)} member(s) failed: {', '.join(failed)} (logs in {folder / 'logs'}); "
+            "run the same command again to retry them from their checkpoints"
+        )
     return states

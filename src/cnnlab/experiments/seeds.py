@@ -1,5 +1,6 @@
 """The seeds experiment: one recipe trained with several seeds, reported as mean, sample std and the share of runs
 that reach a threshold (the way airbench states its 94% claim)."""
+
 from __future__ import annotations
 
 import math
@@ -40,8 +41,16 @@ def seed_statistics(values: list[float], threshold: float | None = None) -> dict
     n = len(values)
     mean = sum(values) / n if n else None
     std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 and mean is not None else None
-    out = {"n": n, "mean": mean, "std": std, "min": min(values) if n else None, "max": max(values) if n else None,
-           "threshold": threshold, "at_or_above": None, "fraction_at_or_above": None}
+    out = {
+        "n": n,
+        "mean": mean,
+        "std": std,
+        "min": min(values) if n else None,
+        "max": max(values) if n else None,
+        "threshold": threshold,
+        "at_or_above": None,
+        "fraction_at_or_above": None,
+    }
     if threshold is not None and n:
         hits = sum(v >= threshold for v in values)
         out.update(at_or_above=hits, fraction_at_or_above=hits / n)
@@ -55,16 +64,27 @@ def seeds_results(folder: Path, spec: ExperimentSpec, record: dict) -> dict:
         run = Run(run_dir)
         done = run.finished
         summary = run.summary if done else {}
-        runs.append({"name": m.name, "seed": m.info["seed"], "status": "finished" if done else "not finished",
-                     "test_accuracy": summary.get("test_accuracy"), "wall_seconds": summary.get("wall_seconds"),
-                     "train_seconds": summary.get("train_seconds"), "run_dir": m.name})
+        runs.append(
+            {
+                "name": m.name,
+                "seed": m.info["seed"],
+                "status": "finished" if done else "not finished",
+                "test_accuracy": summary.get("test_accuracy"),
+                "wall_seconds": summary.get("wall_seconds"),
+                "train_seconds": summary.get("train_seconds"),
+                "run_dir": m.name,
+            }
+        )
     finished = [r for r in runs if r["status"] == "finished"]
     threshold = spec.options.get("threshold")
     return {
-        "experiment": "seeds", "folder": str(folder), "command": record.get("command"),
-        "train_flags": spec.options.get("train_flags"), "runs": runs,
+        "experiment": "seeds",
+        "folder": str(folder),
+        "command": record.get("command"),
+        "train_flags": spec.options.get("train_flags"),
+        "runs": runs,
         "test_accuracy": seed_statistics([r["test_accuracy"] for r in finished], threshold),
         "wall_seconds": seed_statistics([r["wall_seconds"] for r in finished]),
         "note": "std is the sample standard deviation (n - 1); statistics over the finished runs only"
-                + ("" if len(finished) == len(runs) else f" ({len(finished)} of {len(runs)})"),
+        + ("" if len(finished) == len(runs) else f" ({len(finished)} of {len(runs)})"),
     }

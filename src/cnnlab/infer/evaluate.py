@@ -4,6 +4,7 @@ per-class accuracy, the confusion matrix and, when asked, each image's loss and 
 In a distributed run each rank scores its own contiguous share of the split and the counts are summed,
 so the accuracy equals the one-process figure for the same weights.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -34,8 +35,9 @@ def prepare_for_inference(model: nn.Module, runtime: Runtime) -> nn.Module:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, num_classes: int, *, runtime: Runtime | None = None,
-             per_image: bool = False, tta: int = 0) -> dict:
+def evaluate(
+    model: nn.Module, loader, num_classes: int, *, runtime: Runtime | None = None, per_image: bool = False, tta: int = 0
+) -> dict:
     """Run `model` over every batch of `loader` (this rank's share in a distributed run).
 
     Returns n, loss, accuracy, top5 (with more than 5 classes), per_class and confusion (true class by row);
@@ -43,6 +45,7 @@ def evaluate(model: nn.Module, loader, num_classes: int, *, runtime: Runtime | N
     `tta` > 0 averages the logits over mirrored (and, at 2, shifted) views (infer/tta.py).
     """
     from .tta import tta_logits
+
     runtime = runtime or Runtime(loader.device)
     was_training = model.training
     model.eval()
@@ -58,7 +61,7 @@ def evaluate(model: nn.Module, loader, num_classes: int, *, runtime: Runtime | N
             loss = F.cross_entropy(logits, y, reduction="none")
             pred = logits.argmax(1)
             sums[0] += loss.double().sum()
-            confusion += torch.bincount(y * num_classes + pred, minlength=num_classes ** 2).view(num_classes, -1)
+            confusion += torch.bincount(y * num_classes + pred, minlength=num_classes**2).view(num_classes, -1)
             if num_classes > 5:
                 sums[1] += (logits.topk(5, dim=1).indices == y[:, None]).any(1).sum()
             if per_image:
@@ -81,8 +84,12 @@ def evaluate(model: nn.Module, loader, num_classes: int, *, runtime: Runtime | N
     if num_classes > 5:
         result["top5"] = sums[1].item() / max(n, 1)
     if per_image:  # ranks hold consecutive shares, so rank order is the split's order
-        shares = runtime.gather((torch.cat(losses) if losses else torch.empty(0),
-                                 torch.cat(preds) if preds else torch.empty(0, dtype=torch.int64)))
+        shares = runtime.gather(
+            (
+                torch.cat(losses) if losses else torch.empty(0),
+                torch.cat(preds) if preds else torch.empty(0, dtype=torch.int64),
+            )
+        )
         result["losses"] = torch.cat([s[0] for s in shares])
         result["preds"] = torch.cat([s[1] for s in shares])
     return result
@@ -98,6 +105,7 @@ def most_confused(confusion: list[list[int]], classes: list[str], k: int = 5) ->
 @dataclass
 class Evaluation:
     """`cnnlab eval`'s result: the scorer's figures, where they were written, and what training reported."""
+
     result: dict  # evaluate()'s, with per_class by name, most_confused, dataset, weights, classes, precision, tta
     out_dir: Path
     model: str = ""
@@ -106,9 +114,17 @@ class Evaluation:
     differences: list[str] = field(default_factory=list)  # why this evaluation may differ from the recorded one
 
 
-def evaluate_target(target: str | Path, *, dataset: str | None = None, data_dir: str | None = None,
-                    device: str = "auto", precision: str = "fp32", tta: int | None = None,
-                    out: str | Path | None = None, log=print) -> Evaluation:
+def evaluate_target(
+    target: str | Path,
+    *,
+    dataset: str | None = None,
+    data_dir: str | None = None,
+    device: str = "auto",
+    precision: str = "fp32",
+    tta: int | None = None,
+    out: str | Path | None = None,
+    log=print,
+) -> Evaluation:
     """Score a run folder, a weights file or packaged weights on a test split, with the model's own recorded
     preprocessing; writes eval.json (next to the weights, or ./eval/NAME for packaged weights, or `out`; the
     confusion matrix as a picture: viz.plots.plot_confusion). The run's data is found where it was
@@ -139,16 +155,28 @@ def evaluate_target(target: str | Path, *, dataset: str | None = None, data_dir:
     if run and same_data:
         data_dir = run.data_dir(data_dir)
     try:
-        split = open_test_split(dataset, data_dir, preprocess=loaded.preprocess, runtime=runtime,
-                                streamed=same_data and trained.get("data_mode") == "stream",
-                                workers=run.config.workers if run else 2, log=log)
+        split = open_test_split(
+            dataset,
+            data_dir,
+            preprocess=loaded.preprocess,
+            runtime=runtime,
+            streamed=same_data and trained.get("data_mode") == "stream",
+            workers=run.config.workers if run else 2,
+            log=log,
+        )
     except DatasetError as exc:
-        where = "" if data_dir else (f"; point cnnlab at the data with --data-dir DIR (or $CNNLAB_DATA), or "
-                                     f"{get_spec(dataset).how_to_get}")
+        where = (
+            ""
+            if data_dir
+            else (
+                f"; point cnnlab at the data with --data-dir DIR (or $CNNLAB_DATA), or {get_spec(dataset).how_to_get}"
+            )
+        )
         raise DatasetError(f"{exc}{where}") from None
     if len(split.classes) != len(loaded.classes):
-        raise CnnlabError(f"{dataset} has {len(split.classes)} classes, but the model was trained on "
-                          f"{len(loaded.classes)}")
+        raise CnnlabError(
+            f"{dataset} has {len(split.classes)} classes, but the model was trained on {len(loaded.classes)}"
+        )
     # Module.to takes memory_format at run time; its stub does not list it
     model = loaded.model.to(runtime.device, memory_format=runtime.memory_format)  # type: ignore[call-overload]
     result = evaluate(model, split.loader, len(loaded.classes), runtime=runtime, tta=tta, per_image=True)
@@ -156,9 +184,17 @@ def evaluate_target(target: str | Path, *, dataset: str | None = None, data_dir:
     result.pop("losses")
     result["per_class"] = dict(zip(split.classes, result["per_class"]))
     result["most_confused"] = most_confused(result["confusion"], split.classes)
-    result.update({"dataset": dataset, "weights": str(loaded.path), "classes": split.classes,
-                   "precision": runtime.precision, "tta": tta, "preprocess": loaded.preprocess.to_dict(),
-                   "predictions": preds.tolist()})
+    result.update(
+        {
+            "dataset": dataset,
+            "weights": str(loaded.path),
+            "classes": split.classes,
+            "precision": runtime.precision,
+            "tta": tta,
+            "preprocess": loaded.preprocess.to_dict(),
+            "predictions": preds.tolist(),
+        }
+    )
     if split.files is not None:
         result["files"] = split.files
     # never into the installed package: packaged weights are evaluated into ./eval/NAME
@@ -173,8 +209,10 @@ def evaluate_target(target: str | Path, *, dataset: str | None = None, data_dir:
             if trained.get("precision") != runtime.precision:
                 evaluation.differences.append(
                     f"training evaluated in {trained.get('precision')}, this in {runtime.precision}: the rounding "
-                    "differs, so images near a decision boundary can flip")
+                    "differs, so images near a decision boundary can flip"
+                )
             if int(trained.get("test_tta") or 0) != tta:
-                evaluation.differences.append(f"training used test-time augmentation level "
-                                              f"{trained.get('test_tta') or 0}, this {tta}")
+                evaluation.differences.append(
+                    f"training used test-time augmentation level {trained.get('test_tta') or 0}, this {tta}"
+                )
     return evaluation

@@ -5,6 +5,7 @@ normalisation itself and returns logits. Both formats come from one `torch.expor
 from it by PyTorch's dynamo-based exporter (onnxscript), because the older TorchScript exporter is deprecated
 and cannot export AlexNet's adaptive pooling at input sizes other than 224x224.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -28,9 +29,25 @@ from ..errors import CnnlabError
 from ..files import save_atomic
 from .weights import LoadedModel
 
-__all__ = ["FORMATS", "DEFAULT_OPSET", "DEFAULT_TOLERANCE", "ExportError", "ExportReport", "WithNormalisation",
-           "capture", "onnx_bytes", "pt2_bytes", "export_metadata", "run_onnx", "run_pt2", "check_exported",
-           "check_inputs", "pytorch_fp32_error", "export_model", "compare_with_predict"]
+__all__ = [
+    "FORMATS",
+    "DEFAULT_OPSET",
+    "DEFAULT_TOLERANCE",
+    "ExportError",
+    "ExportReport",
+    "WithNormalisation",
+    "capture",
+    "onnx_bytes",
+    "pt2_bytes",
+    "export_metadata",
+    "run_onnx",
+    "run_pt2",
+    "check_exported",
+    "check_inputs",
+    "pytorch_fp32_error",
+    "export_model",
+    "compare_with_predict",
+]
 
 FORMATS = ("onnx", "pt2")
 DEFAULT_OPSET = 18  # the opset PyTorch 2.13's exporter writes natively; onnxruntime >= 1.14 runs it
@@ -55,6 +72,7 @@ class ExportError(CnnlabError):
 class WithNormalisation(nn.Module):
     """float (N, C, H, W) in [0, 1] -> (x - mean) / std -> the wrapped model's logits: predict's preprocessing
     from the uint8 stage on, inside the graph."""
+
     mean: torch.Tensor  # buffers, registered in __init__
     std: torch.Tensor
 
@@ -72,6 +90,7 @@ class WithNormalisation(nn.Module):
 @dataclass
 class ExportReport:
     """What `export_model` wrote and how closely the written model matches PyTorch's."""
+
     path: Path
     format: str
     opset: int | None  # ONNX only
@@ -92,8 +111,11 @@ def _reference(loaded: LoadedModel) -> WithNormalisation:
     """The model in eval mode, fp32 and on the CPU (a copy where it is elsewhere): the exported file is a CPU
     float32 program."""
     model = loaded.model
-    on_cpu_fp32 = all(t.device.type == "cpu" and t.dtype == torch.float32 for t in model.state_dict().values()
-                      if t.is_floating_point())
+    on_cpu_fp32 = all(
+        t.device.type == "cpu" and t.dtype == torch.float32
+        for t in model.state_dict().values()
+        if t.is_floating_point()
+    )
     if not on_cpu_fp32:
         model = copy.deepcopy(model).to("cpu", torch.float32)
     return WithNormalisation(model, loaded.mean, loaded.std).eval()
@@ -124,8 +146,10 @@ def capture(model: nn.Module, input_shape: tuple[int, int, int]) -> torch.export
         with _quiet(), torch.no_grad():
             return torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
     except Exception as exc:  # any tracing failure means the same to the user: this model cannot be exported
-        raise ExportError(f"torch.export cannot trace this model at input {list(input_shape)} "
-                          f"({type(exc).__name__}: {_first_line(exc)})") from None
+        raise ExportError(
+            f"torch.export cannot trace this model at input {list(input_shape)} "
+            f"({type(exc).__name__}: {_first_line(exc)})"
+        ) from None
 
 
 def _first_line(exc: BaseException) -> str:
@@ -135,13 +159,19 @@ def _first_line(exc: BaseException) -> str:
 def export_metadata(loaded: LoadedModel) -> dict:
     """What a consumer of the exported file needs to feed it and read its output."""
     c, h, w = loaded.input_shape
-    meta = {"model": loaded.meta["model"], "classes": list(loaded.classes), "input_shape": [c, h, w],
-            "mean": list(loaded.mean), "std": list(loaded.std), "cnnlab_version": __version__,
-            "input": f"float32 N x {c} x {h} x {w}, pixels scaled to [0, 1]; the normalisation is inside the model",
-            "output": f"logits, N x {len(loaded.classes)}",
-            # what the graph cannot do (decoding a file, resizing, cropping): the steps cnnlab predict takes first
-            "preprocess": loaded.preprocess.to_dict(),
-            "preprocess_outside_the_graph": f"{loaded.preprocess.describe().rsplit(', mean', 1)[0]}; then / 255"}
+    meta = {
+        "model": loaded.meta["model"],
+        "classes": list(loaded.classes),
+        "input_shape": [c, h, w],
+        "mean": list(loaded.mean),
+        "std": list(loaded.std),
+        "cnnlab_version": __version__,
+        "input": f"float32 N x {c} x {h} x {w}, pixels scaled to [0, 1]; the normalisation is inside the model",
+        "output": f"logits, N x {len(loaded.classes)}",
+        # what the graph cannot do (decoding a file, resizing, cropping): the steps cnnlab predict takes first
+        "preprocess": loaded.preprocess.to_dict(),
+        "preprocess_outside_the_graph": f"{loaded.preprocess.describe().rsplit(', mean', 1)[0]}; then / 255",
+    }
     if loaded.preprocess.resize == "shorter":
         meta["resize"] = loaded.preprocess.resize_to  # shorter side scaled to this, then the centre cropped to H x W
     return meta
@@ -162,17 +192,27 @@ def onnx_bytes(program: torch.export.ExportedProgram, metadata: dict, opset: int
     _require_onnx()
     try:
         with _quiet():
-            onnx_program = torch.onnx.export(program, dynamo=True, opset_version=opset, input_names=["images"],
-                                             output_names=["logits"], optimize=True, verbose=False)
+            onnx_program = torch.onnx.export(
+                program,
+                dynamo=True,
+                opset_version=opset,
+                input_names=["images"],
+                output_names=["logits"],
+                optimize=True,
+                verbose=False,
+            )
     except Exception as exc:  # noqa: BLE001  exporter failures have many types; the message is what helps
-        raise ExportError(f"the ONNX exporter failed at opset {opset} ({type(exc).__name__}: "
-                          f"{_first_line(exc)})") from None
+        raise ExportError(
+            f"the ONNX exporter failed at opset {opset} ({type(exc).__name__}: {_first_line(exc)})"
+        ) from None
     assert onnx_program is not None  # dynamo=True returns the program
     proto = onnx_program.model_proto
     written = next((i.version for i in proto.opset_import if i.domain in ("", "ai.onnx")), None)
     if written != opset:  # the exporter logs a failed conversion and carries on at its own opset
-        raise ExportError(f"--opset {opset}: the ONNX exporter cannot convert this model to that opset (it stays at "
-                          f"{written}); use the default {DEFAULT_OPSET} or another opset")
+        raise ExportError(
+            f"--opset {opset}: the ONNX exporter cannot convert this model to that opset (it stays at "
+            f"{written}); use the default {DEFAULT_OPSET} or another opset"
+        )
     _name_batch_axis(proto)
     for key, value in metadata.items():
         entry = proto.metadata_props.add()
@@ -207,13 +247,15 @@ def run_onnx(data: bytes, threads: int | None = None) -> Callable[[np.ndarray], 
     """An onnxruntime CPU session over a serialised model: float32 (N, C, H, W) -> logits."""
     _require_onnx()
     import onnxruntime as ort
+
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or torch.get_num_threads()
     try:
         session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001  e.g. an opset newer than this onnxruntime knows
-        raise ExportError(f"onnxruntime {ort.__version__} cannot load the exported model "
-                          f"({_first_line(exc)})") from None
+        raise ExportError(
+            f"onnxruntime {ort.__version__} cannot load the exported model ({_first_line(exc)})"
+        ) from None
     name = session.get_inputs()[0].name
     return lambda x: session.run(None, {name: np.ascontiguousarray(x, dtype=np.float32)})[0]
 
@@ -227,16 +269,19 @@ def run_pt2(data: bytes) -> Callable[[np.ndarray], np.ndarray]:
     def run(x: np.ndarray) -> np.ndarray:
         with torch.no_grad():
             return module(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))).numpy()
+
     return run
 
 
-def check_inputs(loaded: LoadedModel, data_dir: str | Path | None = None, n: int = CHECK_IMAGES,
-                 seed: int = 0) -> tuple[torch.Tensor, str]:
+def check_inputs(
+    loaded: LoadedModel, data_dir: str | Path | None = None, n: int = CHECK_IMAGES, seed: int = 0
+) -> tuple[torch.Tensor, str]:
     """The first `n` test images of the run's dataset in [0, 1], or uniform noise where that dataset cannot be
     found or has another shape; and where they came from, in words."""
     name = loaded.meta.get("dataset")
     if name:
         from ..data import load_dataset
+
         if data_dir is None:  # a run folder's config says where the data was found
             data_dir = _run_data_dir(loaded.path.parent)
         try:
@@ -254,6 +299,7 @@ def check_inputs(loaded: LoadedModel, data_dir: str | Path | None = None, n: int
 def _run_data_dir(folder: Path) -> str | None:
     """Where a run folder's data was (Run.data_dir), or None for a weights file outside a run."""
     from ..run import Run, is_run_folder
+
     if not is_run_folder(folder):
         return None
     try:
@@ -262,24 +308,33 @@ def _run_data_dir(folder: Path) -> str | None:
         return None
 
 
-def check_exported(reference: nn.Module, run: Callable[[np.ndarray], np.ndarray], inputs: torch.Tensor,
-                   single: int = 4) -> dict:
+def check_exported(
+    reference: nn.Module, run: Callable[[np.ndarray], np.ndarray], inputs: torch.Tensor, single: int = 4
+) -> dict:
     """Logits of the exported model against `reference` on `inputs` as one batch, then on the first `single`
     inputs one at a time (the dynamic batch axis at both ends)."""
     with torch.no_grad():
         want = reference(inputs).numpy()
     if not np.isfinite(want).all():
-        raise ExportError("the PyTorch model's own logits are not finite on the check inputs: the weights are "
-                          "broken, not the export; nothing to compare against")
+        raise ExportError(
+            "the PyTorch model's own logits are not finite on the check inputs: the weights are "
+            "broken, not the export; nothing to compare against"
+        )
     got_batch = run(inputs.numpy())
-    got_single = np.concatenate([run(inputs[i:i + 1].numpy()) for i in range(min(single, len(inputs)))])
+    got_single = np.concatenate([run(inputs[i : i + 1].numpy()) for i in range(min(single, len(inputs)))])
     if got_batch.shape != want.shape:
-        raise ExportError(f"the exported model returns {got_batch.shape} for a batch of {tuple(inputs.shape)}; "
-                          f"PyTorch returns {want.shape}")
-    diff = max(float(np.abs(got_batch - want).max()), float(np.abs(got_single - want[:len(got_single)]).max()))
-    return {"max_abs_diff": diff, "logit_scale": max(1.0, float(np.abs(want).max())),
-            "top1_agree": int((got_batch.argmax(1) == want.argmax(1)).sum()), "top1_total": len(want),
-            "batch_sizes": (len(inputs), 1)}
+        raise ExportError(
+            f"the exported model returns {got_batch.shape} for a batch of {tuple(inputs.shape)}; "
+            f"PyTorch returns {want.shape}"
+        )
+    diff = max(float(np.abs(got_batch - want).max()), float(np.abs(got_single - want[: len(got_single)]).max()))
+    return {
+        "max_abs_diff": diff,
+        "logit_scale": max(1.0, float(np.abs(want).max())),
+        "top1_agree": int((got_batch.argmax(1) == want.argmax(1)).sum()),
+        "top1_total": len(want),
+        "batch_sizes": (len(inputs), 1),
+    }
 
 
 def pytorch_fp32_error(reference: nn.Module, inputs: torch.Tensor) -> float:
@@ -291,9 +346,16 @@ def pytorch_fp32_error(reference: nn.Module, inputs: torch.Tensor) -> float:
     return float((fp32 - fp64).abs().max())
 
 
-def export_model(loaded: LoadedModel, out: str | Path | None = None, fmt: str = "onnx", *,
-                 opset: int = DEFAULT_OPSET, tolerance: float = DEFAULT_TOLERANCE,
-                 data_dir: str | Path | None = None, inputs: torch.Tensor | None = None) -> ExportReport:
+def export_model(
+    loaded: LoadedModel,
+    out: str | Path | None = None,
+    fmt: str = "onnx",
+    *,
+    opset: int = DEFAULT_OPSET,
+    tolerance: float = DEFAULT_TOLERANCE,
+    data_dir: str | Path | None = None,
+    inputs: torch.Tensor | None = None,
+) -> ExportReport:
     """Export, run the result on test images (or noise) against the PyTorch model, and write it only if its
     logits agree within `tolerance` x max(1, max |logit|) or within FP32_ERROR_FACTOR x PyTorch's own fp32
     error; otherwise ExportError and nothing is written."""
@@ -333,7 +395,8 @@ def export_model(loaded: LoadedModel, out: str | Path | None = None, fmt: str = 
                 f"{result['logit_scale']:.3g} = {allowed:.3g} and above {FP32_ERROR_FACTOR} x PyTorch's own fp32 "
                 f"error against float64 ({fp32_error:.3g}) (top-1 agreement "
                 f"{result['top1_agree']}/{result['top1_total']}); "
-                "report it with the model name, or raise --tolerance if the difference is acceptable")
+                "report it with the model name, or raise --tolerance if the difference is acceptable"
+            )
     metadata_path = None
     if fmt == "pt2":  # the archive also holds cnnlab.json; the file beside it is for readers without torch
         metadata_path = out.with_name(out.name + ".json")
@@ -344,14 +407,28 @@ def export_model(loaded: LoadedModel, out: str | Path | None = None, fmt: str = 
         if metadata_path is not None:
             metadata_path.unlink(missing_ok=True)
         raise
-    return ExportReport(path=out, format=fmt, opset=opset if fmt == "onnx" else None, metadata_path=metadata_path,
-                        bytes=len(data), inputs=source, tolerance=tolerance, fp32_error=fp32_error,
-                        seconds=time.perf_counter() - start, **result)
+    return ExportReport(
+        path=out,
+        format=fmt,
+        opset=opset if fmt == "onnx" else None,
+        metadata_path=metadata_path,
+        bytes=len(data),
+        inputs=source,
+        tolerance=tolerance,
+        fp32_error=fp32_error,
+        seconds=time.perf_counter() - start,
+        **result,
+    )
 
 
-def compare_with_predict(onnx_path: str | Path, loaded: LoadedModel, image_paths: Iterable[str | Path],
-                         predictions: list[dict] | None = None, batch_sizes: tuple[int, ...] = (1, 64),
-                         precision: str = "fp32") -> dict:
+def compare_with_predict(
+    onnx_path: str | Path,
+    loaded: LoadedModel,
+    image_paths: Iterable[str | Path],
+    predictions: list[dict] | None = None,
+    batch_sizes: tuple[int, ...] = (1, 64),
+    precision: str = "fp32",
+) -> dict:
     """Classify `image_paths` with an exported ONNX file and with `cnnlab predict` (its JSON results as
     `predictions`, or predict_files run here) and return the largest probability difference and the top-1
     agreement for each batch size; images are repeated to fill a batch. `precision` is the one predict ran
@@ -374,7 +451,7 @@ def compare_with_predict(onnx_path: str | Path, loaded: LoadedModel, image_paths
     for batch in batch_sizes:
         reps = -(-max(batch, len(images)) // len(images))
         tiled = np.concatenate([images] * reps)
-        logits = np.concatenate([run(tiled[i:i + batch]) for i in range(0, len(tiled), batch)])[:len(images)]
+        logits = np.concatenate([run(tiled[i : i + batch]) for i in range(0, len(tiled), batch)])[: len(images)]
         probs = torch.from_numpy(logits).double().softmax(1).numpy()
         worst, agree = 0.0, 0
         for path, p in zip(known, probs):

@@ -1,4 +1,5 @@
 """Prediction on image files: each image converted to what the model expects, unreadable files skipped."""
+
 from __future__ import annotations
 
 import io
@@ -42,9 +43,11 @@ def load_image(path: Path, preprocess: Preprocess) -> tuple[np.ndarray, list[str
     except Exception:  # not an image at all: the decoder below names the file and the reason
         mode, width, height = "", 0, 0
     if mode and min(width, height) < MIN_IMAGE_SIDE:
-        raise ImageError(f"{path}: {width}x{height} pixels is too small to classify "
-                         f"(at least {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE}; the model expects {preprocess.size[1]}x"
-                         f"{preprocess.size[0]})")
+        raise ImageError(
+            f"{path}: {width}x{height} pixels is too small to classify "
+            f"(at least {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE}; the model expects {preprocess.size[1]}x"
+            f"{preprocess.size[0]})"
+        )
     pixels = preprocess.pixels(data, str(path))
     notes = []
     if mode and mode != preprocess.mode:
@@ -57,8 +60,9 @@ def load_image(path: Path, preprocess: Preprocess) -> tuple[np.ndarray, list[str
     return pixels, notes
 
 
-def _batches(paths: list[Path], preprocess: Preprocess, batch_size: int, bad: list[dict]
-             ) -> Iterator[tuple[list, np.ndarray, list]]:
+def _batches(
+    paths: list[Path], preprocess: Preprocess, batch_size: int, bad: list[dict]
+) -> Iterator[tuple[list, np.ndarray, list]]:
     """Stream images in batches so memory stays bounded however many files there are."""
     batch, names, notes = [], [], []
     for path in paths:
@@ -77,9 +81,14 @@ def _batches(paths: list[Path], preprocess: Preprocess, batch_size: int, bad: li
         yield names, np.stack(batch), notes
 
 
-def predict_files(loaded: LoadedModel, paths: list[Path], top_k: int = 5, batch_size: int = 256,
-                  on_result: Callable[[dict], None] | None = None, precision: str = "fp32"
-                  ) -> tuple[list[dict], list[dict]]:
+def predict_files(
+    loaded: LoadedModel,
+    paths: list[Path],
+    top_k: int = 5,
+    batch_size: int = 256,
+    on_result: Callable[[dict], None] | None = None,
+    precision: str = "fp32",
+) -> tuple[list[dict], list[dict]]:
     """Top-k classes with probabilities for each readable image; returns (results, bad files). fp32 by default,
     the precision an exported model and `cnnlab eval` compute in; "bf16" or "auto" (as training decides) on request."""
     runtime = inference_runtime(next(loaded.model.parameters()).device, precision)
@@ -90,8 +99,15 @@ def predict_files(loaded: LoadedModel, paths: list[Path], top_k: int = 5, batch_
         return _predict(model, loaded, runtime, paths, top_k, batch_size, on_result)
 
 
-def _predict(model, loaded: LoadedModel, runtime, paths: list[Path], top_k: int, batch_size: int,
-             on_result: Callable[[dict], None] | None) -> tuple[list[dict], list[dict]]:
+def _predict(
+    model,
+    loaded: LoadedModel,
+    runtime,
+    paths: list[Path],
+    top_k: int,
+    batch_size: int,
+    on_result: Callable[[dict], None] | None,
+) -> tuple[list[dict], list[dict]]:
     device = runtime.device
     k = min(top_k, len(loaded.classes))
     results: list[dict] = []
@@ -102,8 +118,11 @@ def _predict(model, loaded: LoadedModel, runtime, paths: list[Path], top_k: int,
             probs = model(x.contiguous(memory_format=runtime.memory_format)).float().softmax(1)
         top = probs.topk(k, dim=1)
         for name, p, i, note in zip(names, top.values.tolist(), top.indices.tolist(), notes):
-            result = {"file": name, "top": [{"class": loaded.classes[j], "index": j, "probability": q}
-                                            for q, j in zip(p, i)], "notes": note}
+            result = {
+                "file": name,
+                "top": [{"class": loaded.classes[j], "index": j, "probability": q} for q, j in zip(p, i)],
+                "notes": note,
+            }
             results.append(result)
             if on_result:
                 on_result(result)

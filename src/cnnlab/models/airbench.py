@@ -6,6 +6,7 @@ conv-BN-GELU at widths 64/256/256, global max pooling, a linear layer without bi
 scale. Batch norm learns only its shift. Facts and figures are from the paper and its public code
 (KellerJordan/cifar10-airbench, airbench94.py); the code here is cnnlab's own.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -16,8 +17,16 @@ import torch.nn as nn
 from ..errors import ModelError
 from .registry import register_model
 
-__all__ = ["Airbench", "ConvGroup", "WhiteningConv", "ShiftOnlyBatchNorm", "init_whitening",
-           "airbench94_param_groups", "AIRBENCH94_RECIPE", "airbench94"]
+__all__ = [
+    "Airbench",
+    "ConvGroup",
+    "WhiteningConv",
+    "ShiftOnlyBatchNorm",
+    "init_whitening",
+    "airbench94_param_groups",
+    "AIRBENCH94_RECIPE",
+    "airbench94",
+]
 
 # The training recipe of airbench94.py, for cnnlab.train.recipes to follow (the paper's numbers, the code's `hyp` names).
 AIRBENCH94_RECIPE: dict[str, Any] = {
@@ -86,7 +95,7 @@ class WhiteningConv(nn.Conv2d):
     """
 
     def __init__(self, in_channels: int, kernel_size: int = 2):
-        super().__init__(in_channels, 2 * in_channels * kernel_size ** 2, kernel_size, bias=True)
+        super().__init__(in_channels, 2 * in_channels * kernel_size**2, kernel_size, bias=True)
         weight = self.weight.detach().clone()
         del self.weight
         self.register_buffer("weight", weight)
@@ -108,7 +117,7 @@ class ConvGroup(nn.Module):
         for conv in (self.conv1, self.conv2):
             # the paper's partial identity init: the first in_channels filters pass their input through unchanged
             with torch.no_grad():
-                nn.init.dirac_(conv.weight[:conv.in_channels])
+                nn.init.dirac_(conv.weight[: conv.in_channels])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.act(self.norm1(self.pool(self.conv1(x))))  # the conv runs before the pool: (H, W) -> (H/2, W/2)
@@ -122,12 +131,19 @@ class Airbench(nn.Module):
     any side from 9 pixels up works.
     """
 
-    def __init__(self, num_classes: int = 10, in_channels: int = 3, widths: tuple[int, int, int] = (64, 256, 256),
-                 whiten_kernel: int = 2, logit_scale: float = LOGIT_SCALE):
+    def __init__(
+        self,
+        num_classes: int = 10,
+        in_channels: int = 3,
+        widths: tuple[int, int, int] = (64, 256, 256),
+        whiten_kernel: int = 2,
+        logit_scale: float = LOGIT_SCALE,
+    ):
         super().__init__()
         if num_classes < 1 or in_channels < 1 or len(widths) != 3 or min(widths) < 1:
-            raise ModelError(f"num_classes {num_classes}, in_channels {in_channels} and three widths {widths} "
-                             "must all be >= 1")
+            raise ModelError(
+                f"num_classes {num_classes}, in_channels {in_channels} and three widths {widths} must all be >= 1"
+            )
         self.whiten = WhiteningConv(in_channels, whiten_kernel)
         self.act = nn.GELU()
         self.layer1 = ConvGroup(self.whiten.out_channels, widths[0])
@@ -162,14 +178,19 @@ class Airbench(nn.Module):
         shifts, rest = airbench94_param_groups(self, batch_size=batch_size, loss_reduction="mean", recipe=recipe)
         bias = self.whiten.bias
         rest = {**rest, "params": [q for q in rest["params"] if q is not bias]}
-        whiten = {**rest, "params": [bias], "name": "whitening_bias",
-                  "until_epoch": AIRBENCH94_RECIPE["whiten_bias_epochs"]}
+        whiten = {
+            **rest,
+            "params": [bias],
+            "name": "whitening_bias",
+            "until_epoch": AIRBENCH94_RECIPE["whiten_bias_epochs"],
+        }
         return [shifts, rest, whiten]
 
 
 @torch.no_grad()
-def init_whitening(model: nn.Module, images: torch.Tensor, mean, std, *, num_images: int = 5000,
-                   eps: float = 5e-4, chunk: int = 500) -> torch.Tensor:
+def init_whitening(
+    model: nn.Module, images: torch.Tensor, mean, std, *, num_images: int = 5000, eps: float = 5e-4, chunk: int = 500
+) -> torch.Tensor:
     """Set the whitening conv from the first `num_images` uint8 (N, C, H, W) training images, normalised by
     mean/std as the loader does: filters V^T / sqrt(eigenvalues + eps) and their negatives, where V holds the
     eigenvectors of the kxk patches' second-moment matrix, largest eigenvalue first. Returns the eigenvalues.
@@ -179,8 +200,10 @@ def init_whitening(model: nn.Module, images: torch.Tensor, mean, std, *, num_ima
         raise ModelError(f"init_whitening needs an airbench model or a WhiteningConv, not {type(model).__name__}")
     c, (kh, kw) = layer.in_channels, layer.kernel_size
     if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != c or min(images.shape[2:]) < max(kh, kw):
-        raise ModelError(f"init_whitening needs uint8 images of shape (N, {c}, H, W) with H, W >= {max(kh, kw)}, "
-                         f"got {images.dtype} {tuple(images.shape)}")
+        raise ModelError(
+            f"init_whitening needs uint8 images of shape (N, {c}, H, W) with H, W >= {max(kh, kw)}, "
+            f"got {images.dtype} {tuple(images.shape)}"
+        )
     images = images[:num_images]
     if len(images) == 0:
         raise ModelError("init_whitening got no images")
@@ -203,8 +226,9 @@ def init_whitening(model: nn.Module, images: torch.Tensor, mean, std, *, num_ima
     return eigenvalues.float().cpu()
 
 
-def airbench94_param_groups(model: nn.Module, *, batch_size: int = 1024, loss_reduction: str = "mean",
-                            recipe: dict = AIRBENCH94_RECIPE) -> list[dict]:
+def airbench94_param_groups(
+    model: nn.Module, *, batch_size: int = 1024, loss_reduction: str = "mean", recipe: dict = AIRBENCH94_RECIPE
+) -> list[dict]:
     """torch.optim.SGD parameter groups with the paper's learning rates and weight decays: BN shifts, then the
     rest (every other trainable tensor, biases included). `base_lr` is the lr that the schedule's factor scales.
 
@@ -216,14 +240,24 @@ def airbench94_param_groups(model: nn.Module, *, batch_size: int = 1024, loss_re
     kilostep = 1024 * (1 + 1 / (1 - momentum))  # Nesterov's steady-state step gain, per 1024 examples
     lr = recipe["lr"] / kilostep * (batch_size if loss_reduction == "mean" else 1)
     decay_per_step = recipe["weight_decay"] * batch_size / kilostep  # PyTorch multiplies weight_decay by lr
-    shifts = [m.bias for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-              and m.bias is not None and m.bias.requires_grad]
+    shifts = [
+        m.bias
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.bias is not None and m.bias.requires_grad
+    ]
     taken = {id(p) for p in shifts}
     rest = [p for p in model.parameters() if p.requires_grad and id(p) not in taken]
     bias_lr = lr * recipe["bias_scaler"]
-    return [{"params": shifts, "lr": bias_lr, "base_lr": bias_lr, "weight_decay": decay_per_step / bias_lr,
-             "name": "norm_biases"},
-            {"params": rest, "lr": lr, "base_lr": lr, "weight_decay": decay_per_step / lr, "name": "other"}]
+    return [
+        {
+            "params": shifts,
+            "lr": bias_lr,
+            "base_lr": bias_lr,
+            "weight_decay": decay_per_step / bias_lr,
+            "name": "norm_biases",
+        },
+        {"params": rest, "lr": lr, "base_lr": lr, "weight_decay": decay_per_step / lr, "name": "other"},
+    ]
 
 
 @register_model

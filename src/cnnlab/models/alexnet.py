@@ -5,6 +5,7 @@ NeurIPS 2012) in torchvision's single-tower layout, with its module names so its
 torchvision's version follows Krizhevsky's "One weird trick" paper (2014): 64/192/384/256/256 conv channels
 instead of the original 96/256/384/384/256 split over two GPUs, no local response normalisation.
 """
+
 from __future__ import annotations
 
 import torch

@@ -2,6 +2,7 @@
 
 A plain net is the residual class with its shortcuts switched off (`shortcut=None`), not a copy.
 """
+
 from __future__ import annotations
 
 import torch
@@ -11,15 +12,25 @@ from ..errors import ModelError
 from .registry import register_model
 from .resnet import BasicBlock, NormLayer, init_weights, make_shortcut, zero_init_last_bn
 
-__all__ = ["CifarResNet", "cifar_resnet", "cifar_plain"] + [f"resnet{d}" for d in (20, 32, 44, 56, 110, 1202)] + \
-    [f"plain{d}" for d in (20, 32, 44, 56, 110)]
+__all__ = (
+    ["CifarResNet", "cifar_resnet", "cifar_plain"]
+    + [f"resnet{d}" for d in (20, 32, 44, 56, 110, 1202)]
+    + [f"plain{d}" for d in (20, 32, 44, 56, 110)]
+)
 
 
 class CifarResNet(nn.Module):
     """3x3 conv with 16 filters, three stages of n basic blocks at 16, 32, 64 filters, global pool, fc."""
 
-    def __init__(self, depth: int, num_classes: int = 10, in_channels: int = 3, shortcut: str | None = "A",
-                 norm_layer: NormLayer | None = None, zero_init_residual: bool = False):
+    def __init__(
+        self,
+        depth: int,
+        num_classes: int = 10,
+        in_channels: int = 3,
+        shortcut: str | None = "A",
+        norm_layer: NormLayer | None = None,
+        zero_init_residual: bool = False,
+    ):
         super().__init__()
         if depth < 8 or (depth - 2) % 6:
             raise ModelError(f"depth {depth} is not 6n+2 (20, 32, 44, 56, 110, 1202, ...)")
@@ -40,14 +51,16 @@ class CifarResNet(nn.Module):
         if zero_init_residual:
             zero_init_last_bn(self)
 
-    def _make_layer(self, planes: int, blocks: int, stride: int, shortcut: str | None,
-                    norm_layer: NormLayer) -> nn.Sequential:
+    def _make_layer(
+        self, planes: int, blocks: int, stride: int, shortcut: str | None, norm_layer: NormLayer
+    ) -> nn.Sequential:
         layers = []
         for i in range(blocks):
             s = stride if i == 0 else 1
             downsample = make_shortcut(shortcut, self.inplanes, planes, s, norm_layer)
-            layers.append(BasicBlock(self.inplanes, planes, s, downsample, norm_layer=norm_layer,
-                                     residual=shortcut is not None))
+            layers.append(
+                BasicBlock(self.inplanes, planes, s, downsample, norm_layer=norm_layer, residual=shortcut is not None)
+            )
             self.inplanes = planes
         return nn.Sequential(*layers)
 
@@ -65,6 +78,7 @@ class CifarResNet(nn.Module):
 def _residual(depth: int, params: str):
     def builder(shortcut: str = "A", **kwargs) -> CifarResNet:
         return CifarResNet(depth, shortcut=shortcut, **kwargs)
+
     builder.__name__ = builder.__qualname__ = f"resnet{depth}"
     builder.__doc__ = f"ResNet-{depth} for CIFAR (He et al. 2016, Sec. 4.2): {params} parameters with option A."
     return register_model(builder)
@@ -73,6 +87,7 @@ def _residual(depth: int, params: str):
 def _plain(depth: int):
     def builder(**kwargs) -> CifarResNet:
         return CifarResNet(depth, shortcut=None, **kwargs)
+
     builder.__name__ = builder.__qualname__ = f"plain{depth}"
     builder.__doc__ = f"Plain-{depth} (He et al. 2016, Sec. 4.2): ResNet-{depth} without shortcuts."
     return register_model(builder)

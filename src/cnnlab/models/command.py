@@ -1,5 +1,6 @@
 """`cnnlab models` and `cnnlab summary`: tables of the registered models and the packaged weights (the CLI only
 dispatches here)."""
+
 from __future__ import annotations
 
 import json
@@ -27,12 +28,16 @@ def _pretrained(args) -> int:
     print(f"{'name':<{width}}  {'model':<9} {'dataset':<14} {'test acc':>8}  {'size':>7}  trained")
     for e in entries:
         tta = f" (tta {e.tta})" if e.tta else ""
-        print(f"{e.name:<{width}}  {e.model:<9} {e.dataset:<14} {e.test_accuracy:>8.2%}  {e.bytes / 1e6:>5.2f}MB  "
-              f"{e.epochs:g} epochs, {e.train_seconds / 60:,.0f} min on {e.cpu}, {e.threads} thread(s), "
-              f"{e.precision}, torch {e.torch}{tta}")
+        print(
+            f"{e.name:<{width}}  {e.model:<9} {e.dataset:<14} {e.test_accuracy:>8.2%}  {e.bytes / 1e6:>5.2f}MB  "
+            f"{e.epochs:g} epochs, {e.train_seconds / 60:,.0f} min on {e.cpu}, {e.threads} thread(s), "
+            f"{e.precision}, torch {e.torch}{tta}"
+        )
         print(f"{'':<{width}}  $ {e.command}")
-    print("(use a name wherever RUN_DIR|WEIGHTS is taken, e.g. 'cnnlab predict resnet20-cifar10 photo.jpg', or "
-          "create_model('resnet20', weights='cifar10'); each file is checked against its sha256 when loaded)")
+    print(
+        "(use a name wherever RUN_DIR|WEIGHTS is taken, e.g. 'cnnlab predict resnet20-cifar10 photo.jpg', or "
+        "create_model('resnet20', weights='cifar10'); each file is checked against its sha256 when loaded)"
+    )
     return 0
 
 
@@ -53,18 +58,23 @@ def models_command(args) -> int:
         size = native_input(model)
         info = summarize(model, size)
         doc = (model_entrypoint(name).__doc__ or "").strip().splitlines()[0]
-        rows.append({"name": name, "params": info["params"], "macs": info["macs"], "input_size": list(size),
-                     "description": doc})
+        rows.append(
+            {"name": name, "params": info["params"], "macs": info["macs"], "input_size": list(size), "description": doc}
+        )
     if args.json:
         print(json.dumps(rows))
         return 0
     width = max(len(r["name"]) for r in rows)
     print(f"{'model':<{width}} {'params':>12} {'MACs':>14}  {'input':<9} description")
     for r in rows:
-        print(f"{r['name']:<{width}} {r['params']:>12,} {r['macs']:>14,}  {'x'.join(map(str, r['input_size'])):<9} "
-              f"{r['description']}")
-    print("(MACs per image at the native input size; 1 MAC = 2 FLOPs; weights that come with cnnlab: "
-          "cnnlab models --pretrained)")
+        print(
+            f"{r['name']:<{width}} {r['params']:>12,} {r['macs']:>14,}  {'x'.join(map(str, r['input_size'])):<9} "
+            f"{r['description']}"
+        )
+    print(
+        "(MACs per image at the native input size; 1 MAC = 2 FLOPs; weights that come with cnnlab: "
+        "cnnlab models --pretrained)"
+    )
     return 0
 
 
@@ -84,6 +94,7 @@ def summary_command(args, model_args: dict) -> int:
     kwargs = {k: v for k, v in kwargs.items() if k not in ("in_channels", "input_size") or accepts(args.model, k)}
     if args.input_size:
         from .summary import check_input_size
+
         check_input_size(args.model, kwargs, args.input_size, what="--input-size")
     model = create_model(args.model, **kwargs)
     info = summarize(model, args.input_size or native_input(model))

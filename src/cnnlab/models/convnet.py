@@ -4,6 +4,7 @@
 Complete Network as one spec. `ConvNet` is the lecture's alternate form, a module class with
 a hand-written `forward`, kept so the two forms can be compared weight for weight.
 """
+
 from __future__ import annotations
 
 import re
@@ -16,7 +17,16 @@ import torch.nn as nn
 from ..errors import ModelError
 from .registry import register_model
 
-__all__ = ["TraditionalCNN", "ConvNet", "parse_spec", "spec_values", "sequential_to_convnet_state", "convnet", "cnn", "convnet_module"]
+__all__ = [
+    "TraditionalCNN",
+    "ConvNet",
+    "parse_spec",
+    "spec_values",
+    "sequential_to_convnet_state",
+    "convnet",
+    "cnn",
+    "convnet_module",
+]
 
 # The lecture's Complete Network: two 5-channel convs, a 2x2 max-pool, two 8-channel convs, a 128-unit
 # dense layer (the final Linear to num_classes is implicit).
@@ -52,6 +62,7 @@ def parse_spec(spec: str) -> list[_Layer]:
     """Parse a spec such as ``"c5x2,p,c8x2,f128"`` into layers; a bad token names itself and the grammar. More
     layers than data.images.Limits.model_layers are refused before any is listed ("c8x100000000")."""
     from ..data.images import limits, raise_hint
+
     layers: list[_Layer] = []
     tokens = [t.strip() for t in spec.split(",") if t.strip()]
     if not tokens:
@@ -64,8 +75,10 @@ def parse_spec(spec: str) -> list[_Layer]:
     count = sum(int(m["rep"] or 1) for m, _ in checked)
     cap = limits().model_layers
     if count > cap:
-        raise ModelError(f"model spec {spec[:80]!r} has {count:,} layers, more than cnnlab builds ({cap:,}); "
-                         f"{raise_hint('model_layers')} if you mean it")
+        raise ModelError(
+            f"model spec {spec[:80]!r} has {count:,} layers, more than cnnlab builds ({cap:,}); "
+            f"{raise_hint('model_layers')} if you mean it"
+        )
     for m, token in checked:
         if m["conv"]:
             k, s = int(m["k"] or 3), int(m["s"] or 1)
@@ -85,15 +98,14 @@ def parse_spec(spec: str) -> list[_Layer]:
     return layers
 
 
-def spec_values(spec: str, num_classes: int = 10, in_channels: int = 3,
-                input_size: int | tuple[int, int] = 32) -> int:
+def spec_values(spec: str, num_classes: int = 10, in_channels: int = 3, input_size: int | tuple[int, int] = 32) -> int:
     """The number of values in the state dict of `cnn(spec, ...)` (parameters and batch-norm buffers), from the
     spec alone: a weights sidecar is checked with it before any module is built."""
     c, (h, w) = in_channels, _pair(input_size)
     flat, values = None, 0
     for layer in parse_spec(spec):
         if layer.kind == "conv":
-            values += c * layer.size * layer.kernel ** 2 + (4 * layer.size + 1 if layer.batchnorm else layer.size)
+            values += c * layer.size * layer.kernel**2 + (4 * layer.size + 1 if layer.batchnorm else layer.size)
             if layer.stride > 1:
                 h = (h + 2 * (layer.kernel // 2) - layer.kernel) // layer.stride + 1
                 w = (w + 2 * (layer.kernel // 2) - layer.kernel) // layer.stride + 1
@@ -123,8 +135,13 @@ class TraditionalCNN(nn.Sequential):
     The flatten size follows from `in_channels` and `input_size`: nothing is tied to one dataset.
     """
 
-    def __init__(self, spec: str = CONVNET_SPEC, num_classes: int = 10, in_channels: int = 3,
-                 input_size: int | tuple[int, int] = 32):
+    def __init__(
+        self,
+        spec: str = CONVNET_SPEC,
+        num_classes: int = 10,
+        in_channels: int = 3,
+        input_size: int | tuple[int, int] = 32,
+    ):
         layers = parse_spec(spec)
         if num_classes < 1 or in_channels < 1:
             raise ModelError(f"num_classes and in_channels must be >= 1, got {num_classes} and {in_channels}")
@@ -137,8 +154,9 @@ class TraditionalCNN(nn.Sequential):
             if layer.kind == "conv":
                 # 'same' keeps the size at stride 1, as the lecture writes it; strided convs pad k//2.
                 pad = "same" if layer.stride == 1 else layer.kernel // 2
-                modules.append(nn.Conv2d(c, layer.size, layer.kernel, stride=layer.stride, padding=pad,
-                                         bias=not layer.batchnorm))
+                modules.append(
+                    nn.Conv2d(c, layer.size, layer.kernel, stride=layer.stride, padding=pad, bias=not layer.batchnorm)
+                )
                 if layer.batchnorm:
                     modules.append(nn.BatchNorm2d(layer.size))
                 modules.append(nn.ReLU(inplace=True))
@@ -162,8 +180,10 @@ class TraditionalCNN(nn.Sequential):
                 modules += [nn.Linear(flat, layer.size), nn.ReLU(inplace=True)]
                 flat = layer.size
             if h < 1 or w < 1:
-                raise ModelError(f"model spec {spec!r} shrinks a {_pair(input_size)} input to nothing; "
-                                 "use fewer pooling or strided layers or a larger input_size")
+                raise ModelError(
+                    f"model spec {spec!r} shrinks a {_pair(input_size)} input to nothing; "
+                    "use fewer pooling or strided layers or a larger input_size"
+                )
         if flat is None:
             modules.append(nn.Flatten())
             flat = c * h * w
@@ -179,7 +199,7 @@ class TraditionalCNN(nn.Sequential):
         return x
 
     def forward_head(self, x: torch.Tensor) -> torch.Tensor:
-        for module in list(self)[self._head_start:]:
+        for module in list(self)[self._head_start :]:
             x = module(x)
         return x
 
@@ -231,7 +251,8 @@ def convnet_module(num_classes: int = 10, in_channels: int = 3, input_size: int 
 
 
 @register_model
-def cnn(spec: str = CONVNET_SPEC, num_classes: int = 10, in_channels: int = 3,
-        input_size: int | tuple[int, int] = 32) -> TraditionalCNN:
+def cnn(
+    spec: str = CONVNET_SPEC, num_classes: int = 10, in_channels: int = 3, input_size: int | tuple[int, int] = 32
+) -> TraditionalCNN:
     """A traditional CNN of your own from a short spec, e.g. ``cnn(spec="c32x2,p,c64x2,p,f256")``."""
     return TraditionalCNN(spec, num_classes=num_classes, in_channels=in_channels, input_size=input_size)

@@ -5,6 +5,7 @@ The default is the modern form: ReLU, max pooling, a linear output layer, C3 con
 `activation="lecun_tanh", pool="avg", connection_table=True` comes closer to the paper, whose S-layers also
 had a trainable gain and bias per map and whose output was a layer of Euclidean RBF units (not kept here).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -20,9 +21,21 @@ __all__ = ["LeNet5", "ConnectionTableConv", "LENET5_C3_TABLE", "lenet5"]
 # Table I of the paper: the S2 maps (0-5) each C3 map reads. Maps 0-5 read three neighbouring maps,
 # 6-11 four neighbouring, 12-14 four non-neighbouring and 15 all six, "to break the symmetry" (Sec. II-B).
 LENET5_C3_TABLE = (
-    (0, 1, 2), (1, 2, 3), (2, 3, 4), (3, 4, 5), (0, 4, 5), (0, 1, 5),
-    (0, 1, 2, 3), (1, 2, 3, 4), (2, 3, 4, 5), (0, 3, 4, 5), (0, 1, 4, 5), (0, 1, 2, 5),
-    (0, 1, 3, 4), (1, 2, 4, 5), (0, 2, 3, 5),
+    (0, 1, 2),
+    (1, 2, 3),
+    (2, 3, 4),
+    (3, 4, 5),
+    (0, 4, 5),
+    (0, 1, 5),
+    (0, 1, 2, 3),
+    (1, 2, 3, 4),
+    (2, 3, 4, 5),
+    (0, 3, 4, 5),
+    (0, 1, 4, 5),
+    (0, 1, 2, 5),
+    (0, 1, 3, 4),
+    (1, 2, 4, 5),
+    (0, 2, 3, 5),
     (0, 1, 2, 3, 4, 5),
 )
 
@@ -34,8 +47,11 @@ class LeCunTanh(nn.Module):
         return 1.7159 * torch.tanh(x * (2.0 / 3.0))
 
 
-_ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {"relu": lambda: nn.ReLU(inplace=True), "tanh": nn.Tanh,
-                                                    "lecun_tanh": LeCunTanh}
+_ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    "relu": lambda: nn.ReLU(inplace=True),
+    "tanh": nn.Tanh,
+    "lecun_tanh": LeCunTanh,
+}
 _POOLS: dict[str, Callable[..., nn.Module]] = {"max": nn.MaxPool2d, "avg": nn.AvgPool2d}
 
 
@@ -80,12 +96,21 @@ class LeNet5(nn.Module):
     Larger inputs are used as they are: C5 then gives more than 1x1 positions and F6 reads all of them.
     """
 
-    def __init__(self, num_classes: int = 10, in_channels: int = 1, input_size: int | tuple[int, int] = 32,
-                 activation: str = "relu", pool: str = "max", connection_table: bool = False):
+    def __init__(
+        self,
+        num_classes: int = 10,
+        in_channels: int = 1,
+        input_size: int | tuple[int, int] = 32,
+        activation: str = "relu",
+        pool: str = "max",
+        connection_table: bool = False,
+    ):
         super().__init__()
         if activation not in _ACTIVATIONS or pool not in _POOLS:
-            raise ModelError(f"activation {activation!r} / pool {pool!r}: choose activation from "
-                             f"{', '.join(_ACTIVATIONS)} and pool from {', '.join(_POOLS)}")
+            raise ModelError(
+                f"activation {activation!r} / pool {pool!r}: choose activation from "
+                f"{', '.join(_ACTIVATIONS)} and pool from {', '.join(_POOLS)}"
+            )
         if num_classes < 1 or in_channels < 1:
             raise ModelError(f"num_classes and in_channels must be >= 1, got {num_classes} and {in_channels}")
         h, w = (input_size, input_size) if isinstance(input_size, int) else (int(input_size[0]), int(input_size[1]))
@@ -125,8 +150,20 @@ class LeNet5(nn.Module):
 
 
 @register_model
-def lenet5(num_classes: int = 10, in_channels: int = 1, input_size: int | tuple[int, int] = 32,
-           activation: str = "relu", pool: str = "max", connection_table: bool = False) -> LeNet5:
+def lenet5(
+    num_classes: int = 10,
+    in_channels: int = 1,
+    input_size: int | tuple[int, int] = 32,
+    activation: str = "relu",
+    pool: str = "max",
+    connection_table: bool = False,
+) -> LeNet5:
     """LeNet-5 (LeCun et al. 1998, Fig. 2) in its modern form: 61,706 parameters at 1x32x32, 10 classes."""
-    return LeNet5(num_classes=num_classes, in_channels=in_channels, input_size=input_size, activation=activation,
-                  pool=pool, connection_table=connection_table)
+    return LeNet5(
+        num_classes=num_classes,
+        in_channels=in_channels,
+        input_size=input_size,
+        activation=activation,
+        pool=pool,
+        connection_table=connection_table,
+    )

@@ -4,6 +4,7 @@ file with its sha256, test accuracy and the exact command that made it.
 A file is hashed and compared with the registry every time it is loaded, so a damaged install says so
 instead of handing out wrong weights.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -14,8 +15,15 @@ from pathlib import Path
 
 from ..errors import CheckpointError
 
-__all__ = ["PackagedWeights", "WEIGHTS_DIR", "list_packaged", "get_packaged", "find_packaged", "is_packaged",
-           "packaged_names"]
+__all__ = [
+    "PackagedWeights",
+    "WEIGHTS_DIR",
+    "list_packaged",
+    "get_packaged",
+    "find_packaged",
+    "is_packaged",
+    "packaged_names",
+]
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 _REGISTRY = "registry.json"
@@ -24,6 +32,7 @@ _REGISTRY = "registry.json"
 @dataclass(frozen=True)
 class PackagedWeights:
     """One registry entry: `name` is `<model>-<dataset>`; `file` and `sidecar` lie in WEIGHTS_DIR."""
+
     name: str
     model: str
     dataset: str
@@ -60,13 +69,17 @@ class PackagedWeights:
             try:
                 got = hashlib.sha256(path.read_bytes()).hexdigest()
             except OSError as exc:
-                raise CheckpointError(f"{path}: packaged weights {self.name!r} cannot be read ({exc.strerror}); the "
-                                      "cnnlab install is incomplete: reinstall it (pip install --force-reinstall "
-                                      "cnnlab)") from None
+                raise CheckpointError(
+                    f"{path}: packaged weights {self.name!r} cannot be read ({exc.strerror}); the "
+                    "cnnlab install is incomplete: reinstall it (pip install --force-reinstall "
+                    "cnnlab)"
+                ) from None
             if got != want:
-                raise CheckpointError(f"{path}: sha256 {got[:12]}… but the registry of packaged weights expects "
-                                      f"{want[:12]}…; the cnnlab install is damaged: reinstall it (pip install "
-                                      "--force-reinstall cnnlab)")
+                raise CheckpointError(
+                    f"{path}: sha256 {got[:12]}… but the registry of packaged weights expects "
+                    f"{want[:12]}…; the cnnlab install is damaged: reinstall it (pip install "
+                    "--force-reinstall cnnlab)"
+                )
         return self.path
 
 
@@ -80,8 +93,9 @@ def _read_registry(folder: Path) -> tuple[PackagedWeights, ...]:
     except FileNotFoundError:
         return ()
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{path}: the registry of packaged weights is unreadable ({exc}); reinstall cnnlab") \
-            from None
+        raise CheckpointError(
+            f"{path}: the registry of packaged weights is unreadable ({exc}); reinstall cnnlab"
+        ) from None
 
 
 def list_packaged() -> list[PackagedWeights]:
@@ -102,8 +116,10 @@ def get_packaged(name: str) -> PackagedWeights:
     for entry in list_packaged():
         if entry.name == name:
             return entry
-    raise CheckpointError(f"no packaged weights called {name!r}; packaged: {', '.join(packaged_names()) or 'none'} "
-                          "('cnnlab models --pretrained' lists them)")
+    raise CheckpointError(
+        f"no packaged weights called {name!r}; packaged: {', '.join(packaged_names()) or 'none'} "
+        "('cnnlab models --pretrained' lists them)"
+    )
 
 
 def find_packaged(model: str, tag: str) -> PackagedWeights:
@@ -112,6 +128,9 @@ def find_packaged(model: str, tag: str) -> PackagedWeights:
         if entry.model == model and tag in (entry.dataset, entry.name):
             return entry
     own = [w.dataset for w in list_packaged() if w.model == model]
-    offer = f"packaged for {model!r}: {', '.join(own)}" if own else \
-        f"none are packaged for {model!r} (packaged: {', '.join(packaged_names()) or 'none'})"
+    offer = (
+        f"packaged for {model!r}: {', '.join(own)}"
+        if own
+        else f"none are packaged for {model!r} (packaged: {', '.join(packaged_names()) or 'none'})"
+    )
     raise CheckpointError(f"weights={tag!r}: no such file, and no packaged weights of that name; {offer}")

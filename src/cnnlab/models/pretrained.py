@@ -3,6 +3,7 @@
 `.pth` files are read with `torch.load(weights_only=True)`: a pickle that would build anything but
 tensors and plain containers is refused, never executed.
 """
+
 from __future__ import annotations
 
 import pickle
@@ -23,6 +24,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
+
         try:
             return load_file(path)
         except (SafetensorError, OSError, ValueError) as exc:
@@ -30,18 +32,25 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise CheckpointError(f"{path}: refused: it holds more than tensors and plain containers, and loading it "
-                              f"could run code ({str(exc).splitlines()[0]})") from None
+        raise CheckpointError(
+            f"{path}: refused: it holds more than tensors and plain containers, and loading it "
+            f"could run code ({str(exc).splitlines()[0]})"
+        ) from None
     except Exception as exc:  # a malformed file raises many types (struct.error, RuntimeError, EOFError, ...)
         reason = (str(exc).splitlines() or [type(exc).__name__])[0]
         raise CheckpointError(f"{path}: not a readable PyTorch weights file ({reason})") from None
     for wrapper in ("state_dict", "model"):  # common checkpoint wrappers around a state dict
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]
-    if not isinstance(state, dict) or not state or not all(
-            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
-        raise CheckpointError(f"{path}: not a state dict (a mapping of parameter names to tensors); "
-                              "save one with torch.save(model.state_dict(), path)")
+    if (
+        not isinstance(state, dict)
+        or not state
+        or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items())
+    ):
+        raise CheckpointError(
+            f"{path}: not a state dict (a mapping of parameter names to tensors); "
+            "save one with torch.save(model.state_dict(), path)"
+        )
     return state
 
 
@@ -50,8 +59,11 @@ def state_dict_mismatch(model: nn.Module, state: dict[str, torch.Tensor]) -> tup
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
-    shapes = sorted(f"{k}: {tuple(state[k].shape)} in the file, {tuple(own[k].shape)} in the model"
-                    for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    shapes = sorted(
+        f"{k}: {tuple(state[k].shape)} in the file, {tuple(own[k].shape)} in the model"
+        for k in set(own) & set(state)
+        if own[k].shape != state[k].shape
+    )
     return missing, unexpected, shapes
 
 
@@ -72,9 +84,11 @@ def load_pretrained(model: nn.Module, path: str | Path, name: str = "the model")
         only_the_head = all(s.split(":")[0].split(".")[0] == head[0].split(".")[0] for s in shapes) if head else False
         if head and shapes and not missing and not unexpected and only_the_head:
             n = state[head[0]].shape[0]
-            hint = (f"; the file's classifier has {n} classes: build the model with num_classes={n} (on the command "
-                    f"line --model-arg num_classes={n}, or --num-classes {n} for 'cnnlab summary'), or load it that "
-                    "way and replace the head for your classes")
+            hint = (
+                f"; the file's classifier has {n} classes: build the model with num_classes={n} (on the command "
+                f"line --model-arg num_classes={n}, or --num-classes {n} for 'cnnlab summary'), or load it that "
+                "way and replace the head for your classes"
+            )
         raise CheckpointError(f"{path}: weights do not fit {name}: " + "; ".join(parts) + hint)
     model.load_state_dict(state, strict=True)
     return model

@@ -1,4 +1,5 @@
 """Model registry: the key is the builder function's name, as in timm."""
+
 from __future__ import annotations
 
 import inspect
@@ -34,6 +35,7 @@ def model_entrypoint(name: str) -> Callable[..., nn.Module]:
         return _MODELS[name]
     except (KeyError, TypeError):
         import difflib
+
         close = difflib.get_close_matches(str(name), list_models(), n=3, cutoff=0.6)
         hint = f" (did you mean {' or '.join(close)}?)" if close else ""
         raise ModelError(f"unknown model {name!r}{hint}; valid models: {', '.join(list_models())}") from None
@@ -51,6 +53,7 @@ def create_model(name: str, weights: str | Path | None = None, **kwargs) -> nn.M
     packaged, meta = None, {}
     if weights is not None and not Path(weights).is_file():  # a folder called 'cifar10' does not shadow the name
         from .packaged import find_packaged
+
         packaged = find_packaged(name, str(weights))
         weights = packaged.verified_path()  # hashed against the registry before anything is read from it
         meta = json.loads(packaged.sidecar_path.read_text())
@@ -67,32 +70,52 @@ def create_model(name: str, weights: str | Path | None = None, **kwargs) -> nn.M
         model = builder(**kwargs)
     except ModelError:
         raise
-    except (TypeError, ValueError, AttributeError, KeyError, IndexError, OverflowError, ZeroDivisionError,
-            RuntimeError) as exc:  # an argument of the wrong type or range, e.g. num_classes=-1 or spec=None
+    except (
+        TypeError,
+        ValueError,
+        AttributeError,
+        KeyError,
+        IndexError,
+        OverflowError,
+        ZeroDivisionError,
+        RuntimeError,
+    ) as exc:  # an argument of the wrong type or range, e.g. num_classes=-1 or spec=None
         shown = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())[:300]
         reason = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
         raise ModelError(f"model {name!r} cannot be built with {shown}: {reason}") from None
     if weights is not None:
         from .pretrained import load_pretrained
+
         load_pretrained(model, weights, name=repr(name))
     if packaged is not None:
-        cfg = {"name": packaged.name, "dataset": packaged.dataset, "test_accuracy": packaged.test_accuracy,
-               "classes": meta["classes"], "mean": meta["mean"], "std": meta["std"], "input_shape": meta["input_shape"]}
+        cfg = {
+            "name": packaged.name,
+            "dataset": packaged.dataset,
+            "test_accuracy": packaged.test_accuracy,
+            "classes": meta["classes"],
+            "mean": meta["mean"],
+            "std": meta["std"],
+            "input_shape": meta["input_shape"],
+        }
         model.pretrained_cfg = cfg  # type: ignore[assignment]  # timm's name; Module.__setattr__ is typed for tensors
     return model
 
 
 def _packaged_args(packaged: str, own: dict, kwargs: dict) -> dict:
     """The packaged model's own arguments (e.g. in_channels=1 for Fashion-MNIST), which `kwargs` may not contradict."""
+
     def plain(value):  # tuples as lists, as the sidecar holds them
         try:
             return json.loads(json.dumps(value))
         except (TypeError, ValueError):
             return value
+
     clash = [f"{k}={kwargs[k]!r} (they have {own[k]!r})" for k in kwargs if k in own and plain(kwargs[k]) != own[k]]
     if clash:
-        raise ModelError(f"packaged weights {packaged!r} do not fit {', '.join(clash)}; leave those out, or "
-                         "build the model without weights and load the layers you want")
+        raise ModelError(
+            f"packaged weights {packaged!r} do not fit {', '.join(clash)}; leave those out, or "
+            "build the model without weights and load the layers you want"
+        )
     return {**own, **kwargs}
 
 

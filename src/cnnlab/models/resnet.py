@@ -4,6 +4,7 @@ CVPR 2016), with torchvision's module names so its checkpoint files load with `s
 The bottleneck puts its stride on the 3x3 conv as torchvision does ("ResNet v1.5");
 `stride_in_1x1=True` gives the paper's original placement on the first 1x1 conv.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -14,8 +15,21 @@ import torch.nn as nn
 from ..errors import ModelError
 from .registry import register_model
 
-__all__ = ["BasicBlock", "Bottleneck", "ResNet", "PadShortcut", "make_shortcut", "resnet18", "resnet34", "resnet50",
-           "resnet101", "resnet152", "wide_resnet50_2", "resnext50_32x4d", "resnet18_small_stem"]
+__all__ = [
+    "BasicBlock",
+    "Bottleneck",
+    "ResNet",
+    "PadShortcut",
+    "make_shortcut",
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "resnet152",
+    "wide_resnet50_2",
+    "resnext50_32x4d",
+    "resnet18_small_stem",
+]
 
 NormLayer = Callable[[int], nn.Module]
 
@@ -36,12 +50,13 @@ class PadShortcut(nn.Module):
         self.extra, self.stride = out_planes - in_planes, stride
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x[:, :, ::self.stride, ::self.stride]  # (N, C, H, W) -> (N, C, H/s, W/s)
+        x = x[:, :, :: self.stride, :: self.stride]  # (N, C, H, W) -> (N, C, H/s, W/s)
         return nn.functional.pad(x, (0, 0, 0, 0, self.extra // 2, self.extra - self.extra // 2))
 
 
-def make_shortcut(option: str | None, in_planes: int, out_planes: int, stride: int,
-                  norm_layer: NormLayer) -> nn.Module | None:
+def make_shortcut(
+    option: str | None, in_planes: int, out_planes: int, stride: int, norm_layer: NormLayer
+) -> nn.Module | None:
     """The paper's shortcut options: A (pad), B (project where the shape changes), C (project everywhere).
 
     Returns the module stored as `downsample` (None: plain identity).
@@ -58,11 +73,21 @@ def make_shortcut(option: str | None, in_planes: int, out_planes: int, stride: i
 
 class BasicBlock(nn.Module):
     """Two 3x3 convs; the shortcut adds the block's input (He et al. 2016, Fig. 2)."""
+
     expansion = 1
 
-    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None,
-                 groups: int = 1, base_width: int = 64, norm_layer: NormLayer = nn.BatchNorm2d,
-                 residual: bool = True, stride_in_1x1: bool = False):
+    def __init__(
+        self,
+        inplanes: int,
+        planes: int,
+        stride: int = 1,
+        downsample: nn.Module | None = None,
+        groups: int = 1,
+        base_width: int = 64,
+        norm_layer: NormLayer = nn.BatchNorm2d,
+        residual: bool = True,
+        stride_in_1x1: bool = False,
+    ):
         super().__init__()
         if groups != 1 or base_width != 64:
             raise ModelError("BasicBlock supports only groups=1 and width_per_group=64; use a Bottleneck network")
@@ -85,11 +110,21 @@ class BasicBlock(nn.Module):
 
 class Bottleneck(nn.Module):
     """1x1 reduce, 3x3, 1x1 restore to 4x the width (He et al. 2016, Fig. 5)."""
+
     expansion = 4
 
-    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None,
-                 groups: int = 1, base_width: int = 64, norm_layer: NormLayer = nn.BatchNorm2d,
-                 residual: bool = True, stride_in_1x1: bool = False):
+    def __init__(
+        self,
+        inplanes: int,
+        planes: int,
+        stride: int = 1,
+        downsample: nn.Module | None = None,
+        groups: int = 1,
+        base_width: int = 64,
+        norm_layer: NormLayer = nn.BatchNorm2d,
+        residual: bool = True,
+        stride_in_1x1: bool = False,
+    ):
         super().__init__()
         width = int(planes * (base_width / 64.0)) * groups
         s1, s3 = (stride, 1) if stride_in_1x1 else (1, stride)
@@ -138,10 +173,20 @@ class ResNet(nn.Module):
     does with ImageNet widths; it is not the paper's CIFAR network (see `cifar_resnet.py`).
     """
 
-    def __init__(self, block: type[BasicBlock] | type[Bottleneck], layers: list[int], num_classes: int = 1000,
-                 in_channels: int = 3, zero_init_residual: bool = False, groups: int = 1,
-                 width_per_group: int = 64, norm_layer: NormLayer | None = None, stem: str = "imagenet",
-                 shortcut: str = "B", stride_in_1x1: bool = False):
+    def __init__(
+        self,
+        block: type[BasicBlock] | type[Bottleneck],
+        layers: list[int],
+        num_classes: int = 1000,
+        in_channels: int = 3,
+        zero_init_residual: bool = False,
+        groups: int = 1,
+        width_per_group: int = 64,
+        norm_layer: NormLayer | None = None,
+        stem: str = "imagenet",
+        shortcut: str = "B",
+        stride_in_1x1: bool = False,
+    ):
         super().__init__()
         if stem not in ("imagenet", "small"):
             raise ModelError(f"stem {stem!r} is not 'imagenet' or 'small'")
@@ -174,8 +219,18 @@ class ResNet(nn.Module):
         for i in range(blocks):
             s = stride if i == 0 else 1
             downsample = make_shortcut(self.shortcut, self.inplanes, planes * block.expansion, s, self._norm_layer)
-            layers.append(block(self.inplanes, planes, s, downsample, self.groups, self.base_width, self._norm_layer,
-                                **self.block_kwargs))
+            layers.append(
+                block(
+                    self.inplanes,
+                    planes,
+                    s,
+                    downsample,
+                    self.groups,
+                    self.base_width,
+                    self._norm_layer,
+                    **self.block_kwargs,
+                )
+            )
             self.inplanes = planes * block.expansion
         return nn.Sequential(*layers)
 

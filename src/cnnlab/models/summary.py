@@ -3,6 +3,7 @@
 MACs count the multiply-accumulates of convolutions and dense layers (1 MAC = 2 FLOPs), per image, as the
 papers' figures do; bias additions, normalisation, activations and pooling are not counted.
 """
+
 from __future__ import annotations
 
 import torch
@@ -42,9 +43,16 @@ def summarize(model: nn.Module, input_size: tuple[int, int, int], depth: int | N
     def record(name: str):
         def hook(module, inputs, output):
             out = output[0] if isinstance(output, (tuple, list)) else output
-            layers.append({"name": name, "type": type(module).__name__, "output_shape": list(out.shape),
-                           "params": sum(p.numel() for p in module.parameters(recurse=False)),
-                           "macs": _macs(module, out)})
+            layers.append(
+                {
+                    "name": name,
+                    "type": type(module).__name__,
+                    "output_shape": list(out.shape),
+                    "params": sum(p.numel() for p in module.parameters(recurse=False)),
+                    "macs": _macs(module, out),
+                }
+            )
+
         return hook
 
     for name, module in model.named_modules():
@@ -65,9 +73,14 @@ def summarize(model: nn.Module, input_size: tuple[int, int, int], depth: int | N
     if depth is not None:
         layers = _group(model, layers, depth)
     params = count_params(model)
-    return {"input_size": list(input_size), "params": params,
-            "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-            "macs": sum(layer["macs"] for layer in layers), "mac_note": MAC_NOTE, "layers": layers}
+    return {
+        "input_size": list(input_size),
+        "params": params,
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "macs": sum(layer["macs"] for layer in layers),
+        "mac_note": MAC_NOTE,
+        "layers": layers,
+    }
 
 
 def _group(model: nn.Module, layers: list[dict], depth: int) -> list[dict]:
@@ -78,8 +91,17 @@ def _group(model: nn.Module, layers: list[dict], depth: int) -> list[dict]:
     groups: dict[str, dict] = {}
     for layer in layers:
         name = ".".join(layer["name"].split(".")[:depth])
-        row = groups.setdefault(name, {"name": name, "type": type(model.get_submodule(name)).__name__,
-                                       "output_shape": None, "params": 0, "macs": 0, "_seen": set()})
+        row = groups.setdefault(
+            name,
+            {
+                "name": name,
+                "type": type(model.get_submodule(name)).__name__,
+                "output_shape": None,
+                "params": 0,
+                "macs": 0,
+                "_seen": set(),
+            },
+        )
         if layer["name"] not in row["_seen"]:  # a module called twice (a shared ReLU) holds its parameters once
             row["params"] += layer["params"]
             row["_seen"].add(layer["name"])
@@ -96,20 +118,29 @@ def _si(n: float) -> str:
 
 
 def format_summary(info: dict, title: str = "") -> str:
-    rows = [(f"{layer['name']} ({layer['type']})", str(layer["output_shape"]), f"{layer['params']:,}",
-             f"{layer['macs']:,}") for layer in info["layers"]]
+    rows = [
+        (f"{layer['name']} ({layer['type']})", str(layer["output_shape"]), f"{layer['params']:,}", f"{layer['macs']:,}")
+        for layer in info["layers"]
+    ]
     head = ("Layer (type)", "Output shape", "Params", "MACs")
     widths = [max(len(r[i]) for r in rows + [head]) for i in range(4)]
     line = "-" * (sum(widths) + 6)
 
     def fmt(r):
         return f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:>{widths[2]}}  {r[3]:>{widths[3]}}"
+
     out = [title] if title else []
-    out += [line, fmt(head), line, *map(fmt, rows), line,
-            f"Input: {'x'.join(map(str, info['input_size']))}",
-            f"Total params: {info['params']:,} ({_si(info['params'])}), trainable: {info['trainable_params']:,}",
-            f"Total MACs per image: {info['macs']:,} ({_si(info['macs'])}MACs = {_si(2 * info['macs'])}FLOPs; "
-            f"{info['mac_note']})"]
+    out += [
+        line,
+        fmt(head),
+        line,
+        *map(fmt, rows),
+        line,
+        f"Input: {'x'.join(map(str, info['input_size']))}",
+        f"Total params: {info['params']:,} ({_si(info['params'])}), trainable: {info['trainable_params']:,}",
+        f"Total MACs per image: {info['macs']:,} ({_si(info['macs'])}MACs = {_si(2 * info['macs'])}FLOPs; "
+        f"{info['mac_note']})",
+    ]
     return "\n".join(out)
 
 
@@ -122,11 +153,16 @@ def receptive_fields(model: nn.Module) -> list[dict]:
     `size`, the (height, width) of the input patch one of its output units sees, and `step`, the input pixels
     between neighbouring units. Each layer adds (kernel - 1) * dilation * step to the size and multiplies the
     step by its stride. Models with branches (ResNets' shortcuts) are refused: their layers are no chain."""
-    names = [name for name, m in model.named_modules() if hasattr(m, "downsample") or type(m).__name__ in
-             ("BasicBlock", "Bottleneck")]
+    names = [
+        name
+        for name, m in model.named_modules()
+        if hasattr(m, "downsample") or type(m).__name__ in ("BasicBlock", "Bottleneck")
+    ]
     if names:
-        raise ModelError(f"{type(model).__name__} has residual blocks ({names[0]}, ...): its layers are no single "
-                         "chain, so receptive_fields cannot add them up in order")
+        raise ModelError(
+            f"{type(model).__name__} has residual blocks ({names[0]}, ...): its layers are no single "
+            "chain, so receptive_fields cannot add them up in order"
+        )
     size: tuple[int, ...] = (1, 1)
     step: tuple[int, ...] = (1, 1)
     rows: list[dict] = []
@@ -167,6 +203,7 @@ def smallest_input(model: nn.Module, channels: int, limit: int = 1024) -> int | 
 def check_input_size(name: str, model_args: dict, shape: tuple[int, int, int], what: str = "the data") -> None:
     """Refuse, before any work, a model that cannot take `shape` images, naming its minimum and the fix."""
     from .registry import create_model
+
     with torch.device("meta"):
         model = create_model(name, **model_args)
     if _runs_on(model, tuple(shape)):
@@ -175,6 +212,8 @@ def check_input_size(name: str, model_args: dict, shape: tuple[int, int, int], w
     side = smallest_input(model, c)
     if side is None:
         raise ConfigError(f"model {name!r} with {model_args} does not accept {c}x{h}x{w} input from {what}")
-    raise ConfigError(f"model {name!r} needs input of at least {side}x{side} pixels, but {what} gives {h}x{w}: "
-                      f"upsample with --image-size {side} or more (images are resized batch by batch), or choose "
-                      "a model made for small images (e.g. convnet, resnet20)")
+    raise ConfigError(
+        f"model {name!r} needs input of at least {side}x{side} pixels, but {what} gives {h}x{w}: "
+        f"upsample with --image-size {side} or more (images are resized batch by batch), or choose "
+        "a model made for small images (e.g. convnet, resnet20)"
+    )

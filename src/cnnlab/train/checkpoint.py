@@ -4,6 +4,7 @@ File layout: 8 magic bytes, the sha256 of the payload (32 bytes), then the paylo
 `torch.save`. The payload holds only tensors, numbers, strings and plain containers, so it loads
 with `weights_only=True`; there is no fallback to unrestricted unpickling.
 """
+
 from __future__ import annotations
 
 import errno
@@ -56,8 +57,11 @@ class CheckpointManager:
     def __init__(self, run_dir: Path):
         self.run_dir = Path(run_dir)
         run = Run(self.run_dir)
-        self.last, self.previous, self.damaged = run.file("checkpoint"), run.file("previous_checkpoint"), \
-            run.file("damaged_checkpoint")
+        self.last, self.previous, self.damaged = (
+            run.file("checkpoint"),
+            run.file("previous_checkpoint"),
+            run.file("damaged_checkpoint"),
+        )
         self._last_is_good = False  # only a checkpoint we wrote or verified may be rotated into `previous`
 
     def exists(self) -> bool:
@@ -69,14 +73,18 @@ class CheckpointManager:
         def rotate() -> None:  # the new file is complete and synced: the last good one becomes `previous`
             if self.last.exists() and self._last_is_good:
                 os.replace(self.last, self.previous)
+
         try:
-            save_atomic(data, self.last, before_replace=rotate,
-                        on_first_chunk=lambda: trace(f"checkpoint-write {self.last}"))
+            save_atomic(
+                data, self.last, before_replace=rotate, on_first_chunk=lambda: trace(f"checkpoint-write {self.last}")
+            )
         except OSError as exc:
             fix = "free some space" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "make the folder writable"
-            raise CheckpointError(f"cannot write a checkpoint in {self.run_dir} ({exc.strerror or exc}); the "
-                                  f"last good checkpoint there is intact: {fix} and resume with "
-                                  f"'cnnlab train --resume {self.run_dir}'") from None
+            raise CheckpointError(
+                f"cannot write a checkpoint in {self.run_dir} ({exc.strerror or exc}); the "
+                f"last good checkpoint there is intact: {fix} and resume with "
+                f"'cnnlab train --resume {self.run_dir}'"
+            ) from None
         self._last_is_good = True
 
     def remove_stale_temp_files(self) -> list[Path]:

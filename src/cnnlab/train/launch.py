@@ -1,5 +1,6 @@
 """`cnnlab train`'s companions on the command line: several training processes on this machine through torchrun
 (`--nproc-per-node N`), and `cnnlab lr-find`."""
+
 from __future__ import annotations
 
 import sys
@@ -30,8 +31,14 @@ def hand_over_to_torchrun(args, train_config) -> int:
     if not args.resume and not args.run_dir:
         cfg = train_config(args)
         rest += ["--run-dir", str(default_run_dir(cfg.runs_root, cfg.model, cfg.dataset))]
-    launcher = ["--standalone", f"--nproc-per-node={args.nproc_per_node}", f"--max-restarts={args.max_restarts}",
-                "-m", "cnnlab", *rest]
+    launcher = [
+        "--standalone",
+        f"--nproc-per-node={args.nproc_per_node}",
+        f"--max-restarts={args.max_restarts}",
+        "-m",
+        "cnnlab",
+        *rest,
+    ]
     print(f"torchrun {' '.join(launcher)}", file=sys.stderr)
     try:
         torchrun(launcher)
@@ -40,8 +47,10 @@ def hand_over_to_torchrun(args, train_config) -> int:
             return 128 + int(exc.sigval)
         failures = getattr(exc, "failures", {})
         codes = sorted({f.exitcode for f in failures.values()}) if failures else [1]
-        print(f"error: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}",
-              file=sys.stderr)
+        print(
+            f"error: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}",
+            file=sys.stderr,
+        )
         return next((c for c in codes if c in (130, 143)), 1)
     return 0
 
@@ -63,19 +72,31 @@ def lr_find_command(args) -> int:
 
     if args.run:
         if not is_run_folder(args.run):
-            raise ConfigError(f"{args.run}: not a run folder (no config.yaml); give a folder 'cnnlab train' made, or "
-                              "leave it out and give the training flags")
+            raise ConfigError(
+                f"{args.run}: not a run folder (no config.yaml); give a folder 'cnnlab train' made, or "
+                "leave it out and give the training flags"
+            )
         if args.config or args.recipe:
             raise ConfigError("lr-find RUN_DIR takes the run's own config.yaml; leave out --config and --recipe")
         cfg, out = config_from_args(args, Run(args.run).config), Path(args.out or args.run)
     else:
         cfg, out = train_config(args), Path(args.out or "lr-find")
-    result = lr_find(cfg, steps=args.steps, start_lr=args.start_lr, end_lr=args.end_lr, rule=args.rule, out=out,
-                     log=lambda m: print(m, file=sys.stderr))
+    result = lr_find(
+        cfg,
+        steps=args.steps,
+        start_lr=args.start_lr,
+        end_lr=args.end_lr,
+        rule=args.rule,
+        out=out,
+        log=lambda m: print(m, file=sys.stderr),
+    )
     from .runtime import distributed_env
+
     if distributed_env()["rank"] == 0:
-        print(f"suggested lr: {result.suggestion:.3g} ({result.rule}); train with it: cnnlab train --lr "
-              f"{result.suggestion:.3g} ... (or --lr find); curve: {result.files.get('png', out)}")
+        print(
+            f"suggested lr: {result.suggestion:.3g} ({result.rule}); train with it: cnnlab train --lr "
+            f"{result.suggestion:.3g} ... (or --lr find); curve: {result.files.get('png', out)}"
+        )
     return 0
 
 
@@ -84,21 +105,31 @@ def add_lr_find_parser(sub) -> None:
     from .config import add_config_flags
     from .lr_find import DEFAULT_END_LR, DEFAULT_START_LR, DEFAULT_STEPS, RULES
     from .recipes import RECIPES
-    p = sub.add_parser("lr-find", help="the learning-rate range test: loss against an exponentially rising lr, "
-                                       "and a suggestion (train with it: --lr find)",
-                       description="Trains the run's model for a short run (default 100 steps) while the learning "
-                                   "rate rises exponentially, stops when the smoothed loss passes 4x its best, and "
-                                   "suggests a learning rate (Smith 2017; fastai's lr_find). Rules: "
-                                   + "; ".join(f"{k}: {v}" for k, v in RULES.items()) + ". Nothing is trained "
-                                   "for real: the run's setup is only measured.")
-    p.add_argument("run", nargs="?", metavar="RUN_DIR", help="a run folder: its config, and where lr_find.png goes "
-                   "(its report then shows the curve)")
+
+    p = sub.add_parser(
+        "lr-find",
+        help="the learning-rate range test: loss against an exponentially rising lr, "
+        "and a suggestion (train with it: --lr find)",
+        description="Trains the run's model for a short run (default 100 steps) while the learning "
+        "rate rises exponentially, stops when the smoothed loss passes 4x its best, and "
+        "suggests a learning rate (Smith 2017; fastai's lr_find). Rules: "
+        + "; ".join(f"{k}: {v}" for k, v in RULES.items())
+        + ". Nothing is trained "
+        "for real: the run's setup is only measured.",
+    )
+    p.add_argument(
+        "run",
+        nargs="?",
+        metavar="RUN_DIR",
+        help="a run folder: its config, and where lr_find.png goes (its report then shows the curve)",
+    )
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"steps at most (default {DEFAULT_STEPS})")
     p.add_argument("--start-lr", type=float, default=DEFAULT_START_LR, help=f"default {DEFAULT_START_LR:g}")
     p.add_argument("--end-lr", type=float, default=DEFAULT_END_LR, help=f"default {DEFAULT_END_LR:g}")
     p.add_argument("--rule", choices=tuple(RULES), default="steepest", help="which rule suggests (default: steepest)")
-    p.add_argument("--out", metavar="DIR", help="where lr_find.png and lr_find.json go (default: RUN_DIR, or "
-                                                "./lr-find)")
+    p.add_argument(
+        "--out", metavar="DIR", help="where lr_find.png and lr_find.json go (default: RUN_DIR, or ./lr-find)"
+    )
     p.add_argument("--config", help="YAML file of config keys (flags override it)")
     p.add_argument("--recipe", choices=tuple(RECIPES), help="a published recipe's optimiser and settings")
     add_config_flags(p)

@@ -8,6 +8,7 @@ append, and a loss handed over as a tensor is read back from the GPU once per ba
 Step numbers count optimiser steps done: the first step is logged as 1, and a run resumed from a checkpoint taken
 after `start_step` steps logs `start_step + 1` next. Epoch rows and the summary are logged at the step they end on.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -27,16 +28,26 @@ import torch
 from ..errors import ConfigError
 from ..files import save_atomic
 
-__all__ = ["LOGGER_NAMES", "parse_loggers", "check_loggers", "build_loggers", "LoggerGroup", "TensorBoardLogger",
-           "MlflowLogger", "flat_params"]
+__all__ = [
+    "LOGGER_NAMES",
+    "parse_loggers",
+    "check_loggers",
+    "build_loggers",
+    "LoggerGroup",
+    "TensorBoardLogger",
+    "MlflowLogger",
+    "flat_params",
+]
 
 # csv is the run folder's metrics.csv, written by the trainer: accepted so that '--logger csv,tensorboard' reads
 # naturally, and nothing to build here.
 LOGGER_NAMES = ("csv", "tensorboard", "mlflow")
 # Modules each logger imports, and the extra that installs them. MLflow 3 keeps runs in SQLite by default
 # (sqlite:///mlflow.db), which needs SQLAlchemy and Alembic; mlflow-skinny does not bring them.
-_REQUIRES = {"tensorboard": (("tensorboard",), "tensorboard"),
-             "mlflow": (("mlflow", "sqlalchemy", "alembic"), "mlflow")}
+_REQUIRES = {
+    "tensorboard": (("tensorboard",), "tensorboard"),
+    "mlflow": (("mlflow", "sqlalchemy", "alembic"), "mlflow"),
+}
 # Tags (TensorBoard) and metric keys (MLflow): 'step/train_loss', 'epoch/<metrics.csv column>', 'summary/<key>'.
 # Every name has a group: MLflow's file store keeps a metric per file, so 'epoch' would clash with 'epoch/lr'.
 STEP, EPOCH, SUMMARY = "step/", "epoch/", "summary/"
@@ -55,8 +66,10 @@ def parse_loggers(names: str | Sequence[str]) -> list[str]:
         if not name:
             continue
         if name not in LOGGER_NAMES:
-            raise ConfigError(f"unknown logger {part.strip()!r}; choose from {', '.join(LOGGER_NAMES)} "
-                              "(several comma-separated, e.g. 'tensorboard,mlflow')")
+            raise ConfigError(
+                f"unknown logger {part.strip()!r}; choose from {', '.join(LOGGER_NAMES)} "
+                "(several comma-separated, e.g. 'tensorboard,mlflow')"
+            )
         if name not in chosen:
             chosen.append(name)
     return chosen
@@ -72,14 +85,24 @@ def check_loggers(names: str | Sequence[str]) -> list[str]:
             try:
                 importlib.import_module(module)
             except ImportError as exc:
-                raise ConfigError(f"logger '{name}' needs the {module} package, which cannot be imported ({exc}); "
-                                  f"install it with: pip install 'cnnlab[{extra}]'") from None
+                raise ConfigError(
+                    f"logger '{name}' needs the {module} package, which cannot be imported ({exc}); "
+                    f"install it with: pip install 'cnnlab[{extra}]'"
+                ) from None
     return chosen
 
 
-def build_loggers(names: str | Sequence[str], run_dir: str | Path, *, config: Mapping[str, Any] | Any,
-                  resume: bool, start_step: int, mlflow_uri: str | None = None, flush_secs: float = 10.0,
-                  flush_steps: int = 1000) -> LoggerGroup:
+def build_loggers(
+    names: str | Sequence[str],
+    run_dir: str | Path,
+    *,
+    config: Mapping[str, Any] | Any,
+    resume: bool,
+    start_step: int,
+    mlflow_uri: str | None = None,
+    flush_secs: float = 10.0,
+    flush_steps: int = 1000,
+) -> LoggerGroup:
     """The loggers named (csv is implicit), writing for `run_dir`; `config` (a dict or TrainConfig) is logged
     as hyperparameters. With resume=True they continue the earlier run after `start_step` steps."""
     run_dir = Path(run_dir)
@@ -124,8 +147,9 @@ class LoggerGroup:
     """What the trainer calls: fans every call out to each logger. Also a context manager that closes them,
     marking the run FAILED when an exception leaves the block."""
 
-    def __init__(self, loggers: Iterable = (), *, start_step: int = 0, flush_secs: float = 10.0,
-                 flush_steps: int = 1000):
+    def __init__(
+        self, loggers: Iterable = (), *, start_step: int = 0, flush_secs: float = 10.0, flush_steps: int = 1000
+    ):
         self.loggers = list(loggers)
         self.flush_secs, self.flush_steps = flush_secs, flush_steps
         self.last_step = start_step
@@ -137,8 +161,9 @@ class LoggerGroup:
         """Every optimiser step: e.g. {'train_loss': loss.detach(), 'lr': 0.05}; tensors are read later, in bulk."""
         if not self.loggers:
             return
-        self._pending.append((step, time.time(), {STEP + k: v.detach() if isinstance(v, torch.Tensor) else v
-                                                  for k, v in values.items()}))
+        self._pending.append(
+            (step, time.time(), {STEP + k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in values.items()})
+        )
         self.last_step = step
         if len(self._pending) >= self.flush_steps or time.monotonic() >= self._next_handover:
             self._hand_over()
@@ -203,9 +228,12 @@ class LoggerGroup:
                 getattr(logger, method)(*args)
             except Exception as exc:
                 self.loggers.remove(logger)
-                warnings.warn(f"{type(logger).__name__} failed and is switched off for the rest of this run "
-                              f"({type(exc).__name__}: {exc}); metrics.csv still gets every epoch",
-                              RuntimeWarning, stacklevel=3)
+                warnings.warn(
+                    f"{type(logger).__name__} failed and is switched off for the rest of this run "
+                    f"({type(exc).__name__}: {exc}); metrics.csv still gets every epoch",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
 
 
 class TensorBoardLogger:
@@ -244,8 +272,9 @@ class MlflowLogger:
     """One MLflow run per run folder (its id in RUN_DIR/mlflow.json), in MLflow's tracking store: `tracking_uri`,
     else $MLFLOW_TRACKING_URI, else MLflow's default (sqlite:///mlflow.db in the working folder)."""
 
-    def __init__(self, run_dir: str | Path, params: Mapping[str, Any], *, resume: bool,
-                 tracking_uri: str | None = None):
+    def __init__(
+        self, run_dir: str | Path, params: Mapping[str, Any], *, resume: bool, tracking_uri: str | None = None
+    ):
         import mlflow
         from mlflow.entities import Metric, Param, RunTag
         from mlflow.exceptions import MlflowException
@@ -260,9 +289,11 @@ class MlflowLogger:
         self.tracking_uri = absolute_uri(tracking_uri or mlflow.get_tracking_uri())
         if saved and saved["tracking_uri"] != self.tracking_uri:
             theirs = saved["tracking_uri"][:300].encode("unicode_escape").decode()
-            raise ConfigError(f"{self.record}: this run logged to MLflow at {theirs}, but this resume's tracking URI "
-                              f"is {self.tracking_uri}; to continue that MLflow run, set MLFLOW_TRACKING_URI={theirs} "
-                              f"(only if you trust it), or delete {self.record.name} to start a new one here")
+            raise ConfigError(
+                f"{self.record}: this run logged to MLflow at {theirs}, but this resume's tracking URI "
+                f"is {self.tracking_uri}; to continue that MLflow run, set MLFLOW_TRACKING_URI={theirs} "
+                f"(only if you trust it), or delete {self.record.name} to start a new one here"
+            )
         params = {k: str(v) for k, v in params.items()}
         try:
             self.client = MlflowClient(self.tracking_uri)
@@ -277,15 +308,23 @@ class MlflowLogger:
                 self.client.update_run(self.run_id, status="RUNNING")
                 # MLflow keeps every point it is sent, so a step logged twice would show twice: skip what the
                 # store already has (the steps a killed run logged after its last checkpoint).
-                self.logged_up_to = {key: max(m.step for m in self.client.get_metric_history(self.run_id, key))
-                                     for key in run.data.metrics}
+                self.logged_up_to = {
+                    key: max(m.step for m in self.client.get_metric_history(self.run_id, key))
+                    for key in run.data.metrics
+                }
             else:
                 experiment_id = self._experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME") or "cnnlab")
-                run = self.client.create_run(experiment_id, run_name=run_dir.name,
-                                             tags={"cnnlab.run_dir": str(run_dir.resolve())})
+                run = self.client.create_run(
+                    experiment_id, run_name=run_dir.name, tags={"cnnlab.run_dir": str(run_dir.resolve())}
+                )
                 self.run_id = run.info.run_id
-                save_atomic(json.dumps({"tracking_uri": self.tracking_uri, "experiment_id": experiment_id,
-                                        "run_id": self.run_id}, indent=2).encode(), self.record)
+                save_atomic(
+                    json.dumps(
+                        {"tracking_uri": self.tracking_uri, "experiment_id": experiment_id, "run_id": self.run_id},
+                        indent=2,
+                    ).encode(),
+                    self.record,
+                )
                 self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in params.items()])
                 self.logged_up_to = {}
         except MlflowException as exc:
@@ -293,14 +332,18 @@ class MlflowLogger:
 
     def _reopen(self, run_id: str):
         from mlflow.exceptions import MlflowException
+
         try:
             return self.client.get_run(run_id)
         except MlflowException:
-            raise ConfigError(f"{self.record}: MLflow run {run_id} is not in {self.tracking_uri}; correct "
-                              "tracking_uri there, or delete the file to start a new MLflow run") from None
+            raise ConfigError(
+                f"{self.record}: MLflow run {run_id} is not in {self.tracking_uri}; correct "
+                "tracking_uri there, or delete the file to start a new MLflow run"
+            ) from None
 
     def _experiment(self, name: str) -> str:
         from mlflow.exceptions import MlflowException
+
         experiment = self.client.get_experiment_by_name(name)
         if experiment is not None:
             return experiment.experiment_id
@@ -313,9 +356,12 @@ class MlflowLogger:
             return experiment.experiment_id
 
     def log_points(self, points: Sequence[Point]) -> None:
-        metrics = [self._Metric(name, value, int(wall_time * 1000), step)
-                   for step, wall_time, values in points for name, value in values.items()
-                   if step > self.logged_up_to.get(name, -1)]
+        metrics = [
+            self._Metric(name, value, int(wall_time * 1000), step)
+            for step, wall_time, values in points
+            for name, value in values.items()
+            if step > self.logged_up_to.get(name, -1)
+        ]
         if metrics:
             self.client.log_batch(self.run_id, metrics=metrics)
 
@@ -329,10 +375,10 @@ class MlflowLogger:
 def absolute_uri(uri: str) -> str:
     """A tracking URI that names the same store from any working folder (SQLite files and plain folders)."""
     if uri.startswith("sqlite:///"):
-        path = unquote(uri[len("sqlite:///"):])
+        path = unquote(uri[len("sqlite:///") :])
         return "sqlite:///" + os.path.abspath(path) if path and path != ":memory:" else uri
     if uri.startswith("file:"):
-        path = unquote(uri[len("file:"):])
+        path = unquote(uri[len("file:") :])
         return uri if path.startswith("//") else Path(path).resolve().as_uri()
     if "://" not in uri:  # a plain folder, as MLflow takes it
         return Path(uri).resolve().as_uri()
@@ -348,8 +394,10 @@ def _read_record(path: Path) -> dict:
             return record
     except (OSError, ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         pass
-    raise ConfigError(f"{path}: not the MLflow record cnnlab writes ({{'tracking_uri': ..., 'run_id': ...}}); "
-                      "delete it to start a new MLflow run")
+    raise ConfigError(
+        f"{path}: not the MLflow record cnnlab writes ({{'tracking_uri': ..., 'run_id': ...}}); "
+        "delete it to start a new MLflow run"
+    )
 
 
 def _is_number(value: Any) -> bool:

@@ -6,6 +6,7 @@ model's state (weights and batch-norm statistics); afterwards move the snapshot 
 weights then follow a slow average that tightens as training ends. At each epoch's end the snapshot is
 copied back once more.
 """
+
 from __future__ import annotations
 
 import torch
@@ -37,7 +38,7 @@ class Lookahead:
         if self.snapshot is None:
             self.snapshot = {k: v.detach().clone() for k, v in current.items()}
             return
-        decay = DECAY_BASE ** self.every * (step / self.total_steps) ** RAMP_POWER
+        decay = DECAY_BASE**self.every * (step / self.total_steps) ** RAMP_POWER
         for key, value in current.items():
             self.snapshot[key].lerp_(value, 1 - decay)
             value.copy_(self.snapshot[key])

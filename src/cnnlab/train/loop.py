@@ -1,5 +1,6 @@
 """One epoch of training steps: forward, loss, backward, the finiteness check, the update, and the step
 boundary where signals, callbacks and `max_steps` are honoured, and where `fit` evaluates and checkpoints."""
+
 from __future__ import annotations
 
 import contextlib
@@ -22,6 +23,7 @@ __all__ = ["StepRules", "RunState", "NonFiniteStep", "SignalStop", "EpochSteps",
 @dataclass
 class RunState:
     """What callbacks see after each step; set `stop_requested` to stop at this step boundary."""
+
     run_dir: object
     model: nn.Module | None = None  # the model being trained (not a distributed wrapper)
     epoch: int = 0
@@ -34,6 +36,7 @@ class RunState:
 @dataclass(frozen=True)
 class StepRules:
     """How steps are taken and when the epoch stops early."""
+
     total_steps: int
     grad_clip: float = 0.0
     on_nan: str = "stop"
@@ -97,11 +100,22 @@ class EpochSteps:
     `stop` then says why it stopped early: a signal number, "callback", or None. A non-finite step that may not
     be skipped raises NonFiniteStep. `on_step(step, loss, lr)` gets the detached loss tensor (for loggers)."""
 
-    def __init__(self, state: TrainState, step_model: nn.Module, loss_fn: Callable, lr_at: Callable[[int], float],
-                 runtime: Runtime, rules: StepRules, *, stopper: SignalStop, progress: Progress,
-                 callbacks: Sequence[Callable[[RunState], None]] = (), run_state: RunState | None = None,
-                 log: Callable[[str], None] = print,
-                 on_step: Callable[[int, torch.Tensor, float], None] | None = None):
+    def __init__(
+        self,
+        state: TrainState,
+        step_model: nn.Module,
+        loss_fn: Callable,
+        lr_at: Callable[[int], float],
+        runtime: Runtime,
+        rules: StepRules,
+        *,
+        stopper: SignalStop,
+        progress: Progress,
+        callbacks: Sequence[Callable[[RunState], None]] = (),
+        run_state: RunState | None = None,
+        log: Callable[[str], None] = print,
+        on_step: Callable[[int, torch.Tensor, float], None] | None = None,
+    ):
         self.state, self.step_model, self.loss_fn, self.lr_at = state, step_model, loss_fn, lr_at
         self.runtime, self.rules, self.stopper, self.progress = runtime, rules, stopper, progress
         self.callbacks, self.run_state, self.log, self.on_step = callbacks, run_state, log, on_step
@@ -146,26 +160,40 @@ class EpochSteps:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             # One host sync per step covers the loss, every gradient and, across ranks, a requested stop.
-            flags = torch.stack([(~torch.isfinite(loss.detach() + _grad_size(model, rules.grad_clip))).to(torch.float32),
-                                 torch.tensor(float(requested is not None), device=device)])
+            flags = torch.stack(
+                [
+                    (~torch.isfinite(loss.detach() + _grad_size(model, rules.grad_clip))).to(torch.float32),
+                    torch.tensor(float(requested is not None), device=device),
+                ]
+            )
             bad, stop_agreed = (runtime.all_reduce(flags, "max") > 0).tolist()
             if bad:
                 where = f"step {state.step + 1} (epoch {epoch + 1})"
-                what = f"the loss is {loss.item()}" if not torch.isfinite(loss) else \
-                    f"the loss is {loss.item():.4g} but a gradient is NaN or infinite"
+                what = (
+                    f"the loss is {loss.item()}"
+                    if not torch.isfinite(loss)
+                    else f"the loss is {loss.item():.4g} but a gradient is NaN or infinite"
+                )
                 if rules.on_nan == "skip" and state.nan_skipped < rules.max_nan_skips:
                     state.nan_skipped += 1
                     optimizer.zero_grad(set_to_none=True)
-                    self.log(f"{where}: {what}; update skipped ({state.nan_skipped} of {rules.max_nan_skips} "
-                             "allowed by --max-nan-skips)")
+                    self.log(
+                        f"{where}: {what}; update skipped ({state.nan_skipped} of {rules.max_nan_skips} "
+                        "allowed by --max-nan-skips)"
+                    )
                 else:
                     raise NonFiniteStep(where, what, state.nan_skipped)
             else:
                 optimizer.step()
                 for extra in state.extras.values():  # e.g. the lookahead of the weights
                     extra.after_step(state.step + 1, epoch)
-                local += torch.stack([loss.detach().double() * len(y), (logits.detach().argmax(1) == y).sum().double(),
-                                      torch.tensor(float(len(y)), dtype=torch.float64, device=device)])
+                local += torch.stack(
+                    [
+                        loss.detach().double() * len(y),
+                        (logits.detach().argmax(1) == y).sum().double(),
+                        torch.tensor(float(len(y)), dtype=torch.float64, device=device),
+                    ]
+                )
             state.step += 1
             if self.on_step:
                 self.on_step(state.step, loss.detach(), lr)
@@ -174,10 +202,12 @@ class EpochSteps:
                 if progress.wants(state.step):
                     seen = state.sums.seen + local[2].item() * runtime.world_size  # ranks see equal shares
                     elapsed = state.sums.seconds + time.perf_counter() - self.tic
-                    progress.update(state.step,
-                                    (state.sums.loss + local[0].item() * runtime.world_size) / max(seen, 1),
-                                    (state.sums.correct + local[1].item() * runtime.world_size) / max(seen, 1),
-                                    seen / max(elapsed, 1e-9))
+                    progress.update(
+                        state.step,
+                        (state.sums.loss + local[0].item() * runtime.world_size) / max(seen, 1),
+                        (state.sums.correct + local[1].item() * runtime.world_size) / max(seen, 1),
+                        seen / max(elapsed, 1e-9),
+                    )
                 if callbacks and run_state is not None:
                     run_state.epoch, run_state.step, run_state.loss, run_state.lr = epoch, state.step, loss_value, lr
                     for callback in callbacks:

@@ -1,4 +1,5 @@
 """Progress display: a bar on a terminal, one plain line every N steps elsewhere, so CI logs stay small."""
+
 from __future__ import annotations
 
 import os
@@ -23,9 +24,16 @@ class Progress:
             self._done_at_start = step
         if self.mode == "bar":
             from tqdm.auto import tqdm
-            self._bar = tqdm(total=self.steps_per_epoch, initial=step % self.steps_per_epoch,
-                             desc=f"epoch {epoch + 1}/{epochs:g}", unit="step", leave=True, file=self.stream,
-                             dynamic_ncols=True)
+
+            self._bar = tqdm(
+                total=self.steps_per_epoch,
+                initial=step % self.steps_per_epoch,
+                desc=f"epoch {epoch + 1}/{epochs:g}",
+                unit="step",
+                leave=True,
+                file=self.stream,
+                dynamic_ncols=True,
+            )
 
     def wants(self, step: int) -> bool:
         """Whether `update` would show anything at this step (so the caller can skip reading the loss)."""
@@ -35,12 +43,16 @@ class Progress:
         if self.mode == "bar" and self._bar is not None:
             done = step - (self._done_at_start or 0)
             eta = (self.total - step) * (time.perf_counter() - self._start) / max(done, 1)
-            self._bar.set_postfix_str(f"loss {loss:.3f} acc {acc:.3f} {img_per_s:,.0f} img/s ETA {eta:.0f}s",
-                                      refresh=False)
+            self._bar.set_postfix_str(
+                f"loss {loss:.3f} acc {acc:.3f} {img_per_s:,.0f} img/s ETA {eta:.0f}s", refresh=False
+            )
             self._bar.update(1)
         elif self.mode == "plain" and step % self.log_every == 0:
-            print(f"step {step}/{self.total}  loss {loss:.4f}  acc {acc:.4f}  {img_per_s:,.0f} img/s",
-                  file=self.stream, flush=True)
+            print(
+                f"step {step}/{self.total}  loss {loss:.4f}  acc {acc:.4f}  {img_per_s:,.0f} img/s",
+                file=self.stream,
+                flush=True,
+            )
 
     def end_epoch(self, line: str) -> None:
         if self._bar is not None:

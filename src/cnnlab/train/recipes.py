@@ -1,4 +1,5 @@
 """Published training recipes as configuration values: defaults, then a recipe, then YAML, then flags."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -14,9 +15,20 @@ __all__ = ["RECIPES", "apply_recipe", "build_config"]
 # crop, horizontal flip. Milestones are fractions of the steps run, so `--epochs N` scales them along.
 RECIPES: dict[str, dict] = {
     "he2016": {
-        "batch_size": 128, "optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": False,
-        "weight_decay": 1e-4, "schedule": "multistep", "milestones": [0.5, 0.75], "milestone_unit": "fraction",
-        "gamma": 0.1, "epochs": 165, "max_steps": 64_000, "augment": "crop:4:zero,flip", "label_smoothing": 0.0,
+        "batch_size": 128,
+        "optimizer": "sgd",
+        "lr": 0.1,
+        "momentum": 0.9,
+        "nesterov": False,
+        "weight_decay": 1e-4,
+        "schedule": "multistep",
+        "milestones": [0.5, 0.75],
+        "milestone_unit": "fraction",
+        "gamma": 0.1,
+        "epochs": 165,
+        "max_steps": 64_000,
+        "augment": "crop:4:zero,flip",
+        "label_smoothing": 0.0,
         "warmup_epochs": 0.0,
     },
     # torchvision's ImageNet reference (references/classification): SGD momentum 0.9, lr 0.1 per 256 images,
@@ -24,9 +36,20 @@ RECIPES: dict[str, dict] = {
     # them; --batch-size B scales the lr linearly (Goyal et al. 2017). Augmentation: RandomResizedCrop and flip
     # when streaming (their evaluation: shorter side to 256, centre 224), a flip for in-memory folders.
     "imagenet": {
-        "batch_size": 256, "optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": False,
-        "weight_decay": 1e-4, "schedule": "multistep", "milestones": [1 / 3, 2 / 3], "milestone_unit": "fraction",
-        "gamma": 0.1, "epochs": 90, "label_smoothing": 0.0, "warmup_epochs": 0.0, "augment": "auto",
+        "batch_size": 256,
+        "optimizer": "sgd",
+        "lr": 0.1,
+        "momentum": 0.9,
+        "nesterov": False,
+        "weight_decay": 1e-4,
+        "schedule": "multistep",
+        "milestones": [1 / 3, 2 / 3],
+        "milestone_unit": "fraction",
+        "gamma": 0.1,
+        "epochs": 90,
+        "label_smoothing": 0.0,
+        "warmup_epochs": 0.0,
+        "augment": "auto",
     },
     # Jordan 2024, "94% on CIFAR-10 in 3.29 Seconds on a Single GPU" (arXiv 2404.00498), airbench94.py: built
     # below from the paper's `hyp` (models/airbench.py AIRBENCH94_RECIPE, each value with its source), so each
@@ -38,10 +61,24 @@ RECIPES: dict[str, dict] = {
     # mirrored second view at test time. The one-cycle is laid out over the steps run, so --epochs N rescales it.
     # MEASURED: see the table below, filled in when the runs finish.
     "fast": {
-        "batch_size": 128, "optimizer": "sgd", "lr": 0.2, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4,
-        "schedule": "onecycle", "lr_start_factor": 0.04, "lr_peak_fraction": 0.25, "lr_end_factor": 0.0,
-        "label_smoothing": 0.1, "augment": "crop:4:reflect,flip", "epochs": 30, "tta": 1, "max_steps": 0,
-        "warmup_epochs": 0.0, "lookahead_every": 0, "param_groups": "default",
+        "batch_size": 128,
+        "optimizer": "sgd",
+        "lr": 0.2,
+        "momentum": 0.9,
+        "nesterov": True,
+        "weight_decay": 5e-4,
+        "schedule": "onecycle",
+        "lr_start_factor": 0.04,
+        "lr_peak_fraction": 0.25,
+        "lr_end_factor": 0.0,
+        "label_smoothing": 0.1,
+        "augment": "crop:4:reflect,flip",
+        "epochs": 30,
+        "tta": 1,
+        "max_steps": 0,
+        "warmup_epochs": 0.0,
+        "lookahead_every": 0,
+        "param_groups": "default",
     },
 }
 
@@ -50,13 +87,28 @@ def _airbench94(hyp: dict) -> dict:
     """airbench94.py's hyperparameters as TrainConfig values. lr and weight_decay stay the paper's per-1024-example
     values, which the model's own parameter groups (param_groups "model") turn into PyTorch's; the onecycle
     schedule is its triangle; the lookahead is its EMA; tta its level."""
-    return {"model": "airbench94", "batch_size": hyp["batch_size"], "epochs": hyp["epochs"],
-            "optimizer": hyp["optimizer"], "nesterov": hyp["nesterov"], "momentum": hyp["momentum"], "lr": hyp["lr"],
-            "weight_decay": hyp["weight_decay"], "param_groups": "model", "schedule": "onecycle",
-            "lr_start_factor": hyp["lr_start"], "lr_peak_fraction": hyp["lr_peak_fraction"],
-            "lr_end_factor": hyp["lr_end"], "label_smoothing": hyp["label_smoothing"], "augment": hyp["augment"],
-            "lookahead_every": hyp["ema_every_steps"], "lookahead_start_epoch": hyp["ema_start_epoch"],
-            "tta": hyp["tta_level"], "max_steps": 0, "warmup_epochs": 0.0}
+    return {
+        "model": "airbench94",
+        "batch_size": hyp["batch_size"],
+        "epochs": hyp["epochs"],
+        "optimizer": hyp["optimizer"],
+        "nesterov": hyp["nesterov"],
+        "momentum": hyp["momentum"],
+        "lr": hyp["lr"],
+        "weight_decay": hyp["weight_decay"],
+        "param_groups": "model",
+        "schedule": "onecycle",
+        "lr_start_factor": hyp["lr_start"],
+        "lr_peak_fraction": hyp["lr_peak_fraction"],
+        "lr_end_factor": hyp["lr_end"],
+        "label_smoothing": hyp["label_smoothing"],
+        "augment": hyp["augment"],
+        "lookahead_every": hyp["ema_every_steps"],
+        "lookahead_start_epoch": hyp["ema_start_epoch"],
+        "tta": hyp["tta_level"],
+        "max_steps": 0,
+        "warmup_epochs": 0.0,
+    }
 
 
 RECIPES["airbench94"] = _airbench94(AIRBENCH94_RECIPE)
@@ -88,12 +140,14 @@ def apply_recipe(cfg: TrainConfig, name: str, model: str | None = None, batch_si
     return dataclasses.replace(cfg, **values)
 
 
-def build_config(recipe: str | None = None, config_file: str | None = None, flags: dict | None = None,
-                 log=None) -> TrainConfig:
+def build_config(
+    recipe: str | None = None, config_file: str | None = None, flags: dict | None = None, log=None
+) -> TrainConfig:
     """Defaults, then the recipe, then the YAML file, then flags (a dict of the config keys given), and then the
     recipe's rules on the result: a learning rate given per N images (imagenet: 0.1 per 256) is scaled to the
     batch size trained with, unless the YAML file or a flag set lr itself."""
     from .config import config_from_dict, read_config_values
+
     flags = flags or {}
     file_values = read_config_values(config_file) if config_file else {}
     cfg = TrainConfig()
@@ -108,7 +162,9 @@ def build_config(recipe: str | None = None, config_file: str | None = None, flag
         per = _LR_PER_IMAGES[recipe]
         lr = RECIPES[recipe]["lr"] * cfg.batch_size / per
         if lr != cfg.lr and log is not None:
-            log(f"recipe {recipe}: lr {RECIPES[recipe]['lr']:g} per {per} images -> {lr:g} at batch size "
-                f"{cfg.batch_size} (linear scaling, Goyal et al. 2017; --lr overrides)")
+            log(
+                f"recipe {recipe}: lr {RECIPES[recipe]['lr']:g} per {per} images -> {lr:g} at batch size "
+                f"{cfg.batch_size} (linear scaling, Goyal et al. 2017; --lr overrides)"
+            )
         cfg = dataclasses.replace(cfg, lr=lr)
     return cfg

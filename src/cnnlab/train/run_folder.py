@@ -4,6 +4,7 @@ Only global rank 0 of a distributed run writes it (and holds its lock); every ot
 anywhere, reads nothing from it, and gets what it needs (the folder's path, a checkpoint to resume
 from) from rank 0 over the process group.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -85,8 +86,10 @@ class RunFolder:
                 same = stamp.is_file() and stamp.read_text().strip() == str(self.runtime.elastic_run_id)
                 resume = "auto" if same else False
             if resume is False and has_run:
-                raise ConfigError(f"{self.path} already holds a run; resume it with 'cnnlab train --resume "
-                                  f"{self.path}' or choose another --run-dir")
+                raise ConfigError(
+                    f"{self.path} already holds a run; resume it with 'cnnlab train --resume "
+                    f"{self.path}' or choose another --run-dir"
+                )
             self._made_here = not self.path.exists()
             self.path.mkdir(parents=True, exist_ok=True)
             stack.enter_context(self._lock())
@@ -108,13 +111,17 @@ class RunFolder:
             with file_lock(Run(self.path).file("lock"), wait=False):
                 yield
         except BlockingIOError:
-            raise ConfigError(f"{self.path} is in use by another cnnlab process; wait for it to finish or stop "
-                              "it first") from None
+            raise ConfigError(
+                f"{self.path} is in use by another cnnlab process; wait for it to finish or stop it first"
+            ) from None
 
     def _remove_if_left_empty(self) -> None:
         """A run that failed before it wrote anything leaves no folder behind (only its lock file)."""
-        if self._made_here and self.path.is_dir() and {p.name for p in self.path.iterdir()} <= {
-                RUN_FILES["lock"], RUN_FILES["launch_stamp"]}:
+        if (
+            self._made_here
+            and self.path.is_dir()
+            and {p.name for p in self.path.iterdir()} <= {RUN_FILES["lock"], RUN_FILES["launch_stamp"]}
+        ):
             shutil.rmtree(self.path, ignore_errors=True)
 
     # ------------------------------------------------------------------------------------ writing
@@ -138,9 +145,16 @@ class RunFolder:
 
     def write_predictions(self, losses: torch.Tensor, preds: torch.Tensor, labels: torch.Tensor) -> None:
         """Each test image's loss and prediction, so the report reads the run's own evaluation."""
-        self.write("predictions", save_tensors({"losses": losses.float().contiguous(),
-                                                            "preds": preds.long().contiguous(),
-                                                            "labels": labels.long().contiguous()}))
+        self.write(
+            "predictions",
+            save_tensors(
+                {
+                    "losses": losses.float().contiguous(),
+                    "preds": preds.long().contiguous(),
+                    "labels": labels.long().contiguous(),
+                }
+            ),
+        )
 
     # ------------------------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, state: TrainState, header: dict) -> None:
@@ -148,8 +162,15 @@ class RunFolder:
         nothing), then rank 0 writes the checkpoint."""
         ranks = self.runtime.gather({"rng": rng_state(self.runtime.device), "loader": state.loader.state_dict()})
         if self.runtime.is_main:
-            self.checkpoints.save({**header, **state.state_dict(), "rng": [r["rng"] for r in ranks],
-                                   "loaders": [r["loader"] for r in ranks], "world_size": self.runtime.world_size})
+            self.checkpoints.save(
+                {
+                    **header,
+                    **state.state_dict(),
+                    "rng": [r["rng"] for r in ranks],
+                    "loaders": [r["loader"] for r in ranks],
+                    "world_size": self.runtime.world_size,
+                }
+            )
 
     def load_checkpoint(self, log: Callable[[str], None]) -> dict:
         """Rank 0 reads and verifies the newest good checkpoint; every rank gets it."""
@@ -159,10 +180,14 @@ class RunFolder:
     def restore(self, state: TrainState, saved: dict, log: Callable[[str], None]) -> None:
         """Load a checkpoint into `state`, and this rank's generators; at another world size, say that the
         continuation is not bitwise."""
-        lacking = [k for k in ("model", "optimizer", "step", "history", "epoch_sums", "rng", "loader") if k not in saved]
+        lacking = [
+            k for k in ("model", "optimizer", "step", "history", "epoch_sums", "rng", "loader") if k not in saved
+        ]
         if lacking:
-            raise CheckpointError(f"{self.path}: the checkpoint lacks {', '.join(lacking)}; it was not written by "
-                                  "this version of cnnlab's trainer. Start a new run")
+            raise CheckpointError(
+                f"{self.path}: the checkpoint lacks {', '.join(lacking)}; it was not written by "
+                "this version of cnnlab's trainer. Start a new run"
+            )
         rngs = saved["rng"] if isinstance(saved["rng"], list) else [saved["rng"]]
         rank = self.runtime.rank
         loaders = saved.get("loaders") or []
@@ -171,13 +196,17 @@ class RunFolder:
         try:
             state.load_state_dict(saved)
         except (KeyError, ValueError, RuntimeError) as exc:
-            raise CheckpointError(f"{self.path}: the checkpoint does not fit this run's model or optimiser "
-                                  f"({type(exc).__name__}: {str(exc)[:160]}); resume with the run's own settings, or "
-                                  "start a new run with --init-from") from None
+            raise CheckpointError(
+                f"{self.path}: the checkpoint does not fit this run's model or optimiser "
+                f"({type(exc).__name__}: {str(exc)[:160]}); resume with the run's own settings, or "
+                "start a new run with --init-from"
+            ) from None
         note = set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0], self.runtime.device)
         if note and self.runtime.is_main:
             log(f"note: {note}")
         if len(rngs) != self.runtime.world_size and self.runtime.is_main:
-            log(f"note: the run was checkpointed by {len(rngs)} process(es) and resumes with "
+            log(
+                f"note: the run was checkpointed by {len(rngs)} process(es) and resumes with "
                 f"{self.runtime.world_size}: it continues from the same weights, optimiser state and data order, "
-                "but not bit for bit")
+                "but not bit for bit"
+            )

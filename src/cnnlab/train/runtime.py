@@ -10,6 +10,7 @@ no AMX) run bf16 convolutions slower than fp32, PyTorch's own `_is_mkldnn_bf16_s
 that only emulate bf16, and which setting wins depends on the model: for a 224-pixel streaming model of a few
 parameters the stand-in chose bf16 + channels_last, and fp32 NCHW was 1.25x faster (issue 23).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -31,9 +32,21 @@ import torch.distributed as dist
 from ..errors import ConfigError
 from ..files import save_atomic
 
-__all__ = ["Runtime", "start_runtime", "pick_device", "pick_precision", "pick_channels_last", "decide_precision",
-           "decide_channels_last", "probe_cpu", "probe_model", "settle_for_model", "cpu_flags", "device_name",
-           "distributed_env"]
+__all__ = [
+    "Runtime",
+    "start_runtime",
+    "pick_device",
+    "pick_precision",
+    "pick_channels_last",
+    "decide_precision",
+    "decide_channels_last",
+    "probe_cpu",
+    "probe_model",
+    "settle_for_model",
+    "cpu_flags",
+    "device_name",
+    "distributed_env",
+]
 
 # bf16 must win clearly: it also costs accuracy. channels_last only needs to be faster.
 BF16_MIN_SPEEDUP = 1.2
@@ -81,8 +94,10 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
     except RuntimeError:
         raise ConfigError(f"device {name!r} is not a device name; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and device.index is not None and int(os.environ.get("LOCAL_WORLD_SIZE", 1)) > 1:
-        raise ConfigError(f"--device {name} would put every process of this machine on one GPU; give --device cuda "
-                          "(or auto): each local rank then takes its own GPU")
+        raise ConfigError(
+            f"--device {name} would put every process of this machine on one GPU; give --device cuda "
+            "(or auto): each local rank then takes its own GPU"
+        )
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError(f"device {name!r} asked for, but PyTorch sees no CUDA GPU; use --device cpu or auto")
@@ -90,8 +105,10 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
         if device.index is None:
             device = torch.device("cuda", local_rank % count)
         elif device.index >= count:
-            raise ConfigError(f"device {name!r} asked for, but this machine has {count} CUDA GPU(s), cuda:0 to "
-                              f"cuda:{count - 1}; use --device cuda or one of those")
+            raise ConfigError(
+                f"device {name!r} asked for, but this machine has {count} CUDA GPU(s), cuda:0 to "
+                f"cuda:{count - 1}; use --device cuda or one of those"
+            )
     elif device.type == "mps" and not torch.backends.mps.is_available():
         # otherwise PyTorch fails later, after the data is loaded, with a RuntimeError
         raise ConfigError(f"device {name!r} asked for, but PyTorch sees no Apple GPU (MPS); use --device cpu or auto")
@@ -100,8 +117,11 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
 
 # ---------------------------------------------------------------------------------------------- the CPU probe
 
-_PROBE_SETTINGS = {"fp32_nchw_ms": ("fp32", False), "fp32_channels_last_ms": ("fp32", True),
-                   "bf16_channels_last_ms": ("bf16", True)}
+_PROBE_SETTINGS = {
+    "fp32_nchw_ms": ("fp32", False),
+    "fp32_channels_last_ms": ("fp32", True),
+    "bf16_channels_last_ms": ("bf16", True),
+}
 
 
 def _probe_steps_ms(rounds: int = 5) -> dict[str, float]:
@@ -124,9 +144,17 @@ def _probe_steps_ms(rounds: int = 5) -> dict[str, float]:
 
 def _probe_step(precision: str, channels_last: bool):
     model = torch.nn.Sequential(
-        torch.nn.Conv2d(3, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(32, 64, 3, padding=1),
-        torch.nn.ReLU(), torch.nn.MaxPool2d(2), torch.nn.Conv2d(64, 64, 3, padding=1), torch.nn.ReLU(),
-        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(64, 10))
+        torch.nn.Conv2d(3, 32, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(32, 64, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.MaxPool2d(2),
+        torch.nn.Conv2d(64, 64, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(64, 10),
+    )
     x, y = torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,))
     if channels_last:
         # Module.to takes memory_format at run time; its stub does not list it
@@ -136,11 +164,13 @@ def _probe_step(precision: str, channels_last: bool):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
             loss = torch.nn.functional.cross_entropy(model(x).float(), y)
         loss.backward()
+
     return step
 
 
 def _probe_cache() -> Path:
     from ..data.datasets import cache_dir
+
     return cache_dir() / "probe.json"
 
 
@@ -157,8 +187,13 @@ def _cached_probe(key_parts: list, measure, say, allowed: bool = True) -> dict |
         cached = {}
     if not allowed:
         return None
-    result = {**measure(), "threads": torch.get_num_threads(), "cpu": device_name(torch.device("cpu")),
-              "flags": cpu_flags(), "torch": torch.__version__}
+    result = {
+        **measure(),
+        "threads": torch.get_num_threads(),
+        "cpu": device_name(torch.device("cpu")),
+        "flags": cpu_flags(),
+        "torch": torch.__version__,
+    }
     say(result, path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -171,18 +206,27 @@ def _cached_probe(key_parts: list, measure, say, allowed: bool = True) -> dict |
 def probe_cpu(log=None) -> dict:
     """Step times (ms) of fp32/bf16 x NCHW/channels_last on this CPU at the current thread count; measured
     once per CPU model, flag set, torch version and thread count, then read from the cache."""
-    key_parts = [_PROBE_VERSION, device_name(torch.device("cpu")), cpu_flags(), torch.__version__,
-                 torch.get_num_threads()]
+    key_parts = [
+        _PROBE_VERSION,
+        device_name(torch.device("cpu")),
+        cpu_flags(),
+        torch.__version__,
+        torch.get_num_threads(),
+    ]
 
     def say(result, path):
         if log:
-            log(f"measured this CPU once (cached in {path}): fp32 {result['fp32_nchw_ms']:.1f} ms NCHW, "
-                f"{result['fp32_channels_last_ms']:.1f} ms channels_last; bf16 {result['bf16_channels_last_ms']:.1f} ms")
+            log(
+                f"measured this CPU once (cached in {path}): fp32 {result['fp32_nchw_ms']:.1f} ms NCHW, "
+                f"{result['fp32_channels_last_ms']:.1f} ms channels_last; bf16 {result['bf16_channels_last_ms']:.1f} ms"
+            )
+
     return cast(dict, _cached_probe(key_parts, _probe_steps_ms, say))  # measuring allowed: never None
 
 
-def _model_steps_ms(model: torch.nn.Module, input_shape: tuple[int, ...], batch: int, budget_s: float,
-                    rounds: int) -> dict:
+def _model_steps_ms(
+    model: torch.nn.Module, input_shape: tuple[int, ...], batch: int, budget_s: float, rounds: int
+) -> dict:
     """Milliseconds of one training step (forward, loss, backward) of copies of `model` on random
     `batch` x `input_shape` inputs in each setting: one warm-up step each, then up to `rounds` rounds with the
     settings taking turns, as many as `budget_s` allows (at least one); the best of each."""
@@ -201,6 +245,7 @@ def _model_steps_ms(model: torch.nn.Module, input_shape: tuple[int, ...], batch:
                     loss = torch.nn.functional.cross_entropy(m(x).float(), y)
                 m.zero_grad(set_to_none=True)
                 loss.backward()
+
             steps[name] = step
         warm = {}
         for name, step in steps.items():  # the first step creates oneDNN's kernels; it also tells the cost
@@ -217,27 +262,58 @@ def _model_steps_ms(model: torch.nn.Module, input_shape: tuple[int, ...], batch:
         return {**best, "rounds": rounds, "batch": batch}
 
 
-def probe_model(model: torch.nn.Module, input_shape: tuple[int, ...], batch: int, *, name: str, args: dict,
-                budget_s: float = MODEL_PROBE_BUDGET_S, rounds: int = 5, measure: bool = True,
-                log=None) -> dict | None:
+def probe_model(
+    model: torch.nn.Module,
+    input_shape: tuple[int, ...],
+    batch: int,
+    *,
+    name: str,
+    args: dict,
+    budget_s: float = MODEL_PROBE_BUDGET_S,
+    rounds: int = 5,
+    measure: bool = True,
+    log=None,
+) -> dict | None:
     """Step times (ms) of this model at this input shape and batch in fp32 NCHW, fp32 channels_last and bf16
     channels_last; measured once per CPU, torch version, thread count, model name, arguments, input shape and
     batch, then read from the cache (None if not cached and not `measure`)."""
     batch = max(1, min(batch, MODEL_PROBE_MAX_BATCH))
-    key_parts = [_MODEL_PROBE_VERSION, device_name(torch.device("cpu")), cpu_flags(), torch.__version__,
-                 torch.get_num_threads(), name, json.loads(json.dumps(args, default=str)), list(input_shape), batch]
+    key_parts = [
+        _MODEL_PROBE_VERSION,
+        device_name(torch.device("cpu")),
+        cpu_flags(),
+        torch.__version__,
+        torch.get_num_threads(),
+        name,
+        json.loads(json.dumps(args, default=str)),
+        list(input_shape),
+        batch,
+    ]
 
     def say(result, path):
         if log:
-            log(f"measured {name} at {'x'.join(map(str, input_shape))}, batch {batch} ({result['rounds']} rounds, "
+            log(
+                f"measured {name} at {'x'.join(map(str, input_shape))}, batch {batch} ({result['rounds']} rounds, "
                 f"cached in {path}): fp32 {result['fp32_nchw_ms']:.1f} ms NCHW, {result['fp32_channels_last_ms']:.1f} "
-                f"ms channels_last; bf16 {result['bf16_channels_last_ms']:.1f} ms per step")
-    return _cached_probe(key_parts, lambda: _model_steps_ms(model, tuple(input_shape), batch, budget_s, rounds), say,
-                         allowed=measure)
+                f"ms channels_last; bf16 {result['bf16_channels_last_ms']:.1f} ms per step"
+            )
+
+    return _cached_probe(
+        key_parts, lambda: _model_steps_ms(model, tuple(input_shape), batch, budget_s, rounds), say, allowed=measure
+    )
 
 
-def settle_for_model(runtime: Runtime, model: torch.nn.Module, input_shape: tuple[int, ...], batch: int,
-                     run_images: float, *, name: str, args: dict, log=None) -> bool:
+def settle_for_model(
+    runtime: Runtime,
+    model: torch.nn.Module,
+    input_shape: tuple[int, ...],
+    batch: int,
+    run_images: float,
+    *,
+    name: str,
+    args: dict,
+    log=None,
+) -> bool:
     """Where precision or channels_last is 'auto' on the CPU, decide it again by measuring the run's own model
     (`probe_model`; rank 0 measures, every rank follows). A run of fewer than MODEL_PROBE_MIN_RUN times the
     probe's images keeps the stand-in probe's decision, unless the answer for this model is cached. Returns
@@ -252,18 +328,30 @@ def settle_for_model(runtime: Runtime, model: torch.nn.Module, input_shape: tupl
         probe = probe_model(model, input_shape, batch, name=name, args=args, measure=long_enough, log=log)
         if probe is not None:  # else the stand-in's decision stands, and its reasons say what it measured
             what = f"for {name} at {'x'.join(map(str, input_shape))}"
-            precision, why = decide_precision(probe, what) if runtime.auto_precision else \
-                (runtime.precision, runtime.precision_reason)
-            channels_last, cl_why = decide_channels_last(probe, precision, what) if runtime.auto_channels_last else \
-                (runtime.channels_last, runtime.channels_last_reason)
-            decision = (precision, why, channels_last, cl_why, {**probe, "model": name,
-                                                                "input_shape": list(input_shape)})
+            precision, why = (
+                decide_precision(probe, what)
+                if runtime.auto_precision
+                else (runtime.precision, runtime.precision_reason)
+            )
+            channels_last, cl_why = (
+                decide_channels_last(probe, precision, what)
+                if runtime.auto_channels_last
+                else (runtime.channels_last, runtime.channels_last_reason)
+            )
+            decision = (
+                precision,
+                why,
+                channels_last,
+                cl_why,
+                {**probe, "model": name, "input_shape": list(input_shape)},
+            )
     decision = runtime.broadcast(decision)
     if decision is None:
         return False
     before = runtime.channels_last
-    runtime.precision, runtime.precision_reason, runtime.channels_last, runtime.channels_last_reason, \
-        runtime.probe = decision
+    runtime.precision, runtime.precision_reason, runtime.channels_last, runtime.channels_last_reason, runtime.probe = (
+        decision
+    )
     return runtime.channels_last != before
 
 
@@ -276,8 +364,10 @@ def decide_precision(probe: dict, what: str = "") -> tuple[str, str]:
     what = f" {what}" if what else ""
     if speedup >= BF16_MIN_SPEEDUP:
         return "bf16", f"bf16 autocast measured {speedup:.2f}x faster than fp32{what} on this CPU"
-    return "fp32", (f"bf16 autocast measured {speedup:.2f}x the speed of fp32{what} on this CPU (bf16 needs "
-                    f">= {BF16_MIN_SPEEDUP}x; flags: {', '.join(probe.get('flags') or ['none'])})")
+    return "fp32", (
+        f"bf16 autocast measured {speedup:.2f}x the speed of fp32{what} on this CPU (bf16 needs "
+        f">= {BF16_MIN_SPEEDUP}x; flags: {', '.join(probe.get('flags') or ['none'])})"
+    )
 
 
 def decide_channels_last(probe: dict, precision: str, what: str = "") -> tuple[bool, str]:
@@ -316,18 +406,25 @@ def pick_channels_last(name: str, device: torch.device, precision: str, log=None
 
 # ---------------------------------------------------------------------------------------------- distributed
 
+
 def distributed_env() -> dict[str, Any]:
     """What torchrun tells its workers (all zeros/ones in a plain process)."""
     env = os.environ
-    return {"rank": int(env.get("RANK", 0)), "world_size": int(env.get("WORLD_SIZE", 1)),
-            "local_rank": int(env.get("LOCAL_RANK", 0)), "local_world_size": int(env.get("LOCAL_WORLD_SIZE", 1)),
-            "restart_count": int(env.get("TORCHELASTIC_RESTART_COUNT", 0)),
-            "run_id": env.get("TORCHELASTIC_RUN_ID"), "elastic": "TORCHELASTIC_RUN_ID" in env}
+    return {
+        "rank": int(env.get("RANK", 0)),
+        "world_size": int(env.get("WORLD_SIZE", 1)),
+        "local_rank": int(env.get("LOCAL_RANK", 0)),
+        "local_world_size": int(env.get("LOCAL_WORLD_SIZE", 1)),
+        "restart_count": int(env.get("TORCHELASTIC_RESTART_COUNT", 0)),
+        "run_id": env.get("TORCHELASTIC_RUN_ID"),
+        "elastic": "TORCHELASTIC_RUN_ID" in env,
+    }
 
 
 @dataclass
 class Runtime:
     """The decisions of one process of a run, and the collectives it shares with its peers."""
+
     device: torch.device
     precision: str = "fp32"
     precision_reason: str = ""
@@ -391,15 +488,23 @@ class Runtime:
     def describe(self) -> str:
         where = device_name(self.device)
         ranks = f", {self.world_size} processes ({dist.get_backend()})" if self.distributed else ""
-        return (f"{where}{ranks}, {self.precision}, {'channels_last' if self.channels_last else 'NCHW'}, "
-                f"{self.threads} threads")
+        return (
+            f"{where}{ranks}, {self.precision}, {'channels_last' if self.channels_last else 'NCHW'}, "
+            f"{self.threads} threads"
+        )
 
     def as_dict(self) -> dict:
-        return {"device": device_name(self.device), "precision": self.precision,
-                "precision_reason": self.precision_reason, "channels_last": self.channels_last,
-                "channels_last_reason": self.channels_last_reason, "threads": self.threads,
-                "world_size": self.world_size, "backend": dist.get_backend() if self.distributed else None,
-                "precision_probe": self.probe}
+        return {
+            "device": device_name(self.device),
+            "precision": self.precision,
+            "precision_reason": self.precision_reason,
+            "channels_last": self.channels_last,
+            "channels_last_reason": self.channels_last_reason,
+            "threads": self.threads,
+            "world_size": self.world_size,
+            "backend": dist.get_backend() if self.distributed else None,
+            "precision_probe": self.probe,
+        }
 
 
 def _restart_store(env: dict[str, Any], timeout: datetime.timedelta) -> dict[str, Any]:
@@ -410,23 +515,41 @@ def _restart_store(env: dict[str, Any], timeout: datetime.timedelta) -> dict[str
     prefix per attempt keeps each attempt's addresses apart. Only where one agent launches every rank
     (local world = world): several agents count their restarts each on their own, so their attempt numbers
     need not agree, and there torch's own store layout is kept."""
-    if (env["restart_count"] == 0 or env["local_world_size"] != env["world_size"]
-            or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"):  # else rank 0 hosts the store: torch's way
+    if (
+        env["restart_count"] == 0
+        or env["local_world_size"] != env["world_size"]
+        or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
+    ):  # else rank 0 hosts the store: torch's way
         return {}
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), env["world_size"],
-                          is_master=False, timeout=timeout)
-    return {"store": dist.PrefixStore(f"cnnlab/attempt_{env['restart_count']}", store),
-            "rank": env["rank"], "world_size": env["world_size"]}
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), env["world_size"], is_master=False, timeout=timeout
+    )
+    return {
+        "store": dist.PrefixStore(f"cnnlab/attempt_{env['restart_count']}", store),
+        "rank": env["rank"],
+        "world_size": env["world_size"],
+    }
 
 
 @contextlib.contextmanager
-def start_runtime(device: str = "auto", precision: str = "auto", channels_last: str = "auto", threads: int = 0,
-                  deterministic: bool = False, log=None) -> Iterator[Runtime]:
+def start_runtime(
+    device: str = "auto",
+    precision: str = "auto",
+    channels_last: str = "auto",
+    threads: int = 0,
+    deterministic: bool = False,
+    log=None,
+) -> Iterator[Runtime]:
     """Set up this process for a run (threads, determinism switches, the process group under torchrun) and
     put every process-wide switch back afterwards."""
     env = distributed_env()
-    previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
-                torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic, torch.get_num_threads())
+    previous = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        torch.backends.cudnn.benchmark,
+        torch.backends.cudnn.deterministic,
+        torch.get_num_threads(),
+    )
     started_group = False
     try:
         dev = pick_device(device, env["local_rank"])
@@ -457,10 +580,22 @@ def start_runtime(device: str = "auto", precision: str = "auto", channels_last: 
         if started_group or dist.is_initialized():
             dist.broadcast_object_list(decision, src=0)
         prec, prec_why, cl, cl_why = decision[0]
-        yield Runtime(dev, prec, prec_why, cl, cl_why, torch.get_num_threads(), env["rank"], env["world_size"],
-                      env["local_rank"], env["local_world_size"], env["restart_count"], env["run_id"],
-                      auto_precision=precision == "auto" and dev.type == "cpu",
-                      auto_channels_last=channels_last == "auto" and dev.type == "cpu")
+        yield Runtime(
+            dev,
+            prec,
+            prec_why,
+            cl,
+            cl_why,
+            torch.get_num_threads(),
+            env["rank"],
+            env["world_size"],
+            env["local_rank"],
+            env["local_world_size"],
+            env["restart_count"],
+            env["run_id"],
+            auto_precision=precision == "auto" and dev.type == "cpu",
+            auto_channels_last=channels_last == "auto" and dev.type == "cpu",
+        )
     finally:
         if started_group and dist.is_initialized():
             dist.destroy_process_group()

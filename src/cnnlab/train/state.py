@@ -3,6 +3,7 @@
 It holds only tensors, numbers, strings and plain containers once turned into a state dict, so the
 checkpoint loads with `torch.load(weights_only=True)`.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,6 +21,7 @@ __all__ = ["TrainState", "rng_state", "set_rng_state", "EpochSums"]
 @dataclass
 class EpochSums:
     """Running sums of the current epoch's training loss and accuracy, carried across a mid-epoch resume."""
+
     loss: float = 0.0
     correct: int = 0
     seen: int = 0
@@ -38,8 +40,11 @@ def rng_state(device: torch.device) -> dict:
     version, mt, gauss = random.getstate()
     # the legacy tuple (legacy=True is the default; numpy's stub types a bare call as the dict)
     _, keys, pos, has_gauss, cached = cast(tuple[str, np.ndarray, int, int, float], np.random.get_state())
-    state = {"torch": torch.get_rng_state(), "python": [version, list(mt), gauss],
-             "numpy": [torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)]}
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": [version, list(mt), gauss],
+        "numpy": [torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+    }
     if device.type == "cuda":  # only the device this process trains on, not every GPU the machine has
         state["cuda"] = torch.cuda.get_rng_state(device)
     return state
@@ -65,6 +70,7 @@ def set_rng_state(state: dict, device: torch.device) -> str | None:
 @dataclass
 class TrainState:
     """The model, optimiser, schedule position, data order and bookkeeping of a run in progress."""
+
     model: nn.Module
     optimizer: torch.optim.Optimizer
     loader: Any  # InMemoryLoader or a streaming loader: anything with epoch, position and state_dict()
@@ -76,11 +82,19 @@ class TrainState:
     notes: dict = field(default_factory=dict)  # plain JSON values: wall clock, times to accuracy
 
     def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": {"step": self.step}, "step": self.step, "epoch": self.loader.epoch,
-                "loader": self.loader.state_dict(), "history": self.history, "epoch_sums": self.sums.state_dict(),
-                "nan_skipped": self.nan_skipped,
-                "extras": {k: v.state_dict() for k, v in self.extras.items()}, "notes": json.dumps(self.notes)}
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": {"step": self.step},
+            "step": self.step,
+            "epoch": self.loader.epoch,
+            "loader": self.loader.state_dict(),
+            "history": self.history,
+            "epoch_sums": self.sums.state_dict(),
+            "nan_skipped": self.nan_skipped,
+            "extras": {k: v.state_dict() for k, v in self.extras.items()},
+            "notes": json.dumps(self.notes),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])

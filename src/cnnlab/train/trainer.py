@@ -1,5 +1,6 @@
 """`fit(config)`: the whole training run, from dataset to weights, on one process or many (torchrun), resumable
 bit for bit on CPU. Read top to bottom: setup, resume, the epoch loop, the finish."""
+
 from __future__ import annotations
 
 import contextlib
@@ -38,13 +39,40 @@ from .runtime import Runtime, settle_for_model, start_runtime
 from .state import TrainState
 from .training_data import TrainingData, load_training_data
 
-__all__ = ["fit", "train", "lr_find", "resume_config", "TrainingError", "TrainingInterrupted", "RunState",
-           "TrainingData", "load_training_data", "build_model", "cross_entropy"]
+__all__ = [
+    "fit",
+    "train",
+    "lr_find",
+    "resume_config",
+    "TrainingError",
+    "TrainingInterrupted",
+    "RunState",
+    "TrainingData",
+    "load_training_data",
+    "build_model",
+    "cross_entropy",
+]
 
 # Keys that fix the architecture and data: a resumed run may not change them.
-_FROZEN_ON_RESUME = ("model", "model_args", "dataset", "batch_size", "seed", "train_subset", "val_split", "augment",
-                     "image_size", "init_from", "optimizer", "param_groups", "momentum", "nesterov", "weight_decay",
-                     "lookahead_every", "lookahead_start_epoch")
+_FROZEN_ON_RESUME = (
+    "model",
+    "model_args",
+    "dataset",
+    "batch_size",
+    "seed",
+    "train_subset",
+    "val_split",
+    "augment",
+    "image_size",
+    "init_from",
+    "optimizer",
+    "param_groups",
+    "momentum",
+    "nesterov",
+    "weight_decay",
+    "lookahead_every",
+    "lookahead_start_epoch",
+)
 
 
 class TrainingError(CnnlabError):
@@ -59,7 +87,9 @@ class TrainingInterrupted(CnnlabError):
         self.exit_code = exit_code
 
 
-def resume_config(run_dir: str | Path, overrides: TrainConfig | None = None, changed: Sequence[str] = ()) -> TrainConfig:
+def resume_config(
+    run_dir: str | Path, overrides: TrainConfig | None = None, changed: Sequence[str] = ()
+) -> TrainConfig:
     """The run's own config, with the flags in `changed` taken from `overrides`; architecture changes refused."""
     run = Run(run_dir)
     if not is_run_folder(run.path):
@@ -70,14 +100,21 @@ def resume_config(run_dir: str | Path, overrides: TrainConfig | None = None, cha
     for key in changed:
         new = getattr(overrides, key)
         if key in _FROZEN_ON_RESUME and new != getattr(cfg, key):
-            raise CheckpointError(f"cannot resume {run_dir} with {key} = {new!r}: the run was made with "
-                                  f"{getattr(cfg, key)!r}. Start a new run instead (without --resume)")
+            raise CheckpointError(
+                f"cannot resume {run_dir} with {key} = {new!r}: the run was made with "
+                f"{getattr(cfg, key)!r}. Start a new run instead (without --resume)"
+            )
         cfg = dataclasses.replace(cfg, **{key: new})
     return dataclasses.replace(cfg, run_dir=str(run.path))
 
 
-def train(config: TrainConfig | None = None, *, callbacks: Sequence[Callable[[RunState], None]] = (),
-          log: Callable[[str], None] = print, **fields) -> Run:
+def train(
+    config: TrainConfig | None = None,
+    *,
+    callbacks: Sequence[Callable[[RunState], None]] = (),
+    log: Callable[[str], None] = print,
+    **fields,
+) -> Run:
     """`fit` in one call, returning the finished run: `train(model="convnet", dataset="cifar10", epochs=4)`.
     Keywords are TrainConfig fields and override `config` (default: TrainConfig's defaults)."""
     cfg = config_from_dict(fields, base=config, source="train()")
@@ -85,19 +122,36 @@ def train(config: TrainConfig | None = None, *, callbacks: Sequence[Callable[[Ru
     return open_run(summary["run_dir"])
 
 
-def lr_find(config: TrainConfig | None = None, *, steps: int = DEFAULT_STEPS, start_lr: float = DEFAULT_START_LR,
-            end_lr: float = DEFAULT_END_LR, rule: str = "steepest", out: str | Path | None = None,
-            log: Callable[[str], None] = print, **fields) -> LRFinderResult:
+def lr_find(
+    config: TrainConfig | None = None,
+    *,
+    steps: int = DEFAULT_STEPS,
+    start_lr: float = DEFAULT_START_LR,
+    end_lr: float = DEFAULT_END_LR,
+    rule: str = "steepest",
+    out: str | Path | None = None,
+    log: Callable[[str], None] = print,
+    **fields,
+) -> LRFinderResult:
     """The range test (train/lr_find.py) for the run `config` (keyword fields overriding it) would train: its
     data, model, initialisation, optimiser and parameter groups, set up as `fit` sets them up. With `out`, writes
     lr_find.json and lr_find.png there (rank 0). `cnnlab lr-find` is this."""
     cfg = config_from_dict(dict(fields), base=config, source="lr_find()").validate()
     with contextlib.ExitStack() as stack:
         cfg, setup = _set_up(cfg, stack, log)
-        result = search_lr(setup.model, build_training_optimizer(setup.model, **cfg.optimizer_options()),
-                           setup.data.train, runtime=setup.runtime, loss_fn=cross_entropy(cfg.label_smoothing),
-                           step_model=_wrap_for_training(setup.model, setup.runtime, cfg.compile), steps=steps,
-                           start_lr=start_lr, end_lr=end_lr, rule=rule, grad_clip=cfg.grad_clip)
+        result = search_lr(
+            setup.model,
+            build_training_optimizer(setup.model, **cfg.optimizer_options()),
+            setup.data.train,
+            runtime=setup.runtime,
+            loss_fn=cross_entropy(cfg.label_smoothing),
+            step_model=_wrap_for_training(setup.model, setup.runtime, cfg.compile),
+            steps=steps,
+            start_lr=start_lr,
+            end_lr=end_lr,
+            rule=rule,
+            grad_clip=cfg.grad_clip,
+        )
         if out is not None and setup.runtime.is_main:
             result.save(out)
         setup.say(result.describe())
@@ -106,23 +160,35 @@ def lr_find(config: TrainConfig | None = None, *, steps: int = DEFAULT_STEPS, st
 
 def cross_entropy(label_smoothing: float) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """The default loss: mean cross-entropy of float32 logits, with label smoothing."""
+
     def loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+
     return loss
 
 
 # ---------------------------------------------------------------------------------------------- setup pieces
 
-def build_model(name: str, kwargs: dict, data: TrainingData, runtime: Runtime, *, init_from: str | None = None,
-                sync_bn: bool = False) -> tuple[nn.Module, dict]:
+
+def build_model(
+    name: str,
+    kwargs: dict,
+    data: TrainingData,
+    runtime: Runtime,
+    *,
+    init_from: str | None = None,
+    sync_bn: bool = False,
+) -> tuple[nn.Module, dict]:
     """The model on its device and memory format, initialised from `init_from` weights or, for a model that
     asks (`model.prepare`), from the training data; returns (model, architecture)."""
     model = create_model(name, **kwargs)
     if init_from:
         source = load_weights(init_from, "cpu")
         if (source.meta["model"], source.meta["model_args"]) != (name, json.loads(json.dumps(kwargs))):
-            raise ConfigError(f"--init-from {init_from}: it holds a {source.meta['model']!r} with "
-                              f"{source.meta['model_args']}, not {name!r} with {kwargs}")
+            raise ConfigError(
+                f"--init-from {init_from}: it holds a {source.meta['model']!r} with "
+                f"{source.meta['model_args']}, not {name!r} with {kwargs}"
+            )
         model.load_state_dict(source.model.state_dict())
     elif hasattr(model, "prepare") and data.train_images is not None:  # e.g. airbench94's whitening filters
         note = cast(Any, model).prepare(data.train_images, data.mean, data.std)  # not a Module method
@@ -130,21 +196,32 @@ def build_model(name: str, kwargs: dict, data: TrainingData, runtime: Runtime, *
             print(f"  {name}: {note}")
     if sync_bn and runtime.distributed:
         if runtime.device.type == "cpu":
-            raise ConfigError("--sync-bn: PyTorch's SyncBatchNorm runs on GPUs only; on CPU each rank normalises "
-                              "over its own batch_size / world_size images (leave out --sync-bn)")
+            raise ConfigError(
+                "--sync-bn: PyTorch's SyncBatchNorm runs on GPUs only; on CPU each rank normalises "
+                "over its own batch_size / world_size images (leave out --sync-bn)"
+            )
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     # Module.to takes memory_format at run time; its stub does not list it
     model = model.to(runtime.device, memory_format=runtime.memory_format)  # type: ignore[call-overload]
     return model, {"model": name, "model_args": kwargs}
 
 
-def settle_precision(runtime: Runtime, model: nn.Module, arch: dict, data: TrainingData, *, batch_size: int,
-                     run_steps: int, say) -> None:
+def settle_precision(
+    runtime: Runtime, model: nn.Module, arch: dict, data: TrainingData, *, batch_size: int, run_steps: int, say
+) -> None:
     """`--precision auto` / `--channels-last auto` on a CPU: measure the run's own model at its input size
     (runtime.settle_for_model) and move the model and the loaders to the memory format it picks."""
     run_images = run_steps * batch_size / runtime.world_size
-    if settle_for_model(runtime, model, data.shape, batch_size // runtime.world_size, run_images,
-                        name=arch["model"], args=arch["model_args"], log=say):
+    if settle_for_model(
+        runtime,
+        model,
+        data.shape,
+        batch_size // runtime.world_size,
+        run_images,
+        name=arch["model"],
+        args=arch["model_args"],
+        log=say,
+    ):
         # Module.to takes memory_format at run time; its stub does not list it
         model.to(memory_format=runtime.memory_format)  # type: ignore[call-overload]
         data.use_channels_last(runtime.channels_last)
@@ -159,6 +236,7 @@ def planned_steps(epochs: float, steps_per_epoch: int, max_steps: int = 0) -> in
 @dataclasses.dataclass
 class Setup:
     """What fit and lr_find build the same way before any step: where to compute, the data, the model."""
+
     runtime: Runtime
     say: Callable[[str], None]
     data: TrainingData
@@ -169,8 +247,9 @@ class Setup:
 def _set_up(cfg: TrainConfig, stack: contextlib.ExitStack, log: Callable[[str], None]) -> tuple[TrainConfig, Setup]:
     """The runtime (device, precision, processes), rank 0's config for every rank, the data and the model, checked
     against each other before any work; the precision probe on the real model. Closed by `stack`."""
-    runtime = stack.enter_context(start_runtime(cfg.device, cfg.precision, cfg.channels_last, cfg.threads,
-                                                cfg.deterministic, log))
+    runtime = stack.enter_context(
+        start_runtime(cfg.device, cfg.precision, cfg.channels_last, cfg.threads, cfg.deterministic, log)
+    )
     cfg = runtime.broadcast(cfg)  # rank 0's config for all: ranks on other machines may read other files
     say = log if runtime.is_main else _quiet
     spec = get_spec(cfg.dataset)  # a named dataset's shape is known before loading it: check the model first
@@ -183,8 +262,15 @@ def _set_up(cfg: TrainConfig, stack: contextlib.ExitStack, log: Callable[[str], 
     kwargs = cfg.model_kwargs(data.shape, len(data.classes))
     check_input_size(cfg.model, kwargs, data.shape, what=cfg.dataset)
     model, arch = build_model(cfg.model, kwargs, data, runtime, init_from=cfg.init_from, sync_bn=cfg.sync_bn)
-    settle_precision(runtime, model, arch, data, batch_size=cfg.batch_size, say=say,
-                     run_steps=planned_steps(cfg.epochs, len(data.train), cfg.max_steps))
+    settle_precision(
+        runtime,
+        model,
+        arch,
+        data,
+        batch_size=cfg.batch_size,
+        say=say,
+        run_steps=planned_steps(cfg.epochs, len(data.train), cfg.max_steps),
+    )
     return cfg, Setup(runtime, say, data, model, arch)
 
 
@@ -198,26 +284,32 @@ def _seed_everything(seed: int) -> None:
     np.random.seed(seed)
 
 
-def _check_resumable(saved: dict, header: dict, folder: RunFolder, lr_at, total_steps: int,
-                     data: TrainingData) -> None:
+def _check_resumable(saved: dict, header: dict, folder: RunFolder, lr_at, total_steps: int, data: TrainingData) -> None:
     """Refuse a checkpoint of another architecture, other data, or a schedule the new length would redraw."""
     if saved.get("arch") != json.loads(json.dumps(header["arch"])):
-        raise CheckpointError(f"{folder.path}: the checkpoint holds {saved.get('arch')}, not {header['arch']}; "
-                              "start a new run instead of resuming")
+        raise CheckpointError(
+            f"{folder.path}: the checkpoint holds {saved.get('arch')}, not {header['arch']}; "
+            "start a new run instead of resuming"
+        )
     if saved.get("data") != header["data"]:
-        raise CheckpointError(f"{folder.path}: the dataset found now ({data.dataset.source}) is not the one the run "
-                              "was trained on, so the resumed run could not match; point --data-dir at the original copy")
+        raise CheckpointError(
+            f"{folder.path}: the dataset found now ({data.dataset.source}) is not the one the run "
+            "was trained on, so the resumed run could not match; point --data-dir at the original copy"
+        )
     streams = saved.get("loader", {}).get("streams")
     if streams is not None and streams != getattr(data.train, "streams", streams):
-        raise ConfigError(f"{folder.path}: the run read its shards as {streams} streams (--workers {streams}); resume it "
-                          "with the same --workers, which fixes the order of the samples")
+        raise ConfigError(
+            f"{folder.path}: the run read its shards as {streams} streams (--workers {streams}); resume it "
+            "with the same --workers, which fixes the order of the samples"
+        )
     old_total, step = saved.get("total_steps", total_steps), int(saved["step"])
     if old_total == total_steps or step == 0:
         return
     try:
         old_cfg = config_from_dict(saved["config"])
-        old_lr_at = build_schedule(old_cfg.schedule, old_cfg.lr, old_total, steps_per_epoch=len(data.train),
-                                   **old_cfg.schedule_options())
+        old_lr_at = build_schedule(
+            old_cfg.schedule, old_cfg.lr, old_total, steps_per_epoch=len(data.train), **old_cfg.schedule_options()
+        )
     except (CnnlabError, KeyError, TypeError):
         return  # a checkpoint from before schedules were recorded: nothing to compare with
     changed = next((s for s in range(step) if not np.isclose(old_lr_at(s), lr_at(s), rtol=1e-9, atol=0)), None)
@@ -229,12 +321,18 @@ def _check_resumable(saved: dict, header: dict, folder: RunFolder, lr_at, total_
             f"original length (--epochs {old_cfg.epochs:g}{f' --max-steps {old_cfg.max_steps}' if old_cfg.max_steps else ''}"
             f"); or start a new run from its weights with a fresh schedule: cnnlab train --init-from {folder.path} "
             "--epochs N (other flags as before); schedules that do not depend on the run's length (constant, or "
-            "multistep with milestones in epochs or iterations) can be extended with --resume")
+            "multistep with milestones in epochs or iterations) can be extended with --resume"
+        )
 
 
 def _versions() -> dict:
-    return {"cnnlab": __version__, "torch": torch.__version__, "numpy": np.__version__,
-            "python": platform.python_version(), "platform": platform.platform()}
+    return {
+        "cnnlab": __version__,
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
 
 
 @contextlib.contextmanager
@@ -246,8 +344,10 @@ def _explain_determinism_errors():
     except RuntimeError as exc:
         if "deterministic" not in str(exc) or not torch.are_deterministic_algorithms_enabled():
             raise
-        raise TrainingError(f"--deterministic cannot be honoured here: {str(exc).splitlines()[0]} "
-                            "Leave out --deterministic, or train on CPU") from None
+        raise TrainingError(
+            f"--deterministic cannot be honoured here: {str(exc).splitlines()[0]} "
+            "Leave out --deterministic, or train on CPU"
+        ) from None
 
 
 def _quiet(message: str) -> None:
@@ -256,8 +356,15 @@ def _quiet(message: str) -> None:
 
 # ---------------------------------------------------------------------------------------------- fit
 
-def fit(cfg: TrainConfig, *, resume: bool | str = False, callbacks: Sequence[Callable[[RunState], None]] = (),
-        log: Callable[[str], None] = print, loss_fn: Callable | None = None) -> dict:
+
+def fit(
+    cfg: TrainConfig,
+    *,
+    resume: bool | str = False,
+    callbacks: Sequence[Callable[[RunState], None]] = (),
+    log: Callable[[str], None] = print,
+    loss_fn: Callable | None = None,
+) -> dict:
     """Train `cfg.model` on `cfg.dataset`, evaluate on the test split, write the run folder; returns the summary.
 
     `resume`: True continues the run in `cfg.run_dir` from its last checkpoint; "auto" does so when it has
@@ -275,8 +382,9 @@ def fit(cfg: TrainConfig, *, resume: bool | str = False, callbacks: Sequence[Cal
         state = TrainState(model, build_training_optimizer(model, **cfg.optimizer_options()), data.train)
         steps_per_epoch = len(data.train)
         total_steps = planned_steps(cfg.epochs, steps_per_epoch, cfg.max_steps)
-        lr_at = build_schedule(cfg.schedule, cfg.lr, total_steps, steps_per_epoch=steps_per_epoch,
-                               **cfg.schedule_options())
+        lr_at = build_schedule(
+            cfg.schedule, cfg.lr, total_steps, steps_per_epoch=steps_per_epoch, **cfg.schedule_options()
+        )
         if cfg.lookahead_every:
             state.extras["lookahead"] = Lookahead(model, cfg.lookahead_every, cfg.lookahead_start_epoch, total_steps)
         folder = RunFolder.choose(cfg.run_dir, cfg.runs_root, cfg.model, cfg.dataset, runtime)
@@ -287,16 +395,24 @@ def fit(cfg: TrainConfig, *, resume: bool | str = False, callbacks: Sequence[Cal
             # the range test on the run's own model, optimiser and data (all restored afterwards), then a fresh
             # optimiser at the suggested lr: the run trains exactly as one started with `--lr <suggestion>`
             step_model = _wrap_for_training(model, runtime, cfg.compile)
-            found = search_lr(state.model, state.optimizer, state.loader, runtime=runtime, step_model=step_model,
-                              loss_fn=loss_fn or cross_entropy(cfg.label_smoothing), grad_clip=cfg.grad_clip)
+            found = search_lr(
+                state.model,
+                state.optimizer,
+                state.loader,
+                runtime=runtime,
+                step_model=step_model,
+                loss_fn=loss_fn or cross_entropy(cfg.label_smoothing),
+                grad_clip=cfg.grad_clip,
+            )
             if runtime.is_main:
                 found.save(folder.path)
             say(found.describe())
             state.notes["lr_find"] = found.summary()
             cfg = dataclasses.replace(cfg, lr=found.suggestion)
             state.optimizer = build_training_optimizer(model, **cfg.optimizer_options())
-            lr_at = build_schedule(cfg.schedule, cfg.lr, total_steps, steps_per_epoch=steps_per_epoch,
-                                   **cfg.schedule_options())
+            lr_at = build_schedule(
+                cfg.schedule, cfg.lr, total_steps, steps_per_epoch=steps_per_epoch, **cfg.schedule_options()
+            )
         header = {"arch": arch, "data": data.fingerprint, "config": dataclasses.asdict(cfg), "total_steps": total_steps}
 
         # --- resume: weights, optimiser, data position and every generator, exactly where they were
@@ -306,15 +422,20 @@ def fit(cfg: TrainConfig, *, resume: bool | str = False, callbacks: Sequence[Cal
                 return finished
         folder.write("config", yaml_dump(cfg))
         clock = _Clock(state.notes.get("wall_seconds", 0.0), wall_start)
-        loggers = stack.enter_context(build_loggers(cfg.logger, folder.path, config=cfg, resume=bool(resume),
-                                                    start_step=state.step) if runtime.is_main else LoggerGroup())
+        loggers = stack.enter_context(
+            build_loggers(cfg.logger, folder.path, config=cfg, resume=bool(resume), start_step=state.step)
+            if runtime.is_main
+            else LoggerGroup()
+        )
 
         def save_checkpoint() -> None:
             # An optimiser step can turn weights non-finite while its own loss was finite: never save those.
             if not all(torch.isfinite(p).all() for p in model.parameters()):
-                raise TrainingError(f"step {state.step}: the weights hold NaN or infinite values; training stopped "
-                                    f"without overwriting the last good checkpoint in {folder.path}. Try a lower --lr "
-                                    "or --grad-clip 1.0")
+                raise TrainingError(
+                    f"step {state.step}: the weights hold NaN or infinite values; training stopped "
+                    f"without overwriting the last good checkpoint in {folder.path}. Try a lower --lr "
+                    "or --grad-clip 1.0"
+                )
             data.check_bad_images(runtime)
             state.notes["wall_seconds"] = clock()
             loggers.flush()
@@ -325,8 +446,9 @@ def fit(cfg: TrainConfig, *, resume: bool | str = False, callbacks: Sequence[Cal
                 for buffer in model.buffers():
                     torch.distributed.broadcast(buffer, 0)
             started = clock()  # every evaluation's time is kept apart from training's (eval_seconds)
-            result = evaluate(model, getattr(data, split), len(data.classes), runtime=runtime, per_image=per_image,
-                              tta=tta)
+            result = evaluate(
+                model, getattr(data, split), len(data.classes), runtime=runtime, per_image=per_image, tta=tta
+            )
             state.notes["eval_seconds"] = state.notes.get("eval_seconds", 0.0) + clock() - started
             return result
 
@@ -334,8 +456,11 @@ def fit(cfg: TrainConfig, *, resume: bool | str = False, callbacks: Sequence[Cal
             step_model = _wrap_for_training(model, runtime, cfg.compile)
         rules = StepRules(total_steps, cfg.grad_clip, cfg.on_nan, cfg.max_nan_skips, cfg.log_every)
         progress = Progress(cfg.progress if runtime.is_main else "none", total_steps, steps_per_epoch, cfg.log_every)
-        reached = _Thresholds(state.notes.setdefault("time_to_accuracy", {}), clock,
-                              lambda: clock() - state.notes.get("eval_seconds", 0.0))
+        reached = _Thresholds(
+            state.notes.setdefault("time_to_accuracy", {}),
+            clock,
+            lambda: clock() - state.notes.get("eval_seconds", 0.0),
+        )
         run_state = RunState(folder.path, model=model)
         _say_setup(say, cfg.model, data, model, runtime, folder)
 
@@ -346,9 +471,20 @@ def fit(cfg: TrainConfig, *, resume: bool | str = False, callbacks: Sequence[Cal
             while data.train.epoch < cfg.epochs and state.step < total_steps:
                 epoch = data.train.epoch
                 progress.start_epoch(epoch, cfg.epochs, state.step)
-                steps = EpochSteps(state, step_model, loss_fn or cross_entropy(cfg.label_smoothing), lr_at, runtime,
-                                   rules, stopper=stopper, progress=progress, callbacks=callbacks, run_state=run_state,
-                                   log=say, on_step=_step_logger(loggers, state.optimizer))
+                steps = EpochSteps(
+                    state,
+                    step_model,
+                    loss_fn or cross_entropy(cfg.label_smoothing),
+                    lr_at,
+                    runtime,
+                    rules,
+                    stopper=stopper,
+                    progress=progress,
+                    callbacks=callbacks,
+                    run_state=run_state,
+                    log=say,
+                    on_step=_step_logger(loggers, state.optimizer),
+                )
                 try:
                     for step in steps:  # each step's boundary; mid-epoch only (the epoch's end is below)
                         mid_epoch = data.train.position < steps_per_epoch
@@ -361,18 +497,24 @@ def fit(cfg: TrainConfig, *, resume: bool | str = False, callbacks: Sequence[Cal
                             steps.fold()
                             save_checkpoint()
                 except NonFiniteStep as exc:
-                    kept = f"the last good checkpoint is kept in {folder.path}" if folder.checkpoints.exists() else \
-                        "no checkpoint had been written yet"
+                    kept = (
+                        f"the last good checkpoint is kept in {folder.path}"
+                        if folder.checkpoints.exists()
+                        else "no checkpoint had been written yet"
+                    )
                     skipped = f" after {exc.skipped} skipped steps" if cfg.on_nan == "skip" else ""
-                    raise TrainingError(f"{exc}; training stopped{skipped}, {kept}. Try a lower --lr, --grad-clip "
-                                        "1.0 or --on-nan skip") from None
+                    raise TrainingError(
+                        f"{exc}; training stopped{skipped}, {kept}. Try a lower --lr, --grad-clip 1.0 or --on-nan skip"
+                    ) from None
                 stop = steps.stop
                 if stop is not None:
                     save_checkpoint()
                     progress.close()
-                    raise TrainingInterrupted(f"stopped at step {state.step}; checkpoint saved. Resume with: "
-                                              f"cnnlab train --resume {folder.path}",
-                                              128 + stop if isinstance(stop, int) else 130)
+                    raise TrainingInterrupted(
+                        f"stopped at step {state.step}; checkpoint saved. Resume with: "
+                        f"cnnlab train --resume {folder.path}",
+                        128 + stop if isinstance(stop, int) else 130,
+                    )
                 if "lookahead" in state.extras:
                     state.extras["lookahead"].end_epoch()
                 partial = data.train.position > 0  # max_steps (or fractional epochs) reached mid-epoch
@@ -398,15 +540,30 @@ def fit(cfg: TrainConfig, *, resume: bool | str = False, callbacks: Sequence[Cal
         if final is None:
             final = evaluate_now(per_image=True, tta=cfg.tta)
             reached.update(final["accuracy"], state.step, state.step / steps_per_epoch)
-        summary = _finish(folder, runtime, data, model, arch, state, final, reached, clock(), steps_per_epoch,
-                          tta=cfg.tta, lr=cfg.lr, seed=cfg.seed, val_split=cfg.val_split,
-                          deterministic=cfg.deterministic)
+        summary = _finish(
+            folder,
+            runtime,
+            data,
+            model,
+            arch,
+            state,
+            final,
+            reached,
+            clock(),
+            steps_per_epoch,
+            tta=cfg.tta,
+            lr=cfg.lr,
+            seed=cfg.seed,
+            val_split=cfg.val_split,
+            deterministic=cfg.deterministic,
+        )
         loggers.log_summary(summary)
     return summary
 
 
-def _resume(state: TrainState, folder: RunFolder, header: dict, lr_at, total_steps: int, data: TrainingData,
-            say) -> dict | None:
+def _resume(
+    state: TrainState, folder: RunFolder, header: dict, lr_at, total_steps: int, data: TrainingData, say
+) -> dict | None:
     """Load the checkpoint into `state`; the run's summary if the run is already finished, else None."""
     runtime = folder.runtime
     saved = folder.load_checkpoint(say)
@@ -416,9 +573,11 @@ def _resume(state: TrainState, folder: RunFolder, header: dict, lr_at, total_ste
     if state.step >= total_steps and runtime.broadcast(run.file("summary").is_file()):
         done = run.summary if runtime.is_main else None
         if done is not None and run.finished:
-            say(f"{folder.path} is finished ({done.get('epochs', 0):g} epochs, test accuracy "
+            say(
+                f"{folder.path} is finished ({done.get('epochs', 0):g} epochs, test accuracy "
                 f"{done.get('test_accuracy', float('nan')):.4f}); nothing to resume. To train longer, start a new "
-                f"run from its weights: cnnlab train --init-from {folder.path} --epochs N")
+                f"run from its weights: cnnlab train --init-from {folder.path} --epochs N"
+            )
         return runtime.broadcast(done)
     say(f"resuming {folder.path} at epoch {data.train.epoch + 1}, step {state.step}")
     _trim_evals(folder, state.step)
@@ -430,36 +589,68 @@ def _wrap_for_training(model: nn.Module, runtime: Runtime, compile_: bool = Fals
     step_model = model
     if runtime.distributed:
         step_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
+            model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None
+        )
     return cast(nn.Module, torch.compile(step_model)) if compile_ else step_model  # a compiled Module is one
 
 
 def _say_setup(say, model_name: str, data: TrainingData, model: nn.Module, runtime: Runtime, folder: RunFolder):
     say(data.describe())
     say(f"  {data.mode_reason}")
-    say(f"training {model_name} ({sum(p.numel() for p in model.parameters()):,} parameters) on {runtime.describe()}; "
-        f"run folder {folder.path}")
-    say(f"  precision {runtime.precision}: {runtime.precision_reason}; "
-        f"{'channels_last' if runtime.channels_last else 'NCHW'}: {runtime.channels_last_reason}")
+    say(
+        f"training {model_name} ({sum(p.numel() for p in model.parameters()):,} parameters) on {runtime.describe()}; "
+        f"run folder {folder.path}"
+    )
+    say(
+        f"  precision {runtime.precision}: {runtime.precision_reason}; "
+        f"{'channels_last' if runtime.channels_last else 'NCHW'}: {runtime.channels_last_reason}"
+    )
     if data.dataset.verified is False:
-        say("note: the dataset's bytes differ from the publisher's; it passed the structural checks and its sha256 "
-            "sums are recorded in summary.json")
+        say(
+            "note: the dataset's bytes differ from the publisher's; it passed the structural checks and its sha256 "
+            "sums are recorded in summary.json"
+        )
 
 
 def _epoch_line(row: dict, epochs: float) -> str:
     tested = f" | test loss {row['test_loss']:.4f} acc {row['test_acc']:.4f}" if row["test_acc"] != "" else ""
-    return (f"epoch {row['epoch']:g}/{epochs:g}: train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}{tested} | "
-            f"{row['seconds']:.1f}s, {row['img_per_s']:,.0f} img/s")
+    return (
+        f"epoch {row['epoch']:g}/{epochs:g}: train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}{tested} | "
+        f"{row['seconds']:.1f}s, {row['img_per_s']:,.0f} img/s"
+    )
 
 
-def _finish(folder: RunFolder, runtime: Runtime, data: TrainingData, model: nn.Module, arch: dict,
-            state: TrainState, final: dict, reached, wall_seconds: float, steps_per_epoch: int, *, tta: int,
-            lr: float, seed: int, val_split: float, deterministic: bool) -> dict:
+def _finish(
+    folder: RunFolder,
+    runtime: Runtime,
+    data: TrainingData,
+    model: nn.Module,
+    arch: dict,
+    state: TrainState,
+    final: dict,
+    reached,
+    wall_seconds: float,
+    steps_per_epoch: int,
+    *,
+    tta: int,
+    lr: float,
+    seed: int,
+    val_split: float,
+    deterministic: bool,
+) -> dict:
     """Write the final weights, each test image's prediction and summary.json; returns the summary."""
     assert data.preprocess is not None  # load_training_data sets it
-    meta = {"model": arch["model"], "model_args": arch["model_args"], "classes": data.classes, "mean": data.mean,
-            "std": data.std, "input_shape": list(data.shape), "preprocess": data.preprocess.to_dict(),
-            "dataset": data.dataset.name, "cnnlab_version": __version__}
+    meta = {
+        "model": arch["model"],
+        "model_args": arch["model_args"],
+        "classes": data.classes,
+        "mean": data.mean,
+        "std": data.std,
+        "input_shape": list(data.shape),
+        "preprocess": data.preprocess.to_dict(),
+        "dataset": data.dataset.name,
+        "cnnlab_version": __version__,
+    }
     losses, preds = final.pop("losses"), final.pop("preds")
     if runtime.is_main:
         save_weights(model, Run(folder.path).file("weights"), meta)
@@ -468,25 +659,50 @@ def _finish(folder: RunFolder, runtime: Runtime, data: TrainingData, model: nn.M
             folder.write_predictions(losses, preds, labels)
     bad = data.bad_images(runtime)
     summary = {
-        "test_accuracy": final["accuracy"], "test_loss": final["loss"], "test_top5": final.get("top5"),
-        "test_tta": tta, "test_per_class": final["per_class"], "test_confusion": final["confusion"],
-        "time_to_accuracy": reached.table(), "epochs": round(state.step / steps_per_epoch, 4), "steps": state.step,
-        "train_seconds": sum(r["seconds"] for r in state.history), "wall_seconds": wall_seconds,
+        "test_accuracy": final["accuracy"],
+        "test_loss": final["loss"],
+        "test_top5": final.get("top5"),
+        "test_tta": tta,
+        "test_per_class": final["per_class"],
+        "test_confusion": final["confusion"],
+        "time_to_accuracy": reached.table(),
+        "epochs": round(state.step / steps_per_epoch, 4),
+        "steps": state.step,
+        "train_seconds": sum(r["seconds"] for r in state.history),
+        "wall_seconds": wall_seconds,
         "eval_seconds": round(state.notes.get("eval_seconds", 0.0), 3),
-        **runtime.as_dict(), "augment": data.augment, "data_mode": data.mode, "data_mode_reason": data.mode_reason,
-        "bad_images": {"count": len(bad), "files": bad[:1000]}, "versions": _versions(),
-        "dataset": {"name": data.dataset.name, "source": data.dataset.source, "verified": data.dataset.verified,
-                    "files": data.dataset.files},
-        "seed": seed, "run_dir": str(folder.path), "nan_skipped": state.nan_skipped,
-        "lr": lr, "lr_find": state.notes.get("lr_find"),
+        **runtime.as_dict(),
+        "augment": data.augment,
+        "data_mode": data.mode,
+        "data_mode_reason": data.mode_reason,
+        "bad_images": {"count": len(bad), "files": bad[:1000]},
+        "versions": _versions(),
+        "dataset": {
+            "name": data.dataset.name,
+            "source": data.dataset.source,
+            "verified": data.dataset.verified,
+            "files": data.dataset.files,
+        },
+        "seed": seed,
+        "run_dir": str(folder.path),
+        "nan_skipped": state.nan_skipped,
+        "lr": lr,
+        "lr_find": state.notes.get("lr_find"),
         # every generator's seed, so that a result can be traced and replayed
-        "seeds": {"model_init": seed, "python_random": seed, "numpy_random": seed,
-                  "data_order": seed + 1, "augmentation": seed + 2,
-                  "validation_split": seed if val_split else None},
-        "deterministic": {"requested": deterministic,
-                          "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
-                          "cudnn_benchmark": torch.backends.cudnn.benchmark,
-                          "cudnn_deterministic": torch.backends.cudnn.deterministic},
+        "seeds": {
+            "model_init": seed,
+            "python_random": seed,
+            "numpy_random": seed,
+            "data_order": seed + 1,
+            "augmentation": seed + 2,
+            "validation_split": seed if val_split else None,
+        },
+        "deterministic": {
+            "requested": deterministic,
+            "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+            "cudnn_benchmark": torch.backends.cudnn.benchmark,
+            "cudnn_deterministic": torch.backends.cudnn.deterministic,
+        },
     }
     folder.write_json("summary", summary)
     return summary
@@ -522,9 +738,13 @@ class _Thresholds:
         for threshold in ACCURACY_THRESHOLDS:
             key = f"{threshold:.2f}"
             if accuracy >= threshold and key not in self.reached:
-                self.reached[key] = {"wall_seconds": round(self.clock(), 3),
-                                     "seconds_without_eval": round(self.without_eval(), 3), "step": step,
-                                     "epochs": round(epochs, 4), "accuracy": accuracy}
+                self.reached[key] = {
+                    "wall_seconds": round(self.clock(), 3),
+                    "seconds_without_eval": round(self.without_eval(), 3),
+                    "step": step,
+                    "epochs": round(epochs, 4),
+                    "accuracy": accuracy,
+                }
 
     def table(self) -> dict:
         return dict(self.reached)
@@ -552,10 +772,16 @@ def _append_eval(folder: RunFolder, step: int, epochs: float, result: dict, seco
 def _epoch_row(epoch: float, lrs: dict[str, float], sums, test: dict | None, val: dict | None, has_val: bool) -> dict:
     """One metrics.csv row; test (and val) columns stay empty in epochs without an evaluation. `epoch` is
     fractional for a last epoch cut short by --max-steps; `lrs` are the rates the optimiser applied last."""
-    row = {"epoch": round(epoch, 4) if epoch % 1 else int(epoch), "lr": lrs["lr"],
-           "train_loss": sums.loss / max(sums.seen, 1), "train_acc": sums.correct / max(sums.seen, 1),
-           "test_loss": test["loss"] if test else "", "test_acc": test["accuracy"] if test else "",
-           "seconds": sums.seconds, "img_per_s": sums.seen / max(sums.seconds, 1e-9)}
+    row = {
+        "epoch": round(epoch, 4) if epoch % 1 else int(epoch),
+        "lr": lrs["lr"],
+        "train_loss": sums.loss / max(sums.seen, 1),
+        "train_acc": sums.correct / max(sums.seen, 1),
+        "test_loss": test["loss"] if test else "",
+        "test_acc": test["accuracy"] if test else "",
+        "seconds": sums.seconds,
+        "img_per_s": sums.seen / max(sums.seconds, 1e-9),
+    }
     if has_val:
         row["val_loss"], row["val_acc"] = (val["loss"], val["accuracy"]) if val else ("", "")
     row.update({k: v for k, v in lrs.items() if k != "lr"})

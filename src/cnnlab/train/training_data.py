@@ -1,5 +1,6 @@
 """The data of a training run: decoded into memory (the named datasets, small image folders) or streamed
 (large or mixed-size image folders, packed shards), split, normalised, and made into this rank's loaders."""
+
 from __future__ import annotations
 
 import hashlib
@@ -21,9 +22,11 @@ from .runtime import Runtime
 
 __all__ = ["TrainingData", "StreamedDataset", "choose_mode", "load_training_data"]
 
+
 @dataclass
 class TrainingData:
     """The loaders of a run and what the model and the run folder need to know about its data."""
+
     # InMemoryLoader, or a streaming ShardLoader / FolderStreamLoader: duck-typed alike, so Any
     train: Any
     test: Any
@@ -75,6 +78,7 @@ class TrainingData:
 @dataclass
 class StreamedDataset:
     """What a run records of data it streams: never all in memory, so described by its file lists."""
+
     name: str
     source: str
     classes: list[str]
@@ -85,9 +89,11 @@ class StreamedDataset:
     verified: None = None  # the user's own files: no publisher checksum
 
     def describe(self) -> str:
-        return (f"{self.name}: {self.counts['train']:,} train / {self.counts['test']:,} test images from "
-                f"{self.source}, streamed at {self.image_size}x{self.image_size} [your own files: no publisher "
-                "checksum to verify against]")
+        return (
+            f"{self.name}: {self.counts['train']:,} train / {self.counts['test']:,} test images from "
+            f"{self.source}, streamed at {self.image_size}x{self.image_size} [your own files: no publisher "
+            "checksum to verify against]"
+        )
 
 
 def _fingerprint(data, train_labels: torch.Tensor, val_labels: torch.Tensor | None) -> str:
@@ -110,6 +116,7 @@ def choose_mode(cfg: TrainConfig) -> tuple[str, str]:
     if not kind.image_folder:
         return "memory", f"data mode memory: {cfg.dataset} is decoded once into RAM"
     from ..data.stream import choose_data_mode, parse_bytes
+
     if cfg.data_dir is None:
         raise ConfigError(f"imagefolder needs --data-dir ROOT; {get_spec('imagefolder').how_to_get}")
     return choose_data_mode(cfg.data_dir, cfg.data_mode, cfg.image_size or None, parse_bytes(cfg.memory_budget))
@@ -125,33 +132,68 @@ def load_training_data(cfg: TrainConfig, runtime: Runtime, log: Callable[[str], 
         if runtime.is_main:
             load_dataset(cfg.dataset, cfg.data_dir, download=True, log=log)
         runtime.barrier()
-    data = load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download, log=log, write_cache=runtime.is_main,
-                        image_size=cfg.image_size or None)
+    data = load_dataset(
+        cfg.dataset,
+        cfg.data_dir,
+        download=cfg.download,
+        log=log,
+        write_cache=runtime.is_main,
+        image_size=cfg.image_size or None,
+    )
     train_x, train_y = data.train_images, data.train_labels
     if cfg.train_subset:
-        train_x, train_y = train_x[:cfg.train_subset], train_y[:cfg.train_subset]
+        train_x, train_y = train_x[: cfg.train_subset], train_y[: cfg.train_subset]
     val_x = val_y = None
     if cfg.val_split:
         train_x, train_y, val_x, val_y = split_validation(train_x, train_y, cfg.val_split, seed=cfg.seed)
     mean, std = channel_stats(train_x)
     augment = data_kind(cfg.dataset).default_augment if cfg.augment == "auto" else cfg.augment
     c, h, w = data.shape
-    resize = (cfg.image_size, cfg.image_size) if cfg.image_size and (cfg.image_size, cfg.image_size) != (h, w) \
-        else None
-    common: dict[str, Any] = dict(mean=mean, std=std, device=runtime.device, channels_last=runtime.channels_last,
-                                  rank=runtime.rank, world_size=runtime.world_size, resize=resize)
-    train = InMemoryLoader(train_x, train_y, cfg.batch_size, shuffle=True, drop_last=True, seed=cfg.seed + 1,
-                           augment=parse_augment(augment), **common)
+    resize = (cfg.image_size, cfg.image_size) if cfg.image_size and (cfg.image_size, cfg.image_size) != (h, w) else None
+    common: dict[str, Any] = dict(
+        mean=mean,
+        std=std,
+        device=runtime.device,
+        channels_last=runtime.channels_last,
+        rank=runtime.rank,
+        world_size=runtime.world_size,
+        resize=resize,
+    )
+    train = InMemoryLoader(
+        train_x,
+        train_y,
+        cfg.batch_size,
+        shuffle=True,
+        drop_last=True,
+        seed=cfg.seed + 1,
+        augment=parse_augment(augment),
+        **common,
+    )
     if len(train) == 0:
-        raise ConfigError(f"batch_size {cfg.batch_size} is larger than the {len(train_y)} training images; "
-                          "lower --batch-size")
+        raise ConfigError(
+            f"batch_size {cfg.batch_size} is larger than the {len(train_y)} training images; lower --batch-size"
+        )
     eval_batch = max(cfg.batch_size // runtime.world_size, 1024)
     test = InMemoryLoader(data.test_images, data.test_labels, eval_batch, **common)
     val = None if val_x is None else InMemoryLoader(val_x, cast(torch.Tensor, val_y), eval_batch, **common)
     shape = (c, *(resize or (h, w)))
     preprocess = (Preprocess.squash(*shape) if resize else data.preprocess).with_stats(mean, std)
-    return TrainingData(train, test, val, list(data.classes), shape, mean, std, augment,
-                        _fingerprint(data, train_y, val_y), data, mode, reason, train_x, preprocess=preprocess)
+    return TrainingData(
+        train,
+        test,
+        val,
+        list(data.classes),
+        shape,
+        mean,
+        std,
+        augment,
+        _fingerprint(data, train_y, val_y),
+        data,
+        mode,
+        reason,
+        train_x,
+        preprocess=preprocess,
+    )
 
 
 def _streamed_data(cfg: TrainConfig, runtime: Runtime, reason: str) -> TrainingData:
@@ -164,22 +206,34 @@ def _streamed_data(cfg: TrainConfig, runtime: Runtime, reason: str) -> TrainingD
         open_image_folder,
         sample_channel_stats,
     )
+
     size = cfg.image_size or 224  # ImageNet's training crop
     if cfg.data_dir is None:
         raise ConfigError(f"{cfg.dataset} needs --data-dir; {get_spec(cfg.dataset).how_to_get}")
     shards = data_kind(cfg.dataset, "stream").shards
     source = open_shards(cfg.data_dir) if shards else open_image_folder(cfg.data_dir)
     if shards and (cfg.train_subset or cfg.val_split):
-        raise ConfigError("train_subset and val_split select images by index, which shards cannot; pack the "
-                          "subset you want with 'cnnlab data pack' instead")
+        raise ConfigError(
+            "train_subset and val_split select images by index, which shards cannot; pack the "
+            "subset you want with 'cnnlab data pack' instead"
+        )
     if cfg.augment not in ("auto", "none"):
-        raise ConfigError(f"augment {cfg.augment!r}: streamed data is augmented per sample (RandomResizedCrop and "
-                          "flip); leave out --augment")
+        raise ConfigError(
+            f"augment {cfg.augment!r}: streamed data is augmented per sample (RandomResizedCrop and "
+            "flip); leave out --augment"
+        )
     mean, std = sample_channel_stats(source, size)  # an estimate from 256 training images
-    common: dict[str, Any] = dict(image_size=size, mean=mean, std=std, workers=cfg.workers, rank=runtime.rank,
-                                  world_size=runtime.world_size, device=runtime.device,
-                                  channels_last=runtime.channels_last,
-                                  max_bad_images=None if cfg.max_bad_images < 0 else cfg.max_bad_images)
+    common: dict[str, Any] = dict(
+        image_size=size,
+        mean=mean,
+        std=std,
+        workers=cfg.workers,
+        rank=runtime.rank,
+        world_size=runtime.world_size,
+        device=runtime.device,
+        channels_last=runtime.channels_last,
+        max_bad_images=None if cfg.max_bad_images < 0 else cfg.max_bad_images,
+    )
     eval_batch = max(cfg.batch_size // runtime.world_size, 256) * runtime.world_size
     train: StreamingLoader
     test: StreamingLoader
@@ -191,26 +245,40 @@ def _streamed_data(cfg: TrainConfig, runtime: Runtime, reason: str) -> TrainingD
         test = ShardLoader(source, "test", eval_batch, train=False, **common)
         val = None
         names = json.dumps([e["sha256"] for split in ("train", "test") for e in source.shards(split)])
-        files = [{"file": str(source.root / "manifest.json"), "sha256": hashlib.sha256(names.encode()).hexdigest(),
-                  "status": "own files"}]
+        files = [
+            {
+                "file": str(source.root / "manifest.json"),
+                "sha256": hashlib.sha256(names.encode()).hexdigest(),
+                "status": "own files",
+            }
+        ]
         test_labels, train_labels = None, torch.zeros(0)
     else:
         assert isinstance(source, ImageFolderSource)
-        indices = np.arange(source.count("train"))[:cfg.train_subset or None]
+        indices = np.arange(source.count("train"))[: cfg.train_subset or None]
         val_idx = None
         if cfg.val_split:
             order = torch.randperm(len(indices), generator=torch.Generator().manual_seed(cfg.seed)).numpy()
             n_val = int(round(len(indices) * cfg.val_split))
             indices, val_idx = indices[order[n_val:]], indices[order[:n_val]]
-        train = FolderStreamLoader(source, "train", cfg.batch_size, train=True, seed=cfg.seed + 1, indices=indices,
-                                   **common)
+        train = FolderStreamLoader(
+            source, "train", cfg.batch_size, train=True, seed=cfg.seed + 1, indices=indices, **common
+        )
         test = FolderStreamLoader(source, "test", eval_batch, train=False, **common)
-        val = None if val_idx is None else FolderStreamLoader(source, "train", eval_batch, train=False,
-                                                              indices=val_idx, **common)
+        val = (
+            None
+            if val_idx is None
+            else FolderStreamLoader(source, "train", eval_batch, train=False, indices=val_idx, **common)
+        )
         split = source.splits["train"]
         names = "\n".join(split.names[i] for i in indices)
-        files = [{"file": str(source.root), "sha256": hashlib.sha256(names.encode()).hexdigest(),
-                  "status": "own files (sha256 of the training file list)"}]
+        files = [
+            {
+                "file": str(source.root),
+                "sha256": hashlib.sha256(names.encode()).hexdigest(),
+                "status": "own files (sha256 of the training file list)",
+            }
+        ]
         test_labels, train_labels = torch.from_numpy(source.labels("test")), torch.from_numpy(split.labels[indices])
     if len(train) == 0:
         raise ConfigError(f"batch_size {cfg.batch_size} is larger than the training split; lower --batch-size")
@@ -219,11 +287,31 @@ def _streamed_data(cfg: TrainConfig, runtime: Runtime, reason: str) -> TrainingD
         for loader in (train, test, val):
             if loader is not None:
                 loader.max_bad_images = float("inf")
-    dataset = StreamedDataset(cfg.dataset, str(source.root), list(source.classes),
-                              {"train": source.count("train"), "test": source.count("test")}, size, files, test_labels)
+    dataset = StreamedDataset(
+        cfg.dataset,
+        str(source.root),
+        list(source.classes),
+        {"train": source.count("train"), "test": source.count("test")},
+        size,
+        files,
+        test_labels,
+    )
     fingerprint = hashlib.sha256((files[0]["sha256"] + str(size)).encode() + train_labels.numpy().tobytes()).hexdigest()
     # evaluation decodes as torchvision's does: shorter side to size / 0.875, the centre size x size
     preprocess = Preprocess.centre_crop(source.channels, size, EVAL_CROP_FRACTION).with_stats(mean, std)
-    return TrainingData(train, test, val, list(source.classes), (source.channels, size, size), mean, std,
-                        STREAM_AUGMENT, fingerprint, dataset, "stream", reason, bad_limits=limits,
-                        preprocess=preprocess)
+    return TrainingData(
+        train,
+        test,
+        val,
+        list(source.classes),
+        (source.channels, size, size),
+        mean,
+        std,
+        STREAM_AUGMENT,
+        fingerprint,
+        dataset,
+        "stream",
+        reason,
+        bad_limits=limits,
+        preprocess=preprocess,
+    )

@@ -3,6 +3,7 @@
 Figures come from `figure.new_figure` (an Agg canvas, no pyplot), so rendering many animation frames keeps no
 global figure state and needs no `plt.close`.
 """
+
 from __future__ import annotations
 
 import io
@@ -58,8 +59,16 @@ def text_colour(cmap: Colormap, norm: Normalize, value: float) -> str:
     return "black" if 0.2126 * r + 0.7152 * g + 0.0722 * b > 0.45 else "white"
 
 
-def draw_grid(ax, values: np.ndarray, cmap: Colormap, norm: Normalize, fontsize: float, origin: tuple[int, int] = (0, 0),
-              labels: np.ndarray | None = None, animated: bool = False):
+def draw_grid(
+    ax,
+    values: np.ndarray,
+    cmap: Colormap,
+    norm: Normalize,
+    fontsize: float,
+    origin: tuple[int, int] = (0, 0),
+    labels: np.ndarray | None = None,
+    animated: bool = False,
+):
     """Show a 2-D array as coloured cells with each number written in its cell; NaN cells use the colormap's
     'bad' colour. `origin` = the (row, column) index of the top-left cell, so padded arrays keep image coordinates.
 
@@ -67,23 +76,46 @@ def draw_grid(ax, values: np.ndarray, cmap: Colormap, norm: Normalize, fontsize:
     """
     rows, cols = values.shape
     r0, c0 = origin
-    im = ax.imshow(values, cmap=cmap, norm=norm, interpolation="nearest",
-                   extent=(c0 - 0.5, c0 + cols - 0.5, r0 + rows - 0.5, r0 - 0.5), animated=animated)
+    im = ax.imshow(
+        values,
+        cmap=cmap,
+        norm=norm,
+        interpolation="nearest",
+        extent=(c0 - 0.5, c0 + cols - 0.5, r0 + rows - 0.5, r0 - 0.5),
+        animated=animated,
+    )
     texts = np.empty((rows, cols), dtype=object)
     for r in range(rows):
         for c in range(cols):
             v = values[r, c]
             s = fmt_number(v) if labels is None else labels[r, c]
-            texts[r, c] = ax.text(c0 + c, r0 + r, s, ha="center", va="center", fontsize=fontsize,
-                                  color=text_colour(cmap, norm, v), animated=animated)
+            texts[r, c] = ax.text(
+                c0 + c,
+                r0 + r,
+                s,
+                ha="center",
+                va="center",
+                fontsize=fontsize,
+                color=text_colour(cmap, norm, v),
+                animated=animated,
+            )
     return im, texts
 
 
-def outline(ax, row: float | np.integer, col: float | np.integer, height: int, width: int, colour: str = HIGHLIGHT,
-            lw: float = 2.5, animated: bool = False) -> Rectangle:
+def outline(
+    ax,
+    row: float | np.integer,
+    col: float | np.integer,
+    height: int,
+    width: int,
+    colour: str = HIGHLIGHT,
+    lw: float = 2.5,
+    animated: bool = False,
+) -> Rectangle:
     """A rectangle around cells row..row+height-1, col..col+width-1 (cell centres at integer coordinates)."""
-    rect = Rectangle((col - 0.5, row - 0.5), width, height, fill=False, edgecolor=colour, linewidth=lw, zorder=5,
-                     animated=animated)
+    rect = Rectangle(
+        (col - 0.5, row - 0.5), width, height, fill=False, edgecolor=colour, linewidth=lw, zorder=5, animated=animated
+    )
     ax.add_patch(rect)
     return rect
 
@@ -93,12 +125,18 @@ def hatch_padding(ax, height: int, width: int, padding: int) -> None:
     if padding <= 0:
         return
     p = padding
-    for row, col, h, w in ((-p, -p, p, width + 2 * p), (height, -p, p, width + 2 * p),
-                           (0, -p, height, p), (0, width, height, p)):
-        ax.add_patch(Rectangle((col - 0.5, row - 0.5), w, h, fill=False, hatch="///", edgecolor="#bbbbbb",
-                               linewidth=0, zorder=1))
-    ax.add_patch(Rectangle((-0.5, -0.5), width, height, fill=False, edgecolor="#555555", linewidth=1, zorder=4,
-                           linestyle="--"))
+    for row, col, h, w in (
+        (-p, -p, p, width + 2 * p),
+        (height, -p, p, width + 2 * p),
+        (0, -p, height, p),
+        (0, width, height, p),
+    ):
+        ax.add_patch(
+            Rectangle((col - 0.5, row - 0.5), w, h, fill=False, hatch="///", edgecolor="#bbbbbb", linewidth=0, zorder=1)
+        )
+    ax.add_patch(
+        Rectangle((-0.5, -0.5), width, height, fill=False, edgecolor="#555555", linewidth=1, zorder=4, linestyle="--")
+    )
 
 
 def grid_ticks(ax, rows: int, cols: int, origin: tuple[int, int] = (0, 0), step: int = 4) -> None:
@@ -128,8 +166,16 @@ def write_gif(frames: list[np.ndarray], path: Path, frame_ms: int = 350, last_ms
     palette = Image.fromarray(frames[-1]).quantize(255, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
     images = [Image.fromarray(f).quantize(palette=palette, dither=Image.Dither.NONE) for f in frames]
     buffer = io.BytesIO()
-    images[0].save(buffer, format="GIF", save_all=True, append_images=images[1:], loop=0, optimize=True,
-                   duration=[frame_ms] * (len(images) - 1) + [last_ms], disposal=1)
+    images[0].save(
+        buffer,
+        format="GIF",
+        save_all=True,
+        append_images=images[1:],
+        loop=0,
+        optimize=True,
+        duration=[frame_ms] * (len(images) - 1) + [last_ms],
+        disposal=1,
+    )
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     save_atomic(buffer.getvalue(), Path(path))
     return Path(path)

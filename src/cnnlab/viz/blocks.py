@@ -1,5 +1,6 @@
 """Residual blocks drawn as in He et al. 2016, Fig. 5: the layers of the main path top to bottom with the shape
 each gives, the shortcut beside them, and the addition. The shapes are measured by running the block."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -38,12 +39,16 @@ def block_layers(block: nn.Module, input_shape: Sequence[int]) -> dict:
     BN and ReLU after it, and the shape it gives), its `shortcut` ("identity", a projection or padding, with its
     shape; None for a plain block), `output` shape, `params` and `macs` (per image; 1 MAC = 2 FLOPs)."""
     if not hasattr(block, "downsample"):
-        raise ModelError(f"{type(block).__name__} is not a residual block (no `downsample` attribute); give one "
-                         "from a ResNet, e.g. create_model('resnet50').layer1[0]")
+        raise ModelError(
+            f"{type(block).__name__} is not a residual block (no `downsample` attribute); give one "
+            "from a ResNet, e.g. create_model('resnet50').layer1[0]"
+        )
     calls: list[tuple[str, nn.Module, tuple]] = []
     leaves = [(name, m) for name, m in block.named_modules() if next(m.children(), None) is None]
-    hooks = [m.register_forward_hook(lambda m, i, out, name=name: calls.append((name, m, tuple(out.shape[1:]))))
-             for name, m in leaves]
+    hooks = [
+        m.register_forward_hook(lambda m, i, out, name=name: calls.append((name, m, tuple(out.shape[1:]))))
+        for name, m in leaves
+    ]
     was_training = block.training
     try:
         param = next(block.parameters(), None)
@@ -67,9 +72,15 @@ def block_layers(block: nn.Module, input_shape: Sequence[int]) -> dict:
             stages[-1]["shape"] = shape
     residual = getattr(block, "residual", True)
     info = summarize(block, cast(tuple[int, int, int], tuple(input_shape)))  # (C, H, W)
-    return {"input": tuple(input_shape), "stages": stages,
-            "shortcut": None if not residual else (" + ".join(shortcut) if shortcut else "identity"),
-            "shortcut_shape": shortcut_shape, "output": last[2], "params": info["params"], "macs": info["macs"]}
+    return {
+        "input": tuple(input_shape),
+        "stages": stages,
+        "shortcut": None if not residual else (" + ".join(shortcut) if shortcut else "identity"),
+        "shortcut_shape": shortcut_shape,
+        "output": last[2],
+        "params": info["params"],
+        "macs": info["macs"],
+    }
 
 
 def _draw_block(ax, info: dict, title: str, rows: int) -> None:
@@ -94,8 +105,17 @@ def _draw_block(ax, info: dict, title: str, rows: int) -> None:
     for stage in info["stages"]:
         arrow(y - 0.35, y - gap + 0.45, shape)
         y -= gap
-        ax.add_patch(FancyBboxPatch((-1.9, y - 0.4), 3.8, 0.8, boxstyle="round,pad=0.05",
-                                    facecolor=OKABE_ITO["sky blue"], alpha=0.35, edgecolor=grey))
+        ax.add_patch(
+            FancyBboxPatch(
+                (-1.9, y - 0.4),
+                3.8,
+                0.8,
+                boxstyle="round,pad=0.05",
+                facecolor=OKABE_ITO["sky blue"],
+                alpha=0.35,
+                edgecolor=grey,
+            )
+        )
         ax.text(0, y, ", ".join(stage["layers"]), **box)
         shape = stage["shape"]
     join = y - gap
@@ -109,8 +129,11 @@ def _draw_block(ax, info: dict, title: str, rows: int) -> None:
         x, colour = 2.4, OKABE_ITO["vermillion"]  # the shortcut: from the input, down the right side, into the sum
         ax.plot([1.3, x, x], [top, top, join], color=colour, lw=1.6)
         ax.annotate("", (0.3, join), (x, join), arrowprops=dict(arrowstyle="-|>", color=colour, lw=1.6))
-        label = "identity" if info["shortcut"] == "identity" else \
-            info["shortcut"].replace(" + ", "\n+ ") + f"\n{_shape(info['shortcut_shape'])}"
+        label = (
+            "identity"
+            if info["shortcut"] == "identity"
+            else info["shortcut"].replace(" + ", "\n+ ") + f"\n{_shape(info['shortcut_shape'])}"
+        )
         ax.text(x + 0.12, (top + join) / 2, label, ha="left", va="center", fontsize=8, color=colour)
         join -= 1.0
         arrow(join + 0.7, join + 0.25)

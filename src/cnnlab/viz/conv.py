@@ -5,6 +5,7 @@ The worked example follows CS231n's convolution demo (Karpathy et al., cs231n.gi
 Images are shrunk to about 16x16 and their values rounded to the levels 0..9, so that every number on a slide
 is exact and a student can check any output cell by hand.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -16,15 +17,31 @@ from PIL import Image
 from ..data.images import open_image
 from ..errors import ConfigError, ImageError
 
-__all__ = ["as_array", "conv2d_by_hand", "max_pool_by_hand", "conv_macs", "integer_scale", "NumericExample",
-           "numeric_example", "default_image", "load_image", "prepare_rgb", "to_gray", "to_levels", "VERTICAL_EDGE",
-           "color_filters", "COLOR_FILTER_NAMES", "edge_feature_map", "LEVELS", "DEFAULT_SIZE", "MAX_COLOR_FILTERS"]
+__all__ = [
+    "as_array",
+    "conv2d_by_hand",
+    "max_pool_by_hand",
+    "conv_macs",
+    "integer_scale",
+    "NumericExample",
+    "numeric_example",
+    "default_image",
+    "load_image",
+    "prepare_rgb",
+    "to_gray",
+    "to_levels",
+    "VERTICAL_EDGE",
+    "color_filters",
+    "COLOR_FILTER_NAMES",
+    "edge_feature_map",
+    "LEVELS",
+    "DEFAULT_SIZE",
+    "MAX_COLOR_FILTERS",
+]
 
 # Sobel's vertical-edge filter: positive where brightness rises from left to right, negative where it falls,
 # zero on flat regions. The 2s weight the centre row, a little smoothing along the edge.
-VERTICAL_EDGE = np.array([[-1, 0, 1],
-                          [-2, 0, 2],
-                          [-1, 0, 1]])
+VERTICAL_EDGE = np.array([[-1, 0, 1], [-2, 0, 2], [-1, 0, 1]])
 
 LEVELS = 10  # grey levels 0..9: one digit per cell keeps a 16x16 grid of numbers readable
 DEFAULT_SIZE = 16
@@ -70,17 +87,16 @@ def conv2d_by_hand(x, weight, bias=None, stride: int = 1, padding: int = 0) -> n
 
     # Integers stay integers (the worked example's answers are exact); int64 so no product can overflow.
     out = np.zeros((K, Ho, Wo), dtype=np.result_type(x.dtype, weight.dtype, bias.dtype, np.int64))
-    for k in range(K):                      # one output map per filter
-        for i in range(Ho):                 # output row i: its window starts at padded input row i*stride
-            for j in range(Wo):             # output column j: window starts at padded column j*stride
+    for k in range(K):  # one output map per filter
+        for i in range(Ho):  # output row i: its window starts at padded input row i*stride
+            for j in range(Wo):  # output column j: window starts at padded column j*stride
                 total = bias[k]
-                for c in range(C):          # a filter is as deep as the input: it sums over every channel
-                    for u in range(kh):     # and over every row and column of its window
+                for c in range(C):  # a filter is as deep as the input: it sums over every channel
+                    for u in range(kh):  # and over every row and column of its window
                         for v in range(kw):
                             total += xp[c, i * stride + u, j * stride + v] * weight[k, c, u, v]
                 out[k, i, j] = total
     return out
-
 
 
 def max_pool_by_hand(x, kernel: int = 2, stride: int = 2) -> tuple[np.ndarray, np.ndarray]:
@@ -104,7 +120,7 @@ def max_pool_by_hand(x, kernel: int = 2, stride: int = 2) -> tuple[np.ndarray, n
         for i in range(Ho):
             for j in range(Wo):
                 r0, c0 = i * stride, j * stride
-                window = x[c, r0:r0 + kernel, c0:c0 + kernel]
+                window = x[c, r0 : r0 + kernel, c0 : c0 + kernel]
                 u, v = divmod(int(np.argmax(window)), kernel)  # argmax: the first maximum in reading order
                 values[c, i, j] = window[u, v]
                 indices[c, i, j] = (r0 + u) * W + (c0 + v)
@@ -128,9 +144,11 @@ def integer_scale(weights: np.ndarray, largest: int = 64) -> int:
 
 # ---------------------------------------------------------------------------------------------- worked example
 
+
 @dataclass(frozen=True)
 class NumericExample:
     """Input (C, H, W), filters (K, C, kh, kw), biases (K,), and the output (K, Ho, Wo) they give."""
+
     x: np.ndarray
     weight: np.ndarray
     bias: np.ndarray
@@ -154,6 +172,7 @@ def numeric_example(seed: int = 0) -> NumericExample:
 
 # ---------------------------------------------------------------------------------------------- images
 
+
 def default_image(size: int = DEFAULT_SIZE) -> np.ndarray:
     """A synthetic scene, (size, size, 3) floats in [0, 1]: sky, sun, a red house with a door, grass.
 
@@ -165,7 +184,7 @@ def default_image(size: int = DEFAULT_SIZE) -> np.ndarray:
     sky_top, sky_low = np.array([0.30, 0.55, 0.90]), np.array([0.75, 0.87, 1.00])
     img = sky_top + (sky_low - sky_top) * (v / 0.68)[..., None]
     img[v > 0.68] = (0.20, 0.58, 0.20)  # grass
-    img[(u - 0.80) ** 2 + (v - 0.20) ** 2 < 0.11 ** 2] = (1.00, 0.85, 0.20)  # sun
+    img[(u - 0.80) ** 2 + (v - 0.20) ** 2 < 0.11**2] = (1.00, 0.85, 0.20)  # sun
     img[(u > 0.14) & (u < 0.52) & (v > 0.42) & (v < 0.82)] = (0.80, 0.15, 0.10)  # walls
     roof = (v > 0.20) & (v <= 0.42) & (np.abs(u - 0.33) < (v - 0.20) / 0.22 * 0.24)
     img[roof] = (0.30, 0.22, 0.20)
@@ -218,6 +237,7 @@ def prepare_rgb(image, size: int) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------------------- filters
 
+
 def _per_channel(k: np.ndarray) -> np.ndarray:
     return np.stack([k, k, k])
 
@@ -252,7 +272,9 @@ COLOR_FILTER_NAMES = [name for name, _ in _COLOR_BANK]
 def color_filters(n: int = 5) -> tuple[list[str], np.ndarray]:
     """The first `n` (1..8) filters of the colour bank: names and weights (n, 3, 3, 3)."""
     if not 1 <= n <= MAX_COLOR_FILTERS:
-        raise ConfigError(f"filters must be 1..{MAX_COLOR_FILTERS}; got {n} (the bank: {', '.join(COLOR_FILTER_NAMES)})")
+        raise ConfigError(
+            f"filters must be 1..{MAX_COLOR_FILTERS}; got {n} (the bank: {', '.join(COLOR_FILTER_NAMES)})"
+        )
     bank = _COLOR_BANK[:n]
     return [name for name, _ in bank], np.stack([w for _, w in bank])
 

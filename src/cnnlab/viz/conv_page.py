@@ -6,6 +6,7 @@ slides use), for every stride and padding the page offers, and embedded as JSON;
 them up, and multiplies the window by the filter to show the products. CSS, script and images (data: URIs) are
 inline and a Content-Security-Policy forbids any fetch, so the page works offline and can be mailed.
 """
+
 from __future__ import annotations
 
 import base64
@@ -67,13 +68,33 @@ def _results(x: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> dict:
     return results
 
 
-def _example(key: str, name: str, note: str, x, weight, bias, filter_names: list[str], default: tuple[int, int],
-             scales: list[int] | None = None, images: dict | None = None) -> dict:
+def _example(
+    key: str,
+    name: str,
+    note: str,
+    x,
+    weight,
+    bias,
+    filter_names: list[str],
+    default: tuple[int, int],
+    scales: list[int] | None = None,
+    images: dict | None = None,
+) -> dict:
     x, weight, bias = as_array(x), as_array(weight), as_array(bias)
-    return {"key": key, "name": name, "note": note, "x": x.tolist(), "weight": weight.tolist(), "bias": bias.tolist(),
-            "channels": list(CHANNELS[:x.shape[0]]), "filters": filter_names,
-            "scales": scales or [1] * len(filter_names), "default": {"stride": default[0], "padding": default[1]},
-            "images": images or {}, "results": _results(x, weight, bias)}
+    return {
+        "key": key,
+        "name": name,
+        "note": note,
+        "x": x.tolist(),
+        "weight": weight.tolist(),
+        "bias": bias.tolist(),
+        "channels": list(CHANNELS[: x.shape[0]]),
+        "filters": filter_names,
+        "scales": scales or [1] * len(filter_names),
+        "default": {"stride": default[0], "padding": default[1]},
+        "images": images or {},
+        "results": _results(x, weight, bias),
+    }
 
 
 def conv_page_data(image=None, filters: int = 2, size: int = 7) -> dict:
@@ -82,29 +103,50 @@ def conv_page_data(image=None, filters: int = 2, size: int = 7) -> dict:
     numbers: each times its smallest integer scale), and CS231n's 5x5x3 example, with all their outputs."""
     names, bank = color_filters(filters)  # a bad count fails before any work starts
     if size not in PAGE_SIZES:
-        raise ConfigError(f"the page shows every number, so the image side must be {PAGE_SIZES.start}.."
-                          f"{PAGE_SIZES.stop - 1} pixels; got {size}")
+        raise ConfigError(
+            f"the page shows every number, so the image side must be {PAGE_SIZES.start}.."
+            f"{PAGE_SIZES.stop - 1} pixels; got {size}"
+        )
     rgb = prepare_rgb(image, size)
     preview = prepare_rgb(image, 96)  # large enough to recognise the picture beside its numbers
     levels = to_levels(rgb)
     scales = [integer_scale(w) or 1 for w in bank]
     weight = np.round(bank * np.array(scales)[:, None, None, None]).astype(np.int64)
-    source = (Path(image).name if isinstance(image, (str, Path)) else
-              "the built-in scene" if image is None else "your image")
+    source = (
+        Path(image).name if isinstance(image, (str, Path)) else "the built-in scene" if image is None else "your image"
+    )
     picture = _example(
-        "image", f"{source} ({size}x{size}x3, levels 0-{LEVELS - 1})",
+        "image",
+        f"{source} ({size}x{size}x3, levels 0-{LEVELS - 1})",
         f"{source}, shrunk to {size}x{size} pixels and rounded to {LEVELS} levels per channel, so that every product "
         "is a small whole number; the filters are the slides' colour filters in whole numbers.",
-        np.moveaxis(levels, 2, 0), weight, np.zeros(len(names), dtype=np.int64), names, (1, 1), scales,
-        {"preview": _png_uri(preview), "pixels": _png_uri(levels / (LEVELS - 1), scale=96 // size)})
+        np.moveaxis(levels, 2, 0),
+        weight,
+        np.zeros(len(names), dtype=np.int64),
+        names,
+        (1, 1),
+        scales,
+        {"preview": _png_uri(preview), "pixels": _png_uri(levels / (LEVELS - 1), scale=96 // size)},
+    )
     ex = numeric_example()
     cs231n = _example(
-        "cs231n", "CS231n's example (5x5x3, values 0-2)",
+        "cs231n",
+        "CS231n's example (5x5x3, values 0-2)",
         "CS231n's convolution demo: a 5x5x3 input of 0..2, two 3x3x3 filters of -1..1 with biases 1 and 0; "
         "their setting is stride 2 and zero padding 1, giving a 3x3x2 output.",
-        ex.x, ex.weight, ex.bias, ["w0", "w1"], (ex.stride, ex.padding))
-    return {"examples": [picture, cs231n], "strides": list(STRIDES), "paddings": list(PADDINGS), "kernel": 3,
-            "pool": POOL}
+        ex.x,
+        ex.weight,
+        ex.bias,
+        ["w0", "w1"],
+        (ex.stride, ex.padding),
+    )
+    return {
+        "examples": [picture, cs231n],
+        "strides": list(STRIDES),
+        "paddings": list(PADDINGS),
+        "kernel": 3,
+        "pool": POOL,
+    }
 
 
 def _asset(name: str) -> str:
@@ -118,8 +160,14 @@ def conv_page_html(data: dict) -> str:
     options = "".join(f'<option value="{i}">{html.escape(e["name"])}</option>' for i, e in enumerate(data["examples"]))
     strides = "".join(f'<option value="{s}">{s}</option>' for s in data["strides"])
     paddings = "".join(f'<option value="{p}">{p}</option>' for p in data["paddings"])
-    parts = {"CSS": _asset("conv_page.css"), "SCRIPT": _asset("conv_page.js"), "EXAMPLES": options,
-             "STRIDES": strides, "PADDINGS": paddings, "DATA": payload}
+    parts = {
+        "CSS": _asset("conv_page.css"),
+        "SCRIPT": _asset("conv_page.js"),
+        "EXAMPLES": options,
+        "STRIDES": strides,
+        "PADDINGS": paddings,
+        "DATA": payload,
+    }
     # one pass, so that nothing inserted (a file name, say) is itself searched for placeholders
     return re.sub(r"\{\{([A-Z]+)\}\}", lambda m: parts[m.group(1)], _asset("conv_page.html"))
 

@@ -10,6 +10,7 @@ that differs from the stored output (in <html data-mismatches>). Sequential nets
 residual blocks (modules with a `downsample` attribute, as torchvision's) as one column each that opens into
 its layers, with the shortcut drawn.
 """
+
 from __future__ import annotations
 
 import base64
@@ -34,22 +35,31 @@ from .gradcam import _no_inplace, default_cam_layer, grad_cams, overlay, png_dat
 __all__ = ["DEFAULT_BUDGET", "explain_data", "explain_html", "write_explain_page", "trace_model", "Node"]
 
 DEFAULT_BUDGET = 5_000_000  # bytes per page: 8 CIFAR-10 images through the lecture's convnet take 2.2 MB
-_ACTIVATIONS = {nn.ReLU: "ReLU", nn.GELU: "GELU", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid", nn.ELU: "ELU",
-                nn.LeakyReLU: "leaky ReLU", nn.SiLU: "SiLU", nn.ReLU6: "ReLU6"}
+_ACTIVATIONS = {
+    nn.ReLU: "ReLU",
+    nn.GELU: "GELU",
+    nn.Tanh: "tanh",
+    nn.Sigmoid: "sigmoid",
+    nn.ELU: "ELU",
+    nn.LeakyReLU: "leaky ReLU",
+    nn.SiLU: "SiLU",
+    nn.ReLU6: "ReLU6",
+}
 _SKIPPED = (nn.Flatten, nn.Dropout, nn.Identity)  # shape bookkeeping, or nothing at all in eval mode
-_MAX_UNITS = 256     # units shown of a dense layer (AlexNet's have 4,096)
-_TOP_PRODUCTS = 8    # a dense unit's largest input x weight products, the rest summed
+_MAX_UNITS = 256  # units shown of a dense layer (AlexNet's have 4,096)
+_TOP_PRODUCTS = 8  # a dense unit's largest input x weight products, the rest summed
 _MAX_CAM_CLASSES = 10  # Grad-CAM for every class up to this many; beyond, each image's 5 most probable
 
 
 @dataclass
 class Node:
     """One call of a module in the forward pass: its input and output for the whole batch."""
+
     name: str
     module: nn.Module
     x: torch.Tensor
     out: torch.Tensor
-    parent: str | None = None       # the residual block it belongs to
+    parent: str | None = None  # the residual block it belongs to
     children: list[str] = field(default_factory=list)  # a block's calls, in order
 
 
@@ -72,6 +82,7 @@ def trace_model(model: nn.Module, x: torch.Tensor) -> tuple[list[Node], torch.Te
     def pre(name):
         def hook(module, inputs):
             open_blocks.append(name)
+
         return hook
 
     def post(name):
@@ -83,6 +94,7 @@ def trace_model(model: nn.Module, x: torch.Tensor) -> tuple[list[Node], torch.Te
             nodes.append(Node(call, module, inputs[0].detach().clone(), output.detach().clone(), inside(name)))
             if name in blocks:
                 open_blocks.pop()
+
         return hook
 
     handles = []
@@ -137,34 +149,63 @@ def _describe(node: Node) -> dict:
     m, x, out = node.module, node.x.float(), node.out.float()
     if isinstance(m, nn.Conv2d) and m.padding_mode == "zeros" and _pad(m) is not None:
         ph, pw = cast(tuple[int, int], _pad(m))  # not None: checked above
-        want = F.conv2d(x, m.weight.float(), None if m.bias is None else m.bias.float(), m.stride, (ph, pw),
-                        m.dilation, m.groups)
+        want = F.conv2d(
+            x, m.weight.float(), None if m.bias is None else m.bias.float(), m.stride, (ph, pw), m.dilation, m.groups
+        )
         if _close(want, out):
-            return {"kind": "conv", "label": f"conv {m.in_channels}\u2192{m.out_channels}, "
-                    f"{m.kernel_size[0]}\u00d7{m.kernel_size[1]}" + (f", stride {m.stride[0]}" if m.stride[0] > 1 else ""),
-                    "stride": list(m.stride), "padding": [ph, pw], "dilation": list(m.dilation), "groups": m.groups,
-                    "kernel": list(m.kernel_size)}
+            return {
+                "kind": "conv",
+                "label": f"conv {m.in_channels}\u2192{m.out_channels}, "
+                f"{m.kernel_size[0]}\u00d7{m.kernel_size[1]}" + (f", stride {m.stride[0]}" if m.stride[0] > 1 else ""),
+                "stride": list(m.stride),
+                "padding": [ph, pw],
+                "dilation": list(m.dilation),
+                "groups": m.groups,
+                "kernel": list(m.kernel_size),
+            }
     if isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)) and not m.ceil_mode and x.dim() == 4:
-        k, s, p = (tuple(v) if isinstance(v, (tuple, list)) else (v, v) for v in (m.kernel_size, m.stride or m.kernel_size, m.padding))
+        k, s, p = (
+            tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+            for v in (m.kernel_size, m.stride or m.kernel_size, m.padding)
+        )
         is_max = isinstance(m, nn.MaxPool2d)
         d = getattr(m, "dilation", 1)
         if (d == 1 or d == (1, 1)) and (is_max or p == (0, 0)):
             want = F.max_pool2d(x, k, s, p) if is_max else F.avg_pool2d(x, k, s, p)
             if _close(want, out):
-                return {"kind": "pool", "op": "max" if is_max else "mean", "label": f"{'max' if is_max else 'average'} "
-                        f"pool {k[0]}\u00d7{k[1]}, stride {s[0]}", "kernel": list(k), "stride": list(s), "padding": list(p)}
+                return {
+                    "kind": "pool",
+                    "op": "max" if is_max else "mean",
+                    "label": f"{'max' if is_max else 'average'} pool {k[0]}\u00d7{k[1]}, stride {s[0]}",
+                    "kernel": list(k),
+                    "stride": list(s),
+                    "padding": list(p),
+                }
     if isinstance(m, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)) and x.dim() == 4 and out.shape[2:] == (1, 1):
         is_max = isinstance(m, nn.AdaptiveMaxPool2d)
-        return {"kind": "pool", "op": "max" if is_max else "mean", "label": f"global {'max' if is_max else 'average'} pool",
-                "kernel": list(x.shape[2:]), "stride": list(x.shape[2:]), "padding": [0, 0]}
+        return {
+            "kind": "pool",
+            "op": "max" if is_max else "mean",
+            "label": f"global {'max' if is_max else 'average'} pool",
+            "kernel": list(x.shape[2:]),
+            "stride": list(x.shape[2:]),
+            "padding": [0, 0],
+        }
     if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None and x.dim() == 4:
         assert m.running_var is not None  # tracked together with running_mean
         want = F.batch_norm(x, m.running_mean, m.running_var, m.weight, m.bias, False, 0.0, m.eps)
         if _close(want, out):
             scale = (m.weight if m.weight is not None else torch.ones_like(m.running_var)).float()
             shift = (m.bias if m.bias is not None else torch.zeros_like(m.running_mean)).float()
-            return {"kind": "bn", "label": "batch norm", "mean": m.running_mean.float().tolist(),
-                    "var": m.running_var.float().tolist(), "eps": m.eps, "gamma": scale.tolist(), "beta": shift.tolist()}
+            return {
+                "kind": "bn",
+                "label": "batch norm",
+                "mean": m.running_mean.float().tolist(),
+                "var": m.running_var.float().tolist(),
+                "eps": m.eps,
+                "gamma": scale.tolist(),
+                "beta": shift.tolist(),
+            }
     for cls, name in _ACTIVATIONS.items():
         if type(m) is cls:
             return {"kind": "act", "label": name}
@@ -233,7 +274,7 @@ def _layers_and_acts(nodes: list[Node], sources: list, x: torch.Tensor, cap: int
             layer["in_shape"] = list(node.x.shape[1:])
             held[layer["src"]] = min(cap, node.x.shape[1]) if node.x.dim() == 4 else node.x.shape[1]
             for b in range(n):
-                acts[b][layer["src"]] = _b64(node.x[b, :held[layer["src"]]])
+                acts[b][layer["src"]] = _b64(node.x[b, : held[layer["src"]]])
         m: Any = node.module  # a Conv2d or a Linear where its weights are read
         if info["kind"] == "conv":
             layer["weight"] = _b64(m.weight[:shown])
@@ -255,12 +296,14 @@ def _layers_and_acts(nodes: list[Node], sources: list, x: torch.Tensor, cap: int
             layer["bias"] = [0.0] * shown if m.bias is None else m.bias[:shown].float().tolist()
             k = min(_TOP_PRODUCTS, xin.shape[1])
             for b in range(n):
-                products = xin[b][None, :] * m.weight[:shown].float()          # (units, inputs)
+                products = xin[b][None, :] * m.weight[:shown].float()  # (units, inputs)
                 top = products.abs().topk(k, dim=1).indices
                 acts[b][node.name + "/top"] = {
-                    "index": top.tolist(), "x": xin[b][top].tolist(),
+                    "index": top.tolist(),
+                    "x": xin[b][top].tolist(),
                     "w": m.weight[:shown].float().gather(1, top).tolist(),
-                    "rest": (products.sum(1) - products.gather(1, top).sum(1)).tolist()}
+                    "rest": (products.sum(1) - products.gather(1, top).sum(1)).tolist(),
+                }
         if node.children and torch.equal(nodes[index[layer["children"][-1]]].out, node.out):
             layer["same_as"] = layer["children"][-1]  # a block's output is its last layer's: stored once
         else:
@@ -270,9 +313,16 @@ def _layers_and_acts(nodes: list[Node], sources: list, x: torch.Tensor, cap: int
     return layers, acts
 
 
-def explain_data(loaded, images: Sequence[np.ndarray], names: Sequence[str], labels: Sequence[int | None] | None = None,
-                 cam_layer: str | None = None, budget: int = DEFAULT_BUDGET, title: str = "",
-                 cap: int | None = None) -> dict:
+def explain_data(
+    loaded,
+    images: Sequence[np.ndarray],
+    names: Sequence[str],
+    labels: Sequence[int | None] | None = None,
+    cam_layer: str | None = None,
+    budget: int = DEFAULT_BUDGET,
+    title: str = "",
+    cap: int | None = None,
+) -> dict:
     """What the page shows for `images` (uint8 (C, H, W) each, already in the model's size, as
     `cnnlab.infer.predict.load_image` gives them) under a loaded model (`LoadedModel`). `cap`: this many maps
     per layer at most, instead of as many as the budget allows (a live page adds images to a layout)."""
@@ -330,24 +380,53 @@ def explain_data(loaded, images: Sequence[np.ndarray], names: Sequence[str], lab
     out_images = []
     for b in range(n):
         label = None if labels is None else labels[b]
-        out_images.append({
-            "name": names[b], "label": None if label is None else int(label),
-            "preview": png_data_uri(rgb[b]), "logits": logits[b].tolist(), "probs": probs[b].tolist(),
-            "pred": int(probs[b].argmax()), "acts": acts[b], "cams": cams[b]})
+        out_images.append(
+            {
+                "name": names[b],
+                "label": None if label is None else int(label),
+                "preview": png_data_uri(rgb[b]),
+                "logits": logits[b].tolist(),
+                "probs": probs[b].tolist(),
+                "pred": int(probs[b].argmax()),
+                "acts": acts[b],
+                "cams": cams[b],
+            }
+        )
     columns = [layer["id"] for layer in layers if layer["parent"] is None]
-    truncated = [layer["id"] for layer in layers if layer["shape"] and len(layer["shape"]) == 3 and layer["shown"] < layer["shape"][0]]
-    note = (f"Layers with more than {cap} maps show their first {cap}, so that the page stays within "
-            f"{budget / 1e6:g} MB; a convolution's sum then adds the other maps' share as one number, computed by "
-            "PyTorch." if truncated else f"Every map of every layer is shown (page budget {budget / 1e6:g} MB).")
-    data = {"title": title or f"{loaded.meta['model']}: inside the network", "model": loaded.meta["model"],
-            "classes": list(loaded.classes), "input_shape": list(x.shape[1:]), "mean": list(loaded.mean),
-            "std": list(loaded.std), "layers": layers, "columns": columns, "cap": cap, "note": note,
-            "cam_layer": cam_layer, "cam_classes": cam_classes, "images": out_images}
+    truncated = [
+        layer["id"]
+        for layer in layers
+        if layer["shape"] and len(layer["shape"]) == 3 and layer["shown"] < layer["shape"][0]
+    ]
+    note = (
+        f"Layers with more than {cap} maps show their first {cap}, so that the page stays within "
+        f"{budget / 1e6:g} MB; a convolution's sum then adds the other maps' share as one number, computed by "
+        "PyTorch."
+        if truncated
+        else f"Every map of every layer is shown (page budget {budget / 1e6:g} MB)."
+    )
+    data = {
+        "title": title or f"{loaded.meta['model']}: inside the network",
+        "model": loaded.meta["model"],
+        "classes": list(loaded.classes),
+        "input_shape": list(x.shape[1:]),
+        "mean": list(loaded.mean),
+        "std": list(loaded.std),
+        "layers": layers,
+        "columns": columns,
+        "cap": cap,
+        "note": note,
+        "cam_layer": cam_layer,
+        "cam_classes": cam_classes,
+        "images": out_images,
+    }
     size = len(explain_html(data).encode())
     if size > budget and not fixed:
-        raise ConfigError(f"{n} image(s) of {loaded.meta['model']} need {size / 1e6:.1f} MB even with one map per "
-                          f"layer, over the page budget of {budget / 1e6:g} MB: give fewer images or "
-                          f"--budget-mb {size / 1e6 + 0.1:.1f}")
+        raise ConfigError(
+            f"{n} image(s) of {loaded.meta['model']} need {size / 1e6:.1f} MB even with one map per "
+            f"layer, over the page budget of {budget / 1e6:g} MB: give fewer images or "
+            f"--budget-mb {size / 1e6 + 0.1:.1f}"
+        )
     return data
 
 
@@ -358,10 +437,17 @@ def _asset(name: str) -> str:
 def explain_html(data: dict, live: bool = False) -> str:
     """The page around `data` (from `explain_data`); `live` adds the upload form that talks to `cnnlab serve`."""
     payload = json.dumps(data, separators=(",", ":")).replace("<", "\\u003c")
-    csp = ("default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
-           + ("; connect-src 'self'" if live else ""))
-    parts = {"CSS": _asset("explain_page.css"), "SCRIPT": _asset("explain_page.js"), "DATA": payload,
-             "TITLE": html.escape(data["title"]), "CSP": csp, "LIVE": "true" if live else "false"}
+    csp = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'" + (
+        "; connect-src 'self'" if live else ""
+    )
+    parts = {
+        "CSS": _asset("explain_page.css"),
+        "SCRIPT": _asset("explain_page.js"),
+        "DATA": payload,
+        "TITLE": html.escape(data["title"]),
+        "CSP": csp,
+        "LIVE": "true" if live else "false",
+    }
     return re.sub(r"\{\{([A-Z]+)\}\}", lambda m: parts[m.group(1)], _asset("explain_page.html"))
 
 
@@ -376,31 +462,44 @@ def write_explain_page(path: str | Path, data: dict) -> Path:
 def explain_files(loaded, paths: Sequence[str | Path], **options) -> dict:
     """`explain_data` for image files, read and converted as `cnnlab predict` reads them."""
     from ..infer.predict import load_image
+
     images = [load_image(Path(p), loaded.preprocess)[0] for p in paths]
     return explain_data(loaded, images, [Path(p).name for p in paths], **options)
 
 
-def pick_test_images(run_dir: str | Path, loaded, count: int = 8, data_dir: str | None = None, scan: int = 512,
-                     log=print) -> tuple[list[np.ndarray], list[str], list[int]]:
+def pick_test_images(
+    run_dir: str | Path, loaded, count: int = 8, data_dir: str | None = None, scan: int = 512, log=print
+) -> tuple[list[np.ndarray], list[str], list[int]]:
     """Up to `count` of a run's test images: among the first `scan`, the first wrongly classified ones (up to
     half) and the first right ones, in test-split order."""
     from ..infer.evaluate import inference_runtime
     from ..infer.test_split import open_test_split
     from ..run import Run, is_run_folder
+
     if not is_run_folder(run_dir):
-        raise ConfigError(f"{run_dir}: not a run folder, so there are no test images to pick; give image files: "
-                          "'cnnlab explain WEIGHTS IMAGE...'")
+        raise ConfigError(
+            f"{run_dir}: not a run folder, so there are no test images to pick; give image files: "
+            "'cnnlab explain WEIGHTS IMAGE...'"
+        )
     run = Run(run_dir)
-    split = open_test_split(run.config.dataset, run.data_dir(data_dir), preprocess=loaded.preprocess,
-                            runtime=inference_runtime("cpu", "fp32"), streamed=run.data_mode == "stream", workers=0,
-                            log=log)
+    split = open_test_split(
+        run.config.dataset,
+        run.data_dir(data_dir),
+        preprocess=loaded.preprocess,
+        runtime=inference_runtime("cpu", "fp32"),
+        streamed=run.data_mode == "stream",
+        workers=0,
+        log=log,
+    )
     if split.labels is None:
         raise ConfigError(f"{run_dir}: its test split is not indexed (shards); give image files instead")
     n = min(scan, len(split.labels))
     images = [np.ascontiguousarray(split.image(i).transpose(2, 0, 1)) for i in range(n)]
     if tuple(images[0].shape) != tuple(loaded.input_shape):
-        raise ConfigError(f"{run_dir}: test images are {images[0].shape}, the model takes {loaded.input_shape}; "
-                          "give image files instead")
+        raise ConfigError(
+            f"{run_dir}: test images are {images[0].shape}, the model takes {loaded.input_shape}; "
+            "give image files instead"
+        )
     with torch.no_grad():
         x = loaded.normalise(torch.from_numpy(np.stack(images)))
         pred = loaded.model.float().eval()(x).argmax(1)

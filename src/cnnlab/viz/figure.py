@@ -5,6 +5,7 @@ chosen, no global figure list grows, and nothing needs closing. Every drawing fu
 and writes a PNG only when given a path. In a notebook a figure that is a cell's value shows itself inline
 (`_repr_png_`), and `show` displays several figures, or PNG and GIF files, from one cell.
 """
+
 from __future__ import annotations
 
 import io
@@ -22,12 +23,30 @@ from PIL import Image
 from ..errors import ConfigError
 from ..files import save_atomic
 
-__all__ = ["OKABE_ITO", "DPI", "NotebookFigure", "new_figure", "subplots", "png_bytes", "save_png", "finish", "show",
-           "image_grid"]
+__all__ = [
+    "OKABE_ITO",
+    "DPI",
+    "NotebookFigure",
+    "new_figure",
+    "subplots",
+    "png_bytes",
+    "save_png",
+    "finish",
+    "show",
+    "image_grid",
+]
 
 # Okabe & Ito (2008), "Color Universal Design": eight colours told apart with any colour vision.
-OKABE_ITO = {"black": "#000000", "orange": "#E69F00", "sky blue": "#56B4E9", "bluish green": "#009E73",
-             "yellow": "#F0E442", "blue": "#0072B2", "vermillion": "#D55E00", "reddish purple": "#CC79A7"}
+OKABE_ITO = {
+    "black": "#000000",
+    "orange": "#E69F00",
+    "sky blue": "#56B4E9",
+    "bluish green": "#009E73",
+    "yellow": "#F0E442",
+    "blue": "#0072B2",
+    "vermillion": "#D55E00",
+    "reddish purple": "#CC79A7",
+}
 DPI = 120  # pixels per inch of a saved figure unless it asks for another
 
 
@@ -49,8 +68,16 @@ def new_figure(width: float, height: float, dpi: int = DPI, layout: Layout | Non
     return fig
 
 
-def subplots(nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float] = (6.4, 4.8), dpi: int = DPI,
-             layout: Layout | None = None, squeeze: bool = True, **kwargs) -> tuple[Figure, Any]:
+def subplots(
+    nrows: int = 1,
+    ncols: int = 1,
+    *,
+    figsize: tuple[float, float] = (6.4, 4.8),
+    dpi: int = DPI,
+    layout: Layout | None = None,
+    squeeze: bool = True,
+    **kwargs,
+) -> tuple[Figure, Any]:
     """`pyplot.subplots` without pyplot: (figure, axes) with the same squeeze rules (one Axes, or an array of
     them: Any, as in matplotlib's own annotation)."""
     fig = new_figure(*figsize, dpi=dpi, layout=layout)
@@ -85,8 +112,10 @@ def show(*items: Figure | str | Path) -> None:
         from IPython.display import Image as IPythonImage
         from IPython.display import display
     except ImportError:
-        raise ConfigError("show() displays in a Jupyter notebook and needs IPython (pip install ipykernel); "
-                          "elsewhere write the figure with save_png(fig, path)") from None
+        raise ConfigError(
+            "show() displays in a Jupyter notebook and needs IPython (pip install ipykernel); "
+            "elsewhere write the figure with save_png(fig, path)"
+        ) from None
     for item in items:
         if isinstance(item, Figure):
             display(IPythonImage(data=png_bytes(item), format="png"))
@@ -127,10 +156,24 @@ def _fit(rgb: np.ndarray, slot: tuple[int, int]) -> np.ndarray:
     return np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.BOX))
 
 
-def image_grid(cells: Sequence[np.ndarray | None], cols: int, *, cmap: str = "gray", vmin: float | None = None,
-               vmax: float | None = None, titles: Sequence[str] | None = None, row_labels: Sequence[str] | None = None,
-               title: str = "", xlabel: str = "", ylabel: str = "", cell_inches: float = 0.9, fontsize: float = 7,
-               max_slot: int = 96, max_inches: float = 16.0, path: str | Path | None = None) -> Figure:
+def image_grid(
+    cells: Sequence[np.ndarray | None],
+    cols: int,
+    *,
+    cmap: str = "gray",
+    vmin: float | None = None,
+    vmax: float | None = None,
+    titles: Sequence[str] | None = None,
+    row_labels: Sequence[str] | None = None,
+    title: str = "",
+    xlabel: str = "",
+    ylabel: str = "",
+    cell_inches: float = 0.9,
+    fontsize: float = 7,
+    max_slot: int = 96,
+    max_inches: float = 16.0,
+    path: str | Path | None = None,
+) -> Figure:
     """Images in rows of `cols`, drawn as one mosaic on one axes (thousands of cells take as long as one).
 
     `cells`: uint8 pixels (h, w) or (h, w, 3) as they are; other (h, w) arrays through `cmap` and (h, w, 3) as
@@ -146,8 +189,9 @@ def image_grid(cells: Sequence[np.ndarray | None], cols: int, *, cmap: str = "gr
     present = [c for c in cells if c is not None]
     slot = (min(max(c.shape[0] for c in present), max_slot), min(max(c.shape[1] for c in present), max_slot))
     gap = max(1, max(slot) // 12)
-    inch_per_px = min(cell_inches / max(slot), max_inches / (cols * (slot[1] + gap)),
-                      max_inches / (rows * (slot[0] + gap)))  # the titles' band may add a little to the height
+    inch_per_px = min(
+        cell_inches / max(slot), max_inches / (cols * (slot[1] + gap)), max_inches / (rows * (slot[0] + gap))
+    )  # the titles' band may add a little to the height
     lines = max((t.count("\n") + 1 for t in titles or [] if t), default=0)
     band = int(np.ceil(lines * fontsize * 1.3 / 72 / inch_per_px)) if lines else 0  # room for the titles, in pixels
     pitch_h, pitch_w = slot[0] + gap + band, slot[1] + gap
@@ -160,7 +204,7 @@ def image_grid(cells: Sequence[np.ndarray | None], cols: int, *, cmap: str = "gr
         r, c = divmod(i, cols)
         top = r * pitch_h + band + (slot[0] - img.shape[0]) // 2
         left = c * pitch_w + (slot[1] - img.shape[1]) // 2
-        mosaic[top:top + img.shape[0], left:left + img.shape[1]] = img
+        mosaic[top : top + img.shape[0], left : left + img.shape[1]] = img
 
     height_in = mosaic.shape[0] * inch_per_px
     fig = new_figure(mosaic.shape[1] * inch_per_px + 0.4, height_in + (0.5 if title else 0.2) + (0.3 if xlabel else 0))

@@ -1,4 +1,5 @@
 """What a trained network holds: its filters, as in the AlexNet figure, and its feature maps for one image."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,8 +12,16 @@ from matplotlib.figure import Figure
 from ..errors import ModelError
 from .figure import image_grid
 
-__all__ = ["conv_layers", "layer_weight", "filter_images", "plot_filters", "feature_maps", "default_feature_layers",
-           "layer_kinds", "plot_feature_maps"]
+__all__ = [
+    "conv_layers",
+    "layer_weight",
+    "filter_images",
+    "plot_filters",
+    "feature_maps",
+    "default_feature_layers",
+    "layer_kinds",
+    "plot_feature_maps",
+]
 
 
 def conv_layers(model: nn.Module) -> dict[str, nn.Conv2d]:
@@ -51,8 +60,15 @@ def filter_images(weight: torch.Tensor, first_layer: bool = True) -> np.ndarray:
     return _unit(w, (2, 3))
 
 
-def plot_filters(weight: torch.Tensor, path: str | Path | None = None, layer: str = "", first_layer: bool = True,
-                 title: str = "", max_rows: int = 64, max_cols: int = 64) -> Figure:
+def plot_filters(
+    weight: torch.Tensor,
+    path: str | Path | None = None,
+    layer: str = "",
+    first_layer: bool = True,
+    title: str = "",
+    max_rows: int = 64,
+    max_cols: int = 64,
+) -> Figure:
     """A grid of filters: first layer as in the AlexNet figure; deeper layers one row per output channel."""
     images = filter_images(weight, first_layer)
     k, c, kh, kw = weight.shape
@@ -60,13 +76,22 @@ def plot_filters(weight: torch.Tensor, path: str | Path | None = None, layer: st
     title = title or f"{layer or 'conv'}: {shown}, each scaled to its own [0, 1]"
     if first_layer and c in (1, 3):
         cols = int(np.ceil(np.sqrt(k)))
-        return image_grid(list(images), cols, vmin=0, vmax=1, title=title, cell_inches=max(kh / 18, 4 / cols),
-                          path=path)
+        return image_grid(
+            list(images), cols, vmin=0, vmax=1, title=title, cell_inches=max(kh / 18, 4 / cols), path=path
+        )
     rows, cols = min(k, max_rows), min(c, max_cols)
     cells = [images[r, j] for r in range(rows) for j in range(cols)]
-    return image_grid(cells, cols, vmin=0, vmax=1, title=title, cell_inches=max(kh / 18, 4 / cols),
-                      xlabel=f"input channel (first {cols} of {c})", ylabel=f"output channel (first {rows} of {k})",
-                      path=path)
+    return image_grid(
+        cells,
+        cols,
+        vmin=0,
+        vmax=1,
+        title=title,
+        cell_inches=max(kh / 18, 4 / cols),
+        xlabel=f"input channel (first {cols} of {c})",
+        ylabel=f"output channel (first {rows} of {k})",
+        path=path,
+    )
 
 
 def feature_maps(model: nn.Module, x: torch.Tensor, layers: list[str]) -> dict[str, torch.Tensor]:
@@ -80,8 +105,10 @@ def feature_maps(model: nn.Module, x: torch.Tensor, layers: list[str]) -> dict[s
     handles = []
     try:
         for name in layers:
+
             def hook(module, inputs, output, name=name):
                 captured[name] = output.detach().float().cpu()
+
             handles.append(modules[name].register_forward_hook(hook))
         was_training = model.training
         model.eval()
@@ -110,8 +137,14 @@ def layer_kinds(model: nn.Module, names: list[str]) -> dict[str, str]:
     return {name: type(model.get_submodule(name)).__name__ for name in names}
 
 
-def plot_feature_maps(maps: dict[str, torch.Tensor], image: np.ndarray, path: str | Path | None = None,
-                      max_channels: int = 16, title: str = "", kinds: dict[str, str] | None = None) -> Figure:
+def plot_feature_maps(
+    maps: dict[str, torch.Tensor],
+    image: np.ndarray,
+    path: str | Path | None = None,
+    max_channels: int = 16,
+    title: str = "",
+    kinds: dict[str, str] | None = None,
+) -> Figure:
     """The input image (H, W, C), then one row per layer with up to `max_channels` activation maps of the first
     image, each on its own scale; a dense layer's units as one square block. Rows are labelled with the layer's
     name, its kind from `kinds` (e.g. `layer_kinds`: "3 (Conv2d)") and its output shape."""
@@ -128,5 +161,12 @@ def plot_feature_maps(maps: dict[str, torch.Tensor], image: np.ndarray, path: st
         cells += shown + [None] * (max_channels - len(shown))
         kind = (kinds or {}).get(name)
         row_labels.append(f"{name} ({kind})\n{tuple(act.shape)}" if kind else f"{name}\n{tuple(act.shape)}")
-    return image_grid(cells, max_channels, cmap="viridis", row_labels=row_labels, fontsize=7, path=path,
-                      title=title or "Feature maps (each map on its own colour scale, viridis: dark low, yellow high)")
+    return image_grid(
+        cells,
+        max_channels,
+        cmap="viridis",
+        row_labels=row_labels,
+        fontsize=7,
+        path=path,
+        title=title or "Feature maps (each map on its own colour scale, viridis: dark low, yellow high)",
+    )

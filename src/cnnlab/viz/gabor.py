@@ -13,6 +13,7 @@ A small kernel does not always fix them: below nx ~0.2 a Gabor is a blob or an e
 sigma_x, and fits with R^2 > 0.98 miss nx by tens of percent. Every fit's nx and ny therefore get a 95% profile
 interval, and the V1 statistics are computed with and without the fits whose interval is too wide or open.
 """
+
 from __future__ import annotations
 
 import copy
@@ -35,9 +36,20 @@ from ..files import save_atomic
 from .figure import finish, subplots
 
 __all__ = [
-    "GaborFit", "V1_SIMPLE_CELLS", "gabor_image", "filter_to_2d", "fit_gabor", "fit_gabors", "first_conv_weight",
-    "profile_intervals", "compare_with_v1", "format_permutation_p", "analyze_filters", "format_gabor_summary",
-    "plot_v1_comparison", "plot_gabor_fits",
+    "GaborFit",
+    "V1_SIMPLE_CELLS",
+    "gabor_image",
+    "filter_to_2d",
+    "fit_gabor",
+    "fit_gabors",
+    "first_conv_weight",
+    "profile_intervals",
+    "compare_with_v1",
+    "format_permutation_p",
+    "analyze_filters",
+    "format_gabor_summary",
+    "plot_v1_comparison",
+    "plot_gabor_fits",
 ]
 
 # Ringach (2002): 79 simple cells binned on (nx, ny), as digitised by VOneNet (Dapello et al. 2020, NeurIPS,
@@ -47,16 +59,12 @@ __all__ = [
 # VOneNet's exactly; the edges are its unrounded 10^(-1 + 0.24 i) (an earlier copy rounded them to 3 decimals).
 V1_SIMPLE_CELLS: dict[str, Any] = {
     "citation": "Ringach DL (2002) Spatial structure and symmetry of simple-cell receptive fields in macaque "
-                "primary visual cortex. J Neurophysiol 88:455-463",
+    "primary visual cortex. J Neurophysiol 88:455-463",
     "digitised_by": "Dapello J, Marques T, Schrimpf M, Geiger F, Cox DD, DiCarlo JJ (2020) Simulating a primary "
-                    "visual cortex at the front of CNNs improves robustness to image perturbations. NeurIPS 33; "
-                    "table n_joint_dist in vonenet/params.py, github.com/dicarlolab/vonenet",
-    "edges": [float(10 ** e) for e in np.linspace(-1, 0.2, 6)],
-    "counts": [[2, 0, 1, 0, 0],
-               [8, 9, 4, 1, 0],
-               [1, 2, 19, 17, 3],
-               [0, 0, 1, 7, 4],
-               [0, 0, 0, 0, 0]],
+    "visual cortex at the front of CNNs improves robustness to image perturbations. NeurIPS 33; "
+    "table n_joint_dist in vonenet/params.py, github.com/dicarlolab/vonenet",
+    "edges": [float(10**e) for e in np.linspace(-1, 0.2, 6)],
+    "counts": [[2, 0, 1, 0, 0], [8, 9, 4, 1, 0], [1, 2, 19, 17, 3], [0, 0, 1, 7, 4], [0, 0, 0, 0, 0]],
     "n_cells": 79,
 }
 assert sum(map(sum, V1_SIMPLE_CELLS["counts"])) == V1_SIMPLE_CELLS["n_cells"], "V1 table does not sum to 79"
@@ -74,12 +82,16 @@ F_MIN = 0.01
 # tolerance (7x7 and 11x11, 30 per nx: pytest tests/test_gabor.py -m slow -k 30_trials -s prints them). Learned
 # filters, with R^2 ~0.8, rarely reach 10%: the summary counts both.
 INTERVAL_LEVEL = 0.95
-DEFAULT_TOLERANCE = 10 ** 0.12 - 1
+DEFAULT_TOLERANCE = 10**0.12 - 1
 REPORTED_TOLERANCES = (0.10, 0.20)
-V1_REGION_DEFINITION = ("union of the 5x5 (nx, ny) bins holding at least one of Ringach's 79 cells "
-                        f"({sum(c > 0 for row in V1_SIMPLE_CELLS['counts'] for c in row)} of 25 bins)")
-V1_MEDIAN_METHOD = ("grouped median: cells spread uniformly in log10 within their bin, interpolated at the "
-                    "N/2-th cell of the marginal counts")
+V1_REGION_DEFINITION = (
+    "union of the 5x5 (nx, ny) bins holding at least one of Ringach's 79 cells "
+    f"({sum(c > 0 for row in V1_SIMPLE_CELLS['counts'] for c in row)} of 25 bins)"
+)
+V1_MEDIAN_METHOD = (
+    "grouped median: cells spread uniformly in log10 within their bin, interpolated at the "
+    "N/2-th cell of the marginal counts"
+)
 STATISTIC_DEFINITION = (
     "total variation distance 0.5 * sum |p - q| between the filters' and V1's binned (nx, ny) distributions over "
     "26 categories: the 25 bins plus one 'outside' category for points beyond the bin range (V1 has none there); "
@@ -87,14 +99,16 @@ STATISTIC_DEFINITION = (
     "tv_from_bins (the 25 bins); tv_in_range_only is the same distance for the filters inside the bin range "
     "alone. p-values: two-sample permutation tests of the same distance, pooling the filters with the 79 cells' "
     "bin labels; p = (1 + #{permuted >= observed}) / (1 + n_permutations), so when no permutation reaches the "
-    "observed distance all that is known is p <= 1 / (1 + n_permutations)")
+    "observed distance all that is known is p <= 1 / (1 + n_permutations)"
+)
 IDENTIFIABILITY_DEFINITION = (
     "profile-likelihood interval of nx (ny): the values at which, with nx (ny) held fixed and every other "
     "parameter refitted, the residual sum of squares stays below SS_min (1 + F(1, N - 9; level) / (N - 9)), "
     "N pixels; 'open' when that set reaches a bound of the search (f in [0.01, 0.5] cycles/pixel, sigma in "
     "[0.5, kernel size] pixels) or a factor 10 from the estimate. nx (ny) is pinned down when its interval is "
     "closed and lies within [estimate / (1 + tolerance), estimate * (1 + tolerance)] (default tolerance 10^0.12 - 1, "
-    "half a V1 bin); a filter is identifiable when both are")
+    "half a V1 bin); a filter is identifiable when both are"
+)
 
 _N_PARAMS = 9  # x0, y0, theta, f, sigma_x, sigma_y, a, b, offset; a cos(u) + b sin(u) = A cos(u + phi)
 
@@ -132,9 +146,19 @@ def _field(fit, name):
 
 def gabor_image(fit: GaborFit | dict, shape: tuple[int, int]) -> np.ndarray:
     """The fitted Gabor evaluated on an (h, w) pixel grid."""
-    p = np.array([_field(fit, "x0"), _field(fit, "y0"), math.radians(_field(fit, "theta_deg")),
-                  _field(fit, "frequency"), _field(fit, "sigma_x"), _field(fit, "sigma_y"), 0.0, 0.0,
-                  _field(fit, "offset")])
+    p = np.array(
+        [
+            _field(fit, "x0"),
+            _field(fit, "y0"),
+            math.radians(_field(fit, "theta_deg")),
+            _field(fit, "frequency"),
+            _field(fit, "sigma_x"),
+            _field(fit, "sigma_y"),
+            0.0,
+            0.0,
+            _field(fit, "offset"),
+        ]
+    )
     phase = math.radians(_field(fit, "phase_deg"))
     p[6], p[7] = _field(fit, "amplitude") * math.cos(phase), -_field(fit, "amplitude") * math.sin(phase)
     xs, ys = _grid(shape)
@@ -149,7 +173,7 @@ def _grid(shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
 
 def _parts(p: np.ndarray, xs: np.ndarray, ys: np.ndarray):
     """Shared intermediate terms of the model for a batch of parameter vectors p (B, 9); pixels (N,)."""
-    x0, y0, th, f, sx, sy, a, b, c = (p[:, i:i + 1] for i in range(_N_PARAMS))
+    x0, y0, th, f, sx, sy, a, b, c = (p[:, i : i + 1] for i in range(_N_PARAMS))
     cos_t, sin_t = np.cos(th), np.sin(th)
     dx, dy = xs[None] - x0, ys[None] - y0
     xp = dx * cos_t + dy * sin_t
@@ -172,16 +196,16 @@ def _model_and_jacobian(p: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> tuple[
     d_carrier = b * cu - a * su  # d carrier / du
     g = env * carrier + c
     # derivatives with respect to the rotated coordinates, then chained to x0, y0 and theta
-    g_xp = env * (-xp / sx ** 2 * carrier + 2 * np.pi * f * d_carrier)
-    g_yp = env * (-yp / sy ** 2 * carrier)
+    g_xp = env * (-xp / sx**2 * carrier + 2 * np.pi * f * d_carrier)
+    g_yp = env * (-yp / sy**2 * carrier)
     env_carrier = env * carrier
     jac = np.empty((g.shape[0], _N_PARAMS, g.shape[1]))
     jac[:, 0] = -cos_t * g_xp + sin_t * g_yp
     jac[:, 1] = -sin_t * g_xp - cos_t * g_yp
     jac[:, 2] = yp * g_xp - xp * g_yp  # d xp/d theta = yp, d yp/d theta = -xp
     jac[:, 3] = env * d_carrier * 2 * np.pi * xp
-    jac[:, 4] = env_carrier * xp ** 2 / sx ** 3
-    jac[:, 5] = env_carrier * yp ** 2 / sy ** 3
+    jac[:, 4] = env_carrier * xp**2 / sx**3
+    jac[:, 5] = env_carrier * yp**2 / sy**3
     jac[:, 6] = env * cu
     jac[:, 7] = env * su
     jac[:, 8] = 1.0
@@ -281,7 +305,7 @@ def _default_starts(z: np.ndarray) -> np.ndarray:
     fy_b, fx_b = np.broadcast_arrays(fy, fx)
     theta0 = np.arctan2(fy_b.ravel()[peak], fx_b.ravel()[peak])
 
-    energy = z ** 2
+    energy = z**2
     energy = energy / np.maximum(energy.sum((1, 2), keepdims=True), 1e-300)
     ys, xs = np.mgrid[0:h, 0:w].astype(np.float64)
     cx, cy = (energy * xs).sum((1, 2)), (energy * ys).sum((1, 2))
@@ -316,15 +340,31 @@ def _to_fits(p: np.ndarray, cost: np.ndarray, z_sstot: np.ndarray, scale: np.nda
         if th >= math.pi:
             th, phase = th - math.pi, -phase
         r2 = 1.0 - cost[i] / z_sstot[i] if z_sstot[i] > 0 else 0.0
-        fits.append(GaborFit(
-            x0=float(x0), y0=float(y0), theta_deg=math.degrees(th) % 180.0, frequency=float(f),
-            phase_deg=math.degrees(math.remainder(phase, 2 * math.pi)), sigma_x=float(sx), sigma_y=float(sy),
-            amplitude=float(math.hypot(a, b) * scale[i]), offset=float(c * scale[i] + mean[i]), r2=float(r2)))
+        fits.append(
+            GaborFit(
+                x0=float(x0),
+                y0=float(y0),
+                theta_deg=math.degrees(th) % 180.0,
+                frequency=float(f),
+                phase_deg=math.degrees(math.remainder(phase, 2 * math.pi)),
+                sigma_x=float(sx),
+                sigma_y=float(sy),
+                amplitude=float(math.hypot(a, b) * scale[i]),
+                offset=float(c * scale[i] + mean[i]),
+                r2=float(r2),
+            )
+        )
     return fits
 
 
-def fit_gabors(weights, starts: np.ndarray | None = None, offset: bool = True, mode: str = "pca", keep: int = 4,
-               iterations: int = 200) -> list[GaborFit]:
+def fit_gabors(
+    weights,
+    starts: np.ndarray | None = None,
+    offset: bool = True,
+    mode: str = "pca",
+    keep: int = 4,
+    iterations: int = 200,
+) -> list[GaborFit]:
     """Least-squares Gabor fits of K filters at once, each from several starting points.
 
     `weights` are first-layer weights (K, C, kh, kw), made 2D by `filter_to_2d(..., mode)`, or 2D planes
@@ -342,12 +382,14 @@ def fit_gabors(weights, starts: np.ndarray | None = None, offset: bool = True, m
     if starts.ndim == 2:
         starts = np.broadcast_to(starts, (n,) + starts.shape)
     if starts.ndim != 3 or starts.shape[0] != n or starts.shape[2] != 6:
-        raise ModelError(f"starts must be (S, 6) or ({n}, S, 6) for x0, y0, theta, f, sigma_x, sigma_y; "
-                         f"got {starts.shape}")
+        raise ModelError(
+            f"starts must be (S, 6) or ({n}, S, 6) for x0, y0, theta, f, sigma_x, sigma_y; got {starts.shape}"
+        )
     data = z.reshape(n, -1)
     # chunks of 64 filters keep the Jacobians (filters x starts x 9 x pixels) to some tens of MB
-    params, costs = zip(*(_fit_chunk(data[i:i + 64], starts[i:i + 64], (h, w), offset, keep, iterations)
-                          for i in range(0, n, 64)))
+    params, costs = zip(
+        *(_fit_chunk(data[i : i + 64], starts[i : i + 64], (h, w), offset, keep, iterations) for i in range(0, n, 64))
+    )
     sstot = ((data - data.mean(1, keepdims=True)) ** 2).sum(1) * ~flat
     return _to_fits(np.concatenate(params), np.concatenate(costs), sstot, scale, mean)
 
@@ -357,8 +399,9 @@ def _planes(weights, mode: str, caller: str) -> np.ndarray:
     if planes.ndim == 4:
         planes = np.stack([filter_to_2d(f, mode=mode) for f in planes])
     if planes.ndim != 3:
-        raise ModelError(f"{caller} expects filters (K, C, kh, kw) or 2D planes (K, kh, kw), "
-                         f"got shape {tuple(planes.shape)}")
+        raise ModelError(
+            f"{caller} expects filters (K, C, kh, kw) or 2D planes (K, kh, kw), got shape {tuple(planes.shape)}"
+        )
     return planes
 
 
@@ -404,24 +447,39 @@ def fit_gabor(patch2d, starts: np.ndarray | None = None, offset: bool = True) ->
 def _fit_to_params(fit, mean: float, scale: float) -> np.ndarray:
     """The 9 model parameters of a fit, in the standardised units `_standardise` gives its plane."""
     phase, amp = math.radians(_field(fit, "phase_deg")), _field(fit, "amplitude") / scale
-    return np.array([_field(fit, "x0"), _field(fit, "y0"), math.radians(_field(fit, "theta_deg")),
-                     _field(fit, "frequency"), _field(fit, "sigma_x"), _field(fit, "sigma_y"),
-                     amp * math.cos(phase), -amp * math.sin(phase), (_field(fit, "offset") - mean) / scale])
+    return np.array(
+        [
+            _field(fit, "x0"),
+            _field(fit, "y0"),
+            math.radians(_field(fit, "theta_deg")),
+            _field(fit, "frequency"),
+            _field(fit, "sigma_x"),
+            _field(fit, "sigma_y"),
+            amp * math.cos(phase),
+            -amp * math.sin(phase),
+            (_field(fit, "offset") - mean) / scale,
+        ]
+    )
 
 
 def _t_quantile(q: float, dof: int) -> float:
     """Student's t quantile by the Cornish-Fisher expansion (Abramowitz & Stegun 26.7.5); ~1e-4 for dof >= 10."""
     z = statistics.NormalDist().inv_cdf(q)
-    return (z + (z ** 3 + z) / (4 * dof) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * dof ** 2)
-            + (3 * z ** 7 + 19 * z ** 5 + 17 * z ** 3 - 15 * z) / (384 * dof ** 3)
-            + (79 * z ** 9 + 776 * z ** 7 + 1482 * z ** 5 - 1920 * z ** 3 - 945 * z) / (92160 * dof ** 4))
+    return (
+        z
+        + (z**3 + z) / (4 * dof)
+        + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * dof**2)
+        + (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * dof**3)
+        + (79 * z**9 + 776 * z**7 + 1482 * z**5 - 1920 * z**3 - 945 * z) / (92160 * dof**4)
+    )
 
 
 PROFILE_RATIOS = np.concatenate([10 ** (0.01 * np.arange(1, 11)), 10 ** (0.1 + 0.05 * np.arange(1, 19))])
 
 
-def profile_intervals(weights, fits, level: float = 0.95, offset: bool = True, mode: str = "pca",
-                      iterations: int = 60) -> dict:
+def profile_intervals(
+    weights, fits, level: float = 0.95, offset: bool = True, mode: str = "pca", iterations: int = 60
+) -> dict:
     """Profile-likelihood intervals for each fit's nx and ny (Bates & Watts 1988, Nonlinear Regression, ch. 6).
 
     nx (ny) is held at values stepping away from the estimate (ratios 1.023 ... 10) while every other
@@ -458,7 +516,7 @@ def profile_intervals(weights, fits, level: float = 0.95, offset: bool = True, m
     opened = np.zeros(4 * n, dtype=bool)
     nu_min, nu_max = lo[3] * lo[4], hi[3] * hi[4]  # nx = f sigma_x spans [F_MIN * 0.5, 0.5 * k]
     for ratio in PROFILE_RATIOS:
-        nu = estimate * ratio ** sign
+        nu = estimate * ratio**sign
         feasible = (nu >= nu_min) & (nu <= nu_max)
         opened |= inside & ~feasible
         edge = np.where(inside & ~feasible, np.clip(nu, nu_min, nu_max), edge)
@@ -470,8 +528,9 @@ def profile_intervals(weights, fits, level: float = 0.95, offset: bool = True, m
         row_lo, row_hi = np.tile(lo, (idx.size, 1)), np.tile(hi, (idx.size, 1))
         row_lo[:, 3] = np.maximum(lo[3], nu[idx] / hi[4])
         row_hi[:, 3] = np.minimum(hi[3], nu[idx] / lo[4])
-        p, cost = _levenberg_marquardt(current[idx], row_lo, row_hi, xs, ys, rows[idx], free[idx], iterations,
-                                       tie=(column[idx], nu[idx]))
+        p, cost = _levenberg_marquardt(
+            current[idx], row_lo, row_hi, xs, ys, rows[idx], free[idx], iterations, tie=(column[idx], nu[idx])
+        )
         ok = cost <= limit[idx % n]
         crossing = idx[~ok]
         # an end set by the search's bounds on f or sigma, not by the data, leaves the interval open
@@ -486,8 +545,14 @@ def profile_intervals(weights, fits, level: float = 0.95, offset: bool = True, m
         inside[crossing] = False
     opened |= inside  # still inside at a factor of 10: no limit from the data
     edge, opened = edge.reshape(4, n), opened.reshape(4, n)
-    return {"nx_low": edge[2], "nx_high": edge[0], "ny_low": edge[3], "ny_high": edge[1],
-            "nx_open": opened[0] | opened[2], "ny_open": opened[1] | opened[3]}
+    return {
+        "nx_low": edge[2],
+        "nx_high": edge[0],
+        "ny_low": edge[3],
+        "ny_high": edge[1],
+        "nx_open": opened[0] | opened[2],
+        "ny_open": opened[1] | opened[3],
+    }
 
 
 def _as_numpy(x) -> np.ndarray:
@@ -562,8 +627,9 @@ def _tv(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return 0.5 * np.abs(a / a.sum(-1, keepdims=True) - b / b.sum(-1, keepdims=True)).sum(-1)
 
 
-def _permutation_exceedances(labels: np.ndarray, v1_counts: np.ndarray, observed: float, n_permutations: int,
-                             rng: np.random.Generator) -> int:
+def _permutation_exceedances(
+    labels: np.ndarray, v1_counts: np.ndarray, observed: float, n_permutations: int, rng: np.random.Generator
+) -> int:
     """How many random relabellings of the pooled filters and cells reach the observed distance."""
     n, m = labels.size, v1_counts.size
     pooled = np.concatenate([labels, np.repeat(np.arange(m), v1_counts)])
@@ -601,7 +667,8 @@ def compare_with_v1(nx, ny, n_permutations: int = 9999, seed: int = 0) -> dict:
     n, n_in = int(nx.size), int(inside.sum())
     result = {
         "n": n,
-        "nx": nx.tolist(), "ny": ny.tolist(),
+        "nx": nx.tolist(),
+        "ny": ny.tolist(),
         "median_nx": float(np.median(nx)) if n else None,
         "median_ny": float(np.median(ny)) if n else None,
         "v1_median_nx": _grouped_median(v1.sum(1), edges),
@@ -613,15 +680,22 @@ def compare_with_v1(nx, ny, n_permutations: int = 9999, seed: int = 0) -> dict:
         "share_in_v1_region": float(region[labels[inside]].sum() / n) if n else None,
         "v1_region_definition": V1_REGION_DEFINITION,
         "n_permutations": int(n_permutations),
-        "tv_distance": None, "tv_permutation_exceedances": None, "tv_permutation_p": None,
-        "tv_from_outside": None, "tv_from_bins": None,
-        "tv_in_range_only": None, "tv_in_range_only_exceedances": None, "tv_in_range_only_p": None,
+        "tv_distance": None,
+        "tv_permutation_exceedances": None,
+        "tv_permutation_p": None,
+        "tv_from_outside": None,
+        "tv_from_bins": None,
+        "tv_in_range_only": None,
+        "tv_in_range_only_exceedances": None,
+        "tv_in_range_only_p": None,
         "statistic_definition": STATISTIC_DEFINITION,
     }
     v1_counts = np.append(v1.ravel(), 0)
     rng = np.random.default_rng(seed)
-    tests = (("tv_distance", "tv_permutation_exceedances", "tv_permutation_p", labels),
-             ("tv_in_range_only", "tv_in_range_only_exceedances", "tv_in_range_only_p", labels[inside]))
+    tests = (
+        ("tv_distance", "tv_permutation_exceedances", "tv_permutation_p", labels),
+        ("tv_in_range_only", "tv_in_range_only_exceedances", "tv_in_range_only_p", labels[inside]),
+    )
     for distance_key, exceed_key, p_key, chosen in tests:
         if chosen.size == 0:
             continue
@@ -637,9 +711,16 @@ def compare_with_v1(nx, ny, n_permutations: int = 9999, seed: int = 0) -> dict:
     return result
 
 
-def analyze_filters(weight, out_dir: Path | str | None = None, threshold: float = DEFAULT_THRESHOLD,
-                    min_size: int = 5, mode: str = "pca", shuffle_control: bool = True, seed: int = 0,
-                    tolerance: float = DEFAULT_TOLERANCE) -> dict:
+def analyze_filters(
+    weight,
+    out_dir: Path | str | None = None,
+    threshold: float = DEFAULT_THRESHOLD,
+    min_size: int = 5,
+    mode: str = "pca",
+    shuffle_control: bool = True,
+    seed: int = 0,
+    tolerance: float = DEFAULT_TOLERANCE,
+) -> dict:
     """Fit a Gabor to each first-layer filter (K, C, kh, kw) (or a model's first Conv2d), give each fit's nx and
     ny a 95% profile interval, and compare the well-fit filters (R^2 >= threshold) with V1 simple cells twice:
     all of them, and only those whose nx and ny are pinned down to within `tolerance`. With `out_dir`, also
@@ -657,7 +738,8 @@ def analyze_filters(weight, out_dir: Path | str | None = None, threshold: float 
             f"first-layer filters are {kh}x{kw}: Gabor fits need about {min_size}x{min_size} filters or larger "
             f"to show an envelope and bars, and the lecture's convnet has 3x3 filters, too small for this. "
             f"Train a model with a large first layer, e.g. --model resnet18 (7x7 stem) or a traditional CNN with "
-            f"an 11x11 first layer (--model cnn --model-arg spec=c64k11s2,p,c128,p,f256), and analyse that.")
+            f"an 11x11 first layer (--model cnn --model-arg spec=c64k11s2,p,c128,p,f256), and analyse that."
+        )
     if not 0 <= threshold < 1:
         raise ModelError(f"threshold is an R^2 in [0, 1), got {threshold}")
     if not tolerance > 0:
@@ -675,8 +757,13 @@ def analyze_filters(weight, out_dir: Path | str | None = None, threshold: float 
             low, high = float(bounds[f"{name}_low"][i]), float(bounds[f"{name}_high"][i])
             is_open = bool(bounds[f"{name}_open"][i])
             factor = math.inf if is_open else max(estimate / low, high / estimate)
-            row.update({f"{name}_interval": [low, high], f"{name}_interval_open": is_open,
-                        f"{name}_pinned": factor <= 1 + tolerance})
+            row.update(
+                {
+                    f"{name}_interval": [low, high],
+                    f"{name}_interval_open": is_open,
+                    f"{name}_pinned": factor <= 1 + tolerance,
+                }
+            )
             widest = max(widest, factor)
         row["identifiable"] = row["nx_pinned"] and row["ny_pinned"]
         rows.append(row)
@@ -692,21 +779,26 @@ def analyze_filters(weight, out_dir: Path | str | None = None, threshold: float 
         "n_well_fit": len(well),
         "median_r2": float(np.median([f.r2 for f in fits])),
         "identifiability": {
-            "definition": IDENTIFIABILITY_DEFINITION, "level": INTERVAL_LEVEL, "tolerance": tolerance,
+            "definition": IDENTIFIABILITY_DEFINITION,
+            "level": INTERVAL_LEVEL,
+            "tolerance": tolerance,
             "n_well_fit_identifiable": len(pinned),
             "n_well_fit_nx_not_pinned": sum(not r["nx_pinned"] for r in well),
             "n_well_fit_ny_not_pinned": sum(not r["ny_pinned"] for r in well),
             "n_well_fit_open": sum(r["nx_interval_open"] or r["ny_interval_open"] for r in well),
-            "n_well_fit_identifiable_at": {f"{t:.2f}": sum(x <= 1 + t for x in well_reach)
-                                           for t in REPORTED_TOLERANCES},
+            "n_well_fit_identifiable_at": {
+                f"{t:.2f}": sum(x <= 1 + t for x in well_reach) for t in REPORTED_TOLERANCES
+            },
         },
         "fits": rows,
         "comparison": compare_with_v1([r["nx"] for r in well], [r["ny"] for r in well]),
         "comparison_identifiable": compare_with_v1([r["nx"] for r in pinned], [r["ny"] for r in pinned]),
         "shuffle_control": None,
         "v1": copy.deepcopy(V1_SIMPLE_CELLS),
-        "model": ("g = A exp(-x'^2/(2 sigma_x^2) - y'^2/(2 sigma_y^2)) cos(2 pi f x' + phase) + offset, "
-                  "x' across the bars; nx = sigma_x f, ny = sigma_y f (Ringach 2002)"),
+        "model": (
+            "g = A exp(-x'^2/(2 sigma_x^2) - y'^2/(2 sigma_y^2)) cos(2 pi f x' + phase) + offset, "
+            "x' across the bars; nx = sigma_x f, ny = sigma_y f (Ringach 2002)"
+        ),
     }
     if shuffle_control:
         # same pixel values, no spatial structure: how many filters would pass the threshold by chance
@@ -739,9 +831,12 @@ def _pct(share) -> str:
 def _comparison_lines(cmp: dict, indent: str) -> list[str]:
     if not cmp["n"]:
         return [f"{indent}nothing to compare"]
-    in_range = (f"; the {cmp['n_in_range']} inside the bins alone: {_fmt(cmp['tv_in_range_only'])} "
-                f"({format_permutation_p(cmp['tv_in_range_only_exceedances'], cmp['n_permutations'])})"
-                if cmp["n_in_range"] else "; none inside the bins")
+    in_range = (
+        f"; the {cmp['n_in_range']} inside the bins alone: {_fmt(cmp['tv_in_range_only'])} "
+        f"({format_permutation_p(cmp['tv_in_range_only_exceedances'], cmp['n_permutations'])})"
+        if cmp["n_in_range"]
+        else "; none inside the bins"
+    )
     return [
         f"{indent}median nx = sigma_x*f {_fmt(cmp['median_nx'])} (V1 {cmp['v1_median_nx']:.2f}), "
         f"median ny = sigma_y*f {_fmt(cmp['median_ny'])} (V1 {cmp['v1_median_ny']:.2f}); "
@@ -773,9 +868,12 @@ def format_gabor_summary(result: dict) -> str:
     ]
     control = result.get("shuffle_control")
     if control:
-        lines.insert(1, f"  chance level: {control['n_above_threshold']} of {result['n_filters']} pixel-shuffled "
-                        f"filters reach R^2 >= {result['threshold_r2']:g} "
-                        f"(95th percentile R^2 {control['p95_r2']:.2f})")
+        lines.insert(
+            1,
+            f"  chance level: {control['n_above_threshold']} of {result['n_filters']} pixel-shuffled "
+            f"filters reach R^2 >= {result['threshold_r2']:g} "
+            f"(95th percentile R^2 {control['p95_r2']:.2f})",
+        )
     if "files" in result:
         lines.append("  wrote " + ", ".join(result["files"].values()))
     return "\n".join(lines)
@@ -793,28 +891,60 @@ def plot_v1_comparison(result: dict, path: Path | str | None = None, title: str 
     identifiable = np.array([f["identifiable"] for f in well], dtype=bool) if with_intervals else np.ones(nx.size, bool)
     fig, ax = subplots(figsize=(6.4, 6.0))
     # rows of the table are nx (x axis), so the mesh takes the transpose: C[y, x]
-    mesh = ax.pcolormesh(edges, edges, v1.T, cmap="Blues", vmin=0, vmax=v1.max(), edgecolors="0.75",
-                         linewidth=0.5)
+    mesh = ax.pcolormesh(edges, edges, v1.T, cmap="Blues", vmin=0, vmax=v1.max(), edgecolors="0.75", linewidth=0.5)
     fig.colorbar(mesh, ax=ax, fraction=0.046, label="V1 simple cells per bin")
     # counts in each cell's upper-right corner, where the filters' points are least likely to hide them
     corner = edges[1:] / 1.04
     for i in range(len(corner)):
         for j in range(len(corner)):
-            ax.text(corner[i], corner[j], str(v1[i, j]), ha="right", va="top", fontsize=7,
-                    zorder=4, color="white" if v1[i, j] > v1.max() / 2 else "0.25")
+            ax.text(
+                corner[i],
+                corner[j],
+                str(v1[i, j]),
+                ha="right",
+                va="top",
+                fontsize=7,
+                zorder=4,
+                color="white" if v1[i, j] > v1.max() / 2 else "0.25",
+            )
     span = [edges[0], edges[-1], *nx[nx > 0], *ny[ny > 0]]
     if with_intervals and nx.size:
         lows = np.array([[f["nx_interval"][0], f["ny_interval"][0]] for f in well])
         highs = np.array([[f["nx_interval"][1], f["ny_interval"][1]] for f in well])
-        ax.errorbar(nx, ny, xerr=[nx - lows[:, 0], highs[:, 0] - nx], yerr=[ny - lows[:, 1], highs[:, 1] - ny],
-                    fmt="none", ecolor="0.35", elinewidth=0.6, alpha=0.6, zorder=2.5)
+        ax.errorbar(
+            nx,
+            ny,
+            xerr=[nx - lows[:, 0], highs[:, 0] - nx],
+            yerr=[ny - lows[:, 1], highs[:, 1] - ny],
+            fmt="none",
+            ecolor="0.35",
+            elinewidth=0.6,
+            alpha=0.6,
+            zorder=2.5,
+        )
         span += [*lows[lows > 0], *highs.ravel()]
     if identifiable.any():
-        ax.scatter(nx[identifiable], ny[identifiable], s=28, marker="o", facecolor="#E69F00", edgecolor="black",
-                   linewidth=0.6, zorder=3)
+        ax.scatter(
+            nx[identifiable],
+            ny[identifiable],
+            s=28,
+            marker="o",
+            facecolor="#E69F00",
+            edgecolor="black",
+            linewidth=0.6,
+            zorder=3,
+        )
     if (~identifiable).any():
-        ax.scatter(nx[~identifiable], ny[~identifiable], s=28, marker="o", facecolor="none", edgecolor="#B35C00",
-                   linewidth=0.9, zorder=3)
+        ax.scatter(
+            nx[~identifiable],
+            ny[~identifiable],
+            s=28,
+            marker="o",
+            facecolor="none",
+            edgecolor="#B35C00",
+            linewidth=0.9,
+            zorder=3,
+        )
     lo, hi = min(span) / 1.3, max(span) * 1.3
     ax.set_xscale("log")
     ax.set_yscale("log")
@@ -826,17 +956,37 @@ def plot_v1_comparison(result: dict, path: Path | str | None = None, title: str 
     threshold = result.get("threshold_r2")
     r2_label = f", R^2 >= {threshold:g}" if threshold is not None else ""
     handles = [
-        Patch(facecolor=colormaps["Blues"](0.6), edgecolor="0.75",
-              label=f"V1 simple cells, Ringach 2002 as digitised by VOneNet (n={V1_SIMPLE_CELLS['n_cells']})"),
-        Line2D([], [], marker="o", linestyle="", markerfacecolor="#E69F00", markeredgecolor="black",
-               label=f"learned filters{r2_label}, nx and ny pinned down (n={int(identifiable.sum())})"),
+        Patch(
+            facecolor=colormaps["Blues"](0.6),
+            edgecolor="0.75",
+            label=f"V1 simple cells, Ringach 2002 as digitised by VOneNet (n={V1_SIMPLE_CELLS['n_cells']})",
+        ),
+        Line2D(
+            [],
+            [],
+            marker="o",
+            linestyle="",
+            markerfacecolor="#E69F00",
+            markeredgecolor="black",
+            label=f"learned filters{r2_label}, nx and ny pinned down (n={int(identifiable.sum())})",
+        ),
         Line2D([], [], color="0.5", linestyle=":", label="nx = ny"),
     ]
     if with_intervals:
         tol = result["identifiability"]["tolerance"]
-        handles.insert(2, Line2D([], [], marker="o", linestyle="", markerfacecolor="none",
-                                     markeredgecolor="#B35C00", label=f"learned filters{r2_label}, nx or ny not "
-                                     f"pinned down to a factor {1 + tol:.2f} (n={int((~identifiable).sum())})"))
+        handles.insert(
+            2,
+            Line2D(
+                [],
+                [],
+                marker="o",
+                linestyle="",
+                markerfacecolor="none",
+                markeredgecolor="#B35C00",
+                label=f"learned filters{r2_label}, nx or ny not "
+                f"pinned down to a factor {1 + tol:.2f} (n={int((~identifiable).sum())})",
+            ),
+        )
         handles.insert(3, Line2D([], [], color="0.35", linewidth=0.6, label="95% profile intervals"))
     # legend and numbers below the axes, so that no V1 count is hidden
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(-0.02, -0.1), fontsize=8, frameon=False)
@@ -848,15 +998,29 @@ def plot_v1_comparison(result: dict, path: Path | str | None = None, title: str 
         f"(V1 {c['v1_median_nx']:.2f}, {c['v1_median_ny']:.2f}); {_pct(c['share_in_v1_region'])} in the V1 "
         f"region; TV {_fmt(c['tv_distance'])} = {_fmt(c['tv_from_outside'])} outside ({c['outside_bins']}) + "
         f"{_fmt(c['tv_from_bins'])} bins, {format_permutation_p(c['tv_permutation_exceedances'], c['n_permutations'])}"
-        for label, c in lines)
-    ax.text(0.0, -0.36 if with_intervals else -0.27, text + "\nTV: total variation distance of the binned "
-            "distributions (0 = same, 1 = disjoint)", transform=ax.transAxes, ha="left", va="top", fontsize=7)
+        for label, c in lines
+    )
+    ax.text(
+        0.0,
+        -0.36 if with_intervals else -0.27,
+        text + "\nTV: total variation distance of the binned distributions (0 = same, 1 = disjoint)",
+        transform=ax.transAxes,
+        ha="left",
+        va="top",
+        fontsize=7,
+    )
     ax.set_title(title or "First-layer filters vs macaque V1 simple cells (Ringach 2002)")
     return finish(fig, path)
 
 
-def plot_gabor_fits(weights, fits, path: Path | str | None = None, mode: str = "pca",
-                    threshold: float = DEFAULT_THRESHOLD, title: str = "") -> Figure:
+def plot_gabor_fits(
+    weights,
+    fits,
+    path: Path | str | None = None,
+    mode: str = "pca",
+    threshold: float = DEFAULT_THRESHOLD,
+    title: str = "",
+) -> Figure:
     """A grid with, for each filter, its 2D plane next to the fitted Gabor, with R^2 above the pair.
 
     `weights` is (K, C, kh, kw) first-layer weights or (K, kh, kw) planes already made 2D; `fits` are
@@ -881,17 +1045,27 @@ def plot_gabor_fits(weights, fits, path: Path | str | None = None, mode: str = "
         model = gabor_image(fit, plane.shape)
         vmax = max(np.abs(plane).max(), np.abs(model).max(), 1e-12)
         top, left = r * cell_h + label, c * cell_w
-        mosaic[top:top + h, left:left + wd] = plane / vmax
-        mosaic[top:top + h, left + wd + gap:left + 2 * wd + gap] = model / vmax
+        mosaic[top : top + h, left : left + wd] = plane / vmax
+        mosaic[top : top + h, left + wd + gap : left + 2 * wd + gap] = model / vmax
         r2 = _field(fit, "r2")
         doubtful = isinstance(fit, dict) and not fit.get("identifiable", True)
-        ax.text(left - 0.5, top - 0.9, f"{i}: R²={r2:.2f}{'?' if doubtful else ''}", fontsize=6, va="bottom",
-                ha="left", color="black" if r2 >= threshold else "0.55")
+        ax.text(
+            left - 0.5,
+            top - 0.9,
+            f"{i}: R²={r2:.2f}{'?' if doubtful else ''}",
+            fontsize=6,
+            va="bottom",
+            ha="left",
+            color="black" if r2 >= threshold else "0.55",
+        )
         any_doubtful = any_doubtful or doubtful
     cmap = colormaps["gray"].with_extremes(bad="white")
     ax.imshow(mosaic, cmap=cmap, vmin=-1, vmax=1, interpolation="nearest")
     ax.axis("off")
-    ax.set_title(title or f"First-layer filters (left of each pair) and fitted Gabors (right); "
-                          f"grey R² < {threshold:g}" + ("; ? nx or ny not pinned down" if any_doubtful else ""),
-                 fontsize=9)
+    ax.set_title(
+        title
+        or f"First-layer filters (left of each pair) and fitted Gabors (right); grey R² < {threshold:g}"
+        + ("; ? nx or ny not pinned down" if any_doubtful else ""),
+        fontsize=9,
+    )
     return finish(fig, path)

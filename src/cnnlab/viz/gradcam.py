@@ -7,6 +7,7 @@ logit with respect to one convolutional layer's maps.
 then upsampled (bilinear) to the input's size. The default layer is the last convolutional stage, found by
 running the model once, so it works for every registered model.
 """
+
 from __future__ import annotations
 
 import base64
@@ -25,8 +26,18 @@ from PIL import Image
 
 from ..errors import ModelError
 
-__all__ = ["CamResult", "grad_cam", "grad_cams", "cam_layers", "default_cam_layer", "overlay", "save_overlay", "png_data_uri",
-           "class_index", "cam_files"]
+__all__ = [
+    "CamResult",
+    "grad_cam",
+    "grad_cams",
+    "cam_layers",
+    "default_cam_layer",
+    "overlay",
+    "save_overlay",
+    "png_data_uri",
+    "class_index",
+    "cam_files",
+]
 
 _POOLS = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.LPPool2d)
 
@@ -35,6 +46,7 @@ _POOLS = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d
 class CamResult:
     """One image's Grad-CAM: `cam` (H, W) in the input's size, >= 0 and not rescaled; `raw` at the layer's size;
     `weights` (K,) per map; the class it explains, and the model's probabilities."""
+
     layer: str
     target: int
     cam: torch.Tensor
@@ -68,6 +80,7 @@ def _spatial_outputs(model: nn.Module, input_shape: Sequence[int]) -> list[tuple
             if isinstance(output, torch.Tensor) and output.dim() == 4 and name not in seen:
                 seen.add(name)
                 calls.append((name, module, tuple(output.shape[1:])))
+
         return record
 
     handles = [m.register_forward_hook(hook(name)) for name, m in model.named_modules() if name]
@@ -96,13 +109,16 @@ def default_cam_layer(model: nn.Module, input_shape: Sequence[int]) -> str:
     top = [(name, module, shape) for name, module, shape in calls if "." not in name and shape[1] * shape[2] > 1]
     candidates = [name for name, module, _ in top if not isinstance(module, _POOLS)] or [n for n, _, _ in top]
     if not candidates:
-        raise ModelError(f"{type(model).__name__} gives no maps larger than 1x1 at input {tuple(input_shape)}; "
-                         "Grad-CAM needs a convolutional layer")
+        raise ModelError(
+            f"{type(model).__name__} gives no maps larger than 1x1 at input {tuple(input_shape)}; "
+            "Grad-CAM needs a convolutional layer"
+        )
     return candidates[-1]
 
 
-def grad_cam(model: nn.Module, x: torch.Tensor, layer: str | None = None,
-             target: int | Sequence[int] | None = None) -> list[CamResult]:
+def grad_cam(
+    model: nn.Module, x: torch.Tensor, layer: str | None = None, target: int | Sequence[int] | None = None
+) -> list[CamResult]:
     """Grad-CAM of `layer` (default: `default_cam_layer`) for each image in `x` (N, C, H, W, already normalised)
     and class `target`: one index for all, one per image, or None for each image's predicted class."""
     return grad_cams(model, x, layer, [target])[0]
@@ -125,10 +141,17 @@ def grad_cams(model: nn.Module, x: torch.Tensor, layer: str | None, targets: Seq
             inp = x.detach().clone().requires_grad_(True)  # the maps need a graph even if the weights are frozen
             logits = model(inp).float()
             if len(captured) != 1 or captured[0].dim() != 4:
-                got = "never ran" if not captured else f"ran {len(captured)} times" if len(captured) > 1 else \
-                    f"gives shape {tuple(captured[0].shape)}"
-                raise ModelError(f"layer {layer!r} {got}; Grad-CAM needs one (N, C, H, W) output per image: "
-                                 f"choose one of {', '.join(cam_layers(model, tuple(x.shape[1:])))}")
+                got = (
+                    "never ran"
+                    if not captured
+                    else f"ran {len(captured)} times"
+                    if len(captured) > 1
+                    else f"gives shape {tuple(captured[0].shape)}"
+                )
+                raise ModelError(
+                    f"layer {layer!r} {got}; Grad-CAM needs one (N, C, H, W) output per image: "
+                    f"choose one of {', '.join(cam_layers(model, tuple(x.shape[1:])))}"
+                )
             maps = captured[0]
             n, classes = logits.shape
             probs = logits.detach().softmax(1).cpu()
@@ -141,18 +164,24 @@ def grad_cams(model: nn.Module, x: torch.Tensor, layer: str | None, targets: Seq
                     chosen = [int(t) for t in target]
                 bad = [t for t in chosen if not 0 <= t < classes]
                 if bad or len(chosen) != n:
-                    raise ModelError(f"class index {bad[0] if bad else chosen} is not valid: the model has {classes} "
-                                     f"classes (0..{classes - 1}), one target per image ({n})")
+                    raise ModelError(
+                        f"class index {bad[0] if bad else chosen} is not valid: the model has {classes} "
+                        f"classes (0..{classes - 1}), one target per image ({n})"
+                    )
                 # images are independent in eval mode, so one backward of the summed scores gives each its gradient
                 score = logits.gather(1, torch.tensor(chosen, device=logits.device)[:, None]).sum()
-                grads, = torch.autograd.grad(score, maps, retain_graph=k < len(targets) - 1)
+                (grads,) = torch.autograd.grad(score, maps, retain_graph=k < len(targets) - 1)
                 a, g = maps.detach().float(), grads.float()
-                weights = g.mean(dim=(2, 3))                                       # (N, K)
-                raw = F.relu((weights[:, :, None, None] * a).sum(1))               # (N, h, w)
+                weights = g.mean(dim=(2, 3))  # (N, K)
+                raw = F.relu((weights[:, :, None, None] * a).sum(1))  # (N, h, w)
                 cam = F.interpolate(raw[:, None], size=x.shape[2:], mode="bilinear", align_corners=False)[:, 0]
                 cam = cam.clamp_min(0)
-                out.append([CamResult(layer, t, cam[i].cpu(), raw[i].cpu(), weights[i].cpu(), probs[i])
-                            for i, t in enumerate(chosen)])
+                out.append(
+                    [
+                        CamResult(layer, t, cam[i].cpu(), raw[i].cpu(), weights[i].cpu(), probs[i])
+                        for i, t in enumerate(chosen)
+                    ]
+                )
     finally:
         handle.remove()
         model.train(was_training)
@@ -190,6 +219,7 @@ def _scaled(rgb: np.ndarray, scale: int) -> Image.Image:
 def save_overlay(image: np.ndarray, cam, path: str | Path, scale: int = 1) -> Path:
     """Write `overlay(image, cam)` as a PNG, each pixel as a scale x scale block."""
     from ..files import save_atomic
+
     buffer = io.BytesIO()
     _scaled(overlay(image, cam), scale).save(buffer, format="PNG", optimize=True)
     path = Path(path)
@@ -215,12 +245,19 @@ def class_index(classes: Sequence[str], name: str | int | None) -> int | None:
     raise ModelError(f"no class {name!r}; classes: {', '.join(classes)} (or an index 0..{len(classes) - 1})")
 
 
-def cam_files(loaded, paths: Sequence[str | Path], out: str | Path, layer: str | None = None,
-              target: str | int | None = None, min_side: int = 128) -> list[tuple[Path, CamResult]]:
+def cam_files(
+    loaded,
+    paths: Sequence[str | Path],
+    out: str | Path,
+    layer: str | None = None,
+    target: str | int | None = None,
+    min_side: int = 128,
+) -> list[tuple[Path, CamResult]]:
     """Grad-CAM overlays of image files for a loaded model (`cnnlab.infer.weights.LoadedModel`), as
     OUT/cam-<stem>-<class>.png, each image enlarged by a whole factor to at least `min_side` pixels. Every file
     is read before anything is written, so a bad one leaves no half-done folder."""
     from ..infer.predict import load_image
+
     index = class_index(loaded.classes, target)
     images = [load_image(Path(p), loaded.preprocess)[0] for p in paths]
     x = loaded.normalise(torch.from_numpy(np.stack(images)).to(next(loaded.model.parameters()).device))
@@ -229,8 +266,11 @@ def cam_files(loaded, paths: Sequence[str | Path], out: str | Path, layer: str |
     written = []
     for p, pixels, r in zip(paths, images, results):
         name = loaded.classes[r.target].replace("/", "_").replace(" ", "_")
-        path = save_overlay(pixels.transpose(1, 2, 0).squeeze(-1) if pixels.shape[0] == 1 else
-                            pixels.transpose(1, 2, 0), r.cam.numpy(), Path(out) / f"cam-{Path(p).stem}-{name}.png",
-                            scale)
+        path = save_overlay(
+            pixels.transpose(1, 2, 0).squeeze(-1) if pixels.shape[0] == 1 else pixels.transpose(1, 2, 0),
+            r.cam.numpy(),
+            Path(out) / f"cam-{Path(p).stem}-{name}.png",
+            scale,
+        )
         written.append((path, r))
     return written

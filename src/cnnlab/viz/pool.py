@@ -1,5 +1,6 @@
 """Pooling, shown: 2x2 max pooling on a real feature map, each window's maximum outlined, and what the smaller
 map saves the next conv layer (in MACs; 1 MAC = 2 FLOPs). The numbers come from `conv.max_pool_by_hand`."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -17,8 +18,15 @@ from .figure import finish, new_figure
 __all__ = ["pool_numbers", "plot_pool", "render_pool"]
 
 
-def pool_numbers(feature_map=None, kernel: int = 2, stride: int = 2, c_in: int | None = None, c_out: int = 64,
-                 next_kernel: int = 3, channel: int = 0) -> dict:
+def pool_numbers(
+    feature_map=None,
+    kernel: int = 2,
+    stride: int = 2,
+    c_in: int | None = None,
+    c_out: int = 64,
+    next_kernel: int = 3,
+    channel: int = 0,
+) -> dict:
     """Max pooling of `feature_map` ((C, H, W) or (H, W); default: slide (a)'s vertical-edge map of the default
     image after ReLU, (1, 16, 16)) and the MACs of a following `next_kernel` x `next_kernel` conv from `c_in`
     (default: the map's channels) to `c_out` channels, on the map before and after pooling."""
@@ -36,15 +44,37 @@ def pool_numbers(feature_map=None, kernel: int = 2, stride: int = 2, c_in: int |
     macs_before, macs_after = conv_macs(H, W, c_in, c_out, next_kernel), conv_macs(Ho, Wo, c_in, c_out, next_kernel)
     ratio = macs_before / macs_after
     next_layer = f"{next_kernel}x{next_kernel} conv, {c_in} -> {c_out} channels, stride 1, 'same' padding"
-    caption = (f"The next layer, a {next_layer}: {macs_before:,} MACs per image on {H}x{W}, {macs_after:,} on "
-               f"{Ho}x{Wo}: {ratio:.2f}x fewer (1 MAC = 2 FLOPs)")
-    return {"feature_map": fmap, "pooled": pooled, "indices": indices, "kernel": kernel, "stride": stride,
-            "channel": channel, "shape_before": (C, H, W), "shape_after": (C, Ho, Wo), "next_layer": next_layer,
-            "macs_before": macs_before, "macs_after": macs_after, "mac_ratio": ratio, "caption": caption}
+    caption = (
+        f"The next layer, a {next_layer}: {macs_before:,} MACs per image on {H}x{W}, {macs_after:,} on "
+        f"{Ho}x{Wo}: {ratio:.2f}x fewer (1 MAC = 2 FLOPs)"
+    )
+    return {
+        "feature_map": fmap,
+        "pooled": pooled,
+        "indices": indices,
+        "kernel": kernel,
+        "stride": stride,
+        "channel": channel,
+        "shape_before": (C, H, W),
+        "shape_after": (C, Ho, Wo),
+        "next_layer": next_layer,
+        "macs_before": macs_before,
+        "macs_after": macs_after,
+        "mac_ratio": ratio,
+        "caption": caption,
+    }
 
 
-def plot_pool(feature_map=None, kernel: int = 2, stride: int = 2, c_in: int | None = None, c_out: int = 64,
-              next_kernel: int = 3, channel: int = 0, path: str | Path | None = None) -> Figure:
+def plot_pool(
+    feature_map=None,
+    kernel: int = 2,
+    stride: int = 2,
+    c_in: int | None = None,
+    c_out: int = 64,
+    next_kernel: int = 3,
+    channel: int = 0,
+    path: str | Path | None = None,
+) -> Figure:
     """`kernel` x `kernel` max pooling (stride `stride`) of one channel of `feature_map`, beside the pooled map,
     with the next layer's MACs below (arguments as `pool_numbers`)."""
     info = pool_numbers(feature_map, kernel, stride, c_in, c_out, next_kernel, channel)
@@ -72,8 +102,12 @@ def plot_pool(feature_map=None, kernel: int = 2, stride: int = 2, c_in: int | No
     _grid.outline(ax, top[0] * stride, top[1] * stride, kernel, kernel, colour=_grid.SECOND, lw=3)
     _grid.grid_ticks(ax, H, W)
     ax.set(xlabel="column", ylabel="row")
-    ax.set_title(f"feature map {H}x{W}" + (f" (channel {channel} of {C})" if C > 1 else "")
-                 + f": {kernel}x{kernel} windows, maximum outlined", fontsize=10)
+    ax.set_title(
+        f"feature map {H}x{W}"
+        + (f" (channel {channel} of {C})" if C > 1 else "")
+        + f": {kernel}x{kernel} windows, maximum outlined",
+        fontsize=10,
+    )
 
     ax = fig.add_subplot(gs[1])
     im, _ = _grid.draw_grid(ax, pooled[channel].astype(float), cmap, norm, 7)
@@ -83,14 +117,25 @@ def plot_pool(feature_map=None, kernel: int = 2, stride: int = 2, c_in: int | No
     ax.set_title(f"after max pooling: {Ho}x{Wo}", fontsize=10)
     fig.colorbar(im, ax=ax, fraction=0.046, label="activation")
 
-    fig.suptitle(f"Max pooling {kernel}x{kernel}, stride {stride}: {(C, H, W)} -> {(C, Ho, Wo)}, "
-                 f"{H * W / (Ho * Wo):.2f}x fewer numbers per channel", fontsize=12)
+    fig.suptitle(
+        f"Max pooling {kernel}x{kernel}, stride {stride}: {(C, H, W)} -> {(C, Ho, Wo)}, "
+        f"{H * W / (Ho * Wo):.2f}x fewer numbers per channel",
+        fontsize=12,
+    )
     fig.supxlabel(info["caption"], fontsize=9)
     return finish(fig, path)
 
 
-def render_pool(out_dir: str | Path, feature_map=None, kernel: int = 2, stride: int = 2, c_in: int | None = None,
-                c_out: int = 64, next_kernel: int = 3, channel: int = 0) -> dict:
+def render_pool(
+    out_dir: str | Path,
+    feature_map=None,
+    kernel: int = 2,
+    stride: int = 2,
+    c_in: int | None = None,
+    c_out: int = 64,
+    next_kernel: int = 3,
+    channel: int = 0,
+) -> dict:
     """Draw the pooling figure into out_dir/pool.png; returns the shapes, the MACs and their ratio, the caption
     and the path (arguments as `pool_numbers`)."""
     info = pool_numbers(feature_map, kernel, stride, c_in, c_out, next_kernel, channel)

@@ -4,6 +4,7 @@ Every image is embedded as a data: URI and nothing is fetched from the network, 
 mailed, archived or opened offline. A small inline script records load errors and undecodable images
 in the page's <body> attributes, which the browser test reads.
 """
+
 from __future__ import annotations
 
 import base64
@@ -33,7 +34,9 @@ def plot_curves(rows: list[dict], path: str | Path | None = None) -> Figure:
     colours = {"train": OKABE_ITO["blue"], "test": OKABE_ITO["vermillion"]}  # told apart with any colour vision
     for ax, metric, label in ((axes[0], "loss", "cross-entropy loss"), (axes[1], "acc", "accuracy")):
         for split in ("train", "test"):
-            points = [(e, r[f"{split}_{metric}"]) for e, r in zip(epochs, rows) if r.get(f"{split}_{metric}") is not None]
+            points = [
+                (e, r[f"{split}_{metric}"]) for e, r in zip(epochs, rows) if r.get(f"{split}_{metric}") is not None
+            ]
             if points:
                 ax.plot(*zip(*points), marker="o", color=colours[split], label=split)
         ax.set_xlabel("epoch")
@@ -50,13 +53,15 @@ def plot_curves(rows: list[dict], path: str | Path | None = None) -> Figure:
     return finish(fig, path)
 
 
-def plot_step_losses(losses: dict[str, Sequence[float]], window: int = 20, title: str = "",
-                     path: str | Path | None = None) -> Figure:
+def plot_step_losses(
+    losses: dict[str, Sequence[float]], window: int = 20, title: str = "", path: str | Path | None = None
+) -> Figure:
     """Training loss at every step, one line per run (e.g. recorded by a `fit` callback): the mean over the last
     `window` steps drawn solid, the steps themselves faint."""
     if not losses or window < 1:
-        raise ConfigError(f"plot_step_losses needs at least one run's losses and window >= 1; got {len(losses)} "
-                          f"runs, window {window}")
+        raise ConfigError(
+            f"plot_step_losses needs at least one run's losses and window >= 1; got {len(losses)} runs, window {window}"
+        )
     fig, ax = subplots(figsize=(8, 4.2), layout="constrained")
     colours = [OKABE_ITO[c] for c in ("blue", "vermillion", "bluish green", "reddish purple", "orange", "sky blue")]
     values: Sequence[float] | np.ndarray
@@ -86,12 +91,22 @@ def run_evaluation(run: Run, loaded, split, summary: dict) -> dict:
     if predictions.is_file() and "test_confusion" in summary and split.labels is not None:
         saved = load_file(predictions)
         if torch.equal(saved["labels"], split.labels):
-            return {"n": len(saved["labels"]), "loss": summary["test_loss"], "accuracy": summary["test_accuracy"],
-                    "per_class": summary["test_per_class"], "confusion": summary["test_confusion"],
-                    "losses": saved["losses"], "preds": saved["preds"], "source": "the run's own evaluation"}
+            return {
+                "n": len(saved["labels"]),
+                "loss": summary["test_loss"],
+                "accuracy": summary["test_accuracy"],
+                "per_class": summary["test_per_class"],
+                "confusion": summary["test_confusion"],
+                "losses": saved["losses"],
+                "preds": saved["preds"],
+                "source": "the run's own evaluation",
+            }
     from ..infer.evaluate import evaluate
-    model = loaded.model.to(split.loader.device, memory_format=torch.channels_last if split.loader.channels_last
-                            else torch.contiguous_format)
+
+    model = loaded.model.to(
+        split.loader.device,
+        memory_format=torch.channels_last if split.loader.channels_last else torch.contiguous_format,
+    )
     tta = int(summary.get("test_tta") or 0)
     result = evaluate(model, split.loader, len(loaded.classes), runtime=split.runtime, per_image=True, tta=tta)
     return {**result, "source": f"scored again ({split.runtime.precision}{f', TTA {tta}' if tta else ''})"}
@@ -105,8 +120,9 @@ def hardest_examples(result: dict, k: int = 16) -> tuple[torch.Tensor, torch.Ten
 
 def _plot_hardest(split, top, losses, preds, classes, path: Path) -> Figure:
     images = [torch.from_numpy(np.ascontiguousarray(split.image(i))).permute(2, 0, 1) for i in top.tolist()]
-    return plot_predictions(images, split.labels[top], preds, classes, losses, title="Test images with the highest loss",
-                            path=path)
+    return plot_predictions(
+        images, split.labels[top], preds, classes, losses, title="Test images with the highest loss", path=path
+    )
 
 
 _CHECK_SCRIPT = """
@@ -155,15 +171,18 @@ def _table(header: list[str], rows: list[list]) -> str:
 
 def _lr_find_section(run: Run, trained_lr: float) -> str:
     from ..train.lr_find import RULES
+
     found = json.loads(run.file("lr_find").read_text())
     rule = found.get("rule", "")
     others = ", ".join(f"{name} rule {found[name]:.3g}" for name in RULES if found.get(name) is not None)
     stop = f"; stopped early: {html.escape(found['stop_reason'])}" if found.get("stopped_early") else ""
-    return ("<h2>Learning-rate finder</h2>"
-            f"<p>{len(found.get('lrs', []))} of {found.get('steps')} steps, lr {found.get('start_lr', 0):.3g} rising "
-            f"exponentially{stop}. Suggested lr <b>{found['suggestion']:.3g}</b> by the "
-            f"{html.escape(RULES.get(rule, rule))} ({others}); this run trained with lr {trained_lr:.3g}.</p>"
-            + _img(run.file("lr_find_plot"), "smoothed loss against learning rate"))
+    return (
+        "<h2>Learning-rate finder</h2>"
+        f"<p>{len(found.get('lrs', []))} of {found.get('steps')} steps, lr {found.get('start_lr', 0):.3g} rising "
+        f"exponentially{stop}. Suggested lr <b>{found['suggestion']:.3g}</b> by the "
+        f"{html.escape(RULES.get(rule, rule))} ({others}); this run trained with lr {trained_lr:.3g}.</p>"
+        + _img(run.file("lr_find_plot"), "smoothed loss against learning rate")
+    )
 
 
 def build_report(run_dir: str | Path, data_dir: str | None = None, log: Callable[[str], None] = print) -> Path:
@@ -184,17 +203,30 @@ def build_report(run_dir: str | Path, data_dir: str | None = None, log: Callable
     # configuration and environment
     env_rows = [[k, v] for k, v in summary.get("versions", {}).items()]
     env_rows += [[k, summary[k]] for k in ("device", "precision", "threads", "seed", "wall_seconds") if k in summary]
-    sections.append("<h2>Configuration and environment</h2>" + _table(["what", "value"], env_rows)
-                    + f"<pre>{html.escape(run.file('config').read_text())}</pre>")
+    sections.append(
+        "<h2>Configuration and environment</h2>"
+        + _table(["what", "value"], env_rows)
+        + f"<pre>{html.escape(run.file('config').read_text())}</pre>"
+    )
 
     # model summary
     info = summarize(model, tuple(loaded.input_shape))
-    layer_rows = [[layer["name"], layer["type"], "x".join(map(str, layer["output_shape"])), f"{layer['params']:,}",
-                   f"{layer['macs']:,}"] for layer in info["layers"]]
-    sections.append(f"<h2>Model: {html.escape(loaded.meta['model'])}</h2><p>{info['params']:,} parameters, "
-                    f"{info['macs']:,} multiply-accumulates per {'x'.join(map(str, loaded.input_shape))} image "
-                    f"<span class='note'>({html.escape(info['mac_note'])})</span></p>"
-                    + _table(["layer", "type", "output shape", "parameters", "MACs"], layer_rows))
+    layer_rows = [
+        [
+            layer["name"],
+            layer["type"],
+            "x".join(map(str, layer["output_shape"])),
+            f"{layer['params']:,}",
+            f"{layer['macs']:,}",
+        ]
+        for layer in info["layers"]
+    ]
+    sections.append(
+        f"<h2>Model: {html.escape(loaded.meta['model'])}</h2><p>{info['params']:,} parameters, "
+        f"{info['macs']:,} multiply-accumulates per {'x'.join(map(str, loaded.input_shape))} image "
+        f"<span class='note'>({html.escape(info['mac_note'])})</span></p>"
+        + _table(["layer", "type", "output shape", "parameters", "MACs"], layer_rows)
+    )
 
     # training curves
     if rows:
@@ -208,24 +240,44 @@ def build_report(run_dir: str | Path, data_dir: str | None = None, log: Callable
     # evaluation on the test split
     from ..infer.evaluate import inference_runtime
     from ..infer.test_split import open_test_split
+
     runtime = inference_runtime("cpu")  # fp32, as eval and predict score
-    split = open_test_split(cfg.dataset, run.data_dir(data_dir), preprocess=loaded.preprocess, runtime=runtime,
-                            streamed=run.data_mode == "stream", workers=cfg.workers, log=log)
+    split = open_test_split(
+        cfg.dataset,
+        run.data_dir(data_dir),
+        preprocess=loaded.preprocess,
+        runtime=runtime,
+        streamed=run.data_mode == "stream",
+        workers=cfg.workers,
+        log=log,
+    )
     result = run_evaluation(run, loaded, split, summary)
-    plot_confusion(result["confusion"], classes, figures / "confusion.png",
-                   title=f"Test confusion matrix: accuracy {result['accuracy']:.2%}")
-    per_class = [[name, f"{acc:.2%}", sum(result["confusion"][i])] for i, (name, acc) in
-                 enumerate(zip(classes, result["per_class"]))]
+    plot_confusion(
+        result["confusion"],
+        classes,
+        figures / "confusion.png",
+        title=f"Test confusion matrix: accuracy {result['accuracy']:.2%}",
+    )
+    per_class = [
+        [name, f"{acc:.2%}", sum(result["confusion"][i])]
+        for i, (name, acc) in enumerate(zip(classes, result["per_class"]))
+    ]
     confused = [[p["true"], p["predicted"], p["count"]] for p in most_confused(result["confusion"], classes)]
     top, losses, preds = hardest_examples(result)
     hardest = ""
     if split.labels is not None and len(split.labels) == len(result["losses"]):
         _plot_hardest(split, top, losses, preds, classes, figures / "hardest.png")
         hardest = "<h3>Highest-loss test images</h3>" + _img(figures / "hardest.png", "highest-loss images")
-    sections.append(f"<h2>Test results</h2><p>{result['n']:,} test images: accuracy <b>{result['accuracy']:.2%}</b>, "
-                    f"loss {result['loss']:.4f} <span class='note'>({result['source']})</span></p>" + _img(figures / "confusion.png", "confusion matrix")
-                    + "<h3>Per-class accuracy</h3>" + _table(["class", "accuracy", "images"], per_class)
-                    + "<h3>Most confused pairs</h3>" + _table(["true", "predicted", "count"], confused) + hardest)
+    sections.append(
+        f"<h2>Test results</h2><p>{result['n']:,} test images: accuracy <b>{result['accuracy']:.2%}</b>, "
+        f"loss {result['loss']:.4f} <span class='note'>({result['source']})</span></p>"
+        + _img(figures / "confusion.png", "confusion matrix")
+        + "<h3>Per-class accuracy</h3>"
+        + _table(["class", "accuracy", "images"], per_class)
+        + "<h3>Most confused pairs</h3>"
+        + _table(["true", "predicted", "count"], confused)
+        + hardest
+    )
 
     # what the first layer learned
     name, weight = layer_weight(model)
@@ -234,22 +286,30 @@ def build_report(run_dir: str | Path, data_dir: str | None = None, log: Callable
     kh, kw = weight.shape[2:]
     if min(kh, kw) >= 5:
         from .gabor import analyze_filters, format_gabor_summary
+
         gabor = analyze_filters(weight, figures)
-        learned += ("<h3>Compared with macaque V1 simple cells (Ringach 2002)</h3>"
-                    f"<pre>{html.escape(format_gabor_summary(gabor))}</pre>"
-                    + _img(figures / "v1_comparison.png", "V1 comparison") + _img(figures / "gabor_fits.png", "fits"))
+        learned += (
+            "<h3>Compared with macaque V1 simple cells (Ringach 2002)</h3>"
+            f"<pre>{html.escape(format_gabor_summary(gabor))}</pre>"
+            + _img(figures / "v1_comparison.png", "V1 comparison")
+            + _img(figures / "gabor_fits.png", "fits")
+        )
     else:
-        learned += (f"<p class='note'>No V1 comparison: Gabor fits need filters of about 5x5 or larger, and these are "
-                    f"{kh}x{kw}. Train a model with a large first layer, e.g. <code>--model resnet18</code> (7x7) or "
-                    "<code>--model cnn --model-arg spec=c64k11s2,p,c128,p,f256</code> (11x11).</p>")
+        learned += (
+            f"<p class='note'>No V1 comparison: Gabor fits need filters of about 5x5 or larger, and these are "
+            f"{kh}x{kw}. Train a model with a large first layer, e.g. <code>--model resnet18</code> (7x7) or "
+            "<code>--model cnn --model-arg spec=c64k11s2,p,c128,p,f256</code> (11x11).</p>"
+        )
     sections.append(learned)
 
     title = f"{loaded.meta['model']} on {cfg.dataset}"
     accuracy = summary.get("test_accuracy", result["accuracy"])
-    page = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>cnnlab: {html.escape(title)}</title>"
-            f"{_STYLE}{_CHECK_SCRIPT}</head><body><h1>{html.escape(title)}</h1>"
-            f"<p>Run folder <code>{html.escape(str(run.path))}</code>: test accuracy {accuracy:.2%} after "
-            f"{summary.get('epochs', len(rows))} epochs.</p>" + "".join(sections) + "</body></html>")
+    page = (
+        f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>cnnlab: {html.escape(title)}</title>"
+        f"{_STYLE}{_CHECK_SCRIPT}</head><body><h1>{html.escape(title)}</h1>"
+        f"<p>Run folder <code>{html.escape(str(run.path))}</code>: test accuracy {accuracy:.2%} after "
+        f"{summary.get('epochs', len(rows))} epochs.</p>" + "".join(sections) + "</body></html>"
+    )
     path = run.file("report")
     save_atomic(page.encode(), path)
     return path

@@ -4,6 +4,7 @@ Slide (a): a grey image and one 3x3 filter, the window sliding and the output ma
 Slide (b): a colour image and a bank of 3x3x3 filters, one output map per filter.
 Slide (c): CS231n's worked example (Karpathy et al., cs231n.github.io/convolutional-networks) as grids of numbers.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -36,9 +37,13 @@ from .figure import finish, new_figure
 __all__ = ["plot_numeric_example", "animate_conv_gray", "animate_conv_color", "render_conv"]
 
 
-
-def plot_numeric_example(path: str | Path | None = None, example: NumericExample | None = None, seed: int = 0,
-                         position: tuple[int, int] = (0, 0), filter_index: int = 0) -> Figure:
+def plot_numeric_example(
+    path: str | Path | None = None,
+    example: NumericExample | None = None,
+    seed: int = 0,
+    position: tuple[int, int] = (0, 0),
+    filter_index: int = 0,
+) -> Figure:
     """The worked example as grids of numbers: padded input slices, both filters, biases, output slices.
 
     One output cell (`position` of map `filter_index`) is worked through: its window, filter and result are
@@ -53,7 +58,7 @@ def plot_numeric_example(path: str | Path | None = None, example: NumericExample
     i, j = position
     xp = np.pad(ex.x, ((0, 0), (p, p), (p, p))).astype(float)
     pad_mask = np.ones(xp.shape[1:], dtype=bool)
-    pad_mask[p:p + ex.x.shape[1], p:p + ex.x.shape[2]] = False
+    pad_mask[p : p + ex.x.shape[1], p : p + ex.x.shape[2]] = False
 
     cmap_in = colormaps["cividis"].with_extremes(bad=_grid.PAD_COLOUR)
     cmap_signed = colormaps["RdBu_r"]
@@ -102,18 +107,28 @@ def plot_numeric_example(path: str | Path | None = None, example: NumericExample
             fig.add_subplot(gs[r, 1 + K + k]).axis("off")
 
     k = filter_index
-    per_channel = [int((xp[c, i * s:i * s + kh, j * s:j * s + kw] * ex.weight[k, c]).sum()) for c in range(C)]
+    per_channel = [int((xp[c, i * s : i * s + kh, j * s : j * s + kw] * ex.weight[k, c]).sum()) for c in range(C)]
     sums = " + ".join(f"({v})" for v in per_channel)
-    fig.suptitle(f"Convolution by hand: {ex.x.shape[1]}x{ex.x.shape[2]}x{C} input, {K} filters "
-                 f"{kh}x{kw}x{C}, stride {s}, zero padding {p} -> {ex.out.shape[1]}x{ex.out.shape[2]}x{K} output",
-                 fontsize=12)
-    fig.text(0.5, -0.01, f"o[{i},{j},{k}] = sum over the {C} channels of (window * w{k}) + b{k} = {sums} "
-             f"+ ({ex.bias[k]}) = {ex.out[k, i, j]}    (outlined in orange)", ha="center", va="top", fontsize=11,
-             family="monospace")
+    fig.suptitle(
+        f"Convolution by hand: {ex.x.shape[1]}x{ex.x.shape[2]}x{C} input, {K} filters "
+        f"{kh}x{kw}x{C}, stride {s}, zero padding {p} -> {ex.out.shape[1]}x{ex.out.shape[2]}x{K} output",
+        fontsize=12,
+    )
+    fig.text(
+        0.5,
+        -0.01,
+        f"o[{i},{j},{k}] = sum over the {C} channels of (window * w{k}) + b{k} = {sums} "
+        f"+ ({ex.bias[k]}) = {ex.out[k, i, j]}    (outlined in orange)",
+        ha="center",
+        va="top",
+        fontsize=11,
+        family="monospace",
+    )
     return finish(fig, path)
 
 
 # ---------------------------------------------------------------------------------------------- animations
+
 
 def _frame_positions(Ho: int, Wo: int, max_frames: int) -> list[int]:
     """Flat output indices shown, in raster order: the first row one step at a time, so the slide is visible,
@@ -132,7 +147,7 @@ def _filled(out: np.ndarray, upto: int) -> np.ndarray:
     """`out` with every position after flat index `upto` (raster order) not computed yet: NaN, drawn blank."""
     shown = np.full(out.shape, np.nan)
     flat = out.reshape(out.shape[0], -1) if out.ndim == 3 else out.reshape(1, -1)
-    shown.reshape(flat.shape)[:, :upto + 1] = flat[:, :upto + 1]
+    shown.reshape(flat.shape)[:, : upto + 1] = flat[:, : upto + 1]
     return shown
 
 
@@ -157,8 +172,14 @@ def _frame_input(ax, H: int, W: int, p: int, kh: int, kw: int, title: str):
     return window
 
 
-def _write_animation(show: Callable[[int], np.ndarray], Ho: int, Wo: int, max_frames: int,
-                     gif_path: str | Path | None, png_path: str | Path | None) -> None:
+def _write_animation(
+    show: Callable[[int], np.ndarray],
+    Ho: int,
+    Wo: int,
+    max_frames: int,
+    gif_path: str | Path | None,
+    png_path: str | Path | None,
+) -> None:
     """The ending both slides share: the frames as a looping GIF, and as a still PNG the window at the map's
     centre with half the map computed. Either file is skipped when its path is None."""
     if gif_path is not None:
@@ -167,9 +188,16 @@ def _write_animation(show: Callable[[int], np.ndarray], Ho: int, Wo: int, max_fr
         _grid.write_png(show((Ho // 2) * Wo + Wo // 2), Path(png_path))
 
 
-def animate_conv_gray(image, kernel, gif_path: str | Path | None, png_path: str | Path | None = None,
-                      max_frames: int = 40, padding: int = 1, stride: int = 1,
-                      filter_name: str = "vertical edge") -> np.ndarray:
+def animate_conv_gray(
+    image,
+    kernel,
+    gif_path: str | Path | None,
+    png_path: str | Path | None = None,
+    max_frames: int = 40,
+    padding: int = 1,
+    stride: int = 1,
+    filter_name: str = "vertical edge",
+) -> np.ndarray:
     """Slide (a): a grey image (H, W) and one filter (kh, kw); each frame outlines the current window on the
     (padded) input, and the output map fills in. Writes the GIF and a still PNG (window at the map's centre,
     half the map computed), each only when given its path. Returns the output map (Ho, Wo)."""
@@ -194,8 +222,7 @@ def animate_conv_gray(image, kernel, gif_path: str | Path | None, png_path: str 
     shown = xp.copy()
     if p:
         shown[:p], shown[-p:], shown[:, :p], shown[:, -p:] = np.nan, np.nan, np.nan, np.nan
-    _grid.draw_grid(ax_in, shown, gray_cmap, norm_in, 7, origin=(-p, -p),
-                    labels=np.vectorize(_grid.fmt_number)(xp))
+    _grid.draw_grid(ax_in, shown, gray_cmap, norm_in, 7, origin=(-p, -p), labels=np.vectorize(_grid.fmt_number)(xp))
     window = _frame_input(ax_in, H, W, p, kh, kw, f"input {H}x{W}, grey levels, zero padding {p} (hatched)")
 
     ax_k = fig.add_subplot(gs[1])
@@ -210,9 +237,19 @@ def animate_conv_gray(image, kernel, gif_path: str | Path | None, png_path: str 
     # every output cell as its own patch and number, drawn only once it is computed
     cells = np.empty(out.shape, dtype=object)
     for (r, c), v in np.ndenumerate(out):
-        cells[r, c] = (Rectangle((c - 0.5, r - 0.5), 1, 1, facecolor=signed(norm_out(v)), animated=True),
-                       ax_out.text(c, r, _grid.fmt_number(v), ha="center", va="center", fontsize=7, animated=True,
-                                   color=_grid.text_colour(signed, norm_out, v)))
+        cells[r, c] = (
+            Rectangle((c - 0.5, r - 0.5), 1, 1, facecolor=signed(norm_out(v)), animated=True),
+            ax_out.text(
+                c,
+                r,
+                _grid.fmt_number(v),
+                ha="center",
+                va="center",
+                fontsize=7,
+                animated=True,
+                color=_grid.text_colour(signed, norm_out, v),
+            ),
+        )
         ax_out.add_patch(cells[r, c][0])
     current = _grid.outline(ax_out, 0, 0, 1, 1, lw=2.5, animated=True)
     _grid.grid_ticks(ax_out, Ho, Wo)
@@ -220,8 +257,11 @@ def animate_conv_gray(image, kernel, gif_path: str | Path | None, png_path: str 
     fig.colorbar(im_out, ax=ax_out, fraction=0.046, label="output value (blank: not computed yet)")
     title_out = ax_out.set_title(f"output {Ho}x{Wo}: {out.size} of {out.size} computed", fontsize=10)
     equation = fig.text(0.5, 0.005, "", ha="center", va="bottom", fontsize=9, family="monospace", animated=True)
-    fig.suptitle(f"Convolution, one window at a time: {kh}x{kw} filter, stride {s}, zero padding {p}: "
-                 f"{H}x{W} in -> {Ho}x{Wo} out", fontsize=12)
+    fig.suptitle(
+        f"Convolution, one window at a time: {kh}x{kw} filter, stride {s}, zero padding {p}: "
+        f"{H}x{W} in -> {Ho}x{Wo} out",
+        fontsize=12,
+    )
     engine = fig.get_layout_engine()
     assert isinstance(engine, ConstrainedLayoutEngine)  # new_figure(layout="constrained") above
     engine.set(h_pad=0.25)  # room for the equation line below the panels
@@ -243,7 +283,7 @@ def animate_conv_gray(image, kernel, gif_path: str | Path | None, png_path: str 
         window.set_xy((j * s - p - 0.5, i * s - p - 0.5))
         current.set_xy((j - 0.5, i - 0.5))
         title_out.set_text(f"output {Ho}x{Wo}: {flat + 1} of {out.size} computed")
-        patch = xp[i * s:i * s + kh, j * s:j * s + kw]
+        patch = xp[i * s : i * s + kh, j * s : j * s + kw]
         if kh * kw <= 9:
             terms = " + ".join(_term(w, x) for w, x in zip(kernel.ravel(), patch.ravel()))
             equation.set_text(f"out[{i},{j}] = {terms} = {_grid.fmt_number(out[i, j])}")
@@ -262,16 +302,24 @@ def _channel_strip(planes: np.ndarray) -> np.ndarray:
     return np.concatenate([planes[0], gap, planes[1], gap, planes[2]], axis=1).astype(float)
 
 
-def animate_conv_color(image_rgb, filters, gif_path: str | Path | None, png_path: str | Path | None = None,
-                       max_frames: int = 40, padding: int = 1, stride: int = 1,
-                       names: list[str] | None = None) -> np.ndarray:
+def animate_conv_color(
+    image_rgb,
+    filters,
+    gif_path: str | Path | None,
+    png_path: str | Path | None = None,
+    max_frames: int = 40,
+    padding: int = 1,
+    stride: int = 1,
+    names: list[str] | None = None,
+) -> np.ndarray:
     """Slide (b): a colour image (H, W, 3) and N filters (N, 3, kh, kw); each frame outlines the window on the
     input, prints its 3 x kh x kw numbers, and the N output maps fill in. Returns the maps (N, Ho, Wo)."""
     image = _check_plane(as_array(image_rgb), "a colour image", 3, "(H, W, 3)")
     filters = _check_plane(as_array(filters), "the filters", 4, "(N, 3, kh, kw)")
     if image.shape[2] != 3 or filters.shape[1] != 3:
-        raise ConfigError(f"slide (b) needs an (H, W, 3) image and (N, 3, kh, kw) filters; "
-                          f"got {image.shape} and {filters.shape}")
+        raise ConfigError(
+            f"slide (b) needs an (H, W, 3) image and (N, 3, kh, kw) filters; got {image.shape} and {filters.shape}"
+        )
     N, _, kh, kw = filters.shape
     names = list(names) if names is not None else [f"filter {k + 1}" for k in range(N)]
     x = np.moveaxis(image, 2, 0)  # (H, W, 3) -> (3, H, W): channels first, as conv layers take them
@@ -283,7 +331,7 @@ def animate_conv_color(image_rgb, filters, gif_path: str | Path | None, png_path
 
     lo, hi = float(image.min()), float(image.max())
     rgb = np.ones((H + 2 * p, W + 2 * p, 3))  # padding shown white and hatched
-    rgb[p:p + H, p:p + W] = (image - lo) / ((hi - lo) or 1.0)
+    rgb[p : p + H, p : p + W] = (image - lo) / ((hi - lo) or 1.0)
     signed = colormaps["RdBu_r"].with_extremes(bad="white")
     gray = colormaps["gray"].with_extremes(bad="white")
     cols = max(N, 4)
@@ -307,8 +355,9 @@ def animate_conv_color(image_rgb, filters, gif_path: str | Path | None, png_path
     ax_win.set_xticks([(kw - 1) / 2 + c * (kw + 1) for c in range(3)], ["red", "green", "blue"])
     ax_win.set_yticks([])
     ax_win.set_title(f"the window: {3 * kh * kw} numbers ({kh}x{kw} in each of 3 channels)", fontsize=10)
-    ax_win.set_xlabel(f"each output number = sum of these {3 * kh * kw} numbers\ntimes one filter's "
-                      f"{3 * kh * kw} weights", fontsize=9)
+    ax_win.set_xlabel(
+        f"each output number = sum of these {3 * kh * kw} numbers\ntimes one filter's {3 * kh * kw} weights", fontsize=9
+    )
 
     out_images, currents, out_titles = [], [], []
     for k in range(N):
@@ -321,8 +370,15 @@ def animate_conv_color(image_rgb, filters, gif_path: str | Path | None, png_path
         ax.set_title(f"{k + 1}. {names[k]}" + (f"  (x 1/{d})" if d > 1 else ""), fontsize=9)
 
         ax = fig.add_subplot(gs[2, k])
-        out_images.append(ax.imshow(np.full((Ho, Wo), np.nan), cmap=signed, norm=_grid.symmetric_norm(out[k]),
-                                    interpolation="nearest", animated=True))
+        out_images.append(
+            ax.imshow(
+                np.full((Ho, Wo), np.nan),
+                cmap=signed,
+                norm=_grid.symmetric_norm(out[k]),
+                interpolation="nearest",
+                animated=True,
+            )
+        )
         currents.append(_grid.outline(ax, 0, 0, 1, 1, lw=2, animated=True))
         out_titles.append(ax.set_title(f"{names[k]}: -00.0", fontsize=9))
         _grid.grid_ticks(ax, Ho, Wo)
@@ -330,8 +386,11 @@ def animate_conv_color(image_rgb, filters, gif_path: str | Path | None, png_path
     for k in range(N, cols):  # fewer than 4 filters: keep the panels their usual size
         fig.add_subplot(gs[1, k]).axis("off")
         fig.add_subplot(gs[2, k]).axis("off")
-    fig.suptitle(f"{N} filter{'s' if N > 1 else ''} of {kh}x{kw}x3 on a colour image, stride {s}: "
-                 f"one output map per filter\n(maps: red > 0 > blue, each on its own scale)", fontsize=12)
+    fig.suptitle(
+        f"{N} filter{'s' if N > 1 else ''} of {kh}x{kw}x3 on a colour image, stride {s}: "
+        f"one output map per filter\n(maps: red > 0 > blue, each on its own scale)",
+        fontsize=12,
+    )
     _grid.freeze_layout(fig)
     for t in out_titles:
         t.set_animated(True)
@@ -341,7 +400,7 @@ def animate_conv_color(image_rgb, filters, gif_path: str | Path | None, png_path
         i, j = divmod(flat, Wo)
         blit.restore()
         window.set_xy((j * s - p - 0.5, i * s - p - 0.5))
-        patch = _channel_strip(xp[:, i * s:i * s + kh, j * s:j * s + kw])
+        patch = _channel_strip(xp[:, i * s : i * s + kh, j * s : j * s + kw])
         im_win.set_data(patch)
         blit.draw(window, im_win)
         for (r, c), t in np.ndenumerate(win_texts):
@@ -362,8 +421,10 @@ def animate_conv_color(image_rgb, filters, gif_path: str | Path | None, png_path
 
 # ---------------------------------------------------------------------------------------------- entry point
 
-def render_conv(out_dir: str | Path, image=None, filters: int = 5, size: int = DEFAULT_SIZE,
-                max_frames: int = 40) -> list[Path]:
+
+def render_conv(
+    out_dir: str | Path, image=None, filters: int = 5, size: int = DEFAULT_SIZE, max_frames: int = 40
+) -> list[Path]:
     """The convolution slides, into `out_dir`: conv_gray.gif/.png (a), conv_color.gif/.png (b), conv_numeric.png.
 
     `image`: None (a synthetic scene), an image file, or an array; shrunk to `size` x `size` and rounded to the
@@ -375,8 +436,9 @@ def render_conv(out_dir: str | Path, image=None, filters: int = 5, size: int = D
     rgb = prepare_rgb(image, size)  # an unreadable image fails before anything is written
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = [out_dir / n for n in ("conv_gray.gif", "conv_gray.png", "conv_color.gif", "conv_color.png",
-                                   "conv_numeric.png")]
+    paths = [
+        out_dir / n for n in ("conv_gray.gif", "conv_gray.png", "conv_color.gif", "conv_color.png", "conv_numeric.png")
+    ]
     animate_conv_gray(to_levels(to_gray(rgb)), VERTICAL_EDGE, paths[0], paths[1], max_frames=max_frames)
     animate_conv_color(to_levels(rgb), bank, paths[2], paths[3], max_frames=max_frames, names=names)
     plot_numeric_example(paths[4])
