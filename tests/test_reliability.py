@@ -3,6 +3,7 @@ concurrent and interrupted downloads, read-only caches, prediction over thousand
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import io
 import json
@@ -328,11 +329,10 @@ def test_a_full_cache_during_a_download_leaves_nothing_behind(http_server, tmp_p
     from cnnlab.data import download as download_module
 
     spec = _tiny_mnist(http_server, tmp_path)
-    real_fdopen = os.fdopen
 
     class FullDisk(io.RawIOBase):
-        def __init__(self, fd):
-            self.file = real_fdopen(fd, "wb")
+        def __init__(self, path):
+            self.file = builtins.open(path, "wb")
 
         def write(self, data):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -340,7 +340,8 @@ def test_a_full_cache_during_a_download_leaves_nothing_behind(http_server, tmp_p
         def close(self):
             self.file.close()
 
-    monkeypatch.setattr(download_module.os, "fdopen", lambda fd, mode="r": FullDisk(fd))
+    # the download streams into the atomic writer's temporary file, opened by name in download.py
+    monkeypatch.setattr(download_module, "open", lambda path, mode="r": FullDisk(path), raising=False)
     from cnnlab.data.datasets import fetch
     from cnnlab.errors import DatasetError
 

@@ -339,6 +339,7 @@ def test_the_report_shows_the_runs_own_evaluation_and_rescores_identically_witho
     from cnnlab.infer.evaluate import inference_runtime
     from cnnlab.infer.test_split import open_test_split
     from cnnlab.infer.weights import load_weights
+    from cnnlab.run import Run
     from cnnlab.viz.report import hardest_examples, run_evaluation
 
     run_dir, _, env = run
@@ -349,14 +350,13 @@ def test_the_report_shows_the_runs_own_evaluation_and_rescores_identically_witho
         split = open_test_split(
             "imagefolder",
             yaml_data_dir(run_dir),
-            input_shape=loaded.input_shape,
-            mean=loaded.mean,
-            std=loaded.std,
+            preprocess=loaded.preprocess,
             runtime=inference_runtime("cpu", summary["precision"]),
+            streamed=summary["data_mode"] == "stream",
         )
-    own = run_evaluation(run_dir, loaded, split, summary)
+    own = run_evaluation(Run(run_dir), loaded, split, summary)
     assert own["source"] == "the run's own evaluation" and own["accuracy"] == summary["test_accuracy"]
-    again = run_evaluation(run_dir, loaded, split, {"precision": summary["precision"]})  # as if nothing was saved
+    again = run_evaluation(Run(run_dir), loaded, split, {"precision": summary["precision"]})  # as if nothing was saved
     assert again["source"].startswith("scored again")
     assert again["confusion"] == own["confusion"] and again["accuracy"] == own["accuracy"]
     assert torch.equal(again["preds"], own["preds"]) and torch.allclose(again["losses"], own["losses"], atol=1e-5)
