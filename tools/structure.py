@@ -24,7 +24,7 @@ SRC = Path("src/cnnlab")
 
 def whole_config_functions() -> list[str]:
     found = []
-    owners = {SRC / "engine" / "config.py", SRC / "engine" / "recipes.py"}  # the config's own modules
+    owners = {SRC / "train" / "config.py", SRC / "train" / "recipes.py"}  # the config's own modules
     for path in sorted(set(SRC.rglob("*.py")) - owners):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name != "fit":
@@ -42,7 +42,7 @@ def run_file_names() -> list[str]:
     pattern = re.compile(
         "|".join(re.escape(f'"{n}"') + "|" + re.escape(f"'{n}'") + "|" + re.escape(f'/ "{n}') for n in names)
     )
-    return sorted(str(p) for p in SRC.rglob("*.py") if p != SRC / "engine" / "run.py" and pattern.search(p.read_text()))
+    return sorted(str(p) for p in SRC.rglob("*.py") if p != SRC / "run.py" and pattern.search(p.read_text()))
 
 
 def resize_places() -> list[str]:
