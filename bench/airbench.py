@@ -23,8 +23,8 @@ from common import conditions, matmul_peak, no_data, shared_cifar10
 
 from cnnlab import TrainConfig, create_model, fit
 from cnnlab.models.summary import summarize
-from cnnlab.train.recipes import apply_recipe
-from cnnlab.train.runtime import cpu_flags
+from cnnlab.training.recipes import apply_recipe
+from cnnlab.training.runtime import cpu_flags
 
 PAPER_ACCURACY, PAPER_SECONDS_A100 = 0.9401, 3.83
 

@@ -13,7 +13,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from cnnlab.train.runtime import cpu_flags, device_name  # noqa: E402
+from cnnlab.training.runtime import cpu_flags, device_name  # noqa: E402
 
 
 def conditions(**extra) -> str:

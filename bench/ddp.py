@@ -25,9 +25,9 @@ import torch
 from common import conditions, shared_cifar10, stats
 
 from cnnlab import TrainConfig, fit
-from cnnlab.train.run_folder import read_metrics
-from cnnlab.train.runtime import pick_channels_last, pick_precision
-from cnnlab.train.trainer import TrainingInterrupted
+from cnnlab.training.run_folder import read_metrics
+from cnnlab.training.runtime import pick_channels_last, pick_precision
+from cnnlab.training.trainer import TrainingInterrupted
 
 MODEL = "resnet20"
 BATCH = 128  # global: 64 per rank with 2 ranks

@@ -1,5 +1,5 @@
 """Inference throughput of an exported model on onnxruntime's CPU provider against cnnlab's own PyTorch inference
-(infer/evaluate.py inference_runtime + prepare_for_inference: eval, the memory format and bf16 autocast that
+(inference/evaluate.py inference_runtime + prepare_for_inference: eval, the memory format and bf16 autocast that
 cnnlab's measured CPU probe picks), both on 2 threads, in the same run. Where cnnlab picks bf16, plain fp32 PyTorch is measured too,
 so that the fp32 ONNX model also has an fp32 baseline.
 
@@ -17,8 +17,8 @@ import torch
 from common import conditions, stats
 
 from cnnlab import create_model
-from cnnlab.infer.evaluate import inference_runtime, prepare_for_inference
-from cnnlab.infer.export import WithNormalisation, capture, onnx_bytes, run_onnx
+from cnnlab.inference.evaluate import inference_runtime, prepare_for_inference
+from cnnlab.inference.export import WithNormalisation, capture, onnx_bytes, run_onnx
 
 THREADS = 2
 CASES = [  # model, input shape, (batch, forward passes per repeat)

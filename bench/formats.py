@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from common import conditions, matmul_peak, stats
 
 from cnnlab import create_model
-from cnnlab.infer.evaluate import inference_runtime
+from cnnlab.inference.evaluate import inference_runtime
 
 BATCH = 128
 SETTINGS = {  # name: (precision, channels_last, compile)

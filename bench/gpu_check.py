@@ -48,8 +48,8 @@ try:
     from cnnlab.data import channel_stats, load_dataset
     from cnnlab.files import save_atomic
     from cnnlab.models import accepts
-    from cnnlab.train.runtime import device_name, start_runtime
-    from cnnlab.train.trainer import TrainingInterrupted, load_training_data, resume_config
+    from cnnlab.training.runtime import device_name, start_runtime
+    from cnnlab.training.trainer import TrainingInterrupted, load_training_data, resume_config
 except ImportError as exc:  # a fresh GPU machine may lack cnnlab's dependencies: say which, not a traceback
     print(
         f"gpu_check: cannot import {exc.name or exc}: install cnnlab's dependencies first "
@@ -801,7 +801,7 @@ def airbench_config(ctx: Context, images: int, batch: int) -> tuple[TrainConfig,
     """airbench94 for 2 epochs on synthetic CIFAR: with the paper's recipe where this cnnlab has it (its
     optimiser, schedule, augmentation and parameter groups), else with cnnlab's defaults."""
     cfg = ctx.config("airbench", model="airbench94", model_args={}, train_subset=images, batch_size=batch, eval_every=0)
-    from cnnlab.train.recipes import RECIPES, apply_recipe
+    from cnnlab.training.recipes import RECIPES, apply_recipe
 
     if "airbench94" not in RECIPES:
         return cfg, "cnnlab's default optimiser and schedule"

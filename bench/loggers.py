@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from common import conditions
 
 from cnnlab.models import create_model
-from cnnlab.train.config import TrainConfig
-from cnnlab.train.loggers import build_loggers
+from cnnlab.training.config import TrainConfig
+from cnnlab.training.loggers import build_loggers
 
 CALLS, EPOCH_EVERY = 3000, 500
 

@@ -16,7 +16,7 @@ from cnnlab.models import create_model
 
 
 def finite(model, loss) -> bool:
-    """As in train/trainer.py: non-finite when the loss or any gradient is."""
+    """As in training/trainer.py: non-finite when the loss or any gradient is."""
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     return bool(torch.isfinite(loss + torch.stack(torch._foreach_norm(grads, 1)).sum()))
 

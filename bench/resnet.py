@@ -11,7 +11,7 @@ from common import conditions, matmul_peak, no_data, stats
 from throughput import BATCH, CHOSEN, compare
 
 from cnnlab import create_model
-from cnnlab.infer.evaluate import inference_runtime, prepare_for_inference
+from cnnlab.inference.evaluate import inference_runtime, prepare_for_inference
 
 RESNET20_TRAIN_GFLOP = 3 * 0.0811  # per image: 81.1 MFLOP forward (40.55 M MACs), backward about twice that
 

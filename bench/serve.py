@@ -24,8 +24,8 @@ import numpy as np
 from common import conditions
 from PIL import Image
 
-from cnnlab.infer.predict import predict_files
-from cnnlab.infer.weights import load_weights
+from cnnlab.inference.predict import predict_files
+from cnnlab.inference.weights import load_weights
 
 WEIGHTS = "resnet20-cifar10"
 CLIENTS = 16

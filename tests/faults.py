@@ -59,7 +59,7 @@ def nan_loss(steps: set[int], in_gradient: bool = False):
     """A loss function for `cnnlab.fit(loss_fn=...)`: the usual loss, NaN (or with a NaN gradient) at `steps`."""
     import torch
 
-    from cnnlab.train.trainer import cross_entropy
+    from cnnlab.training.trainer import cross_entropy
 
     usual, calls = cross_entropy(0.1), [0]
 
@@ -80,7 +80,7 @@ def stall_in_step(step: int, part: str):
     stops inside its loss or its backward pass, says so, and sleeps until it is killed."""
     import time
 
-    from cnnlab.train.trainer import cross_entropy
+    from cnnlab.training.trainer import cross_entropy
 
     usual, calls = cross_entropy(0.1), [0]
 

@@ -253,7 +253,7 @@ def test_the_recipe_names_what_the_engine_needs():
 
 def recipe_run(image_folder, run, **changes) -> TrainConfig:
     """The airbench94 recipe as `cnnlab train --recipe airbench94` sets it, shrunk to a 16x16 image folder."""
-    from cnnlab.train.recipes import apply_recipe
+    from cnnlab.training.recipes import apply_recipe
 
     cfg = apply_recipe(TrainConfig(), "airbench94", batch_size=32)
     values = dict(
@@ -279,7 +279,7 @@ def test_evaluations_are_left_out_of_the_training_time_and_the_times_to_accuracy
     import linecache
     import sys
 
-    import cnnlab.train.trainer as trainer
+    import cnnlab.training.trainer as trainer
 
     evaluate, naps = trainer.evaluate, []
 
@@ -328,7 +328,7 @@ def test_the_recipe_with_its_lookahead_resumes_bit_for_bit(image_folder, tmp_pat
     from safetensors.torch import load_file
 
     from cnnlab.engine import resume_config
-    from cnnlab.train.trainer import TrainingInterrupted
+    from cnnlab.training.trainer import TrainingInterrupted
 
     fit(recipe_run(image_folder, tmp_path / "a", checkpoint_every=2), log=lambda message: None)
 
@@ -343,7 +343,7 @@ def test_the_recipe_with_its_lookahead_resumes_bit_for_bit(image_folder, tmp_pat
 
 
 def test_lookahead_snapshots_then_pulls_the_weights_towards_a_slow_copy():
-    from cnnlab.train.lookahead import Lookahead
+    from cnnlab.training.lookahead import Lookahead
 
     model = torch.nn.Linear(2, 1, bias=False)
     with torch.no_grad():

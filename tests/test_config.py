@@ -3,7 +3,7 @@ import argparse
 import pytest
 
 from cnnlab.errors import ConfigError
-from cnnlab.train.config import TrainConfig, add_config_flags, config_from_args, config_from_dict, load_config
+from cnnlab.training.config import TrainConfig, add_config_flags, config_from_args, config_from_dict, load_config
 
 
 def parse(*argv: str, base: TrainConfig | None = None) -> TrainConfig:

@@ -275,7 +275,7 @@ def test_sigterm_to_the_agent_checkpoints_and_stops_every_rank(shapes, tmp_path)
         agent.kill()
     assert agent.returncode == 143, "".join(lines) + rest
     assert f"cnnlab train --resume {run}" in rest
-    from cnnlab.train.checkpoint import read_checkpoint
+    from cnnlab.training.checkpoint import read_checkpoint
 
     state = read_checkpoint(run / "last.ckpt")
     assert state["step"] >= 4 and state["world_size"] == 2 and len(state["rng"]) == 2
@@ -319,7 +319,7 @@ def test_each_torchrun_attempt_meets_under_its_own_store_prefix(monkeypatch):
 
     import torch.distributed as dist
 
-    from cnnlab.train.runtime import _restart_store
+    from cnnlab.training.runtime import _restart_store
 
     server = dist.TCPStore(
         "127.0.0.1", 0, is_master=True, timeout=datetime.timedelta(seconds=10), wait_for_workers=False

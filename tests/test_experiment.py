@@ -20,8 +20,8 @@ from cnnlab.experiments import PAPER_TEST_ERROR, parse_depths, seed_statistics
 from cnnlab.experiments.degradation import verdict
 from cnnlab.experiments.flags import default_threads, recipe_args
 from cnnlab.files import file_lock
-from cnnlab.train.config import TrainConfig
-from cnnlab.train.recipes import apply_recipe
+from cnnlab.training.config import TrainConfig
+from cnnlab.training.recipes import apply_recipe
 
 MEMBERS = ["plain8", "plain14", "resnet8", "resnet14"]
 

@@ -15,8 +15,8 @@ from test_viz_page import _shot, browser  # noqa: F401  (the headless Chromium f
 
 from cnnlab.cli import main
 from cnnlab.errors import ConfigError
-from cnnlab.infer.predict import load_image, predict_files
-from cnnlab.infer.weights import load_weights, save_weights
+from cnnlab.inference.predict import load_image, predict_files
+from cnnlab.inference.weights import load_weights, save_weights
 from cnnlab.models import create_model
 from cnnlab.viz.explain import explain_data, explain_files, explain_html, write_explain_page
 

@@ -14,7 +14,7 @@ import torch
 
 import cnnlab
 from cnnlab.cli import main
-from cnnlab.infer.export import (
+from cnnlab.inference.export import (
     DEFAULT_TOLERANCE,
     FP32_ERROR_FACTOR,
     ExportError,
@@ -30,8 +30,8 @@ from cnnlab.infer.export import (
     run_onnx,
     run_pt2,
 )
-from cnnlab.infer.predict import expand_inputs
-from cnnlab.infer.weights import LoadedModel, load_weights
+from cnnlab.inference.predict import expand_inputs
+from cnnlab.inference.weights import LoadedModel, load_weights
 from cnnlab.models.registry import accepts
 
 # Capped input sizes keep the registry sweep fast: the graph is the same at any size the model accepts.
@@ -221,7 +221,7 @@ def test_export_pt2_writes_the_metadata_beside_it(trained_run, capsys):
 
 def test_a_refused_export_exits_2_and_leaves_the_old_file(trained_run, tmp_path, capsys, monkeypatch):
     run, root, _, _ = trained_run
-    import cnnlab.infer.export as export
+    import cnnlab.inference.export as export
 
     exact = export.run_onnx
 

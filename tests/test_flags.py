@@ -18,10 +18,10 @@ from cnnlab.cli import main
 from cnnlab.engine import TrainConfig, fit, resume_config
 from cnnlab.engine import runtime as rt
 from cnnlab.errors import ConfigError
-from cnnlab.train.checkpoint import read_checkpoint
-from cnnlab.train.optim import build_schedule
-from cnnlab.train.recipes import apply_recipe
-from cnnlab.train.trainer import TrainingError, TrainingInterrupted
+from cnnlab.training.checkpoint import read_checkpoint
+from cnnlab.training.optim import build_schedule
+from cnnlab.training.recipes import apply_recipe
+from cnnlab.training.trainer import TrainingError, TrainingInterrupted
 
 STEPS_PER_EPOCH = 7  # 120 images // 16
 

@@ -43,10 +43,10 @@ from cnnlab.data.formats import idx_length, parse_cifar_binary, parse_cifar_pyth
 from cnnlab.data.images import ENVIRONMENT, MAX_IMAGE_PIXELS, open_image
 from cnnlab.data.shards import ShardLoader, open_shards
 from cnnlab.errors import CheckpointError, ConfigError, DatasetError, ImageError
-from cnnlab.infer.predict import load_image
-from cnnlab.infer.weights import load_weights, save_weights
+from cnnlab.inference.predict import load_image
+from cnnlab.inference.weights import load_weights, save_weights
 from cnnlab.models import create_model
-from cnnlab.train.config import TrainConfig, load_config
+from cnnlab.training.config import TrainConfig, load_config
 
 EXAMPLES = [pytest.param(100, id="100"), pytest.param(1000, id="1000", marks=pytest.mark.slow)]
 MiB = 1 << 20

@@ -157,7 +157,7 @@ def test_overlay_keeps_the_image_where_the_cam_is_zero():
 
 def test_cli_viz_cam_writes_one_overlay_per_image(tmp_path, capsys):
     from cnnlab.cli import main
-    from cnnlab.infer.weights import save_weights
+    from cnnlab.inference.weights import save_weights
 
     torch.manual_seed(0)
     model = create_model("cnn", spec="c4,p,f8", input_size=16, num_classes=3)

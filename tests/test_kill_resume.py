@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cnnlab.train.checkpoint import read_checkpoint
+from cnnlab.training.checkpoint import read_checkpoint
 
 EPOCHS, STEPS_PER_EPOCH, CHECKPOINT_EVERY = 12, 15, 5
 PHASES = ("step", "checkpoint", "evaluate")

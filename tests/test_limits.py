@@ -28,8 +28,8 @@ from cnnlab.data.images import (
 )
 from cnnlab.data.transforms import decode_crop, sample_rng, to_model_mode
 from cnnlab.errors import CheckpointError, ConfigError, DatasetError, ImageError
-from cnnlab.infer.predict import load_image
-from cnnlab.infer.weights import load_weights, save_weights
+from cnnlab.inference.predict import load_image
+from cnnlab.inference.weights import load_weights, save_weights
 from cnnlab.models import create_model
 
 region = transforms._jpeg_region

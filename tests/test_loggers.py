@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from cnnlab.errors import ConfigError
-from cnnlab.train.config import TrainConfig
-from cnnlab.train.loggers import LoggerGroup, absolute_uri, build_loggers, check_loggers, flat_params, parse_loggers
+from cnnlab.training.config import TrainConfig
+from cnnlab.training.loggers import LoggerGroup, absolute_uri, build_loggers, check_loggers, flat_params, parse_loggers
 
 STEPS_PER_EPOCH = 10
 

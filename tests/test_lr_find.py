@@ -12,9 +12,9 @@ from cnnlab.data import InMemoryLoader, parse_augment
 from cnnlab.data.synthetic import make_synthetic
 from cnnlab.engine import TrainConfig, fit
 from cnnlab.errors import ConfigError
-from cnnlab.train.lr_find import search_lr, smooth_losses, suggest_lr
-from cnnlab.train.optim import build_optimizer
-from cnnlab.train.trainer import lr_find
+from cnnlab.training.lr_find import search_lr, smooth_losses, suggest_lr
+from cnnlab.training.optim import build_optimizer
+from cnnlab.training.trainer import lr_find
 
 
 def silent(message):
@@ -204,7 +204,7 @@ def test_the_suggestion_trains_within_one_point_of_the_best_of_a_grid(one_thread
     def run(lr):
         model = _net(seed=0)
         optimizer = build_optimizer(model, "sgd", lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
-        from cnnlab.train.optim import build_schedule
+        from cnnlab.training.optim import build_schedule
 
         lr_at = build_schedule("onecycle", lr, steps, steps_per_epoch=len(y) // 32)
         _train(model, optimizer, _loader(x, y), steps, lr_at)
@@ -266,7 +266,7 @@ def test_lr_find_on_a_config_writes_the_plot(image_folder, tmp_path):
 
 
 def test_yaml_and_flags_take_find_for_lr():
-    from cnnlab.train.config import config_from_dict
+    from cnnlab.training.config import config_from_dict
 
     assert config_from_dict({"lr": "find"}).lr_find is True
     assert config_from_dict({"lr": 0.1}, base=config_from_dict({"lr": "find"})).lr_find is False

@@ -8,7 +8,7 @@ import torch
 from cnnlab.cli import main
 from cnnlab.engine import TrainConfig, fit
 from cnnlab.errors import ConfigError
-from cnnlab.train.state import rng_state, set_rng_state
+from cnnlab.training.state import rng_state, set_rng_state
 
 
 def silent(message):

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from cnnlab.models import create_model
-from cnnlab.train.optim import build_optimizer, build_schedule, param_groups
+from cnnlab.training.optim import build_optimizer, build_schedule, param_groups
 
 
 def test_no_weight_decay_on_biases_and_norms():
@@ -71,7 +71,7 @@ def test_fraction_milestones_scale_with_the_run_and_constant_warmup():
 
 def test_he2016_recipe():
     from cnnlab.engine import TrainConfig
-    from cnnlab.train.recipes import apply_recipe
+    from cnnlab.training.recipes import apply_recipe
 
     cfg = apply_recipe(TrainConfig(model="resnet20"), "he2016")
     assert (cfg.batch_size, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.max_steps) == (128, 0.1, 0.9, 1e-4, 64_000)
@@ -82,7 +82,7 @@ def test_he2016_recipe():
 
 def test_fast_recipe_is_what_the_readme_says():
     from cnnlab.engine import TrainConfig
-    from cnnlab.train.recipes import apply_recipe
+    from cnnlab.training.recipes import apply_recipe
 
     cfg = apply_recipe(TrainConfig(model="resnet20"), "fast")
     assert (cfg.batch_size, cfg.optimizer, cfg.lr, cfg.momentum, cfg.nesterov, cfg.weight_decay) == (
@@ -110,7 +110,7 @@ def test_fast_recipe_rescales_with_epochs_and_learns(image_folder, tmp_path):
     import dataclasses
 
     from cnnlab.engine import TrainConfig, fit
-    from cnnlab.train.recipes import apply_recipe
+    from cnnlab.training.recipes import apply_recipe
 
     cfg = dataclasses.replace(
         apply_recipe(TrainConfig(), "fast"),

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from cnnlab.cli import main
 from cnnlab.errors import CheckpointError, ModelError
-from cnnlab.infer.weights import load_weights, resolve_weights
+from cnnlab.inference.weights import load_weights, resolve_weights
 from cnnlab.models import create_model, packaged
 from cnnlab.models.packaged import get_packaged, list_packaged
 
@@ -211,7 +211,7 @@ def test_onnx_export_of_a_packaged_model_agrees_with_predict_on_real_test_images
     batch 1 and batch 64 through the same exported file."""
     pytest.importorskip("onnxruntime")
     from cnnlab.data.datasets import load_dataset
-    from cnnlab.infer.export import compare_with_predict, export_model
+    from cnnlab.inference.export import compare_with_predict, export_model
 
     entry = get_packaged(name)
     data = load_dataset(entry.dataset, request.getfixturevalue(DATA_FIXTURE[entry.dataset]), log=lambda m: None)

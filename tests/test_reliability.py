@@ -25,7 +25,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from cnnlab.data.catalog import DataFile
-from cnnlab.train.checkpoint import MAGIC, read_checkpoint
+from cnnlab.training.checkpoint import MAGIC, read_checkpoint
 
 FAULTS = str(Path(__file__).with_name("faults.py"))
 

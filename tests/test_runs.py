@@ -15,7 +15,7 @@ from cnnlab.errors import CheckpointError, ConfigError
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A small `cnn` trained on the three-class image folder, through `cnnlab.train`."""
+    """A small `cnn` trained on the three-class image folder, through `cnnlab.training`."""
     from conftest import write_image_folder
 
     tmp = tmp_path_factory.mktemp("runs")

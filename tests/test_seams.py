@@ -89,8 +89,8 @@ def test_predict_on_the_test_images_gives_what_eval_recorded_per_image(mode, tmp
 
 def test_the_same_file_gives_the_same_pixels_in_training_eval_and_predict(tmp_path, capsys):
     from cnnlab.data import load_dataset
-    from cnnlab.infer.predict import load_image
-    from cnnlab.infer.weights import load_weights
+    from cnnlab.inference.predict import load_image
+    from cnnlab.inference.weights import load_weights
 
     root = write_non_square_folder(tmp_path / "photos", per_class=(6, 3))
     run = tmp_path / "run"
@@ -105,8 +105,8 @@ def test_the_same_file_gives_the_same_pixels_in_training_eval_and_predict(tmp_pa
 
 def test_exported_onnx_agrees_with_predict_at_its_defaults(tmp_path, capsys):
     pytest.importorskip("onnxruntime")
-    from cnnlab.infer.export import compare_with_predict
-    from cnnlab.infer.weights import load_weights
+    from cnnlab.inference.export import compare_with_predict
+    from cnnlab.inference.weights import load_weights
 
     root = write_non_square_folder(tmp_path / "photos", per_class=(12, 4))
     run = tmp_path / "run"
@@ -156,7 +156,7 @@ def test_recipe_imagenet_scales_lr_with_the_batch_size_and_metrics_say_so(tmp_pa
         "none",
     )
     assert code == 0
-    from cnnlab.train.config import load_config
+    from cnnlab.training.config import load_config
 
     assert load_config(run / "config.yaml").lr == pytest.approx(0.2)
     rows = (run / "metrics.csv").read_text().splitlines()
@@ -165,7 +165,7 @@ def test_recipe_imagenet_scales_lr_with_the_batch_size_and_metrics_say_so(tmp_pa
 
 
 def test_recipe_lr_given_by_flag_is_not_scaled(tmp_path):
-    from cnnlab.train.recipes import build_config
+    from cnnlab.training.recipes import build_config
 
     assert build_config("imagenet", flags={"batch_size": 512}).lr == pytest.approx(0.2)
     assert build_config("imagenet", flags={"batch_size": 512, "lr": 0.05}).lr == pytest.approx(0.05)
@@ -179,7 +179,7 @@ def test_airbench94_metrics_record_the_rates_sgd_applied(tmp_path, monkeypatch):
     import torch
 
     from cnnlab.engine import fit
-    from cnnlab.train.recipes import build_config
+    from cnnlab.training.recipes import build_config
 
     applied = []
     step = torch.optim.SGD.step

@@ -319,7 +319,7 @@ def test_sigterm_stops_the_server_cleanly(tmp_path):
 def test_other_hosts_are_warned_about(tmp_path, monkeypatch):
     import uvicorn
 
-    from cnnlab.infer.weights import load_weights
+    from cnnlab.inference.weights import load_weights
     from cnnlab.serve import serve
 
     monkeypatch.setattr(uvicorn.Server, "run", lambda self: None)  # nothing is bound: only the messages matter

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from cnnlab.engine import TrainConfig, fit, resume_config
 from cnnlab.errors import DatasetError
-from cnnlab.train.trainer import TrainingInterrupted
+from cnnlab.training.trainer import TrainingInterrupted
 
 
 def silent(message):

@@ -10,8 +10,8 @@ from safetensors.torch import load_file
 
 from cnnlab.engine import TrainConfig, fit, resume_config
 from cnnlab.errors import CheckpointError, ConfigError
-from cnnlab.train.checkpoint import CheckpointManager, read_checkpoint
-from cnnlab.train.trainer import TrainingError, TrainingInterrupted
+from cnnlab.training.checkpoint import CheckpointManager, read_checkpoint
+from cnnlab.training.trainer import TrainingError, TrainingInterrupted
 
 
 def quick(image_folder, run_dir, **kw) -> TrainConfig:
@@ -167,7 +167,7 @@ def test_checkpoint_refuses_code_execution(tmp_path):
 
     from conftest import CodeRunningPickle
 
-    from cnnlab.train.checkpoint import MAGIC
+    from cnnlab.training.checkpoint import MAGIC
 
     marker = tmp_path / "pwned"
     buffer = io.BytesIO()

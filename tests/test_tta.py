@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from cnnlab.errors import ConfigError
-from cnnlab.infer.tta import TTA_LEVELS, tta_logits, tta_views
+from cnnlab.inference.tta import TTA_LEVELS, tta_logits, tta_views
 from cnnlab.models import create_model
 
 

@@ -182,7 +182,7 @@ def test_default_feature_layers_reach_the_last_conv_layer_and_rows_name_the_laye
 
 
 def test_a_failed_viz_command_leaves_no_folder_behind(tmp_path):
-    from cnnlab.infer.weights import save_weights
+    from cnnlab.inference.weights import save_weights
 
     model = create_model("convnet", in_channels=1, input_size=[28, 28])
     save_weights(
@@ -211,7 +211,7 @@ def test_a_failed_viz_command_leaves_no_folder_behind(tmp_path):
 
 
 def test_gabor_refuses_3x3_filters_and_says_what_to_train(tmp_path):
-    from cnnlab.infer.weights import save_weights
+    from cnnlab.inference.weights import save_weights
 
     model = create_model("convnet", in_channels=1, input_size=[28, 28])
     save_weights(
@@ -336,9 +336,9 @@ def test_no_report_skips_the_page(run, tmp_path):
 
 
 def test_the_report_shows_the_runs_own_evaluation_and_rescores_identically_without_it(run):
-    from cnnlab.infer.evaluate import inference_runtime
-    from cnnlab.infer.test_split import open_test_split
-    from cnnlab.infer.weights import load_weights
+    from cnnlab.inference.evaluate import inference_runtime
+    from cnnlab.inference.test_split import open_test_split
+    from cnnlab.inference.weights import load_weights
     from cnnlab.run import Run
     from cnnlab.viz.report import hardest_examples, run_evaluation
 

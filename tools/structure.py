@@ -4,7 +4,7 @@
 
 - engine/ split: the packages under src/cnnlab;
 - functions besides `fit` that take the whole TrainConfig (a parameter annotated TrainConfig), outside
-  the config's own modules (train/config.py, train/recipes.py);
+  the config's own modules (training/config.py, training/recipes.py);
 - files that spell a run-folder file name (run.py's RUN_FILES) outside the module that owns them;
 - places that resize a decoded image (Pillow's `.resize(`, torch's `F.interpolate(`) outside models;
 - cli.py's lines; import cycles (tools/import_cycles.py); repeated blocks of 6+ lines in src/ (`duplicates`).

@@ -4,8 +4,8 @@ from ._version import __version__
 from .errors import CnnlabError
 from .models import create_model, list_models
 from .run import Run, open_run
-from .train.config import TrainConfig
-from .train.trainer import fit, lr_find, train
+from .training.config import TrainConfig
+from .training.trainer import fit, lr_find, train
 
 __all__ = [
     "__version__",

@@ -78,7 +78,7 @@ def _input_size(text: str) -> tuple[int, int, int]:
 
 
 def _model_args(items: list[str] | None) -> dict:
-    from .train.config import _flag_value
+    from .training.config import _flag_value
 
     out = {}
     for item in items or []:
@@ -90,7 +90,7 @@ def _model_args(items: list[str] | None) -> dict:
 
 
 def _train_config(args):
-    from .train.launch import train_config
+    from .training.launch import train_config
 
     return train_config(args)
 
@@ -109,11 +109,11 @@ def _resume_target(args):
 
 def cmd_train(args, fit_options: dict | None = None) -> int:
     from .run import Run, is_run_folder
-    from .train.config import TrainConfig, config_from_args
-    from .train.trainer import fit, resume_config
+    from .training.config import TrainConfig, config_from_args
+    from .training.trainer import fit, resume_config
 
     if args.nproc_per_node:
-        from .train.launch import hand_over_to_torchrun
+        from .training.launch import hand_over_to_torchrun
 
         return hand_over_to_torchrun(args, _train_config)
     if args.resume:
@@ -134,7 +134,7 @@ def cmd_train(args, fit_options: dict | None = None) -> int:
     else:
         cfg = _train_config(args)
         summary = fit(cfg, **(fit_options or {}))
-    from .train.runtime import distributed_env
+    from .training.runtime import distributed_env
 
     if distributed_env()["rank"] != 0:  # rank 0 reports and writes the report; the others stay silent
         return 0
@@ -171,8 +171,8 @@ def cmd_report(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from .data.augment import AUGMENT_HELP
     from .models.convnet import SPEC_HELP
-    from .train.config import add_config_flags
-    from .train.recipes import RECIPES
+    from .training.config import add_config_flags
+    from .training.recipes import RECIPES
 
     parser = _Parser(prog="cnnlab", description="Train, evaluate and look inside the lecture's CNNs.")
     parser.add_argument("--version", action="version", version=f"cnnlab {__version__}")
@@ -235,8 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
 
     from .data.command import add_data_parser
-    from .infer.command import add_infer_parsers
-    from .train.launch import add_lr_find_parser
+    from .inference.command import add_infer_parsers
+    from .training.launch import add_lr_find_parser
     from .viz.command import add_viz_parsers
 
     add_infer_parsers(sub)
@@ -258,10 +258,10 @@ def build_parser() -> argparse.ArgumentParser:
 # Each subcommand and the function that runs it: it parses nothing more, calls the library and prints.
 COMMANDS = {
     "train": cmd_train,
-    "lr-find": _lazy("train.launch", "lr_find_command"),
-    "eval": _lazy("infer.command", "eval_command"),
-    "predict": _lazy("infer.command", "predict_command"),
-    "export": _lazy("infer.command", "export_command"),
+    "lr-find": _lazy("training.launch", "lr_find_command"),
+    "eval": _lazy("inference.command", "eval_command"),
+    "predict": _lazy("inference.command", "predict_command"),
+    "export": _lazy("inference.command", "export_command"),
     "summary": cmd_summary,
     "report": cmd_report,
     "models": _lazy("models.command", "models_command"),
@@ -275,7 +275,7 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None, *, fit_options: dict | None = None) -> int:
     """The `cnnlab` command. `fit_options` go to `cnnlab.fit` for `train` (tests inject a loss function there)."""
-    from .train.trainer import TrainingInterrupted
+    from .training.trainer import TrainingInterrupted
 
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)

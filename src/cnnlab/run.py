@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from .errors import CheckpointError
-from .train.config import TrainConfig, load_config
+from .training.config import TrainConfig, load_config
 
 __all__ = ["Run", "open_run", "read_metrics", "is_run_folder", "RUN_FILES"]
 
@@ -128,7 +128,7 @@ class Run:
     @functools.cached_property
     def weights(self):
         """model.safetensors with its sidecar: the model (on the CPU, in eval mode), classes, preprocessing."""
-        from .infer.weights import load_weights
+        from .inference.weights import load_weights
 
         return load_weights(self.path)
 

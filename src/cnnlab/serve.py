@@ -3,7 +3,7 @@
 The model is loaded once. Every forward pass (predict or explain) runs under one lock, in the worker threads
 FastAPI gives plain `def` endpoints: concurrent requests queue for the model instead of racing on it. Uploads
 are read through the same guarded opener as every other image (`cnnlab.data.images.open_image`, by way of
-`cnnlab.infer.predict`), so the pixel, mode and decoding limits are the ones `cnnlab predict` applies; the
+`cnnlab.inference.predict`), so the pixel, mode and decoding limits are the ones `cnnlab predict` applies; the
 request body is counted as it arrives and refused past `max_upload_bytes` per file times `max_files`.
 """
 # no `from __future__ import annotations`: FastAPI reads the endpoints' annotations as objects, and fastapi is
@@ -107,12 +107,12 @@ def create_app(
     max_files: int = MAX_FILES,
     cam_layer: str | None = None,
 ):
-    """The FastAPI app for a loaded model (`cnnlab.infer.weights.LoadedModel`); `test_images` (pixels, names,
+    """The FastAPI app for a loaded model (`cnnlab.inference.weights.LoadedModel`); `test_images` (pixels, names,
     labels) are offered on the page to pick from."""
     from fastapi import FastAPI, File, Form, HTTPException, UploadFile
     from fastapi.responses import HTMLResponse
 
-    from .infer.predict import load_image, predict_files
+    from .inference.predict import load_image, predict_files
     from .viz.explain import explain_data, explain_html
 
     lock = threading.Lock()  # one forward pass at a time: the model, its hooks and its memory are shared
@@ -300,7 +300,7 @@ def serve_command(args) -> int:
     """`cnnlab serve RUN|WEIGHTS [--host] [--port]`: load the model once and serve the page and the API."""
     import sys
 
-    from .infer.weights import load_weights
+    from .inference.weights import load_weights
     from .run import is_run_folder
 
     loaded = load_weights(args.target, "cpu", model_name=args.model)

@@ -1,5 +1,5 @@
 """The former engine package, kept so that code written against it still imports: training moved to
-`cnnlab.train`, inference to `cnnlab.infer`, the run folder to `cnnlab.run`. `cnnlab.engine.NAME` and
+`cnnlab.training`, inference to `cnnlab.inference`, the run folder to `cnnlab.run`. `cnnlab.engine.NAME` and
 `cnnlab.engine.MODULE` resolve to their new homes."""
 
 import importlib
@@ -7,7 +7,7 @@ import sys
 
 _MOVED = {
     **{
-        m: f"cnnlab.train.{m}"
+        m: f"cnnlab.training.{m}"
         for m in (
             "config",
             "recipes",
@@ -26,19 +26,19 @@ _MOVED = {
             "launch",
         )
     },
-    **{m: f"cnnlab.infer.{m}" for m in ("weights", "evaluate", "tta", "predict", "export", "test_split")},
+    **{m: f"cnnlab.inference.{m}" for m in ("weights", "evaluate", "tta", "predict", "export", "test_split")},
     "run": "cnnlab.run",
 }
 for _old, _new in _MOVED.items():  # `import cnnlab.engine.weights` finds the module where it lives now
     sys.modules[f"{__name__}.{_old}"] = importlib.import_module(_new)
 
-from cnnlab.infer.evaluate import evaluate, most_confused  # noqa: E402
-from cnnlab.infer.test_split import highest_loss_images  # noqa: E402
-from cnnlab.infer.weights import load_weights, save_weights  # noqa: E402
+from cnnlab.inference.evaluate import evaluate, most_confused  # noqa: E402
+from cnnlab.inference.test_split import highest_loss_images  # noqa: E402
+from cnnlab.inference.weights import load_weights, save_weights  # noqa: E402
 from cnnlab.run import Run, open_run  # noqa: E402
-from cnnlab.train.config import TrainConfig, config_from_dict, load_config  # noqa: E402
-from cnnlab.train.loop import RunState  # noqa: E402
-from cnnlab.train.trainer import TrainingError, TrainingInterrupted, fit, resume_config, train  # noqa: E402
+from cnnlab.training.config import TrainConfig, config_from_dict, load_config  # noqa: E402
+from cnnlab.training.loop import RunState  # noqa: E402
+from cnnlab.training.trainer import TrainingError, TrainingInterrupted, fit, resume_config, train  # noqa: E402
 
 __all__ = [
     "TrainConfig",

@@ -28,7 +28,7 @@ def experiment_command(args) -> int:
     """`cnnlab experiment degradation|seeds|gather ...`: build the experiment from the flags and run it."""
     from dataclasses import fields
 
-    from ..train.config import TrainConfig
+    from ..training.config import TrainConfig
     from . import ExperimentInterrupted, default_folder, gather, run_experiment
     from .flags import check_devices, default_threads, member_train_args
 
@@ -92,8 +92,8 @@ def experiment_command(args) -> int:
 
 def add_experiment_parser(sub) -> None:
     """The `experiment` subcommand's parser, each kind with every train flag passed through to its members."""
-    from ..train.config import add_config_flags
-    from ..train.recipes import RECIPES
+    from ..training.config import add_config_flags
+    from ..training.recipes import RECIPES
 
     p = sub.add_parser(
         "experiment",

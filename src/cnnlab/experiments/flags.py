@@ -8,8 +8,8 @@ from dataclasses import fields
 from pathlib import Path
 
 from ..errors import ConfigError
-from ..train.config import TrainConfig, config_from_args
-from ..train.recipes import RECIPES, apply_recipe
+from ..training.config import TrainConfig, config_from_args
+from ..training.recipes import RECIPES, apply_recipe
 from .runner import EXECUTION_FLAGS
 
 __all__ = ["recipe_args", "member_train_args", "check_devices", "default_threads"]

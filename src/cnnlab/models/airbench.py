@@ -28,7 +28,7 @@ __all__ = [
     "airbench94",
 ]
 
-# The training recipe of airbench94.py, for cnnlab.train.recipes to follow (the paper's numbers, the code's `hyp` names).
+# The training recipe of airbench94.py, for cnnlab.training.recipes to follow (the paper's numbers, the code's `hyp` names).
 AIRBENCH94_RECIPE: dict[str, Any] = {
     "dataset": "cifar10",
     # hyp['aug'] = {flip, translate: 2}: a random translation by up to 2 pixels with reflection padding, which is
@@ -64,7 +64,7 @@ AIRBENCH94_RECIPE: dict[str, Any] = {
     "whiten_bias_epochs": 3,  # the whitening conv's bias trains in epochs 0-2 only (hyp['opt']['whiten_bias_epochs'])
     "whiten_images": 5000,  # the whitening is computed from the first 5,000 training images
     "whiten_eps": 5e-4,  # added to each eigenvalue before 1/sqrt (init_whitening_conv's eps)
-    "tta_level": 2,  # hyp['net']['tta_level']: image, mirror and two 1-pixel translations (infer/tta.py)
+    "tta_level": 2,  # hyp['net']['tta_level']: image, mirror and two 1-pixel translations (inference/tta.py)
     "paper_test_accuracy": 0.9401,  # mean over 1,000 runs, with TTA level 2
     "paper_seconds_a100": 3.83,  # airbench94.py, uncompiled; 3.29 s with torch.compile
 }

@@ -16,7 +16,7 @@ def _out_dir(args, target: str | None = None) -> Path:
 
 
 def _load_for_viz(args):
-    from ..infer.weights import load_weights
+    from ..inference.weights import load_weights
 
     return load_weights(args.target, "cpu", model_name=getattr(args, "model", None))
 
@@ -59,7 +59,7 @@ def _draw(args) -> int:
         print(f"{name}: {weight.shape[0]} filters of {'x'.join(map(str, weight.shape[1:]))} -> {path}")
     elif args.what == "features":
         # the "conv" branch above imports conv.load_image under the same name
-        from ..infer.predict import load_image  # type: ignore[assignment]
+        from ..inference.predict import load_image  # type: ignore[assignment]
         from .filters import default_feature_layers, feature_maps, layer_kinds, plot_feature_maps
 
         if not args.image:
@@ -127,8 +127,8 @@ def viz_command(args) -> int:
 
 def explain_command(args) -> int:
     """`cnnlab explain RUN|WEIGHTS [IMAGE ...]`: the explainer page for the given images or some test images."""
-    from ..infer.predict import expand_inputs
-    from ..infer.weights import load_weights
+    from ..inference.predict import expand_inputs
+    from ..inference.weights import load_weights
     from ..run import RUN_FILES
     from .explain import explain_data, explain_files, pick_test_images, write_explain_page
 

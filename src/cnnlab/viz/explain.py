@@ -324,7 +324,7 @@ def explain_data(
     cap: int | None = None,
 ) -> dict:
     """What the page shows for `images` (uint8 (C, H, W) each, already in the model's size, as
-    `cnnlab.infer.predict.load_image` gives them) under a loaded model (`LoadedModel`). `cap`: this many maps
+    `cnnlab.inference.predict.load_image` gives them) under a loaded model (`LoadedModel`). `cap`: this many maps
     per layer at most, instead of as many as the budget allows (a live page adds images to a layout)."""
     if not len(images):
         raise ConfigError("explain needs at least one image")
@@ -461,7 +461,7 @@ def write_explain_page(path: str | Path, data: dict) -> Path:
 
 def explain_files(loaded, paths: Sequence[str | Path], **options) -> dict:
     """`explain_data` for image files, read and converted as `cnnlab predict` reads them."""
-    from ..infer.predict import load_image
+    from ..inference.predict import load_image
 
     images = [load_image(Path(p), loaded.preprocess)[0] for p in paths]
     return explain_data(loaded, images, [Path(p).name for p in paths], **options)
@@ -472,8 +472,8 @@ def pick_test_images(
 ) -> tuple[list[np.ndarray], list[str], list[int]]:
     """Up to `count` of a run's test images: among the first `scan`, the first wrongly classified ones (up to
     half) and the first right ones, in test-split order."""
-    from ..infer.evaluate import inference_runtime
-    from ..infer.test_split import open_test_split
+    from ..inference.evaluate import inference_runtime
+    from ..inference.test_split import open_test_split
     from ..run import Run, is_run_folder
 
     if not is_run_folder(run_dir):

@@ -253,10 +253,10 @@ def cam_files(
     target: str | int | None = None,
     min_side: int = 128,
 ) -> list[tuple[Path, CamResult]]:
-    """Grad-CAM overlays of image files for a loaded model (`cnnlab.infer.weights.LoadedModel`), as
+    """Grad-CAM overlays of image files for a loaded model (`cnnlab.inference.weights.LoadedModel`), as
     OUT/cam-<stem>-<class>.png, each image enlarged by a whole factor to at least `min_side` pixels. Every file
     is read before anything is written, so a bad one leaves no half-done folder."""
-    from ..infer.predict import load_image
+    from ..inference.predict import load_image
 
     index = class_index(loaded.classes, target)
     images = [load_image(Path(p), loaded.preprocess)[0] for p in paths]

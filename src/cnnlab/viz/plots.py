@@ -91,7 +91,7 @@ def plot_predictions(
 
 def plot_highest_loss(run, k: int = 16, cols: int = 8, path: str | Path | None = None) -> Figure:
     """The `k` test images a finished run (a `Run` or its folder) got most wrong, highest loss first."""
-    from ..infer.test_split import highest_loss_images
+    from ..inference.test_split import highest_loss_images
     from ..run import open_run
 
     run = open_run(run) if isinstance(run, (str, Path)) else run

@@ -101,7 +101,7 @@ def run_evaluation(run: Run, loaded, split, summary: dict) -> dict:
                 "preds": saved["preds"],
                 "source": "the run's own evaluation",
             }
-    from ..infer.evaluate import evaluate
+    from ..inference.evaluate import evaluate
 
     model = loaded.model.to(
         split.loader.device,
@@ -170,7 +170,7 @@ def _table(header: list[str], rows: list[list]) -> str:
 
 
 def _lr_find_section(run: Run, trained_lr: float) -> str:
-    from ..train.lr_find import RULES
+    from ..training.lr_find import RULES
 
     found = json.loads(run.file("lr_find").read_text())
     rule = found.get("rule", "")
@@ -187,7 +187,7 @@ def _lr_find_section(run: Run, trained_lr: float) -> str:
 
 def build_report(run_dir: str | Path, data_dir: str | None = None, log: Callable[[str], None] = print) -> Path:
     """Write RUN_DIR/report.html (and the figures it embeds, under RUN_DIR/report/); returns the page's path."""
-    from ..infer.evaluate import most_confused
+    from ..inference.evaluate import most_confused
     from ..models.summary import summarize
     from .filters import layer_weight, plot_filters
 
@@ -238,8 +238,8 @@ def build_report(run_dir: str | Path, data_dir: str | None = None, log: Callable
         sections.append(_lr_find_section(run, cfg.lr))
 
     # evaluation on the test split
-    from ..infer.evaluate import inference_runtime
-    from ..infer.test_split import open_test_split
+    from ..inference.evaluate import inference_runtime
+    from ..inference.test_split import open_test_split
 
     runtime = inference_runtime("cpu")  # fp32, as eval and predict score
     split = open_test_split(

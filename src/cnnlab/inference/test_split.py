@@ -15,7 +15,7 @@ from ..data.kinds import data_kind
 from ..data.preprocess import Preprocess
 from ..errors import CheckpointError, DatasetError
 from ..run import Run, open_run
-from ..train.runtime import Runtime
+from ..training.runtime import Runtime
 
 __all__ = ["TestSplit", "open_test_split", "highest_loss_images"]
 

@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from .._version import __version__
 from ..data import get_spec
 from ..errors import CheckpointError, CnnlabError, ConfigError
-from ..infer.evaluate import evaluate
-from ..infer.weights import load_weights, save_weights
+from ..inference.evaluate import evaluate
+from ..inference.weights import load_weights, save_weights
 from ..models import create_model
 from ..models.summary import check_input_size
 from ..run import Run, is_run_folder, open_run
@@ -133,7 +133,7 @@ def lr_find(
     log: Callable[[str], None] = print,
     **fields,
 ) -> LRFinderResult:
-    """The range test (train/lr_find.py) for the run `config` (keyword fields overriding it) would train: its
+    """The range test (training/lr_find.py) for the run `config` (keyword fields overriding it) would train: its
     data, model, initialisation, optimiser and parameter groups, set up as `fit` sets them up. With `out`, writes
     lr_find.json and lr_find.png there (rank 0). `cnnlab lr-find` is this."""
     cfg = config_from_dict(dict(fields), base=config, source="lr_find()").validate()

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..train.runtime import Runtime, pick_channels_last, pick_device, pick_precision
+from ..training.runtime import Runtime, pick_channels_last, pick_device, pick_precision
 
 __all__ = ["evaluate", "most_confused", "prepare_for_inference", "inference_runtime", "evaluate_target", "Evaluation"]
 
@@ -42,7 +42,7 @@ def evaluate(
 
     Returns n, loss, accuracy, top5 (with more than 5 classes), per_class and confusion (true class by row);
     with `per_image`, also `losses` and `preds`: one value per image of the whole split, in its order.
-    `tta` > 0 averages the logits over mirrored (and, at 2, shifted) views (infer/tta.py).
+    `tta` > 0 averages the logits over mirrored (and, at 2, shifted) views (inference/tta.py).
     """
     from .tta import tta_logits
 

@@ -128,7 +128,7 @@ def eval_command(args) -> int:
 
 
 def predict_command(args) -> int:
-    from ..train.runtime import pick_device
+    from ..training.runtime import pick_device
     from .predict import expand_inputs, predict_files
     from .weights import load_weights
 

@@ -433,7 +433,7 @@ def compare_with_predict(
     `predictions`, or predict_files run here) and return the largest probability difference and the top-1
     agreement for each batch size; images are repeated to fill a batch. `precision` is the one predict ran
     (or runs) at: bf16 autocast agrees to about three digits, fp32 to about seven."""
-    from ..train.runtime import pick_precision
+    from ..training.runtime import pick_precision
     from .predict import load_image, predict_files
 
     precision, _ = pick_precision(precision, next(loaded.model.parameters()).device)
