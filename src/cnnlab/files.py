@@ -1,4 +1,4 @@
-"""Files that are complete or absent, and locks between processes: the one place `data`, `train`, `infer` and `viz`
+"""Files that are complete or absent, and locks between processes: the one place `data`, `training`, `inference` and `viz`
 write results from.
 
 A result is written to a temporary file in the same folder, flushed and fsynced, then renamed over its
