@@ -495,8 +495,10 @@ def test_weights_sidecar_under_fuzzing(examples, weights_file):
                 return
         assert len(loaded.classes) == 3 and sum(p.numel() for p in loaded.model.parameters()) > 0
 
+    # found by the slow suite: an older sidecar's 'resize' below the input size (the Preprocess refused it raw)
+    small_resize = json.dumps({**meta, "resize": 1}).encode()
     try:
-        run(examples, inputs([good], damaged_sidecars(meta)), check)
+        run(examples, inputs([good], damaged_sidecars(meta)), check, regressions=(small_resize,))
     finally:
         sidecar.write_bytes(good)
 

@@ -135,7 +135,8 @@ class Preprocess:
         if "preprocess" in meta:
             return cls.from_dict(meta["preprocess"])
         c, h, w = meta["input_shape"]
-        rule = cls((h, w), c, "shorter", meta["resize"]) if meta.get("resize") else cls((h, w), c)
+        # the old predict scaled the shorter side to `resize` but never below the crop
+        rule = cls((h, w), c, "shorter", max(meta["resize"], h, w)) if meta.get("resize") else cls((h, w), c)
         return rule.with_stats(meta["mean"], meta["std"])
 
     def describe(self) -> str:

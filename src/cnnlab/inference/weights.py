@@ -149,11 +149,11 @@ def read_sidecar(sidecar: Path) -> dict:
         isinstance(resize, int) and not isinstance(resize, bool) and 1 <= resize <= _MAX_SIDE
     ):
         raise invalid(f"'resize' must be a side length in 1..{_MAX_SIDE}")
+    try:  # the preprocessing a consumer will apply, recorded or (older sidecars) implied by input_shape and resize
+        preprocess = Preprocess.from_sidecar(meta)
+    except ValueError as exc:
+        raise invalid(str(exc)) from None
     if "preprocess" in meta:
-        try:
-            preprocess = Preprocess.from_dict(meta["preprocess"])
-        except ValueError as exc:
-            raise invalid(str(exc)) from None
         if list(preprocess.input_shape) != shape:
             raise invalid(f"'preprocess' gives input {list(preprocess.input_shape)}, 'input_shape' {shape}")
     return meta
