@@ -88,11 +88,13 @@ def save_atomic(
     path: str | Path,
     *,
     before_replace: Callable[[], None] | None = None,
-    on_first_chunk: Callable[[], None] | None = None,
+    on_first_chunk: Callable[[Path], None] | None = None,
 ) -> Path:
-    """Write `data` to `path` through `atomic_file`: complete or absent, readable as any file."""
+    """Write `data` to `path` through `atomic_file`: complete or absent, readable as any file.
+    `on_first_chunk(temporary path)` runs once the first MiB is written (the kill tests wait for it)."""
     with atomic_file(path, before_replace=before_replace) as tmp:
-        write_durably(os.open(tmp, os.O_WRONLY), data, on_first_chunk)
+        first = None if on_first_chunk is None else (lambda: on_first_chunk(tmp))
+        write_durably(os.open(tmp, os.O_WRONLY), data, first)
     return Path(path)
 
 

@@ -76,7 +76,7 @@ class CheckpointManager:
 
         try:
             save_atomic(
-                data, self.last, before_replace=rotate, on_first_chunk=lambda: trace(f"checkpoint-write {self.last}")
+                data, self.last, before_replace=rotate, on_first_chunk=lambda tmp: trace(f"checkpoint-write {tmp}")
             )
         except OSError as exc:
             fix = "free some space" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "make the folder writable"
